@@ -1,0 +1,27 @@
+//! ringfeed: a node-local data-loading daemon that decodes and augments image batches
+//! straight into a shared-memory ring, from which training processes read without copies.
+//!
+//! # Brief overview
+//!
+//! The folders follow a sample's path:
+//!
+//! - [`source`]: shards and folders → raw samples (tar shards with a sidecar index,
+//!   ImageFolder trees) and the deterministic sampler that orders them per epoch and rank.
+//! - [`decode`]: encoded bytes → pixels (libjpeg-turbo with region-of-interest and DCT-scaled
+//!   decoding, PNG, WebP), with EXIF orientation and decompression-bomb limits.
+//! - [`augment`]: pixels → the final tensor values (fused crop/resize/flip/normalise and the
+//!   colour operations), randomness keyed by (seed, epoch, sample id).
+//! - [`batch`]: the batch schema (which tensors a slot holds) derived from the configuration.
+//! - [`ring`]: the shared-memory ring (layout, slots, waiting, handshake), its producer and
+//!   its Rust consumer. The only module with `unsafe` code.
+//! - [`pipeline`]: threads and channels that connect the stages; no stage logic.
+//! - [`config`]: the TOML configuration, validated once into a checked [`config::Plan`].
+#![deny(missing_docs)]
+
+pub mod augment;
+pub mod batch;
+pub mod config;
+pub mod decode;
+pub mod pipeline;
+pub mod ring;
+pub mod source;

@@ -1,0 +1,2 @@
+//! The `ringfeed` command line: parses flags, calls the library, renders errors for humans.
+fn main() {}
