@@ -347,7 +347,9 @@ pub enum FormatError {
         found: [u8; 8],
     },
     /// A major version this reader does not implement.
-    #[error("ring layout version {major}.x is not supported (this reader implements {VERSION_MAJOR}.x)")]
+    #[error(
+        "ring layout version {major}.x is not supported (this reader implements {VERSION_MAJOR}.x)"
+    )]
     UnsupportedVersion {
         /// The header's major version.
         major: u16,
@@ -480,9 +482,9 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
         let offset = round_up(cursor, TENSOR_ALIGN).ok_or(SpecError::Overflow {
             what: "tensor offset",
         })?;
-        cursor = offset.checked_add(bytes).ok_or(SpecError::Overflow {
-            what: "slot bytes",
-        })?;
+        cursor = offset
+            .checked_add(bytes)
+            .ok_or(SpecError::Overflow { what: "slot bytes" })?;
         tensors.push(TensorLayout {
             name: t.name.clone(),
             dtype: t.dtype,
@@ -500,7 +502,11 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
     let lane_table = tensor_table + spec.tensors.len() as u64 * TENSOR_ENTRY_BYTES;
     let slot_table = lane_table + lanes * LANE_ENTRY_BYTES;
     let consumer_table = slot_table
-        .checked_add(slots.checked_mul(SLOT_ENTRY_BYTES).ok_or(overflow("slot table"))?)
+        .checked_add(
+            slots
+                .checked_mul(SLOT_ENTRY_BYTES)
+                .ok_or(overflow("slot table"))?,
+        )
         .ok_or(overflow("slot table"))?;
     let tables_end = consumer_table
         .checked_add(lanes * CONSUMER_ENTRY_BYTES)
@@ -549,28 +555,72 @@ pub fn encode_control(layout: &Layout, producer_pid: u32, start_unix_ns: u64) ->
     put(&mut b, hdr::MAGIC, &MAGIC);
     put(&mut b, hdr::VERSION_MAJOR, &VERSION_MAJOR.to_le_bytes());
     put(&mut b, hdr::VERSION_MINOR, &VERSION_MINOR.to_le_bytes());
-    put(&mut b, hdr::HEADER_BYTES, &layout.header_bytes.to_le_bytes());
-    put(&mut b, hdr::CONTROL_BYTES, &layout.data_offset.to_le_bytes());
+    put(
+        &mut b,
+        hdr::HEADER_BYTES,
+        &layout.header_bytes.to_le_bytes(),
+    );
+    put(
+        &mut b,
+        hdr::CONTROL_BYTES,
+        &layout.data_offset.to_le_bytes(),
+    );
     put(&mut b, hdr::FILE_BYTES, &layout.file_bytes.to_le_bytes());
     put(&mut b, hdr::GENERATION, &layout.generation.to_le_bytes());
     put(&mut b, hdr::PRODUCER_PID, &producer_pid.to_le_bytes());
     put(&mut b, hdr::START_UNIX_NS, &start_unix_ns.to_le_bytes());
     put(&mut b, hdr::LANE_COUNT, &layout.lane_count.to_le_bytes());
-    put(&mut b, hdr::SLOTS_PER_LANE, &layout.slots_per_lane.to_le_bytes());
+    put(
+        &mut b,
+        hdr::SLOTS_PER_LANE,
+        &layout.slots_per_lane.to_le_bytes(),
+    );
     put(&mut b, hdr::SLOT_STRIDE, &layout.slot_stride.to_le_bytes());
     put(&mut b, hdr::DATA_OFFSET, &layout.data_offset.to_le_bytes());
-    put(&mut b, hdr::TENSOR_COUNT, &(layout.tensors.len() as u32).to_le_bytes());
-    put(&mut b, hdr::TENSOR_TABLE, &layout.tensor_table_offset.to_le_bytes());
-    put(&mut b, hdr::LANE_TABLE, &layout.lane_table_offset.to_le_bytes());
-    put(&mut b, hdr::SLOT_TABLE, &layout.slot_table_offset.to_le_bytes());
-    put(&mut b, hdr::CONSUMER_TABLE, &layout.consumer_table_offset.to_le_bytes());
-    put(&mut b, hdr::CONSUMER_CAPACITY, &layout.consumer_capacity.to_le_bytes());
+    put(
+        &mut b,
+        hdr::TENSOR_COUNT,
+        &(layout.tensors.len() as u32).to_le_bytes(),
+    );
+    put(
+        &mut b,
+        hdr::TENSOR_TABLE,
+        &layout.tensor_table_offset.to_le_bytes(),
+    );
+    put(
+        &mut b,
+        hdr::LANE_TABLE,
+        &layout.lane_table_offset.to_le_bytes(),
+    );
+    put(
+        &mut b,
+        hdr::SLOT_TABLE,
+        &layout.slot_table_offset.to_le_bytes(),
+    );
+    put(
+        &mut b,
+        hdr::CONSUMER_TABLE,
+        &layout.consumer_table_offset.to_le_bytes(),
+    );
+    put(
+        &mut b,
+        hdr::CONSUMER_CAPACITY,
+        &layout.consumer_capacity.to_le_bytes(),
+    );
     put(&mut b, hdr::BATCH_SIZE, &layout.batch_size.to_le_bytes());
     put(&mut b, hdr::FLAGS, &layout.flags.to_le_bytes());
-    put(&mut b, hdr::BATCHES_PER_EPOCH, &layout.batches_per_epoch.to_le_bytes());
+    put(
+        &mut b,
+        hdr::BATCHES_PER_EPOCH,
+        &layout.batches_per_epoch.to_le_bytes(),
+    );
     put(&mut b, hdr::EPOCHS, &layout.epochs.to_le_bytes());
     put(&mut b, hdr::SEED, &layout.seed.to_le_bytes());
-    put(&mut b, hdr::SAMPLES_PER_EPOCH, &layout.samples_per_epoch.to_le_bytes());
+    put(
+        &mut b,
+        hdr::SAMPLES_PER_EPOCH,
+        &layout.samples_per_epoch.to_le_bytes(),
+    );
     for c in 0..4 {
         put(&mut b, hdr::MEAN + 4 * c, &layout.mean[c].to_le_bytes());
         put(&mut b, hdr::STD + 4 * c, &layout.std[c].to_le_bytes());
@@ -579,8 +629,16 @@ pub fn encode_control(layout: &Layout, producer_pid: u32, start_unix_ns: u64) ->
     for (i, t) in layout.tensors.iter().enumerate() {
         let e = layout.tensor_table_offset as usize + i * TENSOR_ENTRY_BYTES as usize;
         put(&mut b, e + tensor_entry::NAME, t.name.as_bytes());
-        put(&mut b, e + tensor_entry::DTYPE, &t.dtype.code().to_le_bytes());
-        put(&mut b, e + tensor_entry::RANK, &(t.shape.len() as u32).to_le_bytes());
+        put(
+            &mut b,
+            e + tensor_entry::DTYPE,
+            &t.dtype.code().to_le_bytes(),
+        );
+        put(
+            &mut b,
+            e + tensor_entry::RANK,
+            &(t.shape.len() as u32).to_le_bytes(),
+        );
         for (d, dim) in t.shape.iter().enumerate() {
             put(&mut b, e + tensor_entry::SHAPE + 8 * d, &dim.to_le_bytes());
         }
@@ -659,7 +717,11 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
     }
     let header_bytes = r.u32(hdr::HEADER_BYTES);
     if header_bytes < HEADER_BYTES {
-        return Err(field_err("header_bytes", header_bytes.into(), "must be ≥ 512"));
+        return Err(field_err(
+            "header_bytes",
+            header_bytes.into(),
+            "must be ≥ 512",
+        ));
     }
     let file_bytes = r.u64(hdr::FILE_BYTES);
     if file_bytes != file_len {
@@ -679,13 +741,25 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
         ));
     }
     if data_offset % PAGE != 0 || data_offset == 0 {
-        return Err(field_err("data_offset", data_offset, "must be a non-zero multiple of 4096"));
+        return Err(field_err(
+            "data_offset",
+            data_offset,
+            "must be a non-zero multiple of 4096",
+        ));
     }
     if data_offset > file_bytes {
-        return Err(field_err("data_offset", data_offset, "lies beyond file_bytes"));
+        return Err(field_err(
+            "data_offset",
+            data_offset,
+            "lies beyond file_bytes",
+        ));
     }
     if u64::from(header_bytes) > data_offset {
-        return Err(field_err("header_bytes", header_bytes.into(), "exceeds data_offset"));
+        return Err(field_err(
+            "header_bytes",
+            header_bytes.into(),
+            "exceeds data_offset",
+        ));
     }
     let generation = r.u64(hdr::GENERATION);
     if generation == 0 {
@@ -704,7 +778,11 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
         return Err(field_err("slots_per_lane", 0, "must be ≥ 1"));
     }
     if tensor_count == 0 || tensor_count as usize > MAX_TENSORS {
-        return Err(field_err("tensor_count", tensor_count.into(), "must be 1–16"));
+        return Err(field_err(
+            "tensor_count",
+            tensor_count.into(),
+            "must be 1–16",
+        ));
     }
     if consumer_capacity < lane_count {
         return Err(field_err(
@@ -717,7 +795,11 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
         return Err(field_err("batch_size", 0, "must be ≥ 1"));
     }
     if slot_stride < PAGE || slot_stride % PAGE != 0 {
-        return Err(field_err("slot_stride", slot_stride, "must be a multiple of 4096, ≥ 4096"));
+        return Err(field_err(
+            "slot_stride",
+            slot_stride,
+            "must be a multiple of 4096, ≥ 4096",
+        ));
     }
     let slots = u64::from(lane_count) * u64::from(slots_per_lane);
     let data_end = slots
@@ -736,10 +818,30 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
     // Tables: (field, offset, entries, entry bytes); each within [header_bytes, data_offset),
     // 8-byte aligned (they hold 64-bit atomics), pairwise disjoint.
     let tables = [
-        ("tensor_table_offset", r.u32(hdr::TENSOR_TABLE), u64::from(tensor_count), TENSOR_ENTRY_BYTES),
-        ("lane_table_offset", r.u32(hdr::LANE_TABLE), u64::from(lane_count), LANE_ENTRY_BYTES),
-        ("slot_table_offset", r.u32(hdr::SLOT_TABLE), slots, SLOT_ENTRY_BYTES),
-        ("consumer_table_offset", r.u32(hdr::CONSUMER_TABLE), u64::from(consumer_capacity), CONSUMER_ENTRY_BYTES),
+        (
+            "tensor_table_offset",
+            r.u32(hdr::TENSOR_TABLE),
+            u64::from(tensor_count),
+            TENSOR_ENTRY_BYTES,
+        ),
+        (
+            "lane_table_offset",
+            r.u32(hdr::LANE_TABLE),
+            u64::from(lane_count),
+            LANE_ENTRY_BYTES,
+        ),
+        (
+            "slot_table_offset",
+            r.u32(hdr::SLOT_TABLE),
+            slots,
+            SLOT_ENTRY_BYTES,
+        ),
+        (
+            "consumer_table_offset",
+            r.u32(hdr::CONSUMER_TABLE),
+            u64::from(consumer_capacity),
+            CONSUMER_ENTRY_BYTES,
+        ),
     ];
     let mut spans = [(0u64, 0u64); 4];
     for (i, &(name, offset, entries, size)) in tables.iter().enumerate() {
@@ -752,13 +854,13 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
             Some(end) if start >= u64::from(header_bytes) && end <= data_offset => {
                 spans[i] = (start, end)
             }
-            _ => {
-                return Err(field_err(
-                    name,
-                    start,
-                    format!("table of {entries} × {size} bytes lies outside [header_bytes, data_offset)"),
-                ))
-            }
+            _ => return Err(field_err(
+                name,
+                start,
+                format!(
+                    "table of {entries} × {size} bytes lies outside [header_bytes, data_offset)"
+                ),
+            )),
         }
     }
     for i in 0..spans.len() {
@@ -785,7 +887,9 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
     for index in 0..tensor_count as usize {
         let e = tensor_table + index * TENSOR_ENTRY_BYTES as usize;
         let raw_name = &bytes[e + tensor_entry::NAME..e + tensor_entry::NAME + 16];
-        let shown = String::from_utf8_lossy(raw_name).trim_end_matches('\0').to_owned();
+        let shown = String::from_utf8_lossy(raw_name)
+            .trim_end_matches('\0')
+            .to_owned();
         let bad = |field: &'static str, reason: String| FormatError::Tensor {
             index,
             name: shown.clone(),
@@ -800,18 +904,30 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
             return Err(bad("name", "duplicates an earlier tensor".into()));
         }
         let code = r.u32(e + tensor_entry::DTYPE);
-        let dtype = DType::from_code(code).ok_or_else(|| bad("dtype", format!("unknown code {code}")))?;
+        let dtype =
+            DType::from_code(code).ok_or_else(|| bad("dtype", format!("unknown code {code}")))?;
         let rank = r.u32(e + tensor_entry::RANK);
         if !(1..=4).contains(&rank) {
             return Err(bad("rank", format!("{rank} is not 1–4")));
         }
-        let dims: Vec<u64> = (0..4).map(|d| r.u64(e + tensor_entry::SHAPE + 8 * d)).collect();
+        let dims: Vec<u64> = (0..4)
+            .map(|d| r.u64(e + tensor_entry::SHAPE + 8 * d))
+            .collect();
         let (used, unused) = dims.split_at(rank as usize);
         if used[0] != u64::from(batch_size) {
-            return Err(bad("shape", format!("shape[0] = {} differs from batch_size {batch_size}", used[0])));
+            return Err(bad(
+                "shape",
+                format!(
+                    "shape[0] = {} differs from batch_size {batch_size}",
+                    used[0]
+                ),
+            ));
         }
         if used.contains(&0) || unused.iter().any(|&d| d != 0) {
-            return Err(bad("shape", format!("{dims:?}: used dims must be ≥ 1, unused 0")));
+            return Err(bad(
+                "shape",
+                format!("{dims:?}: used dims must be ≥ 1, unused 0"),
+            ));
         }
         let offset = r.u64(e + tensor_entry::OFFSET);
         if offset % TENSOR_ALIGN != 0 {
@@ -821,9 +937,17 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
         let end = size.and_then(|s| s.checked_add(offset));
         let (bytes_len, end) = match (size, end) {
             (Some(s), Some(end)) if end <= slot_stride => (s, end),
-            _ => return Err(bad("offset", format!("tensor does not fit in slot_stride {slot_stride}"))),
+            _ => {
+                return Err(bad(
+                    "offset",
+                    format!("tensor does not fit in slot_stride {slot_stride}"),
+                ))
+            }
         };
-        if let Some(other) = tensors.iter().find(|t| offset < t.offset + t.bytes && t.offset < end) {
+        if let Some(other) = tensors
+            .iter()
+            .find(|t| offset < t.offset + t.bytes && t.offset < end)
+        {
             return Err(bad("offset", format!("overlaps tensor {:?}", other.name)));
         }
         tensors.push(TensorLayout {
@@ -928,7 +1052,10 @@ mod tests {
         assert!(matches!(plan(&s, 1), Err(SpecError::Tensor { .. })));
         let mut s = image_spec(4);
         s.lanes = 0;
-        assert!(matches!(plan(&s, 1), Err(SpecError::Field { field: "lanes", .. })));
+        assert!(matches!(
+            plan(&s, 1),
+            Err(SpecError::Field { field: "lanes", .. })
+        ));
         let mut s = image_spec(4);
         s.tensors[2].name = "labels".into();
         assert!(matches!(plan(&s, 1), Err(SpecError::Tensor { .. })));
@@ -963,7 +1090,10 @@ mod tests {
             let mut b = good.clone();
             mutate(&mut b);
             let err = validate_header(&b, file_len).unwrap_err();
-            assert!(err.to_string().contains(expect), "{err} should mention {expect}");
+            assert!(
+                err.to_string().contains(expect),
+                "{err} should mention {expect}"
+            );
         };
         let n = l.file_bytes;
         check(&|b| b.truncate(100), n, "truncated");
@@ -973,12 +1103,24 @@ mod tests {
         check(&|_| {}, n - 4096, "file_bytes");
         check(&|b| set_u64(b, hdr::DATA_OFFSET, 4097), n, "control_bytes");
         check(&|b| set_u32(b, hdr::LANE_COUNT, 0), n, "lane_count");
-        check(&|b| set_u32(b, hdr::LANE_COUNT, 1000), n, "consumer_capacity");
+        check(
+            &|b| set_u32(b, hdr::LANE_COUNT, 1000),
+            n,
+            "consumer_capacity",
+        );
         check(&|b| set_u32(b, hdr::TENSOR_COUNT, 17), n, "tensor_count");
         check(&|b| set_u64(b, hdr::SLOT_STRIDE, 8192), n, "slot_stride");
         check(&|b| set_u64(b, hdr::SLOT_STRIDE, 100), n, "slot_stride");
-        check(&|b| set_u32(b, hdr::SLOT_TABLE, l.lane_table_offset), n, "overlaps");
-        check(&|b| set_u32(b, hdr::CONSUMER_TABLE, 4090), n, "consumer_table_offset");
+        check(
+            &|b| set_u32(b, hdr::SLOT_TABLE, l.lane_table_offset),
+            n,
+            "overlaps",
+        );
+        check(
+            &|b| set_u32(b, hdr::CONSUMER_TABLE, 4090),
+            n,
+            "consumer_table_offset",
+        );
         check(&|b| set_u32(b, hdr::LANE_TABLE, 12), n, "lane_table_offset");
         let t0 = l.tensor_table_offset as usize;
         check(&|b| set_u32(b, t0 + 16, 9), n, "dtype");
@@ -1011,7 +1153,11 @@ mod tests {
                     }
                     1 => {
                         let at = rng.random_range(0..(l.consumer_table_offset as usize / 4)) * 4;
-                        let v: u32 = if rng.random_bool(0.5) { rng.random() } else { rng.random_range(0..70_000) };
+                        let v: u32 = if rng.random_bool(0.5) {
+                            rng.random()
+                        } else {
+                            rng.random_range(0..70_000)
+                        };
                         set_u32(&mut b, at, v);
                     }
                     2 => {
@@ -1021,12 +1167,22 @@ mod tests {
                     _ => b.truncate(rng.random_range(0..b.len().max(1))),
                 }
             }
-            let file_len = if rng.random_bool(0.8) { l.file_bytes } else { rng.random_range(0..2 * l.file_bytes) };
+            let file_len = if rng.random_bool(0.8) {
+                l.file_bytes
+            } else {
+                rng.random_range(0..2 * l.file_bytes)
+            };
             if let Ok(v) = validate_header(&b, file_len) {
                 let slots = u64::from(v.lane_count) * u64::from(v.slots_per_lane);
                 assert!(v.data_offset + slots * v.slot_stride <= file_len);
-                assert!(v.tensors.iter().all(|t| t.offset + t.bytes <= v.slot_stride));
-                assert!(u64::from(v.consumer_table_offset) + u64::from(v.consumer_capacity) * 64 <= v.data_offset);
+                assert!(v
+                    .tensors
+                    .iter()
+                    .all(|t| t.offset + t.bytes <= v.slot_stride));
+                assert!(
+                    u64::from(v.consumer_table_offset) + u64::from(v.consumer_capacity) * 64
+                        <= v.data_offset
+                );
                 assert!(u64::from(v.slot_table_offset) + slots * 64 <= v.data_offset);
             }
         }
