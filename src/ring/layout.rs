@@ -854,13 +854,15 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
             Some(end) if start >= u64::from(header_bytes) && end <= data_offset => {
                 spans[i] = (start, end)
             }
-            _ => return Err(field_err(
-                name,
-                start,
-                format!(
+            _ => {
+                return Err(field_err(
+                    name,
+                    start,
+                    format!(
                     "table of {entries} × {size} bytes lies outside [header_bytes, data_offset)"
                 ),
-            )),
+                ))
+            }
         }
     }
     for i in 0..spans.len() {

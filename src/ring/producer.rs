@@ -808,26 +808,28 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
     {
         return;
     }
+    // Read the request line before any refusal: closing a Unix socket with unread data
+    // resets the connection, and the client would lose the reply explaining why.
+    let line = handshake::read_line(&mut stream);
     let ours = rustix::process::geteuid().as_raw();
-    let peer_pid =
-        match handshake::peer_cred(&stream)
-            .map(|(uid, pid)| (handshake::check_peer_uid(uid, ours), pid))
-        {
-            Ok((Ok(()), pid)) => pid,
-            Ok((Err(uid), _)) => return refuse(
-                &stream,
-                &format!(
-                    "permission denied: consumer uid {uid} differs from the producer's uid {ours}"
-                ),
-            ),
-            Err(e) => {
-                return refuse(
-                    &stream,
-                    &format!("permission denied: cannot read peer credentials: {e}"),
-                )
+    let peer_pid = match handshake::peer_cred(&stream) {
+        Ok((uid, pid)) => {
+            match handshake::check_peer_uid(uid, ours) {
+                Ok(()) => pid,
+                Err(uid) => {
+                    let msg = format!("permission denied: consumer uid {uid} differs from the producer's uid {ours}");
+                    return refuse(&stream, &msg);
+                }
             }
-        };
-    let request = match handshake::read_line(&mut stream)
+        }
+        Err(e) => {
+            return refuse(
+                &stream,
+                &format!("permission denied: cannot read peer credentials: {e}"),
+            )
+        }
+    };
+    let request = match line
         .map_err(|e| e.to_string())
         .and_then(|line| serde_json::from_slice::<Request>(&line).map_err(|e| e.to_string()))
     {
