@@ -243,7 +243,7 @@ fn read_label<R: ReadAt + ?Sized>(src: &R, (offset, size): (u64, u64)) -> Result
 }
 
 /// Size and modification time (ns since the epoch) that identify a shard's contents.
-fn fingerprint(meta: &fs::Metadata) -> (u64, i64) {
+pub(crate) fn fingerprint(meta: &fs::Metadata) -> (u64, i64) {
     let mtime_ns = meta
         .modified()
         .ok()

@@ -13,12 +13,15 @@
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 
 pub mod config;
+pub mod dataset;
 pub mod error;
+pub mod imagefolder;
 pub mod index;
 pub mod spec;
 pub mod tar;
 
 pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
+pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
 pub use spec::expand_shards;

@@ -152,7 +152,14 @@ impl<R: ReadAt + ?Sized> Entries<'_, R> {
         let mut pending = Pending::default();
         loop {
             let header_offset = self.offset;
-            if header_offset >= self.len {
+            if header_offset > self.len {
+                return Some(Err(TarError::Truncated {
+                    what: "padding after member data",
+                    offset: self.len,
+                    len: self.len,
+                }));
+            }
+            if header_offset == self.len {
                 // End of the bytes on a block boundary without an end-of-archive marker: accepted
                 // (some writers omit it), unless an extended header promised another member.
                 return pending.first_header.map(|offset| {
@@ -726,6 +733,19 @@ pub(crate) mod tests {
         let (files, error) = walk(&b.bytes);
         assert_eq!(files.len(), 1);
         assert_eq!(error, None);
+        // Ending inside the padding after the data is a truncation, though the member is whole.
+        let (files, error) = walk(&b.bytes[..600]);
+        assert_eq!(files.len(), 1);
+        assert!(
+            matches!(
+                error,
+                Some(TarError::Truncated {
+                    what: "padding after member data",
+                    ..
+                })
+            ),
+            "{error:?}"
+        );
     }
 
     #[test]
