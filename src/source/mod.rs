@@ -17,6 +17,7 @@ pub mod dataset;
 pub mod error;
 pub mod imagefolder;
 pub mod index;
+pub mod sampler;
 pub mod spec;
 pub mod tar;
 
@@ -24,4 +25,5 @@ pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
+pub use sampler::{RankFlags, RankLayout, Sampler};
 pub use spec::expand_shards;
