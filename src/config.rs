@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::augment::{AugmentConfig, Augmenter};
-use crate::source::{RankLayout, SamplingConfig, SourceConfig};
+use crate::source::{SamplingConfig, SourceConfig, SourceKind};
 
 /// The built-in configuration `ringfeed serve` uses when no `--config` is given: the bundled
 /// sample dataset under `data/sample/`.
@@ -202,12 +202,9 @@ pub struct RankPlan {
 }
 
 impl RankPlan {
-    /// The sampler's rank layout for `lane`.
-    pub fn layout(&self, lane: u32) -> RankLayout {
-        RankLayout {
-            rank: self.first_rank + lane,
-            world_size: self.world_size,
-        }
+    /// The global rank lane `lane` serves.
+    pub fn rank(&self, lane: u32) -> u32 {
+        self.first_rank + lane
     }
 }
 
@@ -301,7 +298,8 @@ impl Plan {
             file.ring.name = v.clone();
         }
         if let Some(v) = &o.shards {
-            file.source.set_shards(v.clone());
+            file.source.kind = SourceKind::Tar;
+            file.source.shards = v.clone();
         }
         if let Some(v) = o.lanes {
             file.ring.lanes = v;
@@ -513,7 +511,7 @@ mod tests {
         };
         let p = plan(DEFAULT_CONFIG, &o, &env).unwrap();
         assert_eq!(p.ranks, RankPlan { world_size: 8, first_rank: 4 });
-        assert_eq!(p.ranks.layout(3).rank, 7);
+        assert_eq!(p.ranks.rank(3), 7);
 
         let o = Overrides {
             lanes: Some(4),

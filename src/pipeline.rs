@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::augment::{Augmenter, SampleKey, Scratch};
 use crate::batch::{BatchSchema, TensorIndex};
 use crate::config::Plan;
-use crate::ring::{BatchMeta, Producer, SeekRequest};
+use crate::ring::{BatchMeta, Producer};
 use crate::source::{Dataset, Sampler};
 
 /// How many other samples are tried, in a fixed order, before a failed sample's row is given
@@ -58,6 +58,9 @@ pub enum PipelineError {
         /// The last failure's description.
         last_error: String,
     },
+    /// The sampler refused a batch position.
+    #[error(transparent)]
+    Sampler(#[from] crate::source::SamplerError),
     /// The worker pool could not be built.
     #[error("cannot start {threads} worker threads: {message}")]
     Threads {
@@ -118,7 +121,6 @@ impl PipelineCounters {
 }
 
 /// A worker thread's reusable buffers: no per-sample allocation after warm-up.
-#[derive(Default)]
 struct WorkerBuffers {
     encoded: Vec<u8>,
     scratch: Scratch,
@@ -155,7 +157,12 @@ impl Pipeline {
                 message: e.to_string(),
             })?;
         let workers = (0..threads)
-            .map(|_| Mutex::new(WorkerBuffers::default()))
+            .map(|_| {
+                Mutex::new(WorkerBuffers {
+                    encoded: Vec::new(),
+                    scratch: augmenter.scratch(),
+                })
+            })
             .collect();
         Ok(Pipeline {
             dataset,
@@ -194,7 +201,7 @@ impl Pipeline {
         tensors: &mut [&mut [u8]],
         ids: &mut Vec<u64>,
     ) -> Result<(), PipelineError> {
-        self.sampler.batch(cursor.epoch, rank, cursor.index, ids);
+        self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
         let (images, rest) = tensors.split_at_mut(1);
         let images = &mut *images[0];
         let sample_bytes = self.schema.sample_bytes();
@@ -315,14 +322,14 @@ impl Pipeline {
 
         while !stop.load(Ordering::Relaxed) {
             for request in producer.take_seek_requests() {
-                let lane = request.lane() as usize;
+                let lane = request.lane as usize;
                 if lane < cursors.len() {
                     cursors[lane] = Cursor {
-                        epoch: request.epoch(),
-                        index: request.index().min(per_epoch.saturating_sub(1)),
+                        epoch: request.epoch,
+                        index: request.index.min(per_epoch.saturating_sub(1)),
                     };
                 }
-                SeekRequest::apply(request, producer);
+                request.apply();
             }
             let active: Vec<u32> = (0..lanes)
                 .filter(|&l| epochs == 0 || cursors[l as usize].epoch < epochs)
@@ -346,7 +353,7 @@ impl Pipeline {
             let ok_before = self.counters.samples_ok.load(Ordering::Relaxed);
             {
                 let mut tensors = slot.tensors_mut();
-                self.fill_batch(cursor, self.plan.ranks.layout(lane).rank, &mut tensors, &mut ids)?;
+                self.fill_batch(cursor, self.plan.ranks.rank(lane), &mut tensors, &mut ids)?;
             }
             let skipped = self.counters.samples_skipped.load(Ordering::Relaxed) - skipped_before;
             let ok = self.counters.samples_ok.load(Ordering::Relaxed) - ok_before;

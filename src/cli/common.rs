@@ -120,7 +120,8 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         plan.file.batch.size,
         plan.ranks.world_size,
         &plan.file.sampling,
-    )?;
+    )?
+    .with_shard_starts(dataset.shard_starts())?;
     let augmenter = Augmenter::new(&plan.file.augment)?;
     let schema = BatchSchema::new(plan.file.batch.size, &augmenter);
     let dataset = Arc::new(dataset);

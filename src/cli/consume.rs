@@ -81,11 +81,12 @@ pub(crate) fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
 
 fn attach_waiting(dir: &RuntimeDir, args: &ConsumeArgs) -> anyhow::Result<Consumer> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.wait);
-    let opts = AttachOptions::new(dir.clone(), &args.name, args.lane);
+    let mut opts = AttachOptions::new(&args.name, args.lane);
+    opts.dir = Some(dir.clone());
     loop {
         match Consumer::attach_with(&opts) {
             Ok(c) => return Ok(c),
-            Err(AttachError::NoProducer { .. }) if Instant::now() < deadline => {
+            Err(AttachError::Connect { .. }) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => {

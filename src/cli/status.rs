@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ringfeed::pipeline::PipelineCounters;
-use ringfeed::ring::{Producer, RingStats};
+use ringfeed::ring::{Producer, ProducerState, RingStats};
 
 /// A thread printing a status line every interval.
 pub(crate) struct StatusReporter {
@@ -33,7 +33,7 @@ impl StatusReporter {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
                         let s = producer.stats();
-                        if s.finished && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0) {
+                        if s.state == Some(ProducerState::Finished) && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0) {
                             eprintln!("ringfeed: every epoch served and released; exiting");
                             stop.store(true, Ordering::Relaxed);
                             break;
