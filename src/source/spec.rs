@@ -25,11 +25,17 @@ pub fn expand_shards(specs: &[String], base_dir: &Path) -> Result<Vec<PathBuf>, 
         for pattern in patterns {
             let path = base_dir.join(&pattern);
             if is_glob(&pattern) {
-                let text = path.to_str().ok_or_else(|| SourceError::BadShardSpec {
-                    spec: spec.clone(),
-                    reason: "the base directory is not valid UTF-8".to_owned(),
-                })?;
-                let matches = glob::glob(text).map_err(|e| SourceError::BadShardSpec {
+                // The base directory is a literal path: escape its own `[`, `*`, `?`.
+                let text = if Path::new(&pattern).is_absolute() || base_dir.as_os_str().is_empty() {
+                    pattern.clone()
+                } else {
+                    let base = base_dir.to_str().ok_or_else(|| SourceError::BadShardSpec {
+                        spec: spec.clone(),
+                        reason: "the base directory is not valid UTF-8".to_owned(),
+                    })?;
+                    format!("{}/{pattern}", glob::Pattern::escape(base))
+                };
+                let matches = glob::glob(&text).map_err(|e| SourceError::BadShardSpec {
                     spec: spec.clone(),
                     reason: e.to_string(),
                 })?;
@@ -235,6 +241,15 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_str().unwrap())
             .collect();
         assert_eq!(names, ["a.tar", "b-000.tar", "b-001.tar"]);
+
+        // Glob characters in the base directory are taken literally.
+        let odd = dir.path().join("run[1]*");
+        std::fs::create_dir(&odd).unwrap();
+        std::fs::write(odd.join("x.tar"), b"").unwrap();
+        assert_eq!(
+            expand_shards(&["*.tar".to_owned()], &odd).unwrap(),
+            [odd.join("x.tar")]
+        );
 
         let err = expand_shards(&["*.idx".to_owned()], dir.path()).unwrap_err();
         assert!(
