@@ -659,3 +659,15 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod thread_tests {
+    /// Workers own a `Scratch` (possibly built on another thread) and share `&Augmenter`.
+    #[test]
+    fn scratch_is_send_and_augmenter_is_sync() {
+        fn send<T: Send>() {}
+        fn sync<T: Sync + Send>() {}
+        send::<super::Scratch>();
+        sync::<super::Augmenter>();
+    }
+}
