@@ -1,5 +1,6 @@
-//! Colour operations on the small RGB8 output image, torchvision's definitions computed in
-//! f32 and rounded back to u8 after each operation (as torchvision does for uint8 tensors):
+//! Colour operations on the small RGB8 output image, with torchvision's definitions for
+//! uint8 tensors: computed in f32, then truncated back to u8 after each operation (as
+//! `Tensor.to(torch.uint8)` does; hue goes through `convert_image_dtype`, i.e. `× 255.999`):
 //!
 //! - brightness `b`: `x · b`
 //! - contrast `c`: blend with the mean luma `m`: `m + c · (x − m)`
@@ -14,8 +15,14 @@ fn luma_f(r: f32, g: f32, b: f32) -> f32 {
     0.2989 * r + 0.587 * g + 0.114 * b
 }
 
+/// `clamp(0, 255).to(uint8)`: truncation toward zero.
 fn to_u8(x: f32) -> u8 {
-    x.round().clamp(0.0, 255.0) as u8
+    x.clamp(0.0, 255.0) as u8
+}
+
+/// torchvision's float → uint8 `convert_image_dtype`: `x · (255 + 1 − 1e-3)`, truncated.
+fn unit_to_u8(x: f32) -> u8 {
+    (x * (256.0 - 1e-3)).clamp(0.0, 255.0) as u8
 }
 
 /// Multiplies every value by `factor`.
@@ -34,7 +41,7 @@ pub(crate) fn contrast(rgb: &mut [u8], factor: f32) {
         .sum();
     let mean = sum / pixels as f32;
     for v in rgb.iter_mut() {
-        *v = to_u8(mean + factor * (f32::from(*v) - mean));
+        *v = to_u8(factor * f32::from(*v) + (1.0 - factor) * mean);
     }
 }
 
@@ -43,7 +50,7 @@ pub(crate) fn saturation(rgb: &mut [u8], factor: f32) {
     for p in rgb.chunks_exact_mut(3) {
         let l = luma_f(f32::from(p[0]), f32::from(p[1]), f32::from(p[2])).floor();
         for v in p.iter_mut() {
-            *v = to_u8(l + factor * (f32::from(*v) - l));
+            *v = to_u8(factor * f32::from(*v) + (1.0 - factor) * l);
         }
     }
 }
@@ -79,9 +86,9 @@ pub(crate) fn hue(rgb: &mut [u8], shift: f32) {
         } / 6.0;
         h = (h + shift).rem_euclid(1.0);
         let (r, g, b) = hsv_to_rgb(h, s, max);
-        p[0] = to_u8(r * 255.0);
-        p[1] = to_u8(g * 255.0);
-        p[2] = to_u8(b * 255.0);
+        p[0] = unit_to_u8(r);
+        p[1] = unit_to_u8(g);
+        p[2] = unit_to_u8(b);
     }
 }
 

@@ -4,6 +4,7 @@
 //! ```toml
 //! [augment]
 //! max-pixels = 64000000          # decode limit (decompression bombs)
+//! roi-decode = true              # JPEG: decode only the region the crop reads
 //! dct-scaling = true             # JPEG DCT-domain downscaling when the crop is ≥ 2× the output
 //! random-resized-crop = { size = 224, scale = [0.08, 1.0], ratio = [0.75, 1.3333333] }
 //! horizontal-flip = { p = 0.5 }
@@ -51,6 +52,10 @@ pub struct AugmentConfig {
     /// Images with more pixels than this are refused from their header (default 64,000,000).
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
+    /// Decode only the region of a JPEG that the geometry reads (default true). Output is
+    /// identical either way (see `tests/augment_golden.rs`); off only for comparisons.
+    #[serde(default = "default_true")]
+    pub roi_decode: bool,
     /// Let libjpeg-turbo downscale in the DCT domain (1/2, 1/4, 1/8) when the scaled crop still
     /// has at least twice the output's pixels per side (default true). Faster for large photos;
     /// output then differs slightly from a full-resolution decode.
@@ -100,6 +105,7 @@ impl Default for AugmentConfig {
     fn default() -> Self {
         AugmentConfig {
             max_pixels: default_max_pixels(),
+            roi_decode: true,
             dct_scaling: true,
             random_resized_crop: None,
             resize: None,

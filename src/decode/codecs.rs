@@ -88,12 +88,12 @@ fn decode_with(
     let (width, height) = decoder.dimensions();
     let colour = decoder.color_type();
     let pixels = width as usize * height as usize;
-    rgb.resize(pixels * 3, 0);
+    let rgb = super::grown(rgb, pixels * 3);
     if colour == ColorType::Rgb8 {
         decoder.read_image(rgb).map_err(codec_error)?;
         return Ok((width, height));
     }
-    raw.resize(decoder.total_bytes() as usize, 0);
+    let raw = super::grown(raw, decoder.total_bytes() as usize);
     decoder.read_image(raw).map_err(codec_error)?;
     let channels = usize::from(colour.channel_count());
     match colour {

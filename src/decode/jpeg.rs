@@ -61,9 +61,9 @@ pub(crate) fn decode(
         None => (0, 0, scale.apply(header.width), scale.apply(header.height)),
     };
     let pixels = width as usize * height as usize;
-    rgb.resize(pixels * 3, 0);
+    let rgb = super::grown(rgb, pixels * 3);
     let warning = if header.is_cmyk {
-        cmyk.resize(pixels * 4, 0);
+        let cmyk = super::grown(cmyk, pixels * 4);
         let warning = turbo.decompress(bytes, header, scale, region, PixelFormat::Cmyk, cmyk)?;
         cmyk_to_rgb(cmyk, rgb);
         warning

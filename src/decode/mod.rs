@@ -298,7 +298,7 @@ impl Decoder {
         let (dw, dh) = orientation.display_dims(w, h);
         let len = w as usize * h as usize * 3;
         if orientation != Orientation::Normal {
-            self.aux.resize(len, 0);
+            grown(&mut self.aux, len);
             exif::apply(orientation, &self.rgb[..len], w, h, &mut self.aux[..len]);
             std::mem::swap(&mut self.rgb, &mut self.aux);
         }
@@ -313,6 +313,15 @@ impl Decoder {
             scale: Scale::ONE,
         })
     }
+}
+
+/// The first `len` bytes of `buf`, growing it when shorter. Never shrinks, so a worker's
+/// buffers settle at the largest image and are not cleared again for smaller ones.
+fn grown(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
 }
 
 /// A whole decoded image, owned.
