@@ -410,7 +410,7 @@ class RingWriter:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError as err:
-                if err.errno != errno.ENOTCONN:
+                if err.errno not in (errno.ENOTCONN, errno.EBADF):  # consumer already left
                     raise
         for path in (self.dir / f"{self.name}.sock", self.dir / f"{self.name}.lock"):
             path.unlink(missing_ok=True)
