@@ -1,8 +1,11 @@
-"""Shared fixtures: a private runtime directory and in-process reference producers."""
+"""Shared fixtures: a private runtime directory, in-process reference producers and child
+processes that are always reaped. (pytest puts this directory on sys.path.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -11,9 +14,11 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 from ring_writer import RingWriter
+
+HERE = Path(__file__).parent
+MakeWriter = Callable[..., RingWriter]
+Spawn = Callable[..., "subprocess.Popen[str]"]
 
 
 @pytest.fixture
@@ -37,3 +42,27 @@ def make_writer(runtime_dir: Path) -> Iterator[Callable[..., RingWriter]]:
     yield make
     for writer in writers:
         writer.stop()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(script: str, *args: object) -> subprocess.Popen[str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / script), *map(str, args)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()

@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ringfeed
+from conftest import MakeWriter
+from helpers import in_futex_syscall, wait_until
 from ring_writer import FINISHED, FREE, HELD, READY, RingWriter
 from ringfeed import loader as loader_module
-
-MakeWriter = Callable[..., RingWriter]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def in_futex_syscall(thread_id: int) -> bool:
-    """Whether a thread of this process is blocked in the futex syscall (x86-64 202, arm64 98)."""
-    syscall = Path(f"/proc/self/task/{thread_id}/syscall").read_text().split()
-    return bool(syscall) and syscall[0] in ("202", "98")
 
 
 def test_views_are_zero_copy_and_read_only(make_writer: MakeWriter, runtime_dir: Path) -> None:

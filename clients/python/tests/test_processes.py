@@ -3,66 +3,18 @@ and a producer restart."""
 
 from __future__ import annotations
 
-import json
-import os
-import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import ringfeed
+from conftest import MakeWriter, Spawn
+from helpers import in_futex_syscall, in_futex_syscall_of, read_line, read_report, wait_until
 from ring_writer import HELD, READY
-from test_loader import MakeWriter, in_futex_syscall, wait_until
-
-HERE = Path(__file__).parent
-Spawn = Callable[..., subprocess.Popen[str]]
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    processes: list[subprocess.Popen[str]] = []
-
-    def start(script: str, *args: object) -> subprocess.Popen[str]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / script), *map(str, args)],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
-
-
-def read_line(process: subprocess.Popen[str], timeout_s: float = 20.0) -> str:
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout_s):
-            raise AssertionError(f"no output from pid {process.pid} within {timeout_s} s")
-    line = process.stdout.readline()
-    if not line:
-        raise AssertionError(f"pid {process.pid} exited with {process.wait()} without output")
-    return line
-
-
-def read_report(process: subprocess.Popen[str]) -> Any:
-    return json.loads(read_line(process))
 
 
 def start_writer(spawn: Spawn, name: str, directory: Path, *args: object) -> subprocess.Popen[str]:
@@ -157,11 +109,6 @@ def test_ctrl_c_while_waiting_leaves_no_held_slot(
     writer.publish(0)
     with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
         assert loader.next_batch().index == 0
-
-
-def in_futex_syscall_of(pid: int) -> bool:
-    syscall = Path(f"/proc/{pid}/syscall").read_text().split()
-    return bool(syscall) and syscall[0] in ("202", "98")
 
 
 def test_restarted_producer_is_resumed_at_the_cursor(spawn: Spawn, runtime_dir: Path) -> None:
