@@ -25,6 +25,7 @@ import fcntl
 import json
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
@@ -59,6 +60,12 @@ def futex_wait(address: int, expected: int, timeout_s: float) -> None:
 def futex_wake(address: int) -> None:
     _libc.syscall(ctypes.c_long(_NR_FUTEX), ctypes.c_void_p(address), ctypes.c_int(1),
                   ctypes.c_int(2**31 - 1), None, None, ctypes.c_int(0))  # fmt: skip
+
+
+def hung_up(conn: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 def _round_up(value: int, to: int) -> int:
@@ -350,7 +357,10 @@ class RingWriter:
             return f"lane {lane!r} out of range 0..{self.lanes - 1}"
         with self.lane_locks[lane]:
             holder = self.lane_field(lane, "I", 8)
-            if holder and lane in self.connections:
+            previous = self.connections.get(lane)
+            if previous is not None and hung_up(previous):
+                self._reclaim_locked(lane, previous)  # it closed and re-attaches at once (§3)
+            elif holder and previous is not None:
                 return f"lane {lane} already held by live consumer pid {holder}"
             resume = request.get("resume")
             if resume is not None:
@@ -373,18 +383,21 @@ class RingWriter:
 
     def _reclaim(self, lane: int, conn: socket.socket) -> None:
         with self.lane_locks[lane]:
-            if self.connections.get(lane) is not conn:
-                return
-            del self.connections[lane]
-            for slot in range(self.slots):
-                off = self.slot_off(lane, slot)
-                if self.slot_state(lane, slot) == HELD:
-                    self.put("I", off + 36, self.get("I", off + 36) | 2)
-                    self.put("I", off + 4, 0)
-                    self.put("I", off, READY)
-            self.put("I", self.lane_off(lane) + 8, 0)
-            self.put("IIQQQ", self.consumer_table + 64 * lane, 0, 0, 0, 0, 0)
-            self.bump(self.lane_off(lane))
+            self._reclaim_locked(lane, conn)
+
+    def _reclaim_locked(self, lane: int, conn: socket.socket) -> None:
+        if self.connections.get(lane) is not conn:
+            return
+        del self.connections[lane]
+        for slot in range(self.slots):
+            off = self.slot_off(lane, slot)
+            if self.slot_state(lane, slot) == HELD:
+                self.put("I", off + 36, self.get("I", off + 36) | 2)
+                self.put("I", off + 4, 0)
+                self.put("I", off, READY)
+        self.put("I", self.lane_off(lane) + 8, 0)
+        self.put("IIQQQ", self.consumer_table + 64 * lane, 0, 0, 0, 0, 0)
+        self.bump(self.lane_off(lane))
 
     def wait_attached(self, lane: int, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
