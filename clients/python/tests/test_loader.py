@@ -311,3 +311,31 @@ def test_jax_arrays_are_copies(make_writer: MakeWriter, runtime_dir: Path) -> No
         x, y = batch.jax()
         np.testing.assert_array_equal(np.asarray(y), batch.labels)
         assert x.shape == batch.images.shape
+
+
+@pytest.mark.parametrize(
+    ("dtype", "numpy_dtype"),
+    [("u8", np.uint8), ("i32", np.int32), ("f16", np.float16), ("bf16", np.uint16)],
+)
+def test_every_image_dtype_has_a_numpy_view(
+    make_writer: MakeWriter, runtime_dir: Path, dtype: str, numpy_dtype: type
+) -> None:
+    writer = make_writer(image_dtype=dtype, image_shape=(5, 6, 3))
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        assert loader.layout.tensors[0].dtype_name == dtype
+        images = loader.next_batch().images
+        assert images.dtype == numpy_dtype
+        assert images.shape == (4, 5, 6, 3)
+
+
+def test_next_batch_raises_stop_iteration_at_the_end_of_the_stream(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer(batches_per_epoch=2, epochs=1)
+    writer.start_producing()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        assert loader.state_dict()["index"] == 0
+        assert [loader.next_batch().index for _ in range(2)] == [0, 1]
+        with pytest.raises(StopIteration):
+            loader.next_batch()

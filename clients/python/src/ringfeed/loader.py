@@ -231,21 +231,17 @@ class Loader:
             raise StopIteration
         if self._finished:
             raise StopIteration
-        try:
-            batch = self.next_batch()
-        except _EndOfStream:
-            self._finished = True
-            raise StopIteration from None
+        batch = self.next_batch()
         if self._release_previous:
             self._previous = batch
         self._epoch_ended = batch.last_of_epoch
         return batch
 
     def next_batch(self) -> Batch:
-        """Take the next batch regardless of epoch boundaries (blocking).
+        """Take the next batch, ignoring epoch boundaries (blocking).
 
-        Raises :class:`ProducerGone`, :class:`RingTimeout` or StopIteration-like end of stream
-        via ``__next__``; prefer iterating.
+        Raises ``StopIteration`` at the end of the stream (the producer finished its last
+        epoch), :class:`ProducerGone` or :class:`RingTimeout`.
         """
         held_now = len(self._held)
         slots = self.layout.slots_per_lane
@@ -258,6 +254,9 @@ class Loader:
         while True:
             try:
                 return self._take_blocking(deadline)
+            except _EndOfStream:
+                self._finished = True
+                raise StopIteration from None
             except ProducerGone:
                 if self._wait_for_producer <= 0:
                     raise
@@ -336,14 +335,9 @@ class Loader:
         if self._cursor is not None:
             return {"epoch": self._cursor[0], "index": self._cursor[1]}
         ring = self._live_ring()
-        best: Optional[tuple[int, int, int]] = None
-        per_lane = ring.layout.slots_per_lane
-        for slot in range(per_lane):  # nothing taken yet: what would be delivered next
-            entry = ring._slots[self.lane][slot]
-            if entry.state == READY and (best is None or entry.seq < best[0]):
-                best = (int(entry.seq), int(entry.epoch), int(entry.index))
-        if best is not None:
-            return {"epoch": best[1], "index": best[2]}
+        ready = ring.peek(self.lane)  # nothing taken yet: what would be delivered next
+        if ready is not None:
+            return {"epoch": ready.epoch, "index": ready.index}
         lane = ring.lane_stats(self.lane)
         if lane["published"] == 0:
             return {"epoch": 0, "index": 0}

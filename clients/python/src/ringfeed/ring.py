@@ -272,6 +272,16 @@ class Ring:
             self.untake(lane, best_index)
             raise
 
+    def peek(self, lane: int) -> Optional[TakenSlot]:
+        """The ``READY`` slot of ``lane`` that :meth:`take` would take now, without taking it."""
+        best: Optional[TakenSlot] = None
+        for index, entry in enumerate(self._slots[lane]):
+            if entry.state == READY and (best is None or entry.seq < best.seq):
+                best = TakenSlot(
+                    index, entry.seq, entry.epoch, entry.index, entry.count, entry.flags
+                )
+        return best
+
     def untake(self, lane: int, slot: int) -> None:
         """Put a slot taken by this process back to ``READY`` (an interrupted take)."""
         entry = self._slots[lane][slot]
