@@ -2,7 +2,8 @@
 
 Modes: ``hold N`` takes N batches, reports them and sleeps holding them until killed;
 ``consume`` reads every epoch to the end of the stream and reports each batch;
-``interrupt`` blocks waiting for a batch, expects Ctrl-C, and reports the lane's held slots.
+``interrupt`` blocks waiting for a batch, expects Ctrl-C, and reports the lane's held slots;
+``torch-write`` writes in place through ``batch.torch()``, which must kill it with SIGSEGV.
 Reports are JSON lines on stdout.
 """
 
@@ -49,6 +50,12 @@ def main() -> None:
                 slots = range(ring.layout.slots_per_lane)
                 held = sum(ring.slot_state(lane, slot) == HELD for slot in slots)
                 report(interrupted=True, held=held)
+    elif mode == "torch-write":
+        with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
+            images, _labels = loader.next_batch().torch()
+            report(writing=True)
+            images.add_(1.0)  # the mapping is read-only: this must fault
+            report(error="the write went through")
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -339,3 +339,17 @@ def test_next_batch_raises_stop_iteration_at_the_end_of_the_stream(
         assert [loader.next_batch().index for _ in range(2)] == [0, 1]
         with pytest.raises(StopIteration):
             loader.next_batch()
+
+
+def test_torch_bf16_is_a_zero_copy_bfloat16_view(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    writer = make_writer(image_dtype="bf16")
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        batch = loader.next_batch()
+        (x,) = batch.torch("images")
+        assert x.dtype == torch.bfloat16
+        assert x.data_ptr() == batch.images.ctypes.data
+        assert batch.torch("images")[0] is not x  # fresh aliases, not the cached tensor

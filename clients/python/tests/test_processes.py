@@ -135,3 +135,16 @@ def test_a_consumer_refuses_to_attach_to_a_dead_producers_socket(
     producer.wait()  # every thread gone, so the listening socket is closed
     with pytest.raises(ringfeed.AttachError, match="cannot connect"):
         ringfeed.Loader("d", runtime_dir=runtime_dir)
+
+
+def test_an_in_place_torch_write_faults_instead_of_corrupting(
+    make_writer: MakeWriter, spawn: Spawn, runtime_dir: Path
+) -> None:
+    pytest.importorskip("torch")
+    writer = make_writer()
+    writer.publish(0)
+    consumer = spawn("consumer_proc.py", "torch-write", "t", runtime_dir, 0)
+    assert read_report(consumer) == {"writing": True}
+    assert consumer.wait(timeout=60) == -signal.SIGSEGV
+    slot_data = writer.data_offset  # lane 0 slot 0: untouched
+    assert writer.mem[slot_data : slot_data + 4] == bytes(4)  # images[0] of sample 0 is 0.0
