@@ -1,1 +1,533 @@
-//! Placeholder.
+//! Configuration: the TOML file (serde data mirroring `configs/*.toml`), flag overrides, and
+//! the one validation step that turns both into a checked [`Plan`].
+//!
+//! Everything downstream takes a [`Plan`] and never re-validates: if a `Plan` exists, its
+//! values are in range.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::augment::{AugmentConfig, Augmenter};
+use crate::source::{SamplingConfig, SourceConfig, SourceKind};
+
+/// The built-in configuration `ringfeed serve` uses when no `--config` is given: the bundled
+/// sample dataset under `data/sample/`.
+pub const DEFAULT_CONFIG: &str = include_str!("../configs/default.toml");
+
+/// The directory relative paths of the built-in configuration resolve against (the crate root,
+/// where `data/sample/` lives).
+pub const DEFAULT_BASE_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The whole configuration file, as written by a user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    /// Where samples come from (`[source]`).
+    pub source: SourceConfig,
+    /// Order, shuffling and epochs (`[sampling]`).
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    /// Batch shape (`[batch]`).
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Per-sample transforms and the output tensor (`[augment]`).
+    pub augment: AugmentConfig,
+    /// The shared-memory ring (`[ring]`).
+    #[serde(default)]
+    pub ring: RingConfig,
+    /// Worker threads and failure policy (`[workers]`).
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    /// Rank layout across nodes (`[distributed]`).
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+}
+
+/// `[batch]`: how many samples a batch holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BatchConfig {
+    /// Samples per batch (default 32).
+    pub size: u32,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { size: 32 }
+    }
+}
+
+/// `[ring]`: the shared-memory ring's name and shape.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RingConfig {
+    /// Ring name consumers attach to (default `"default"`).
+    pub name: String,
+    /// Lanes = consumers served at once, one per local rank (default 1).
+    pub lanes: u32,
+    /// Batches each lane can hold ready or in use at once (default 4).
+    pub slots_per_lane: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            name: "default".to_owned(),
+            lanes: 1,
+            slots_per_lane: 4,
+        }
+    }
+}
+
+/// `[workers]`: decode/augment threads and how many failures are tolerated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkersConfig {
+    /// Worker threads; 0 = one per available core (default 0).
+    pub threads: usize,
+    /// Largest share of an epoch's samples that may fail before the daemon stops with an
+    /// error instead of silently serving a much smaller dataset (default 0.05).
+    pub max_skip_fraction: f64,
+    /// Seconds between status lines (default 5).
+    pub status_interval_s: f64,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            threads: 0,
+            max_skip_fraction: 0.05,
+            status_interval_s: 5.0,
+        }
+    }
+}
+
+/// `[distributed]`: where this node's lanes sit among all ranks of the job.
+///
+/// Lane `l` serves global rank `first-rank + l`. Unset values come from torchrun's
+/// environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`) when present, else a
+/// single node whose lanes are all the ranks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DistributedConfig {
+    /// Total ranks in the job, all nodes together.
+    pub world_size: Option<u32>,
+    /// Global rank of this node's lane 0.
+    pub first_rank: Option<u32>,
+}
+
+/// Flag values that override the file (`None` = keep the file's value).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--name`
+    pub name: Option<String>,
+    /// `--shards` (replaces `[source] shards`)
+    pub shards: Option<Vec<String>>,
+    /// `--lanes`
+    pub lanes: Option<u32>,
+    /// `--slots-per-lane`
+    pub slots_per_lane: Option<u32>,
+    /// `--batch-size`
+    pub batch_size: Option<u32>,
+    /// `--workers`
+    pub workers: Option<usize>,
+    /// `--epochs`
+    pub epochs: Option<u64>,
+    /// `--seed`
+    pub seed: Option<u64>,
+    /// `--world-size`
+    pub world_size: Option<u32>,
+    /// `--first-rank`
+    pub first_rank: Option<u32>,
+    /// `--status-interval`
+    pub status_interval_s: Option<f64>,
+}
+
+/// A configuration problem, named precisely enough to fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown/mistyped key.
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// The file (or "built-in default").
+        origin: String,
+        /// The parser's message, naming the key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config value `{key}` = {value}: {allowed}")]
+    Invalid {
+        /// Dotted key, e.g. `ring.lanes`.
+        key: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// The augmentation section was refused.
+    #[error("invalid config [augment]: {0}")]
+    Augment(#[from] crate::augment::AugmentConfigError),
+}
+
+/// The validated configuration every other part is built from.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The file as resolved, overrides applied.
+    pub file: ConfigFile,
+    /// Directory relative paths in the file resolve against.
+    pub base_dir: PathBuf,
+    /// Worker threads (resolved: never 0).
+    pub threads: usize,
+    /// Global rank of each lane, and the world size.
+    pub ranks: RankPlan,
+}
+
+/// Which global rank each lane serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankPlan {
+    /// Ranks in the whole job.
+    pub world_size: u32,
+    /// Global rank of lane 0; lane `l` serves `first_rank + l`.
+    pub first_rank: u32,
+}
+
+impl RankPlan {
+    /// The global rank lane `lane` serves.
+    pub fn rank(&self, lane: u32) -> u32 {
+        self.first_rank + lane
+    }
+}
+
+impl ConfigFile {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        ConfigFile::parse(&text, &path.display().to_string())
+    }
+
+    /// The built-in default (the bundled sample dataset).
+    pub fn builtin_default() -> ConfigFile {
+        ConfigFile::parse(DEFAULT_CONFIG, "built-in default")
+            .expect("configs/default.toml is checked by a unit test")
+    }
+}
+
+/// Environment variables of torchrun that describe the rank layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TorchrunEnv {
+    /// `WORLD_SIZE`
+    pub world_size: Option<u32>,
+    /// `RANK`
+    pub rank: Option<u32>,
+    /// `LOCAL_RANK`
+    pub local_rank: Option<u32>,
+    /// `LOCAL_WORLD_SIZE`
+    pub local_world_size: Option<u32>,
+}
+
+impl TorchrunEnv {
+    /// Reads the variables from the process environment; unparsable values are errors.
+    pub fn from_process_env() -> Result<TorchrunEnv, ConfigError> {
+        fn var(key: &'static str) -> Result<Option<u32>, ConfigError> {
+            match std::env::var(key) {
+                Err(_) => Ok(None),
+                Ok(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Invalid {
+                    key,
+                    value: format!("{v:?}"),
+                    allowed: "a non-negative integer (environment variable)".to_owned(),
+                }),
+            }
+        }
+        Ok(TorchrunEnv {
+            world_size: var("WORLD_SIZE")?,
+            rank: var("RANK")?,
+            local_rank: var("LOCAL_RANK")?,
+            local_world_size: var("LOCAL_WORLD_SIZE")?,
+        })
+    }
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Display, allowed: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        allowed: allowed.to_owned(),
+    }
+}
+
+/// Whether `name` is a valid ring name (see `docs/ring-format.md` §2).
+pub fn valid_ring_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Plan {
+    /// Applies `overrides` to `file` and checks every value once.
+    pub fn resolve(
+        mut file: ConfigFile,
+        overrides: &Overrides,
+        base_dir: &Path,
+        env: &TorchrunEnv,
+    ) -> Result<Plan, ConfigError> {
+        let o = overrides;
+        if let Some(v) = &o.name {
+            file.ring.name = v.clone();
+        }
+        if let Some(v) = &o.shards {
+            file.source.kind = SourceKind::Tar;
+            file.source.shards = v.clone();
+        }
+        if let Some(v) = o.lanes {
+            file.ring.lanes = v;
+        }
+        if let Some(v) = o.slots_per_lane {
+            file.ring.slots_per_lane = v;
+        }
+        if let Some(v) = o.batch_size {
+            file.batch.size = v;
+        }
+        if let Some(v) = o.workers {
+            file.workers.threads = v;
+        }
+        if let Some(v) = o.epochs {
+            file.sampling.epochs = v;
+        }
+        if let Some(v) = o.seed {
+            file.sampling.seed = v;
+        }
+        if let Some(v) = o.world_size {
+            file.distributed.world_size = Some(v);
+        }
+        if let Some(v) = o.first_rank {
+            file.distributed.first_rank = Some(v);
+        }
+        if let Some(v) = o.status_interval_s {
+            file.workers.status_interval_s = v;
+        }
+
+        if !valid_ring_name(&file.ring.name) {
+            return Err(invalid(
+                "ring.name",
+                format!("{:?}", file.ring.name),
+                "1-64 characters from A-Z a-z 0-9 . _ - , not starting with '.'",
+            ));
+        }
+        if !(1..=64).contains(&file.ring.lanes) {
+            return Err(invalid("ring.lanes", file.ring.lanes, "1 to 64"));
+        }
+        if !(1..=64).contains(&file.ring.slots_per_lane) {
+            return Err(invalid(
+                "ring.slots-per-lane",
+                file.ring.slots_per_lane,
+                "1 to 64",
+            ));
+        }
+        if !(1..=65536).contains(&file.batch.size) {
+            return Err(invalid("batch.size", file.batch.size, "1 to 65536"));
+        }
+        if file.workers.threads > 1024 {
+            return Err(invalid(
+                "workers.threads",
+                file.workers.threads,
+                "0 (one per core) to 1024",
+            ));
+        }
+        let f = file.workers.max_skip_fraction;
+        if !(0.0..=1.0).contains(&f) {
+            return Err(invalid("workers.max-skip-fraction", f, "0.0 to 1.0"));
+        }
+        let s = file.workers.status_interval_s;
+        if !(s.is_finite() && s > 0.0) {
+            return Err(invalid(
+                "workers.status-interval-s",
+                s,
+                "a positive number of seconds",
+            ));
+        }
+        // Building the augmenter checks the whole [augment] table.
+        Augmenter::new(&file.augment)?;
+
+        let ranks = resolve_ranks(&file, env)?;
+        let threads = if file.workers.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            file.workers.threads
+        };
+        Ok(Plan {
+            file,
+            base_dir: base_dir.to_owned(),
+            threads,
+            ranks,
+        })
+    }
+
+    /// The ring's name.
+    pub fn name(&self) -> &str {
+        &self.file.ring.name
+    }
+}
+
+fn resolve_ranks(file: &ConfigFile, env: &TorchrunEnv) -> Result<RankPlan, ConfigError> {
+    let lanes = file.ring.lanes;
+    // torchrun: the node's first rank is RANK - LOCAL_RANK.
+    let env_first = match (env.rank, env.local_rank) {
+        (Some(r), Some(l)) if l <= r => Some(r - l),
+        _ => None,
+    };
+    let world_size = file
+        .distributed
+        .world_size
+        .or(env.world_size)
+        .unwrap_or(lanes);
+    let first_rank = file.distributed.first_rank.or(env_first).unwrap_or(0);
+    if world_size == 0 {
+        return Err(invalid("distributed.world-size", world_size, "at least 1"));
+    }
+    if u64::from(first_rank) + u64::from(lanes) > u64::from(world_size) {
+        return Err(invalid(
+            "distributed.first-rank",
+            first_rank,
+            &format!(
+                "first-rank + ring.lanes ({lanes}) must not exceed distributed.world-size ({world_size})"
+            ),
+        ));
+    }
+    Ok(RankPlan {
+        world_size,
+        first_rank,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str, o: &Overrides, env: &TorchrunEnv) -> Result<Plan, ConfigError> {
+        let file = ConfigFile::parse(text, "test")?;
+        Plan::resolve(file, o, Path::new(DEFAULT_BASE_DIR), env)
+    }
+
+    #[test]
+    fn builtin_default_parses_and_validates() {
+        let p = plan(DEFAULT_CONFIG, &Overrides::default(), &TorchrunEnv::default()).unwrap();
+        assert_eq!(p.name(), "default");
+        assert_eq!(p.ranks, RankPlan { world_size: 1, first_rank: 0 });
+        assert!(p.threads >= 1);
+    }
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        let dir = Path::new(DEFAULT_BASE_DIR).join("configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let file = ConfigFile::load(&path).unwrap();
+            // Presets may name datasets that are not on this machine: validation of the
+            // values must still pass.
+            Plan::resolve(file, &Overrides::default(), &dir, &TorchrunEnv::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+        assert!(seen >= 4, "expected the four presets, found {seen}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("{DEFAULT_CONFIG}\n[bogus]\nx = 1\n");
+        let err = plan(&text, &Overrides::default(), &TorchrunEnv::default()).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_range() {
+        let o = Overrides {
+            lanes: Some(0),
+            ..Overrides::default()
+        };
+        let err = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("ring.lanes") && msg.contains("1 to 64"), "{msg}");
+
+        let o = Overrides {
+            name: Some("../etc".into()),
+            ..Overrides::default()
+        };
+        let err = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap_err();
+        assert!(err.to_string().contains("ring.name"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let o = Overrides {
+            batch_size: Some(7),
+            seed: Some(99),
+            epochs: Some(3),
+            ..Overrides::default()
+        };
+        let p = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap();
+        assert_eq!(p.file.batch.size, 7);
+        assert_eq!(p.file.sampling.seed, 99);
+        assert_eq!(p.file.sampling.epochs, 3);
+    }
+
+    #[test]
+    fn ranks_come_from_torchrun_env_unless_configured() {
+        let env = TorchrunEnv {
+            world_size: Some(8),
+            rank: Some(5),
+            local_rank: Some(1),
+            local_world_size: Some(4),
+        };
+        let o = Overrides {
+            lanes: Some(4),
+            ..Overrides::default()
+        };
+        let p = plan(DEFAULT_CONFIG, &o, &env).unwrap();
+        assert_eq!(p.ranks, RankPlan { world_size: 8, first_rank: 4 });
+        assert_eq!(p.ranks.rank(3), 7);
+
+        let o = Overrides {
+            lanes: Some(4),
+            world_size: Some(6),
+            first_rank: Some(4),
+            ..Overrides::default()
+        };
+        let err = plan(DEFAULT_CONFIG, &o, &env).unwrap_err();
+        assert!(err.to_string().contains("first-rank"), "{err}");
+    }
+
+    #[test]
+    fn ring_names_are_checked() {
+        assert!(valid_ring_name("imagenet-train.v1_2"));
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(!valid_ring_name(bad), "{bad:?}");
+        }
+    }
+}

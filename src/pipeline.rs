@@ -1,1 +1,436 @@
-//! Placeholder.
+//! The threads that connect the stages: one filler loop claims ring slots and, for each batch,
+//! lets the worker pool read, decode and augment every sample straight into the slot.
+//!
+//! No stage logic lives here: reading is [`crate::source`], pixels are [`crate::augment`], the
+//! memory is [`crate::ring`]. This module decides only *which* batch goes into *which* slot,
+//! *when*, and what happens when a sample fails.
+//!
+//! # Determinism
+//! The bytes of batch `(lane, epoch, index)` depend only on the configuration: the sampler's
+//! order is a function of (seed, epoch), each sample's augmentation a function of
+//! (seed, epoch, sample id), and a failed sample is replaced by a fixed fallback chain. Thread
+//! count and timing change nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rayon::prelude::*;
+
+use crate::augment::{Augmenter, SampleKey, Scratch};
+use crate::batch::{BatchSchema, TensorIndex};
+use crate::config::Plan;
+use crate::ring::{BatchMeta, Producer};
+use crate::source::{Dataset, Sampler};
+
+/// How many other samples are tried, in a fixed order, before a failed sample's row is given
+/// up on (and the batch with it).
+const FALLBACK_TRIES: u64 = 16;
+
+/// Why the pipeline stopped serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// Too many samples of one epoch failed.
+    #[error(
+        "{skipped} of {total} samples failed in epoch {epoch} (more than the allowed {allowed:.1} %, \
+         workers.max-skip-fraction); last error: {last_error}"
+    )]
+    TooManyFailures {
+        /// Epoch that crossed the limit.
+        epoch: u64,
+        /// Samples that failed in it so far.
+        skipped: u64,
+        /// Samples in an epoch.
+        total: u64,
+        /// The limit, in percent.
+        allowed: f64,
+        /// The last failure's description.
+        last_error: String,
+    },
+    /// Not a single sample of a fallback chain could be used.
+    #[error("no usable sample found near sample {sample_id} ({tries} tried); last error: {last_error}")]
+    NoUsableSample {
+        /// The sample that failed first.
+        sample_id: u64,
+        /// How many were tried.
+        tries: u64,
+        /// The last failure's description.
+        last_error: String,
+    },
+    /// The sampler refused a batch position.
+    #[error(transparent)]
+    Sampler(#[from] crate::source::SamplerError),
+    /// The worker pool could not be built.
+    #[error("cannot start {threads} worker threads: {message}")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// The reason.
+        message: String,
+    },
+}
+
+/// One position in a lane's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// Epoch.
+    pub epoch: u64,
+    /// Batch index within the epoch.
+    pub index: u64,
+}
+
+impl Cursor {
+    /// The batch after this one.
+    pub fn advance(self, batches_per_epoch: u64) -> Cursor {
+        if self.index + 1 >= batches_per_epoch {
+            Cursor {
+                epoch: self.epoch + 1,
+                index: 0,
+            }
+        } else {
+            Cursor {
+                epoch: self.epoch,
+                index: self.index + 1,
+            }
+        }
+    }
+}
+
+/// Counters the status line and `bench` read while the pipeline runs.
+#[derive(Debug, Default)]
+pub struct PipelineCounters {
+    /// Samples written into slots.
+    pub samples_ok: AtomicU64,
+    /// Samples that failed (and were replaced by a fallback).
+    pub samples_skipped: AtomicU64,
+    /// Batches published.
+    pub batches: AtomicU64,
+    /// Nanoseconds spent reading sample bytes, summed over workers.
+    pub read_ns: AtomicU64,
+    /// Nanoseconds spent decoding and augmenting, summed over workers.
+    pub process_ns: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl PipelineCounters {
+    /// The last failure's description, empty if none.
+    pub fn last_error(&self) -> String {
+        self.last_error.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// A worker thread's reusable buffers: no per-sample allocation after warm-up.
+struct WorkerBuffers {
+    encoded: Vec<u8>,
+    scratch: Scratch,
+}
+
+/// Everything the filler loop needs, built once from a [`Plan`].
+pub struct Pipeline {
+    dataset: Arc<Dataset>,
+    sampler: Sampler,
+    augmenter: Augmenter,
+    schema: BatchSchema,
+    plan: Plan,
+    pool: rayon::ThreadPool,
+    workers: Vec<Mutex<WorkerBuffers>>,
+    counters: Arc<PipelineCounters>,
+}
+
+impl Pipeline {
+    /// Builds the stages; `dataset` and `sampler` come from the plan's source section.
+    pub fn new(
+        plan: Plan,
+        dataset: Arc<Dataset>,
+        sampler: Sampler,
+        augmenter: Augmenter,
+        schema: BatchSchema,
+    ) -> Result<Pipeline, PipelineError> {
+        let threads = plan.threads;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("ringfeed-worker-{i}"))
+            .build()
+            .map_err(|e| PipelineError::Threads {
+                threads,
+                message: e.to_string(),
+            })?;
+        let workers = (0..threads)
+            .map(|_| {
+                Mutex::new(WorkerBuffers {
+                    encoded: Vec::new(),
+                    scratch: augmenter.scratch(),
+                })
+            })
+            .collect();
+        Ok(Pipeline {
+            dataset,
+            sampler,
+            augmenter,
+            schema,
+            plan,
+            pool,
+            workers,
+            counters: Arc::new(PipelineCounters::default()),
+        })
+    }
+
+    /// Shared counters, for status lines and benchmarks.
+    pub fn counters(&self) -> Arc<PipelineCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Batches per epoch and lane.
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.sampler.batches_per_epoch()
+    }
+
+    /// The batch schema slots are laid out by.
+    pub fn schema(&self) -> &BatchSchema {
+        &self.schema
+    }
+
+    /// Fills one batch into caller-provided tensor buffers (`images`, `labels`, `sample_ids` as
+    /// raw bytes of the schema's dtypes). This is the whole per-batch work, used by the ring
+    /// loop and by `bench`.
+    pub fn fill_batch(
+        &self,
+        cursor: Cursor,
+        rank: u32,
+        tensors: &mut [&mut [u8]],
+        ids: &mut Vec<u64>,
+    ) -> Result<(), PipelineError> {
+        self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
+        let (images, rest) = tensors.split_at_mut(1);
+        let images = &mut *images[0];
+        let sample_bytes = self.schema.sample_bytes();
+        let seed = self.plan.file.sampling.seed;
+        let n = self.dataset.len();
+        let epoch = cursor.epoch;
+
+        let used: Vec<Result<u64, PipelineError>> = self.pool.install(|| {
+            images
+                .par_chunks_mut(sample_bytes)
+                .zip(ids.par_iter())
+                .map(|(out, &first)| {
+                    // Each pool thread has its own buffers: the lock is never contended.
+                    let worker = rayon::current_thread_index().unwrap_or(0) % self.workers.len();
+                    let mut buffers = self.workers[worker]
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    self.fill_sample(seed, epoch, first, n, out, &mut buffers)
+                })
+                .collect()
+        });
+
+        let labels = &mut *rest[TensorIndex::Labels as usize - 1];
+        let mut sample_ids = Vec::with_capacity(used.len());
+        for (row, result) in used.into_iter().enumerate() {
+            let id = result?;
+            sample_ids.push(id);
+            let label = self.dataset.label(id);
+            labels[row * 8..row * 8 + 8].copy_from_slice(&label.to_le_bytes());
+        }
+        let id_bytes = &mut *rest[TensorIndex::SampleIds as usize - 1];
+        for (row, id) in sample_ids.iter().enumerate() {
+            id_bytes[row * 8..row * 8 + 8].copy_from_slice(&(*id as i64).to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Reads and processes `first`, or — if it fails — the next samples of its fixed fallback
+    /// chain. Returns the id actually written.
+    fn fill_sample(
+        &self,
+        seed: u64,
+        epoch: u64,
+        first: u64,
+        n: u64,
+        out: &mut [u8],
+        buffers: &mut WorkerBuffers,
+    ) -> Result<u64, PipelineError> {
+        let mut last_error = String::new();
+        for attempt in 0..FALLBACK_TRIES.min(n) {
+            // A stride coprime to nothing in particular: neighbours in the fallback chain are
+            // spread over the dataset, yet the chain is fixed for a given (first, n).
+            let id = (first + attempt * 7_919) % n;
+            let t0 = std::time::Instant::now();
+            let read = self.dataset.read_into(id, &mut buffers.encoded);
+            let t1 = std::time::Instant::now();
+            self.counters
+                .read_ns
+                .fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            let result = match read {
+                Ok(()) => {
+                    let key = SampleKey {
+                        seed,
+                        epoch,
+                        sample_id: id,
+                    };
+                    let r = self
+                        .augmenter
+                        .process(&buffers.encoded, key, out, &mut buffers.scratch);
+                    self.counters
+                        .process_ns
+                        .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    r.map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => {
+                    self.counters.samples_ok.fetch_add(1, Ordering::Relaxed);
+                    return Ok(id);
+                }
+                Err(e) => {
+                    last_error = format!("{}: {e}", self.dataset.describe(id));
+                    self.note_failure(&last_error);
+                }
+            }
+        }
+        Err(PipelineError::NoUsableSample {
+            sample_id: first,
+            tries: FALLBACK_TRIES.min(n),
+            last_error,
+        })
+    }
+
+    fn note_failure(&self, message: &str) {
+        self.counters.samples_skipped.fetch_add(1, Ordering::Relaxed);
+        eprintln!("ringfeed: skipped sample {message}");
+        if let Ok(mut last) = self.counters.last_error.lock() {
+            message.clone_into(&mut last);
+        }
+    }
+
+    /// Serves batches into `producer` until every configured epoch is published (then marks
+    /// the ring finished) or `stop` is set. Returns after the batch in flight is published.
+    pub fn serve(
+        &self,
+        producer: &Producer,
+        stop: &AtomicBool,
+        start: Cursor,
+    ) -> Result<(), PipelineError> {
+        let lanes = self.plan.file.ring.lanes;
+        let epochs = self.plan.file.sampling.epochs;
+        let per_epoch = self.sampler.batches_per_epoch();
+        let mut cursors = vec![start; lanes as usize];
+        let mut ids = Vec::new();
+        let mut finished = false;
+        let mut epoch_skips = EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
+
+        while !stop.load(Ordering::Relaxed) {
+            for request in producer.take_seek_requests() {
+                let lane = request.lane as usize;
+                if lane < cursors.len() {
+                    cursors[lane] = Cursor {
+                        epoch: request.epoch,
+                        index: request.index.min(per_epoch.saturating_sub(1)),
+                    };
+                }
+                request.apply();
+            }
+            let active: Vec<u32> = (0..lanes)
+                .filter(|&l| epochs == 0 || cursors[l as usize].epoch < epochs)
+                .collect();
+            if active.is_empty() {
+                if !finished {
+                    producer.finish();
+                    finished = true;
+                }
+                // Stay alive for late seeks (a resumed consumer) until told to stop.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            finished = false;
+            let Some(mut slot) = producer.claim_any(&active, Duration::from_millis(100)) else {
+                continue;
+            };
+            let lane = slot.lane();
+            let cursor = cursors[lane as usize];
+            let skipped_before = self.counters.samples_skipped.load(Ordering::Relaxed);
+            let ok_before = self.counters.samples_ok.load(Ordering::Relaxed);
+            {
+                let mut tensors = slot.tensors_mut();
+                self.fill_batch(cursor, self.plan.ranks.rank(lane), &mut tensors, &mut ids)?;
+            }
+            let skipped = self.counters.samples_skipped.load(Ordering::Relaxed) - skipped_before;
+            let ok = self.counters.samples_ok.load(Ordering::Relaxed) - ok_before;
+            producer.add_samples(ok, skipped);
+            if skipped > 0 {
+                producer.record_error(&self.counters.last_error());
+            }
+            epoch_skips.add(cursor.epoch, skipped, &self.counters.last_error())?;
+            slot.publish(BatchMeta {
+                epoch: cursor.epoch,
+                index: cursor.index,
+                count: self.plan.file.batch.size,
+                last_of_epoch: cursor.index + 1 == per_epoch,
+            });
+            self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            cursors[lane as usize] = cursor.advance(per_epoch);
+        }
+        Ok(())
+    }
+}
+
+/// Failure accounting per epoch, against `workers.max-skip-fraction`.
+struct EpochSkips {
+    max_fraction: f64,
+    samples: u64,
+    epoch: u64,
+    skipped: u64,
+}
+
+impl EpochSkips {
+    fn new(max_fraction: f64, samples: u64) -> EpochSkips {
+        EpochSkips {
+            max_fraction,
+            samples,
+            epoch: 0,
+            skipped: 0,
+        }
+    }
+
+    fn add(&mut self, epoch: u64, skipped: u64, last_error: &str) -> Result<(), PipelineError> {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.skipped = 0;
+        }
+        self.skipped += skipped;
+        let limit = (self.max_fraction * self.samples as f64).floor() as u64;
+        if self.skipped > limit {
+            return Err(PipelineError::TooManyFailures {
+                epoch,
+                skipped: self.skipped,
+                total: self.samples,
+                allowed: self.max_fraction * 100.0,
+                last_error: last_error.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_wraps_at_epoch_end() {
+        let c = Cursor { epoch: 2, index: 4 };
+        assert_eq!(c.advance(5), Cursor { epoch: 3, index: 0 });
+        assert_eq!(c.advance(6), Cursor { epoch: 2, index: 5 });
+    }
+
+    #[test]
+    fn skip_limit_is_per_epoch() {
+        let mut s = EpochSkips::new(0.1, 100);
+        s.add(0, 10, "x").unwrap();
+        assert!(s.add(0, 1, "bad jpeg").is_err());
+        let mut s = EpochSkips::new(0.1, 100);
+        s.add(0, 10, "x").unwrap();
+        s.add(1, 10, "x").unwrap();
+    }
+}

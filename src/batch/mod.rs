@@ -1,1 +1,115 @@
-//! Placeholder: filled in by its owner.
+//! The batch schema: which tensors a ring slot holds, in which order, dtype and shape.
+//!
+//! Every image batch has three tensors, always in this order (see `docs/ring-format.md` §5.2):
+//! `images` (the augmenter's output dtype, `[B, C, H, W]` or `[B, H, W, C]`), `labels`
+//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset).
+
+use crate::augment::{Augmenter, OutDType};
+use crate::ring::{DType, TensorSpec};
+
+/// Position of each tensor in the schema (and in the ring's tensor table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorIndex {
+    /// `images`
+    Images = 0,
+    /// `labels`
+    Labels = 1,
+    /// `sample_ids`
+    SampleIds = 2,
+}
+
+/// The shape of one batch, derived from the batch size and the augmenter's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSchema {
+    /// Samples per batch.
+    pub batch_size: u32,
+    /// Channels, height, width of one image.
+    pub chw: (u32, u32, u32),
+    /// Element type of `images`.
+    pub image_dtype: DType,
+    /// `images` is `[B, H, W, C]` rather than `[B, C, H, W]`.
+    pub nhwc: bool,
+}
+
+impl BatchSchema {
+    /// The schema for `batch_size` samples of `augmenter`'s output.
+    pub fn new(batch_size: u32, augmenter: &Augmenter) -> BatchSchema {
+        let (c, h, w) = augmenter.output_shape();
+        BatchSchema {
+            batch_size,
+            chw: (c, h, w),
+            image_dtype: ring_dtype(augmenter.out_dtype()),
+            nhwc: augmenter.nhwc(),
+        }
+    }
+
+    /// Bytes of one sample's image.
+    pub fn sample_bytes(&self) -> usize {
+        let (c, h, w) = self.chw;
+        c as usize * h as usize * w as usize * self.image_dtype.size()
+    }
+
+    /// The ring's tensor table for this schema.
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let b = u64::from(self.batch_size);
+        let (c, h, w) = (
+            u64::from(self.chw.0),
+            u64::from(self.chw.1),
+            u64::from(self.chw.2),
+        );
+        let image_shape = if self.nhwc {
+            vec![b, h, w, c]
+        } else {
+            vec![b, c, h, w]
+        };
+        vec![
+            TensorSpec {
+                name: "images".to_owned(),
+                dtype: self.image_dtype,
+                shape: image_shape,
+            },
+            TensorSpec {
+                name: "labels".to_owned(),
+                dtype: DType::I64,
+                shape: vec![b],
+            },
+            TensorSpec {
+                name: "sample_ids".to_owned(),
+                dtype: DType::I64,
+                shape: vec![b],
+            },
+        ]
+    }
+}
+
+/// The ring dtype that stores an augmenter output dtype.
+pub fn ring_dtype(dtype: OutDType) -> DType {
+    match dtype {
+        OutDType::U8 => DType::U8,
+        OutDType::F16 => DType::F16,
+        OutDType::BF16 => DType::BF16,
+        OutDType::F32 => DType::F32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_table_follows_layout() {
+        let s = BatchSchema {
+            batch_size: 4,
+            chw: (3, 8, 6),
+            image_dtype: DType::F32,
+            nhwc: false,
+        };
+        let t = s.tensors();
+        assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
+        assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
+        assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
+        assert_eq!(s.sample_bytes(), 3 * 8 * 6 * 4);
+        let nhwc = BatchSchema { nhwc: true, ..s };
+        assert_eq!(nhwc.tensors()[0].shape, vec![4, 8, 6, 3]);
+    }
+}

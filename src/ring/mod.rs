@@ -1,1 +1,39 @@
-//! Placeholder: filled in by its owner.
+//! The shared-memory ring: the producer writes whole batches into slots of a sealed memfd,
+//! consumers read them in place and release them. `docs/ring-format.md` is the contract.
+//!
+//! # Brief overview
+//!
+//! - [`layout`]: the binary layout; [`plan`] lays out a [`RingSpec`], [`validate_header`]
+//!   checks a header against a file size (pure, safe, fuzzed by the tests).
+//! - `memory`: the memfd and its mappings; the only place turning addresses into references.
+//! - `slot`: the slot state machine, each transition with its memory ordering and partner.
+//! - `futex`: waiting on shared 32-bit words with timeouts.
+//! - [`RuntimeDir`]: where sockets and lock files live, and the checks that make it safe.
+//! - `handshake`: the JSON attach request/reply, fd passing, `SO_PEERCRED` checks.
+//! - [`Producer`] / [`SlotWriter`]: create the ring, claim and publish slots, serve attaches,
+//!   reclaim the slots of dead consumers.
+//! - [`Consumer`] / [`Batch`]: attach, take batches in order, release on drop, notice a dead
+//!   producer within a second.
+
+mod consumer;
+mod futex;
+mod handshake;
+pub mod layout;
+mod memory;
+mod producer;
+mod runtime_dir;
+mod slot;
+
+pub use consumer::{
+    AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, TensorError,
+};
+pub use futex::mono_ns;
+pub use layout::{
+    plan, validate_header, DType, FormatError, Layout, RingSpec, SpecError, TensorLayout,
+    TensorSpec,
+};
+pub use producer::{
+    BatchMeta, LaneStats, Producer, ProducerState, RingCreateError, RingStats, SeekRequest,
+    SlotWriter,
+};
+pub use runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};

@@ -80,6 +80,7 @@ def test_valid_ring_parses_with_its_schema(ring_bytes: bytes) -> None:
         (92, "I", 100, "tensor_table_offset"),
         (96, "I", 4090, "lane_table_offset"),
         (96, "I", 512, "lane_table_offset"),
+        (100, "I", 1028, "slot_table_offset"),
         (108, "I", 1, "consumer_capacity"),
         (112, "I", 0, "batch_size"),
         (512 + 16, "I", 9, "tensor[0] 'images'.dtype"),

@@ -187,6 +187,7 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         ("consumer_table_offset", consumer_off, consumer_capacity * CONSUMER_ENTRY_BYTES),
     )
     for field, start, size in tables:
+        _require(start % 8 == 0, field, f"{start} is not a multiple of 8")
         _require(
             header_bytes <= start and start + size <= data_offset,
             field,

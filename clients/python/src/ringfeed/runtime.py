@@ -10,14 +10,14 @@ from typing import Optional
 
 from .errors import AttachError
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")  # must fit the header's 32-byte name field
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid ring name (§2), else raise :class:`AttachError`."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("."):
         raise AttachError(
-            f"invalid ring name {name!r}: 1-64 characters from [A-Za-z0-9._-],"
+            f"invalid ring name {name!r}: 1-32 characters from [A-Za-z0-9._-],"
             " not starting with '.'"
         )
     return name

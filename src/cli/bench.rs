@@ -1,0 +1,211 @@
+//! `ringfeed bench`: per-stage rates on one core and end-to-end images/s through a real ring,
+//! with an in-process consumer that releases every batch at once.
+//!
+//! Every figure is a median over repetitions, and the end-to-end rate is also given as a ratio
+//! to the decode floor measured in the same run (single-core full-decode rate × workers), so
+//! results stay comparable on a noisy machine.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use ringfeed::augment::{Augmenter, SampleKey};
+use ringfeed::decode::{DecodeRequest, Decoder};
+use ringfeed::pipeline::Cursor;
+use ringfeed::ring::{AttachOptions, Consumer, Producer, RingSpec, RuntimeDir};
+use ringfeed::source::Dataset;
+
+use super::common::{build_stages, resolve_plan, PlanArgs};
+
+/// Flags of `ringfeed bench`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Samples used for the single-core stage timings.
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Batches consumed in each end-to-end repetition.
+    #[arg(long, default_value_t = 8)]
+    batches: u64,
+}
+
+/// Runs the stage and end-to-end measurements and prints a table.
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.repeats >= 1, "--repeats must be at least 1");
+    anyhow::ensure!(args.batches >= 2, "--batches must be at least 2");
+    let plan = resolve_plan(&args.plan)?;
+    let stages = build_stages(&plan)?;
+    let dataset = &stages.dataset;
+    let augmenter = Augmenter::new(&plan.file.augment)?;
+    let ids: Vec<u64> = (0..dataset.len().min(args.samples as u64)).collect();
+    let seed = plan.file.sampling.seed;
+
+    println!(
+        "ringfeed bench: {} samples in the dataset, {} used for stage timings, {} repeats, {} workers, batch {}",
+        dataset.len(),
+        ids.len(),
+        args.repeats,
+        plan.threads,
+        plan.file.batch.size
+    );
+
+    // Stage timings, one core (this thread), warm page cache.
+    let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(ids.len());
+    for &id in &ids {
+        let mut buf = Vec::new();
+        dataset
+            .read_into(id, &mut buf)
+            .with_context(|| format!("reading {}", dataset.describe(id)))?;
+        encoded.push(buf);
+    }
+    let read = median_rate(args.repeats, ids.len(), || read_all(dataset, &ids));
+    let mut decoder = Decoder::new(plan.file.augment.max_pixels);
+    let decode = median_rate(args.repeats, ids.len(), || {
+        for bytes in &encoded {
+            if let Ok(info) = decoder.probe(bytes) {
+                let _ = decoder.decode(bytes, &info, DecodeRequest::FULL);
+            }
+        }
+    });
+    let mut scratch = augmenter.scratch();
+    let mut out = vec![0u8; augmenter.sample_bytes()];
+    let process = median_rate(args.repeats, ids.len(), || {
+        for (bytes, &id) in encoded.iter().zip(&ids) {
+            let key = SampleKey {
+                seed,
+                epoch: 0,
+                sample_id: id,
+            };
+            let _ = augmenter.process(bytes, key, &mut out, &mut scratch);
+        }
+    });
+
+    let end_to_end = end_to_end(&plan, &stages, args.batches, args.repeats)?;
+    let floor = decode * plan.threads as f64;
+
+    println!();
+    println!("| stage (one core) | images/s | µs/image |");
+    println!("|---|---:|---:|");
+    for (name, rate) in [
+        ("read (positioned read, page cache)", read),
+        ("full decode only (floor per core)", decode),
+        ("decode + augment + write (ROI decode)", process),
+    ] {
+        println!("| {name} | {rate:.0} | {:.1} |", 1e6 / rate);
+    }
+    println!();
+    println!(
+        "end to end through the ring, {} workers: {:.0} images/s (median of {})",
+        plan.threads, end_to_end, args.repeats
+    );
+    println!(
+        "decode floor (full decode × {} workers): {floor:.0} images/s → ringfeed reaches {:.0} % of it",
+        plan.threads,
+        end_to_end / floor * 100.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_all(dataset: &Dataset, ids: &[u64]) {
+    let mut buf = Vec::new();
+    for &id in ids {
+        let _ = dataset.read_into(id, &mut buf);
+    }
+}
+
+/// Median over `repeats` runs of `work` (which handles `items` items), in items per second.
+fn median_rate(repeats: usize, items: usize, mut work: impl FnMut()) -> f64 {
+    let mut rates: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let t = Instant::now();
+            work();
+            items as f64 / t.elapsed().as_secs_f64().max(1e-9)
+        })
+        .collect();
+    median(&mut rates)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Serves into a private ring while a consumer thread takes and releases batches; returns the
+/// median images/s over `repeats` windows of `batches` batches each (after one warm-up batch).
+fn end_to_end(
+    plan: &ringfeed::config::Plan,
+    stages: &super::common::Stages,
+    batches: u64,
+    repeats: usize,
+) -> anyhow::Result<f64> {
+    let pipeline = &stages.pipeline;
+    let dir = RuntimeDir::from_env()?;
+    let name = format!("bench-{}", std::process::id());
+    let schema = pipeline.schema();
+    let spec = RingSpec {
+        name: name.clone(),
+        lanes: 1,
+        slots_per_lane: plan.file.ring.slots_per_lane,
+        batch_size: plan.file.batch.size,
+        tensors: schema.tensors(),
+        drop_last: plan.file.sampling.drop_last,
+        nhwc: schema.nhwc,
+        batches_per_epoch: pipeline.batches_per_epoch(),
+        epochs: 0,
+        seed: plan.file.sampling.seed,
+        samples_per_epoch: stages.dataset.len(),
+        mean: [0.0; 4],
+        std: [0.0; 4],
+    };
+    let producer = Producer::create(&spec, &dir)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = 1 + batches * repeats as u64;
+    let consumer = {
+        let stop = Arc::clone(&stop);
+        let mut opts = AttachOptions::new(&name, 0);
+        opts.dir = Some(dir.clone());
+        std::thread::spawn(move || -> anyhow::Result<Vec<(Instant, u32)>> {
+            let consumer = Consumer::attach_with(&opts)?;
+            let mut seen = Vec::with_capacity(total as usize);
+            while (seen.len() as u64) < total {
+                match consumer.next_timeout(Duration::from_secs(60))? {
+                    Some(batch) => seen.push((Instant::now(), batch.count())),
+                    None => break,
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            Ok(seen)
+        })
+    };
+    pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 })?;
+    let seen = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bench consumer thread panicked"))??;
+    anyhow::ensure!(
+        seen.len() as u64 == total,
+        "the bench consumer saw {} batches, expected {total}",
+        seen.len()
+    );
+    let mut rates = Vec::with_capacity(repeats);
+    // Window k spans batches (k*batches, (k+1)*batches]: the first batch is the warm-up.
+    for k in 0..repeats {
+        let start = seen[k * batches as usize].0;
+        let window = &seen[k * batches as usize + 1..=(k + 1) * batches as usize];
+        let images: u64 = window.iter().map(|&(_, n)| u64::from(n)).sum();
+        let elapsed = window[window.len() - 1].0 - start;
+        rates.push(images as f64 / elapsed.as_secs_f64().max(1e-9));
+    }
+    Ok(median(&mut rates))
+}

@@ -1,0 +1,144 @@
+//! Flags shared by `serve` and `bench`, and their resolution into a checked plan.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use ringfeed::augment::Augmenter;
+use ringfeed::batch::BatchSchema;
+use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv, DEFAULT_BASE_DIR};
+use ringfeed::pipeline::Pipeline;
+use ringfeed::source::{Dataset, Sampler};
+
+/// The configuration file and the flags that override it.
+#[derive(Debug, Args)]
+pub(crate) struct PlanArgs {
+    /// TOML configuration (see configs/). Default: the bundled sample dataset.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Ring name consumers attach to.
+    #[arg(long)]
+    name: Option<String>,
+    /// Tar shards: paths, globs or brace ranges (replaces [source] shards).
+    #[arg(long, num_args = 1.., value_name = "SHARD")]
+    shards: Option<Vec<String>>,
+    /// Lanes (one per local rank).
+    #[arg(long)]
+    lanes: Option<u32>,
+    /// Slots per lane.
+    #[arg(long)]
+    slots_per_lane: Option<u32>,
+    /// Samples per batch.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Worker threads (0 = one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Epochs to serve (0 = unbounded).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Seed of the order and of every augmentation.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Total ranks in the job (default: WORLD_SIZE, else the lane count).
+    #[arg(long)]
+    world_size: Option<u32>,
+    /// Global rank of lane 0 (default: RANK - LOCAL_RANK, else 0).
+    #[arg(long)]
+    first_rank: Option<u32>,
+    /// Seconds between status lines.
+    #[arg(long, value_name = "SECONDS")]
+    status_interval: Option<f64>,
+}
+
+impl PlanArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            name: self.name.clone(),
+            shards: self.shards.clone(),
+            lanes: self.lanes,
+            slots_per_lane: self.slots_per_lane,
+            batch_size: self.batch_size,
+            workers: self.workers,
+            epochs: self.epochs,
+            seed: self.seed,
+            world_size: self.world_size,
+            first_rank: self.first_rank,
+            status_interval_s: self.status_interval,
+        }
+    }
+}
+
+/// Reads the configuration, applies flags and the torchrun environment, validates once.
+pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
+    let (file, base_dir) = match &args.config {
+        Some(path) => {
+            let file = ConfigFile::load(path)?;
+            // Relative shard paths in a config file resolve against the current directory,
+            // as on the command line.
+            (file, std::env::current_dir().context("current directory")?)
+        }
+        None => (ConfigFile::builtin_default(), PathBuf::from(DEFAULT_BASE_DIR)),
+    };
+    // Shards given as flags are relative to the current directory too.
+    let env = TorchrunEnv::from_process_env()?;
+    Ok(Plan::resolve(file, &args.overrides(), &base_dir, &env)?)
+}
+
+/// The stages built from a plan, ready to run.
+pub(crate) struct Stages {
+    pub(crate) pipeline: Pipeline,
+    pub(crate) dataset: Arc<Dataset>,
+}
+
+/// Opens the dataset, reports what indexing skipped, and builds the pipeline.
+pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
+    let dataset = Dataset::open(&plan.file.source, &plan.base_dir)
+        .with_context(|| format!("cannot open the dataset of [source] ({})", source_hint(plan)))?;
+    let issues = dataset.skipped_at_index();
+    if !issues.is_empty() {
+        for issue in issues.iter().take(10) {
+            eprintln!("ringfeed: skipped while indexing: {issue}");
+        }
+        if issues.len() > 10 {
+            eprintln!("ringfeed: … and {} more skipped while indexing", issues.len() - 10);
+        }
+    }
+    let n = dataset.len();
+    anyhow::ensure!(n > 0, "the dataset has no usable samples ({})", source_hint(plan));
+    let total = n + issues.len() as u64;
+    let max = plan.file.workers.max_skip_fraction;
+    anyhow::ensure!(
+        issues.len() as f64 <= max * total as f64,
+        "{} of {total} samples were unusable while indexing, more than workers.max-skip-fraction = {max}; first: {}",
+        issues.len(),
+        issues.first().map(|i| i.to_string()).unwrap_or_default()
+    );
+    let sampler = Sampler::new(
+        n,
+        plan.file.batch.size,
+        plan.ranks.world_size,
+        &plan.file.sampling,
+    )?
+    .with_shard_starts(dataset.shard_starts())?;
+    let augmenter = Augmenter::new(&plan.file.augment)?;
+    let schema = BatchSchema::new(plan.file.batch.size, &augmenter);
+    let dataset = Arc::new(dataset);
+    let pipeline = Pipeline::new(
+        plan.clone(),
+        Arc::clone(&dataset),
+        sampler,
+        augmenter,
+        schema,
+    )?;
+    Ok(Stages { pipeline, dataset })
+}
+
+fn source_hint(plan: &Plan) -> String {
+    format!("relative paths resolve against {}", display(&plan.base_dir))
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

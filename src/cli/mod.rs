@@ -1,0 +1,48 @@
+//! Flag definitions and dispatch. Flags are parsed by clap into raw structs here, then resolved
+//! once into a checked [`ringfeed::config::Plan`] (see [`common::resolve_plan`]).
+
+mod bench;
+mod common;
+mod consume;
+mod index;
+mod serve;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// ringfeed: decode and augment image batches into a zero-copy shared-memory ring.
+#[derive(Debug, Parser)]
+#[command(name = "ringfeed", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: read, decode and augment samples into the ring until stopped.
+    ///
+    /// With no flags it serves the bundled sample dataset (configs/default.toml) as ring
+    /// `default`.
+    Serve(serve::ServeArgs),
+    /// Measure the pipeline: per-stage rates on one core and end-to-end images/s through a
+    /// real ring, without an external consumer.
+    Bench(bench::BenchArgs),
+    /// Write the sidecar index of tar shards ahead of time.
+    Index(index::IndexArgs),
+    /// A minimal consumer: attach to a ring lane, take batches and print one line each.
+    Consume(consume::ConsumeArgs),
+}
+
+/// Parses the command line and runs the subcommand.
+pub(crate) fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Index(args) => index::run(args),
+        Command::Consume(args) => consume::run(args),
+    }
+}

@@ -1,0 +1,107 @@
+//! `ringfeed serve`: the daemon.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use ringfeed::pipeline::Cursor;
+use ringfeed::ring::{Producer, RingSpec, RuntimeDir};
+
+use super::common::{build_stages, resolve_plan, PlanArgs};
+use super::status::StatusReporter;
+
+/// Flags of `ringfeed serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Exit once every epoch has been served and every batch released (needs --epochs).
+    #[arg(long)]
+    exit_when_done: bool,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM (or, with --exit-when-done, the end of the data).
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let plan = resolve_plan(&args.plan)?;
+    anyhow::ensure!(
+        !args.exit_when_done || plan.file.sampling.epochs > 0,
+        "--exit-when-done needs a bounded number of epochs (--epochs N or [sampling] epochs)"
+    );
+    let stages = build_stages(&plan)?;
+    let pipeline = &stages.pipeline;
+    let schema = pipeline.schema();
+    let (mean, std) = plan_mean_std(&plan);
+    let spec = RingSpec {
+        name: plan.name().to_owned(),
+        lanes: plan.file.ring.lanes,
+        slots_per_lane: plan.file.ring.slots_per_lane,
+        batch_size: plan.file.batch.size,
+        tensors: schema.tensors(),
+        drop_last: plan.file.sampling.drop_last,
+        nhwc: schema.nhwc,
+        batches_per_epoch: pipeline.batches_per_epoch(),
+        epochs: plan.file.sampling.epochs,
+        seed: plan.file.sampling.seed,
+        samples_per_epoch: stages.dataset.len(),
+        mean,
+        std,
+    };
+    let dir = RuntimeDir::from_env()?;
+    let producer = Arc::new(Producer::create(&spec, &dir)?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("cannot install the SIGINT/SIGTERM handler")?;
+    }
+    eprintln!(
+        "ringfeed: serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers) — attach with ringfeed.Loader({:?})",
+        spec.name,
+        spec.lanes,
+        spec.slots_per_lane,
+        spec.batch_size,
+        spec.batches_per_epoch,
+        spec.samples_per_epoch,
+        plan.threads,
+        spec.name,
+    );
+
+    let reporter = StatusReporter::spawn(
+        Arc::clone(&producer),
+        pipeline.counters(),
+        Duration::from_secs_f64(plan.file.workers.status_interval_s),
+        Arc::clone(&stop),
+        args.exit_when_done,
+    );
+    let result = pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 });
+    stop.store(true, Ordering::Relaxed);
+    reporter.join();
+    match result {
+        Ok(()) => {
+            eprintln!("ringfeed: stopped; ring '{}' removed", spec.name);
+            drop(producer);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            producer.fail(&err.to_string());
+            // Give attached consumers a moment to read FAILED and the reason before the ring
+            // disappears with this process.
+            std::thread::sleep(Duration::from_millis(300));
+            Err(err.into())
+        }
+    }
+}
+
+fn plan_mean_std(plan: &ringfeed::config::Plan) -> ([f32; 4], [f32; 4]) {
+    match ringfeed::augment::Augmenter::new(&plan.file.augment)
+        .ok()
+        .and_then(|a| a.mean_std())
+    {
+        Some((m, s)) => ([m[0], m[1], m[2], 0.0], [s[0], s[1], s[2], 0.0]),
+        None => ([0.0; 4], [0.0; 4]),
+    }
+}

@@ -1,0 +1,650 @@
+//! The Rust consumer: attaches to one lane, validates the ring before making any view, and
+//! hands out batches that are read in place and released when dropped.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{self, Write};
+use std::marker::PhantomData;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::futex::{self, mono_ns};
+use super::handshake::{self, Request, Resume};
+use super::layout::{
+    consumer as centry, hdr, lane as lentry, validate_header, DType, FormatError, Layout,
+    VERSION_MAJOR,
+};
+use super::memory::{self, Control, Data};
+use super::producer::ProducerState;
+use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
+use super::slot::{self, Slot};
+
+/// Longest single futex wait: the socket and producer state are re-checked at least this
+/// often, which bounds how long a producer's death goes unnoticed.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// A heartbeat older than this means the producer is frozen.
+const HEARTBEAT_STALE_NS: u64 = 3_000_000_000;
+/// Largest control region a consumer will read before validating it.
+const MAX_CONTROL_BYTES: u64 = 64 << 20;
+
+/// How to attach.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// Runtime directory; `None` resolves it with [`RuntimeDir::from_env`].
+    pub dir: Option<RuntimeDir>,
+    /// Ring name.
+    pub name: String,
+    /// Lane to attach to.
+    pub lane: u32,
+    /// `(epoch, index)` of the next batch wanted; `None` takes whatever is ready next.
+    pub resume: Option<(u64, u64)>,
+    /// How long to wait for the producer's reply (a resume waits for the pipeline to seek).
+    /// Default 30 s.
+    pub reply_timeout: Duration,
+}
+
+impl AttachOptions {
+    /// Options for `name`, lane `lane`, default directory, no resume.
+    pub fn new(name: &str, lane: u32) -> AttachOptions {
+        AttachOptions {
+            dir: None,
+            name: name.to_owned(),
+            lane,
+            resume: None,
+            reply_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why attaching failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// Bad name or unsafe runtime directory.
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    /// The socket could not be reached (no producer of that name?).
+    #[error("ring {name:?}: cannot connect to {path}: {source} (is the producer running?)")]
+    Connect {
+        /// Ring name.
+        name: String,
+        /// Socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The producer runs as another user.
+    #[error(
+        "ring {name:?}: the producer runs as uid {uid}, not as this user (uid {ours}); refusing it"
+    )]
+    ForeignProducer {
+        /// Ring name.
+        name: String,
+        /// Producer's uid.
+        uid: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// The producer refused the attach.
+    #[error("ring {name:?} lane {lane}: producer refused: {reason}")]
+    Refused {
+        /// Ring name.
+        name: String,
+        /// Lane asked for.
+        lane: u32,
+        /// The producer's reason.
+        reason: String,
+    },
+    /// The handshake broke (I/O error, timeout, malformed reply, missing fd).
+    #[error("ring {name:?}: handshake failed: {detail}")]
+    Protocol {
+        /// Ring name.
+        name: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The ring's memory is unsafe to map or its header is invalid.
+    #[error("ring {name:?}: {source}")]
+    Format {
+        /// Ring name.
+        name: String,
+        /// What is wrong.
+        source: FormatError,
+    },
+    /// The memfd is not sealed against shrinking.
+    #[error("ring {name:?}: memfd is not sealed against shrinking; refusing to map it")]
+    NotSealed {
+        /// Ring name.
+        name: String,
+    },
+    /// Reading or mapping the memfd failed.
+    #[error("ring {name:?}: {what}: {source}")]
+    Io {
+        /// Ring name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why `next` returned no batch.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// The producer died, stopped, failed or froze.
+    #[error("ring {name:?}: producer (pid {pid}) gone: {reason}")]
+    ProducerGone {
+        /// Ring name.
+        name: String,
+        /// Producer pid.
+        pid: u32,
+        /// How it was noticed.
+        reason: String,
+    },
+    /// No batch arrived within the timeout.
+    #[error("ring {name:?} lane {lane}: no batch within {waited:?}")]
+    Timeout {
+        /// Ring name.
+        name: String,
+        /// Lane.
+        lane: u32,
+        /// The timeout.
+        waited: Duration,
+    },
+    /// A slot holds an impossible value.
+    #[error("ring {name:?}: {source}")]
+    Format {
+        /// Ring name.
+        name: String,
+        /// What is wrong.
+        source: FormatError,
+    },
+}
+
+/// A typed tensor view was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TensorError {
+    /// The schema has no tensor of that name.
+    #[error("no tensor named {name:?} in the batch schema")]
+    NoSuchTensor {
+        /// Requested name.
+        name: String,
+    },
+    /// The tensor's dtype is not the requested element type.
+    #[error("tensor {name:?} holds {stored:?}, not {requested:?}")]
+    DTypeMismatch {
+        /// Tensor name.
+        name: String,
+        /// Its dtype.
+        stored: DType,
+        /// The requested one.
+        requested: DType,
+    },
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Element types a tensor can be viewed as: plain data valid for every bit pattern.
+pub trait Element: Copy + sealed::Sealed {
+    /// The dtype this element type reads.
+    const DTYPE: DType;
+}
+
+macro_rules! element {
+    ($t:ty, $d:ident) => {
+        impl sealed::Sealed for $t {}
+        impl Element for $t {
+            const DTYPE: DType = DType::$d;
+        }
+    };
+}
+element!(u8, U8);
+element!(i32, I32);
+element!(i64, I64);
+element!(half::f16, F16);
+element!(half::bf16, BF16);
+element!(f32, F32);
+
+#[derive(Deserialize)]
+struct Reply {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
+    producer_pid: u32,
+}
+
+/// A consumer attached to one lane. Not `Sync`: one thread takes batches (it may hold
+/// several at once).
+pub struct Consumer {
+    name: String,
+    lane: u32,
+    pid: u32,
+    producer_pid: u32,
+    layout: Layout,
+    control: Control,
+    data: Data,
+    stream: UnixStream,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.name)
+            .field("lane", &self.lane)
+            .field("generation", &self.layout.generation)
+            .finish()
+    }
+}
+
+/// Reads and validates the control region of `file` (size `file_len`) without mapping it.
+fn read_layout(file: &File, file_len: u64) -> Result<Layout, FormatError> {
+    let mut head = vec![0u8; 512.min(file_len) as usize];
+    let _ = rustix::io::pread(file, &mut head, 0);
+    let data_offset = head
+        .get(hdr::DATA_OFFSET..hdr::DATA_OFFSET + 8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    let want = data_offset
+        .min(file_len)
+        .min(MAX_CONTROL_BYTES)
+        .max(head.len() as u64);
+    let mut control = vec![0u8; want as usize];
+    let mut got = 0;
+    while got < control.len() {
+        match rustix::io::pread(file, &mut control[got..], got as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    control.truncate(got);
+    validate_header(&control, file_len)
+}
+
+impl Consumer {
+    /// Attaches to lane `lane` of ring `name` in the runtime directory from the environment.
+    pub fn attach(name: &str, lane: u32) -> Result<Consumer, AttachError> {
+        Consumer::attach_with(&AttachOptions::new(name, lane))
+    }
+
+    /// Attaches as `opts` says: handshake, checks, validation, then the two mappings.
+    pub fn attach_with(opts: &AttachOptions) -> Result<Consumer, AttachError> {
+        let name = opts.name.clone();
+        validate_name(&name)?;
+        let dir = match &opts.dir {
+            Some(d) => d.clone(),
+            None => RuntimeDir::from_env()?,
+        };
+        dir.check()?;
+        let path = dir.socket_path(&name);
+        let protocol = |detail: String| AttachError::Protocol {
+            name: name.clone(),
+            detail,
+        };
+        let mut stream = UnixStream::connect(&path).map_err(|source| AttachError::Connect {
+            name: name.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        let ours = rustix::process::geteuid().as_raw();
+        let (uid, _) =
+            handshake::peer_cred(&stream).map_err(|e| protocol(format!("SO_PEERCRED: {e}")))?;
+        handshake::check_peer_uid(uid, ours).map_err(|uid| AttachError::ForeignProducer {
+            name: name.clone(),
+            uid,
+            ours,
+        })?;
+        let pid = std::process::id();
+        let request = Request::Attach {
+            version: u32::from(VERSION_MAJOR),
+            lane: opts.lane,
+            pid,
+            resume: opts.resume.map(|(epoch, index)| Resume { epoch, index }),
+        };
+        let mut line = serde_json::to_vec(&request).map_err(|e| protocol(e.to_string()))?;
+        line.push(b'\n');
+        stream
+            .write_all(&line)
+            .map_err(|e| protocol(format!("sending the request: {e}")))?;
+        stream
+            .set_read_timeout(Some(opts.reply_timeout.max(Duration::from_millis(1))))
+            .map_err(|e| protocol(e.to_string()))?;
+        let (reply, fd) = handshake::recv_line_with_fd(&stream)
+            .map_err(|e| protocol(format!("reading the reply: {e}")))?;
+        let reply: Reply = serde_json::from_slice(&reply)
+            .map_err(|e| protocol(format!("malformed reply: {e}")))?;
+        if !reply.ok {
+            return Err(AttachError::Refused {
+                name,
+                lane: opts.lane,
+                reason: reply.error.unwrap_or_else(|| "no reason given".into()),
+            });
+        }
+        let file =
+            File::from(fd.ok_or_else(|| protocol("the reply carried no file descriptor".into()))?);
+        let io = |what| {
+            let name = name.clone();
+            move |source| AttachError::Io { name, what, source }
+        };
+        if !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
+            return Err(AttachError::NotSealed { name });
+        }
+        let file_len = file.metadata().map_err(io("fstat of the memfd"))?.len();
+        let format = |source| AttachError::Format {
+            name: name.clone(),
+            source,
+        };
+        let layout = read_layout(&file, file_len).map_err(format)?;
+        if layout.generation != reply.generation {
+            return Err(format(FormatError::Field {
+                field: "generation",
+                value: layout.generation,
+                reason: format!(
+                    "differs from the attach reply's generation {}",
+                    reply.generation
+                ),
+            }));
+        }
+        if opts.lane >= layout.lane_count {
+            return Err(protocol(format!(
+                "lane {} is beyond the header's lane_count {}",
+                opts.lane, layout.lane_count
+            )));
+        }
+        let control =
+            Control::map(&file, layout.data_offset).map_err(io("mapping the control region"))?;
+        let data = Data::map(
+            &file,
+            layout.data_offset,
+            layout.file_bytes - layout.data_offset,
+            false,
+        )
+        .map_err(io("mapping the data region"))?;
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| protocol(e.to_string()))?;
+        Ok(Consumer {
+            name,
+            lane: opts.lane,
+            pid,
+            producer_pid: reply.producer_pid,
+            layout,
+            control,
+            data,
+            stream,
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// The ring's validated layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The producer generation this consumer attached to.
+    pub fn generation(&self) -> u64 {
+        self.layout.generation
+    }
+
+    /// The attached lane.
+    pub fn lane(&self) -> u32 {
+        self.lane
+    }
+
+    /// Addresses of the read-only data mapping (every batch view lies inside it).
+    pub fn data_address_range(&self) -> std::ops::Range<usize> {
+        self.data.address_range()
+    }
+
+    /// The next batch of the lane in `seq` order, blocking until one is ready. `Ok(None)`: the
+    /// stream has ended (producer `FINISHED`, nothing left). A dead producer is reported as
+    /// [`ConsumeError::ProducerGone`] within about 100 ms.
+    pub fn next(&self) -> Result<Option<Batch<'_>>, ConsumeError> {
+        self.next_until(None)
+    }
+
+    /// Like [`next`](Self::next), giving up with [`ConsumeError::Timeout`] after `t`.
+    pub fn next_timeout(&self, t: Duration) -> Result<Option<Batch<'_>>, ConsumeError> {
+        self.next_until(Some((Instant::now() + t, t)))
+    }
+
+    fn lane_u32(&self, off: u64) -> &std::sync::atomic::AtomicU32 {
+        self.control.u32(self.layout.lane_entry(self.lane) + off)
+    }
+    fn lane_u64(&self, off: u64) -> &std::sync::atomic::AtomicU64 {
+        self.control.u64(self.layout.lane_entry(self.lane) + off)
+    }
+    fn touch_heartbeat(&self) {
+        let e = self.layout.consumer_entry(self.lane);
+        self.control
+            .u64(e + centry::HEARTBEAT_MONO_NS)
+            .store(mono_ns(), Relaxed);
+    }
+
+    fn gone(&self, reason: String) -> ConsumeError {
+        ConsumeError::ProducerGone {
+            name: self.name.clone(),
+            pid: self.producer_pid,
+            reason,
+        }
+    }
+
+    fn next_until(
+        &self,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<Option<Batch<'_>>, ConsumeError> {
+        let publish_seq = self.lane_u32(lentry::PUBLISH_SEQ);
+        let mut wait_started: Option<Instant> = None;
+        let result = loop {
+            // Read the word before scanning, so a publish after the scan changes it and the
+            // futex wait returns at once (partner: the bump in SlotWriter::publish).
+            let v = publish_seq.load(Acquire);
+            if let Some(b) = self.try_take()? {
+                break Ok(Some(b));
+            }
+            let state = self.control.u32(hdr::PRODUCER_STATE as u64).load(Acquire);
+            match ProducerState::from_code(state) {
+                Some(ProducerState::Finished) => {
+                    // Publishes happen-before FINISHED: one more scan sees them all.
+                    break self.try_take();
+                }
+                Some(ProducerState::Stopped) => break Err(self.gone("it stopped".into())),
+                Some(ProducerState::Failed) => {
+                    break Err(self.gone(format!("it failed: {}", self.last_error())))
+                }
+                _ => {}
+            }
+            if handshake::peer_closed(&self.stream) {
+                break Err(self.gone("its socket closed (process exited or was killed)".into()));
+            }
+            let beat = self
+                .control
+                .u64(hdr::HEARTBEAT_MONO_NS as u64)
+                .load(Acquire);
+            if mono_ns().saturating_sub(beat) > HEARTBEAT_STALE_NS {
+                break Err(self.gone("its heartbeat is older than 3 s (frozen)".into()));
+            }
+            let mut wait = MAX_WAIT;
+            if let Some((until, t)) = deadline {
+                let now = Instant::now();
+                if now >= until {
+                    break Err(ConsumeError::Timeout {
+                        name: self.name.clone(),
+                        lane: self.lane,
+                        waited: t,
+                    });
+                }
+                wait = wait.min(until - now);
+            }
+            wait_started.get_or_insert_with(Instant::now);
+            futex::wait(publish_seq, v, wait);
+        };
+        if let Some(t) = wait_started {
+            self.lane_u64(lentry::CONSUMER_WAIT_NS)
+                .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        }
+        self.touch_heartbeat();
+        result
+    }
+
+    /// Takes the lane's `READY` slot with the smallest `seq`, if any.
+    fn try_take(&self) -> Result<Option<Batch<'_>>, ConsumeError> {
+        let mut best: Option<(u32, u64)> = None;
+        for s in 0..self.layout.slots_per_lane {
+            let slot = Slot::new(&self.control, &self.layout, self.lane, s);
+            match slot.state() {
+                slot::READY => {
+                    let seq = slot.seq();
+                    if best.is_none_or(|(_, b)| seq < b) {
+                        best = Some((s, seq));
+                    }
+                }
+                slot::FREE | slot::WRITING | slot::HELD => {}
+                state => {
+                    return Err(ConsumeError::Format {
+                        name: self.name.clone(),
+                        source: FormatError::SlotState {
+                            lane: self.lane,
+                            slot: s,
+                            state,
+                        },
+                    })
+                }
+            }
+        }
+        let Some((s, _)) = best else { return Ok(None) };
+        let slot = Slot::new(&self.control, &self.layout, self.lane, s);
+        slot.take(self.pid);
+        let meta = slot.meta();
+        self.control
+            .u64(self.layout.consumer_entry(self.lane) + centry::TAKEN)
+            .fetch_add(1, Relaxed);
+        Ok(Some(Batch {
+            consumer: self,
+            slot: s,
+            meta,
+        }))
+    }
+
+    fn last_error(&self) -> String {
+        let raw = self
+            .control
+            .load_bytes(hdr::LAST_ERROR as u64, super::layout::LAST_ERROR_BYTES);
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
+
+    fn release(&self, s: u32) {
+        Slot::new(&self.control, &self.layout, self.lane, s).release();
+        self.lane_u64(lentry::RELEASED).fetch_add(1, Relaxed);
+        futex::bump_and_wake(self.lane_u32(lentry::RELEASE_SEQ));
+        // SYNC POINT with the producer's acquire load of release_any in claim_any.
+        futex::bump_and_wake(self.control.u32(hdr::RELEASE_ANY as u64));
+    }
+}
+
+/// A batch held by the consumer: its tensors are views into the shared memory (no copy).
+/// Dropping it releases the slot to the producer.
+pub struct Batch<'a> {
+    consumer: &'a Consumer,
+    slot: u32,
+    meta: slot::SlotMeta,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("slot", &self.slot)
+            .field("meta", &self.meta)
+            .finish()
+    }
+}
+
+impl Batch<'_> {
+    /// Lane-local sequence number (strictly increasing in publish order).
+    pub fn seq(&self) -> u64 {
+        self.meta.seq
+    }
+    /// Epoch.
+    pub fn epoch(&self) -> u64 {
+        self.meta.epoch
+    }
+    /// Batch index within the epoch for this lane.
+    pub fn index(&self) -> u64 {
+        self.meta.index
+    }
+    /// Samples in the batch.
+    pub fn count(&self) -> u32 {
+        self.meta.count
+    }
+    /// Whether this batch was delivered before to a consumer that died holding it.
+    pub fn redelivered(&self) -> bool {
+        self.meta.flags & slot::FLAG_REDELIVERED != 0
+    }
+    /// Whether this is the lane's last batch of its epoch.
+    pub fn last_of_epoch(&self) -> bool {
+        self.meta.flags & slot::FLAG_LAST_OF_EPOCH != 0
+    }
+    /// `CLOCK_MONOTONIC` ns at publish (see [`mono_ns`](super::mono_ns)).
+    pub fn published_mono_ns(&self) -> u64 {
+        self.meta.published_mono_ns
+    }
+
+    /// Tensor `index`'s bytes, in place.
+    ///
+    /// # Panics
+    /// If `index` is not below the schema's tensor count.
+    pub fn tensor_bytes(&self, index: usize) -> &[u8] {
+        let c = self.consumer;
+        let t = &c.layout.tensors[index];
+        let off = c.layout.slot_data(c.lane, self.slot) + t.offset;
+        // SAFETY: this slot is HELD by us; the producer never writes a HELD slot, and the
+        // slice cannot outlive the batch (whose drop releases the slot).
+        unsafe { c.data.bytes(off, t.bytes) }
+    }
+
+    /// Tensor `name` as a typed slice (C order, shape in [`Layout::tensors`]), in place.
+    pub fn tensor<T: Element>(&self, name: &str) -> Result<&[T], TensorError> {
+        let c = self.consumer;
+        let i = c
+            .layout
+            .tensor_index(name)
+            .ok_or_else(|| TensorError::NoSuchTensor {
+                name: name.to_owned(),
+            })?;
+        let t = &c.layout.tensors[i];
+        if t.dtype != T::DTYPE {
+            return Err(TensorError::DTypeMismatch {
+                name: name.to_owned(),
+                stored: t.dtype,
+                requested: T::DTYPE,
+            });
+        }
+        let bytes = self.tensor_bytes(i);
+        // SAFETY: `T` is a sealed plain-data type valid for every bit pattern whose size is
+        // `t.dtype.size()`; the tensor starts 64-byte aligned inside a page-aligned slot, so
+        // the pointer is aligned for `T`; the length is a whole number of elements.
+        Ok(unsafe {
+            std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / t.dtype.size())
+        })
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.consumer.release(self.slot);
+        self.consumer.touch_heartbeat();
+    }
+}

@@ -1,0 +1,243 @@
+//! The attach handshake (docs/ring-format.md §3): one JSON request line, one JSON reply line
+//! sent in a single `sendmsg` (with the memfd in `SCM_RIGHTS` on success), peer uid checks
+//! with `SO_PEERCRED`.
+
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+/// Longest request or reply line, newline included.
+pub(crate) const MAX_LINE: usize = 4096;
+
+/// The `resume` object of an attach request: the next batch the consumer wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Resume {
+    pub(crate) epoch: u64,
+    pub(crate) index: u64,
+}
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub(crate) enum Request {
+    /// Attach to a lane.
+    Attach {
+        version: u32,
+        lane: u32,
+        pid: u32,
+        #[serde(default)]
+        resume: Option<Resume>,
+    },
+    /// Describe the ring.
+    Info,
+}
+
+/// The uid check both sides make: `Err(peer)` when the peer runs as another user.
+pub(crate) fn check_peer_uid(peer: u32, ours: u32) -> Result<(), u32> {
+    if peer == ours {
+        Ok(())
+    } else {
+        Err(peer)
+    }
+}
+
+/// The peer's effective uid and pid at connect time (`SO_PEERCRED`; the pid is translated
+/// into our pid namespace, unlike the one a client writes in its request).
+pub(crate) fn peer_cred(stream: &UnixStream) -> io::Result<(u32, u32)> {
+    let cred = rustix::net::sockopt::socket_peercred(stream)?;
+    Ok((cred.uid.as_raw(), cred.pid.as_raw_nonzero().get() as u32))
+}
+
+/// Reads one line (up to [`MAX_LINE`] bytes, without the newline). The peer sends nothing
+/// after it, so reading in chunks cannot swallow a following message.
+pub(crate) fn read_line(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a full line",
+            ));
+        }
+        line.extend_from_slice(&buf[..n]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(end);
+            return Ok(line);
+        }
+        if line.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "line longer than 4096 bytes",
+            ));
+        }
+    }
+}
+
+/// Sends `reply` + `\n` in one `sendmsg`, with `fd` attached when given.
+pub(crate) fn send_line(
+    stream: &UnixStream,
+    reply: &serde_json::Value,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut line = reply.to_string().into_bytes();
+    line.push(b'\n');
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("control buffer too small for one fd"));
+    }
+    let mut sent = rustix::net::sendmsg(
+        stream,
+        &[IoSlice::new(&line)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    // A short send of a < 4 KiB line does not happen on a Unix stream socket in practice;
+    // finish it without the fd (already delivered with the first bytes) if it does.
+    while sent < line.len() {
+        let mut none = SendAncillaryBuffer::new(&mut []);
+        sent += rustix::net::sendmsg(
+            stream,
+            &[IoSlice::new(&line[sent..])],
+            &mut none,
+            SendFlags::NOSIGNAL,
+        )?;
+    }
+    Ok(())
+}
+
+/// Receives one reply line and the file descriptor that came with it, if any.
+pub(crate) fn recv_line_with_fd(stream: &UnixStream) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
+    let mut line = Vec::new();
+    let mut fd = None;
+    let mut buf = [0u8; MAX_LINE];
+    loop {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = rustix::net::recvmsg(
+            stream.as_fd(),
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                for f in fds {
+                    // Keep the first; extra descriptors are closed by dropping them.
+                    if fd.is_none() {
+                        fd = Some(f);
+                    }
+                }
+            }
+        }
+        if got.bytes == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "producer closed the connection without a reply",
+            ));
+        }
+        line.extend_from_slice(&buf[..got.bytes]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(end);
+            return Ok((line, fd));
+        }
+        if line.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "reply longer than 4096 bytes",
+            ));
+        }
+    }
+}
+
+/// Whether the peer has closed `stream` (EOF or an error), checked without blocking and
+/// without consuming data. Stray bytes the peer sent are read and dropped.
+pub(crate) fn peer_closed(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 64];
+    match rustix::net::recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((0, _)) => true,
+        Ok(_) => {
+            let _ = rustix::net::recv(stream, &mut byte, RecvFlags::DONTWAIT);
+            false
+        }
+        Err(e) => e != rustix::io::Errno::AGAIN && e != rustix::io::Errno::INTR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn requests_parse_per_the_document() {
+        let r: Request = serde_json::from_str(
+            r#"{"op": "attach", "version": 1, "lane": 0, "pid": 1234, "resume": {"epoch": 2, "index": 17}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Attach {
+                version: 1,
+                lane: 0,
+                pid: 1234,
+                resume: Some(Resume {
+                    epoch: 2,
+                    index: 17
+                })
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"op":"attach","version":1,"lane":3,"pid":9,"resume":null}"#)
+                .unwrap();
+        assert!(matches!(
+            r,
+            Request::Attach {
+                lane: 3,
+                resume: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"info"}"#).unwrap(),
+            Request::Info
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"detach"}"#).is_err());
+    }
+
+    #[test]
+    fn uid_check() {
+        assert_eq!(check_peer_uid(1000, 1000), Ok(()));
+        assert_eq!(check_peer_uid(65534, 0), Err(65534));
+    }
+
+    #[test]
+    fn line_with_fd_round_trips_and_eof_is_seen() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            peer_cred(&a).unwrap(),
+            (rustix::process::geteuid().as_raw(), std::process::id())
+        );
+        let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        send_line(&a, &serde_json::json!({"ok": true}), Some(memfd.as_fd())).unwrap();
+        let (line, fd) = recv_line_with_fd(&b).unwrap();
+        assert_eq!(line, br#"{"ok":true}"#);
+        assert!(fd.is_some());
+        b.write_all(b"{\"op\":\"info\"}\n").unwrap();
+        let mut a2 = a.try_clone().unwrap();
+        assert_eq!(read_line(&mut a2).unwrap(), br#"{"op":"info"}"#);
+        assert!(!peer_closed(&a));
+        drop(b);
+        assert!(peer_closed(&a));
+    }
+}

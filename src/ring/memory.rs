@@ -1,0 +1,184 @@
+//! The ring's memory: a sealed, fully allocated memfd and its two mappings (control region
+//! read-write, data region read-write for the producer / read-only for consumers).
+//!
+//! This is the only file that turns addresses into references. Every accessor checks bounds
+//! and alignment against the mapping, so a wrong offset is a panic (a bug), never UB; the
+//! offsets themselves come from a validated [`Layout`](super::Layout).
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
+
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
+
+/// Creates the ring's memfd: `bytes` long, fully allocated (so lack of memory fails now, not
+/// as a SIGBUS later) and sealed against shrinking and growing.
+pub(crate) fn create_memfd(name: &str, bytes: u64) -> Result<File, MemfdError> {
+    let fd = rustix::fs::memfd_create(
+        format!("ringfeed:{name}"),
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(|e| MemfdError::Create(e.into()))?;
+    rustix::fs::ftruncate(&fd, bytes).map_err(|e| MemfdError::Create(e.into()))?;
+    rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, bytes)
+        .map_err(|e| MemfdError::Allocate(e.into()))?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+        .map_err(|e| MemfdError::Create(e.into()))?;
+    Ok(File::from(fd))
+}
+
+/// Why the memfd could not be made.
+#[derive(Debug)]
+pub(crate) enum MemfdError {
+    /// memfd_create, ftruncate or sealing failed.
+    Create(io::Error),
+    /// fallocate failed: not enough memory (or tmpfs quota) for the ring.
+    Allocate(io::Error),
+}
+
+/// Whether `file` is sealed against shrinking (a ring that could shrink could SIGBUS readers).
+pub(crate) fn is_shrink_sealed(file: &File) -> io::Result<bool> {
+    Ok(rustix::fs::fcntl_get_seals(file)?.contains(SealFlags::SHRINK))
+}
+
+/// The control region `[0, data_offset)`, mapped read-write and shared. All access goes
+/// through atomics, because other processes write it concurrently.
+pub(crate) struct Control {
+    map: MmapRaw,
+}
+
+impl Control {
+    /// Maps the first `len` bytes of `file` read-write, pre-faulted.
+    pub(crate) fn map(file: &File, len: u64) -> io::Result<Control> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let map = MmapOptions::new().len(len).populate().map_raw(file)?;
+        Ok(Control { map })
+    }
+
+    fn at(&self, off: u64, size: usize) -> *mut u8 {
+        let off = usize::try_from(off).expect("control offset fits usize");
+        assert!(
+            off % size == 0 && off + size <= self.map.len(),
+            "control access {off}+{size} outside the mapping or misaligned"
+        );
+        // SAFETY: `off + size <= len`, so the result stays inside the mapping.
+        unsafe { self.map.as_mut_ptr().add(off) }
+    }
+
+    /// The 32-bit word at `off`.
+    pub(crate) fn u32(&self, off: u64) -> &AtomicU32 {
+        // SAFETY: `at` checked bounds and 4-byte alignment (the mapping is page aligned); the
+        // mapping lives as long as `self`; every access to shared words is atomic.
+        unsafe { &*(self.at(off, 4) as *const AtomicU32) }
+    }
+
+    /// The 64-bit word at `off`.
+    pub(crate) fn u64(&self, off: u64) -> &AtomicU64 {
+        // SAFETY: as in `u32`, with 8-byte alignment checked.
+        unsafe { &*(self.at(off, 8) as *const AtomicU64) }
+    }
+
+    /// The byte at `off`.
+    pub(crate) fn u8(&self, off: u64) -> &AtomicU8 {
+        // SAFETY: as in `u32`; bytes need no alignment.
+        unsafe { &*(self.at(off, 1) as *const AtomicU8) }
+    }
+
+    /// Copies `bytes` to the start of the region byte by byte (used once at creation, before
+    /// any other process can see the memfd, and for the NUL-padded text fields).
+    pub(crate) fn store_bytes(&self, off: u64, bytes: &[u8]) {
+        for (i, &b) in bytes.iter().enumerate() {
+            self.u8(off + i as u64)
+                .store(b, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Reads `len` bytes at `off`.
+    pub(crate) fn load_bytes(&self, off: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                self.u8(off + i as u64)
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .collect()
+    }
+}
+
+/// The data region `[data_offset, file_bytes)`: slot payloads.
+pub(crate) struct Data {
+    map: MmapRaw,
+    writable: bool,
+}
+
+impl Data {
+    /// Maps the data region; read-write for the producer, read-only for consumers, pre-faulted
+    /// so the first batch does not pay page faults.
+    pub(crate) fn map(file: &File, offset: u64, len: u64, writable: bool) -> io::Result<Data> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let mut opts = MmapOptions::new();
+        opts.offset(offset).len(len).populate();
+        let map = if writable {
+            opts.map_raw(file)?
+        } else {
+            opts.map_raw_read_only(file)?
+        };
+        Ok(Data { map, writable })
+    }
+
+    fn range(&self, off: u64, len: u64) -> (*mut u8, usize) {
+        let (off, len) = (
+            usize::try_from(off).expect("fits"),
+            usize::try_from(len).expect("fits"),
+        );
+        assert!(
+            off.checked_add(len)
+                .is_some_and(|end| end <= self.map.len()),
+            "data access {off}+{len} outside the mapping"
+        );
+        // SAFETY: bounds checked just above.
+        (unsafe { self.map.as_mut_ptr().add(off) }, len)
+    }
+
+    /// The bytes at `[off, off + len)` of the data region.
+    ///
+    /// # Safety
+    /// No one may write these bytes while the returned slice lives: the caller holds the
+    /// slot (consumer: `HELD` by it; producer: `WRITING` by it).
+    pub(crate) unsafe fn bytes(&self, off: u64, len: u64) -> &[u8] {
+        let (ptr, len) = self.range(off, len);
+        // SAFETY: in bounds (checked), the mapping outlives `&self`, and the caller
+        // guarantees no concurrent writer.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+
+    /// The bytes at `[off, off + len)` of the data region, writable.
+    ///
+    /// # Safety
+    /// The caller owns the slot (`WRITING`) and creates no other reference to these bytes
+    /// while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn bytes_mut(&self, off: u64, len: u64) -> &mut [u8] {
+        assert!(self.writable, "data region is mapped read-only");
+        let (ptr, len) = self.range(off, len);
+        // SAFETY: in bounds, mapped writable, and exclusive by the caller's guarantee.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// Addresses covered by the mapping (for diagnostics and zero-copy checks).
+    pub(crate) fn address_range(&self) -> std::ops::Range<usize> {
+        let start = self.map.as_ptr() as usize;
+        start..start + self.map.len()
+    }
+}
+
+// SAFETY: the mappings are plain shared memory; all shared mutable state in them is accessed
+// through atomics or under the slot protocol, so the handles may move and be shared between
+// threads.
+unsafe impl Send for Control {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for Control {}
+// SAFETY: see `Send` for `Control`.
+unsafe impl Send for Data {}
+// SAFETY: see `Send` for `Control`.
+unsafe impl Sync for Data {}

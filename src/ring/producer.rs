@@ -1,0 +1,951 @@
+//! The producer side: creates the ring, serves attach requests, hands out free slots to the
+//! pipeline, publishes batches and reclaims the slots of consumers that die.
+//!
+//! Two threads run beside the pipeline: the *service* thread (nonblocking accept plus a
+//! `poll` over every attached consumer's socket, so a consumer's death is seen at once) and
+//! the *heartbeat* thread (refreshes `heartbeat_mono_ns`, and as a backup reclaims lanes whose
+//! consumer pid no longer exists).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use serde_json::json;
+use thiserror::Error;
+
+use super::futex::{self, mono_ns, unix_ns};
+use super::handshake::{self, Request};
+use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
+use super::memory::{self, Control, Data, MemfdError};
+use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
+use super::slot::{self, Slot, SlotMeta};
+
+/// How often the service thread re-checks its stop flag and the heartbeat is refreshed.
+const TICK: Duration = Duration::from_millis(50);
+/// Longest single futex wait, so stop requests and timeouts are noticed.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// Time a connecting client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `producer_state` values (§5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerState {
+    /// Setting up; not yet accepting consumers.
+    Starting,
+    /// Serving batches.
+    Serving,
+    /// Every epoch produced; ready slots remain valid.
+    Finished,
+    /// Clean shutdown.
+    Stopped,
+    /// Failed; see `last_error`.
+    Failed,
+}
+
+impl ProducerState {
+    /// The header code.
+    pub fn code(self) -> u32 {
+        match self {
+            ProducerState::Starting => 0,
+            ProducerState::Serving => 1,
+            ProducerState::Finished => 2,
+            ProducerState::Stopped => 3,
+            ProducerState::Failed => 4,
+        }
+    }
+
+    /// The state with this header code.
+    pub fn from_code(code: u32) -> Option<ProducerState> {
+        Some(match code {
+            0 => ProducerState::Starting,
+            1 => ProducerState::Serving,
+            2 => ProducerState::Finished,
+            3 => ProducerState::Stopped,
+            4 => ProducerState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a ring could not be created.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RingCreateError {
+    /// The spec cannot be laid out.
+    #[error("ring {name:?}: {source}")]
+    Spec {
+        /// Ring name.
+        name: String,
+        /// What is wrong.
+        source: SpecError,
+    },
+    /// Bad name or unsafe runtime directory.
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    /// A live producer already serves this name.
+    #[error("ring {name:?} is already served by a live producer (pid {}); stop it or pick another name", pid.map_or("unknown".to_owned(), |p| p.to_string()))]
+    AlreadyRunning {
+        /// Ring name.
+        name: String,
+        /// The live producer's pid, as written in the lock file.
+        pid: Option<u32>,
+    },
+    /// The lock file could not be used.
+    #[error("ring {name:?}: lock file {path}: {source}")]
+    Lock {
+        /// Ring name.
+        name: String,
+        /// Lock file path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Not enough memory for the ring.
+    #[error("ring {name:?} needs {bytes} bytes of shared memory ({lanes} lanes × {slots} slots × {slot_bytes} bytes + control) and they could not be allocated: {source}; reduce slots_per_lane, the batch size or the image size")]
+    OutOfMemory {
+        /// Ring name.
+        name: String,
+        /// Bytes needed.
+        bytes: u64,
+        /// Lanes.
+        lanes: u32,
+        /// Slots per lane.
+        slots: u32,
+        /// Bytes per slot.
+        slot_bytes: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// memfd creation, mapping, socket or thread setup failed.
+    #[error("ring {name:?}: {what}: {source}")]
+    Io {
+        /// Ring name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// What a batch's slot records besides its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMeta {
+    /// Epoch of the batch.
+    pub epoch: u64,
+    /// Batch index within the epoch for this lane.
+    pub index: u64,
+    /// Samples in the batch.
+    pub count: u32,
+    /// Whether this is the lane's last batch of the epoch.
+    pub last_of_epoch: bool,
+}
+
+/// Slot counts and counters of one lane.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Lane number.
+    pub lane: u32,
+    /// Slots `READY`.
+    pub ready: u32,
+    /// Slots `HELD` by the consumer.
+    pub held: u32,
+    /// Slots `FREE`.
+    pub free: u32,
+    /// Slots being written.
+    pub writing: u32,
+    /// Attached consumer's pid, 0 if none.
+    pub consumer_pid: u32,
+    /// ns the consumer blocked waiting for a batch.
+    pub consumer_wait_ns: u64,
+    /// ns the producer waited for a free slot of this lane.
+    pub producer_wait_ns: u64,
+    /// Batches published.
+    pub published: u64,
+    /// Batches released.
+    pub released: u64,
+    /// Seeks applied.
+    pub stream: u32,
+}
+
+/// Counters for the status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingStats {
+    /// Producer generation.
+    pub generation: u64,
+    /// Producer state.
+    pub state: Option<ProducerState>,
+    /// Samples decoded and written.
+    pub samples_ok: u64,
+    /// Samples skipped.
+    pub samples_skipped: u64,
+    /// Total ns the producer waited for free slots.
+    pub producer_wait_ns: u64,
+    /// Batches published, all lanes.
+    pub batches_published: u64,
+    /// Per-lane figures.
+    pub lanes: Vec<LaneStats>,
+}
+
+/// Who a lane belongs to, as the producer tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneConn {
+    Vacant,
+    /// An attach with `resume` waits for the pipeline to apply its seek.
+    Pending {
+        pid: u32,
+    },
+    Attached {
+        pid: u32,
+        conn: u64,
+    },
+}
+
+/// An attached consumer's socket, watched by the service thread.
+struct Watch {
+    lane: u32,
+    conn: u64,
+    stream: UnixStream,
+}
+
+/// State shared by the producer handle, its threads and pending seek requests.
+struct Shared {
+    layout: Layout,
+    pid: u32,
+    memfd: File,
+    control: Control,
+    data: Data,
+    lanes: Mutex<Vec<LaneConn>>,
+    /// Serialises publishes per lane so `seq` is published in increasing order.
+    publish_locks: Vec<Mutex<()>>,
+    seeks: Mutex<Vec<SeekRequest>>,
+    inbox: Mutex<Vec<Watch>>,
+    next_conn: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicked pipeline thread must not take the ring down with a poisoned lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn hdr_u32(&self, off: usize) -> &std::sync::atomic::AtomicU32 {
+        self.control.u32(off as u64)
+    }
+    fn hdr_u64(&self, off: usize) -> &AtomicU64 {
+        self.control.u64(off as u64)
+    }
+    fn lane_u32(&self, lane: u32, off: u64) -> &std::sync::atomic::AtomicU32 {
+        self.control.u32(self.layout.lane_entry(lane) + off)
+    }
+    fn lane_u64(&self, lane: u32, off: u64) -> &AtomicU64 {
+        self.control.u64(self.layout.lane_entry(lane) + off)
+    }
+    fn slot(&self, lane: u32, s: u32) -> Slot<'_> {
+        Slot::new(&self.control, &self.layout, lane, s)
+    }
+
+    fn state(&self) -> Option<ProducerState> {
+        ProducerState::from_code(self.hdr_u32(hdr::PRODUCER_STATE).load(Acquire))
+    }
+
+    /// Sets `producer_state` and wakes every waiter on every lane (they re-read the state).
+    fn set_state(&self, state: ProducerState) {
+        // SYNC POINT with the consumer's acquire load of producer_state after its scan:
+        // every publish before this store is visible once FINISHED is seen.
+        self.hdr_u32(hdr::PRODUCER_STATE)
+            .store(state.code(), Release);
+        for l in 0..self.layout.lane_count {
+            futex::bump_and_wake(self.lane_u32(l, lentry::PUBLISH_SEQ));
+        }
+        futex::wake_all(self.hdr_u32(hdr::RELEASE_ANY));
+    }
+
+    fn set_last_error(&self, msg: &str) {
+        let mut end = msg.len().min(layout::LAST_ERROR_BYTES - 1);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut buf = [0u8; layout::LAST_ERROR_BYTES];
+        buf[..end].copy_from_slice(&msg.as_bytes()[..end]);
+        self.control.store_bytes(hdr::LAST_ERROR as u64, &buf);
+    }
+
+    /// Records `pid` as lane `lane`'s consumer (lane table and consumer table).
+    fn register(&self, lanes: &mut [LaneConn], lane: u32, pid: u32) -> u64 {
+        let conn = self.next_conn.fetch_add(1, Relaxed);
+        let e = self.layout.consumer_entry(lane);
+        self.control.u32(e + centry::LANE).store(lane, Relaxed);
+        self.control
+            .u64(e + centry::ATTACH_UNIX_NS)
+            .store(unix_ns(), Relaxed);
+        self.control
+            .u64(e + centry::HEARTBEAT_MONO_NS)
+            .store(mono_ns(), Relaxed);
+        self.control.u64(e + centry::TAKEN).store(0, Relaxed);
+        self.control.u32(e + centry::PID).store(pid, Release);
+        self.lane_u32(lane, lentry::CONSUMER_PID)
+            .store(pid, Release);
+        lanes[lane as usize] = LaneConn::Attached { pid, conn };
+        conn
+    }
+
+    /// The lane's consumer is gone: its `HELD` slots become `READY` (redelivered), the lane
+    /// and consumer entries are cleared, and waiters are woken.
+    fn reclaim_locked(&self, lanes: &mut [LaneConn], lane: u32) {
+        for s in 0..self.layout.slots_per_lane {
+            self.slot(lane, s).reclaim();
+        }
+        let e = self.layout.consumer_entry(lane);
+        self.control.u32(e + centry::PID).store(0, Release);
+        self.lane_u32(lane, lentry::CONSUMER_PID).store(0, Release);
+        lanes[lane as usize] = LaneConn::Vacant;
+        futex::bump_and_wake(self.lane_u32(lane, lentry::PUBLISH_SEQ));
+    }
+
+    /// Reclaims `lane` if connection `conn` is still the one attached there.
+    fn reclaim_conn(&self, lane: u32, conn: u64) {
+        let mut lanes = lock(&self.lanes);
+        if matches!(lanes[lane as usize], LaneConn::Attached { conn: c, .. } if c == conn) {
+            self.reclaim_locked(&mut lanes, lane);
+        }
+    }
+
+    fn is_current(&self, lane: u32, conn: u64) -> bool {
+        matches!(lock(&self.lanes)[lane as usize], LaneConn::Attached { conn: c, .. } if c == conn)
+    }
+
+    fn attach_reply(&self, lane: u32) -> serde_json::Value {
+        json!({"ok": true, "generation": self.layout.generation, "lane": lane,
+               "file_bytes": self.layout.file_bytes, "producer_pid": self.pid})
+    }
+
+    /// Registers the consumer and sends the attach reply with the memfd; on failure the lane
+    /// is left vacant again.
+    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) -> Option<Watch> {
+        let conn = self.register(&mut lock(&self.lanes), lane, pid);
+        match handshake::send_line(&stream, &self.attach_reply(lane), Some(self.memfd.as_fd())) {
+            Ok(()) => Some(Watch { lane, conn, stream }),
+            Err(_) => {
+                self.reclaim_conn(lane, conn);
+                None
+            }
+        }
+    }
+}
+
+/// A consumer asked to resume lane `lane` at `(epoch, index)`. The pipeline repositions the
+/// lane's stream there and calls [`apply`](SeekRequest::apply) between batches; dropping the
+/// request unapplied refuses the attach.
+pub struct SeekRequest {
+    /// Lane to reposition.
+    pub lane: u32,
+    /// Epoch of the next batch the consumer wants.
+    pub epoch: u64,
+    /// Index (within the epoch, for this lane) of the next batch the consumer wants.
+    pub index: u64,
+    pid: u32,
+    stream: Option<UnixStream>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SeekRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeekRequest")
+            .field("lane", &self.lane)
+            .field("epoch", &self.epoch)
+            .field("index", &self.index)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl SeekRequest {
+    /// Discards the lane's `READY` slots (they belong to the old position), bumps the lane's
+    /// `stream`, and lets the attach reply go out. Call it between batches: a slot of this
+    /// lane still being written would be published at the old position.
+    pub fn apply(mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        let sh = &self.shared;
+        {
+            let lanes = lock(&sh.lanes);
+            if lanes[self.lane as usize] != (LaneConn::Pending { pid: self.pid }) {
+                return;
+            }
+            for s in 0..sh.layout.slots_per_lane {
+                sh.slot(self.lane, s).discard();
+            }
+            sh.lane_u32(self.lane, lentry::STREAM).fetch_add(1, Release);
+        }
+        if let Some(w) = sh.complete_attach(self.lane, self.pid, stream) {
+            lock(&sh.inbox).push(w);
+        }
+    }
+}
+
+impl Drop for SeekRequest {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            let mut lanes = lock(&self.shared.lanes);
+            if lanes[self.lane as usize] == (LaneConn::Pending { pid: self.pid }) {
+                lanes[self.lane as usize] = LaneConn::Vacant;
+            }
+            let _ = handshake::send_line(
+                &stream,
+                &json!({"ok": false, "error": "seek request was dropped by the producer"}),
+                None,
+            );
+        }
+    }
+}
+
+/// The ring's producer. `Send + Sync`: pipeline threads share it by reference or `Arc`.
+pub struct Producer {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    socket_path: PathBuf,
+    _lock: ProducerLock,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("name", &self.shared.layout.name)
+            .field("generation", &self.shared.layout.generation)
+            .finish()
+    }
+}
+
+fn new_generation() -> u64 {
+    loop {
+        let g: u64 = rand::random::<u64>() ^ unix_ns();
+        if g != 0 {
+            return g;
+        }
+    }
+}
+
+impl Producer {
+    /// Creates the ring `spec.name` in `dir`: takes the name's lock (refusing if a live
+    /// producer holds it), allocates and seals the memfd, writes the header, binds the socket
+    /// (replacing a stale one) and starts the service and heartbeat threads.
+    pub fn create(spec: &RingSpec, dir: &RuntimeDir) -> Result<Producer, RingCreateError> {
+        let name = spec.name.clone();
+        validate_name(&name)?;
+        let layout =
+            layout::plan(spec, new_generation()).map_err(|source| RingCreateError::Spec {
+                name: name.clone(),
+                source,
+            })?;
+        dir.ensure()?;
+        let lock_path = dir.lock_path(&name);
+        let lock = ProducerLock::acquire(&lock_path).map_err(|e| match e {
+            LockError::Held(pid) => RingCreateError::AlreadyRunning {
+                name: name.clone(),
+                pid,
+            },
+            LockError::Io(source) => RingCreateError::Lock {
+                name: name.clone(),
+                path: lock_path.clone(),
+                source,
+            },
+        })?;
+        let io_err = |what: &'static str| {
+            let name = name.clone();
+            move |source: io::Error| RingCreateError::Io { name, what, source }
+        };
+        let memfd = memory::create_memfd(&name, layout.file_bytes).map_err(|e| match e {
+            MemfdError::Allocate(source) => RingCreateError::OutOfMemory {
+                name: name.clone(),
+                bytes: layout.file_bytes,
+                lanes: layout.lane_count,
+                slots: layout.slots_per_lane,
+                slot_bytes: layout.slot_stride,
+                source,
+            },
+            MemfdError::Create(source) => io_err("creating the memfd")(source),
+        })?;
+        let control = Control::map(&memfd, layout.data_offset)
+            .map_err(io_err("mapping the control region"))?;
+        let data = Data::map(
+            &memfd,
+            layout.data_offset,
+            layout.file_bytes - layout.data_offset,
+            true,
+        )
+        .map_err(io_err("mapping the data region"))?;
+        let pid = std::process::id();
+        control.store_bytes(0, &layout::encode_control(&layout, pid, unix_ns()));
+        control
+            .u64(hdr::HEARTBEAT_MONO_NS as u64)
+            .store(mono_ns(), Release);
+
+        let socket_path = dir.socket_path(&name);
+        // We hold the lock, so any socket file here is a dead producer's.
+        match std::fs::remove_file(&socket_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing the stale socket")(e)),
+        }
+        let listener = UnixListener::bind(&socket_path).map_err(io_err("binding the socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("configuring the socket"))?;
+
+        let lanes = vec![LaneConn::Vacant; layout.lane_count as usize];
+        let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(())).collect();
+        let shared = Arc::new(Shared {
+            layout,
+            pid,
+            memfd,
+            control,
+            data,
+            lanes: Mutex::new(lanes),
+            publish_locks,
+            seeks: Mutex::new(Vec::new()),
+            inbox: Mutex::new(Vec::new()),
+            next_conn: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+        });
+        shared.set_state(ProducerState::Serving);
+        let mut producer = Producer {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            socket_path,
+            _lock: lock,
+        };
+        let sh = shared.clone();
+        let service = std::thread::Builder::new()
+            .name(format!("ring-{name}-accept"))
+            .spawn(move || service_loop(&sh, listener))
+            .map_err(io_err("starting the accept thread"))?;
+        producer.threads.push(service);
+        let sh = shared;
+        let heartbeat = std::thread::Builder::new()
+            .name(format!("ring-{name}-heartbeat"))
+            .spawn(move || heartbeat_loop(&sh))
+            .map_err(io_err("starting the heartbeat thread"))?;
+        producer.threads.push(heartbeat);
+        Ok(producer)
+    }
+
+    /// The ring's layout: tensor offsets and sizes, lanes, slots.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    /// Non-blocking: a `FREE` slot of `lane` claimed as `WRITING`, or `None` (lane full or
+    /// out of range).
+    pub fn try_claim(&self, lane: u32) -> Option<SlotWriter<'_>> {
+        if lane >= self.shared.layout.lane_count {
+            return None;
+        }
+        (0..self.shared.layout.slots_per_lane)
+            .find(|&s| self.shared.slot(lane, s).claim())
+            .map(|slot| SlotWriter {
+                shared: &self.shared,
+                lane,
+                slot,
+                done: false,
+            })
+    }
+
+    /// Blocks until some lane in `lanes` has a free slot, or `timeout` passes (`None`),
+    /// waiting on `release_any`; the time waited is added to `producer_wait_ns` (header, and
+    /// every lane in `lanes`, since it waited for each of them).
+    pub fn claim_any(&self, lanes: &[u32], timeout: Duration) -> Option<SlotWriter<'_>> {
+        let start = Instant::now();
+        let release_any = self.shared.hdr_u32(hdr::RELEASE_ANY);
+        let mut waited = false;
+        let result = loop {
+            // Read the word before scanning, so a release after the scan changes it and the
+            // wait returns at once (partner: the consumer's bump after its FREE store).
+            let v = release_any.load(Acquire);
+            if let Some(w) = lanes.iter().find_map(|&l| self.try_claim(l)) {
+                break Some(w);
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= timeout || self.shared.stop.load(Acquire) {
+                break None;
+            }
+            waited = true;
+            futex::wait(release_any, v, (timeout - elapsed).min(MAX_WAIT));
+        };
+        if waited {
+            let ns = start.elapsed().as_nanos() as u64;
+            self.shared
+                .hdr_u64(hdr::PRODUCER_WAIT_NS)
+                .fetch_add(ns, Relaxed);
+            for &l in lanes.iter().filter(|&&l| l < self.shared.layout.lane_count) {
+                self.shared
+                    .lane_u64(l, lentry::PRODUCER_WAIT_NS)
+                    .fetch_add(ns, Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
+    pub fn take_seek_requests(&self) -> Vec<SeekRequest> {
+        std::mem::take(&mut *lock(&self.shared.seeks))
+    }
+
+    /// Adds to the `samples_ok` / `samples_skipped` counters.
+    pub fn add_samples(&self, ok: u64, skipped: u64) {
+        self.shared.hdr_u64(hdr::SAMPLES_OK).fetch_add(ok, Relaxed);
+        self.shared
+            .hdr_u64(hdr::SAMPLES_SKIPPED)
+            .fetch_add(skipped, Relaxed);
+    }
+
+    /// Stores `msg` (truncated to 255 bytes) as `last_error`.
+    pub fn record_error(&self, msg: &str) {
+        self.shared.set_last_error(msg);
+    }
+
+    /// Marks the stream complete (`FINISHED`) and wakes every consumer.
+    pub fn finish(&self) {
+        self.shared.set_state(ProducerState::Finished);
+    }
+
+    /// Marks the producer `FAILED` with `msg` as `last_error` and wakes every consumer.
+    pub fn fail(&self, msg: &str) {
+        self.shared.set_last_error(msg);
+        self.shared.set_state(ProducerState::Failed);
+    }
+
+    /// Counters for the status line.
+    pub fn stats(&self) -> RingStats {
+        let sh = &self.shared;
+        let lanes = (0..sh.layout.lane_count)
+            .map(|l| {
+                let mut st = LaneStats {
+                    lane: l,
+                    ..LaneStats::default()
+                };
+                for s in 0..sh.layout.slots_per_lane {
+                    match sh.slot(l, s).state() {
+                        slot::FREE => st.free += 1,
+                        slot::WRITING => st.writing += 1,
+                        slot::READY => st.ready += 1,
+                        _ => st.held += 1,
+                    }
+                }
+                st.consumer_pid = sh.lane_u32(l, lentry::CONSUMER_PID).load(Relaxed);
+                st.consumer_wait_ns = sh.lane_u64(l, lentry::CONSUMER_WAIT_NS).load(Relaxed);
+                st.producer_wait_ns = sh.lane_u64(l, lentry::PRODUCER_WAIT_NS).load(Relaxed);
+                st.published = sh.lane_u64(l, lentry::PUBLISHED).load(Relaxed);
+                st.released = sh.lane_u64(l, lentry::RELEASED).load(Relaxed);
+                st.stream = sh.lane_u32(l, lentry::STREAM).load(Relaxed);
+                st
+            })
+            .collect();
+        RingStats {
+            generation: sh.layout.generation,
+            state: sh.state(),
+            samples_ok: sh.hdr_u64(hdr::SAMPLES_OK).load(Relaxed),
+            samples_skipped: sh.hdr_u64(hdr::SAMPLES_SKIPPED).load(Relaxed),
+            producer_wait_ns: sh.hdr_u64(hdr::PRODUCER_WAIT_NS).load(Relaxed),
+            batches_published: sh.hdr_u64(hdr::BATCHES_PUBLISHED).load(Relaxed),
+            lanes,
+        }
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.shared.set_state(ProducerState::Stopped);
+        self.shared.stop.store(true, Release);
+        for t in self.threads.drain(..) {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        // Unapplied seeks get their refusal now rather than when the pipeline lets go.
+        drop(self.take_seek_requests());
+        let _ = std::fs::remove_file(&self.socket_path);
+        // `_lock` drops after this body: the lock file goes last.
+    }
+}
+
+/// A slot of one lane, claimed as `WRITING`. Publish it, or drop it to return it to `FREE`.
+pub struct SlotWriter<'a> {
+    shared: &'a Shared,
+    lane: u32,
+    slot: u32,
+    done: bool,
+}
+
+impl SlotWriter<'_> {
+    /// The slot's lane.
+    pub fn lane(&self) -> u32 {
+        self.lane
+    }
+
+    /// Tensor `index`'s bytes in the slot (zero copy).
+    ///
+    /// # Panics
+    /// If `index` is not below the schema's tensor count.
+    pub fn tensor_bytes_mut(&mut self, index: usize) -> &mut [u8] {
+        let t = &self.shared.layout.tensors[index];
+        let off = self.shared.layout.slot_data(self.lane, self.slot) + t.offset;
+        // SAFETY: the slot is WRITING and owned by this writer; `&mut self` keeps any other
+        // slice of it from this writer alive at the same time.
+        unsafe { self.shared.data.bytes_mut(off, t.bytes) }
+    }
+
+    /// Every tensor's bytes at once (disjoint: the layout never overlaps tensors).
+    pub fn tensors_mut(&mut self) -> Vec<&mut [u8]> {
+        let base = self.shared.layout.slot_data(self.lane, self.slot);
+        self.shared
+            .layout
+            .tensors
+            .iter()
+            // SAFETY: the slot is WRITING and owned by this writer; the tensors' byte ranges
+            // are pairwise disjoint (checked by `plan`), so the slices do not alias, and
+            // `&mut self` is borrowed for as long as they live.
+            .map(|t| unsafe { self.shared.data.bytes_mut(base + t.offset, t.bytes) })
+            .collect()
+    }
+
+    /// Publishes the batch: metadata, `READY` (release), then the lane counters and a wake-up
+    /// of the lane's consumer.
+    pub fn publish(mut self, meta: BatchMeta) {
+        let sh = self.shared;
+        let lane = self.lane;
+        let _order = lock(&sh.publish_locks[lane as usize]);
+        let next_seq = sh.lane_u64(lane, lentry::NEXT_SEQ);
+        let seq = next_seq.load(Relaxed);
+        sh.slot(lane, self.slot).publish(&SlotMeta {
+            seq,
+            epoch: meta.epoch,
+            index: meta.index,
+            count: meta.count,
+            flags: if meta.last_of_epoch {
+                slot::FLAG_LAST_OF_EPOCH
+            } else {
+                0
+            },
+            published_mono_ns: mono_ns(),
+        });
+        self.done = true;
+        next_seq.store(seq + 1, Relaxed);
+        sh.lane_u64(lane, lentry::PUBLISHED).fetch_add(1, Relaxed);
+        sh.lane_u64(lane, lentry::EPOCH).store(meta.epoch, Relaxed);
+        sh.lane_u64(lane, lentry::INDEX).store(meta.index, Relaxed);
+        sh.hdr_u64(hdr::BATCHES_PUBLISHED).fetch_add(1, Relaxed);
+        // SYNC POINT with the consumer's acquire load of publish_seq before its scan.
+        futex::bump_and_wake(sh.lane_u32(lane, lentry::PUBLISH_SEQ));
+    }
+}
+
+impl Drop for SlotWriter<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.slot(self.lane, self.slot).abandon();
+        }
+    }
+}
+
+/// Accepts connections and watches attached consumers' sockets until stopped.
+fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
+    let mut watches: Vec<Watch> = Vec::new();
+    let timeout = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: TICK.as_nanos() as i64,
+    };
+    while !sh.stop.load(Acquire) {
+        watches.append(&mut lock(&sh.inbox));
+        watches.retain(|w| sh.is_current(w.lane, w.conn));
+        let mut fds = Vec::with_capacity(watches.len() + 1);
+        fds.push(PollFd::new(&listener, PollFlags::IN));
+        fds.extend(
+            watches
+                .iter()
+                .map(|w| PollFd::new(&w.stream, PollFlags::IN)),
+        );
+        if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
+            continue;
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        let mut i = 0;
+        watches.retain(|w| {
+            i += 1;
+            if ready[i] && handshake::peer_closed(&w.stream) {
+                sh.reclaim_conn(w.lane, w.conn);
+                return false;
+            }
+            true
+        });
+        if ready[0] {
+            while let Ok((stream, _)) = listener.accept() {
+                serve_connection(sh, stream, &mut watches);
+            }
+        }
+    }
+}
+
+fn refuse(stream: &UnixStream, error: &str) {
+    let _ = handshake::send_line(stream, &json!({"ok": false, "error": error}), None);
+}
+
+/// Handles one new connection: uid check, request, reply.
+fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<Watch>) {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err()
+        || stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    // Read the request line before any refusal: closing a Unix socket with unread data
+    // resets the connection, and the client would lose the reply explaining why.
+    let line = handshake::read_line(&mut stream);
+    let ours = rustix::process::geteuid().as_raw();
+    let peer_pid = match handshake::peer_cred(&stream) {
+        Ok((uid, pid)) => {
+            match handshake::check_peer_uid(uid, ours) {
+                Ok(()) => pid,
+                Err(uid) => {
+                    let msg = format!("permission denied: consumer uid {uid} differs from the producer's uid {ours}");
+                    return refuse(&stream, &msg);
+                }
+            }
+        }
+        Err(e) => {
+            return refuse(
+                &stream,
+                &format!("permission denied: cannot read peer credentials: {e}"),
+            )
+        }
+    };
+    let request = match line
+        .map_err(|e| e.to_string())
+        .and_then(|line| serde_json::from_slice::<Request>(&line).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => return refuse(&stream, &format!("bad request: {e}")),
+    };
+    match request {
+        Request::Info => {
+            let lanes = lock(&sh.lanes);
+            let list: Vec<_> = (0..sh.layout.lane_count)
+                .map(|l| json!({"lane": l, "consumer_pid": match lanes[l as usize] { LaneConn::Attached { pid, .. } => pid, _ => 0 }}))
+                .collect();
+            drop(lanes);
+            let reply = json!({"ok": true, "generation": sh.layout.generation, "producer_pid": sh.pid,
+                "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list});
+            let _ = handshake::send_line(&stream, &reply, None);
+        }
+        Request::Attach {
+            version,
+            lane,
+            pid: _,
+            resume,
+        } => {
+            // The registry records the SO_PEERCRED pid: it is what liveness checks can trust.
+            let pid = peer_pid;
+            if version != u32::from(layout::VERSION_MAJOR) {
+                return refuse(
+                    &stream,
+                    &format!(
+                        "version mismatch: client implements {version}, producer {}",
+                        layout::VERSION_MAJOR
+                    ),
+                );
+            }
+            if lane >= sh.layout.lane_count {
+                return refuse(
+                    &stream,
+                    &format!(
+                        "lane {lane} out of range (lane_count {})",
+                        sh.layout.lane_count
+                    ),
+                );
+            }
+            let mut lanes = lock(&sh.lanes);
+            match lanes[lane as usize] {
+                LaneConn::Vacant => {}
+                LaneConn::Pending { pid: other } => {
+                    return refuse(
+                        &stream,
+                        &format!("lane {lane} has an attach pending from pid {other}"),
+                    );
+                }
+                LaneConn::Attached { pid: other, conn } => {
+                    // The holder may have died a moment ago; look before refusing.
+                    let closed = watches
+                        .iter()
+                        .find(|w| w.conn == conn)
+                        .is_none_or(|w| handshake::peer_closed(&w.stream));
+                    if closed || !pid_alive(other) {
+                        sh.reclaim_locked(&mut lanes, lane);
+                        watches.retain(|w| w.conn != conn);
+                    } else {
+                        return refuse(
+                            &stream,
+                            &format!("lane {lane} is held by live consumer pid {other}"),
+                        );
+                    }
+                }
+            }
+            if let Some(r) = resume {
+                if sh.state() != Some(ProducerState::Serving) {
+                    return refuse(
+                        &stream,
+                        "cannot resume: the producer is no longer serving (finished or stopping)",
+                    );
+                }
+                lanes[lane as usize] = LaneConn::Pending { pid };
+                drop(lanes);
+                lock(&sh.seeks).push(SeekRequest {
+                    lane,
+                    epoch: r.epoch,
+                    index: r.index,
+                    pid,
+                    stream: Some(stream),
+                    shared: sh.clone(),
+                });
+                return;
+            }
+            drop(lanes);
+            if let Some(w) = sh.complete_attach(lane, pid, stream) {
+                watches.push(w);
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    match rustix::process::Pid::from_raw(pid as i32) {
+        Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
+        None => false,
+    }
+}
+
+/// Refreshes the heartbeat and reclaims lanes whose consumer process no longer exists.
+fn heartbeat_loop(sh: &Arc<Shared>) {
+    while !sh.stop.load(Acquire) {
+        sh.hdr_u64(hdr::HEARTBEAT_MONO_NS).store(mono_ns(), Release);
+        let mut lanes = lock(&sh.lanes);
+        for l in 0..sh.layout.lane_count {
+            if let LaneConn::Attached { pid, .. } = lanes[l as usize] {
+                if !pid_alive(pid) {
+                    sh.reclaim_locked(&mut lanes, l);
+                }
+            }
+        }
+        drop(lanes);
+        std::thread::park_timeout(TICK);
+    }
+}

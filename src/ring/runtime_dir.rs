@@ -1,0 +1,338 @@
+//! The runtime directory (docs/ring-format.md §2): where it is, its safety checks, ring
+//! names, and the producer's lock file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FlockOperation;
+use thiserror::Error;
+
+use super::layout::MAX_NAME_LEN;
+
+/// A problem with the runtime directory or a ring name.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RuntimeDirError {
+    /// The directory could not be created or inspected.
+    #[error("runtime directory {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The path is a symlink or not a directory.
+    #[error("runtime directory {path} is not a directory (or is a symlink); refusing it")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The directory belongs to another user.
+    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it")]
+    WrongOwner {
+        /// The path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        uid: u32,
+    },
+    /// The directory grants group or other permissions.
+    #[error("runtime directory {path} has mode {mode:o}; it must grant no group/other permission (chmod 700)")]
+    Permissions {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The ring name is not allowed.
+    #[error("invalid ring name {name:?}: {reason}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Checks a ring name: 1–32 characters from `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn validate_name(name: &str) -> Result<(), RuntimeDirError> {
+    let bad = |reason| {
+        Err(RuntimeDirError::BadName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return bad("must be 1–32 characters");
+    }
+    if name.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return bad("only A-Z a-z 0-9 . _ - are allowed");
+    }
+    Ok(())
+}
+
+/// The directory holding `<name>.sock` and `<name>.lock` files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeDir {
+    path: PathBuf,
+}
+
+impl RuntimeDir {
+    /// Resolves the directory from the environment: `$RINGFEED_RUNTIME_DIR`, else
+    /// `$XDG_RUNTIME_DIR/ringfeed`, else `/tmp/ringfeed-<uid>`. Nothing is created or checked
+    /// yet; the producer and consumer check it when they use it.
+    pub fn from_env() -> Result<RuntimeDir, RuntimeDirError> {
+        let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
+        let path = if let Some(p) = var("RINGFEED_RUNTIME_DIR") {
+            PathBuf::from(p)
+        } else if let Some(p) = var("XDG_RUNTIME_DIR") {
+            PathBuf::from(p).join("ringfeed")
+        } else {
+            PathBuf::from(format!(
+                "/tmp/ringfeed-{}",
+                rustix::process::getuid().as_raw()
+            ))
+        };
+        Ok(RuntimeDir { path })
+    }
+
+    /// A directory at an explicit path (tests, `--runtime-dir`).
+    pub fn at(path: impl Into<PathBuf>) -> RuntimeDir {
+        RuntimeDir { path: path.into() }
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the directory with mode 0700 if it is missing, then [`check`](Self::check)s it.
+    pub fn ensure(&self) -> Result<(), RuntimeDirError> {
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(RuntimeDirError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        }
+        self.check()
+    }
+
+    /// Refuses a directory that is a symlink, not a directory, not owned by the effective
+    /// uid, or grants any group/other permission.
+    pub fn check(&self) -> Result<(), RuntimeDirError> {
+        let meta = std::fs::symlink_metadata(&self.path).map_err(|source| RuntimeDirError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        check_dir_meta(
+            &self.path,
+            meta.is_dir(),
+            meta.uid(),
+            meta.mode(),
+            rustix::process::geteuid().as_raw(),
+        )
+    }
+
+    /// `<dir>/<name>.sock`.
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        self.path.join(format!("{name}.sock"))
+    }
+
+    /// `<dir>/<name>.lock`.
+    pub fn lock_path(&self, name: &str) -> PathBuf {
+        self.path.join(format!("{name}.lock"))
+    }
+}
+
+/// The directory checks as a pure function of the `lstat` result.
+fn check_dir_meta(
+    path: &Path,
+    is_dir: bool,
+    owner: u32,
+    mode: u32,
+    uid: u32,
+) -> Result<(), RuntimeDirError> {
+    if !is_dir {
+        return Err(RuntimeDirError::NotADirectory {
+            path: path.to_owned(),
+        });
+    }
+    if owner != uid {
+        return Err(RuntimeDirError::WrongOwner {
+            path: path.to_owned(),
+            owner,
+            uid,
+        });
+    }
+    if mode & 0o077 != 0 {
+        return Err(RuntimeDirError::Permissions {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// The producer's exclusive `flock` on `<name>.lock`, holding its pid. Dropping it removes
+/// the file (while still locked) and releases the lock.
+#[derive(Debug)]
+pub(crate) struct ProducerLock {
+    file: File,
+    path: PathBuf,
+}
+
+/// Why the lock was not taken.
+#[derive(Debug)]
+pub(crate) enum LockError {
+    /// Another live process holds it; its pid if the file says.
+    Held(Option<u32>),
+    /// The file could not be opened, locked or written.
+    Io(io::Error),
+}
+
+impl ProducerLock {
+    /// Takes the lock or reports who holds it. Never touches a lock held by someone else.
+    pub(crate) fn acquire(path: &Path) -> Result<ProducerLock, LockError> {
+        loop {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(LockError::Io)?;
+            if let Err(e) = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                if e == rustix::io::Errno::WOULDBLOCK {
+                    let mut text = String::new();
+                    let _ = file.read_to_string(&mut text);
+                    return Err(LockError::Held(text.trim().parse().ok()));
+                }
+                return Err(LockError::Io(e.into()));
+            }
+            // A departing producer unlinks the file while holding the lock; if we locked such
+            // an orphaned inode, try again with the file now at `path`.
+            let ours = file.metadata().map_err(LockError::Io)?;
+            match std::fs::metadata(path) {
+                Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {}
+                _ => continue,
+            }
+            file.set_len(0).map_err(LockError::Io)?;
+            file.rewind().map_err(LockError::Io)?;
+            write!(file, "{}", std::process::id()).map_err(LockError::Io)?;
+            file.flush().map_err(LockError::Io)?;
+            return Ok(ProducerLock {
+                file,
+                path: path.to_owned(),
+            });
+        }
+    }
+}
+
+impl Drop for ProducerLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = rustix::fs::flock(&self.file, FlockOperation::Unlock);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["train", "a", "rank-0_x.v2", &"x".repeat(32)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "a b",
+            "nul\0",
+            &"x".repeat(33),
+            "é",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dir_checks() {
+        let p = Path::new("/x");
+        assert!(check_dir_meta(p, true, 5, 0o40700, 5).is_ok());
+        assert!(matches!(
+            check_dir_meta(p, false, 5, 0o700, 5),
+            Err(RuntimeDirError::NotADirectory { .. })
+        ));
+        assert!(matches!(
+            check_dir_meta(p, true, 6, 0o700, 5),
+            Err(RuntimeDirError::WrongOwner { owner: 6, .. })
+        ));
+        assert!(matches!(
+            check_dir_meta(p, true, 5, 0o750, 5),
+            Err(RuntimeDirError::Permissions { .. })
+        ));
+        assert!(matches!(
+            check_dir_meta(p, true, 5, 0o701, 5),
+            Err(RuntimeDirError::Permissions { .. })
+        ));
+    }
+
+    #[test]
+    fn ensure_creates_0700_and_refuses_symlinks_and_open_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = RuntimeDir::at(tmp.path().join("rt"));
+        d.ensure().unwrap();
+        assert_eq!(std::fs::metadata(d.path()).unwrap().mode() & 0o777, 0o700);
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        assert!(matches!(
+            RuntimeDir::at(&link).check(),
+            Err(RuntimeDirError::NotADirectory { .. })
+        ));
+        std::fs::set_permissions(
+            d.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        assert!(matches!(
+            d.check(),
+            Err(RuntimeDirError::Permissions { .. })
+        ));
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_names_the_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("r.lock");
+        let held = ProducerLock::acquire(&path).unwrap();
+        match ProducerLock::acquire(&path) {
+            Err(LockError::Held(Some(pid))) => assert_eq!(pid, std::process::id()),
+            other => panic!("expected Held, got {other:?}"),
+        }
+        drop(held);
+        assert!(!path.exists());
+        let again = ProducerLock::acquire(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            std::process::id().to_string()
+        );
+        drop(again);
+    }
+}

@@ -1,0 +1,279 @@
+//! Configuration of the source stage: where samples come from (`[source]`) and in which order
+//! they are served (`[sampling]`). Plain serde data mirroring the TOML file.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// `[source]`: the dataset.
+///
+/// ```toml
+/// [source]
+/// kind = "tar"
+/// shards = ["data/shard-{000000..000127}.tar"]
+/// index-dir = "/var/cache/ringfeed"   # optional
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SourceConfig {
+    /// Which layout the dataset has.
+    pub kind: SourceKind,
+    /// Tar only: shard paths, globs and brace expressions (`{000000..000127}`, `{a,b}`),
+    /// relative to the configuration's directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<String>,
+    /// ImageFolder only: the root holding one directory per class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Tar only: where sidecar indexes go when they cannot be written beside the shard
+    /// (read-only dataset directory). Default: `$XDG_CACHE_HOME/ringfeed`, else
+    /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_dir: Option<PathBuf>,
+}
+
+impl SourceConfig {
+    /// A tar-shard source over `shards` specs.
+    pub fn tar(shards: impl IntoIterator<Item = impl Into<String>>) -> SourceConfig {
+        SourceConfig {
+            kind: SourceKind::Tar,
+            shards: shards.into_iter().map(Into::into).collect(),
+            path: None,
+            index_dir: None,
+        }
+    }
+
+    /// An ImageFolder source rooted at `path`.
+    pub fn imagefolder(path: impl Into<PathBuf>) -> SourceConfig {
+        SourceConfig {
+            kind: SourceKind::Imagefolder,
+            shards: Vec::new(),
+            path: Some(path.into()),
+            index_dir: None,
+        }
+    }
+}
+
+/// The dataset layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// WebDataset-style tar shards: `<key>.jpg` + `<key>.cls` members.
+    Tar,
+    /// `<root>/<class>/<file>`; classes sorted by name give the labels.
+    Imagefolder,
+}
+
+/// `[sampling]`: the order in which samples are served.
+///
+/// ```toml
+/// [sampling]
+/// seed = 42
+/// shuffle = "global"                                   # or "block", "buffer", "none"
+/// # shuffle = { mode = "block", block-size = 64, window = 32 }
+/// # shuffle = { mode = "buffer", size = 2000 }
+/// drop-last = true
+/// epochs = 0                                           # 0 = until stopped
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SamplingConfig {
+    /// Seed of the per-epoch order (and, elsewhere, of augmentation). Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// How samples are shuffled each epoch. Default `global`.
+    #[serde(default)]
+    pub shuffle: ShuffleMode,
+    /// Drop the tail that cannot fill a full batch on every rank (default `false`: pad it by
+    /// repeating samples from the start of the epoch's order, like PyTorch's
+    /// `DistributedSampler`).
+    #[serde(default)]
+    pub drop_last: bool,
+    /// Number of epochs to serve; 0 serves until stopped. Default 0.
+    #[serde(default)]
+    pub epochs: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            seed: 0,
+            shuffle: ShuffleMode::Global,
+            drop_last: false,
+            epochs: 0,
+        }
+    }
+}
+
+/// Default block size of [`ShuffleMode::Block`], in samples.
+pub const DEFAULT_BLOCK_SIZE: u64 = 64;
+/// Default window of [`ShuffleMode::Block`], in blocks.
+pub const DEFAULT_BLOCK_WINDOW: u64 = 32;
+/// Default size of [`ShuffleMode::Buffer`]'s shuffle buffer, in samples.
+pub const DEFAULT_BUFFER_SIZE: u64 = 2000;
+
+/// The per-epoch shuffle. See `docs/sampling.md` for the trade-off between shuffle quality and
+/// read pattern.
+///
+/// In TOML either a bare name (`"block"`, with default parameters) or a table with a `mode`
+/// key and the mode's parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "mode",
+    rename_all = "kebab-case",
+    deny_unknown_fields,
+    remote = "Self"
+)]
+pub enum ShuffleMode {
+    /// A uniform random permutation of all samples (Fisher-Yates). Random reads.
+    #[default]
+    Global,
+    /// Shuffle blocks of `block-size` consecutive ids, then shuffle ids within windows of
+    /// `window` consecutive blocks of that order. Reads stay within a few regions at a time.
+    #[serde(rename_all = "kebab-case")]
+    Block {
+        /// Consecutive ids per block. Default [`DEFAULT_BLOCK_SIZE`].
+        #[serde(default = "default_block_size")]
+        block_size: u64,
+        /// Blocks whose ids are mixed together. Default [`DEFAULT_BLOCK_WINDOW`].
+        #[serde(default = "default_block_window")]
+        window: u64,
+    },
+    /// WebDataset's order: shuffle the shards, stream them, and draw each sample from a
+    /// shuffle buffer of `size` samples. Sequential reads within a shard.
+    Buffer {
+        /// Samples in the shuffle buffer. Default [`DEFAULT_BUFFER_SIZE`].
+        #[serde(default = "default_buffer_size")]
+        size: u64,
+    },
+    /// Dataset order.
+    None,
+}
+
+fn default_block_size() -> u64 {
+    DEFAULT_BLOCK_SIZE
+}
+fn default_block_window() -> u64 {
+    DEFAULT_BLOCK_WINDOW
+}
+fn default_buffer_size() -> u64 {
+    DEFAULT_BUFFER_SIZE
+}
+
+impl Serialize for ShuffleMode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        ShuffleMode::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShuffleMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ModeVisitor;
+        impl<'de> Visitor<'de> for ModeVisitor {
+            type Value = ShuffleMode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""global", "block", "buffer", "none", or a table with a "mode" key"#)
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<ShuffleMode, E> {
+                match name {
+                    "global" => Ok(ShuffleMode::Global),
+                    "block" => Ok(ShuffleMode::Block {
+                        block_size: DEFAULT_BLOCK_SIZE,
+                        window: DEFAULT_BLOCK_WINDOW,
+                    }),
+                    "buffer" => Ok(ShuffleMode::Buffer {
+                        size: DEFAULT_BUFFER_SIZE,
+                    }),
+                    "none" => Ok(ShuffleMode::None),
+                    other => Err(E::unknown_variant(
+                        other,
+                        &["global", "block", "buffer", "none"],
+                    )),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ShuffleMode, A::Error> {
+                ShuffleMode::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_any(ModeVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Serialize, Debug, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        source: SourceConfig,
+        sampling: SamplingConfig,
+    }
+
+    #[test]
+    fn toml_with_every_key_parses() {
+        let file: File = toml::from_str(
+            r#"
+            [source]
+            kind = "tar"
+            shards = ["data/shard-{000000..000001}.tar"]
+            index-dir = "/tmp/idx"
+            [sampling]
+            seed = 7
+            shuffle = { mode = "block", block-size = 16, window = 4 }
+            drop-last = true
+            epochs = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(file.source.kind, SourceKind::Tar);
+        assert_eq!(file.source.index_dir, Some(PathBuf::from("/tmp/idx")));
+        assert_eq!(
+            file.sampling,
+            SamplingConfig {
+                seed: 7,
+                shuffle: ShuffleMode::Block {
+                    block_size: 16,
+                    window: 4
+                },
+                drop_last: true,
+                epochs: 3
+            }
+        );
+        // Round trip through TOML.
+        let text = toml::to_string(&file).unwrap();
+        assert_eq!(toml::from_str::<File>(&text).unwrap(), file);
+    }
+
+    #[test]
+    fn shuffle_accepts_bare_names_with_defaults() {
+        #[derive(Deserialize)]
+        struct S {
+            shuffle: ShuffleMode,
+        }
+        let parse = |t: &str| toml::from_str::<S>(t).map(|s| s.shuffle);
+        assert_eq!(parse(r#"shuffle = "none""#).unwrap(), ShuffleMode::None);
+        assert_eq!(
+            parse(r#"shuffle = "buffer""#).unwrap(),
+            ShuffleMode::Buffer {
+                size: DEFAULT_BUFFER_SIZE
+            }
+        );
+        assert_eq!(
+            parse(r#"shuffle = { mode = "buffer", size = 10 }"#).unwrap(),
+            ShuffleMode::Buffer { size: 10 }
+        );
+        assert!(parse(r#"shuffle = "random""#).is_err());
+        assert!(parse(r#"shuffle = { mode = "block", blocksize = 3 }"#).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<SourceConfig>("kind = \"tar\"\nshard = []").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let sampling: SamplingConfig = toml::from_str("").unwrap();
+        assert_eq!(sampling, SamplingConfig::default());
+    }
+}

@@ -1,0 +1,468 @@
+//! [`Dataset`]: the fixed, ordered list of samples of a source, where each sample's id is its
+//! position, with positioned reads of each sample's encoded image bytes.
+//!
+//! A tar dataset keeps, per sample, only offsets, sizes and a label (about 40 bytes plus its
+//! member name), and one open file per shard, opened on first use and reopened after a
+//! failed read. Each (re)open checks that the shard still has the size and modification time
+//! it was indexed with, so a shard rewritten under a running daemon is reported, not misread.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::config::{SourceConfig, SourceKind};
+use super::error::{IndexIssue, SampleReadError, SourceError};
+use super::imagefolder;
+use super::index::{fingerprint, load_or_build_index};
+use super::spec::expand_shards;
+
+/// A dataset opened from a [`SourceConfig`]. Cheap to share between threads (`&Dataset` is
+/// all reads need).
+#[derive(Debug)]
+pub struct Dataset {
+    backend: Backend,
+    samples: Vec<SampleRecord>,
+    /// Member names (tar) or root-relative paths (ImageFolder), concatenated.
+    names: String,
+    issues: Vec<IndexIssue>,
+    class_names: Option<Vec<String>>,
+    shard_starts: Vec<u64>,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Tar { shards: Vec<Shard> },
+    Folder { root: PathBuf },
+}
+
+#[derive(Debug)]
+struct SampleRecord {
+    offset: u64,
+    name_start: u64,
+    label: i64,
+    shard: u32,
+    size: u32,
+    name_len: u32,
+}
+
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    display: String,
+    size: u64,
+    mtime_ns: i64,
+    file: Mutex<Option<Arc<File>>>,
+}
+
+impl Dataset {
+    /// Opens the dataset that `cfg` describes; relative paths resolve against `base_dir`.
+    ///
+    /// Tar shards are indexed on first use (see [`super::index::load_or_build_index`]);
+    /// members that cannot be served are skipped and listed by
+    /// [`skipped_at_index`](Self::skipped_at_index). A dataset without any usable sample is an
+    /// error.
+    pub fn open(cfg: &SourceConfig, base_dir: &Path) -> Result<Dataset, SourceError> {
+        match cfg.kind {
+            SourceKind::Tar => {
+                if cfg.shards.is_empty() || cfg.path.is_some() {
+                    return Err(SourceError::Config(
+                        "kind = \"tar\" needs `shards` and takes no `path`".to_owned(),
+                    ));
+                }
+                let index_dir = cfg.index_dir.as_ref().map(|d| base_dir.join(d));
+                Self::open_tar(&cfg.shards, base_dir, index_dir.as_deref())
+            }
+            SourceKind::Imagefolder => match &cfg.path {
+                Some(path) if cfg.shards.is_empty() && cfg.index_dir.is_none() => {
+                    Self::open_folder(&base_dir.join(path))
+                }
+                _ => Err(SourceError::Config(
+                    "kind = \"imagefolder\" needs `path` and takes no `shards` or `index-dir`"
+                        .to_owned(),
+                )),
+            },
+        }
+    }
+
+    fn open_tar(
+        specs: &[String],
+        base_dir: &Path,
+        index_dir: Option<&Path>,
+    ) -> Result<Dataset, SourceError> {
+        let paths = expand_shards(specs, base_dir)?;
+        if u32::try_from(paths.len()).is_err() {
+            return Err(SourceError::TooLarge {
+                path: base_dir.to_path_buf(),
+                reason: format!("{} shards (limit {})", paths.len(), u32::MAX),
+            });
+        }
+        let mut dataset = Dataset::empty(Backend::Tar { shards: Vec::new() });
+        let mut shards = Vec::with_capacity(paths.len());
+        for (shard_no, path) in paths.into_iter().enumerate() {
+            let loaded = load_or_build_index(&path, index_dir)?;
+            dataset.shard_starts.push(dataset.samples.len() as u64);
+            for sample in &loaded.index.samples {
+                // The index refuses images over 4 GiB, so the size fits.
+                let size = u32::try_from(sample.size).unwrap_or(u32::MAX);
+                let name = sample.member();
+                dataset.push(
+                    name.as_str(),
+                    sample.offset,
+                    size,
+                    sample.label,
+                    shard_no as u32,
+                );
+            }
+            dataset
+                .issues
+                .extend(loaded.index.issues.into_iter().map(|issue| IndexIssue {
+                    shard: path.clone(),
+                    member: issue.member,
+                    reason: issue.reason,
+                }));
+            shards.push(Shard {
+                display: path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
+                path,
+                size: loaded.index.shard_size,
+                mtime_ns: loaded.index.shard_mtime_ns,
+                file: Mutex::new(None),
+            });
+        }
+        dataset.backend = Backend::Tar { shards };
+        dataset.finish(&specs.join(", "))
+    }
+
+    fn open_folder(root: &Path) -> Result<Dataset, SourceError> {
+        let scan = imagefolder::scan(root)?;
+        let mut dataset = Dataset::empty(Backend::Folder {
+            root: root.to_path_buf(),
+        });
+        dataset.shard_starts.push(0);
+        for (rel, label, size) in &scan.files {
+            let size = u32::try_from(*size).unwrap_or(u32::MAX);
+            dataset.push(rel, 0, size, *label, 0);
+        }
+        dataset.issues = scan.issues;
+        dataset.class_names = Some(scan.classes);
+        dataset.finish(&root.display().to_string())
+    }
+
+    fn empty(backend: Backend) -> Dataset {
+        Dataset {
+            backend,
+            samples: Vec::new(),
+            names: String::new(),
+            issues: Vec::new(),
+            class_names: None,
+            shard_starts: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, name: &str, offset: u64, size: u32, label: i64, shard: u32) {
+        self.samples.push(SampleRecord {
+            offset,
+            name_start: self.names.len() as u64,
+            label,
+            shard,
+            size,
+            // Member names come from tar headers (≤ 1 MiB) or file names.
+            name_len: u32::try_from(name.len()).unwrap_or(u32::MAX),
+        });
+        self.names.push_str(name);
+    }
+
+    fn finish(mut self, what: &str) -> Result<Dataset, SourceError> {
+        if self.samples.is_empty() {
+            return Err(SourceError::Empty {
+                what: what.to_owned(),
+                skipped: self.issues.len(),
+                first: self
+                    .issues
+                    .first()
+                    .map_or_else(String::new, |i| format!("; first: {i}")),
+            });
+        }
+        self.samples.shrink_to_fit();
+        self.names.shrink_to_fit();
+        Ok(self)
+    }
+
+    /// Number of samples; ids are `0..len()`.
+    pub fn len(&self) -> u64 {
+        self.samples.len() as u64
+    }
+
+    /// True if the dataset has no sample (never the case for an opened dataset).
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    fn record(&self, id: u64) -> Option<&SampleRecord> {
+        usize::try_from(id).ok().and_then(|i| self.samples.get(i))
+    }
+
+    /// The label of sample `id`.
+    ///
+    /// # Panics
+    /// If `id >= len()` (ids come from the [`Sampler`](super::Sampler), which never yields one).
+    pub fn label(&self, id: u64) -> i64 {
+        match self.record(id) {
+            Some(record) => record.label,
+            None => panic!(
+                "sample id {id} out of range (dataset has {} samples)",
+                self.len()
+            ),
+        }
+    }
+
+    fn name(&self, record: &SampleRecord) -> &str {
+        let start = record.name_start as usize;
+        &self.names[start..start + record.name_len as usize]
+    }
+
+    /// A human-readable location of sample `id` for log lines: `shard-000001.tar:img_0042.jpg`
+    /// for tar shards, the root-relative path for ImageFolder.
+    pub fn describe(&self, id: u64) -> String {
+        let Some(record) = self.record(id) else {
+            return format!("<sample {id} out of range>");
+        };
+        match &self.backend {
+            Backend::Tar { shards } => {
+                format!(
+                    "{}:{}",
+                    shards[record.shard as usize].display,
+                    self.name(record)
+                )
+            }
+            Backend::Folder { .. } => self.name(record).to_owned(),
+        }
+    }
+
+    /// Reads sample `id`'s encoded image bytes into `buf` (cleared first; its capacity is
+    /// reused). Never panics: a vanished, replaced, changed or truncated file is an error
+    /// naming the shard and member.
+    pub fn read_into(&self, id: u64, buf: &mut Vec<u8>) -> Result<(), SampleReadError> {
+        buf.clear();
+        let record = self.record(id).ok_or(SampleReadError::OutOfRange {
+            id,
+            len: self.len(),
+        })?;
+        match &self.backend {
+            Backend::Tar { shards } => {
+                let shard = &shards[record.shard as usize];
+                let location = || self.describe(id);
+                let file = shard.file(&location)?;
+                buf.resize(record.size as usize, 0);
+                if file.read_exact_at(buf, record.offset).is_ok() {
+                    return Ok(());
+                }
+                // The descriptor may have gone bad (network filesystem, replaced file): retry
+                // once on a fresh one, which also re-checks the shard's identity.
+                shard.forget(&file);
+                let file = shard.file(&location).inspect_err(|_| buf.clear())?;
+                file.read_exact_at(buf, record.offset).map_err(|source| {
+                    buf.clear();
+                    SampleReadError::Read {
+                        location: location(),
+                        path: shard.path.clone(),
+                        offset: record.offset,
+                        size: u64::from(record.size),
+                        source,
+                    }
+                })
+            }
+            Backend::Folder { root } => {
+                let path = root.join(self.name(record));
+                let open_err = |source| SampleReadError::Open {
+                    location: self.describe(id),
+                    path: path.clone(),
+                    source,
+                };
+                let mut file = File::open(&path).map_err(open_err)?;
+                let meta = file.metadata().map_err(open_err)?;
+                if !meta.is_file() {
+                    return Err(open_err(not_a_file()));
+                }
+                buf.reserve(meta.len() as usize);
+                file.read_to_end(buf).map(drop).map_err(|source| {
+                    buf.clear();
+                    SampleReadError::Read {
+                        location: self.describe(id),
+                        path: path.clone(),
+                        offset: 0,
+                        size: meta.len(),
+                        source,
+                    }
+                })
+            }
+        }
+    }
+
+    /// Members (tar) or files (ImageFolder) skipped while indexing, with reasons.
+    pub fn skipped_at_index(&self) -> &[IndexIssue] {
+        &self.issues
+    }
+
+    /// Class names of an ImageFolder dataset, indexed by label; `None` for tar shards.
+    pub fn class_names(&self) -> Option<&[String]> {
+        self.class_names.as_deref()
+    }
+
+    /// The id of the first sample of each shard, in shard order (one entry, 0, for an
+    /// ImageFolder). Used by [`ShuffleMode::Buffer`](super::ShuffleMode::Buffer) to shuffle
+    /// shards.
+    pub fn shard_starts(&self) -> &[u64] {
+        &self.shard_starts
+    }
+
+    /// The shard files of a tar dataset, in shard order (empty for an ImageFolder).
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        match &self.backend {
+            Backend::Tar { shards } => shards.iter().map(|s| s.path.as_path()).collect(),
+            Backend::Folder { .. } => Vec::new(),
+        }
+    }
+}
+
+fn not_a_file() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
+}
+
+impl Shard {
+    /// The shard's open file, opening (and checking) it if needed.
+    fn file(&self, location: &dyn Fn() -> String) -> Result<Arc<File>, SampleReadError> {
+        let mut slot = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(file) = slot.as_ref() {
+            return Ok(Arc::clone(file));
+        }
+        let open_err = |source| SampleReadError::Open {
+            location: location(),
+            path: self.path.clone(),
+            source,
+        };
+        let file = File::open(&self.path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(not_a_file()));
+        }
+        let (size, mtime_ns) = fingerprint(&meta);
+        if size != self.size || mtime_ns != self.mtime_ns {
+            return Err(SampleReadError::Changed {
+                location: location(),
+                path: self.path.clone(),
+                what: format!(
+                    "size {} (indexed {}), mtime {} ns (indexed {})",
+                    size, self.size, mtime_ns, self.mtime_ns
+                ),
+            });
+        }
+        let file = Arc::new(file);
+        *slot = Some(Arc::clone(&file));
+        Ok(file)
+    }
+
+    /// Drops the cached file if it is still `file`, so the next read reopens the shard.
+    fn forget(&self, file: &Arc<File>) {
+        let mut slot = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot
+            .as_ref()
+            .is_some_and(|cached| Arc::ptr_eq(cached, file))
+        {
+            *slot = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::tar::tests::TarBuilder;
+    use std::fs;
+
+    fn shard_bytes(prefix: &str, n: usize) -> Vec<u8> {
+        let mut b = TarBuilder::default();
+        for i in 0..n {
+            b.file(
+                &format!("{prefix}_{i:03}.jpg"),
+                format!("image {prefix} {i}").as_bytes(),
+            );
+            b.file(&format!("{prefix}_{i:03}.cls"), format!("{i}\n").as_bytes());
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn dataset_is_shared_between_threads() {
+        fn check<T: Send + Sync>() {}
+        check::<Dataset>();
+    }
+
+    #[test]
+    fn tar_dataset_orders_shards_and_reads_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("s-001.tar"), shard_bytes("b", 2)).unwrap();
+        fs::write(dir.path().join("s-000.tar"), shard_bytes("a", 3)).unwrap();
+        let ds = Dataset::open(&SourceConfig::tar(["s-{000..001}.tar"]), dir.path()).unwrap();
+        assert_eq!(ds.len(), 5);
+        assert_eq!(ds.shard_starts(), [0, 3]);
+        assert_eq!(ds.describe(3), "s-001.tar:b_000.jpg");
+        assert_eq!(ds.label(4), 1);
+        assert_eq!(ds.class_names(), None);
+        let mut buf = Vec::with_capacity(64);
+        for (id, want) in [(0, "image a 0"), (4, "image b 1"), (2, "image a 2")] {
+            ds.read_into(id, &mut buf).unwrap();
+            assert_eq!(buf, want.as_bytes());
+        }
+        assert!(matches!(
+            ds.read_into(5, &mut buf),
+            Err(SampleReadError::OutOfRange { id: 5, len: 5 })
+        ));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn imagefolder_dataset_reads_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, bytes) in [("b/1.jpg", "one"), ("a/2.png", "two"), ("a/x.txt", "")] {
+            let p = dir.path().join("root").join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, bytes).unwrap();
+        }
+        let ds = Dataset::open(&SourceConfig::imagefolder("root"), dir.path()).unwrap();
+        assert_eq!(ds.len(), 2);
+        assert_eq!(ds.class_names().unwrap(), ["a", "b"]);
+        assert_eq!((ds.describe(0), ds.label(0)), ("a/2.png".to_owned(), 0));
+        assert_eq!(ds.skipped_at_index().len(), 1);
+        let mut buf = Vec::new();
+        ds.read_into(1, &mut buf).unwrap();
+        assert_eq!(buf, b"one");
+        fs::remove_file(dir.path().join("root/b/1.jpg")).unwrap();
+        let err = ds.read_into(1, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("b/1.jpg"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_configs_and_empty_datasets_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = SourceConfig::tar(["x.tar"]);
+        cfg.path = Some("p".into());
+        assert!(matches!(
+            Dataset::open(&cfg, dir.path()),
+            Err(SourceError::Config(_))
+        ));
+        let mut b = TarBuilder::default();
+        b.file("a.jpg", b"a");
+        fs::write(dir.path().join("x.tar"), b.finish()).unwrap();
+        let err = Dataset::open(&SourceConfig::tar(["x.tar"]), dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, SourceError::Empty { skipped: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no .cls label"), "{err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! ImageFolder trees: `<root>/<class>/<file>`, the torchvision layout.
+//!
+//! Classes are the root's subdirectories sorted by name; a class's position in that order is
+//! its label. Files under a class directory (searched recursively, in name order) with an
+//! image extension are samples; other files are skipped and reported.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::error::{IndexIssue, IssueReason, SourceError};
+use super::index::is_image_ext;
+
+/// Deepest directory nesting followed below a class directory (guards against symlink loops).
+const MAX_DEPTH: usize = 32;
+
+/// The result of scanning an ImageFolder root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderScan {
+    /// Class directory names, sorted; the index is the label.
+    pub classes: Vec<String>,
+    /// Samples in order: path relative to the root (`/`-separated), label, size in bytes.
+    pub files: Vec<(String, i64, u64)>,
+    /// Files skipped.
+    pub issues: Vec<IndexIssue>,
+}
+
+/// Scans `root`.
+pub fn scan(root: &Path) -> Result<FolderScan, SourceError> {
+    let mut scan = FolderScan {
+        classes: Vec::new(),
+        files: Vec::new(),
+        issues: Vec::new(),
+    };
+    for (name, path, is_dir) in sorted_entries(root)? {
+        let Some(name) = name else {
+            scan.issues
+                .push(issue(root, &path, IssueReason::NonUtf8Name));
+            continue;
+        };
+        if !is_dir {
+            scan.issues
+                .push(issue(root, &path, IssueReason::OutsideClass));
+            continue;
+        }
+        let label = scan.classes.len() as i64;
+        scan.classes.push(name.clone());
+        walk_class(root, &path, &name, label, 0, &mut scan)?;
+    }
+    Ok(scan)
+}
+
+fn walk_class(
+    root: &Path,
+    dir: &Path,
+    rel: &str,
+    label: i64,
+    depth: usize,
+    scan: &mut FolderScan,
+) -> Result<(), SourceError> {
+    for (name, path, is_dir) in sorted_entries(dir)? {
+        let Some(name) = name else {
+            scan.issues
+                .push(issue(root, &path, IssueReason::NonUtf8Name));
+            continue;
+        };
+        let rel_path = format!("{rel}/{name}");
+        if is_dir {
+            if depth < MAX_DEPTH {
+                walk_class(root, &path, &rel_path, label, depth + 1, scan)?;
+            }
+            continue;
+        }
+        if name.starts_with('.') {
+            scan.issues.push(issue(root, &path, IssueReason::Hidden));
+            continue;
+        }
+        let ext = name.rsplit_once('.').map_or("", |(_, ext)| ext);
+        if !is_image_ext(ext) {
+            scan.issues.push(issue(
+                root,
+                &path,
+                IssueReason::UnknownExt {
+                    exts: ext.to_owned(),
+                },
+            ));
+            continue;
+        }
+        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        scan.files.push((rel_path, label, size));
+    }
+    Ok(())
+}
+
+fn issue(root: &Path, path: &Path, reason: IssueReason) -> IndexIssue {
+    let member = path.strip_prefix(root).unwrap_or(path);
+    IndexIssue {
+        shard: path.parent().unwrap_or(root).to_path_buf(),
+        member: member.to_string_lossy().into_owned(),
+        reason,
+    }
+}
+
+/// Entries of `dir` sorted by name: (UTF-8 name or None, path, is a directory after following
+/// symlinks).
+fn sorted_entries(dir: &Path) -> Result<Vec<(Option<String>, PathBuf, bool)>, SourceError> {
+    let io_err = |source| SourceError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let path = entry.path();
+        // Follow symlinks; a dangling one counts as a file (and is then skipped or fails at read).
+        let is_dir = fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        entries.push((entry.file_name(), path, is_dir));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries
+        .into_iter()
+        .map(|(name, path, is_dir)| (name.into_string().ok(), path, is_dir))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_sorted_files_sorted_non_images_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (path, bytes) in [
+            ("dog/b.jpg", &b"bb"[..]),
+            ("dog/a.PNG", b"a"),
+            ("dog/notes.txt", b"x"),
+            ("cat/sub/z.webp", b"zzz"),
+            ("cat/y.jpeg", b"y"),
+            ("cat/.hidden.jpg", b"h"),
+            ("README", b"r"),
+        ] {
+            let p = root.join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, bytes).unwrap();
+        }
+        fs::create_dir(root.join("empty")).unwrap();
+        let scan = scan(root).unwrap();
+        assert_eq!(scan.classes, ["cat", "dog", "empty"]);
+        assert_eq!(
+            scan.files,
+            [
+                ("cat/sub/z.webp".to_owned(), 0, 3),
+                ("cat/y.jpeg".to_owned(), 0, 1),
+                ("dog/a.PNG".to_owned(), 1, 1),
+                ("dog/b.jpg".to_owned(), 1, 2),
+            ]
+        );
+        let mut reasons: Vec<_> = scan
+            .issues
+            .iter()
+            .map(|i| (i.member.as_str(), i.reason.clone()))
+            .collect();
+        reasons.sort_by(|a, b| a.0.cmp(b.0));
+        assert_eq!(
+            reasons,
+            [
+                ("README", IssueReason::OutsideClass),
+                ("cat/.hidden.jpg", IssueReason::Hidden),
+                (
+                    "dog/notes.txt",
+                    IssueReason::UnknownExt {
+                        exts: "txt".to_owned()
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_root_is_an_error_naming_it() {
+        let err = scan(Path::new("/nonexistent/ringfeed-root")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/ringfeed-root"),
+            "{err}"
+        );
+    }
+}

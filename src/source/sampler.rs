@@ -1,0 +1,633 @@
+//! The deterministic batch order: which sample ids make batch `i` of epoch `e` on rank `r`.
+//!
+//! Brief overview: each epoch has one order of all sample ids, a function of (seed, epoch, n)
+//! and the shuffle mode only ([`ShuffleMode`]; ChaCha8 seeded from seed and epoch). That order,
+//! cut to a whole number of global batches (`drop-last`) or padded by repeating its start, is
+//! dealt out one global batch at a time: global batch `i` is the `world_size * batch_size` ids
+//! at positions `i * world_size * batch_size ..`, and rank `r` takes the `r`-th run of
+//! `batch_size` of them. Every rank therefore gets the same number of full batches, each id is
+//! served to exactly one rank per epoch (plus the padding), and any batch can be computed
+//! directly, which makes resuming at (epoch, index) O(1) once the epoch's order is cached.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{SamplingConfig, ShuffleMode};
+use super::error::SamplerError;
+
+/// Epoch orders kept in memory: local ranks at an epoch boundary may be one epoch apart.
+const CACHED_EPOCHS: usize = 2;
+
+/// Orders the samples of each epoch and deals them to ranks in batches.
+#[derive(Debug)]
+pub struct Sampler {
+    n_samples: u64,
+    batch_size: u32,
+    world_size: u32,
+    seed: u64,
+    shuffle: ShuffleMode,
+    batches: u64,
+    shard_starts: Vec<u64>,
+    cache: Mutex<VecDeque<(u64, Arc<Vec<u64>>)>>,
+}
+
+impl Sampler {
+    /// A sampler over ids `0..n_samples` for `world_size` ranks taking batches of `batch_size`.
+    ///
+    /// Fails when a size is zero or, with `drop-last`, when the dataset cannot fill one batch on
+    /// every rank.
+    pub fn new(
+        n_samples: u64,
+        batch_size: u32,
+        world_size: u32,
+        sampling: &SamplingConfig,
+    ) -> Result<Sampler, SamplerError> {
+        let invalid = |what: &str| Err(SamplerError::Invalid(what.to_owned()));
+        if batch_size == 0 {
+            return invalid("batch size is 0");
+        }
+        if world_size == 0 {
+            return invalid("world size is 0");
+        }
+        if n_samples == 0 {
+            return invalid("the dataset is empty");
+        }
+        match sampling.shuffle {
+            ShuffleMode::Block { block_size: 0, .. } => return invalid("shuffle block-size is 0"),
+            ShuffleMode::Block { window: 0, .. } => return invalid("shuffle window is 0"),
+            ShuffleMode::Buffer { size: 0 } => return invalid("shuffle buffer size is 0"),
+            _ => {}
+        }
+        let global = u64::from(batch_size) * u64::from(world_size);
+        let batches = if sampling.drop_last {
+            n_samples / global
+        } else {
+            n_samples.div_ceil(global)
+        };
+        if batches == 0 {
+            return Err(SamplerError::TooFewSamples {
+                n_samples,
+                batch_size,
+                world_size,
+            });
+        }
+        Ok(Sampler {
+            n_samples,
+            batch_size,
+            world_size,
+            seed: sampling.seed,
+            shuffle: sampling.shuffle,
+            batches,
+            shard_starts: vec![0],
+            cache: Mutex::new(VecDeque::with_capacity(CACHED_EPOCHS)),
+        })
+    }
+
+    /// Tells the sampler where shards start (ids, ascending, first 0: see
+    /// [`Dataset::shard_starts`](super::Dataset::shard_starts)). Only
+    /// [`ShuffleMode::Buffer`] uses them, to shuffle whole shards; without them the dataset is
+    /// one shard.
+    pub fn with_shard_starts(mut self, starts: &[u64]) -> Result<Sampler, SamplerError> {
+        let ascending = starts.windows(2).all(|w| w[0] <= w[1]);
+        if starts.first() != Some(&0) || !ascending || starts.iter().any(|&s| s > self.n_samples) {
+            return Err(SamplerError::Invalid(format!(
+                "shard starts must ascend from 0 and stay within {} samples",
+                self.n_samples
+            )));
+        }
+        self.shard_starts = starts.to_vec();
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(self)
+    }
+
+    /// Batches per epoch on each rank (the same for every rank).
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches
+    }
+
+    /// Samples per batch on each rank.
+    pub fn batch_size(&self) -> u32 {
+        self.batch_size
+    }
+
+    /// Number of ranks the epoch is dealt to.
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// Samples served per epoch over all ranks, padding included (or the tail dropped).
+    pub fn samples_per_epoch(&self) -> u64 {
+        self.batches * u64::from(self.batch_size) * u64::from(self.world_size)
+    }
+
+    /// Writes into `out` (cleared first) the sample ids of batch `index` of `epoch` for global
+    /// `rank`. Depends only on the arguments and the configuration, never on earlier calls;
+    /// the epoch's order is computed once (O(n)) and cached, then each batch is O(batch).
+    pub fn batch(
+        &self,
+        epoch: u64,
+        rank: u32,
+        index: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<(), SamplerError> {
+        out.clear();
+        if rank >= self.world_size {
+            return Err(SamplerError::RankOutOfRange {
+                rank,
+                world_size: self.world_size,
+            });
+        }
+        if index >= self.batches {
+            return Err(SamplerError::BatchOutOfRange {
+                index,
+                batches: self.batches,
+            });
+        }
+        let batch = u64::from(self.batch_size);
+        let first = (index * u64::from(self.world_size) + u64::from(rank)) * batch;
+        // Positions past n are padding: they wrap to the start of the epoch's order.
+        let positions = (first..first + batch).map(|p| p % self.n_samples);
+        match self.order(epoch) {
+            Some(order) => out.extend(positions.map(|p| order[p as usize])),
+            None => out.extend(positions),
+        }
+        Ok(())
+    }
+
+    /// The epoch's order of all ids (`None` when it is the identity).
+    fn order(&self, epoch: u64) -> Option<Arc<Vec<u64>>> {
+        if self.shuffle == ShuffleMode::None {
+            return None;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, order)) = cache.iter().find(|(e, _)| *e == epoch) {
+            return Some(Arc::clone(order));
+        }
+        let order = Arc::new(epoch_order(
+            self.n_samples,
+            self.seed,
+            epoch,
+            self.shuffle,
+            &self.shard_starts,
+        ));
+        if cache.len() == CACHED_EPOCHS {
+            cache.pop_front();
+        }
+        cache.push_back((epoch, Arc::clone(&order)));
+        Some(order)
+    }
+}
+
+/// The order of ids `0..n` in `epoch`: a pure function of its arguments.
+pub fn epoch_order(
+    n: u64,
+    seed: u64,
+    epoch: u64,
+    shuffle: ShuffleMode,
+    shard_starts: &[u64],
+) -> Vec<u64> {
+    let mut rng = epoch_rng(seed, epoch);
+    match shuffle {
+        ShuffleMode::None => (0..n).collect(),
+        ShuffleMode::Global => {
+            let mut order: Vec<u64> = (0..n).collect();
+            shuffle_slice(&mut order, &mut rng);
+            order
+        }
+        ShuffleMode::Block { block_size, window } => {
+            let mut blocks: Vec<u64> = (0..n.div_ceil(block_size)).collect();
+            shuffle_slice(&mut blocks, &mut rng);
+            let mut order: Vec<u64> = Vec::with_capacity(n as usize);
+            for block in blocks {
+                order.extend(block * block_size..((block + 1) * block_size).min(n));
+            }
+            let window_len =
+                usize::try_from(block_size.saturating_mul(window)).unwrap_or(usize::MAX);
+            for chunk in order.chunks_mut(window_len) {
+                shuffle_slice(chunk, &mut rng);
+            }
+            order
+        }
+        ShuffleMode::Buffer { size } => {
+            let mut shards: Vec<Range<u64>> = shard_starts
+                .iter()
+                .zip(shard_starts.iter().skip(1).chain(std::iter::once(&n)))
+                .map(|(&start, &end)| start..end)
+                .filter(|r| !r.is_empty())
+                .collect();
+            shuffle_slice(&mut shards, &mut rng);
+            let capacity = usize::try_from(size.min(n)).unwrap_or(usize::MAX);
+            let mut buffer: Vec<u64> = Vec::with_capacity(capacity);
+            let mut order = Vec::with_capacity(n as usize);
+            for id in shards.into_iter().flatten() {
+                if buffer.len() < capacity {
+                    buffer.push(id);
+                } else {
+                    let k = below(&mut rng, capacity as u64) as usize;
+                    order.push(std::mem::replace(&mut buffer[k], id));
+                }
+            }
+            shuffle_slice(&mut buffer, &mut rng);
+            order.extend(buffer);
+            order
+        }
+    }
+}
+
+/// ChaCha8 seeded from (seed, epoch) and a domain tag, so that other users of the same seed
+/// (augmentation) draw independent streams.
+fn epoch_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&epoch.to_le_bytes());
+    key[16..].copy_from_slice(b"ringfeed-sampler");
+    ChaCha8Rng::from_seed(key)
+}
+
+/// Fisher-Yates shuffle. Uses only the generator's raw 64-bit outputs, so the order does not
+/// change when `rand`'s range-sampling algorithms change.
+fn shuffle_slice<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = below(rng, i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// A uniform integer in `0..bound` (`bound > 0`): Lemire's multiply-shift with rejection.
+fn below(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
+    let threshold = bound.wrapping_neg() % bound;
+    loop {
+        let wide = u128::from(rng.next_u64()) * u128::from(bound);
+        if (wide as u64) >= threshold {
+            return (wide >> 64) as u64;
+        }
+    }
+}
+
+/// Where this process sits among the training ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankLayout {
+    /// Global rank (`RANK`).
+    pub rank: u32,
+    /// Number of ranks (`WORLD_SIZE`).
+    pub world_size: u32,
+    /// Rank within this node (`LOCAL_RANK`).
+    pub local_rank: u32,
+    /// Ranks on this node (`LOCAL_WORLD_SIZE`).
+    pub local_world_size: u32,
+}
+
+/// Command-line values that override the rank environment variables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RankFlags {
+    /// Overrides `RANK`.
+    pub rank: Option<u32>,
+    /// Overrides `WORLD_SIZE`.
+    pub world_size: Option<u32>,
+    /// Overrides `LOCAL_RANK`.
+    pub local_rank: Option<u32>,
+    /// Overrides `LOCAL_WORLD_SIZE`.
+    pub local_world_size: Option<u32>,
+}
+
+impl RankLayout {
+    /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK` and `LOCAL_WORLD_SIZE` (as set by torchrun),
+    /// each overridden by its flag; see [`RankLayout::resolve`] for defaults and checks.
+    pub fn from_env_or(flags: &RankFlags) -> Result<RankLayout, SamplerError> {
+        Self::resolve(flags, |k| std::env::var(k).ok())
+    }
+
+    /// Resolves the layout from `flags`, then `env`, then defaults: world size 1, rank 0, local
+    /// world size = world size (one node), local rank = rank modulo local world size.
+    pub fn resolve(
+        flags: &RankFlags,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<RankLayout, SamplerError> {
+        let get = |flag: Option<u32>, var: &str| -> Result<Option<u32>, SamplerError> {
+            if flag.is_some() {
+                return Ok(flag);
+            }
+            match env(var).filter(|v| !v.trim().is_empty()) {
+                None => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                    SamplerError::Layout(format!("{var}={v:?} is not a non-negative integer"))
+                }),
+            }
+        };
+        let world_size = get(flags.world_size, "WORLD_SIZE")?.unwrap_or(1);
+        let rank = get(flags.rank, "RANK")?.unwrap_or(0);
+        let local_world_size =
+            get(flags.local_world_size, "LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
+        if world_size == 0 || local_world_size == 0 {
+            return Err(SamplerError::Layout(
+                "world sizes must be at least 1".to_owned(),
+            ));
+        }
+        let local_rank = get(flags.local_rank, "LOCAL_RANK")?.unwrap_or(rank % local_world_size);
+        let layout = RankLayout {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+        };
+        let consistent = rank < world_size
+            && local_rank < local_world_size
+            && local_rank <= rank
+            && u64::from(rank - local_rank) + u64::from(local_world_size) <= u64::from(world_size);
+        if !consistent {
+            return Err(SamplerError::Layout(format!(
+                "inconsistent ranks: rank {rank} of {world_size}, local rank {local_rank} of {local_world_size}"
+            )));
+        }
+        Ok(layout)
+    }
+
+    /// The global ranks on this node, whose lanes a node-local daemon serves.
+    pub fn node_ranks(&self) -> Range<u32> {
+        let first = self.rank - self.local_rank;
+        first..first + self.local_world_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(shuffle: ShuffleMode, drop_last: bool) -> SamplingConfig {
+        SamplingConfig {
+            seed: 1234,
+            shuffle,
+            drop_last,
+            epochs: 0,
+        }
+    }
+
+    const MODES: [ShuffleMode; 5] = [
+        ShuffleMode::Global,
+        ShuffleMode::Block {
+            block_size: 4,
+            window: 3,
+        },
+        ShuffleMode::Buffer { size: 7 },
+        ShuffleMode::Buffer { size: 1000 },
+        ShuffleMode::None,
+    ];
+
+    fn epoch(s: &Sampler, epoch: u64, rank: u32) -> Vec<u64> {
+        let mut all = Vec::new();
+        let mut batch = Vec::new();
+        for i in 0..s.batches_per_epoch() {
+            s.batch(epoch, rank, i, &mut batch).unwrap();
+            assert_eq!(batch.len(), s.batch_size() as usize);
+            all.extend_from_slice(&batch);
+        }
+        all
+    }
+
+    #[test]
+    fn every_mode_is_a_permutation() {
+        for mode in MODES {
+            for n in [1u64, 2, 13, 100, 101] {
+                let mut order = epoch_order(n, 9, 3, mode, &[0, n / 3, n / 2]);
+                order.sort_unstable();
+                assert_eq!(order, (0..n).collect::<Vec<_>>(), "{mode:?} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_and_epoch_give_the_same_order_other_epochs_differ() {
+        for mode in &MODES[..4] {
+            let a = Sampler::new(100, 10, 1, &sampling(*mode, true)).unwrap();
+            let b = Sampler::new(100, 10, 1, &sampling(*mode, true)).unwrap();
+            assert_eq!(epoch(&a, 5, 0), epoch(&b, 5, 0), "{mode:?}");
+            assert_ne!(epoch(&a, 5, 0), epoch(&a, 6, 0), "{mode:?}");
+            let mut other_seed = sampling(*mode, true);
+            other_seed.seed += 1;
+            let c = Sampler::new(100, 10, 1, &other_seed).unwrap();
+            assert_ne!(epoch(&a, 5, 0), epoch(&c, 5, 0), "{mode:?}");
+        }
+        let none = Sampler::new(10, 5, 1, &sampling(ShuffleMode::None, true)).unwrap();
+        assert_eq!(epoch(&none, 0, 0), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn order_is_pinned_across_releases() {
+        // Changing this order silently would break resumed runs; update only on purpose.
+        let order = epoch_order(10, 42, 0, ShuffleMode::Global, &[0]);
+        assert_eq!(order, PINNED_GLOBAL_ORDER);
+    }
+    const PINNED_GLOBAL_ORDER: [u64; 10] = [1, 2, 0, 4, 3, 6, 9, 5, 8, 7];
+
+    #[test]
+    fn drop_last_partitions_each_epoch_exactly_once_across_world_sizes() {
+        for mode in MODES {
+            for world in [1u32, 2, 3, 8] {
+                let n = 1000;
+                let s = Sampler::new(n, 7, world, &sampling(mode, true)).unwrap();
+                assert_eq!(s.batches_per_epoch(), n / (7 * u64::from(world)));
+                let mut seen: Vec<u64> = (0..world).flat_map(|r| epoch(&s, 2, r)).collect();
+                assert_eq!(seen.len() as u64, s.samples_per_epoch());
+                seen.sort_unstable();
+                seen.dedup();
+                assert_eq!(
+                    seen.len() as u64,
+                    s.samples_per_epoch(),
+                    "{mode:?} world={world}: duplicates"
+                );
+                assert!(n - s.samples_per_epoch() < 7 * u64::from(world));
+            }
+        }
+    }
+
+    #[test]
+    fn padding_covers_every_sample_and_gives_equal_batches() {
+        for mode in MODES {
+            for world in [1u32, 2, 3, 8] {
+                let n = 101;
+                let s = Sampler::new(n, 4, world, &sampling(mode, false)).unwrap();
+                let per_rank: Vec<Vec<u64>> = (0..world).map(|r| epoch(&s, 0, r)).collect();
+                assert!(per_rank.iter().all(|ids| ids.len() == per_rank[0].len()));
+                let mut seen: Vec<u64> = per_rank.concat();
+                assert_eq!(seen.len() as u64, s.samples_per_epoch());
+                assert!(
+                    s.samples_per_epoch() >= n && s.samples_per_epoch() - n < 4 * u64::from(world)
+                );
+                // Padding repeats the start of the epoch's order.
+                let order = epoch_order(n, 1234, 0, mode, &[0]);
+                let mut dealt = Vec::new();
+                for i in 0..s.batches_per_epoch() {
+                    for r in 0..world {
+                        let mut b = Vec::new();
+                        s.batch(0, r, i, &mut b).unwrap();
+                        dealt.extend(b);
+                    }
+                }
+                assert_eq!(
+                    &dealt[n as usize..],
+                    &order[..dealt.len() - n as usize],
+                    "{mode:?}"
+                );
+                seen.sort_unstable();
+                seen.dedup();
+                assert_eq!(seen.len() as u64, n, "{mode:?} world={world}");
+            }
+        }
+    }
+
+    #[test]
+    fn batch_is_independent_of_call_history() {
+        let cfg = sampling(ShuffleMode::Global, true);
+        let warm = Sampler::new(500, 8, 3, &cfg).unwrap();
+        // Touch other epochs and batches first, evicting the cache.
+        let mut scratch = Vec::new();
+        for e in [0, 9, 4, 7] {
+            warm.batch(e, 1, 3, &mut scratch).unwrap();
+        }
+        let fresh = Sampler::new(500, 8, 3, &cfg).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        warm.batch(3, 2, 17, &mut a).unwrap();
+        fresh.batch(3, 2, 17, &mut b).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&a[..], &epoch(&fresh, 3, 2)[17 * 8..18 * 8]);
+    }
+
+    #[test]
+    fn out_of_range_requests_and_bad_settings_are_errors() {
+        let s = Sampler::new(100, 10, 2, &sampling(ShuffleMode::Global, true)).unwrap();
+        let mut out = vec![1];
+        assert!(matches!(
+            s.batch(0, 2, 0, &mut out),
+            Err(SamplerError::RankOutOfRange { .. })
+        ));
+        assert!(matches!(
+            s.batch(0, 0, 5, &mut out),
+            Err(SamplerError::BatchOutOfRange {
+                index: 5,
+                batches: 5
+            })
+        ));
+        assert!(out.is_empty());
+        assert!(matches!(
+            Sampler::new(10, 4, 3, &sampling(ShuffleMode::Global, true)),
+            Err(SamplerError::TooFewSamples { .. })
+        ));
+        assert_eq!(
+            Sampler::new(10, 4, 3, &sampling(ShuffleMode::Global, false))
+                .unwrap()
+                .batches_per_epoch(),
+            1
+        );
+        assert!(Sampler::new(10, 0, 1, &SamplingConfig::default()).is_err());
+        assert!(Sampler::new(0, 1, 1, &SamplingConfig::default()).is_err());
+        let zero_block = ShuffleMode::Block {
+            block_size: 0,
+            window: 1,
+        };
+        assert!(Sampler::new(10, 1, 1, &sampling(zero_block, false)).is_err());
+        assert!(s.with_shard_starts(&[1, 5]).is_err());
+    }
+
+    #[test]
+    fn block_mode_keeps_windows_local() {
+        let (bs, window) = (10u64, 2u64);
+        let order = epoch_order(
+            200,
+            5,
+            0,
+            ShuffleMode::Block {
+                block_size: bs,
+                window,
+            },
+            &[0],
+        );
+        for chunk in order.chunks((bs * window) as usize) {
+            let mut blocks: Vec<u64> = chunk.iter().map(|id| id / bs).collect();
+            blocks.sort_unstable();
+            blocks.dedup();
+            assert_eq!(
+                blocks.len() as u64,
+                window,
+                "a window spans exactly its blocks"
+            );
+        }
+    }
+
+    #[test]
+    fn buffer_mode_reads_shards_one_after_another() {
+        let starts = [0, 50, 100, 150];
+        let s = Sampler::new(200, 10, 1, &sampling(ShuffleMode::Buffer { size: 5 }, true))
+            .unwrap()
+            .with_shard_starts(&starts)
+            .unwrap();
+        let ids = epoch(&s, 1, 0);
+        // With a 5-sample buffer, each sample leaves within a few positions of its read order,
+        // so the first 40 ids come from one shard.
+        let shard = |id: u64| starts.iter().rposition(|&st| st <= id).unwrap();
+        let first = shard(ids[0]);
+        assert!(ids[..40].iter().all(|&id| shard(id) == first));
+    }
+
+    #[test]
+    fn rank_layout_from_env_and_flags() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let torchrun = env(&[
+            ("RANK", "5"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "4"),
+        ]);
+        let layout = RankLayout::resolve(&RankFlags::default(), torchrun).unwrap();
+        assert_eq!(
+            (layout.rank, layout.world_size, layout.local_rank),
+            (5, 8, 1)
+        );
+        assert_eq!(layout.node_ranks(), 4..8);
+
+        let alone = RankLayout::resolve(&RankFlags::default(), env(&[])).unwrap();
+        assert_eq!(
+            alone,
+            RankLayout {
+                rank: 0,
+                world_size: 1,
+                local_rank: 0,
+                local_world_size: 1
+            }
+        );
+
+        let flags = RankFlags {
+            world_size: Some(2),
+            ..RankFlags::default()
+        };
+        let layout = RankLayout::resolve(&flags, env(&[("WORLD_SIZE", "16")])).unwrap();
+        assert_eq!(layout.node_ranks(), 0..2);
+
+        assert!(RankLayout::resolve(&RankFlags::default(), env(&[("RANK", "x")])).is_err());
+        assert!(RankLayout::resolve(
+            &RankFlags::default(),
+            env(&[("RANK", "3"), ("WORLD_SIZE", "2")])
+        )
+        .is_err());
+        let bad_local = env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "2"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ]);
+        assert!(RankLayout::resolve(&RankFlags::default(), bad_local).is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! Helpers shared by the daemon tests: tiny tar shards of generated images, and a running
+//! `ringfeed serve` child that is always stopped.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use image::codecs::jpeg::JpegEncoder;
+use image::{ImageEncoder, RgbImage};
+
+/// A ustar archive of `(name, bytes)` members.
+pub fn tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in members {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = b'0';
+        h[257..265].copy_from_slice(b"ustar\x0000");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// A deterministic, textured RGB JPEG of `w`×`h` (gradients plus a pattern keyed by `seed`).
+pub fn jpeg(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        let v = x.wrapping_mul(7).wrapping_add(y.wrapping_mul(13)).wrapping_add(seed * 31);
+        image::Rgb([
+            (x * 255 / w.max(1)) as u8,
+            (y * 255 / h.max(1)) as u8,
+            ((v ^ (x * y)) % 256) as u8,
+        ])
+    });
+    let mut out = Vec::new();
+    JpegEncoder::new_with_quality(&mut out, 90)
+        .write_image(img.as_raw(), w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    out
+}
+
+/// `n` samples `<prefix>_NNNN.jpg` + `.cls` (label = i % 10), sizes varying with i.
+pub fn samples(prefix: &str, n: u32) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .flat_map(|i| {
+            [
+                (
+                    format!("{prefix}_{i:04}.jpg"),
+                    jpeg(64 + (i % 5) * 16, 48 + (i % 3) * 20, i),
+                ),
+                (format!("{prefix}_{i:04}.cls"), format!("{}\n", i % 10).into_bytes()),
+            ]
+        })
+        .collect()
+}
+
+/// Writes `shards` tar files of `per_shard` samples each into `dir`; returns the brace spec.
+pub fn write_dataset(dir: &Path, shards: u32, per_shard: u32) -> String {
+    for s in 0..shards {
+        let members = samples(&format!("s{s}"), per_shard);
+        std::fs::write(dir.join(format!("shard-{s:06}.tar")), tar(&members)).unwrap();
+    }
+    format!(
+        "{}/shard-{{000000..{:06}}}.tar",
+        dir.display(),
+        shards - 1
+    )
+}
+
+/// A small config for generated data: 32×32 crops, f32 NCHW, normalised.
+pub fn small_config(dir: &Path, shards_spec: &str, name: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[source]
+kind = "tar"
+shards = ["{shards_spec}"]
+
+[sampling]
+seed = 7
+drop-last = true
+
+[batch]
+size = 8
+
+[augment]
+random-resized-crop = {{ size = 32 }}
+horizontal-flip = {{ p = 0.5 }}
+color-jitter = {{ brightness = 0.3, contrast = 0.3, saturation = 0.3, hue = 0.05 }}
+normalize = {{ mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25] }}
+
+[ring]
+name = "{name}"
+slots-per-lane = 3
+
+[workers]
+status-interval-s = 0.5
+"#
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A `ringfeed serve` child process; killed on drop if still running.
+pub struct Daemon {
+    pub child: Child,
+    pub stderr: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `ringfeed serve ARGS` with `RINGFEED_RUNTIME_DIR=runtime` and waits until it
+    /// prints its "serving ring" line (or fails).
+    pub fn start(runtime: &Path, args: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+            .arg("serve")
+            .args(args)
+            .env("RINGFEED_RUNTIME_DIR", runtime)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning ringfeed serve");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            stderr: rx,
+            log: Vec::new(),
+        };
+        d.wait_for_line("serving ring", Duration::from_secs(120));
+        d
+    }
+
+    /// Waits for a stderr line containing `needle`; panics with the log on timeout or exit.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if Instant::now() >= deadline {
+                        panic!("no line with {needle:?} within {timeout:?}; log:\n{}", self.log.join("\n"));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("daemon exited before printing {needle:?}; log:\n{}", self.log.join("\n"));
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status (with a deadline).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// Waits for the child to exit by itself (with a deadline), draining stderr.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Ok(line) = self.stderr.try_recv() {
+                self.log.push(line);
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(100)) {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("daemon did not exit within {timeout:?}; log:\n{}", self.log.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, Rust unit + multi-process tests, the Python client's
+# tests against the real daemon, and the CI smoke benchmark. The README's test command.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --all-targets
+echo "== cargo build (binary for the Python tests)"
+cargo build
+echo "== pytest clients/python"
+RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests
