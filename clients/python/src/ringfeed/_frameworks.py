@@ -61,7 +61,7 @@ def cuda_pin(address: int, size: int) -> bool:
         warnings.warn("pin=True but CUDA is not available; batches stay unpinned",
                       RingfeedWarning, stacklevel=4)  # fmt: skip
         return False
-    cudart = torch.cuda.cudart()
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call,unused-ignore]
     # The mapping is read-only: plain registration may be refused for lack of write access, so
     # fall back to cudaHostRegisterReadOnly (CUDA 11.1+).
     for flags in (0, _CUDA_HOST_REGISTER_READ_ONLY):
@@ -76,4 +76,4 @@ def cuda_unpin(address: int) -> None:
     """Undo :func:`cuda_pin`."""
     import torch
 
-    torch.cuda.cudart().cudaHostUnregister(address)
+    torch.cuda.cudart().cudaHostUnregister(address)  # type: ignore[no-untyped-call,unused-ignore]
