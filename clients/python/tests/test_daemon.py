@@ -63,11 +63,19 @@ class Daemon:
             raise
 
     def loader(self, lane: int = 0, **options: object) -> ringfeed.Loader:
-        try:
-            options = {"wait_for_producer": 60, **options}
-            return ringfeed.Loader(self.name, lane, runtime_dir=self.runtime_dir, **options)  # type: ignore[arg-type]
-        except ringfeed.RingfeedError as err:
-            raise AssertionError(f"{err}\ndaemon stderr:\n{self.stderr()}") from err
+        """Attach once the daemon serves; fail at once, with its stderr, if it exits first."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return ringfeed.Loader(self.name, lane, runtime_dir=self.runtime_dir, **options)  # type: ignore[arg-type]
+            except ringfeed.AttachError as err:
+                exited = self.process.poll()
+                if exited is not None or time.monotonic() > deadline:
+                    status = "still running" if exited is None else f"exited with {exited}"
+                    raise AssertionError(
+                        f"{err}\ndaemon {status}; stderr:\n{self.stderr()}"
+                    ) from err
+                time.sleep(0.05)
 
     def stderr(self) -> str:
         self.log.flush()
