@@ -1,1 +1,574 @@
-//! Placeholder: filled in by its owner.
+//! Augment stage: encoded bytes + [`SampleKey`] → one sample's final tensor values, written
+//! straight into the caller's slice (a slot of the shared-memory ring).
+//!
+//! # Brief overview
+//!
+//! [`Augmenter::new`] checks an [`AugmentConfig`] once into a plan; [`Augmenter::process`]
+//! then runs, per sample:
+//!
+//! 1. probe the header (size, EXIF orientation; pixel limit) — `decode`;
+//! 2. draw the geometry (random resized crop, or resize → center crop) — `geometry.rs`;
+//! 3. decode only the source region the geometry reads, at the smallest sufficient JPEG DCT
+//!    scale — `decode`;
+//! 4. antialiased bilinear resize of that region to the output size — `resample.rs`;
+//! 5. on the small output image: rotation/zoom (`warp.rs`), colour jitter and grayscale
+//!    (`color.rs`), Gaussian blur (`blur.rs`);
+//! 6. flips, normalisation, dtype and layout in one table-driven pass into the output slice —
+//!    `write.rs`.
+//!
+//! Flips are applied last, where they cost nothing: every later operation commutes with a
+//! flip except rotation, whose angle is mirrored instead. Randomness comes only from the
+//! [`SampleKey`], one stream per operation (`key.rs`). Buffers live in a per-worker
+//! [`Scratch`], so JPEG samples allocate nothing once it has warmed up.
+
+mod blur;
+mod color;
+mod config;
+mod error;
+mod geometry;
+mod key;
+mod resample;
+mod warp;
+mod write;
+
+pub use config::{
+    AugmentConfig, CenterCropConfig, ColorJitterConfig, FlipConfig, GaussianBlurConfig,
+    GrayscaleConfig, Jitter, Layout, NormalizeConfig, OutDType, OutputConfig,
+    RandomResizedCropConfig, RandomScaleConfig, ResizeConfig, RotateConfig, Size,
+};
+pub use error::{AugmentConfigError, SampleError};
+pub use key::SampleKey;
+
+use fast_image_resize::Resizer;
+
+use crate::decode::{DecodeRequest, Decoder, Rect};
+use geometry::{Geometry, ResizeSpec};
+use key::{chance, uniform, Stream};
+use write::Writer;
+
+/// Checked colour-jitter ranges.
+#[derive(Clone, Debug, PartialEq)]
+struct JitterPlan {
+    brightness: Option<[f64; 2]>,
+    contrast: Option<[f64; 2]>,
+    saturation: Option<[f64; 2]>,
+    hue: Option<[f64; 2]>,
+    p: f64,
+}
+
+/// A checked augmentation plan; cheap to share between worker threads (`&Augmenter`).
+#[derive(Clone, Debug)]
+pub struct Augmenter {
+    geometry: Geometry,
+    height: u32,
+    width: u32,
+    max_pixels: u64,
+    dct_scaling: bool,
+    horizontal_flip: Option<f64>,
+    vertical_flip: Option<f64>,
+    rotate: Option<RotateConfig>,
+    random_scale: Option<RandomScaleConfig>,
+    jitter: Option<JitterPlan>,
+    grayscale: Option<f64>,
+    blur: Option<GaussianBlurConfig>,
+    output: OutputConfig,
+    mean_std: Option<([f32; 3], [f32; 3])>,
+    writer: Writer,
+}
+
+/// Per-worker reusable state: the decoder (libjpeg-turbo handle and buffers), the resizer and
+/// the intermediate images. Create one per worker thread with [`Augmenter::scratch`].
+pub struct Scratch {
+    decoder: Decoder,
+    resizer: Resizer,
+    small: Vec<u8>,
+    small2: Vec<u8>,
+    blur_tmp: Vec<f32>,
+    blur_kernel: Vec<f32>,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scratch")
+            .field("decoder", &self.decoder)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scratch {
+    /// Scratch for `augmenter`'s plan.
+    pub fn new(augmenter: &Augmenter) -> Scratch {
+        Scratch {
+            decoder: Decoder::new(augmenter.max_pixels),
+            resizer: Resizer::new(),
+            small: Vec::new(),
+            small2: Vec::new(),
+            blur_tmp: Vec::new(),
+            blur_kernel: Vec::new(),
+        }
+    }
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> AugmentConfigError {
+    AugmentConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+fn check_p(key: &'static str, p: f64) -> Result<f64, AugmentConfigError> {
+    if (0.0..=1.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(invalid(
+            key,
+            format!("probability must be in [0, 1], got {p}"),
+        ))
+    }
+}
+
+fn check_range(
+    key: &'static str,
+    [lo, hi]: [f64; 2],
+    min: f64,
+    max: f64,
+) -> Result<[f64; 2], AugmentConfigError> {
+    if lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max {
+        Ok([lo, hi])
+    } else {
+        Err(invalid(
+            key,
+            format!("needs {min} <= min <= max <= {max}, got [{lo}, {hi}]"),
+        ))
+    }
+}
+
+fn check_size(key: &'static str, size: Size) -> Result<(u32, u32), AugmentConfigError> {
+    let (h, w) = size.height_width();
+    if h == 0 || w == 0 || h > 16384 || w > 16384 {
+        return Err(invalid(
+            key,
+            format!("sizes must be 1..=16384, got {h}x{w} (height x width)"),
+        ));
+    }
+    Ok((h, w))
+}
+
+fn jitter_range(
+    key: &'static str,
+    jitter: Option<Jitter>,
+) -> Result<Option<[f64; 2]>, AugmentConfigError> {
+    match jitter {
+        None => Ok(None),
+        Some(Jitter::Amount(x)) if x.is_finite() && x >= 0.0 => {
+            Ok(Some([(1.0 - x).max(0.0), 1.0 + x]))
+        }
+        Some(Jitter::Amount(x)) => Err(invalid(key, format!("amount must be >= 0, got {x}"))),
+        Some(Jitter::Range(r)) => check_range(key, r, 0.0, f64::MAX).map(Some),
+    }
+}
+
+fn hue_range(jitter: Option<Jitter>) -> Result<Option<[f64; 2]>, AugmentConfigError> {
+    const KEY: &str = "color-jitter.hue";
+    match jitter {
+        None => Ok(None),
+        Some(Jitter::Amount(x)) if (0.0..=0.5).contains(&x) => Ok(Some([-x, x])),
+        Some(Jitter::Amount(x)) => Err(invalid(KEY, format!("must be in [0, 0.5], got {x}"))),
+        Some(Jitter::Range(r)) => check_range(KEY, r, -0.5, 0.5).map(Some),
+    }
+}
+
+impl Augmenter {
+    /// Checks `cfg` into a plan. Errors name the key and the allowed values.
+    pub fn new(cfg: &AugmentConfig) -> Result<Augmenter, AugmentConfigError> {
+        if cfg.max_pixels == 0 {
+            return Err(invalid("max-pixels", "must be at least 1"));
+        }
+        let geometry = Self::geometry(cfg)?;
+        let (height, width) = geometry
+            .output_size()
+            .ok_or(AugmentConfigError::NoFixedSize)?;
+        let horizontal_flip = cfg
+            .horizontal_flip
+            .as_ref()
+            .map(|f| check_p("horizontal-flip.p", f.p))
+            .transpose()?;
+        let vertical_flip = cfg
+            .vertical_flip
+            .as_ref()
+            .map(|f| check_p("vertical-flip.p", f.p))
+            .transpose()?;
+        if let Some(r) = &cfg.rotate {
+            check_range("rotate.degrees", r.degrees, -360.0, 360.0)?;
+            check_p("rotate.p", r.p)?;
+        }
+        if let Some(s) = &cfg.random_scale {
+            check_range("random-scale.range", s.range, 1e-3, 1e3)?;
+            check_p("random-scale.p", s.p)?;
+        }
+        let jitter = cfg
+            .color_jitter
+            .as_ref()
+            .map(|j| -> Result<JitterPlan, AugmentConfigError> {
+                Ok(JitterPlan {
+                    brightness: jitter_range("color-jitter.brightness", j.brightness)?,
+                    contrast: jitter_range("color-jitter.contrast", j.contrast)?,
+                    saturation: jitter_range("color-jitter.saturation", j.saturation)?,
+                    hue: hue_range(j.hue)?,
+                    p: check_p("color-jitter.p", j.p)?,
+                })
+            })
+            .transpose()?;
+        let grayscale = cfg
+            .grayscale
+            .as_ref()
+            .map(|g| check_p("grayscale.p", g.p))
+            .transpose()?;
+        if let Some(b) = &cfg.gaussian_blur {
+            if b.kernel % 2 == 0 || b.kernel > 255 {
+                return Err(invalid(
+                    "gaussian-blur.kernel",
+                    format!("must be odd and <= 255, got {}", b.kernel),
+                ));
+            }
+            check_range("gaussian-blur.sigma", b.sigma, 1e-6, 1e3)?;
+            check_p("gaussian-blur.p", b.p)?;
+        }
+        let channels = cfg.output.channels;
+        if channels != 1 && channels != 3 {
+            return Err(invalid(
+                "output.channels",
+                format!("must be 3 (RGB) or 1 (luma), got {channels}"),
+            ));
+        }
+        let mean_std = match &cfg.normalize {
+            None => None,
+            Some(_) if cfg.output.dtype == OutDType::U8 => {
+                return Err(AugmentConfigError::Conflict {
+                    first: "normalize",
+                    second: "output.dtype = \"u8\" (raw pixels)",
+                })
+            }
+            Some(n) => {
+                let c = channels as usize;
+                if n.mean.len() != c || n.std.len() != c {
+                    return Err(invalid(
+                        "normalize",
+                        format!(
+                            "mean and std need {c} values (output.channels), got {} and {}",
+                            n.mean.len(),
+                            n.std.len()
+                        ),
+                    ));
+                }
+                if n.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+                    || n.mean.iter().any(|m| !m.is_finite())
+                {
+                    return Err(invalid(
+                        "normalize",
+                        "std must be finite and > 0, mean finite",
+                    ));
+                }
+                let spread = |v: &[f32]| {
+                    if c == 1 {
+                        [v[0]; 3]
+                    } else {
+                        [v[0], v[1], v[2]]
+                    }
+                };
+                Some((spread(&n.mean), spread(&n.std)))
+            }
+        };
+        let writer = Writer::new(
+            cfg.output.dtype,
+            cfg.output.layout,
+            channels as usize,
+            mean_std.as_ref().map(|(m, s)| (&m[..], &s[..])),
+        );
+        Ok(Augmenter {
+            geometry,
+            height,
+            width,
+            max_pixels: cfg.max_pixels,
+            dct_scaling: cfg.dct_scaling,
+            horizontal_flip,
+            vertical_flip,
+            rotate: cfg.rotate.clone(),
+            random_scale: cfg.random_scale.clone(),
+            jitter,
+            grayscale,
+            blur: cfg.gaussian_blur.clone(),
+            output: cfg.output.clone(),
+            mean_std,
+            writer,
+        })
+    }
+
+    fn geometry(cfg: &AugmentConfig) -> Result<Geometry, AugmentConfigError> {
+        if let Some(rrc) = &cfg.random_resized_crop {
+            for (present, other) in [
+                (cfg.resize.is_some(), "resize"),
+                (cfg.center_crop.is_some(), "center-crop"),
+            ] {
+                if present {
+                    return Err(AugmentConfigError::Conflict {
+                        first: "random-resized-crop",
+                        second: other,
+                    });
+                }
+            }
+            let (height, width) = check_size("random-resized-crop.size", rrc.size)?;
+            let scale = check_range("random-resized-crop.scale", rrc.scale, 1e-9, 1.0)?;
+            let ratio = check_range("random-resized-crop.ratio", rrc.ratio, 1e-6, 1e6)?;
+            return Ok(Geometry::RandomResizedCrop {
+                height,
+                width,
+                scale,
+                log_ratio: [ratio[0].ln(), ratio[1].ln()],
+            });
+        }
+        let resize = cfg
+            .resize
+            .as_ref()
+            .map(|r| -> Result<ResizeSpec, AugmentConfigError> {
+                let (h, w) = check_size("resize.size", r.size)?;
+                Ok(match r.size {
+                    Size::Square(_) => ResizeSpec::Shorter(h),
+                    Size::HeightWidth(_) => ResizeSpec::Exact {
+                        height: h,
+                        width: w,
+                    },
+                })
+            })
+            .transpose()?;
+        let crop = cfg
+            .center_crop
+            .as_ref()
+            .map(|c| check_size("center-crop.size", c.size))
+            .transpose()?;
+        Ok(Geometry::ResizeCrop { resize, crop })
+    }
+
+    /// `(channels, height, width)` of one output sample.
+    pub fn output_shape(&self) -> (u32, u32, u32) {
+        (self.output.channels, self.height, self.width)
+    }
+
+    /// Output element type.
+    pub fn out_dtype(&self) -> OutDType {
+        self.output.dtype
+    }
+
+    /// Whether samples are laid out channels-last (`[H, W, C]`).
+    pub fn nhwc(&self) -> bool {
+        self.output.layout == Layout::Nhwc
+    }
+
+    /// Bytes of one output sample (`C × H × W × dtype size`).
+    pub fn sample_bytes(&self) -> usize {
+        self.writer.sample_bytes(self.width, self.height)
+    }
+
+    /// Per-channel `(mean, std)` on the 0..1 scale when normalising (a single output channel
+    /// repeats its values), for tools that undo the normalisation.
+    pub fn mean_std(&self) -> Option<([f32; 3], [f32; 3])> {
+        self.mean_std
+    }
+
+    /// Scratch for this plan (one per worker thread).
+    pub fn scratch(&self) -> Scratch {
+        Scratch::new(self)
+    }
+
+    /// Decodes `bytes` and writes the augmented sample into `out` (exactly
+    /// [`Augmenter::sample_bytes`] bytes, in the configured layout). Randomness comes only
+    /// from `key`: the same bytes and key give the same output bytes on any thread.
+    pub fn process(
+        &self,
+        bytes: &[u8],
+        key: SampleKey,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), SampleError> {
+        let expected = self.sample_bytes();
+        if out.len() != expected {
+            return Err(SampleError::OutputSize {
+                expected,
+                got: out.len(),
+            });
+        }
+        let (w, h) = (self.width, self.height);
+        let info = scratch.decoder.probe(bytes)?;
+        let sampling = self
+            .geometry
+            .sampling(info.width, info.height, &mut key.rng(Stream::Crop));
+        let request = self.decode_request(&info, &sampling);
+        let px = scratch.decoder.decode(bytes, &info, request)?;
+
+        // Map the plan (full-resolution displayed pixels) onto the decoded window.
+        let fx = f64::from(px.full_width) / f64::from(info.width);
+        let fy = f64::from(px.full_height) / f64::from(info.height);
+        let v = sampling.view;
+        let x0 = ((f64::from(v.x) * fx).floor() as u32).clamp(px.left, px.left + px.width - 1);
+        let y0 = ((f64::from(v.y) * fy).floor() as u32).clamp(px.top, px.top + px.height - 1);
+        let x1 = ((f64::from(v.x + v.width) * fx).ceil() as u32).clamp(x0 + 1, px.left + px.width);
+        let y1 = ((f64::from(v.y + v.height) * fy).ceil() as u32).clamp(y0 + 1, px.top + px.height);
+        let view = Rect {
+            x: x0 - px.left,
+            y: y0 - px.top,
+            width: x1 - x0,
+            height: y1 - y0,
+        };
+        let [bx, by, bw, bh] = sampling.src_box;
+        let bx = (bx * fx - f64::from(x0)).clamp(0.0, f64::from(view.width));
+        let by = (by * fy - f64::from(y0)).clamp(0.0, f64::from(view.height));
+        let src_box = [
+            bx,
+            by,
+            (bw * fx).min(f64::from(view.width) - bx),
+            (bh * fy).min(f64::from(view.height) - by),
+        ];
+        let len = w as usize * h as usize * 3;
+        scratch.small.resize(len, 0);
+        resample::resample(
+            &mut scratch.resizer,
+            px.data,
+            px.width,
+            px.height,
+            view,
+            src_box,
+            &mut scratch.small,
+            w,
+            h,
+            sampling.dst,
+        )?;
+
+        let hflip = self
+            .horizontal_flip
+            .is_some_and(|p| chance(&mut key.rng(Stream::HorizontalFlip), p));
+        let vflip = self
+            .vertical_flip
+            .is_some_and(|p| chance(&mut key.rng(Stream::VerticalFlip), p));
+        self.post_geometry(key, hflip != vflip, scratch);
+        self.writer
+            .write(&scratch.small[..len], w, h, hflip, vflip, out);
+        Ok(())
+    }
+
+    /// Region and DCT scale to decode: the plan's view, at the largest reduction that leaves
+    /// the source box at least twice the output size per side (so the antialiased resize
+    /// still averages several source pixels per output pixel).
+    fn decode_request(
+        &self,
+        info: &crate::decode::ImageInfo,
+        sampling: &geometry::Sampling,
+    ) -> DecodeRequest {
+        if !info.supports_roi() {
+            return DecodeRequest::FULL;
+        }
+        let scale = if self.dct_scaling {
+            DecodeRequest::largest_scale(
+                sampling.src_box[2] as u32,
+                sampling.src_box[3] as u32,
+                2.0 * f64::from(sampling.dst.width),
+                2.0 * f64::from(sampling.dst.height),
+            )
+        } else {
+            crate::decode::Scale::ONE
+        };
+        DecodeRequest {
+            region: Some(sampling.view),
+            scale,
+        }
+    }
+
+    /// Rotation/zoom, colour jitter, grayscale and blur on the output-size image in
+    /// `scratch.small`. `mirrored`: exactly one flip will be applied afterwards, so the
+    /// rotation turns the other way.
+    fn post_geometry(&self, key: SampleKey, mirrored: bool, scratch: &mut Scratch) {
+        let (w, h) = (self.width, self.height);
+        let len = w as usize * h as usize * 3;
+        let mut degrees = 0.0;
+        let mut fill = [0u8; 3];
+        if let Some(r) = &self.rotate {
+            let mut rng = key.rng(Stream::Rotate);
+            if chance(&mut rng, r.p) {
+                degrees = uniform(&mut rng, r.degrees[0], r.degrees[1]);
+                if mirrored {
+                    degrees = -degrees;
+                }
+            }
+            fill = r.fill;
+        }
+        let mut zoom = 1.0;
+        if let Some(s) = &self.random_scale {
+            let mut rng = key.rng(Stream::Scale);
+            if chance(&mut rng, s.p) {
+                zoom = uniform(&mut rng, s.range[0], s.range[1]);
+            }
+        }
+        if degrees != 0.0 || zoom != 1.0 {
+            scratch.small2.resize(len, 0);
+            warp::rotate_zoom(
+                &scratch.small[..len],
+                &mut scratch.small2[..len],
+                w,
+                h,
+                degrees,
+                zoom,
+                fill,
+            );
+            std::mem::swap(&mut scratch.small, &mut scratch.small2);
+        }
+        let img = &mut scratch.small[..len];
+        if let Some(j) = &self.jitter {
+            let mut rng = key.rng(Stream::ColorJitter);
+            if chance(&mut rng, j.p) {
+                // All four factors are drawn (fixed order) whether configured or not, so
+                // enabling one never changes another's value.
+                let mut draw = |r: Option<[f64; 2]>| {
+                    let u = uniform(&mut rng, 0.0, 1.0);
+                    r.map(|[lo, hi]| (lo + (hi - lo) * u) as f32)
+                };
+                let (b, c, s, hue) = (
+                    draw(j.brightness),
+                    draw(j.contrast),
+                    draw(j.saturation),
+                    draw(j.hue),
+                );
+                if let Some(b) = b {
+                    color::brightness(img, b);
+                }
+                if let Some(c) = c {
+                    color::contrast(img, c);
+                }
+                if let Some(s) = s {
+                    color::saturation(img, s);
+                }
+                if let Some(hue) = hue {
+                    color::hue(img, hue);
+                }
+            }
+        }
+        if let Some(p) = self.grayscale {
+            if chance(&mut key.rng(Stream::Grayscale), p) {
+                color::grayscale(img);
+            }
+        }
+        if let Some(b) = &self.blur {
+            let mut rng = key.rng(Stream::Blur);
+            if chance(&mut rng, b.p) {
+                let sigma = uniform(&mut rng, b.sigma[0], b.sigma[1]);
+                blur::gaussian_blur(
+                    img,
+                    w,
+                    h,
+                    b.kernel,
+                    sigma,
+                    &mut scratch.blur_tmp,
+                    &mut scratch.blur_kernel,
+                );
+            }
+        }
+    }
+}

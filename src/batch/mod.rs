@@ -87,7 +87,7 @@ pub fn ring_dtype(dtype: OutDType) -> DType {
     match dtype {
         OutDType::U8 => DType::U8,
         OutDType::F16 => DType::F16,
-        OutDType::BF16 => DType::BF16,
+        OutDType::Bf16 => DType::BF16,
         OutDType::F32 => DType::F32,
     }
 }

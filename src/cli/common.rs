@@ -50,6 +50,9 @@ pub(crate) struct PlanArgs {
     /// Seconds between status lines.
     #[arg(long, value_name = "SECONDS")]
     status_interval: Option<f64>,
+    /// Largest share of an epoch's samples that may fail before the daemon stops.
+    #[arg(long, value_name = "FRACTION")]
+    max_skip_fraction: Option<f64>,
 }
 
 impl PlanArgs {
@@ -66,6 +69,7 @@ impl PlanArgs {
             world_size: self.world_size,
             first_rank: self.first_rank,
             status_interval_s: self.status_interval,
+            max_skip_fraction: self.max_skip_fraction,
         }
     }
 }

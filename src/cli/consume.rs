@@ -98,7 +98,7 @@ fn attach_waiting(dir: &RuntimeDir, args: &ConsumeArgs) -> anyhow::Result<Consum
 
 fn describe_tensors(layout: &ringfeed::ring::Layout) -> String {
     layout
-        .tensors()
+        .tensors
         .iter()
         .map(|t| format!("{} {:?}{:?}", t.name, t.dtype, t.shape))
         .collect::<Vec<_>>()

@@ -532,7 +532,7 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
         consumer_table_offset: as_u32(consumer_table, "consumer table")?,
         consumer_capacity: spec.lanes,
         batch_size: spec.batch_size,
-        flags: u32::from(spec.drop_last) * FLAG_DROP_LAST | u32::from(spec.nhwc) * FLAG_NHWC,
+        flags: (u32::from(spec.drop_last) * FLAG_DROP_LAST) | (u32::from(spec.nhwc) * FLAG_NHWC),
         batches_per_epoch: spec.batches_per_epoch,
         epochs: spec.epochs,
         seed: spec.seed,

@@ -207,3 +207,24 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A private runtime directory for one test: a not-yet-existing folder inside a temp dir, so
+/// the daemon creates it with mode 0700 as it requires.
+pub struct RuntimeTmp {
+    _tmp: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl RuntimeTmp {
+    /// A fresh one.
+    pub fn new() -> RuntimeTmp {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("run");
+        RuntimeTmp { _tmp: tmp, path }
+    }
+
+    /// The runtime directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,120 @@
+//! Randomness keyed by (seed, epoch, sample id): one ChaCha8 generator per sample, one stream
+//! per operation, so a sample's draws depend on nothing else — not on the thread that runs
+//! it, the number of ranks, or which other operations are configured.
+
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Identifies a sample's randomness: same key, same output bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    /// The run's seed.
+    pub seed: u64,
+    /// The epoch.
+    pub epoch: u64,
+    /// The sample's id in the dataset (not its position in a batch).
+    pub sample_id: u64,
+}
+
+/// splitmix64: a full-avalanche mixer, so neighbouring keys give unrelated seeds.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The random stream of each operation (never reorder: the numbers are part of the output).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stream {
+    Crop = 1,
+    HorizontalFlip = 2,
+    VerticalFlip = 3,
+    Rotate = 4,
+    Scale = 5,
+    ColorJitter = 6,
+    Grayscale = 7,
+    Blur = 8,
+}
+
+impl SampleKey {
+    fn seed_bytes(self) -> [u8; 32] {
+        let h = splitmix64(splitmix64(splitmix64(self.seed) ^ self.epoch) ^ self.sample_id);
+        let mut bytes = [0u8; 32];
+        for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&splitmix64(h ^ i as u64).to_le_bytes());
+        }
+        bytes
+    }
+
+    /// The generator for one operation of this sample.
+    pub(crate) fn rng(self, stream: Stream) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::from_seed(self.seed_bytes());
+        rng.set_stream(stream as u64);
+        rng
+    }
+}
+
+/// Uniform in `[lo, hi)`, written out so the numbers do not depend on `rand`'s distribution
+/// code.
+pub(crate) fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
+    use rand::Rng;
+    let u: f64 = (rng.random::<u64>() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+    lo + (hi - lo) * u
+}
+
+/// Uniform integer in `[0, n)` (`n ≥ 1`), by 128-bit multiply (bias < 2^-64 · n).
+pub(crate) fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+    use rand::Rng;
+    ((u128::from(rng.random::<u64>()) * u128::from(n)) >> 64) as u64
+}
+
+/// `true` with probability `p`.
+pub(crate) fn chance(rng: &mut ChaCha8Rng, p: f64) -> bool {
+    uniform(rng, 0.0, 1.0) < p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_and_repeat() {
+        let k = SampleKey {
+            seed: 1,
+            epoch: 2,
+            sample_id: 3,
+        };
+        let draw = |k: SampleKey, s| uniform(&mut k.rng(s), 0.0, 1.0);
+        assert_eq!(draw(k, Stream::Crop), draw(k, Stream::Crop));
+        assert_ne!(draw(k, Stream::Crop), draw(k, Stream::Rotate));
+        assert_ne!(
+            draw(k, Stream::Crop),
+            draw(SampleKey { epoch: 3, ..k }, Stream::Crop)
+        );
+        assert_ne!(
+            draw(k, Stream::Crop),
+            draw(SampleKey { sample_id: 4, ..k }, Stream::Crop)
+        );
+        assert_ne!(
+            draw(k, Stream::Crop),
+            draw(SampleKey { seed: 0, ..k }, Stream::Crop)
+        );
+    }
+
+    #[test]
+    fn uniform_and_below_stay_in_range() {
+        let mut rng = SampleKey {
+            seed: 0,
+            epoch: 0,
+            sample_id: 0,
+        }
+        .rng(Stream::Crop);
+        for _ in 0..10_000 {
+            let u = uniform(&mut rng, -2.0, 3.0);
+            assert!((-2.0..3.0).contains(&u));
+            assert!(below(&mut rng, 7) < 7);
+        }
+        assert_eq!(below(&mut rng, 1), 0);
+    }
+}
