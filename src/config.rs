@@ -254,11 +254,15 @@ impl TorchrunEnv {
         fn var(key: &'static str) -> Result<Option<u32>, ConfigError> {
             match std::env::var(key) {
                 Err(_) => Ok(None),
-                Ok(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Invalid {
-                    key,
-                    value: format!("{v:?}"),
-                    allowed: "a non-negative integer (environment variable)".to_owned(),
-                }),
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| ConfigError::Invalid {
+                        key,
+                        value: format!("{v:?}"),
+                        allowed: "a non-negative integer (environment variable)".to_owned(),
+                    }),
             }
         }
         Ok(TorchrunEnv {
@@ -326,7 +330,11 @@ impl Plan {
         }
 
         if let Err(e) = crate::ring::validate_name(&file.ring.name) {
-            return Err(invalid("ring.name", format!("{:?}", file.ring.name), &e.to_string()));
+            return Err(invalid(
+                "ring.name",
+                format!("{:?}", file.ring.name),
+                &e.to_string(),
+            ));
         }
         if !(1..=64).contains(&file.ring.lanes) {
             return Err(invalid("ring.lanes", file.ring.lanes, "1 to 64"));
@@ -425,9 +433,20 @@ mod tests {
 
     #[test]
     fn builtin_default_parses_and_validates() {
-        let p = plan(DEFAULT_CONFIG, &Overrides::default(), &TorchrunEnv::default()).unwrap();
+        let p = plan(
+            DEFAULT_CONFIG,
+            &Overrides::default(),
+            &TorchrunEnv::default(),
+        )
+        .unwrap();
         assert_eq!(p.name(), "default");
-        assert_eq!(p.ranks, RankPlan { world_size: 1, first_rank: 0 });
+        assert_eq!(
+            p.ranks,
+            RankPlan {
+                world_size: 1,
+                first_rank: 0
+            }
+        );
         assert!(p.threads >= 1);
     }
 
@@ -465,7 +484,10 @@ mod tests {
         };
         let err = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("ring.lanes") && msg.contains("1 to 64"), "{msg}");
+        assert!(
+            msg.contains("ring.lanes") && msg.contains("1 to 64"),
+            "{msg}"
+        );
 
         let o = Overrides {
             name: Some("../etc".into()),
@@ -502,7 +524,13 @@ mod tests {
             ..Overrides::default()
         };
         let p = plan(DEFAULT_CONFIG, &o, &env).unwrap();
-        assert_eq!(p.ranks, RankPlan { world_size: 8, first_rank: 4 });
+        assert_eq!(
+            p.ranks,
+            RankPlan {
+                world_size: 8,
+                first_rank: 4
+            }
+        );
         assert_eq!(p.ranks.rank(3), 7);
 
         let o = Overrides {

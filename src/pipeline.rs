@@ -49,7 +49,9 @@ pub enum PipelineError {
         last_error: String,
     },
     /// Not a single sample of a fallback chain could be used.
-    #[error("no usable sample found near sample {sample_id} ({tries} tried); last error: {last_error}")]
+    #[error(
+        "no usable sample found near sample {sample_id} ({tries} tried); last error: {last_error}"
+    )]
     NoUsableSample {
         /// The sample that failed first.
         sample_id: u64,
@@ -116,7 +118,10 @@ pub struct PipelineCounters {
 impl PipelineCounters {
     /// The last failure's description, empty if none.
     pub fn last_error(&self) -> String {
-        self.last_error.lock().map(|s| s.clone()).unwrap_or_default()
+        self.last_error
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -268,9 +273,9 @@ impl Pipeline {
                         epoch,
                         sample_id: id,
                     };
-                    let r = self
-                        .augmenter
-                        .process(&buffers.encoded, key, out, &mut buffers.scratch);
+                    let r =
+                        self.augmenter
+                            .process(&buffers.encoded, key, out, &mut buffers.scratch);
                     self.counters
                         .process_ns
                         .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -297,7 +302,9 @@ impl Pipeline {
     }
 
     fn note_failure(&self, message: &str) {
-        self.counters.samples_skipped.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .samples_skipped
+            .fetch_add(1, Ordering::Relaxed);
         eprintln!("ringfeed: skipped sample {message}");
         if let Ok(mut last) = self.counters.last_error.lock() {
             message.clone_into(&mut last);
@@ -318,7 +325,8 @@ impl Pipeline {
         let mut cursors = vec![start; lanes as usize];
         let mut ids = Vec::new();
         let mut finished = false;
-        let mut epoch_skips = EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
+        let mut epoch_skips =
+            EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
 
         while !stop.load(Ordering::Relaxed) {
             for request in producer.take_seek_requests() {

@@ -16,7 +16,10 @@ fn serve(args: &[&str], runtime: &std::path::Path) -> (bool, String) {
         .env("RINGFEED_RUNTIME_DIR", runtime)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -28,18 +31,37 @@ fn bad_configs_name_the_key_and_the_allowed_values() {
     let text = std::fs::read_to_string(&good).unwrap();
 
     let cases = [
-        ("unknown-key", text.replace("[batch]", "[batch]\nsizee = 3"), "sizee"),
+        (
+            "unknown-key",
+            text.replace("[batch]", "[batch]\nsizee = 3"),
+            "sizee",
+        ),
         ("bad-section", format!("{text}\n[augmentt]\n"), "augmentt"),
-        ("bad-lanes", text.replace("slots-per-lane = 3", "slots-per-lane = 0"), "ring.slots-per-lane"),
-        ("bad-prob", text.replace("p = 0.5", "p = 1.5"), "horizontal-flip"),
-        ("bad-fraction", text.replace("status-interval-s = 0.5", "max-skip-fraction = 2.0"), "workers.max-skip-fraction"),
+        (
+            "bad-lanes",
+            text.replace("slots-per-lane = 3", "slots-per-lane = 0"),
+            "ring.slots-per-lane",
+        ),
+        (
+            "bad-prob",
+            text.replace("p = 0.5", "p = 1.5"),
+            "horizontal-flip",
+        ),
+        (
+            "bad-fraction",
+            text.replace("status-interval-s = 0.5", "max-skip-fraction = 2.0"),
+            "workers.max-skip-fraction",
+        ),
     ];
     for (name, text, needle) in cases {
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text).unwrap();
         let (ok, stderr) = serve(&["--config", path.to_str().unwrap()], runtime.path());
         assert!(!ok, "{name}: accepted");
-        assert!(stderr.contains(needle), "{name}: error does not name {needle:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{name}: error does not name {needle:?}: {stderr}"
+        );
     }
 
     let (ok, stderr) = serve(&["--config", "/nonexistent/x.toml"], runtime.path());
@@ -52,7 +74,10 @@ fn bad_configs_name_the_key_and_the_allowed_values() {
     );
     assert!(!ok && stderr.contains("nothing-"), "{stderr}");
 
-    let (ok, stderr) = serve(&["--config", good.to_str().unwrap(), "--name", "../x"], runtime.path());
+    let (ok, stderr) = serve(
+        &["--config", good.to_str().unwrap(), "--name", "../x"],
+        runtime.path(),
+    );
     assert!(!ok && stderr.contains("ring.name"), "{stderr}");
 }
 
@@ -66,7 +91,10 @@ fn sigterm_finishes_cleanly_and_removes_the_ring() {
     let mut opts = AttachOptions::new("term", 0);
     opts.dir = Some(RuntimeDir::at(runtime.path()));
     let consumer = Consumer::attach_with(&opts).unwrap();
-    let batch = consumer.next_timeout(Duration::from_secs(60)).unwrap().unwrap();
+    let batch = consumer
+        .next_timeout(Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
     assert_eq!(batch.count(), 8);
     drop(batch);
     assert!(runtime.path().join("term.sock").exists());
@@ -83,7 +111,10 @@ fn sigterm_finishes_cleanly_and_removes_the_ring() {
             other => break other,
         }
     };
-    assert!(leftovers <= 3, "{leftovers} batches after stop, ring has 3 slots");
+    assert!(
+        leftovers <= 3,
+        "{leftovers} batches after stop, ring has 3 slots"
+    );
     assert!(
         matches!(err, Err(ringfeed::ring::ConsumeError::ProducerGone { .. })),
         "{err:?}"

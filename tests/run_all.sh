@@ -8,8 +8,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
-echo "== cargo test"
-cargo test --all-targets
+echo "== cargo test (unit, integration and multi-process tests; clippy above compiled the benches)"
+cargo test --lib --bins --tests
 echo "== cargo build (binary for the Python tests)"
 cargo build
 echo "== pytest clients/python"

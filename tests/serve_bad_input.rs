@@ -28,7 +28,10 @@ fn corrupt_samples_are_skipped_counted_and_named_and_serving_goes_on() {
     truncated.truncate(truncated.len() / 3);
     members.extend([
         // Decode-time failures: indexed, then skipped when read.
-        member("corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg at all".to_vec()),
+        member(
+            "corrupt.jpg",
+            b"\xff\xd8\xff\xe0 this is not a jpeg at all".to_vec(),
+        ),
         member("corrupt.cls", b"1".to_vec()),
         member("truncated.jpg", truncated),
         member("truncated.cls", b"1".to_vec()),
@@ -82,7 +85,10 @@ fn corrupt_samples_are_skipped_counted_and_named_and_serving_goes_on() {
         // Good samples have label 3, the tail 4, the two broken JPEGs 1. A truncated JPEG
         // can still be served when the crop's region lies before the cut (region decoding
         // never reads past it); then its pixels are real.
-        assert!(labels.iter().all(|&l| l == 3 || l == 4 || l == 1), "{labels:?}");
+        assert!(
+            labels.iter().all(|&l| l == 3 || l == 4 || l == 1),
+            "{labels:?}"
+        );
     }
     let status = daemon.wait(Duration::from_secs(60));
     let log = daemon.log.join("\n");
@@ -92,8 +98,17 @@ fn corrupt_samples_are_skipped_counted_and_named_and_serving_goes_on() {
     assert!(log.contains("34 samples"), "{log}");
     assert_eq!(batches, 2 * 17, "{log}");
     // Index-time issues are named with shard and member.
-    for needle in ["nolabel", "badlabel", "bmpx", "escape.jpg", "shard-000001.tar"] {
-        assert!(log.contains(needle), "log does not mention {needle}:\n{log}");
+    for needle in [
+        "nolabel",
+        "badlabel",
+        "bmpx",
+        "escape.jpg",
+        "shard-000001.tar",
+    ] {
+        assert!(
+            log.contains(needle),
+            "log does not mention {needle}:\n{log}"
+        );
     }
     // Decode-time failures are named and counted, and never served.
     assert!(log.contains("corrupt.jpg"), "{log}");
@@ -113,7 +128,10 @@ fn too_many_failures_stop_the_daemon_with_a_clear_error() {
         members.push(member(&format!("good_{i}.cls"), b"0".to_vec()));
     }
     for i in 0..12u32 {
-        members.push(member(&format!("bad_{i}.jpg"), vec![0xff, 0xd8, 0xff, 0, 1, 2, 3]));
+        members.push(member(
+            &format!("bad_{i}.jpg"),
+            vec![0xff, 0xd8, 0xff, 0, 1, 2, 3],
+        ));
         members.push(member(&format!("bad_{i}.cls"), b"0".to_vec()));
     }
     std::fs::write(data.path().join("shard-000000.tar"), tar(&members)).unwrap();
@@ -125,7 +143,10 @@ fn too_many_failures_stop_the_daemon_with_a_clear_error() {
     );
     let status = daemon.wait(Duration::from_secs(60));
     let log = daemon.log.join("\n");
-    assert!(!status.success(), "daemon kept serving a mostly broken dataset\n{log}");
+    assert!(
+        !status.success(),
+        "daemon kept serving a mostly broken dataset\n{log}"
+    );
     assert!(log.contains("max-skip-fraction"), "{log}");
     assert!(!runtime.path().join("toobad.sock").exists());
 }

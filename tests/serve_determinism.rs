@@ -60,7 +60,11 @@ fn serve_and_consume(data: &Path, runtime: &Path, extra: &[&str], lanes: u32) ->
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let status = daemon.wait(Duration::from_secs(60));
-    assert!(status.success(), "daemon failed: {status}\n{}", daemon.log.join("\n"));
+    assert!(
+        status.success(),
+        "daemon failed: {status}\n{}",
+        daemon.log.join("\n")
+    );
     assert!(
         !runtime.join(format!("{ring}.sock")).exists(),
         "socket left behind"
@@ -123,7 +127,9 @@ fn batches_are_identical_with_1_2_and_8_workers() {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    assert!(floats.iter().all(|v| v.is_finite() && (-3.0..=3.0).contains(v)));
+    assert!(floats
+        .iter()
+        .all(|v| v.is_finite() && (-3.0..=3.0).contains(v)));
     assert!(floats.iter().any(|v| *v != floats[0]));
     // The epochs differ (new order, new augmentation).
     assert_ne!(reference[&(0, 0)].2, reference[&(1, 0)].2);
@@ -163,6 +169,9 @@ fn a_samples_augmentation_does_not_depend_on_the_world_size() {
     assert_eq!(two.len(), 2 * 32);
     for (key, bytes) in &two {
         // With one rank every sample is served each epoch, so each has a counterpart.
-        assert!(one[key] == *bytes, "sample {key:?} differs between world size 1 and 2");
+        assert!(
+            one[key] == *bytes,
+            "sample {key:?} differs between world size 1 and 2"
+        );
     }
 }

@@ -83,7 +83,10 @@ pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
             // as on the command line.
             (file, std::env::current_dir().context("current directory")?)
         }
-        None => (ConfigFile::builtin_default(), PathBuf::from(DEFAULT_BASE_DIR)),
+        None => (
+            ConfigFile::builtin_default(),
+            PathBuf::from(DEFAULT_BASE_DIR),
+        ),
     };
     // Shards given as flags are relative to the current directory too.
     let env = TorchrunEnv::from_process_env()?;
@@ -98,19 +101,30 @@ pub(crate) struct Stages {
 
 /// Opens the dataset, reports what indexing skipped, and builds the pipeline.
 pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
-    let dataset = Dataset::open(&plan.file.source, &plan.base_dir)
-        .with_context(|| format!("cannot open the dataset of [source] ({})", source_hint(plan)))?;
+    let dataset = Dataset::open(&plan.file.source, &plan.base_dir).with_context(|| {
+        format!(
+            "cannot open the dataset of [source] ({})",
+            source_hint(plan)
+        )
+    })?;
     let issues = dataset.skipped_at_index();
     if !issues.is_empty() {
         for issue in issues.iter().take(10) {
             eprintln!("ringfeed: skipped while indexing: {issue}");
         }
         if issues.len() > 10 {
-            eprintln!("ringfeed: … and {} more skipped while indexing", issues.len() - 10);
+            eprintln!(
+                "ringfeed: … and {} more skipped while indexing",
+                issues.len() - 10
+            );
         }
     }
     let n = dataset.len();
-    anyhow::ensure!(n > 0, "the dataset has no usable samples ({})", source_hint(plan));
+    anyhow::ensure!(
+        n > 0,
+        "the dataset has no usable samples ({})",
+        source_hint(plan)
+    );
     let total = n + issues.len() as u64;
     let max = plan.file.workers.max_skip_fraction;
     anyhow::ensure!(

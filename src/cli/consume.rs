@@ -63,7 +63,11 @@ pub(crate) fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 describe_tensors(layout),
                 &labels[..shown],
                 &ids[..shown],
-                if batch.redelivered() { " (redelivered)" } else { "" },
+                if batch.redelivered() {
+                    " (redelivered)"
+                } else {
+                    ""
+                },
             );
         }
         if args.step_ms > 0.0 {

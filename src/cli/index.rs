@@ -26,7 +26,12 @@ pub(crate) fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
         let loaded = load_or_build_index(shard, args.index_dir.as_deref())?;
         let index = &loaded.index;
         for issue in &index.issues {
-            eprintln!("ringfeed: skipped {}:{}: {}", shard.display(), issue.member, issue.reason);
+            eprintln!(
+                "ringfeed: skipped {}:{}: {}",
+                shard.display(),
+                issue.member,
+                issue.reason
+            );
         }
         println!(
             "{}: {} samples, {} skipped, index {} ({})",
@@ -34,11 +39,18 @@ pub(crate) fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
             index.samples.len(),
             index.issues.len(),
             loaded.path.display(),
-            if loaded.reused { "fresh, reused" } else { "written" }
+            if loaded.reused {
+                "fresh, reused"
+            } else {
+                "written"
+            }
         );
         samples += index.samples.len();
         skipped += index.issues.len();
     }
-    println!("{} shards, {samples} samples, {skipped} skipped", shards.len());
+    println!(
+        "{} shards, {samples} samples, {skipped} skipped",
+        shards.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

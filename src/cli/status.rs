@@ -33,7 +33,9 @@ impl StatusReporter {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
                         let s = producer.stats();
-                        if s.state == Some(ProducerState::Finished) && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0) {
+                        if s.state == Some(ProducerState::Finished)
+                            && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0)
+                        {
                             eprintln!("ringfeed: every epoch served and released; exiting");
                             stop.store(true, Ordering::Relaxed);
                             break;
@@ -73,7 +75,10 @@ pub(crate) fn status_line(
     let (a, b) = (&before.1, &after.1);
     let images = b.samples_ok.saturating_sub(a.samples_ok);
     let rate = images as f64 / elapsed.as_secs_f64().max(1e-9);
-    let producer_wait = share(b.producer_wait_ns.saturating_sub(a.producer_wait_ns), elapsed);
+    let producer_wait = share(
+        b.producer_wait_ns.saturating_sub(a.producer_wait_ns),
+        elapsed,
+    );
     let mut lanes = Vec::new();
     let mut trainer_waits = Vec::new();
     for (la, lb) in a.lanes.iter().zip(&b.lanes) {
@@ -82,7 +87,10 @@ pub(crate) fn status_line(
         } else {
             format!("pid {}", lb.consumer_pid)
         };
-        let wait = share(lb.consumer_wait_ns.saturating_sub(la.consumer_wait_ns), elapsed);
+        let wait = share(
+            lb.consumer_wait_ns.saturating_sub(la.consumer_wait_ns),
+            elapsed,
+        );
         if lb.consumer_pid != 0 {
             trainer_waits.push(wait);
         }

@@ -17,6 +17,7 @@ mod codecs;
 mod error;
 mod exif;
 mod jpeg;
+mod markers;
 mod turbo;
 
 pub use error::DecodeError;

@@ -129,6 +129,13 @@ impl TurboHandle {
                 message: format!("JPEG header declares {width}x{height} pixels"),
             });
         }
+        // TurboJPEG reports success, keeping the previous image's parameters, for a stream
+        // with no frame header: trust its figures only when the bytes carry the same ones.
+        if super::markers::frame_size(bytes) != Some((width as u32, height as u32)) {
+            return Err(DecodeError::Corrupt {
+                message: "no JPEG frame header (SOF) before the first scan".to_owned(),
+            });
+        }
         if precision != 8 {
             return Err(DecodeError::Unsupported {
                 what: format!("{precision}-bit JPEG"),

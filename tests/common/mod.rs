@@ -36,7 +36,10 @@ pub fn tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
 /// A deterministic, textured RGB JPEG of `w`×`h` (gradients plus a pattern keyed by `seed`).
 pub fn jpeg(w: u32, h: u32, seed: u32) -> Vec<u8> {
     let img = RgbImage::from_fn(w, h, |x, y| {
-        let v = x.wrapping_mul(7).wrapping_add(y.wrapping_mul(13)).wrapping_add(seed * 31);
+        let v = x
+            .wrapping_mul(7)
+            .wrapping_add(y.wrapping_mul(13))
+            .wrapping_add(seed * 31);
         image::Rgb([
             (x * 255 / w.max(1)) as u8,
             (y * 255 / h.max(1)) as u8,
@@ -59,7 +62,10 @@ pub fn samples(prefix: &str, n: u32) -> Vec<(String, Vec<u8>)> {
                     format!("{prefix}_{i:04}.jpg"),
                     jpeg(64 + (i % 5) * 16, 48 + (i % 3) * 20, i),
                 ),
-                (format!("{prefix}_{i:04}.cls"), format!("{}\n", i % 10).into_bytes()),
+                (
+                    format!("{prefix}_{i:04}.cls"),
+                    format!("{}\n", i % 10).into_bytes(),
+                ),
             ]
         })
         .collect()
@@ -71,11 +77,7 @@ pub fn write_dataset(dir: &Path, shards: u32, per_shard: u32) -> String {
         let members = samples(&format!("s{s}"), per_shard);
         std::fs::write(dir.join(format!("shard-{s:06}.tar")), tar(&members)).unwrap();
     }
-    format!(
-        "{}/shard-{{000000..{:06}}}.tar",
-        dir.display(),
-        shards - 1
-    )
+    format!("{}/shard-{{000000..{:06}}}.tar", dir.display(), shards - 1)
 }
 
 /// A small config for generated data: 32×32 crops, f32 NCHW, normalised.
@@ -154,7 +156,10 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left.min(Duration::from_millis(200))) {
+            match self
+                .stderr
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
                 Ok(line) => {
                     self.log.push(line.clone());
                     if line.contains(needle) {
@@ -163,11 +168,17 @@ impl Daemon {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() >= deadline {
-                        panic!("no line with {needle:?} within {timeout:?}; log:\n{}", self.log.join("\n"));
+                        panic!(
+                            "no line with {needle:?} within {timeout:?}; log:\n{}",
+                            self.log.join("\n")
+                        );
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("daemon exited before printing {needle:?}; log:\n{}", self.log.join("\n"));
+                    panic!(
+                        "daemon exited before printing {needle:?}; log:\n{}",
+                        self.log.join("\n")
+                    );
                 }
             }
         }
@@ -194,7 +205,10 @@ impl Daemon {
                 return status;
             }
             if Instant::now() >= deadline {
-                panic!("daemon did not exit within {timeout:?}; log:\n{}", self.log.join("\n"));
+                panic!(
+                    "daemon did not exit within {timeout:?}; log:\n{}",
+                    self.log.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
