@@ -1,0 +1,166 @@
+"""One batch taken from the ring: zero-copy views of a slot, valid until released."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+import numpy as np
+
+from . import _frameworks
+from .errors import ReleasedBatchError
+from .layout import SLOT_LAST_OF_EPOCH, SLOT_REDELIVERED
+
+if TYPE_CHECKING:
+    from .ring import Ring, TakenSlot
+
+
+class _Owner(Protocol):
+    def _release(self, batch: Batch) -> None: ...
+
+
+class Batch:
+    """A batch held by this process: its slot is ``HELD`` until :meth:`release`.
+
+    The tensors are read-only numpy arrays viewing the shared memory (no copy). After
+    :meth:`release` the attributes that return data raise :class:`ReleasedBatchError`, but
+    arrays (or tensors) obtained *before* still point into the slot, which the producer will
+    overwrite: copy whatever you keep past the release.
+    """
+
+    __slots__ = (
+        "_lane",
+        "_owner",
+        "_released",
+        "_ring",
+        "_views",
+        "count",
+        "epoch",
+        "index",
+        "last_of_epoch",
+        "redelivered",
+        "seq",
+        "slot",
+    )
+
+    def __init__(self, owner: _Owner, ring: Ring, lane: int, taken: TakenSlot) -> None:
+        """Wrap a slot taken by ``owner``; only the loader makes batches."""
+        self._owner = owner
+        self._ring = ring
+        self._lane = lane
+        self._released = False
+        self._views: Optional[dict[str, np.ndarray]] = None
+        self.slot: int = taken.slot
+        """Slot number within the lane."""
+        self.seq: int = taken.seq
+        """Lane-local sequence number (strictly increasing in publish order)."""
+        self.epoch: int = taken.epoch
+        """Epoch this batch belongs to."""
+        self.index: int = taken.index
+        """Batch index within the epoch, for this lane."""
+        self.count: int = taken.count
+        """Samples in the batch (= batch size; padded batches repeat samples)."""
+        self.last_of_epoch: bool = bool(taken.flags & SLOT_LAST_OF_EPOCH)
+        """True for the last batch of its epoch in this lane."""
+        self.redelivered: bool = bool(taken.flags & SLOT_REDELIVERED)
+        """True when a previous consumer of the lane died holding this batch."""
+
+    @property
+    def lane(self) -> int:
+        """The lane the batch came from."""
+        return self._lane
+
+    @property
+    def released(self) -> bool:
+        """Whether the batch has been released (its data is no longer ours)."""
+        return self._released
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the schema by name: read-only numpy arrays viewing the ring."""
+        if self._released:
+            raise ReleasedBatchError(
+                f"batch (epoch {self.epoch}, index {self.index}) was released; "
+                "copy what you keep past release"
+            )
+        views = self._views
+        if views is None:
+            arrays = self._ring.slot_arrays(self._lane, self.slot)
+            views = {name: array.view() for name, array in arrays.items()}
+            self._views = views
+        return views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The tensor called ``name``."""
+        tensors = self.tensors
+        try:
+            return tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in this ring (has {sorted(tensors)})") from None
+
+    @property
+    def images(self) -> np.ndarray:
+        """The ``images`` tensor (``[B, C, H, W]`` or ``[B, H, W, C]``)."""
+        return self["images"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The ``labels`` tensor (``int64 [B]``)."""
+        return self["labels"]
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """The ``sample_ids`` tensor: each sample's index in the dataset (``int64 [B]``)."""
+        return self["sample_ids"]
+
+    def torch(self, *names: str) -> tuple[Any, ...]:
+        """Torch tensors sharing the ring's memory (no copy), by default ``(images, labels)``.
+
+        The tensors view a read-only mapping: an in-place operation on them crashes the process
+        with SIGSEGV instead of corrupting a batch. bf16 tensors come out as ``torch.bfloat16``.
+        """
+        self.tensors  # noqa: B018 - raises ReleasedBatchError after release
+        key = ("torch", self._lane, self.slot)
+        cache = self._ring.framework_cache.get(key)
+        if cache is None:
+            arrays = self._ring.slot_arrays(self._lane, self.slot)
+            codes = {spec.name: spec.dtype_code for spec in self._ring.layout.tensors}
+            cache = _frameworks.torch_slot_tensors(arrays, codes)
+            self._ring.framework_cache[key] = cache
+        wanted = names or ("images", "labels")
+        return tuple(cache[name].detach() for name in wanted)  # type: ignore[attr-defined]
+
+    def jax(self, *names: str) -> tuple[Any, ...]:
+        """JAX arrays of the tensors, by default ``(images, labels)``. These are COPIES: JAX
+        arrays are immutable, a ring slot is not, so aliasing it would be unsound."""
+        tensors = self.tensors
+        codes = {spec.name: spec.dtype_code for spec in self._ring.layout.tensors}
+        wanted = names or ("images", "labels")
+        return tuple(_frameworks.jax_array(tensors[name], codes[name]) for name in wanted)
+
+    def release(self) -> None:
+        """Give the slot back to the producer. Idempotent."""
+        if not self._released:
+            self._owner._release(self)
+
+    def _mark_released(self) -> None:
+        self._released = True
+        self._views = None
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return (
+            f"<ringfeed.Batch lane={self._lane} epoch={self.epoch} index={self.index} "
+            f"seq={self.seq} {state}{' redelivered' if self.redelivered else ''}>"
+        )

@@ -1,0 +1,39 @@
+"""Exceptions and warnings raised by the ringfeed client.
+
+Every error derives from :class:`RingfeedError`, so ``except ringfeed.RingfeedError`` catches
+all of them; the subclasses say what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class RingfeedError(Exception):
+    """Base class of every error raised by the ringfeed client."""
+
+
+class FormatError(RingfeedError):
+    """The ring's memory does not follow the ring format; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"malformed ring: {field}: {message}")
+        self.field = field
+
+
+class AttachError(RingfeedError):
+    """Connecting or attaching to a producer failed; the message carries the producer's reason."""
+
+
+class ProducerGone(RingfeedError):
+    """The producer died, stopped, failed or froze while this consumer was attached."""
+
+
+class ReleasedBatchError(RingfeedError):
+    """A batch's tensors were accessed after the batch was released."""
+
+
+class RingTimeout(RingfeedError):
+    """No batch arrived within the loader's ``timeout``."""
+
+
+class RingfeedWarning(UserWarning):
+    """Something degraded but the client carries on (for example ``pin=True`` without CUDA)."""

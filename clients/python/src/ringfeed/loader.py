@@ -1,0 +1,398 @@
+"""The trainer-facing iterator: attach to a lane, wait for batches, track epochs and resume.
+
+Brief overview: a :class:`Loader` attaches with :mod:`ringfeed.protocol`, maps the ring with
+:class:`ringfeed.ring.Ring`, and turns the slot protocol into Python iteration: one ``for`` is
+one epoch, waiting is a futex sleep of at most 100 ms between liveness checks, and
+:meth:`Loader.state_dict` is the cursor a restarted trainer passes back as ``resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from types import TracebackType
+from typing import Any, Optional, Union
+
+from . import _frameworks, protocol
+from .batch import Batch
+from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
+from .layout import (
+    FAILED,
+    FINISHED,
+    PRODUCER_STATES,
+    READY,
+    SLOT_LAST_OF_EPOCH,
+    STOPPED,
+    RingLayout,
+)
+from .ring import Ring, TakenSlot
+from .runtime import check_name, socket_path
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+WAIT_SLICE_S = 0.1  # §6: futex timeout ≤ 100 ms, then liveness is re-checked
+HEARTBEAT_STALE_NS = 3_000_000_000  # §6: a heartbeat older than 3 s means a frozen producer
+REATTACH_PATIENCE_S = 2.0  # our own EOF may reach the producer after our new attach request
+_RETRY_PAUSE_S = 0.05
+
+
+class _EndOfStream(Exception):
+    pass
+
+
+class Loader:
+    """Iterate over the batches of one lane of a ringfeed producer.
+
+    ``for batch in loader`` yields the batches of one epoch and stops after the slot flagged
+    last-of-epoch; the next ``for`` continues with the next epoch (a ``break`` leaves the
+    cursor where it stopped). After the producer's last epoch, iteration yields nothing.
+
+    Args:
+        name: ring name (the daemon's ``--name``).
+        lane: lane to attach to; default ``$LOCAL_RANK``, else 0.
+        release_previous: release the previous batch when the next one is requested.
+        max_held: at most this many batches held at once (:class:`RingfeedError` beyond);
+            holding every slot of the lane is always refused because it would deadlock.
+        pin: ``cudaHostRegister`` the data mapping once (warns and carries on without CUDA).
+        resume: ``{"epoch", "index"}`` of the next batch wanted (e.g. a saved
+            :meth:`state_dict`); the producer seeks the lane there.
+        wait_for_producer: seconds to keep retrying connect/attach until a producer answers,
+            also used to re-attach (resuming at the cursor) when the producer dies mid-run.
+        timeout: raise :class:`RingTimeout` when no batch arrives within this many seconds.
+        runtime_dir: override the runtime directory (§2).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        lane: Optional[int] = None,
+        *,
+        release_previous: bool = True,
+        max_held: Optional[int] = None,
+        pin: bool = False,
+        resume: Optional[dict[str, Any]] = None,
+        wait_for_producer: float = 0.0,
+        timeout: Optional[float] = None,
+        runtime_dir: Optional[PathLike] = None,
+    ) -> None:
+        """Attach to ``lane`` of the producer called ``name`` (see the class docs)."""
+        self.name = check_name(name)
+        if lane is None:
+            lane = int(os.environ.get("LOCAL_RANK", "0"))
+        if lane < 0:
+            raise AttachError(f"lane must be >= 0, got {lane}")
+        if max_held is not None and max_held < 1:
+            raise RingfeedError(f"max_held must be >= 1, got {max_held}")
+        self.lane = lane
+        self._release_previous = release_previous
+        self._max_held = max_held
+        self._pin = pin
+        self._wait_for_producer = float(wait_for_producer)
+        self._timeout = timeout
+        self._runtime_dir = runtime_dir
+        self._pid = os.getpid()
+        self._sock: Optional[socket.socket] = None
+        self._ring: Optional[Ring] = None
+        self._pinned_address: Optional[int] = None
+        self._held: dict[int, Batch] = {}
+        self._previous: Optional[Batch] = None
+        self._epoch_ended = False
+        self._finished = False
+        self._cursor: Optional[tuple[int, int]] = None
+        self._taken = 0
+        self._stats_start_ns = 0
+        self._stats_wait_base_ns = 0
+        self.generation = 0
+        self._attach(self._resume_arg(resume), self._wait_for_producer)
+
+    # ----- attaching --------------------------------------------------------------------------
+
+    @staticmethod
+    def _resume_arg(resume: Optional[dict[str, Any]]) -> Optional[dict[str, int]]:
+        if resume is None:
+            return None
+        try:
+            epoch, index = int(resume["epoch"]), int(resume["index"])
+        except (KeyError, TypeError, ValueError):
+            raise RingfeedError(
+                f"resume needs integer 'epoch' and 'index', got {resume!r}"
+            ) from None
+        if epoch < 0 or index < 0:
+            raise RingfeedError(f"resume epoch/index must be >= 0, got {resume!r}")
+        return {"epoch": epoch, "index": index}
+
+    def _attach(self, resume: Optional[dict[str, int]], patience_s: float) -> None:
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                path = socket_path(self.name, self._runtime_dir)
+                sock, reply, fd = protocol.attach(path, self.lane, resume)
+                break
+            except AttachError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(_RETRY_PAUSE_S)
+        try:
+            try:
+                ring = Ring.from_fd(fd, generation=int(reply.get("generation", -1)))
+            finally:
+                os.close(fd)
+            layout = ring.layout
+            if reply.get("lane") != self.lane or self.lane >= layout.lane_count:
+                raise FormatError("lane", f"attached lane {reply.get('lane')!r} != {self.lane}")
+            if reply.get("file_bytes") != layout.file_bytes:
+                raise FormatError("file_bytes", f"attach reply said {reply.get('file_bytes')!r}")
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._ring = sock, ring
+        self.generation = layout.generation
+        self._finished = False
+        if resume is not None:
+            self._cursor = (resume["epoch"], resume["index"])
+        self._stats_start_ns = time.monotonic_ns()
+        self._stats_wait_base_ns = ring.lane_stats(self.lane)["consumer_wait_ns"]
+        ring.note_consumer(self.lane)
+        if self._pin and _frameworks.cuda_pin(ring.data_address, ring.data_bytes):
+            self._pinned_address = ring.data_address
+
+    def _detach(self, *, release_held: bool) -> None:
+        """Leave the lane. ``release_held`` frees held slots first (producer alive); otherwise
+        held batches keep their (orphaned, stable) memory and may still be read and released."""
+        if release_held:
+            for batch in list(self._held.values()):
+                self._release(batch)
+        self._held.clear()
+        self._previous = None
+        if self._pinned_address is not None:
+            _frameworks.cuda_unpin(self._pinned_address)
+            self._pinned_address = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._ring = None
+
+    def close(self) -> None:
+        """Release every held batch and detach. Idempotent; the loader is unusable after."""
+        if self._sock is not None:
+            self._detach(release_held=True)
+
+    def __del__(self) -> None:
+        # Batches reference their loader, so this runs only once no batch is reachable.
+        if getattr(self, "_sock", None) is not None:
+            self.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def _live_ring(self) -> Ring:
+        if self._ring is None:
+            raise RingfeedError("the loader is closed")
+        return self._ring
+
+    @property
+    def layout(self) -> RingLayout:
+        """The ring's validated header: schema, batch size, lanes, epochs…"""
+        return self._live_ring().layout
+
+    @property
+    def ring(self) -> Ring:
+        """The mapped ring (low-level access)."""
+        return self._live_ring()
+
+    def __len__(self) -> int:
+        """Batches per epoch in this lane; TypeError when the producer does not know it."""
+        count = self.layout.batches_per_epoch
+        if count == 0:
+            raise TypeError("the producer does not know its batches per epoch")
+        return count
+
+    # ----- iteration --------------------------------------------------------------------------
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> Batch:
+        previous = self._previous
+        if previous is not None:
+            self._previous = None
+            previous.release()
+        if self._epoch_ended:
+            self._epoch_ended = False
+            raise StopIteration
+        if self._finished:
+            raise StopIteration
+        batch = self.next_batch()
+        if self._release_previous:
+            self._previous = batch
+        self._epoch_ended = batch.last_of_epoch
+        return batch
+
+    def next_batch(self) -> Batch:
+        """Take the next batch, ignoring epoch boundaries (blocking).
+
+        Raises ``StopIteration`` at the end of the stream (the producer finished its last
+        epoch), :class:`ProducerGone` or :class:`RingTimeout`.
+        """
+        held_now = len(self._held)
+        slots = self.layout.slots_per_lane
+        if held_now >= slots or (self._max_held is not None and held_now >= self._max_held):
+            limit = slots if self._max_held is None else min(slots, self._max_held)
+            raise RingfeedError(
+                f"already holding {held_now} batches (limit {limit}); release one first"
+            )
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            try:
+                return self._take_blocking(deadline)
+            except _EndOfStream:
+                self._finished = True
+                raise StopIteration from None
+            except ProducerGone:
+                if self._wait_for_producer <= 0:
+                    raise
+                self._detach(release_held=False)
+                self._attach(self._next_position(), self._wait_for_producer)
+
+    def _take_blocking(self, deadline: Optional[float]) -> Batch:
+        ring = self._live_ring()
+        lane = self.lane
+        while True:
+            seen = ring.publish_seq(lane)
+            state = ring.producer_state  # loaded before the scan: see _check_producer
+            taken = ring.take(lane, self._pid)
+            if taken is not None:
+                return self._adopt(ring, taken)
+            self._check_producer(ring, state)
+            wait_s = WAIT_SLICE_S
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RingTimeout(
+                        f"no batch in lane {lane} of {self.name!r} within {self._timeout} s"
+                    )
+                wait_s = min(wait_s, remaining)
+            started = time.monotonic_ns()
+            try:
+                ring.wait(lane, seen, wait_s)
+            finally:
+                ring.note_consumer(lane, waited_ns=time.monotonic_ns() - started)
+
+    def _adopt(self, ring: Ring, taken: TakenSlot) -> Batch:
+        registered = False
+        try:
+            batch = Batch(self, ring, self.lane, taken)
+            self._held[id(batch)] = batch
+            registered = True
+            ring.note_consumer(self.lane, taken=1)
+            self._taken += 1
+            last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
+            self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
+        except BaseException:  # Ctrl-C mid-way: give the slot back untouched
+            if registered:
+                self._held.pop(id(batch), None)
+            ring.untake(self.lane, taken.slot)
+            raise
+        return batch
+
+    def _check_producer(self, ring: Ring, state: int) -> None:
+        """Called when no slot was ready. ``state`` was loaded *before* the scan, so a
+        FINISHED seen here means every batch was already published and scanned."""
+        if state == FINISHED:
+            raise _EndOfStream
+        if state == STOPPED:
+            raise ProducerGone(f"producer of {self.name!r} stopped")
+        if state == FAILED:
+            raise ProducerGone(f"producer of {self.name!r} failed: {ring.last_error}")
+        if state >= len(PRODUCER_STATES):
+            raise FormatError("producer_state", f"{state} not in 0..4")
+        if self._sock is None or protocol.peer_hung_up(self._sock):
+            raise ProducerGone(f"producer of {self.name!r} closed its connection (it died)")
+        heartbeat = ring.heartbeat_mono_ns
+        if heartbeat and time.monotonic_ns() - heartbeat > HEARTBEAT_STALE_NS:
+            raise ProducerGone(f"producer of {self.name!r} is frozen (heartbeat older than 3 s)")
+
+    def _release(self, batch: Batch) -> None:
+        if batch.released:
+            return
+        self._held.pop(id(batch), None)
+        batch._mark_released()
+        batch._ring.release(batch.lane, batch.slot)
+        batch._ring.note_consumer(batch.lane)
+
+    # ----- state ------------------------------------------------------------------------------
+
+    def _next_position(self) -> dict[str, int]:
+        if self._cursor is not None:
+            return {"epoch": self._cursor[0], "index": self._cursor[1]}
+        ring = self._live_ring()
+        ready = ring.peek(self.lane)  # nothing taken yet: what would be delivered next
+        if ready is not None:
+            return {"epoch": ready.epoch, "index": ready.index}
+        lane = ring.lane_stats(self.lane)
+        if lane["published"] == 0:
+            return {"epoch": 0, "index": 0}
+        per_epoch = ring.layout.batches_per_epoch
+        if per_epoch and lane["index"] + 1 >= per_epoch:
+            return {"epoch": lane["epoch"] + 1, "index": 0}
+        return {"epoch": lane["epoch"], "index": lane["index"] + 1}
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch this loader will deliver."""
+        return self._next_position()["epoch"]
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "index", "lane", "generation"}``: the next unconsumed batch.
+
+        A batch counts as consumed once it has been yielded. Pass the dict back as
+        ``Loader(..., resume=state)`` or to :meth:`load_state_dict`.
+        """
+        position = self._next_position()
+        return {**position, "lane": self.lane, "generation": self.generation}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Re-attach with ``resume`` = ``state``: the producer seeks this lane to it (§7).
+
+        Batches held now are released first.
+        """
+        resume = self._resume_arg(state)
+        if self._sock is not None:
+            self._detach(release_held=True)
+        self._epoch_ended = False
+        self._attach(resume, max(self._wait_for_producer, REATTACH_PATIENCE_S))
+
+    def stats(self) -> dict[str, float]:
+        """Starvation figures since attach: ``wait_share`` is the fraction of wall time this
+        consumer spent blocked waiting for a batch (lane ``consumer_wait_ns`` / wall time)."""
+        ring = self._live_ring()
+        lane = ring.lane_stats(self.lane)
+        wall_ns = max(1, time.monotonic_ns() - self._stats_start_ns)
+        wait_ns = lane["consumer_wait_ns"] - self._stats_wait_base_ns
+        ready = sum(
+            ring.slot_state(self.lane, slot) == READY for slot in range(ring.layout.slots_per_lane)
+        )
+        return {
+            "wall_s": wall_ns / 1e9,
+            "wait_s": wait_ns / 1e9,
+            "wait_share": wait_ns / wall_ns,
+            "taken": float(self._taken),
+            "held": float(len(self._held)),
+            "ready": float(ready),
+            "published": float(lane["published"]),
+            "released": float(lane["released"]),
+            "producer_wait_s": lane["producer_wait_ns"] / 1e9,
+        }
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ring is None else f"generation={self.generation}"
+        return f"<ringfeed.Loader {self.name!r} lane={self.lane} {state}>"

@@ -1,0 +1,126 @@
+"""The handshake (§3): connect, check the peer, send one request line, read one reply line.
+
+Brief overview: :func:`attach` returns the open connection (the liveness signal, kept for as
+long as the consumer is attached), the reply object and the ring's memfd; :func:`info` asks a
+producer about itself; :func:`peer_hung_up` polls the connection for EOF without blocking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import struct
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import AttachError, ProducerGone
+
+VERSION = 1
+MAX_LINE = 4096
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+    except OSError as err:
+        sock.close()
+        raise AttachError(f"cannot connect to {path}: {err.strerror}") from None
+    _pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    if uid != os.getuid():
+        sock.close()
+        raise AttachError(f"producer at {path} runs as uid {uid}, not ours; refusing it")
+    return sock
+
+
+def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+    if len(line) > MAX_LINE:
+        raise AttachError("request line longer than 4096 bytes")
+    sock.sendall(line)
+    received = b""
+    fds: list[int] = []
+    try:
+        while not received.endswith(b"\n"):
+            if len(received) >= MAX_LINE:
+                raise AttachError("producer reply longer than 4096 bytes")
+            chunk, chunk_fds, _flags, _addr = socket.recv_fds(sock, MAX_LINE, 1)
+            fds.extend(chunk_fds)
+            if not chunk:
+                raise AttachError("producer closed the connection without a reply")
+            received += chunk
+        reply = json.loads(received)
+        if not isinstance(reply, dict):
+            raise AttachError(f"producer reply is not a JSON object: {received[:200]!r}")
+    except (ValueError, OSError) as err:
+        for fd in fds:
+            os.close(fd)
+        raise AttachError(f"bad reply from producer: {err}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return reply, fds
+
+
+def attach(
+    path: Path, lane: int, resume: Optional[dict[str, int]] = None
+) -> tuple[socket.socket, dict[str, Any], int]:
+    """Attach to ``lane`` of the producer listening at ``path``.
+
+    Returns ``(connection, reply, memfd)``; the caller owns both and must keep the connection
+    open while attached. Raises :class:`AttachError` with the producer's reason on refusal.
+    """
+    sock = _connect(path)
+    request: dict[str, Any] = {"op": "attach", "version": VERSION, "lane": lane, "pid": os.getpid()}
+    if resume is not None:
+        request["resume"] = {"epoch": int(resume["epoch"]), "index": int(resume["index"])}
+    try:
+        reply, fds = _exchange(sock, request)
+    except BaseException:
+        sock.close()
+        raise
+    if reply.get("ok") is not True or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        if reply.get("ok") is not True:
+            raise AttachError(f"attach to lane {lane} refused: {reply.get('error', reply)}")
+        raise AttachError(f"attach reply carried {len(fds)} file descriptors, expected 1")
+    return sock, reply, fds[0]
+
+
+def info(path: Path) -> dict[str, Any]:
+    """Ask the producer at ``path`` for its ``info`` reply (§3)."""
+    sock = _connect(path)
+    try:
+        reply, fds = _exchange(sock, {"op": "info"})
+    finally:
+        sock.close()
+    for fd in fds:
+        os.close(fd)
+    if reply.get("ok") is not True:
+        raise AttachError(f"info refused: {reply.get('error', reply)}")
+    return reply
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """True when the producer's end of an attach connection is closed (EOF/POLLHUP/error).
+
+    The producer never sends after the reply, so readable means EOF (or a protocol breach,
+    which is treated the same: the connection is no longer a trustworthy liveness signal).
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
+
+
+def check_alive(sock: socket.socket) -> None:
+    """Raise :class:`ProducerGone` if the producer's end of the connection is closed."""
+    if peer_hung_up(sock):
+        raise ProducerGone("the producer closed its connection (it exited or was killed)")

@@ -1,0 +1,69 @@
+"""Finding a producer: ring names, the runtime directory and its safety checks (§2)."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Optional
+
+from .errors import AttachError
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")  # must fit the header's 32-byte name field
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid ring name (§2), else raise :class:`AttachError`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("."):
+        raise AttachError(
+            f"invalid ring name {name!r}: 1-32 characters from [A-Za-z0-9._-],"
+            " not starting with '.'"
+        )
+    return name
+
+
+def runtime_dir(override: Optional[str | os.PathLike[str]] = None) -> Path:
+    """The runtime directory: ``override``, else ``$RINGFEED_RUNTIME_DIR``, else
+    ``$XDG_RUNTIME_DIR/ringfeed``, else ``/tmp/ringfeed-<uid>`` (§2). Not checked here."""
+    if override is not None and str(override) != "":
+        return Path(override)
+    explicit = os.environ.get("RINGFEED_RUNTIME_DIR", "")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg:
+        return Path(xdg) / "ringfeed"
+    return Path(f"/tmp/ringfeed-{os.getuid()}")
+
+
+def check_runtime_dir(path: Path) -> None:
+    """Refuse a runtime directory that is missing, a symlink, not a directory, owned by another
+    user, or open to group/others (§2). Raises :class:`AttachError` saying which."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise AttachError(
+            f"runtime directory {path} does not exist (is the producer running?)"
+        ) from None
+    except OSError as err:
+        raise AttachError(f"runtime directory {path}: {err.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise AttachError(f"runtime directory {path} is a symlink; refusing it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise AttachError(f"runtime directory {path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise AttachError(f"runtime directory {path} is owned by uid {info.st_uid}, not us")
+    if info.st_mode & 0o077:
+        raise AttachError(
+            f"runtime directory {path} has mode {stat.S_IMODE(info.st_mode):o};"
+            " it must grant nothing to group or others"
+        )
+
+
+def socket_path(name: str, directory: Optional[str | os.PathLike[str]] = None) -> Path:
+    """Checked path of ``<name>.sock`` in the (checked) runtime directory."""
+    check_name(name)
+    base = runtime_dir(directory)
+    check_runtime_dir(base)
+    return base / f"{name}.sock"

@@ -1,0 +1,207 @@
+"""End-to-end tests against the real ``ringfeed serve`` binary on the bundled sample dataset.
+
+The binary is ``$RINGFEED_BIN`` or ``<repo>/target/debug/ringfeed``; every test here is
+skipped, with the reason, when it is missing or ``ringfeed serve --help`` fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ringfeed
+from conftest import Spawn
+from helpers import read_report
+
+REPO = Path(__file__).resolve().parents[3]
+BINARY = Path(os.environ.get("RINGFEED_BIN", REPO / "target" / "debug" / "ringfeed")).absolute()
+
+
+def _skip_reason() -> str | None:
+    if not BINARY.is_file():
+        return f"ringfeed binary not found at {BINARY} (build it or set RINGFEED_BIN)"
+    try:
+        probe = subprocess.run(
+            [str(BINARY), "serve", "--help"], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"`{BINARY} serve --help` failed: {err}"
+    if probe.returncode != 0:
+        return f"`{BINARY} serve --help` exited {probe.returncode}: {probe.stderr[-300:]!r}"
+    return None
+
+
+SKIP_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+
+class Daemon:
+    """A running ``ringfeed serve`` with its stderr kept for failure messages."""
+
+    def __init__(self, name: str, runtime_dir: Path, log: Path, *args: object) -> None:
+        self.name, self.runtime_dir, self.log_path = name, runtime_dir, log
+        self.log = log.open("wb")
+        env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
+        try:
+            self.process = subprocess.Popen(
+                [str(BINARY), "serve", "--name", name, *map(str, args)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=self.log,
+            )
+        except BaseException:
+            self.log.close()
+            raise
+
+    def loader(self, lane: int = 0, **options: object) -> ringfeed.Loader:
+        """Attach once the daemon serves; fail at once, with its stderr, if it exits first."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return ringfeed.Loader(self.name, lane, runtime_dir=self.runtime_dir, **options)  # type: ignore[arg-type]
+            except ringfeed.AttachError as err:
+                exited = self.process.poll()
+                if exited is not None or time.monotonic() > deadline:
+                    status = "still running" if exited is None else f"exited with {exited}"
+                    raise AssertionError(
+                        f"{err}\ndaemon {status}; stderr:\n{self.stderr()}"
+                    ) from err
+                time.sleep(0.05)
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+    daemons: list[Daemon] = []
+
+    class Started(Daemon):
+        def __init__(self, *args: object) -> None:
+            super().__init__("e2e", runtime_dir, tmp_path / f"daemon{len(daemons)}.log", *args)
+            daemons.append(self)
+
+    yield Started
+    for daemon in daemons:
+        daemon.close()
+
+
+BASE = ("--batch-size", 8, "--epochs", 2, "--seed", 3, "--workers", 2, "--slots-per-lane", 3)
+
+
+def check_batch(batch: ringfeed.Batch, layout: ringfeed.RingLayout) -> None:
+    for spec in layout.tensors:
+        array = batch.tensors[spec.name]
+        assert array.shape == spec.shape, spec.name
+        assert array.dtype == spec.dtype, spec.name
+    images = batch.images
+    if images.dtype.kind == "f":
+        assert np.isfinite(images).all()
+        assert float(images.min()) >= -3.0
+        assert float(images.max()) <= 3.0
+    ids = batch.sample_ids
+    assert (ids >= 0).all()
+    if layout.samples_per_epoch:
+        assert (ids < layout.samples_per_epoch).all()
+
+
+def test_two_epochs_every_sample_once_and_consistent_labels(serve: type[Daemon]) -> None:
+    daemon = serve("--lanes", 1, *BASE)
+    label_of: dict[int, int] = {}
+    with daemon.loader() as loader:
+        layout = loader.layout
+        assert layout.batch_size == 8
+        assert [t.name for t in layout.tensors][:3] == ["images", "labels", "sample_ids"]
+        for epoch in range(2):
+            ids: list[int] = []
+            indices = []
+            for batch in loader:
+                assert batch.epoch == epoch
+                indices.append(batch.index)
+                check_batch(batch, layout)
+                ids.extend(batch.sample_ids.tolist())
+                for sample, label in zip(batch.sample_ids.tolist(), batch.labels.tolist()):
+                    assert label_of.setdefault(sample, label) == label, f"sample {sample}"
+            assert indices == list(range(len(indices)))
+            if layout.batches_per_epoch:
+                assert len(indices) == len(loader)
+            assert len(ids) == len(set(ids)), f"epoch {epoch} repeats a sample"
+            n = layout.samples_per_epoch
+            if n and layout.drop_last and n % layout.batch_size == 0:
+                assert sorted(ids) == list(range(n))
+        assert [b.index for b in loader] == []  # --epochs 2: the stream ends
+
+
+def test_two_lanes_in_two_processes_get_disjoint_samples(
+    serve: type[Daemon], spawn: Spawn, runtime_dir: Path
+) -> None:
+    daemon = serve("--lanes", 2, *BASE)
+    daemon.loader().close()  # wait until it serves
+    consumers = [spawn("consumer_proc.py", "consume", "e2e", runtime_dir, lane) for lane in (0, 1)]
+    per_lane: list[set[int]] = []
+    for consumer in consumers:
+        ids: set[int] = set()
+        report = read_report(consumer)
+        while "done" not in report:
+            if report["epoch"] == 0:
+                for _, _, batch_ids in report["batches"]:
+                    ids.update(batch_ids)
+            report = read_report(consumer)
+        assert consumer.wait(timeout=60) == 0
+        per_lane.append(ids)
+    assert per_lane[0]
+    assert per_lane[1]
+    assert not per_lane[0] & per_lane[1]
+
+
+def test_killed_daemon_raises_producer_gone_within_a_second(serve: type[Daemon]) -> None:
+    daemon = serve("--lanes", 1, "--batch-size", 8, "--epochs", 1000, "--slots-per-lane", 2)
+    daemon.loader().close()  # wait until it serves
+    with daemon.loader(wait_for_producer=0) as loader:
+        outcome: list[tuple[BaseException, float]] = []
+        started = threading.Event()
+
+        def consume() -> None:
+            try:
+                while True:
+                    for _ in loader:
+                        started.set()
+            except BaseException as err:
+                outcome.append((err, time.monotonic()))
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        assert started.wait(timeout=60), daemon.stderr()
+        killed_at = time.monotonic()
+        daemon.process.send_signal(signal.SIGKILL)
+        thread.join(timeout=10)
+        error, raised_at = outcome[0]
+        assert isinstance(error, ringfeed.ProducerGone), error
+        # At most slots_per_lane ready batches remain to drain, then the loss must show.
+        assert raised_at - killed_at < 1.0
+
+
+def test_sigterm_stops_the_daemon_cleanly(serve: type[Daemon], runtime_dir: Path) -> None:
+    daemon = serve("--lanes", 1, *BASE)
+    daemon.loader().close()
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0, daemon.stderr()
+    assert not (runtime_dir / "e2e.sock").exists()
+    assert not (runtime_dir / "e2e.lock").exists()
+    assert daemon.stderr().strip(), "the daemon prints a status line to stderr"

@@ -1,0 +1,355 @@
+"""The Loader against the in-process reference producer: views, release, epochs, waiting,
+resume and attach errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ringfeed
+from conftest import MakeWriter
+from helpers import in_futex_syscall, wait_until
+from ring_writer import FINISHED, FREE, HELD, READY, RingWriter
+from ringfeed import loader as loader_module
+
+
+def test_views_are_zero_copy_and_read_only(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    writer = make_writer()
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        batch = next(iter(loader))
+        ring = loader.ring
+        for name, array in batch.tensors.items():
+            address = array.ctypes.data
+            assert ring.data_address <= address < ring.data_address + ring.data_bytes, name
+            assert address + array.nbytes <= ring.data_address + ring.data_bytes
+            assert not array.flags.writeable
+            assert not array.flags.owndata
+        with pytest.raises(ValueError, match="read-only"):
+            batch.images[0] = 1.0
+        slot_offset = writer.data_offset + batch.slot * writer.slot_stride
+        expected = np.ndarray((4,), "<i8", buffer=writer.mem, offset=slot_offset + 3136)
+        assert np.shares_memory(batch.sample_ids, batch.sample_ids)
+        np.testing.assert_array_equal(batch.sample_ids, expected)
+
+
+def test_batches_carry_the_producers_content_in_order(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer(batches_per_epoch=3, epochs=2)
+    writer.start_producing()
+    seen = []
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        for _ in range(2):
+            for batch in loader:
+                np.testing.assert_array_equal(
+                    batch.sample_ids, writer.sample_ids(0, batch.epoch, batch.index)
+                )
+                np.testing.assert_array_equal(batch.labels, batch.sample_ids % 10)
+                assert batch.images.shape == (4, 3, 8, 8)
+                assert batch.images.dtype == np.float32
+                seen.append((batch.epoch, batch.index, batch.seq, batch.redelivered))
+    assert seen == [(e, i, 1 + 3 * e + i, False) for e in range(2) for i in range(3)]
+
+
+def test_one_for_loop_is_one_epoch_and_len_is_batches_per_epoch(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer(batches_per_epoch=5, epochs=3)
+    writer.start_producing()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        assert len(loader) == 5
+        epochs = [[(b.epoch, b.index) for b in loader] for _ in range(3)]
+        assert epochs == [[(e, i) for i in range(5)] for e in range(3)]
+        assert [b.index for b in loader] == []  # end of stream: FINISHED and nothing ready
+        assert writer.get("I", 44) == FINISHED
+
+
+def test_break_keeps_the_cursor(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    writer = make_writer(batches_per_epoch=4, epochs=1)
+    writer.start_producing()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        for batch in loader:
+            if batch.index == 1:
+                break
+        assert [b.index for b in loader] == [2, 3]
+
+
+def test_release_frees_the_slot_and_invalidates_the_batch(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer()
+    writer.publish(0)
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        iterator = iter(loader)
+        first = next(iterator)
+        kept = first.images  # a view obtained before release still exists afterwards
+        assert writer.slot_state(0, first.slot) == HELD
+        assert writer.get("I", writer.slot_off(0, first.slot) + 4) == os.getpid()
+        second = next(iterator)  # release_previous: the first batch is released now
+        assert first.released
+        assert writer.slot_state(0, first.slot) == FREE
+        assert writer.lane_field(0, "Q", 32) == 1  # lane.released
+        for access in (
+            lambda: first.images,
+            lambda: first.labels,
+            lambda: first.tensors,
+            lambda: first["sample_ids"],
+            first.torch,
+        ):
+            with pytest.raises(ringfeed.ReleasedBatchError):
+                access()
+        assert kept.shape == (4, 3, 8, 8)
+        with second:
+            assert writer.slot_state(0, second.slot) == HELD
+        assert second.released
+        assert writer.slot_state(0, second.slot) == FREE
+        second.release()  # idempotent
+        assert writer.lane_field(0, "Q", 32) == 2
+
+
+def test_holding_several_batches_and_releasing_out_of_order(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer(slots=4, batches_per_epoch=8, epochs=1)
+    for _ in range(4):
+        writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir, release_previous=False, max_held=3) as ld:
+        held = [ld.next_batch() for _ in range(3)]
+        assert [b.index for b in held] == [0, 1, 2]
+        assert all(writer.slot_state(0, b.slot) == HELD for b in held)
+        with pytest.raises(ringfeed.RingfeedError, match="already holding 3"):
+            ld.next_batch()
+        held[1].release()
+        assert writer.slot_state(0, held[1].slot) == FREE
+        assert held[0].sample_ids.tolist() == writer.sample_ids(0, 0, 0).tolist()
+        fourth = ld.next_batch()
+        assert fourth.index == 3
+        assert ld.stats()["held"] == 3.0
+
+
+def test_holding_every_slot_is_refused_instead_of_deadlocking(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer(slots=2, batches_per_epoch=8, epochs=1)
+    writer.start_producing()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir, release_previous=False) as loader:
+        loader.next_batch()
+        loader.next_batch()
+        with pytest.raises(ringfeed.RingfeedError, match="limit 2"):
+            loader.next_batch()
+
+
+def test_a_waiting_consumer_is_woken_by_the_futex(
+    make_writer: MakeWriter, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a 60 s wait slice only a FUTEX_WAKE can deliver the batch before the deadline.
+    monkeypatch.setattr(loader_module, "WAIT_SLICE_S", 60.0)
+    writer = make_writer()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        got: list[ringfeed.Batch] = []
+        native_id: list[int] = []
+
+        def consume() -> None:
+            native_id.append(threading.get_native_id())
+            got.append(loader.next_batch())
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        wait_until(lambda: bool(native_id), "consumer thread start")
+        wait_until(lambda: in_futex_syscall(native_id[0]), "consumer blocked in FUTEX_WAIT")
+        writer.publish(0)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "consumer was not woken by the publish"
+        assert got[0].index == 0
+        assert loader.stats()["wait_s"] > 0
+
+
+def test_timeout_raises_ring_timeout(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    make_writer()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir, timeout=0.2) as loader:
+        with pytest.raises(ringfeed.RingTimeout):
+            loader.next_batch()
+        stats = loader.stats()
+        assert 0 < stats["wait_share"] <= 1
+
+
+def test_stopped_producer_raises_producer_gone(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    writer = make_writer()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        writer.stop()
+        with pytest.raises(ringfeed.ProducerGone, match="stopped"):
+            loader.next_batch()
+
+
+def test_state_dict_and_resume(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    writer = make_writer(batches_per_epoch=4, epochs=3)
+    writer.start_producing()
+    loader = ringfeed.Loader("t", runtime_dir=runtime_dir)
+    assert loader.state_dict()["epoch"] == 0
+    taken = [(b.epoch, b.index) for _, b in zip(range(3), loader)]
+    assert taken == [(0, 0), (0, 1), (0, 2)]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "index": 3, "lane": 0, "generation": writer.generation}
+    loader.close()
+    writer.wait_detached(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir, resume=state) as resumed:
+        batch = resumed.next_batch()
+        assert (batch.epoch, batch.index) == (0, 3)
+        assert batch.last_of_epoch
+        resumed.load_state_dict({"epoch": 2, "index": 1})
+        assert [(b.epoch, b.index) for b in resumed] == [(2, 1), (2, 2), (2, 3)]
+        assert resumed.state_dict()["epoch"] == 3
+
+
+def test_attach_errors_carry_the_reason(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    make_writer(lanes=2)
+    with pytest.raises(ringfeed.AttachError, match="out of range"):
+        ringfeed.Loader("t", 5, runtime_dir=runtime_dir)
+    with (
+        ringfeed.Loader("t", 1, runtime_dir=runtime_dir),
+        pytest.raises(ringfeed.AttachError, match=f"pid {os.getpid()}"),
+    ):
+        ringfeed.Loader("t", 1, runtime_dir=runtime_dir)
+    with pytest.raises(ringfeed.AttachError, match="cannot connect"):
+        ringfeed.Loader("absent", runtime_dir=runtime_dir)
+    for bad in ("", ".hidden", "a/b", "x" * 33, "sp ace", "nul\0"):
+        with pytest.raises(ringfeed.AttachError, match="invalid ring name"):
+            ringfeed.Loader(bad, runtime_dir=runtime_dir)
+
+
+def test_lane_comes_from_local_rank(
+    make_writer: MakeWriter, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_writer(lanes=3)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("RINGFEED_RUNTIME_DIR", str(runtime_dir))
+    with ringfeed.Loader("t") as loader:
+        assert loader.lane == 2
+        assert ringfeed.info(runtime_dir / "t.sock")["lanes"][2]["consumer_pid"] == os.getpid()
+
+
+def test_unsafe_runtime_dirs_are_refused(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    make_writer()
+    runtime_dir.chmod(0o750)
+    with pytest.raises(ringfeed.AttachError, match="mode 750"):
+        ringfeed.Loader("t", runtime_dir=runtime_dir)
+    runtime_dir.chmod(0o700)
+    link = runtime_dir.with_name(runtime_dir.name + "-link")
+    link.symlink_to(runtime_dir)
+    try:
+        with pytest.raises(ringfeed.AttachError, match="symlink"):
+            ringfeed.Loader("t", runtime_dir=link)
+    finally:
+        link.unlink()
+    with pytest.raises(ringfeed.AttachError, match="not a directory"):
+        ringfeed.Loader("t", runtime_dir=runtime_dir / "t.lock")
+
+
+def test_wait_for_producer_retries_until_it_answers(runtime_dir: Path) -> None:
+    writer = RingWriter("late", runtime_dir)
+    timer = threading.Timer(0.3, writer.serve)
+    timer.start()
+    try:
+        with ringfeed.Loader("late", runtime_dir=runtime_dir, wait_for_producer=10) as loader:
+            assert loader.generation == writer.generation
+    finally:
+        timer.join()
+        writer.stop()
+
+
+def test_a_ready_batch_is_delivered_to_the_next_consumer_after_close(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer()
+    for _ in range(3):
+        writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir, release_previous=False) as loader:
+        loader.next_batch()
+    writer.wait_detached(0)
+    assert [writer.slot_state(0, s) for s in range(3)] == [FREE, READY, READY]
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        batch = loader.next_batch()
+        assert (batch.index, batch.redelivered) == (1, False)
+
+
+def test_pin_without_cuda_warns_once_and_carries_on(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer()
+    writer.publish(0)
+    with pytest.warns(ringfeed.RingfeedWarning, match="unpinned"):
+        loader = ringfeed.Loader("t", runtime_dir=runtime_dir, pin=True)
+    with loader:
+        assert loader.next_batch().index == 0
+
+
+def test_torch_tensors_share_the_ring_memory(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    writer = make_writer()
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        batch = loader.next_batch()
+        x, y = batch.torch()
+        assert isinstance(x, torch.Tensor)
+        assert x.data_ptr() == batch.images.ctypes.data
+        assert y.dtype == torch.int64
+        assert torch.equal(y, torch.as_tensor(batch.labels.copy()))
+
+
+def test_jax_arrays_are_copies(make_writer: MakeWriter, runtime_dir: Path) -> None:
+    pytest.importorskip("jax")
+    writer = make_writer()
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        batch = loader.next_batch()
+        x, y = batch.jax()
+        np.testing.assert_array_equal(np.asarray(y), batch.labels)
+        assert x.shape == batch.images.shape
+
+
+@pytest.mark.parametrize(
+    ("dtype", "numpy_dtype"),
+    [("u8", np.uint8), ("i32", np.int32), ("f16", np.float16), ("bf16", np.uint16)],
+)
+def test_every_image_dtype_has_a_numpy_view(
+    make_writer: MakeWriter, runtime_dir: Path, dtype: str, numpy_dtype: type
+) -> None:
+    writer = make_writer(image_dtype=dtype, image_shape=(5, 6, 3))
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        assert loader.layout.tensors[0].dtype_name == dtype
+        images = loader.next_batch().images
+        assert images.dtype == numpy_dtype
+        assert images.shape == (4, 5, 6, 3)
+
+
+def test_next_batch_raises_stop_iteration_at_the_end_of_the_stream(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer(batches_per_epoch=2, epochs=1)
+    writer.start_producing()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        assert loader.state_dict()["index"] == 0
+        assert [loader.next_batch().index for _ in range(2)] == [0, 1]
+        with pytest.raises(StopIteration):
+            loader.next_batch()
+
+
+def test_torch_bf16_is_a_zero_copy_bfloat16_view(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    writer = make_writer(image_dtype="bf16")
+    writer.publish(0)
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        batch = loader.next_batch()
+        (x,) = batch.torch("images")
+        assert x.dtype == torch.bfloat16
+        assert x.data_ptr() == batch.images.ctypes.data
+        assert batch.torch("images")[0] is not x  # fresh aliases, not the cached tensor
