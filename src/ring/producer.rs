@@ -387,6 +387,11 @@ impl SeekRequest {
                 sh.slot(self.lane, s).discard();
             }
             sh.lane_u32(self.lane, lentry::STREAM).fetch_add(1, Release);
+            // Rewinding a finished ring makes it serve again; the pipeline finishes it anew
+            // when the lane reaches the last epoch once more.
+            if sh.state() == Some(ProducerState::Finished) {
+                sh.set_state(ProducerState::Serving);
+            }
         }
         if let Some(w) = sh.complete_attach(self.lane, self.pid, stream) {
             lock(&sh.inbox).push(w);
@@ -900,10 +905,15 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                 }
             }
             if let Some(r) = resume {
-                if sh.state() != Some(ProducerState::Serving) {
+                // A finished ring can still be rewound: the pipeline keeps taking seeks until
+                // it is stopped.
+                if !matches!(
+                    sh.state(),
+                    Some(ProducerState::Serving | ProducerState::Finished)
+                ) {
                     return refuse(
                         &stream,
-                        "cannot resume: the producer is no longer serving (finished or stopping)",
+                        "cannot resume: the producer is stopping or has failed",
                     );
                 }
                 lanes[lane as usize] = LaneConn::Pending { pid };
