@@ -6,6 +6,7 @@ mod common;
 mod consume;
 mod index;
 mod serve;
+mod stat;
 mod status;
 
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ enum Command {
     Index(index::IndexArgs),
     /// A minimal consumer: attach to a ring lane, take batches and print one line each.
     Consume(consume::ConsumeArgs),
+    /// Show a running ring's state, throughput, occupancy and who waits for whom, read
+    /// straight from its shared memory (refreshes every second).
+    Stat(stat::StatArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -44,5 +48,6 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args),
         Command::Index(args) => index::run(args),
         Command::Consume(args) => consume::run(args),
+        Command::Stat(args) => stat::run(args),
     }
 }
