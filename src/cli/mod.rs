@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod consume;
 mod index;
+mod peek;
 mod serve;
 mod stat;
 mod status;
@@ -38,6 +39,9 @@ enum Command {
     /// Show a running ring's state, throughput, occupancy and who waits for whom, read
     /// straight from its shared memory (refreshes every second).
     Stat(stat::StatArgs),
+    /// Write a PNG grid of one batch (labels and sample ids under each image): copied from a
+    /// running ring without taking it from the trainer, or rendered from --config FILE.
+    Peek(peek::PeekArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -49,5 +53,6 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Index(args) => index::run(args),
         Command::Consume(args) => consume::run(args),
         Command::Stat(args) => stat::run(args),
+        Command::Peek(args) => peek::run(args),
     }
 }
