@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod consume;
 mod index;
+mod pack;
 mod peek;
 mod serve;
 mod stat;
@@ -42,6 +43,9 @@ enum Command {
     /// Write a PNG grid of one batch (labels and sample ids under each image): copied from a
     /// running ring without taking it from the trainer, or rendered from --config FILE.
     Peek(peek::PeekArgs),
+    /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
+    /// plus index.json.
+    Pack(pack::PackArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -54,5 +58,6 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Consume(args) => consume::run(args),
         Command::Stat(args) => stat::run(args),
         Command::Peek(args) => peek::run(args),
+        Command::Pack(args) => pack::run(args),
     }
 }
