@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod consume;
 mod index;
+mod metrics;
 mod pack;
 mod peek;
 mod serve;
