@@ -16,7 +16,7 @@ use ringfeed::source::{Dataset, Sampler};
 pub(crate) struct PlanArgs {
     /// TOML configuration (see configs/). Default: the bundled sample dataset.
     #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Ring name consumers attach to.
     #[arg(long)]
     name: Option<String>,

@@ -5,7 +5,11 @@ mod bench;
 mod common;
 mod consume;
 mod index;
+mod metrics;
+mod pack;
+mod peek;
 mod serve;
+mod stat;
 mod status;
 
 use std::process::ExitCode;
@@ -34,6 +38,15 @@ enum Command {
     Index(index::IndexArgs),
     /// A minimal consumer: attach to a ring lane, take batches and print one line each.
     Consume(consume::ConsumeArgs),
+    /// Show a running ring's state, throughput, occupancy and who waits for whom, read
+    /// straight from its shared memory (refreshes every second).
+    Stat(stat::StatArgs),
+    /// Write a PNG grid of one batch (labels and sample ids under each image): copied from a
+    /// running ring without taking it from the trainer, or rendered from --config FILE.
+    Peek(peek::PeekArgs),
+    /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
+    /// plus index.json.
+    Pack(pack::PackArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -44,5 +57,8 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args),
         Command::Index(args) => index::run(args),
         Command::Consume(args) => consume::run(args),
+        Command::Stat(args) => stat::run(args),
+        Command::Peek(args) => peek::run(args),
+        Command::Pack(args) => pack::run(args),
     }
 }

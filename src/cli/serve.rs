@@ -21,6 +21,10 @@ pub(crate) struct ServeArgs {
     /// Exit once every epoch has been served and every batch released (needs --epochs).
     #[arg(long)]
     exit_when_done: bool,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9108. Off by
+    /// default; give a loopback address unless the metrics should be reachable from outside.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM (or, with --exit-when-done, the end of the data).
@@ -77,9 +81,18 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Arc::clone(&stop),
         args.exit_when_done,
     );
+    let metrics = args
+        .metrics
+        .map(|addr| {
+            super::metrics::MetricsServer::spawn(addr, Arc::clone(&producer), Arc::clone(&stop))
+        })
+        .transpose()?;
     let result = pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 });
     stop.store(true, Ordering::Relaxed);
     reporter.join();
+    if let Some(m) = metrics {
+        m.join();
+    }
     match result {
         Ok(()) => {
             eprintln!("ringfeed: stopped; ring '{}' removed", spec.name);

@@ -60,7 +60,7 @@ impl StatusReporter {
 }
 
 /// Share of `elapsed` that `waited_ns` represents, in percent (0–100).
-fn share(waited_ns: u64, elapsed: Duration) -> f64 {
+pub(crate) fn share(waited_ns: u64, elapsed: Duration) -> f64 {
     let total = elapsed.as_nanos().max(1) as f64;
     (waited_ns as f64 / total * 100.0).clamp(0.0, 100.0)
 }

@@ -251,7 +251,7 @@ impl std::fmt::Debug for Consumer {
 }
 
 /// Reads and validates the control region of `file` (size `file_len`) without mapping it.
-fn read_layout(file: &File, file_len: u64) -> Result<Layout, FormatError> {
+pub(super) fn read_layout(file: &File, file_len: u64) -> Result<Layout, FormatError> {
     let mut head = vec![0u8; 512.min(file_len) as usize];
     let _ = rustix::io::pread(file, &mut head, 0);
     let data_offset = head

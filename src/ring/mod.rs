@@ -14,12 +14,15 @@
 //!   reclaim the slots of dead consumers.
 //! - [`Consumer`] / [`Batch`]: attach, take batches in order, release on drop, notice a dead
 //!   producer within a second.
+//! - [`Observer`]: a read-only view of a running ring for operator tools (counters, a
+//!   seqlock copy of a published batch), found through the lock file and `/proc`.
 
 mod consumer;
 mod futex;
 mod handshake;
 pub mod layout;
 mod memory;
+mod observer;
 mod producer;
 mod runtime_dir;
 mod slot;
@@ -31,6 +34,9 @@ pub use futex::mono_ns;
 pub use layout::{
     plan, validate_header, DType, FormatError, Layout, RingSpec, SpecError, TensorLayout,
     TensorSpec,
+};
+pub use observer::{
+    ConsumerEntry, LanePosition, ObserveError, Observer, PeekError, PeekedBatch, RingSnapshot,
 };
 pub use producer::{
     BatchMeta, LaneStats, Producer, ProducerState, RingCreateError, RingStats, SeekRequest,

@@ -632,39 +632,7 @@ impl Producer {
 
     /// Counters for the status line.
     pub fn stats(&self) -> RingStats {
-        let sh = &self.shared;
-        let lanes = (0..sh.layout.lane_count)
-            .map(|l| {
-                let mut st = LaneStats {
-                    lane: l,
-                    ..LaneStats::default()
-                };
-                for s in 0..sh.layout.slots_per_lane {
-                    match sh.slot(l, s).state() {
-                        slot::FREE => st.free += 1,
-                        slot::WRITING => st.writing += 1,
-                        slot::READY => st.ready += 1,
-                        _ => st.held += 1,
-                    }
-                }
-                st.consumer_pid = sh.lane_u32(l, lentry::CONSUMER_PID).load(Relaxed);
-                st.consumer_wait_ns = sh.lane_u64(l, lentry::CONSUMER_WAIT_NS).load(Relaxed);
-                st.producer_wait_ns = sh.lane_u64(l, lentry::PRODUCER_WAIT_NS).load(Relaxed);
-                st.published = sh.lane_u64(l, lentry::PUBLISHED).load(Relaxed);
-                st.released = sh.lane_u64(l, lentry::RELEASED).load(Relaxed);
-                st.stream = sh.lane_u32(l, lentry::STREAM).load(Relaxed);
-                st
-            })
-            .collect();
-        RingStats {
-            generation: sh.layout.generation,
-            state: sh.state(),
-            samples_ok: sh.hdr_u64(hdr::SAMPLES_OK).load(Relaxed),
-            samples_skipped: sh.hdr_u64(hdr::SAMPLES_SKIPPED).load(Relaxed),
-            producer_wait_ns: sh.hdr_u64(hdr::PRODUCER_WAIT_NS).load(Relaxed),
-            batches_published: sh.hdr_u64(hdr::BATCHES_PUBLISHED).load(Relaxed),
-            lanes,
-        }
+        super::observer::read_stats(&self.shared.control, &self.shared.layout)
     }
 }
 

@@ -1,0 +1,356 @@
+//! `ringfeed peek`: a PNG grid of one batch's images, each with its label and sample id, to see
+//! what the trainer is fed.
+//!
+//! # Brief overview
+//!
+//! Two sources: a running ring, where [`Observer::peek`] copies a published batch without
+//! taking it from the trainer (a seqlock copy, see there), or a configuration file, where the
+//! pipeline fills one batch into memory with no daemon ([`Pipeline::fill_batch`]). Either way
+//! [`render_grid`] un-normalises the images with the mean/std and draws the grid; the digits
+//! come from a built-in 5×7 bitmap font.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use image::{Rgb, RgbImage};
+use ringfeed::pipeline::Cursor;
+use ringfeed::ring::{DType, Observer, RuntimeDir};
+
+use super::common::{build_stages, resolve_plan, PlanArgs};
+
+/// Flags of `ringfeed peek`.
+#[derive(Debug, Args)]
+pub(crate) struct PeekArgs {
+    /// Ring to copy a published batch from (ignored with --config).
+    #[arg(default_value = "default")]
+    ring: String,
+    /// Lane to copy from (ring mode), or whose rank's batch to render (config mode).
+    #[arg(long, default_value_t = 0)]
+    lane: u32,
+    /// PNG file to write.
+    #[arg(long, value_name = "PNG")]
+    out: PathBuf,
+    /// Seconds to wait for a published batch (ring mode).
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Epoch of the batch to render (config mode).
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// Batch index within the epoch (config mode).
+    #[arg(long, default_value_t = 0)]
+    index: u64,
+    /// Render a batch straight from a configuration, without a daemon: pass --config FILE
+    /// (and any serve flag).
+    #[command(flatten)]
+    plan: PlanArgs,
+}
+
+/// One batch's tensors, as [`render_grid`] needs them.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchImages<'a> {
+    /// The `images` tensor's bytes.
+    pub(crate) images: &'a [u8],
+    /// Its element type.
+    pub(crate) dtype: DType,
+    /// Channels, height, width of one image.
+    pub(crate) chw: (u32, u32, u32),
+    /// `[B, H, W, C]` rather than `[B, C, H, W]`.
+    pub(crate) nhwc: bool,
+    /// Normalisation mean per channel (0..1 scale).
+    pub(crate) mean: [f32; 4],
+    /// Normalisation std per channel; all 0 means not normalised.
+    pub(crate) std: [f32; 4],
+    /// `labels` (i64 little-endian bytes).
+    pub(crate) labels: &'a [u8],
+    /// `sample_ids` (i64 little-endian bytes).
+    pub(crate) ids: &'a [u8],
+}
+
+/// Writes the grid of a ring's published batch, or of a batch rendered from a configuration.
+pub(crate) fn run(args: PeekArgs) -> anyhow::Result<ExitCode> {
+    let grid = if args.plan.config.is_some() {
+        from_config(&args)?
+    } else {
+        from_ring(&args)?
+    };
+    grid.save_with_format(&args.out, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "ringfeed: wrote {} ({}×{})",
+        args.out.display(),
+        grid.width(),
+        grid.height()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn from_ring(args: &PeekArgs) -> anyhow::Result<RgbImage> {
+    let dir = RuntimeDir::from_env()?;
+    let observer = Observer::open(&dir, &args.ring)?;
+    let layout = observer.layout();
+    let batch = observer.peek(args.lane, Duration::from_secs_f64(args.timeout.max(0.0)))?;
+    let index = |name: &str| {
+        layout
+            .tensor_index(name)
+            .with_context(|| format!("ring '{}' has no tensor {name:?}", args.ring))
+    };
+    let (img, lab, ids) = (index("images")?, index("labels")?, index("sample_ids")?);
+    let t = &layout.tensors[img];
+    anyhow::ensure!(
+        t.shape.len() == 4,
+        "tensor 'images' has rank {}, not 4",
+        t.shape.len()
+    );
+    let dims = |i: usize| u32::try_from(t.shape[i]).context("image dimension too large");
+    let chw = if layout.nhwc() {
+        (dims(3)?, dims(1)?, dims(2)?)
+    } else {
+        (dims(1)?, dims(2)?, dims(3)?)
+    };
+    eprintln!(
+        "ringfeed: lane {} seq {} epoch {} batch {} ({} samples)",
+        batch.lane, batch.seq, batch.epoch, batch.index, batch.count
+    );
+    render_grid(&BatchImages {
+        images: &batch.tensors[img],
+        dtype: t.dtype,
+        chw,
+        nhwc: layout.nhwc(),
+        mean: layout.mean,
+        std: layout.std,
+        labels: &batch.tensors[lab],
+        ids: &batch.tensors[ids],
+    })
+}
+
+fn from_config(args: &PeekArgs) -> anyhow::Result<RgbImage> {
+    let plan = resolve_plan(&args.plan)?;
+    let stages = build_stages(&plan)?;
+    let pipeline = &stages.pipeline;
+    let schema = pipeline.schema();
+    let mut buffers: Vec<Vec<u8>> = schema
+        .tensors()
+        .iter()
+        .map(|t| vec![0u8; t.shape.iter().product::<u64>() as usize * t.dtype.size()])
+        .collect();
+    let mut slices: Vec<&mut [u8]> = buffers.iter_mut().map(|b| b.as_mut_slice()).collect();
+    let mut ids = Vec::new();
+    let cursor = Cursor {
+        epoch: args.epoch,
+        index: args.index,
+    };
+    pipeline.fill_batch(cursor, plan.ranks.rank(args.lane), &mut slices, &mut ids)?;
+    let (mean, std) = match ringfeed::augment::Augmenter::new(&plan.file.augment)
+        .ok()
+        .and_then(|a| a.mean_std())
+    {
+        Some((m, s)) => ([m[0], m[1], m[2], 0.0], [s[0], s[1], s[2], 0.0]),
+        None => ([0.0; 4], [0.0; 4]),
+    };
+    render_grid(&BatchImages {
+        images: &buffers[0],
+        dtype: schema.image_dtype,
+        chw: schema.chw,
+        nhwc: schema.nhwc,
+        mean,
+        std,
+        labels: &buffers[1],
+        ids: &buffers[2],
+    })
+}
+
+/// Element `i` of a tensor of `dtype` as f32.
+fn element(bytes: &[u8], dtype: DType, i: usize) -> f32 {
+    let at = |n: usize| &bytes[i * n..i * n + n];
+    match dtype {
+        DType::U8 => f32::from(bytes[i]),
+        DType::F16 => half::f16::from_le_bytes([at(2)[0], at(2)[1]]).to_f32(),
+        DType::BF16 => half::bf16::from_le_bytes([at(2)[0], at(2)[1]]).to_f32(),
+        DType::F32 => f32::from_le_bytes(at(4).try_into().unwrap_or([0; 4])),
+        DType::I32 => i32::from_le_bytes(at(4).try_into().unwrap_or([0; 4])) as f32,
+        DType::I64 => i64::from_le_bytes(at(8).try_into().unwrap_or([0; 8])) as f32,
+    }
+}
+
+/// The 0–255 pixel value a stored element stands for: `u8` is the pixel itself; floats are
+/// `(v / 255 - mean) / std` when normalised (std ≠ 0), else `v / 255`.
+pub(crate) fn unnormalise(x: f32, dtype: DType, mean: f32, std: f32) -> u8 {
+    let v = match dtype {
+        DType::U8 => x,
+        _ if std != 0.0 => (x * std + mean) * 255.0,
+        _ => x * 255.0,
+    };
+    v.round().clamp(0.0, 255.0) as u8
+}
+
+fn i64_at(bytes: &[u8], i: usize) -> i64 {
+    bytes
+        .get(i * 8..i * 8 + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i64::from_le_bytes)
+}
+
+/// Gap between tiles, in pixels.
+const GAP: u32 = 4;
+/// Glyph size of the built-in font, and the spacing it is drawn with.
+const GLYPH_W: u32 = 5;
+const GLYPH_H: u32 = 7;
+/// Height of the caption strip under each tile: two lines (label, sample id).
+const CAPTION_H: u32 = 2 * (GLYPH_H + 2) + 1;
+
+/// A grid of the batch's images (as many columns as the square root of the batch size), each
+/// with its label (first line, white) and sample id (second line, grey) under it.
+pub(crate) fn render_grid(b: &BatchImages<'_>) -> anyhow::Result<RgbImage> {
+    let (c, h, w) = b.chw;
+    anyhow::ensure!(c >= 1 && h >= 1 && w >= 1, "empty image shape {c}×{h}×{w}");
+    let per_image = c as usize * h as usize * w as usize;
+    let count = b.images.len() / (per_image * b.dtype.size());
+    anyhow::ensure!(count >= 1, "the batch holds no image");
+    let cols = (count as f64).sqrt().ceil() as u32;
+    let rows = (count as u32).div_ceil(cols);
+    let tile_w = w.max(GLYPH_W * 6);
+    let (cell_w, cell_h) = (tile_w + GAP, h + CAPTION_H + GAP);
+    let mut grid = RgbImage::from_pixel(cols * cell_w + GAP, rows * cell_h + GAP, Rgb([0, 0, 0]));
+    let channel = |k: usize| k.min(c as usize - 1);
+    for n in 0..count {
+        let (x0, y0) = (
+            GAP + (n as u32 % cols) * cell_w,
+            GAP + (n as u32 / cols) * cell_h,
+        );
+        for y in 0..h as usize {
+            for x in 0..w as usize {
+                let mut px = [0u8; 3];
+                for (k, p) in px.iter_mut().enumerate() {
+                    let ch = channel(k);
+                    let i = n * per_image
+                        + if b.nhwc {
+                            (y * w as usize + x) * c as usize + ch
+                        } else {
+                            (ch * h as usize + y) * w as usize + x
+                        };
+                    *p = unnormalise(
+                        element(b.images, b.dtype, i),
+                        b.dtype,
+                        b.mean[ch],
+                        b.std[ch],
+                    );
+                }
+                grid.put_pixel(x0 + x as u32, y0 + y as u32, Rgb(px));
+            }
+        }
+        let ty = y0 + h + 2;
+        draw_text(
+            &mut grid,
+            x0,
+            ty,
+            tile_w,
+            &i64_at(b.labels, n).to_string(),
+            Rgb([255, 255, 255]),
+        );
+        draw_text(
+            &mut grid,
+            x0,
+            ty + GLYPH_H + 2,
+            tile_w,
+            &i64_at(b.ids, n).to_string(),
+            Rgb([150, 150, 150]),
+        );
+    }
+    Ok(grid)
+}
+
+/// 5×7 glyphs of `0-9` and `-`, one byte per row, bit 4 the leftmost pixel.
+fn glyph(ch: char) -> Option<[u8; 7]> {
+    Some(match ch {
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
+        _ => return None,
+    })
+}
+
+/// Draws `text` at `(x, y)`, clipped to `max_w` pixels; characters without a glyph are
+/// skipped.
+fn draw_text(img: &mut RgbImage, x: u32, y: u32, max_w: u32, text: &str, color: Rgb<u8>) {
+    for (i, rows) in text.chars().filter_map(glyph).enumerate() {
+        let gx = x + i as u32 * (GLYPH_W + 1);
+        for (dy, bits) in rows.iter().enumerate() {
+            for dx in 0..GLYPH_W {
+                let (px, py) = (gx + dx, y + dy as u32);
+                if bits & (0x10 >> dx) != 0
+                    && px < x + max_w
+                    && px < img.width()
+                    && py < img.height()
+                {
+                    img.put_pixel(px, py, color);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unnormalise_inverts_the_writer() {
+        let (mean, std) = (0.485f32, 0.229f32);
+        for v in [0u8, 1, 77, 128, 254, 255] {
+            let stored = (f32::from(v) / 255.0 - mean) / std;
+            assert_eq!(unnormalise(stored, DType::F32, mean, std), v);
+        }
+        assert_eq!(unnormalise(0.5, DType::F32, 0.0, 0.0), 128);
+        assert_eq!(unnormalise(200.0, DType::U8, 0.5, 0.25), 200);
+        assert_eq!(unnormalise(-9.0, DType::F32, 0.5, 0.25), 0);
+    }
+
+    #[test]
+    fn grid_holds_every_image_and_its_caption() {
+        // Two 1-channel 2×2 u8 images, NCHW: one black, one white.
+        let images = [0u8, 0, 0, 0, 255, 255, 255, 255];
+        let labels: Vec<u8> = [3i64, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ids: Vec<u8> = [10i64, 11].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let g = render_grid(&BatchImages {
+            images: &images,
+            dtype: DType::U8,
+            chw: (1, 2, 2),
+            nhwc: false,
+            mean: [0.0; 4],
+            std: [0.0; 4],
+            labels: &labels,
+            ids: &ids,
+        })
+        .unwrap();
+        let tile_w = GLYPH_W * 6;
+        assert_eq!(g.width(), 2 * (tile_w + GAP) + GAP);
+        assert_eq!(g.height(), 2 + CAPTION_H + 2 * GAP);
+        assert_eq!(g.get_pixel(GAP, GAP), &Rgb([0, 0, 0]));
+        assert_eq!(
+            g.get_pixel(2 * GAP + tile_w + 1, GAP + 1),
+            &Rgb([255, 255, 255])
+        );
+        // The "3" under the first tile: its top row is lit across.
+        assert_eq!(g.get_pixel(GAP, GAP + 2 + 2), &Rgb([255, 255, 255]));
+    }
+
+    #[test]
+    fn every_digit_has_a_distinct_glyph() {
+        let glyphs: Vec<_> = "0123456789-".chars().map(|c| glyph(c).unwrap()).collect();
+        for (i, a) in glyphs.iter().enumerate() {
+            assert!(glyphs[i + 1..].iter().all(|b| a != b));
+        }
+        assert!(glyph('x').is_none());
+    }
+}

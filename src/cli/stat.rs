@@ -1,0 +1,537 @@
+//! `ringfeed stat`: a running ring's state and counters, read straight from its shared memory
+//! (no daemon round-trip) through a read-only [`Observer`].
+//!
+//! # Brief overview
+//!
+//! A loop takes a [`RingSnapshot`] each second into a 60 s history; [`report`] turns the
+//! history into a [`StatReport`] (a plain function, tested without a ring), which is printed
+//! as text ([`render_text`]) or one JSON object per refresh.
+
+use std::collections::VecDeque;
+use std::io::{IsTerminal as _, Write as _};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use ringfeed::ring::{mono_ns, Layout, Observer, ProducerState, RingSnapshot, RuntimeDir};
+use serde::Serialize;
+
+use super::status::{share, verdict};
+
+/// Flags of `ringfeed stat`.
+#[derive(Debug, Args)]
+pub(crate) struct StatArgs {
+    /// Ring name.
+    #[arg(default_value = "default")]
+    name: String,
+    /// Print one report (the counters are sampled twice, 1 s apart, for the rates) and exit.
+    #[arg(long)]
+    once: bool,
+    /// Print JSON: one object per refresh, one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How long the history (and the long rate window) reaches back.
+const LONG_WINDOW: Duration = Duration::from_secs(60);
+/// The short rate window, and the refresh interval.
+const SHORT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Opens the ring and prints reports until interrupted or the producer goes away.
+pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
+    let dir = RuntimeDir::from_env()?;
+    let observer = Observer::open(&dir, &args.name)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    if !args.once {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("cannot install the SIGINT/SIGTERM handler")?;
+    }
+    let clear = !args.json && !args.once && std::io::stdout().is_terminal();
+    let mut history: VecDeque<RingSnapshot> = VecDeque::new();
+    history.push_back(observer.snapshot());
+    loop {
+        std::thread::sleep(SHORT_WINDOW);
+        let snap = observer.snapshot();
+        while history.front().is_some_and(|s| {
+            snap.taken_mono_ns.saturating_sub(s.taken_mono_ns)
+                > (LONG_WINDOW + SHORT_WINDOW).as_nanos() as u64
+        }) {
+            history.pop_front();
+        }
+        history.push_back(snap);
+        let rep = report(
+            observer.layout(),
+            observer.producer_pid(),
+            history.make_contiguous(),
+            unix_now_ns(),
+        );
+        let text = if args.json {
+            serde_json::to_string(&rep)?
+        } else {
+            render_text(&rep)
+        };
+        let mut out = std::io::stdout().lock();
+        if clear {
+            // Home and clear the screen: refresh in place.
+            write!(out, "\x1b[H\x1b[J")?;
+        }
+        writeln!(out, "{text}")?;
+        out.flush()?;
+        drop(out);
+        if args.once || stop.load(Ordering::Relaxed) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !observer.producer_alive() {
+            eprintln!("ringfeed: the producer of ring '{}' has gone", args.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Throughput over one window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Rate {
+    /// Seconds actually covered (the history may be shorter than the window asked for).
+    pub(crate) span_s: f64,
+    /// Samples written per second.
+    pub(crate) images_per_s: f64,
+    /// Batches published per second (all lanes).
+    pub(crate) batches_per_s: f64,
+}
+
+/// Throughput over the short and the long window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Rates {
+    /// Over about the last second.
+    #[serde(rename = "1s")]
+    pub(crate) short: Option<Rate>,
+    /// Over up to the last minute.
+    #[serde(rename = "60s")]
+    pub(crate) long: Option<Rate>,
+}
+
+/// One lane's line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct LaneReport {
+    /// Lane number.
+    pub(crate) lane: u32,
+    /// Epoch of the last published batch (`null` before the first).
+    pub(crate) epoch: Option<u64>,
+    /// Index of the last published batch within its epoch.
+    pub(crate) index: Option<u64>,
+    /// Share of the epoch published, 0–1 (`null` when batches_per_epoch is unknown).
+    pub(crate) epoch_progress: Option<f64>,
+    /// Slots `READY`.
+    pub(crate) ready: u32,
+    /// Slots `HELD`.
+    pub(crate) held: u32,
+    /// Slots `FREE`.
+    pub(crate) free: u32,
+    /// Slots `WRITING`.
+    pub(crate) writing: u32,
+    /// (ready + held) / slots: how full the lane is.
+    pub(crate) occupancy: f64,
+    /// Attached consumer, 0 if none.
+    pub(crate) consumer_pid: u32,
+    /// Percent of the last second its consumer waited for data.
+    pub(crate) consumer_wait_pct: Option<f64>,
+    /// Percent of the last second the producer waited for a free slot of this lane.
+    pub(crate) producer_wait_pct: Option<f64>,
+    /// Batches published.
+    pub(crate) published: u64,
+    /// Batches released.
+    pub(crate) released: u64,
+    /// Seeks applied.
+    pub(crate) stream: u32,
+}
+
+/// One attached consumer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ConsumerReport {
+    /// Its pid.
+    pub(crate) pid: u32,
+    /// Its lane.
+    pub(crate) lane: u32,
+    /// Seconds since it attached.
+    pub(crate) attached_s: f64,
+    /// Seconds since its last `next`/`release` (a stalled trainer shows here).
+    pub(crate) heartbeat_age_s: f64,
+    /// Batches taken since attach.
+    pub(crate) taken: u64,
+}
+
+/// Everything `stat` shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct StatReport {
+    /// Ring name.
+    pub(crate) name: String,
+    /// Producer generation.
+    pub(crate) generation: u64,
+    /// Producer pid.
+    pub(crate) producer_pid: u32,
+    /// Producer state (`starting`, `serving`, `finished`, `stopped`, `failed`, `unknown`).
+    pub(crate) state: &'static str,
+    /// Seconds since the producer started.
+    pub(crate) uptime_s: f64,
+    /// Age of the producer's heartbeat in seconds (above 3 s: frozen).
+    pub(crate) heartbeat_age_s: f64,
+    /// Lanes.
+    pub(crate) lanes: u32,
+    /// Slots per lane.
+    pub(crate) slots_per_lane: u32,
+    /// Samples per batch.
+    pub(crate) batch_size: u32,
+    /// Batches per epoch per lane (0 = unknown).
+    pub(crate) batches_per_epoch: u64,
+    /// Epochs to serve (0 = unbounded).
+    pub(crate) epochs: u64,
+    /// Dataset size.
+    pub(crate) samples_per_epoch: u64,
+    /// Samples written.
+    pub(crate) samples_ok: u64,
+    /// Samples skipped.
+    pub(crate) samples_skipped: u64,
+    /// Batches published, all lanes.
+    pub(crate) batches_published: u64,
+    /// The last skip or failure reason.
+    pub(crate) last_error: String,
+    /// Throughput.
+    pub(crate) rates: Rates,
+    /// Percent of the last second the producer waited for free slots.
+    pub(crate) producer_wait_pct: Option<f64>,
+    /// Who waits for whom.
+    pub(crate) verdict: String,
+    /// Per lane.
+    pub(crate) lane_stats: Vec<LaneReport>,
+    /// Attached consumers.
+    pub(crate) consumers: Vec<ConsumerReport>,
+}
+
+fn state_name(state: Option<ProducerState>) -> &'static str {
+    match state {
+        Some(ProducerState::Starting) => "starting",
+        Some(ProducerState::Serving) => "serving",
+        Some(ProducerState::Finished) => "finished",
+        Some(ProducerState::Stopped) => "stopped",
+        Some(ProducerState::Failed) => "failed",
+        None => "unknown",
+    }
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// The oldest snapshot no further back than `window` (with a quarter second of slack for the
+/// sampling jitter) before the newest, if it is not the newest itself.
+fn window_start(history: &[RingSnapshot], window: Duration) -> Option<&RingSnapshot> {
+    let last = history.last()?;
+    let reach = (window + Duration::from_millis(250)).as_nanos() as u64;
+    history[..history.len() - 1]
+        .iter()
+        .find(|s| last.taken_mono_ns.saturating_sub(s.taken_mono_ns) <= reach)
+}
+
+fn rate(history: &[RingSnapshot], window: Duration) -> Option<Rate> {
+    let last = history.last()?;
+    let first = window_start(history, window)?;
+    let span = secs(last.taken_mono_ns.saturating_sub(first.taken_mono_ns)).max(1e-9);
+    Some(Rate {
+        span_s: span,
+        images_per_s: last.stats.samples_ok.saturating_sub(first.stats.samples_ok) as f64 / span,
+        batches_per_s: last
+            .stats
+            .batches_published
+            .saturating_sub(first.stats.batches_published) as f64
+            / span,
+    })
+}
+
+/// Builds the report from a history of snapshots, oldest first (at least one).
+pub(crate) fn report(
+    layout: &Layout,
+    producer_pid: u32,
+    history: &[RingSnapshot],
+    unix_now_ns: u64,
+) -> StatReport {
+    let last = history.last().expect("report needs at least one snapshot");
+    let prev = window_start(history, SHORT_WINDOW);
+    let elapsed = prev.map(|p| Duration::from_nanos(last.taken_mono_ns - p.taken_mono_ns));
+    let pct = |before: u64, after: u64| elapsed.map(|e| share(after.saturating_sub(before), e));
+    let producer_wait_pct =
+        prev.and_then(|p| pct(p.stats.producer_wait_ns, last.stats.producer_wait_ns));
+    let slots = layout.slots_per_lane.max(1);
+    let mut trainer_waits = Vec::new();
+    let lane_stats: Vec<LaneReport> = last
+        .stats
+        .lanes
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let before = prev.and_then(|p| p.stats.lanes.get(i));
+            let consumer_wait_pct =
+                before.and_then(|b| pct(b.consumer_wait_ns, l.consumer_wait_ns));
+            let producer_wait_pct =
+                before.and_then(|b| pct(b.producer_wait_ns, l.producer_wait_ns));
+            if l.consumer_pid != 0 {
+                trainer_waits.extend(consumer_wait_pct);
+            }
+            let pos = last.positions.get(i).copied().flatten();
+            LaneReport {
+                lane: l.lane,
+                epoch: pos.map(|p| p.epoch),
+                index: pos.map(|p| p.index),
+                epoch_progress: pos
+                    .filter(|_| layout.batches_per_epoch > 0)
+                    .map(|p| (p.index + 1) as f64 / layout.batches_per_epoch as f64),
+                ready: l.ready,
+                held: l.held,
+                free: l.free,
+                writing: l.writing,
+                occupancy: f64::from(l.ready + l.held) / f64::from(slots),
+                consumer_pid: l.consumer_pid,
+                consumer_wait_pct,
+                producer_wait_pct,
+                published: l.published,
+                released: l.released,
+                stream: l.stream,
+            }
+        })
+        .collect();
+    let verdict = match (producer_wait_pct, last.stats.state) {
+        (_, Some(ProducerState::Finished)) => "every epoch produced".to_owned(),
+        (Some(w), _) => verdict(&trainer_waits, w),
+        (None, _) => "measuring".to_owned(),
+    };
+    StatReport {
+        name: layout.name.clone(),
+        generation: layout.generation,
+        producer_pid,
+        state: state_name(last.stats.state),
+        uptime_s: secs(unix_now_ns.saturating_sub(last.producer_start_unix_ns)),
+        heartbeat_age_s: secs(last.taken_mono_ns.saturating_sub(last.heartbeat_mono_ns)),
+        lanes: layout.lane_count,
+        slots_per_lane: layout.slots_per_lane,
+        batch_size: layout.batch_size,
+        batches_per_epoch: layout.batches_per_epoch,
+        epochs: layout.epochs,
+        samples_per_epoch: layout.samples_per_epoch,
+        samples_ok: last.stats.samples_ok,
+        samples_skipped: last.stats.samples_skipped,
+        batches_published: last.stats.batches_published,
+        last_error: last.last_error.clone(),
+        rates: Rates {
+            short: rate(history, SHORT_WINDOW),
+            long: rate(history, LONG_WINDOW),
+        },
+        producer_wait_pct,
+        verdict,
+        lane_stats,
+        consumers: last
+            .consumers
+            .iter()
+            .map(|c| ConsumerReport {
+                pid: c.pid,
+                lane: c.lane,
+                attached_s: secs(unix_now_ns.saturating_sub(c.attach_unix_ns)),
+                heartbeat_age_s: secs(mono_ns().saturating_sub(c.heartbeat_mono_ns)),
+                taken: c.taken,
+            })
+            .collect(),
+    }
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_owned(), |v| format!("{v:.0} %"))
+}
+
+fn rate_text(r: &Option<Rate>) -> String {
+    match r {
+        Some(r) => format!(
+            "{:.0} img/s, {:.1} batches/s (over {:.0} s)",
+            r.images_per_s, r.batches_per_s, r.span_s
+        ),
+        None => "–".to_owned(),
+    }
+}
+
+/// The human-readable report.
+pub(crate) fn render_text(r: &StatReport) -> String {
+    let mut out = String::new();
+    let epochs = if r.epochs == 0 {
+        "unbounded".to_owned()
+    } else {
+        r.epochs.to_string()
+    };
+    out += &format!(
+        "ring '{}'  generation {:016x}  producer pid {}  {}  up {:.0} s  heartbeat {:.1} s ago\n",
+        r.name, r.generation, r.producer_pid, r.state, r.uptime_s, r.heartbeat_age_s
+    );
+    out += &format!(
+        "{} lane(s) × {} slots × {} samples; {} batches per epoch per lane; epochs {epochs}; {} samples\n",
+        r.lanes, r.slots_per_lane, r.batch_size, r.batches_per_epoch, r.samples_per_epoch
+    );
+    out += &format!(
+        "throughput  1 s: {}\n            60 s: {}\n",
+        rate_text(&r.rates.short),
+        rate_text(&r.rates.long)
+    );
+    out += &format!(
+        "samples ok {}  skipped {}  batches {}  loader waited {}\n",
+        r.samples_ok,
+        r.samples_skipped,
+        r.batches_published,
+        opt_pct(r.producer_wait_pct)
+    );
+    if !r.last_error.is_empty() {
+        out += &format!("last error: {}\n", r.last_error);
+    }
+    for l in &r.lane_stats {
+        let pos = match (l.epoch, l.index) {
+            (Some(e), Some(i)) if r.batches_per_epoch > 0 => {
+                format!("epoch {e} batch {}/{}", i + 1, r.batches_per_epoch)
+            }
+            (Some(e), Some(i)) => format!("epoch {e} batch {}", i + 1),
+            _ => "nothing published yet".to_owned(),
+        };
+        let consumer = if l.consumer_pid == 0 {
+            "no consumer".to_owned()
+        } else {
+            format!(
+                "pid {} waited {}",
+                l.consumer_pid,
+                opt_pct(l.consumer_wait_pct)
+            )
+        };
+        out += &format!(
+            "lane {}: {pos} | {} ready {} held {} writing {} free ({:.0} % full) | {consumer} | loader waited {}\n",
+            l.lane,
+            l.ready,
+            l.held,
+            l.writing,
+            l.free,
+            l.occupancy * 100.0,
+            opt_pct(l.producer_wait_pct)
+        );
+    }
+    for c in &r.consumers {
+        out += &format!(
+            "consumer pid {} lane {}: attached {:.0} s ago, {} batches taken, heartbeat {:.1} s ago\n",
+            c.pid, c.lane, c.attached_s, c.taken, c.heartbeat_age_s
+        );
+    }
+    out += &format!("verdict: {}", r.verdict);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringfeed::ring::{plan, DType, LanePosition, LaneStats, RingSpec, RingStats, TensorSpec};
+
+    fn layout() -> Layout {
+        let spec = RingSpec {
+            name: "t".into(),
+            lanes: 2,
+            slots_per_lane: 4,
+            batch_size: 2,
+            tensors: vec![TensorSpec {
+                name: "labels".into(),
+                dtype: DType::I64,
+                shape: vec![2],
+            }],
+            drop_last: true,
+            nhwc: false,
+            batches_per_epoch: 10,
+            epochs: 0,
+            seed: 1,
+            samples_per_epoch: 40,
+            mean: [0.0; 4],
+            std: [0.0; 4],
+        };
+        plan(&spec, 42).unwrap()
+    }
+
+    fn snap(t_s: f64, ok: u64, consumer_wait_ns: u64, producer_wait_ns: u64) -> RingSnapshot {
+        let lane = |lane, pid| LaneStats {
+            lane,
+            ready: 2,
+            held: 1,
+            free: 1,
+            consumer_pid: pid,
+            consumer_wait_ns,
+            ..LaneStats::default()
+        };
+        RingSnapshot {
+            taken_mono_ns: (t_s * 1e9) as u64,
+            stats: RingStats {
+                generation: 42,
+                state: Some(ProducerState::Serving),
+                samples_ok: ok,
+                samples_skipped: 0,
+                producer_wait_ns,
+                batches_published: ok / 2,
+                lanes: vec![lane(0, 77), lane(1, 0)],
+            },
+            producer_start_unix_ns: 0,
+            heartbeat_mono_ns: (t_s * 1e9) as u64,
+            last_error: String::new(),
+            positions: vec![Some(LanePosition { epoch: 3, index: 4 }), None],
+            consumers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rates_and_shares_come_from_deltas() {
+        let h = [
+            snap(100.0, 0, 0, 0),
+            snap(159.0, 5900, 0, 0),
+            snap(160.0, 6000, 500_000_000, 0),
+        ];
+        let r = report(&layout(), 9, &h, 0);
+        let short = r.rates.short.as_ref().unwrap();
+        assert!((short.images_per_s - 100.0).abs() < 1e-6);
+        assert!((short.batches_per_s - 50.0).abs() < 1e-6);
+        let long = r.rates.long.as_ref().unwrap();
+        assert!((long.span_s - 60.0).abs() < 1e-6);
+        assert!((long.images_per_s - 100.0).abs() < 1e-6);
+        assert_eq!(r.lane_stats[0].consumer_wait_pct, Some(50.0));
+        assert!(r.verdict.contains("loader is the bottleneck"));
+        assert_eq!(r.lane_stats[0].occupancy, 0.75);
+        assert_eq!(r.lane_stats[0].epoch_progress, Some(0.5));
+        assert_eq!(r.lane_stats[1].epoch, None);
+        assert_eq!((r.batches_per_epoch, r.lanes, r.state), (10, 2, "serving"));
+        let text = render_text(&r);
+        assert!(text.contains("lane 0: epoch 3 batch 5/10"), "{text}");
+        assert!(text.contains("lane 1: nothing published yet"), "{text}");
+    }
+
+    #[test]
+    fn a_single_snapshot_has_no_rates() {
+        let r = report(&layout(), 9, &[snap(1.0, 10, 0, 0)], 0);
+        assert_eq!(r.rates.short, None);
+        assert_eq!(r.rates.long, None);
+        assert_eq!(r.verdict, "measuring");
+    }
+
+    #[test]
+    fn a_full_ring_with_a_waiting_loader_blames_the_trainer() {
+        let h = [snap(0.0, 0, 0, 0), snap(1.0, 0, 0, 900_000_000)];
+        let r = report(&layout(), 9, &h, 0);
+        assert!(
+            r.verdict.contains("trainer is the bottleneck"),
+            "{}",
+            r.verdict
+        );
+    }
+}

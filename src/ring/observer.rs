@@ -1,0 +1,491 @@
+//! A read-only observer of a running ring, for operator tools (`ringfeed stat`, `ringfeed
+//! peek`): no daemon round-trip, no lane taken, nothing written into the ring.
+//!
+//! # Brief overview
+//!
+//! [`Observer::open`] reads the producer pid from `<name>.lock`, finds the producer's memfd
+//! among `/proc/<pid>/fd/*` (its link reads `/memfd:ringfeed:<name> (deleted)`), opens it
+//! read-only, validates the control region exactly as a consumer does, and maps the control
+//! region **read-only**. [`Observer::snapshot`] then reads the counters; [`Observer::peek`]
+//! copies one published batch out of a slot without taking it (a seqlock on the slot's
+//! `state`/`seq`, see there). Opening `/proc/<pid>/fd/<n>` needs the same rights as
+//! `ptrace`-reading the producer: in practice, the same user.
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::consumer::read_layout;
+use super::futex::{self, mono_ns};
+use super::layout::{consumer as centry, hdr, lane as lentry, FormatError, Layout};
+use super::memory::{self, Control};
+use super::producer::{LaneStats, ProducerState, RingStats};
+use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
+use super::slot::{self, Slot};
+
+/// Why a ring could not be observed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ObserveError {
+    /// Bad name or unsafe runtime directory.
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    /// No lock file: no producer of that name has run here.
+    #[error("ring {name:?}: no producer is running ({path}: {source})")]
+    NotRunning {
+        /// Ring name.
+        name: String,
+        /// Lock file path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The lock file does not hold a pid.
+    #[error("ring {name:?}: lock file {path} holds {content:?}, not a producer pid")]
+    BadLockFile {
+        /// Ring name.
+        name: String,
+        /// Lock file path.
+        path: PathBuf,
+        /// What it holds (truncated).
+        content: String,
+    },
+    /// The producer process is gone or holds no memfd of that ring.
+    #[error("ring {name:?}: producer pid {pid}: {reason}")]
+    NoRing {
+        /// Ring name.
+        name: String,
+        /// The pid from the lock file.
+        pid: u32,
+        /// Why no ring was found.
+        reason: String,
+    },
+    /// The memfd is not sealed against shrinking.
+    #[error("ring {name:?}: memfd is not sealed against shrinking; refusing to map it")]
+    NotSealed {
+        /// Ring name.
+        name: String,
+    },
+    /// The ring's header is invalid.
+    #[error("ring {name:?}: {source}")]
+    Format {
+        /// Ring name.
+        name: String,
+        /// What is wrong.
+        source: FormatError,
+    },
+    /// Reading or mapping the memfd failed.
+    #[error("ring {name:?}: {what}: {source}")]
+    Io {
+        /// Ring name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why [`Observer::peek`] returned no batch.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PeekError {
+    /// The lane number is not below the ring's lane count.
+    #[error("ring {name:?}: lane {lane} out of range (lane_count {lane_count})")]
+    NoSuchLane {
+        /// Ring name.
+        name: String,
+        /// Requested lane.
+        lane: u32,
+        /// Lanes in the ring.
+        lane_count: u32,
+    },
+    /// No published batch could be copied consistently within the timeout.
+    #[error("ring {name:?} lane {lane}: no published batch could be copied within {waited:?} (is the lane drained as fast as it is filled?)")]
+    Timeout {
+        /// Ring name.
+        name: String,
+        /// Lane.
+        lane: u32,
+        /// The timeout.
+        waited: Duration,
+    },
+    /// Reading the slot's data failed.
+    #[error("ring {name:?}: reading slot data: {source}")]
+    Io {
+        /// Ring name.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Position of a lane's last published batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LanePosition {
+    /// Epoch of the last published batch.
+    pub epoch: u64,
+    /// Its index within the epoch for this lane.
+    pub index: u64,
+}
+
+/// One consumer table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerEntry {
+    /// Consumer pid.
+    pub pid: u32,
+    /// Its lane.
+    pub lane: u32,
+    /// Wall-clock attach time, ns since the Unix epoch.
+    pub attach_unix_ns: u64,
+    /// `CLOCK_MONOTONIC` ns of its last `next`/`release`.
+    pub heartbeat_mono_ns: u64,
+    /// Batches taken since attach.
+    pub taken: u64,
+}
+
+/// Everything [`Observer::snapshot`] reads at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingSnapshot {
+    /// `CLOCK_MONOTONIC` ns when the snapshot was taken.
+    pub taken_mono_ns: u64,
+    /// The counters the producer's status line uses.
+    pub stats: RingStats,
+    /// Producer start, ns since the Unix epoch.
+    pub producer_start_unix_ns: u64,
+    /// The producer's last heartbeat, `CLOCK_MONOTONIC` ns.
+    pub heartbeat_mono_ns: u64,
+    /// The last skip or failure reason (empty if none).
+    pub last_error: String,
+    /// Per lane, the last published batch (`None` before the first publish).
+    pub positions: Vec<Option<LanePosition>>,
+    /// Attached consumers (non-empty entries of the consumer table).
+    pub consumers: Vec<ConsumerEntry>,
+}
+
+/// One batch copied out of a slot by [`Observer::peek`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeekedBatch {
+    /// Lane.
+    pub lane: u32,
+    /// Lane-local sequence number.
+    pub seq: u64,
+    /// Epoch.
+    pub epoch: u64,
+    /// Batch index within the epoch.
+    pub index: u64,
+    /// Samples in the batch.
+    pub count: u32,
+    /// Each tensor's bytes, in the order of [`Layout::tensors`].
+    pub tensors: Vec<Vec<u8>>,
+}
+
+/// A read-only view of a running producer's ring.
+pub struct Observer {
+    name: String,
+    producer_pid: u32,
+    layout: Layout,
+    file: File,
+    control: Control,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer")
+            .field("name", &self.name)
+            .field("producer_pid", &self.producer_pid)
+            .field("generation", &self.layout.generation)
+            .finish()
+    }
+}
+
+/// The link target of a ring's memfd in `/proc/<pid>/fd` (the name given to `memfd_create`
+/// in `memory::create_memfd`, which the kernel prefixes with `memfd:`).
+fn memfd_link(name: &str) -> String {
+    format!("/memfd:ringfeed:{name} (deleted)")
+}
+
+impl Observer {
+    /// Finds ring `name`'s producer through `dir`'s lock file and opens its memory read-only.
+    pub fn open(dir: &RuntimeDir, name: &str) -> Result<Observer, ObserveError> {
+        validate_name(name)?;
+        dir.check()?;
+        let name = name.to_owned();
+        let lock_path = dir.lock_path(&name);
+        let text =
+            std::fs::read_to_string(&lock_path).map_err(|source| ObserveError::NotRunning {
+                name: name.clone(),
+                path: lock_path.clone(),
+                source,
+            })?;
+        let pid: u32 = text.trim().parse().map_err(|_| ObserveError::BadLockFile {
+            name: name.clone(),
+            path: lock_path.clone(),
+            content: text.chars().take(40).collect(),
+        })?;
+        let no_ring = |reason: String| ObserveError::NoRing {
+            name: name.clone(),
+            pid,
+            reason,
+        };
+        let fd_dir = PathBuf::from(format!("/proc/{pid}/fd"));
+        let entries = std::fs::read_dir(&fd_dir).map_err(|e| {
+            no_ring(format!(
+                "cannot list {} ({e}): the producer has exited (stale lock file) or runs as another user",
+                fd_dir.display()
+            ))
+        })?;
+        let want = memfd_link(&name);
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            if std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                found.push(entry.path());
+            }
+        }
+        let io = |what| {
+            let name = name.clone();
+            move |source| ObserveError::Io { name, what, source }
+        };
+        let mut last_err = None;
+        for path in &found {
+            let file = File::open(path).map_err(io("opening the memfd read-only"))?;
+            if !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
+                return Err(ObserveError::NotSealed { name });
+            }
+            let file_len = file.metadata().map_err(io("fstat of the memfd"))?.len();
+            let layout = match read_layout(&file, file_len) {
+                Ok(l) => l,
+                Err(source) => {
+                    last_err = Some(source);
+                    continue;
+                }
+            };
+            if layout.name != name {
+                continue;
+            }
+            let control = Control::map_read_only(&file, layout.data_offset)
+                .map_err(io("mapping the control region"))?;
+            return Ok(Observer {
+                name,
+                producer_pid: pid,
+                layout,
+                file,
+                control,
+            });
+        }
+        Err(match last_err {
+            Some(source) => ObserveError::Format { name, source },
+            None => no_ring(format!("holds no memfd whose link reads {want:?}")),
+        })
+    }
+
+    /// The ring's validated layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The producer pid (from the lock file).
+    pub fn producer_pid(&self) -> u32 {
+        self.producer_pid
+    }
+
+    /// Whether the producer process still exists.
+    pub fn producer_alive(&self) -> bool {
+        std::path::Path::new(&format!("/proc/{}", self.producer_pid)).exists()
+            && self
+                .snapshot_state()
+                .is_some_and(|s| !matches!(s, ProducerState::Stopped | ProducerState::Failed))
+    }
+
+    fn snapshot_state(&self) -> Option<ProducerState> {
+        ProducerState::from_code(self.control.u32(hdr::PRODUCER_STATE as u64).load(Acquire))
+    }
+
+    /// Reads every counter, the lane positions and the consumer table.
+    pub fn snapshot(&self) -> RingSnapshot {
+        let c = &self.control;
+        let l = &self.layout;
+        let positions = (0..l.lane_count)
+            .map(|lane| {
+                let e = l.lane_entry(lane);
+                (c.u64(e + lentry::PUBLISHED).load(Relaxed) > 0).then(|| LanePosition {
+                    epoch: c.u64(e + lentry::EPOCH).load(Relaxed),
+                    index: c.u64(e + lentry::INDEX).load(Relaxed),
+                })
+            })
+            .collect();
+        let consumers = (0..l.consumer_capacity.min(l.lane_count))
+            .filter_map(|i| {
+                let e = l.consumer_entry(i);
+                let pid = c.u32(e + centry::PID).load(Acquire);
+                (pid != 0).then(|| ConsumerEntry {
+                    pid,
+                    lane: c.u32(e + centry::LANE).load(Relaxed),
+                    attach_unix_ns: c.u64(e + centry::ATTACH_UNIX_NS).load(Relaxed),
+                    heartbeat_mono_ns: c.u64(e + centry::HEARTBEAT_MONO_NS).load(Relaxed),
+                    taken: c.u64(e + centry::TAKEN).load(Relaxed),
+                })
+            })
+            .collect();
+        let raw = c.load_bytes(hdr::LAST_ERROR as u64, super::layout::LAST_ERROR_BYTES);
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        RingSnapshot {
+            taken_mono_ns: mono_ns(),
+            stats: read_stats(c, l),
+            producer_start_unix_ns: c.u64(hdr::START_UNIX_NS as u64).load(Relaxed),
+            heartbeat_mono_ns: c.u64(hdr::HEARTBEAT_MONO_NS as u64).load(Acquire),
+            last_error: String::from_utf8_lossy(&raw[..end]).into_owned(),
+            positions,
+            consumers,
+        }
+    }
+
+    /// Copies the newest published batch of `lane` without taking it, waiting up to
+    /// `timeout` for one.
+    ///
+    /// The copy is a seqlock read: load the slot's `state` (acquire; `READY` or `HELD`) and
+    /// `seq`, copy the tensors with `pread` from the memfd, then (after an acquire fence)
+    /// load `state` and `seq` again. The producer only writes a slot after it became `FREE`
+    /// and then `WRITING`, and every publish gives it a larger `seq`; so if the second load
+    /// still sees `READY`/`HELD` with the same `seq`, no write into the slot overlapped the
+    /// copy. Otherwise the copy is thrown away and tried again. The consumer's batch is never
+    /// touched: the observer maps nothing writable and writes nothing.
+    pub fn peek(&self, lane: u32, timeout: Duration) -> Result<PeekedBatch, PeekError> {
+        let l = &self.layout;
+        if lane >= l.lane_count {
+            return Err(PeekError::NoSuchLane {
+                name: self.name.clone(),
+                lane,
+                lane_count: l.lane_count,
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let publish_seq = self.control.u32(l.lane_entry(lane) + lentry::PUBLISH_SEQ);
+        loop {
+            let v = publish_seq.load(Acquire);
+            if let Some(batch) = self.try_peek(lane)? {
+                return Ok(batch);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PeekError::Timeout {
+                    name: self.name.clone(),
+                    lane,
+                    waited: timeout,
+                });
+            }
+            // FUTEX_WAIT only reads the word, so it works on the read-only mapping.
+            futex::wait(
+                publish_seq,
+                v,
+                (deadline - now).min(Duration::from_millis(100)),
+            );
+        }
+    }
+
+    fn try_peek(&self, lane: u32) -> Result<Option<PeekedBatch>, PeekError> {
+        let l = &self.layout;
+        let published = |state| state == slot::READY || state == slot::HELD;
+        // Newest first: it stays in the ring longest, so the copy is least likely to race.
+        let mut candidates: Vec<(u64, u32)> = (0..l.slots_per_lane)
+            .filter_map(|s| {
+                let slot = Slot::new(&self.control, l, lane, s);
+                published(slot.state()).then(|| (slot.seq(), s))
+            })
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, s) in candidates {
+            let slot = Slot::new(&self.control, l, lane, s);
+            // SYNC POINT with the release store of READY in Slot::publish: the payload and
+            // metadata of this publish are visible to the copy below.
+            if !published(slot.state()) {
+                continue;
+            }
+            let meta = slot.meta();
+            let base = l.data_offset + l.slot_data(lane, s);
+            let mut tensors = Vec::with_capacity(l.tensors.len());
+            for t in &l.tensors {
+                let mut buf = vec![0u8; t.bytes as usize];
+                self.read_exact_at(&mut buf, base + t.offset)?;
+                tensors.push(buf);
+            }
+            // Orders the copy's loads before the re-check (the seqlock's read side).
+            std::sync::atomic::fence(Acquire);
+            if published(slot.state()) && slot.seq() == meta.seq {
+                return Ok(Some(PeekedBatch {
+                    lane,
+                    seq: meta.seq,
+                    epoch: meta.epoch,
+                    index: meta.index,
+                    count: meta.count,
+                    tensors,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), PeekError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match rustix::io::pread(&self.file, &mut buf[got..], offset + got as u64) {
+                Ok(0) => {
+                    return Err(PeekError::Io {
+                        name: self.name.clone(),
+                        source: io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Ok(n) => got += n,
+                Err(e) => {
+                    return Err(PeekError::Io {
+                        name: self.name.clone(),
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The counters of the status line, read from a control region (the producer's own mapping
+/// or an observer's read-only one).
+pub(super) fn read_stats(c: &Control, layout: &Layout) -> RingStats {
+    let lanes = (0..layout.lane_count)
+        .map(|l| {
+            let mut st = LaneStats {
+                lane: l,
+                ..LaneStats::default()
+            };
+            for s in 0..layout.slots_per_lane {
+                match Slot::new(c, layout, l, s).state() {
+                    slot::FREE => st.free += 1,
+                    slot::WRITING => st.writing += 1,
+                    slot::READY => st.ready += 1,
+                    _ => st.held += 1,
+                }
+            }
+            let e = layout.lane_entry(l);
+            st.consumer_pid = c.u32(e + lentry::CONSUMER_PID).load(Relaxed);
+            st.consumer_wait_ns = c.u64(e + lentry::CONSUMER_WAIT_NS).load(Relaxed);
+            st.producer_wait_ns = c.u64(e + lentry::PRODUCER_WAIT_NS).load(Relaxed);
+            st.published = c.u64(e + lentry::PUBLISHED).load(Relaxed);
+            st.released = c.u64(e + lentry::RELEASED).load(Relaxed);
+            st.stream = c.u32(e + lentry::STREAM).load(Relaxed);
+            st
+        })
+        .collect();
+    RingStats {
+        generation: layout.generation,
+        state: ProducerState::from_code(c.u32(hdr::PRODUCER_STATE as u64).load(Acquire)),
+        samples_ok: c.u64(hdr::SAMPLES_OK as u64).load(Relaxed),
+        samples_skipped: c.u64(hdr::SAMPLES_SKIPPED as u64).load(Relaxed),
+        producer_wait_ns: c.u64(hdr::PRODUCER_WAIT_NS as u64).load(Relaxed),
+        batches_published: c.u64(hdr::BATCHES_PUBLISHED as u64).load(Relaxed),
+        lanes,
+    }
+}
