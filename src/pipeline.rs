@@ -112,6 +112,10 @@ pub struct PipelineCounters {
     pub read_ns: AtomicU64,
     /// Nanoseconds spent decoding and augmenting, summed over workers.
     pub process_ns: AtomicU64,
+    /// Epoch of the last batch published in lane 0 (for progress displays).
+    pub lane0_epoch: AtomicU64,
+    /// Index of the last batch published in lane 0, plus one (0 = none yet this epoch).
+    pub lane0_batches_done: AtomicU64,
     last_error: Mutex<String>,
 }
 
@@ -305,7 +309,7 @@ impl Pipeline {
         self.counters
             .samples_skipped
             .fetch_add(1, Ordering::Relaxed);
-        eprintln!("ringfeed: skipped sample {message}");
+        log::warn!("skipped sample {message}");
         if let Ok(mut last) = self.counters.last_error.lock() {
             message.clone_into(&mut last);
         }
@@ -377,6 +381,14 @@ impl Pipeline {
                 last_of_epoch: cursor.index + 1 == per_epoch,
             });
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            if lane == 0 {
+                self.counters
+                    .lane0_epoch
+                    .store(cursor.epoch, Ordering::Relaxed);
+                self.counters
+                    .lane0_batches_done
+                    .store(cursor.index + 1, Ordering::Relaxed);
+            }
             cursors[lane as usize] = cursor.advance(per_epoch);
         }
         Ok(())

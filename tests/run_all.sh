@@ -10,7 +10,9 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test (unit, integration and multi-process tests; clippy above compiled the benches)"
 cargo test --lib --bins --tests
-echo "== cargo build (binary for the Python tests)"
-cargo build
+# `cargo test` built target/debug/ringfeed for the integration tests (with the same features:
+# a separate `cargo build` would recompile the dependencies without the dev-dependencies'
+# features), so the Python tests use that binary.
+test -x target/debug/ringfeed
 echo "== pytest clients/python"
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests

@@ -110,13 +110,10 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
     let issues = dataset.skipped_at_index();
     if !issues.is_empty() {
         for issue in issues.iter().take(10) {
-            eprintln!("ringfeed: skipped while indexing: {issue}");
+            log::warn!("skipped while indexing: {issue}");
         }
         if issues.len() > 10 {
-            eprintln!(
-                "ringfeed: … and {} more skipped while indexing",
-                issues.len() - 10
-            );
+            log::warn!("… and {} more skipped while indexing", issues.len() - 10);
         }
     }
     let n = dataset.len();

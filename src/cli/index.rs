@@ -26,8 +26,8 @@ pub(crate) fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
         let loaded = load_or_build_index(shard, args.index_dir.as_deref())?;
         let index = &loaded.index;
         for issue in &index.issues {
-            eprintln!(
-                "ringfeed: skipped {}:{}: {}",
+            log::warn!(
+                "skipped {}:{}: {}",
                 shard.display(),
                 issue.member,
                 issue.reason

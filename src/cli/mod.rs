@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod consume;
 mod index;
+mod logging;
 mod metrics;
 mod pack;
 mod peek;
@@ -52,6 +53,7 @@ enum Command {
 /// Parses the command line and runs the subcommand.
 pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    logging::init();
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),

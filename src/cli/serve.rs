@@ -11,7 +11,7 @@ use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{Producer, RingSpec, RuntimeDir};
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
-use super::status::StatusReporter;
+use super::status::{EpochShape, StatusReporter};
 
 /// Flags of `ringfeed serve`.
 #[derive(Debug, Args)]
@@ -62,8 +62,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("cannot install the SIGINT/SIGTERM handler")?;
     }
-    eprintln!(
-        "ringfeed: serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers) — attach with ringfeed.Loader({:?})",
+    log::info!(
+        "serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers) — attach with ringfeed.Loader({:?})",
         spec.name,
         spec.lanes,
         spec.slots_per_lane,
@@ -80,6 +80,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Duration::from_secs_f64(plan.file.workers.status_interval_s),
         Arc::clone(&stop),
         args.exit_when_done,
+        EpochShape {
+            batches_per_epoch: spec.batches_per_epoch,
+            epochs: spec.epochs,
+            batch_size: spec.batch_size,
+            lanes: spec.lanes,
+        },
     );
     let metrics = args
         .metrics
@@ -95,7 +101,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     match result {
         Ok(()) => {
-            eprintln!("ringfeed: stopped; ring '{}' removed", spec.name);
+            log::info!("stopped; ring '{}' removed", spec.name);
             drop(producer);
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,8 @@
 //! The periodic status line of `serve`: throughput, ring occupancy per lane, and who waits for
-//! whom — the figure that says whether the loader or the trainer is the bottleneck.
+//! whom — the figure that says whether the loader or the trainer is the bottleneck. On a
+//! terminal, a progress bar for the current epoch is redrawn in place between status lines.
 
+use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,12 +25,16 @@ impl StatusReporter {
         interval: Duration,
         stop: Arc<AtomicBool>,
         stop_when_drained: bool,
+        epoch_shape: EpochShape,
     ) -> StatusReporter {
+        let tty = std::io::stderr().is_terminal();
         let handle = std::thread::Builder::new()
             .name("ringfeed-status".into())
             .spawn(move || {
                 let mut last = (Instant::now(), producer.stats());
                 let mut next_line = Instant::now() + interval;
+                let mut next_bar = Instant::now();
+                let mut bar_rate = RateWindow::new();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
@@ -36,16 +42,28 @@ impl StatusReporter {
                         if s.state == Some(ProducerState::Finished)
                             && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0)
                         {
-                            eprintln!("ringfeed: every epoch served and released; exiting");
+                            log::info!("every epoch served and released; exiting");
                             stop.store(true, Ordering::Relaxed);
                             break;
                         }
                     }
                     if Instant::now() >= next_line {
                         let now = (Instant::now(), producer.stats());
-                        eprintln!("{}", status_line(&last, &now, &counters));
+                        log::info!("{}", status_line(&last, &now, &counters));
                         last = now;
                         next_line += interval;
+                    }
+                    if tty && Instant::now() >= next_bar {
+                        let images = counters.samples_ok.load(Ordering::Relaxed);
+                        let rate = bar_rate.push(Instant::now(), images);
+                        let bar = progress_bar(
+                            &epoch_shape,
+                            counters.lane0_epoch.load(Ordering::Relaxed),
+                            counters.lane0_batches_done.load(Ordering::Relaxed),
+                            rate,
+                        );
+                        let _ = write!(std::io::stderr().lock(), "\r\x1b[2K{bar}");
+                        next_bar += Duration::from_millis(250);
                     }
                 }
             })
@@ -57,6 +75,74 @@ impl StatusReporter {
     pub(crate) fn join(self) {
         let _ = self.handle.join();
     }
+}
+
+/// What the progress bar measures against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EpochShape {
+    /// Batches per epoch and lane.
+    pub(crate) batches_per_epoch: u64,
+    /// Epochs to serve, 0 = unbounded.
+    pub(crate) epochs: u64,
+    /// Samples per batch.
+    pub(crate) batch_size: u32,
+    /// Lanes (every lane advances at about the same pace).
+    pub(crate) lanes: u32,
+}
+
+/// Images/s over the last few seconds, from (time, images) samples.
+struct RateWindow {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    fn new() -> RateWindow {
+        RateWindow {
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Adds a sample and returns the rate over the window (0 until two samples exist).
+    fn push(&mut self, at: Instant, images: u64) -> f64 {
+        self.samples.push_back((at, images));
+        while self.samples.len() > 2 && at - self.samples[0].0 > Duration::from_secs(5) {
+            self.samples.pop_front();
+        }
+        let (t0, n0) = self.samples[0];
+        let dt = (at - t0).as_secs_f64();
+        if dt > 0.0 {
+            images.saturating_sub(n0) as f64 / dt
+        } else {
+            0.0
+        }
+    }
+}
+
+/// `epoch 2/10 [#########-----------]  45% 123/270 batches  1234 img/s  ETA 0:32`
+pub(crate) fn progress_bar(shape: &EpochShape, epoch: u64, done: u64, rate: f64) -> String {
+    const WIDTH: usize = 24;
+    let total = shape.batches_per_epoch.max(1);
+    let done = done.min(total);
+    let filled = (done as usize * WIDTH) / total as usize;
+    let epochs = if shape.epochs == 0 {
+        "∞".to_owned()
+    } else {
+        shape.epochs.to_string()
+    };
+    let left_images = (total - done) as f64 * f64::from(shape.batch_size) * f64::from(shape.lanes);
+    let eta = if rate > 0.0 {
+        let s = (left_images / rate).round() as u64;
+        format!("{}:{:02}", s / 60, s % 60)
+    } else {
+        "–".to_owned()
+    };
+    format!(
+        "epoch {}/{epochs} [{}{}] {:3.0}% {done}/{total} batches  {rate:.0} img/s  ETA {eta}",
+        epoch + 1,
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled),
+        done as f64 / total as f64 * 100.0,
+    )
 }
 
 /// Share of `elapsed` that `waited_ns` represents, in percent (0–100).
@@ -131,6 +217,25 @@ mod tests {
         assert!(verdict(&[37.0, 2.0], 0.0).contains("loader is the bottleneck"));
         assert!(verdict(&[1.0], 80.0).contains("trainer is the bottleneck"));
         assert_eq!(verdict(&[1.0], 1.0), "balanced");
+    }
+
+    #[test]
+    fn progress_bar_shows_position_rate_and_eta() {
+        let shape = EpochShape {
+            batches_per_epoch: 100,
+            epochs: 3,
+            batch_size: 10,
+            lanes: 1,
+        };
+        let bar = progress_bar(&shape, 1, 25, 100.0);
+        assert!(
+            bar.starts_with("epoch 2/3 [######------------------]  25% 25/100"),
+            "{bar}"
+        );
+        assert!(bar.ends_with("100 img/s  ETA 0:08"), "{bar}"); // 750 images at 100/s = 7.5 s
+        let unbounded = EpochShape { epochs: 0, ..shape };
+        assert!(progress_bar(&unbounded, 0, 0, 0.0).contains("epoch 1/∞"));
+        assert!(progress_bar(&unbounded, 0, 0, 0.0).ends_with("ETA –"));
     }
 
     #[test]
