@@ -188,7 +188,7 @@ pub(crate) fn status_line(
     let verdict = verdict(&trainer_waits, producer_wait);
     let skipped = counters.samples_skipped.load(Ordering::Relaxed);
     format!(
-        "ringfeed: {rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped} | {verdict}",
+        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped} | {verdict}",
         lanes.join(" | ")
     )
 }
