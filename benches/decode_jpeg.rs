@@ -1,43 +1,11 @@
 //! JPEG decode, one thread: full decode vs region-of-interest decode of random-resized-crop
 //! sized regions (the same regions every run), per image.
 
+mod common;
+
+use common::bench_images;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ringfeed::decode::{DecodeRequest, Decoder, Rect, Scale, DEFAULT_MAX_PIXELS};
-
-/// Up to 64 real-photo JPEGs: /work/shared/data/photos-dev when present (or $RINGFEED_BENCH_DIR,
-/// an ImageFolder tree), else the repository's JPEG fixtures.
-fn bench_images() -> (String, Vec<Vec<u8>>) {
-    let dir = std::env::var("RINGFEED_BENCH_DIR")
-        .unwrap_or_else(|_| "/work/shared/data/photos-dev/imagefolder".to_owned());
-    let mut paths: Vec<std::path::PathBuf> = glob::glob(&format!("{dir}/*/*.jpg"))
-        .map(|g| g.filter_map(Result::ok).collect())
-        .unwrap_or_default();
-    let source = if paths.is_empty() {
-        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-        paths = [
-            "coffee_420.jpg",
-            "chelsea_444.jpg",
-            "rocket_progressive.jpg",
-        ]
-        .iter()
-        .map(|n| std::path::Path::new(fixtures).join(n))
-        .collect();
-        "tests/fixtures".to_owned()
-    } else {
-        dir.trim_end_matches('/')
-            .rsplit('/')
-            .nth(1)
-            .unwrap_or("images")
-            .to_owned()
-    };
-    paths.sort();
-    paths.truncate(64);
-    let images = paths
-        .iter()
-        .map(|p| std::fs::read(p).expect("readable image"))
-        .collect();
-    (source, images)
-}
 
 /// Deterministic crop regions like RandomResizedCrop's (area 8–100 %, ratio 3/4–4/3).
 fn regions(decoder: &mut Decoder, images: &[Vec<u8>]) -> Vec<Rect> {

@@ -1,37 +1,18 @@
 //! Tar datasets end to end: sidecar index placement, reuse and staleness, members skipped at
 //! index time, and errors when shards change under a running reader.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use common::tar;
 use ringfeed::source::index::{index_path_beside, index_path_in};
 use ringfeed::source::{
     load_or_build_index, Dataset, IssueReason, SampleReadError, SourceConfig, SourceError,
 };
-
-/// A minimal ustar writer: regular files only, names up to 100 bytes.
-fn tar(members: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in members {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..107].copy_from_slice(b"0000644");
-        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
-        h[136..147].copy_from_slice(b"00000000000");
-        h[156] = b'0';
-        h[257..265].copy_from_slice(b"ustar\x0000");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
 
 fn samples(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
     (0..n)
@@ -51,11 +32,7 @@ fn samples(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 fn write_tar(path: &Path, members: &[(String, Vec<u8>)]) {
-    let refs: Vec<(&str, &[u8])> = members
-        .iter()
-        .map(|(n, d)| (n.as_str(), d.as_slice()))
-        .collect();
-    fs::write(path, tar(&refs)).unwrap();
+    fs::write(path, tar(members)).unwrap();
 }
 
 fn cfg(spec: &str, index_dir: Option<&Path>) -> SourceConfig {
@@ -262,12 +239,7 @@ fn missing_label_bad_label_and_unknown_ext_are_skipped_and_counted() {
 #[test]
 fn truncated_tar_keeps_the_samples_before_the_cut() {
     let dir = tempfile::tempdir().unwrap();
-    let members = samples("t", 4);
-    let refs: Vec<(&str, &[u8])> = members
-        .iter()
-        .map(|(n, d)| (n.as_str(), d.as_slice()))
-        .collect();
-    let bytes = tar(&refs);
+    let bytes = tar(&samples("t", 4));
     // Each sample is 2 members of 1024 bytes; cut in the middle of the third sample's image data.
     fs::write(dir.path().join("cut.tar"), &bytes[..2 * 2048 + 512 + 4]).unwrap();
     fs::write(dir.path().join("whole.tar"), &bytes).unwrap();

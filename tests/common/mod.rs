@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use image::codecs::jpeg::JpegEncoder;
 use image::{ImageEncoder, RgbImage};
 
-/// A ustar archive of `(name, bytes)` members.
-pub fn tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+/// A ustar archive of `(name, bytes)` members (regular files, names up to 100 bytes).
+pub fn tar<N: AsRef<str>, D: AsRef<[u8]>>(members: &[(N, D)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, data) in members {
+        let (name, data) = (name.as_ref(), data.as_ref());
         let mut h = [0u8; 512];
         h[..name.len()].copy_from_slice(name.as_bytes());
         h[100..107].copy_from_slice(b"0000644");
