@@ -99,6 +99,43 @@ impl Cursor {
     }
 }
 
+/// Upper bounds, in seconds, of the per-sample processing time histogram's buckets.
+pub const SAMPLE_TIME_BUCKETS_S: [f64; 10] = [
+    0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
+];
+
+/// A lock-free histogram of per-sample decode + augment + write times (Prometheus style:
+/// counts per upper bound, plus a last bucket for anything slower, a sum and a count).
+#[derive(Debug, Default)]
+pub struct SampleTimes {
+    buckets: [AtomicU64; SAMPLE_TIME_BUCKETS_S.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl SampleTimes {
+    /// Records one sample's time.
+    pub fn record(&self, ns: u64) {
+        let s = ns as f64 / 1e9;
+        let bucket = SAMPLE_TIME_BUCKETS_S
+            .iter()
+            .position(|&bound| s <= bound)
+            .unwrap_or(SAMPLE_TIME_BUCKETS_S.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Counts per bucket (the last one is "slower than every bound"), and the sum in ns.
+    pub fn snapshot(&self) -> (Vec<u64>, u64) {
+        (
+            self.buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            self.sum_ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Counters the status line and `bench` read while the pipeline runs.
 #[derive(Debug, Default)]
 pub struct PipelineCounters {
@@ -116,6 +153,8 @@ pub struct PipelineCounters {
     pub lane0_epoch: AtomicU64,
     /// Index of the last batch published in lane 0, plus one (0 = none yet this epoch).
     pub lane0_batches_done: AtomicU64,
+    /// Per-sample decode + augment + write times.
+    pub sample_times: SampleTimes,
     last_error: Mutex<String>,
 }
 
@@ -280,9 +319,9 @@ impl Pipeline {
                     let r =
                         self.augmenter
                             .process(&buffers.encoded, key, out, &mut buffers.scratch);
-                    self.counters
-                        .process_ns
-                        .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let ns = t1.elapsed().as_nanos() as u64;
+                    self.counters.process_ns.fetch_add(ns, Ordering::Relaxed);
+                    self.counters.sample_times.record(ns);
                     r.map_err(|e| e.to_string())
                 }
                 Err(e) => Err(e.to_string()),
@@ -442,6 +481,20 @@ mod tests {
         let c = Cursor { epoch: 2, index: 4 };
         assert_eq!(c.advance(5), Cursor { epoch: 3, index: 0 });
         assert_eq!(c.advance(6), Cursor { epoch: 2, index: 5 });
+    }
+
+    #[test]
+    fn sample_times_fall_into_their_buckets() {
+        let t = SampleTimes::default();
+        t.record(100_000); // 0.1 ms → first bucket
+        t.record(1_000_000); // exactly 1 ms → the 1 ms bucket
+        t.record(1_000_000_000); // 1 s → slower than every bound
+        let (counts, sum) = t.snapshot();
+        assert_eq!(counts[0], 1);
+        assert_eq!(counts[2], 1);
+        assert_eq!(counts[SAMPLE_TIME_BUCKETS_S.len()], 1);
+        assert_eq!(counts.iter().sum::<u64>(), 3);
+        assert_eq!(sum, 1_001_100_000);
     }
 
     #[test]

@@ -40,8 +40,35 @@ fn metrics_endpoint_serves_prometheus_text() {
         "ringfeed_lane_slots_ready{ring=\"metricsring\",lane=\"0\"}",
         "ringfeed_lane_consumer_attached{ring=\"metricsring\",lane=\"0\"} 0",
         "ringfeed_producer_wait_seconds_total{ring=\"metricsring\"}",
+        "# TYPE ringfeed_sample_process_seconds histogram",
+        "ringfeed_sample_process_seconds_bucket{ring=\"metricsring\",le=\"+Inf\"}",
     ] {
         assert!(body.contains(m), "missing {m:?} in:\n{body}");
+    }
+    // The histogram counts every sample written so far: its count equals its +Inf bucket,
+    // and it grows once the pipeline has filled the ring's first slots.
+    let value = |body: &str, prefix: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{body}"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let reply = get(&addr, "/metrics");
+        let body = reply.split("\r\n\r\n").nth(1).unwrap();
+        let count = value(body, "ringfeed_sample_process_seconds_count");
+        let inf = "ringfeed_sample_process_seconds_bucket{ring=\"metricsring\",le=\"+Inf\"}";
+        assert_eq!(count, value(body, inf));
+        if count > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sample timed:\n{body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(get(&addr, "/nope").starts_with("HTTP/1.1 404"));
     assert!(daemon.terminate().success());

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use ringfeed::pipeline::{PipelineCounters, SampleTimes, SAMPLE_TIME_BUCKETS_S};
 use ringfeed::ring::{Producer, RingStats};
 
 /// The metrics responder thread.
@@ -22,6 +23,7 @@ impl MetricsServer {
     pub(crate) fn spawn(
         addr: SocketAddr,
         producer: Arc<Producer>,
+        counters: Arc<PipelineCounters>,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<MetricsServer> {
         let listener =
@@ -34,7 +36,9 @@ impl MetricsServer {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let _ = respond(stream, &render(&name, &producer.stats()));
+                            let mut body = render(&name, &producer.stats());
+                            body += &render_sample_times(&name, &counters.sample_times);
+                            let _ = respond(stream, &body);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(50)),
                     }
@@ -147,5 +151,25 @@ pub(crate) fn render(name: &str, s: &RingStats) -> String {
         "1 when a consumer is attached.",
         lanes(&|l| f64::from(u8::from(l.consumer_pid != 0))),
     );
+    out
+}
+
+/// The per-sample decode + augment + write time histogram, Prometheus style (cumulative
+/// buckets, `+Inf`, sum, count).
+pub(crate) fn render_sample_times(name: &str, times: &SampleTimes) -> String {
+    let (counts, sum_ns) = times.snapshot();
+    let m = "ringfeed_sample_process_seconds";
+    let mut out =
+        format!("# HELP {m} Time to decode, augment and write one sample.\n# TYPE {m} histogram\n");
+    let mut cumulative = 0;
+    for (i, count) in counts.iter().enumerate() {
+        cumulative += count;
+        let le = SAMPLE_TIME_BUCKETS_S
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+        out += &format!("{m}_bucket{{ring=\"{name}\",le=\"{le}\"}} {cumulative}\n");
+    }
+    out += &format!("{m}_sum{{ring=\"{name}\"}} {}\n", sum_ns as f64 / 1e9);
+    out += &format!("{m}_count{{ring=\"{name}\"}} {cumulative}\n");
     out
 }

@@ -90,7 +90,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let metrics = args
         .metrics
         .map(|addr| {
-            super::metrics::MetricsServer::spawn(addr, Arc::clone(&producer), Arc::clone(&stop))
+            super::metrics::MetricsServer::spawn(
+                addr,
+                Arc::clone(&producer),
+                pipeline.counters(),
+                Arc::clone(&stop),
+            )
         })
         .transpose()?;
     let result = pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 });
