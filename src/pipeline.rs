@@ -234,6 +234,11 @@ impl Pipeline {
         self.sampler.batches_per_epoch()
     }
 
+    /// The per-sample stage every worker runs.
+    pub fn augmenter(&self) -> &Augmenter {
+        &self.augmenter
+    }
+
     /// The batch schema slots are laid out by.
     pub fn schema(&self) -> &BatchSchema {
         &self.schema

@@ -19,7 +19,7 @@ pub enum TensorIndex {
 }
 
 /// The shape of one batch, derived from the batch size and the augmenter's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchSchema {
     /// Samples per batch.
     pub batch_size: u32,
@@ -29,17 +29,28 @@ pub struct BatchSchema {
     pub image_dtype: DType,
     /// `images` is `[B, H, W, C]` rather than `[B, C, H, W]`.
     pub nhwc: bool,
+    /// Normalisation mean per channel (unused channels and "not normalised" are 0), as the
+    /// ring header records it for tools that un-normalise.
+    pub mean: [f32; 4],
+    /// Normalisation std per channel (all 0 = not normalised).
+    pub std: [f32; 4],
 }
 
 impl BatchSchema {
     /// The schema for `batch_size` samples of `augmenter`'s output.
     pub fn new(batch_size: u32, augmenter: &Augmenter) -> BatchSchema {
         let (c, h, w) = augmenter.output_shape();
+        let (mean, std) = match augmenter.mean_std() {
+            Some((m, s)) => ([m[0], m[1], m[2], 0.0], [s[0], s[1], s[2], 0.0]),
+            None => ([0.0; 4], [0.0; 4]),
+        };
         BatchSchema {
             batch_size,
             chw: (c, h, w),
             image_dtype: ring_dtype(augmenter.out_dtype()),
             nhwc: augmenter.nhwc(),
+            mean,
+            std,
         }
     }
 
@@ -103,6 +114,8 @@ mod tests {
             chw: (3, 8, 6),
             image_dtype: DType::F32,
             nhwc: false,
+            mean: [0.0; 4],
+            std: [0.0; 4],
         };
         let t = s.tensors();
         assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use ringfeed::augment::{Augmenter, SampleKey};
+use ringfeed::augment::SampleKey;
 use ringfeed::decode::{DecodeRequest, Decoder};
 use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{AttachOptions, Consumer, Producer, RingSpec, RuntimeDir};
@@ -43,7 +43,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let plan = resolve_plan(&args.plan)?;
     let stages = build_stages(&plan)?;
     let dataset = &stages.dataset;
-    let augmenter = Augmenter::new(&plan.file.augment)?;
+    let augmenter = stages.pipeline.augmenter();
     let ids: Vec<u64> = (0..dataset.len().min(args.samples as u64)).collect();
     let seed = plan.file.sampling.seed;
 
@@ -153,21 +153,12 @@ fn end_to_end(
     let pipeline = &stages.pipeline;
     let dir = RuntimeDir::from_env()?;
     let name = format!("bench-{}", std::process::id());
-    let schema = pipeline.schema();
+    // A private, unbounded single-lane ring: the consumer below stops the run.
     let spec = RingSpec {
         name: name.clone(),
         lanes: 1,
-        slots_per_lane: plan.file.ring.slots_per_lane,
-        batch_size: plan.file.batch.size,
-        tensors: schema.tensors(),
-        drop_last: plan.file.sampling.drop_last,
-        nhwc: schema.nhwc,
-        batches_per_epoch: pipeline.batches_per_epoch(),
         epochs: 0,
-        seed: plan.file.sampling.seed,
-        samples_per_epoch: stages.dataset.len(),
-        mean: [0.0; 4],
-        std: [0.0; 4],
+        ..stages.ring_spec(plan)
     };
     let producer = Producer::create(&spec, &dir)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -9,6 +9,7 @@ use ringfeed::augment::Augmenter;
 use ringfeed::batch::BatchSchema;
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv, DEFAULT_BASE_DIR};
 use ringfeed::pipeline::Pipeline;
+use ringfeed::ring::RingSpec;
 use ringfeed::source::{Dataset, Sampler};
 
 /// The configuration file and the flags that override it.
@@ -148,6 +149,28 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         schema,
     )?;
     Ok(Stages { pipeline, dataset })
+}
+
+impl Stages {
+    /// The ring that serves this plan's batches: the configured name, lanes and epochs.
+    pub(crate) fn ring_spec(&self, plan: &Plan) -> RingSpec {
+        let schema = self.pipeline.schema();
+        RingSpec {
+            name: plan.name().to_owned(),
+            lanes: plan.file.ring.lanes,
+            slots_per_lane: plan.file.ring.slots_per_lane,
+            batch_size: plan.file.batch.size,
+            tensors: schema.tensors(),
+            drop_last: plan.file.sampling.drop_last,
+            nhwc: schema.nhwc,
+            batches_per_epoch: self.pipeline.batches_per_epoch(),
+            epochs: plan.file.sampling.epochs,
+            seed: plan.file.sampling.seed,
+            samples_per_epoch: self.dataset.len(),
+            mean: schema.mean,
+            std: schema.std,
+        }
+    }
 }
 
 fn source_hint(plan: &Plan) -> String {

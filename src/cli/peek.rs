@@ -143,20 +143,13 @@ fn from_config(args: &PeekArgs) -> anyhow::Result<RgbImage> {
         index: args.index,
     };
     pipeline.fill_batch(cursor, plan.ranks.rank(args.lane), &mut slices, &mut ids)?;
-    let (mean, std) = match ringfeed::augment::Augmenter::new(&plan.file.augment)
-        .ok()
-        .and_then(|a| a.mean_std())
-    {
-        Some((m, s)) => ([m[0], m[1], m[2], 0.0], [s[0], s[1], s[2], 0.0]),
-        None => ([0.0; 4], [0.0; 4]),
-    };
     render_grid(&BatchImages {
         images: &buffers[0],
         dtype: schema.image_dtype,
         chw: schema.chw,
         nhwc: schema.nhwc,
-        mean,
-        std,
+        mean: schema.mean,
+        std: schema.std,
         labels: &buffers[1],
         ids: &buffers[2],
     })

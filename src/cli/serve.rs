@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use ringfeed::pipeline::Cursor;
-use ringfeed::ring::{Producer, RingSpec, RuntimeDir};
+use ringfeed::ring::{Producer, RuntimeDir};
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
 use super::status::{EpochShape, StatusReporter};
@@ -36,23 +36,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     let stages = build_stages(&plan)?;
     let pipeline = &stages.pipeline;
-    let schema = pipeline.schema();
-    let (mean, std) = plan_mean_std(&plan);
-    let spec = RingSpec {
-        name: plan.name().to_owned(),
-        lanes: plan.file.ring.lanes,
-        slots_per_lane: plan.file.ring.slots_per_lane,
-        batch_size: plan.file.batch.size,
-        tensors: schema.tensors(),
-        drop_last: plan.file.sampling.drop_last,
-        nhwc: schema.nhwc,
-        batches_per_epoch: pipeline.batches_per_epoch(),
-        epochs: plan.file.sampling.epochs,
-        seed: plan.file.sampling.seed,
-        samples_per_epoch: stages.dataset.len(),
-        mean,
-        std,
-    };
+    let spec = stages.ring_spec(&plan);
     let dir = RuntimeDir::from_env()?;
     let producer = Arc::new(Producer::create(&spec, &dir)?);
 
@@ -62,6 +46,19 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("cannot install the SIGINT/SIGTERM handler")?;
     }
+    // Bind the metrics listener before announcing the ring, so a scraper that waits for the
+    // announcement finds it.
+    let metrics = args
+        .metrics
+        .map(|addr| {
+            super::metrics::MetricsServer::spawn(
+                addr,
+                Arc::clone(&producer),
+                pipeline.counters(),
+                Arc::clone(&stop),
+            )
+        })
+        .transpose()?;
     log::info!(
         "serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers) — attach with ringfeed.Loader({:?})",
         spec.name,
@@ -87,17 +84,6 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             lanes: spec.lanes,
         },
     );
-    let metrics = args
-        .metrics
-        .map(|addr| {
-            super::metrics::MetricsServer::spawn(
-                addr,
-                Arc::clone(&producer),
-                pipeline.counters(),
-                Arc::clone(&stop),
-            )
-        })
-        .transpose()?;
     let result = pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 });
     stop.store(true, Ordering::Relaxed);
     reporter.join();
@@ -117,15 +103,5 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(300));
             Err(err.into())
         }
-    }
-}
-
-fn plan_mean_std(plan: &ringfeed::config::Plan) -> ([f32; 4], [f32; 4]) {
-    match ringfeed::augment::Augmenter::new(&plan.file.augment)
-        .ok()
-        .and_then(|a| a.mean_std())
-    {
-        Some((m, s)) => ([m[0], m[1], m[2], 0.0], [s[0], s[1], s[2], 0.0]),
-        None => ([0.0; 4], [0.0; 4]),
     }
 }
