@@ -118,7 +118,9 @@ fn as_png(jpeg: &[u8]) -> Vec<u8> {
 }
 
 /// Random resized crops decoded with ROI are bit-identical to the full-decode path; resize +
-/// center crop (whose resampler reads a margin around the box) within 1/255.
+/// center crop (whose resampler reads a margin around the box) within 1/255. The
+/// EXIF-rotated JPEG is decoded by region in stored pixels and turned upright, compared with
+/// its upright PNG.
 #[test]
 fn roi_decode_matches_full_decode_through_augment() {
     let rrc = AugmentConfig {
@@ -150,6 +152,7 @@ fn roi_decode_matches_full_decode_through_augment() {
             "coffee_420.jpg",
             "chelsea_444.jpg",
             "rocket_progressive.jpg",
+            "coffee_orient6.jpg",
         ] {
             let jpeg = fixture(name);
             let png = as_png(&jpeg);

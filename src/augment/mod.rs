@@ -9,7 +9,7 @@
 //! 1. probe the header (size, EXIF orientation; pixel limit) — `decode`;
 //! 2. draw the geometry (random resized crop, or resize → center crop) — `geometry.rs`;
 //! 3. decode only the source region the geometry reads, at the smallest sufficient JPEG DCT
-//!    scale — `decode`;
+//!    scale (EXIF-rotated JPEGs too: the region is mapped onto stored pixels) — `decode`;
 //! 4. antialiased bilinear resize of that region to the output size — `resample.rs`;
 //! 5. on the small output image: rotation/zoom (`warp.rs`), colour jitter and grayscale
 //!    (`color.rs`), Gaussian blur (`blur.rs`);

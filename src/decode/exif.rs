@@ -4,6 +4,8 @@
 //! The parser reads only the markers before the first scan and only IFD0; anything malformed
 //! means "no orientation" (1), never an error: orientation is a hint, not image data.
 
+use super::Rect;
+
 /// The EXIF orientation of an image: how the stored pixels must be turned for display.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Orientation {
@@ -75,6 +77,73 @@ impl Orientation {
             Orientation::Transverse => (w1 - dy, h1 - dx),
             Orientation::Rotate270 => (w1 - dy, dx),
         }
+    }
+
+    /// The displayed position of stored pixel `(sx, sy)` of an image stored as
+    /// `width × height`: the inverse of [`Orientation::source_of`].
+    pub(crate) fn display_of(self, sx: u32, sy: u32, width: u32, height: u32) -> (u32, u32) {
+        let (w1, h1) = (width - 1, height - 1);
+        match self {
+            Orientation::Normal => (sx, sy),
+            Orientation::FlipH => (w1 - sx, sy),
+            Orientation::Rotate180 => (w1 - sx, h1 - sy),
+            Orientation::FlipV => (sx, h1 - sy),
+            Orientation::Transpose => (sy, sx),
+            Orientation::Rotate90 => (h1 - sy, sx),
+            Orientation::Transverse => (h1 - sy, w1 - sx),
+            Orientation::Rotate270 => (sy, w1 - sx),
+        }
+    }
+
+    /// The stored rectangle that displays as `shown` (clipped to the displayed image) for an
+    /// image stored as `width × height`; `None` when `shown` misses the image. Every
+    /// orientation is a flip or a transpose, so mapping two opposite corners is exact.
+    pub(crate) fn stored_rect(self, shown: Rect, width: u32, height: u32) -> Option<Rect> {
+        let (dw, dh) = self.display_dims(width, height);
+        let clipped = clip(shown, dw, dh)?;
+        let (ax, ay) = self.source_of(clipped.x, clipped.y, width, height);
+        let (bx, by) = self.source_of(
+            clipped.x + clipped.width - 1,
+            clipped.y + clipped.height - 1,
+            width,
+            height,
+        );
+        Some(span(ax, ay, bx, by))
+    }
+
+    /// The displayed rectangle showing `stored` (a rectangle inside the `width × height`
+    /// stored image).
+    pub(crate) fn displayed_rect(self, stored: Rect, width: u32, height: u32) -> Rect {
+        let (ax, ay) = self.display_of(stored.x, stored.y, width, height);
+        let (bx, by) = self.display_of(
+            stored.x + stored.width - 1,
+            stored.y + stored.height - 1,
+            width,
+            height,
+        );
+        span(ax, ay, bx, by)
+    }
+}
+
+/// `r` cut to a `width × height` image, or `None` when nothing is left.
+fn clip(r: Rect, width: u32, height: u32) -> Option<Rect> {
+    let x1 = r.x.saturating_add(r.width).min(width);
+    let y1 = r.y.saturating_add(r.height).min(height);
+    (r.x < x1 && r.y < y1).then(|| Rect {
+        x: r.x,
+        y: r.y,
+        width: x1 - r.x,
+        height: y1 - r.y,
+    })
+}
+
+/// The rectangle whose opposite corner pixels are `(ax, ay)` and `(bx, by)`.
+fn span(ax: u32, ay: u32, bx: u32, by: u32) -> Rect {
+    Rect {
+        x: ax.min(bx),
+        y: ay.min(by),
+        width: ax.abs_diff(bx) + 1,
+        height: ay.abs_diff(by) + 1,
     }
 }
 
@@ -228,6 +297,47 @@ mod tests {
         }
         assert_eq!(jpeg_orientation(b"not a jpeg"), Orientation::Normal);
         assert_eq!(jpeg_orientation(&[]), Orientation::Normal);
+    }
+
+    const ALL: [Orientation; 8] = [
+        Orientation::Normal,
+        Orientation::FlipH,
+        Orientation::Rotate180,
+        Orientation::FlipV,
+        Orientation::Transpose,
+        Orientation::Rotate90,
+        Orientation::Transverse,
+        Orientation::Rotate270,
+    ];
+
+    #[test]
+    fn display_of_inverts_source_of_and_rects_map_both_ways() {
+        let (w, h) = (5, 3);
+        for o in ALL {
+            let (dw, dh) = o.display_dims(w, h);
+            for dy in 0..dh {
+                for dx in 0..dw {
+                    let (sx, sy) = o.source_of(dx, dy, w, h);
+                    assert_eq!(o.display_of(sx, sy, w, h), (dx, dy), "{o:?}");
+                }
+            }
+            let shown = Rect {
+                x: 1,
+                y: 0,
+                width: 2,
+                height: dh,
+            };
+            let stored = o.stored_rect(shown, w, h).unwrap();
+            assert_eq!(stored.width * stored.height, 2 * dh, "{o:?}");
+            assert_eq!(o.displayed_rect(stored, w, h), shown, "{o:?}");
+        }
+        let off = Rect {
+            x: 9,
+            y: 0,
+            width: 1,
+            height: 1,
+        };
+        assert_eq!(Orientation::Rotate90.stored_rect(off, w, h), None);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //!   format; images over the pixel limit are refused here, before anything is allocated.
 //! - [`Decoder::decode`] decodes into the decoder's reusable buffer. For JPEGs it honours a
 //!   [`DecodeRequest`]: a region of interest (libjpeg-turbo skips the columns outside it and
-//!   the rows below it) and a DCT scaling factor. The returned [`Pixels`] says which part of
-//!   which scaled image it holds, so callers map their coordinates through it.
+//!   the rows below it) and a DCT scaling factor, in any EXIF orientation: the displayed
+//!   region is mapped onto stored pixels, decoded, then turned upright. The returned
+//!   [`Pixels`] says which part of which scaled, upright image it holds, so callers map their
+//!   coordinates through it.
 //! - JPEG goes through libjpeg-turbo (`turbo.rs`, the crate's only FFI); PNG and WebP through
 //!   the `image` crate (`codecs.rs`); EXIF orientation is parsed in `exif.rs`.
 
@@ -88,10 +90,10 @@ pub struct ImageInfo {
 }
 
 impl ImageInfo {
-    /// Whether [`Decoder::decode`] can honour a region and a scale for this image (JPEGs
-    /// stored upright); otherwise it decodes the whole image at full size.
+    /// Whether [`Decoder::decode`] can honour a region and a scale for this image (JPEGs, in
+    /// any EXIF orientation); otherwise it decodes the whole image at full size.
     pub fn supports_roi(&self) -> bool {
-        self.jpeg.is_some() && self.orientation == Orientation::Normal
+        self.jpeg.is_some()
     }
 }
 
@@ -242,7 +244,13 @@ impl Decoder {
             Some(header) => self.decode_jpeg(bytes, info, &header, request),
             None => {
                 let (w, h) = codecs::decode_rgb(info.format, bytes, &mut self.aux, &mut self.rgb)?;
-                self.finish_full(info.orientation, w, h)
+                let whole = Rect {
+                    x: 0,
+                    y: 0,
+                    width: w,
+                    height: h,
+                };
+                Ok(self.orient(info.orientation, whole, (w, h), Scale::ONE))
             }
         }
     }
@@ -254,11 +262,12 @@ impl Decoder {
         header: &JpegHeader,
         request: DecodeRequest,
     ) -> Result<Pixels<'_>, DecodeError> {
-        let upright = info.orientation == Orientation::Normal;
-        let scale = if upright { request.scale } else { Scale::ONE };
+        let orientation = info.orientation;
+        let scale = request.scale;
+        // The request is in displayed pixels; libjpeg-turbo crops stored pixels.
         let region = request
             .region
-            .filter(|_| upright)
+            .and_then(|r| orientation.stored_rect(r, header.width, header.height))
             .and_then(|r| jpeg::aligned_region(header, scale, r));
         // Reading the header again resets the cropping region and makes the handle's state
         // belong to these bytes, whatever was probed in between.
@@ -273,45 +282,49 @@ impl Decoder {
             &mut self.rgb,
             &mut self.aux,
         )?;
-        if !upright {
-            return self.finish_full(info.orientation, out.width, out.height);
-        }
-        Ok(Pixels {
-            data: &self.rgb[..out.width as usize * out.height as usize * 3],
+        let window = Rect {
+            x: out.left,
+            y: out.top,
             width: out.width,
             height: out.height,
-            left: out.left,
-            top: out.top,
-            full_width: scale.apply(header.width),
-            full_height: scale.apply(header.height),
-            scale,
-        })
+        };
+        let full = (scale.apply(header.width), scale.apply(header.height));
+        Ok(self.orient(orientation, window, full, scale))
     }
 
-    /// Applies `orientation` to the full image in `self.rgb` (stored `w × h`).
-    fn finish_full(
+    /// Turns the decoded `window` of a stored image of `full` (width, height) pixels, held in
+    /// `self.rgb`, upright per `orientation` and describes it in displayed coordinates.
+    fn orient(
         &mut self,
         orientation: Orientation,
-        w: u32,
-        h: u32,
-    ) -> Result<Pixels<'_>, DecodeError> {
-        let (dw, dh) = orientation.display_dims(w, h);
-        let len = w as usize * h as usize * 3;
+        window: Rect,
+        full: (u32, u32),
+        scale: Scale,
+    ) -> Pixels<'_> {
+        let len = window.width as usize * window.height as usize * 3;
         if orientation != Orientation::Normal {
             grown(&mut self.aux, len);
-            exif::apply(orientation, &self.rgb[..len], w, h, &mut self.aux[..len]);
+            exif::apply(
+                orientation,
+                &self.rgb[..len],
+                window.width,
+                window.height,
+                &mut self.aux[..len],
+            );
             std::mem::swap(&mut self.rgb, &mut self.aux);
         }
-        Ok(Pixels {
+        let shown = orientation.displayed_rect(window, full.0, full.1);
+        let (full_width, full_height) = orientation.display_dims(full.0, full.1);
+        Pixels {
             data: &self.rgb[..len],
-            width: dw,
-            height: dh,
-            left: 0,
-            top: 0,
-            full_width: dw,
-            full_height: dh,
-            scale: Scale::ONE,
-        })
+            width: shown.width,
+            height: shown.height,
+            left: shown.x,
+            top: shown.y,
+            full_width,
+            full_height,
+            scale,
+        }
     }
 }
 
