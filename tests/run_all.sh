@@ -8,8 +8,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
-echo "== cargo test (unit, integration and multi-process tests; clippy above compiled the benches)"
-cargo test --lib --bins --tests
+echo "== cargo test (unit, integration, multi-process and example tests; clippy above compiled the benches)"
+cargo test --lib --bins --tests --examples
 # `cargo test` built target/debug/ringfeed for the integration tests (with the same features:
 # a separate `cargo build` would recompile the dependencies without the dev-dependencies'
 # features), so the Python tests use that binary.
