@@ -1,0 +1,98 @@
+"""The one consumer loop every loader in the comparison is timed with.
+
+A loader is reduced to a function that opens one epoch (an iterable of batches); the loop runs
+warm-up epochs untimed, then times the rest from the first batch request of the first timed
+epoch until the last batch has been touched (and, in trainer mode, "computed" on). A batch is
+touched the way a trainer touches it before handing it to the GPU: one element of the images
+and one label are read, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+Touch = Callable[[Any], int]
+"""Reads one element of a batch and returns how many samples it holds."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What one timed run of one loader measured."""
+
+    images: int
+    seconds: float
+    waited_s: float
+    startup_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Images delivered per second of wall time."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wait_share(self) -> float:
+        """Share of the timed wall time spent blocked waiting for the next batch."""
+        return self.waited_s / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How much to consume and how the simulated trainer behaves."""
+
+    warmup_epochs: int
+    timed_epochs: int
+    batches_per_epoch: int
+    step_s: float = 0.0
+
+
+def busy_wait(seconds: float) -> None:
+    """Keeps this thread busy for ``seconds``, like a trainer step that occupies a core."""
+    if seconds <= 0:
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def consume(
+    open_epoch: Callable[[], Iterable[Any]],
+    touch: Touch,
+    work: Workload,
+    started: float,
+) -> Timing:
+    """Runs ``work`` over the epochs ``open_epoch`` yields; ``started`` is when the loader was
+    created (``time.perf_counter()``), for the start-up figure (never part of the rate)."""
+    startup_s = -1.0
+    for _ in range(work.warmup_epochs):
+        for batch in _epoch(open_epoch, work.batches_per_epoch):
+            if startup_s < 0:
+                startup_s = time.perf_counter() - started
+            touch(batch)
+            busy_wait(work.step_s)
+    images = 0
+    waited = 0.0
+    begin = time.perf_counter()
+    for _ in range(work.timed_epochs):
+        asked = time.perf_counter()
+        for batch in _epoch(open_epoch, work.batches_per_epoch):
+            got = time.perf_counter()
+            waited += got - asked
+            if startup_s < 0:
+                startup_s = got - started
+            images += touch(batch)
+            busy_wait(work.step_s)
+            asked = time.perf_counter()
+    seconds = time.perf_counter() - begin
+    return Timing(images=images, seconds=seconds, waited_s=waited, startup_s=startup_s)
+
+
+def _epoch(open_epoch: Callable[[], Iterable[Any]], batches: int) -> Iterable[Any]:
+    """One whole epoch of the loader, which must hold exactly ``batches`` full batches."""
+    count = 0
+    for batch in open_epoch():
+        count += 1
+        yield batch
+    if count != batches:
+        raise RuntimeError(f"the loader's epoch held {count} batches, expected {batches}")

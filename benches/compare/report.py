@@ -1,0 +1,142 @@
+"""Turns the per-run rows of a comparison into medians, ratios, a CSV and a bar chart."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+RINGFEED = "ringfeed"
+FLOOR = "decode floor"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run of one system in one mode (``floor`` rows carry only ``images_per_s``)."""
+
+    mode: str
+    rep: int
+    system: str
+    images: int
+    seconds: float
+    images_per_s: float
+    wait_share: float
+    startup_s: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Medians over the repetitions of one system in one mode."""
+
+    mode: str
+    system: str
+    runs: int
+    images_per_s: float
+    low: float
+    high: float
+    wait_share: float
+
+
+def summarise(rows: Iterable[Row]) -> list[Summary]:
+    """Medians (and min/max of the rate) per (mode, system), in first-seen order."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.mode, row.system), []).append(row)
+    return [
+        Summary(
+            mode=mode,
+            system=system,
+            runs=len(group),
+            images_per_s=statistics.median(r.images_per_s for r in group),
+            low=min(r.images_per_s for r in group),
+            high=max(r.images_per_s for r in group),
+            wait_share=statistics.median(r.wait_share for r in group),
+        )
+        for (mode, system), group in groups.items()
+    ]
+
+
+def ratio_lines(summaries: Sequence[Summary], mode: str) -> list[str]:
+    """``ringfeed / peer`` for every peer of ``mode`` (the floor as a share of it)."""
+    rates = {s.system: s.images_per_s for s in summaries if s.mode == mode}
+    ours = rates.get(RINGFEED)
+    if not ours:
+        return []
+    lines = []
+    for system, rate in rates.items():
+        if system == RINGFEED or rate <= 0:
+            continue
+        if system == FLOOR:
+            lines.append(f"ringfeed / {system}: {ours / rate * 100:.0f} %")
+        else:
+            lines.append(f"ringfeed / {system}: {ours / rate:.2f}×")
+    return lines
+
+
+def table(summaries: Sequence[Summary]) -> str:
+    """A Markdown table of the medians, one line per (mode, system)."""
+    lines = [
+        "| mode | system | runs | images/s (median) | min – max | trainer waited (median) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        wait = "" if s.system == FLOOR else f"{s.wait_share * 100:.0f} %"
+        lines.append(
+            f"| {s.mode} | {s.system} | {s.runs} | {s.images_per_s:,.0f} "
+            f"| {s.low:,.0f} – {s.high:,.0f} | {wait} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    """Every run, one line each, in the order they ran."""
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=[f.name for f in fields(Row)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(row).items()}
+            )
+
+
+def chart(summaries: Sequence[Summary], title: str, path: Path) -> None:
+    """Bar chart: images/s per system (throughput mode, floor hatched) and, when the
+    trainer mode ran, the share of wall time the trainer waited for data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(s.mode for s in summaries))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        group = [s for s in summaries if s.mode == mode]
+        names = [s.system for s in group]
+        colours = ["tab:orange" if n == RINGFEED else "tab:gray" if n == FLOOR else "tab:blue"
+                   for n in names]  # fmt: skip
+        if mode == "throughput":
+            values = [s.images_per_s for s in group]
+            errors = [[v - s.low for v, s in zip(values, group)],
+                      [s.high - v for v, s in zip(values, group)]]  # fmt: skip
+            bars = ax.bar(names, values, color=colours, yerr=errors, capsize=3)
+            for bar, name in zip(bars, names):
+                if name == FLOOR:
+                    bar.set_hatch("//")
+                    bar.set_facecolor("white")
+                    bar.set_edgecolor("tab:gray")
+            ax.set_ylabel("images/s (median, min–max)")
+            ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=8)
+        else:
+            values = [s.wait_share * 100 for s in group]
+            bars = ax.bar(names, values, color=colours)
+            ax.set_ylabel("% of wall time the trainer waited for data")
+            ax.set_ylim(0, 100)
+            ax.bar_label(bars, labels=[f"{v:.0f} %" for v in values], padding=2, fontsize=8)
+        ax.set_title(mode, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
