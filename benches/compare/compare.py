@@ -58,20 +58,36 @@ class Plan:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/photos-dev",
-                   help="folder with shards/*.tar and imagefolder/ (default ../shared/data/photos-dev)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared/data/photos-dev",
+        help="folder with shards/*.tar and imagefolder/",
+    )
     p.add_argument("--config", type=Path, default=ROOT / "configs/imagenet-train.toml")
     p.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     p.add_argument("--epochs", type=int, default=6, help="timed epochs per run")
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs per run")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--simulate-step-ms", type=float, default=50.0,
-                   help="trainer mode's busy-wait per batch; 0 skips the trainer mode")  # fmt: skip
-    p.add_argument("--only", nargs="*", default=None,
-                   choices=["ringfeed", "dataloader", "dali", "floor"], help="systems to run")  # fmt: skip
+    p.add_argument(
+        "--simulate-step-ms",
+        type=float,
+        default=50.0,
+        help="trainer mode's busy-wait per batch; 0 skips the trainer mode",
+    )
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["ringfeed", "dataloader", "dali", "floor"],
+        help="systems to run",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--smoke", action="store_true",
-                   help="CI smoke: data/sample, batch 32, ringfeed alone, one short repetition")  # fmt: skip
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke: data/sample, batch 32, ringfeed alone, one short repetition",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.data, args.batch_size, args.reps = ROOT / "data/sample", 32, 1
@@ -129,26 +145,31 @@ def build_plan(args: argparse.Namespace, versions: dict[str, str]) -> Plan:
     runners: dict[str, Runner] = {}
     if "ringfeed" in only:
         runners[RINGFEED] = lambda w: systems.run_ringfeed(rf, data, w, cores)
-    if "dataloader" in only and available("PyTorch", lambda: versions.update(systems.torch_versions())):  # fmt: skip
+    if "dataloader" in only and available("PyTorch", systems.torch_versions, versions):
         for workers in sorted({1, cores}):
-            runners[f"dataloader, {workers} worker{'s' * (workers > 1)}"] = (
-                lambda w, n=workers: systems.run_dataloader(data, w, n, seed=0)
+            runners[f"dataloader, {workers} worker{'s' * (workers > 1)}"] = lambda w, n=workers: (
+                systems.run_dataloader(data, w, n, seed=0)
             )
-    if "dali" in only and available("DALI", lambda: versions.update(dali=systems.dali_version())):
+    if "dali" in only and available("DALI", systems.dali_version, versions):
         runners[f"DALI CPU, {cores} threads"] = lambda w: systems.run_dali(data, w, cores, seed=0)
     modes = [("throughput", Workload(args.warmup_epochs, args.epochs, data.batches_per_epoch))]
     if args.simulate_step_ms > 0:
-        step = Workload(args.warmup_epochs, args.epochs, data.batches_per_epoch,
-                        step_s=args.simulate_step_ms / 1000)  # fmt: skip
+        step = Workload(
+            args.warmup_epochs,
+            args.epochs,
+            data.batches_per_epoch,
+            step_s=args.simulate_step_ms / 1000,
+        )
         modes.append((f"trainer, {args.simulate_step_ms:g} ms busy step per batch", step))
     return Plan(data, rf, runners, "floor" in only, args.reps, modes, cores)
 
 
-def available(what: str, probe: Callable[[], None]) -> bool:
-    """Runs ``probe``; prints why ``what`` is skipped when it raises :class:`Unavailable`."""
+def available(what: str, probe: Callable[[], dict[str, str]], versions: dict[str, str]) -> bool:
+    """Runs ``probe`` and records the versions it returns; prints why ``what`` is skipped
+    when it raises :class:`systems.UnavailableError`."""
     try:
-        probe()
-    except systems.Unavailable as why:
+        versions.update(probe())
+    except systems.UnavailableError as why:
         print(f"compare: skipping {what}: {why}", flush=True)
         return False
     return True
@@ -161,16 +182,32 @@ def run_all(plan: Plan) -> list[Row]:
         for rep in range(plan.reps):
             for system, runner in plan.runners.items():
                 t = runner(work)
-                rows.append(Row(mode, rep, system, t.images, t.seconds, t.images_per_s,
-                                t.wait_share, t.startup_s))  # fmt: skip
-                print(f"  {mode:.10} rep {rep}  {system:24} {t.images_per_s:8.0f} images/s  "
-                      f"waited {t.wait_share * 100:3.0f} %  ({t.images} images in "
-                      f"{t.seconds:.2f} s, start-up {t.startup_s:.2f} s)", flush=True)  # fmt: skip
+                rows.append(
+                    Row(
+                        mode,
+                        rep,
+                        system,
+                        t.images,
+                        t.seconds,
+                        t.images_per_s,
+                        t.wait_share,
+                        t.startup_s,
+                    )
+                )
+                print(
+                    f"  {mode:.10} rep {rep}  {system:24} {t.images_per_s:8.0f} images/s  "
+                    f"waited {t.wait_share * 100:3.0f} %  ({t.images} images in "
+                    f"{t.seconds:.2f} s, start-up {t.startup_s:.2f} s)",
+                    flush=True,
+                )
             if plan.floor and mode == "throughput":
                 rate = systems.decode_floor(plan.rf, plan.data, plan.cores)
                 rows.append(Row(mode, rep, FLOOR, 0, 0.0, rate, 0.0, 0.0))
-                print(f"  {mode:.10} rep {rep}  {FLOOR:24} {rate:8.0f} images/s  "
-                      f"(libjpeg-turbo full decode, one core × {plan.cores})", flush=True)  # fmt: skip
+                print(
+                    f"  {mode:.10} rep {rep}  {FLOOR:24} {rate:8.0f} images/s  "
+                    f"(libjpeg-turbo full decode, one core × {plan.cores})",
+                    flush=True,
+                )
     return rows
 
 
@@ -178,12 +215,23 @@ def environment(plan: Plan, versions: dict[str, str]) -> dict[str, str]:
     """Date, machine and versions, for the summary and the chart's title."""
     import numpy
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.machine())  # fmt: skip
-    rf_version = subprocess.run([str(plan.rf.binary), "--version"], capture_output=True,
-                                text=True, check=False).stdout.strip()  # fmt: skip
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _read("/proc/cpuinfo").splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    rf_version = subprocess.run(
+        [str(plan.rf.binary), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": str(plan.cores),
@@ -246,10 +294,13 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     versions: dict[str, str] = {}
     plan = build_plan(args, versions)
-    print(f"compare: {plan.data.images} images, batch {plan.data.batch_size}, "
-          f"{plan.data.batches_per_epoch} full batches per epoch, {args.warmup_epochs} warm-up + "
-          f"{args.epochs} timed epochs per run, {plan.reps} repetitions, {plan.cores} cores; "
-          f"systems: {', '.join(plan.runners)}{', ' + FLOOR if plan.floor else ''}", flush=True)  # fmt: skip
+    print(
+        f"compare: {plan.data.images} images, batch {plan.data.batch_size}, "
+        f"{plan.data.batches_per_epoch} full batches per epoch, {args.warmup_epochs} warm-up + "
+        f"{args.epochs} timed epochs per run, {plan.reps} repetitions, {plan.cores} cores; "
+        f"systems: {', '.join(plan.runners)}{', ' + FLOOR if plan.floor else ''}",
+        flush=True,
+    )
     rows = run_all(plan)
     env = environment(plan, versions)
     out = Path(tempfile.mkdtemp(prefix="ringfeed-compare-")) if args.smoke else args.out

@@ -10,8 +10,9 @@ and one label are read, nothing is copied.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 Touch = Callable[[Any], int]
 """Reads one element of a batch and returns how many samples it holds."""

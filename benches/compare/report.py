@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 RINGFEED = "ringfeed"
 FLOOR = "decode floor"
@@ -114,12 +114,16 @@ def chart(summaries: Sequence[Summary], title: str, path: Path) -> None:
     for ax, mode in zip(axes[0], modes):
         group = [s for s in summaries if s.mode == mode]
         names = [s.system for s in group]
-        colours = ["tab:orange" if n == RINGFEED else "tab:gray" if n == FLOOR else "tab:blue"
-                   for n in names]  # fmt: skip
+        colours = [
+            "tab:orange" if n == RINGFEED else "tab:gray" if n == FLOOR else "tab:blue"
+            for n in names
+        ]
         if mode == "throughput":
             values = [s.images_per_s for s in group]
-            errors = [[v - s.low for v, s in zip(values, group)],
-                      [s.high - v for v, s in zip(values, group)]]  # fmt: skip
+            errors = [
+                [v - s.low for v, s in zip(values, group)],
+                [s.high - v for v, s in zip(values, group)],
+            ]
             bars = ax.bar(names, values, color=colours, yerr=errors, capsize=3)
             for bar, name in zip(bars, names):
                 if name == FLOOR:

@@ -9,16 +9,16 @@ PyTorch and DALI are imported lazily: the ringfeed runner needs only numpy and t
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from measure import Timing, Workload, consume
 
@@ -32,7 +32,7 @@ FLIP_P = 0.5
 _ring_names = itertools.count()
 
 
-class Unavailable(Exception):
+class UnavailableError(Exception):
     """A peer that cannot run on this machine; the message says why."""
 
 
@@ -109,12 +109,12 @@ def _touch_ringfeed(batch: Any) -> int:
 
 
 def torch_versions() -> dict[str, str]:
-    """Versions of torch and torchvision; raises :class:`Unavailable` when not installed."""
+    """Versions of torch and torchvision; raises :class:`UnavailableError` when not installed."""
     try:
         import torch
         import torchvision
     except ImportError as err:
-        raise Unavailable(f"PyTorch/torchvision not installed ({err}); run setup.sh") from err
+        raise UnavailableError(f"PyTorch/torchvision not installed ({err}); run setup.sh") from err
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
@@ -126,7 +126,7 @@ def run_dataloader(data: Dataset, work: Workload, workers: int, seed: int) -> Ti
     from torchvision.transforms import v2
 
     if data.imagefolder is None:
-        raise Unavailable("no ImageFolder tree beside the shards")
+        raise UnavailableError("no ImageFolder tree beside the shards")
     transform = v2.Compose(
         [
             v2.RandomResizedCrop(CROP, scale=SCALE, ratio=RATIO, antialias=True),
@@ -151,8 +151,14 @@ def run_dataloader(data: Dataset, work: Workload, workers: int, seed: int) -> Ti
     try:
         return consume(lambda: loader, _touch_pair, work, started)
     finally:
-        del loader
-        gc.collect()  # shuts the persistent workers down before the next system runs
+        _shutdown_workers(loader)
+
+
+def _shutdown_workers(loader: Any) -> None:
+    """Stops persistent workers now, so they do not compete with the next system's run."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
 
 
 def _touch_pair(batch: Any) -> int:
@@ -165,13 +171,13 @@ def _touch_pair(batch: Any) -> int:
 # --- NVIDIA DALI, CPU-only pipeline -------------------------------------------------------
 
 
-def dali_version() -> str:
-    """DALI's version; raises :class:`Unavailable` with the reason when it cannot be used."""
+def dali_version() -> dict[str, str]:
+    """DALI's version; raises :class:`UnavailableError` with the reason when it cannot be used."""
     try:
-        import nvidia.dali as dali
+        from nvidia import dali
     except Exception as err:  # an installed but broken DALI raises more than ImportError
-        raise Unavailable(f"NVIDIA DALI cannot be imported: {err!r}") from err
-    return str(dali.__version__)
+        raise UnavailableError(f"NVIDIA DALI cannot be imported: {err!r}") from err
+    return {"dali": str(dali.__version__)}
 
 
 def run_dali(data: Dataset, work: Workload, threads: int, seed: int) -> Timing:
@@ -180,7 +186,7 @@ def run_dali(data: Dataset, work: Workload, threads: int, seed: int) -> Timing:
     from nvidia.dali import fn, pipeline_def, types
 
     if data.imagefolder is None:
-        raise Unavailable("no ImageFolder tree beside the shards")
+        raise UnavailableError("no ImageFolder tree beside the shards")
 
     @pipeline_def(batch_size=data.batch_size, num_threads=threads, device_id=None, seed=seed)
     def train() -> Any:
@@ -216,11 +222,7 @@ def run_dali(data: Dataset, work: Workload, threads: int, seed: int) -> Timing:
         for _ in range(data.batches_per_epoch):
             yield pipe.run()
 
-    try:
-        return consume(open_epoch, _touch_dali, work, started)
-    finally:
-        del pipe
-        gc.collect()
+    return consume(open_epoch, _touch_dali, work, started)
 
 
 def _touch_dali(batch: Any) -> int:
