@@ -262,7 +262,10 @@ def check_targets(summaries: list[report.Summary]) -> list[str]:
             continue
         got = ours / rates[peer]
         verdict = "met" if got >= wanted else "MISSED"
-        lines.append(f"target ringfeed ≥ {wanted:g}× {peer}: {got:.2f}× — {verdict}")
+        if peer == FLOOR:
+            lines.append(f"target ringfeed ≥ {wanted:.0%} of the {peer}: {got:.0%} — {verdict}")
+        else:
+            lines.append(f"target ringfeed ≥ {wanted:g}× {peer}: {got:.2f}× — {verdict}")
     return lines
 
 
