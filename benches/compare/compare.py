@@ -76,6 +76,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="trainer mode's busy-wait per batch; 0 skips the trainer mode",
     )
     p.add_argument(
+        "--step-kind",
+        choices=["busy", "sleep"],
+        default="busy",
+        help="trainer step: busy-wait (occupies a core) or sleep (a trainer waiting on its GPU)",
+    )
+    p.add_argument(
         "--only",
         nargs="*",
         default=None,
@@ -159,8 +165,11 @@ def build_plan(args: argparse.Namespace, versions: dict[str, str]) -> Plan:
             args.epochs,
             data.batches_per_epoch,
             step_s=args.simulate_step_ms / 1000,
+            step_busy=args.step_kind == "busy",
         )
-        modes.append((f"trainer, {args.simulate_step_ms:g} ms busy step per batch", step))
+        modes.append(
+            (f"trainer, {args.simulate_step_ms:g} ms {args.step_kind} step per batch", step)
+        )
     return Plan(data, rf, runners, "floor" in only, args.reps, modes, cores)
 
 

@@ -46,13 +46,18 @@ class Workload:
     timed_epochs: int
     batches_per_epoch: int
     step_s: float = 0.0
+    step_busy: bool = True
 
 
-def busy_wait(seconds: float) -> None:
-    """Keeps this thread busy for ``seconds``, like a trainer step that occupies a core."""
-    if seconds <= 0:
+def step(work: Workload) -> None:
+    """The simulated trainer step: a busy-wait that occupies a core (a Python loop launching
+    kernels) or a sleep (a trainer blocked on its GPU)."""
+    if work.step_s <= 0:
         return
-    end = time.perf_counter() + seconds
+    if not work.step_busy:
+        time.sleep(work.step_s)
+        return
+    end = time.perf_counter() + work.step_s
     while time.perf_counter() < end:
         pass
 
@@ -71,7 +76,7 @@ def consume(
             if startup_s < 0:
                 startup_s = time.perf_counter() - started
             touch(batch)
-            busy_wait(work.step_s)
+            step(work)
     images = 0
     waited = 0.0
     begin = time.perf_counter()
@@ -83,7 +88,7 @@ def consume(
             if startup_s < 0:
                 startup_s = got - started
             images += touch(batch)
-            busy_wait(work.step_s)
+            step(work)
             asked = time.perf_counter()
     seconds = time.perf_counter() - begin
     return Timing(images=images, seconds=seconds, waited_s=waited, startup_s=startup_s)

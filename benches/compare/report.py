@@ -82,7 +82,7 @@ def table(summaries: Sequence[Summary]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for s in summaries:
-        wait = "" if s.system == FLOOR else f"{s.wait_share * 100:.0f} %"
+        wait = "" if s.mode == "throughput" else f"{s.wait_share * 100:.0f} %"
         lines.append(
             f"| {s.mode} | {s.system} | {s.runs} | {s.images_per_s:,.0f} "
             f"| {s.low:,.0f} – {s.high:,.0f} | {wait} |"
@@ -131,12 +131,13 @@ def chart(summaries: Sequence[Summary], title: str, path: Path) -> None:
                     bar.set_facecolor("white")
                     bar.set_edgecolor("tab:gray")
             ax.set_ylabel("images/s (median, min–max)")
+            ax.set_ylim(0, max(s.high for s in group) * 1.12)
             ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=8)
         else:
             values = [s.wait_share * 100 for s in group]
             bars = ax.bar(names, values, color=colours)
             ax.set_ylabel("% of wall time the trainer waited for data")
-            ax.set_ylim(0, 100)
+            ax.set_ylim(0, 110)
             ax.bar_label(bars, labels=[f"{v:.0f} %" for v in values], padding=2, fontsize=8)
         ax.set_title(mode, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
