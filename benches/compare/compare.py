@@ -188,6 +188,7 @@ def run_all(plan: Plan) -> list[Row]:
     """Every mode, ``reps`` rounds, the systems interleaved within each round."""
     rows: list[Row] = []
     for mode, work in plan.modes:
+        short = mode.split(",")[0]
         for rep in range(plan.reps):
             for system, runner in plan.runners.items():
                 t = runner(work)
@@ -201,19 +202,21 @@ def run_all(plan: Plan) -> list[Row]:
                         t.images_per_s,
                         t.wait_share,
                         t.startup_s,
+                        t.cpu_ms_per_image,
                     )
                 )
                 print(
-                    f"  {mode:.10} rep {rep}  {system:24} {t.images_per_s:8.0f} images/s  "
+                    f"  {short:10} rep {rep}  {system:24} {t.images_per_s:8.0f} images/s  "
                     f"waited {t.wait_share * 100:3.0f} %  ({t.images} images in "
-                    f"{t.seconds:.2f} s, start-up {t.startup_s:.2f} s)",
+                    f"{t.seconds:.2f} s, {t.cpu_ms_per_image:.2f} CPU ms/image, "
+                    f"start-up {t.startup_s:.2f} s)",
                     flush=True,
                 )
             if plan.floor and mode == "throughput":
                 rate = systems.decode_floor(plan.rf, plan.data, plan.cores)
-                rows.append(Row(mode, rep, FLOOR, 0, 0.0, rate, 0.0, 0.0))
+                rows.append(Row(mode, rep, FLOOR, 0, 0.0, rate, 0.0, 0.0, 0.0))
                 print(
-                    f"  {mode:.10} rep {rep}  {FLOOR:24} {rate:8.0f} images/s  "
+                    f"  {short:10} rep {rep}  {FLOOR:24} {rate:8.0f} images/s  "
                     f"(libjpeg-turbo full decode, one core × {plan.cores})",
                     flush=True,
                 )

@@ -9,6 +9,7 @@ and one label are read, nothing is copied.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,11 @@ from typing import Any, Callable
 
 Touch = Callable[[Any], int]
 """Reads one element of a batch and returns how many samples it holds."""
+
+Pids = Callable[[], Iterable[int]]
+"""The processes doing a loader's work (asked when the timed epochs start and end)."""
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -26,11 +32,17 @@ class Timing:
     seconds: float
     waited_s: float
     startup_s: float
+    cpu_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
         """Images delivered per second of wall time."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        """CPU time (all threads of the trainer and the loader's processes) per image."""
+        return self.cpu_s * 1000 / self.images if self.images else 0.0
 
     @property
     def wait_share(self) -> float:
@@ -62,14 +74,30 @@ def step(work: Workload) -> None:
         pass
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time of these processes (all their threads) so far; a process that
+    has exited counts as 0, so ask while they run."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / _TICKS
+
+
 def consume(
     open_epoch: Callable[[], Iterable[Any]],
     touch: Touch,
     work: Workload,
     started: float,
+    loader_pids: Pids = lambda: (),
 ) -> Timing:
     """Runs ``work`` over the epochs ``open_epoch`` yields; ``started`` is when the loader was
-    created (``time.perf_counter()``), for the start-up figure (never part of the rate)."""
+    created (``time.perf_counter()``), for the start-up figure (never part of the rate).
+    CPU time is that of this process plus ``loader_pids()`` over the timed epochs."""
     startup_s = -1.0
     for _ in range(work.warmup_epochs):
         for batch in _epoch(open_epoch, work.batches_per_epoch):
@@ -79,6 +107,8 @@ def consume(
             step(work)
     images = 0
     waited = 0.0
+    pids = [os.getpid(), *loader_pids()]
+    cpu_begin = cpu_seconds(pids)
     begin = time.perf_counter()
     for _ in range(work.timed_epochs):
         asked = time.perf_counter()
@@ -91,7 +121,8 @@ def consume(
             step(work)
             asked = time.perf_counter()
     seconds = time.perf_counter() - begin
-    return Timing(images=images, seconds=seconds, waited_s=waited, startup_s=startup_s)
+    cpu_s = cpu_seconds(pids) - cpu_begin
+    return Timing(images, seconds, waited, startup_s, cpu_s)
 
 
 def _epoch(open_epoch: Callable[[], Iterable[Any]], batches: int) -> Iterable[Any]:

@@ -24,6 +24,7 @@ class Row:
     images_per_s: float
     wait_share: float
     startup_s: float
+    cpu_ms_per_image: float
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Summary:
     low: float
     high: float
     wait_share: float
+    cpu_ms_per_image: float
 
 
 def summarise(rows: Iterable[Row]) -> list[Summary]:
@@ -53,6 +55,7 @@ def summarise(rows: Iterable[Row]) -> list[Summary]:
             low=min(r.images_per_s for r in group),
             high=max(r.images_per_s for r in group),
             wait_share=statistics.median(r.wait_share for r in group),
+            cpu_ms_per_image=statistics.median(r.cpu_ms_per_image for r in group),
         )
         for (mode, system), group in groups.items()
     ]
@@ -60,32 +63,38 @@ def summarise(rows: Iterable[Row]) -> list[Summary]:
 
 def ratio_lines(summaries: Sequence[Summary], mode: str) -> list[str]:
     """``ringfeed / peer`` for every peer of ``mode`` (the floor as a share of it)."""
-    rates = {s.system: s.images_per_s for s in summaries if s.mode == mode}
-    ours = rates.get(RINGFEED)
-    if not ours:
+    group = {s.system: s for s in summaries if s.mode == mode}
+    ours = group.get(RINGFEED)
+    if ours is None or ours.images_per_s <= 0:
         return []
     lines = []
-    for system, rate in rates.items():
-        if system == RINGFEED or rate <= 0:
+    for system, peer in group.items():
+        if system == RINGFEED or peer.images_per_s <= 0:
             continue
+        ratio = ours.images_per_s / peer.images_per_s
         if system == FLOOR:
-            lines.append(f"ringfeed / {system}: {ours / rate * 100:.0f} %")
+            lines.append(f"ringfeed / {system}: {ratio * 100:.0f} %")
+        elif ours.cpu_ms_per_image > 0:
+            cpu = peer.cpu_ms_per_image / ours.cpu_ms_per_image
+            lines.append(f"ringfeed / {system}: {ratio:.2f}× (it spends {cpu:.2f}× the CPU)")
         else:
-            lines.append(f"ringfeed / {system}: {ours / rate:.2f}×")
+            lines.append(f"ringfeed / {system}: {ratio:.2f}×")
     return lines
 
 
 def table(summaries: Sequence[Summary]) -> str:
     """A Markdown table of the medians, one line per (mode, system)."""
     lines = [
-        "| mode | system | runs | images/s (median) | min – max | trainer waited (median) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| mode | system | runs | images/s (median) | min – max | CPU ms / image "
+        "| trainer waited |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         wait = "" if s.mode == "throughput" else f"{s.wait_share * 100:.0f} %"
+        cpu = f"{s.cpu_ms_per_image:.2f}" if s.cpu_ms_per_image else ""
         lines.append(
             f"| {s.mode} | {s.system} | {s.runs} | {s.images_per_s:,.0f} "
-            f"| {s.low:,.0f} – {s.high:,.0f} | {wait} |"
+            f"| {s.low:,.0f} – {s.high:,.0f} | {cpu} | {wait} |"
         )
     return "\n".join(lines)
 

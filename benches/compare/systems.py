@@ -85,7 +85,9 @@ def run_ringfeed(rf: Ringfeed, data: Dataset, work: Workload, workers: int) -> T
                         f"ringfeed serves {len(loader)} batches per epoch, "
                         f"expected {data.batches_per_epoch}"
                     )
-                timing = consume(lambda: loader, _touch_ringfeed, work, started)
+                timing = consume(
+                    lambda: loader, _touch_ringfeed, work, started, lambda: [daemon.pid]
+                )
             code = daemon.wait(timeout=60)
         except BaseException:
             daemon.kill()
@@ -149,9 +151,15 @@ def run_dataloader(data: Dataset, work: Workload, workers: int, seed: int) -> Ti
         drop_last=True,
     )
     try:
-        return consume(lambda: loader, _touch_pair, work, started)
+        return consume(lambda: loader, _touch_pair, work, started, lambda: _worker_pids(loader))
     finally:
         _shutdown_workers(loader)
+
+
+def _worker_pids(loader: Any) -> list[int]:
+    """The persistent worker processes (alive between epochs)."""
+    iterator = getattr(loader, "_iterator", None)
+    return [w.pid for w in getattr(iterator, "_workers", [])]
 
 
 def _shutdown_workers(loader: Any) -> None:
