@@ -33,7 +33,7 @@ from typing import Callable
 import report
 import systems
 from measure import Timing, Workload
-from report import FLOOR, RINGFEED, Row
+from report import FLOOR, RINGFEED, STAGES, Row
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--config", type=Path, default=ROOT / "configs/imagenet-train.toml")
     p.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
-    p.add_argument("--epochs", type=int, default=6, help="timed epochs per run")
+    p.add_argument("--epochs", type=int, default=4, help="timed epochs per run")
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs per run")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument(
@@ -213,13 +213,23 @@ def run_all(plan: Plan) -> list[Row]:
                     flush=True,
                 )
             if plan.floor and mode == "throughput":
-                rate = systems.decode_floor(plan.rf, plan.data, plan.cores)
-                rows.append(Row(mode, rep, FLOOR, 0, 0.0, rate, 0.0, 0.0, 0.0))
-                print(
-                    f"  {short:10} rep {rep}  {FLOOR:24} {rate:8.0f} images/s  "
-                    f"(libjpeg-turbo full decode, one core × {plan.cores})",
-                    flush=True,
-                )
+                rows += floor_rows(plan, rep)
+    return rows
+
+
+def floor_rows(plan: Plan, rep: int) -> list[Row]:
+    """The decode floor (full decode on one core × cores) for the comparison, and
+    ``ringfeed bench``'s per-stage figures (mode ``STAGES``) to explain where time goes."""
+    stages = systems.bench_stages(plan.rf, plan.data, plan.cores)
+    floor = stages["full decode, one core"] * plan.cores
+    print(
+        f"  {'throughput':10} rep {rep}  {FLOOR:24} {floor:8.0f} images/s  "
+        f"(libjpeg-turbo full decode, one core × {plan.cores}); ringfeed bench: "
+        + ", ".join(f"{name} {rate:.0f}" for name, rate in stages.items()),
+        flush=True,
+    )
+    rows = [Row("throughput", rep, FLOOR, 0, 0.0, floor, 0.0, 0.0, 0.0)]
+    rows += [Row(STAGES, rep, name, 0, 0.0, rate, 0.0, 0.0, 0.0) for name, rate in stages.items()]
     return rows
 
 
@@ -248,6 +258,7 @@ def environment(plan: Plan, versions: dict[str, str]) -> dict[str, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": str(plan.cores),
         "cpu": cpu,
+        "load average at the end": _read("/proc/loadavg").split(" ")[0],
         "ringfeed": f"{rf_version} ({commit})",
         "python": platform.python_version(),
         "numpy": numpy.__version__,
@@ -313,7 +324,7 @@ def main(argv: list[str]) -> int:
         f"compare: {plan.data.images} images, batch {plan.data.batch_size}, "
         f"{plan.data.batches_per_epoch} full batches per epoch, {args.warmup_epochs} warm-up + "
         f"{args.epochs} timed epochs per run, {plan.reps} repetitions, {plan.cores} cores; "
-        f"systems: {', '.join(plan.runners)}{', ' + FLOOR if plan.floor else ''}",
+        f"systems: {', '.join([*plan.runners, *([FLOOR] if plan.floor else [])])}",
         flush=True,
     )
     rows = run_all(plan)

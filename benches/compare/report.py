@@ -10,6 +10,7 @@ from pathlib import Path
 
 RINGFEED = "ringfeed"
 FLOOR = "decode floor"
+STAGES = "ringfeed bench stages"
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def table(summaries: Sequence[Summary]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
-        wait = "" if s.mode == "throughput" else f"{s.wait_share * 100:.0f} %"
+        wait = "" if s.mode in ("throughput", STAGES) else f"{s.wait_share * 100:.0f} %"
         cpu = f"{s.cpu_ms_per_image:.2f}" if s.cpu_ms_per_image else ""
         lines.append(
             f"| {s.mode} | {s.system} | {s.runs} | {s.images_per_s:,.0f} "
@@ -118,7 +119,7 @@ def chart(summaries: Sequence[Summary], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = list(dict.fromkeys(s.mode for s in summaries))
+    modes = list(dict.fromkeys(s.mode for s in summaries if s.mode != STAGES))
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         group = [s for s in summaries if s.mode == mode]

@@ -244,12 +244,19 @@ def _touch_dali(batch: Any) -> int:
 
 # --- the physical floor: libjpeg-turbo full decode, one core, × cores -----------------------
 
-_FLOOR_ROW = re.compile(r"^\| full decode only \(floor per core\) \| (\d+(?:\.\d+)?) \|", re.M)
+_BENCH_ROWS = {
+    "full decode, one core": re.compile(r"^\| full decode only \(floor per core\) \| (\d+)", re.M),
+    "ROI decode + augment + write, one core": re.compile(
+        r"^\| decode \+ augment \+ write \(ROI decode\) \| (\d+)", re.M
+    ),
+    "ringfeed bench end to end": re.compile(r"^end to end through the ring, .*?: (\d+)", re.M),
+}
 
 
-def decode_floor(rf: Ringfeed, data: Dataset, cores: int, repeats: int = 3) -> float:
-    """Single-core libjpeg-turbo full-decode rate of the same JPEGs (``ringfeed bench``,
-    bytes already in memory, decode only) times ``cores``, in images/s."""
+def bench_stages(rf: Ringfeed, data: Dataset, cores: int, repeats: int = 1) -> dict[str, float]:
+    """``ringfeed bench`` on the same JPEGs: images/s of libjpeg-turbo full decode on one core
+    (bytes already in memory, decode only: the floor), of ringfeed's whole per-sample work on
+    one core, and of its own in-process end-to-end run with ``cores`` workers."""
     command = [
         str(rf.binary), "bench", "--config", str(rf.config),
         "--shards", *map(str, data.shards),
@@ -259,7 +266,10 @@ def decode_floor(rf: Ringfeed, data: Dataset, cores: int, repeats: int = 3) -> f
     result = subprocess.run(command, cwd=rf.root, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"ringfeed bench exited with {result.returncode}:\n{result.stderr}")
-    match = _FLOOR_ROW.search(result.stdout)
-    if match is None:
-        raise RuntimeError(f"no decode-floor row in ringfeed bench's output:\n{result.stdout}")
-    return float(match.group(1)) * cores
+    figures = {}
+    for name, pattern in _BENCH_ROWS.items():
+        match = pattern.search(result.stdout)
+        if match is None:
+            raise RuntimeError(f"no '{name}' figure in ringfeed bench's output:\n{result.stdout}")
+        figures[name] = float(match.group(1))
+    return figures
