@@ -74,7 +74,11 @@ def ratio_lines(summaries: Sequence[Summary], mode: str) -> list[str]:
             continue
         ratio = ours.images_per_s / peer.images_per_s
         if system == FLOOR:
-            lines.append(f"ringfeed / {system}: {ratio * 100:.0f} %")
+            by_cpu = peer.cpu_ms_per_image / ours.cpu_ms_per_image if ours.cpu_ms_per_image else 0
+            lines.append(
+                f"ringfeed / {system}: {ratio * 100:.0f} % by wall time "
+                f"({by_cpu * 100:.0f} % by CPU time per image)"
+            )
         elif ours.cpu_ms_per_image > 0:
             cpu = peer.cpu_ms_per_image / ours.cpu_ms_per_image
             lines.append(f"ringfeed / {system}: {ratio:.2f}× (it spends {cpu:.2f}× the CPU)")

@@ -29,6 +29,9 @@ SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 FLIP_P = 0.5
 
+FULL_DECODE = "full decode, one core"
+FULL_DECODE_CPU = "full decode, per CPU second"
+
 _ring_names = itertools.count()
 
 
@@ -245,18 +248,18 @@ def _touch_dali(batch: Any) -> int:
 # --- the physical floor: libjpeg-turbo full decode, one core, × cores -----------------------
 
 _BENCH_ROWS = {
-    "full decode, one core": re.compile(r"^\| full decode only \(floor per core\) \| (\d+)", re.M),
-    "ROI decode + augment + write, one core": re.compile(
-        r"^\| decode \+ augment \+ write \(ROI decode\) \| (\d+)", re.M
-    ),
-    "ringfeed bench end to end": re.compile(r"^end to end through the ring, .*?: (\d+)", re.M),
+    FULL_DECODE: r"full decode only \(floor per core\)",
+    FULL_DECODE_CPU: r"full decode only, per CPU second of the thread",
+    "ROI decode + augment + write, one core": r"decode \+ augment \+ write \(ROI decode\)",
+    "ROI decode + augment + write, per CPU second": r"same, per CPU second of the thread",
 }
 
 
 def bench_stages(rf: Ringfeed, data: Dataset, cores: int, repeats: int = 1) -> dict[str, float]:
     """``ringfeed bench`` on the same JPEGs: images/s of libjpeg-turbo full decode on one core
-    (bytes already in memory, decode only: the floor), of ringfeed's whole per-sample work on
-    one core, and of its own in-process end-to-end run with ``cores`` workers."""
+    (bytes already in memory, decode only: the floor) and of ringfeed's whole per-sample work on
+    one core, each per second of wall time and per second of the thread's CPU time, and of its
+    own in-process end-to-end run with ``cores`` workers."""
     command = [
         str(rf.binary), "bench", "--config", str(rf.config),
         "--shards", *map(str, data.shards),
@@ -267,9 +270,13 @@ def bench_stages(rf: Ringfeed, data: Dataset, cores: int, repeats: int = 1) -> d
     if result.returncode != 0:
         raise RuntimeError(f"ringfeed bench exited with {result.returncode}:\n{result.stderr}")
     figures = {}
-    for name, pattern in _BENCH_ROWS.items():
-        match = pattern.search(result.stdout)
+    for name, row in _BENCH_ROWS.items():
+        match = re.search(rf"^\| {row} \| (\d+)", result.stdout, re.M)
         if match is None:
             raise RuntimeError(f"no '{name}' figure in ringfeed bench's output:\n{result.stdout}")
         figures[name] = float(match.group(1))
+    match = re.search(r"^end to end through the ring, .*?: (\d+)", result.stdout, re.M)
+    if match is None:
+        raise RuntimeError(f"no end-to-end figure in ringfeed bench's output:\n{result.stdout}")
+    figures["ringfeed bench end to end (in-process consumer)"] = float(match.group(1))
     return figures
