@@ -217,3 +217,38 @@ fn end_to_end(
     }
     Ok(median(&mut rates))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_rate_leaves_out_time_off_the_cpu() {
+        let (wall, cpu) = wall_and_cpu_rates(3, 10, || {
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        assert!(wall > 0.0 && wall <= 10.0 / 0.02, "wall rate {wall}");
+        assert!(
+            cpu > wall * 5.0,
+            "sleeping used CPU time: cpu {cpu}, wall {wall}"
+        );
+    }
+
+    #[test]
+    fn cpu_rate_of_a_busy_thread_is_at_least_its_wall_rate() {
+        let (wall, cpu) = wall_and_cpu_rates(3, 10, || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(20) {
+                std::hint::black_box(0u64);
+            }
+        });
+        // One thread's CPU time cannot exceed the wall time it ran for.
+        assert!(cpu >= wall * 0.9, "cpu {cpu}, wall {wall}");
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+}
