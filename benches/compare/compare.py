@@ -90,6 +90,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redo summary.md and the chart from --out's compare.csv and environment.json",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="CI smoke: data/sample, batch 32, ringfeed alone, one short repetition",
@@ -323,8 +328,12 @@ def write_outputs(rows: list[Row], env: dict[str, str], out: Path) -> list[repor
     text += check_targets(summaries)
     text += ["", "```", json.dumps(env, indent=1), "```"]
     (out / "summary.md").write_text("\n".join(text) + "\n")
+    (out / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
     print("\n" + "\n".join(text), flush=True)
-    title = f"{env['date']}, {env['cores']} cores ({env['cpu']}), {env['images']}"
+    title = (
+        f"{env['date']}, {env['cores']} cores ({env['cpu']}, load average "
+        f"{env['load average at the end']}), {env['images']}; medians of interleaved runs"
+    )
     try:
         report.chart(summaries, title, out / "compare.png")
     except ImportError as err:
@@ -335,6 +344,10 @@ def write_outputs(rows: list[Row], env: dict[str, str], out: Path) -> list[repor
 def main(argv: list[str]) -> int:
     """Runs the comparison; exit status 0 when every chosen system ran."""
     args = parse_args(argv)
+    if args.replot:
+        env = json.loads((args.out / "environment.json").read_text())
+        write_outputs(report.read_csv(args.out / "compare.csv"), env, args.out)
+        return 0
     versions: dict[str, str] = {}
     plan = build_plan(args, versions)
     print(

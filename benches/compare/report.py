@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 RINGFEED = "ringfeed"
 FLOOR = "decode floor"
@@ -115,46 +116,75 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             )
 
 
+def read_csv(path: Path) -> list[Row]:
+    """The rows :func:`write_csv` wrote."""
+    kinds = {f.name: f.type for f in fields(Row)}
+    with path.open(newline="") as source:
+        return [
+            Row(**{k: _parse(kinds[k], v) for k, v in line.items()})
+            for line in csv.DictReader(source)
+        ]
+
+
+def _parse(kind: Any, text: str) -> Any:
+    if kind in ("int", int):
+        return int(text)
+    if kind in ("float", float):
+        return float(text)
+    return text
+
+
 def chart(summaries: Sequence[Summary], title: str, path: Path) -> None:
-    """Bar chart: images/s per system (throughput mode, floor hatched) and, when the
-    trainer mode ran, the share of wall time the trainer waited for data."""
+    """Bar charts: images/s and CPU time per image per system (throughput mode, the floor
+    hatched) and, when the trainer mode ran, the share of wall time the trainer waited."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     modes = list(dict.fromkeys(s.mode for s in summaries if s.mode != STAGES))
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    panels = [(m, kind) for m in modes if m == "throughput" for kind in ("rate", "cpu")]
+    panels += [(m, "wait") for m in modes if m != "throughput"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (mode, kind) in zip(axes[0], panels):
         group = [s for s in summaries if s.mode == mode]
         names = [s.system for s in group]
         colours = [
             "tab:orange" if n == RINGFEED else "tab:gray" if n == FLOOR else "tab:blue"
             for n in names
         ]
-        if mode == "throughput":
+        if kind == "rate":
             values = [s.images_per_s for s in group]
             errors = [
                 [v - s.low for v, s in zip(values, group)],
                 [s.high - v for v, s in zip(values, group)],
             ]
             bars = ax.bar(names, values, color=colours, yerr=errors, capsize=3)
-            for bar, name in zip(bars, names):
-                if name == FLOOR:
-                    bar.set_hatch("//")
-                    bar.set_facecolor("white")
-                    bar.set_edgecolor("tab:gray")
+            ax.set_title("throughput (wall clock)", fontsize=10)
             ax.set_ylabel("images/s (median, min–max)")
             ax.set_ylim(0, max(s.high for s in group) * 1.12)
-            ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=8)
+            labels = [f"{v:,.0f}" for v in values]
+        elif kind == "cpu":
+            values = [s.cpu_ms_per_image for s in group]
+            bars = ax.bar(names, values, color=colours)
+            ax.set_title("CPU time per image (whatever the load)", fontsize=10)
+            ax.set_ylabel("CPU ms per image (lower is better)")
+            ax.set_ylim(0, max(values) * 1.12)
+            labels = [f"{v:.2f}" for v in values]
         else:
             values = [s.wait_share * 100 for s in group]
             bars = ax.bar(names, values, color=colours)
+            ax.set_title(mode, fontsize=10)
             ax.set_ylabel("% of wall time the trainer waited for data")
             ax.set_ylim(0, 110)
-            ax.bar_label(bars, labels=[f"{v:.0f} %" for v in values], padding=2, fontsize=8)
-        ax.set_title(mode, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+            labels = [f"{v:.0f} %" for v in values]
+        for bar, name in zip(bars, names):
+            if name == FLOOR:
+                bar.set_hatch("//")
+                bar.set_facecolor("white")
+                bar.set_edgecolor("tab:gray")
+        ax.bar_label(bars, labels=labels, padding=2, fontsize=8)
+        ax.tick_params(axis="x", labelrotation=25, labelsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
