@@ -16,3 +16,4 @@ cargo test --lib --bins --tests --examples
 test -x target/debug/ringfeed
 echo "== pytest clients/python"
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests
+RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 benches/compare/compare.py --smoke  # CI smoke of the head-to-head (ringfeed alone, tiny data)

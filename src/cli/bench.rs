@@ -67,7 +67,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let read = median_rate(args.repeats, ids.len(), || read_all(dataset, &ids));
     let mut decoder = Decoder::new(plan.file.augment.max_pixels);
-    let decode = median_rate(args.repeats, ids.len(), || {
+    let (decode, decode_cpu) = wall_and_cpu_rates(args.repeats, ids.len(), || {
         for bytes in &encoded {
             if let Ok(info) = decoder.probe(bytes) {
                 let _ = decoder.decode(bytes, &info, DecodeRequest::FULL);
@@ -76,7 +76,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     });
     let mut scratch = augmenter.scratch();
     let mut out = vec![0u8; augmenter.sample_bytes()];
-    let process = median_rate(args.repeats, ids.len(), || {
+    let (process, process_cpu) = wall_and_cpu_rates(args.repeats, ids.len(), || {
         for (bytes, &id) in encoded.iter().zip(&ids) {
             let key = SampleKey {
                 seed,
@@ -96,7 +96,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for (name, rate) in [
         ("read (positioned read, page cache)", read),
         ("full decode only (floor per core)", decode),
+        ("full decode only, per CPU second of the thread", decode_cpu),
         ("decode + augment + write (ROI decode)", process),
+        ("same, per CPU second of the thread", process_cpu),
     ] {
         println!("| {name} | {rate:.0} | {:.1} |", 1e6 / rate);
     }
@@ -130,6 +132,21 @@ fn median_rate(repeats: usize, items: usize, mut work: impl FnMut()) -> f64 {
         })
         .collect();
     median(&mut rates)
+}
+
+/// Like [`median_rate`], and also the items per second of this thread's CPU time over all
+/// repetitions: on a shared machine a thread may get less than a core, and the CPU rate is
+/// the per-core figure whatever else runs.
+fn wall_and_cpu_rates(repeats: usize, items: usize, work: impl FnMut()) -> (f64, f64) {
+    let cpu_before = thread_cpu_seconds();
+    let wall = median_rate(repeats, items, work);
+    let cpu = thread_cpu_seconds() - cpu_before;
+    (wall, (items * repeats) as f64 / cpu.max(1e-9))
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -199,4 +216,39 @@ fn end_to_end(
         rates.push(images as f64 / elapsed.as_secs_f64().max(1e-9));
     }
     Ok(median(&mut rates))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_rate_leaves_out_time_off_the_cpu() {
+        let (wall, cpu) = wall_and_cpu_rates(3, 10, || {
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        assert!(wall > 0.0 && wall <= 10.0 / 0.02, "wall rate {wall}");
+        assert!(
+            cpu > wall * 5.0,
+            "sleeping used CPU time: cpu {cpu}, wall {wall}"
+        );
+    }
+
+    #[test]
+    fn cpu_rate_of_a_busy_thread_is_at_least_its_wall_rate() {
+        let (wall, cpu) = wall_and_cpu_rates(3, 10, || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(20) {
+                std::hint::black_box(0u64);
+            }
+        });
+        // One thread's CPU time cannot exceed the wall time it ran for.
+        assert!(cpu >= wall * 0.9, "cpu {cpu}, wall {wall}");
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
 }
