@@ -375,6 +375,7 @@ impl Pipeline {
         let mut finished = false;
         let mut epoch_skips =
             EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
+        let mut rechecked_epoch = None;
 
         while !stop.load(Ordering::Relaxed) {
             for request in producer.take_seek_requests() {
@@ -405,6 +406,17 @@ impl Pipeline {
             };
             let lane = slot.lane();
             let cursor = cursors[lane as usize];
+            if cursor.index == 0 && rechecked_epoch.is_none_or(|e| cursor.epoch > e) {
+                // Shards deleted or replaced while open would otherwise be read through their
+                // old descriptors forever.
+                for problem in self.dataset.recheck_shards() {
+                    log::warn!(
+                        "epoch {}: {problem}; its samples are skipped from now on",
+                        cursor.epoch
+                    );
+                }
+                rechecked_epoch = Some(cursor.epoch);
+            }
             let skipped_before = self.counters.samples_skipped.load(Ordering::Relaxed);
             let ok_before = self.counters.samples_ok.load(Ordering::Relaxed);
             {
