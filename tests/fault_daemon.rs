@@ -94,11 +94,12 @@ fn daemon_killed_mid_fill_and_restarted_loses_and_duplicates_nothing() {
             Duration::from_secs(60),
             || log.lock().unwrap().len() >= kill_after,
         );
-        wait_until(
-            "the producer is writing a slot",
-            Duration::from_secs(30),
-            || observer.snapshot().stats.lanes[0].writing > 0,
-        );
+        // A batch of the test data is written in about a millisecond: poll without sleeping.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while observer.snapshot().stats.lanes[0].writing == 0 {
+            assert!(Instant::now() < deadline, "the producer never wrote a slot");
+            std::thread::yield_now();
+        }
         daemon.child.kill().unwrap(); // SIGKILL, mid-fill
         daemon.child.wait().unwrap();
         // The consumer drains what was published, then learns that the producer is gone.
@@ -196,7 +197,12 @@ fn sigterm_and_sigint_at_random_moments_exit_cleanly() {
                 }
             })
         });
-        let delay = Duration::from_millis(rng.random_range(0..600));
+        // Half the rounds signal during start-up (indexes loaded, ring being created).
+        let delay = Duration::from_millis(if round < 4 {
+            rng.random_range(0..80)
+        } else {
+            rng.random_range(80..600)
+        });
         std::thread::sleep(delay);
         signal_pid(child.id(), signal);
         let mut status = None;
