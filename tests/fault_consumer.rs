@@ -170,6 +170,16 @@ fn stopped_consumer_stalls_its_lane_is_reported_and_keeps_its_slots() {
     let snap = observer.snapshot();
     assert_eq!(lane_state(&snap, 0), (1, 2, 0, 0, child.pid()));
     let published = snap.stats.lanes[0].published;
+    // `ringfeed stat` reports it too.
+    let stat = std::process::Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+        .args(["stat", "cstop", "--once", "--json"])
+        .env("RINGFEED_RUNTIME_DIR", runtime.path())
+        .output()
+        .unwrap();
+    assert!(stat.status.success(), "{stat:?}");
+    let report: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+    let stalled = report["lane_stats"][0]["stalled_s"].as_f64();
+    assert!(stalled.is_some_and(|s| s >= 5.0), "{report}");
 
     child.signal(Signal::CONT);
     child.send("release");
