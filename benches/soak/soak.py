@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "clients" / "python" / "src"))
 
-import ringfeed  # noqa: E402  (the repository's client, not an installed one)
+import ringfeed  # the repository's client, not an installed one
 
 PHOTOS = ROOT.parent / "shared" / "data" / "photos-dev" / "shards"
 SAMPLE = ROOT / "data" / "sample"
@@ -123,7 +123,7 @@ def main() -> int:
             RING, 0, release_previous=False, max_held=args.slots - 1,
             wait_for_producer=300, timeout=120, runtime_dir=runtime,
         )  # fmt: skip
-        layout = loader._ring.layout  # noqa: SLF001 (figures for the report only)
+        layout = loader._ring.layout  # figures for the report only
         per_epoch_batches = len(loader)
         expected = per_epoch_batches * args.batch_size
         print(
@@ -197,16 +197,16 @@ def main() -> int:
     half = rows[len(rows) // 2 :]
     anon_growth = max(r["rss_anon_mib"] for r in half) - half[0]["rss_anon_mib"]
     checks.append(
-        (f"RssAnon over the second half: {half[0]['rss_anon_mib']:.1f} → max "
-         f"{max(r['rss_anon_mib'] for r in half):.1f} MiB ({anon_growth:+.2f} MiB)", anon_growth < 1)
+        ((f"RssAnon over the second half: {half[0]['rss_anon_mib']:.1f} → max "
+          f"{max(r['rss_anon_mib'] for r in half):.1f} MiB ({anon_growth:+.2f} MiB)"), anon_growth < 1)
     )  # fmt: skip
     for key, unit, what in (("images_per_s", "img/s", "throughput"), ("cpu_ms_per_image", "CPU-ms/img", "daemon CPU per image")):
         steady = [r[key] for r in rows[2:]] or [r[key] for r in rows]
         median = statistics.median(steady)
         worst = max(abs(v / median - 1) * 100 for v in steady)
         checks.append(
-            (f"{what} from epoch 3: median {median:.2f} {unit}, min {min(steady):.2f}, max {max(steady):.2f}, "
-             f"worst deviation {worst:.1f} %", worst <= 10)
+            ((f"{what} from epoch 3: median {median:.2f} {unit}, min {min(steady):.2f}, max {max(steady):.2f}, "
+              f"worst deviation {worst:.1f} %"), worst <= 10)
         )  # fmt: skip
     lost = sum(r["lost"] for r in rows)
     dup = sum(r["duplicated"] for r in rows)
