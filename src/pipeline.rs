@@ -184,6 +184,9 @@ pub struct Pipeline {
     pool: rayon::ThreadPool,
     workers: Vec<Mutex<WorkerBuffers>>,
     counters: Arc<PipelineCounters>,
+    /// Ids of the samples that failed while filling the last batch (first choices and
+    /// fallbacks alike), for the per-epoch failure share.
+    failed_ids: Mutex<Vec<u64>>,
 }
 
 impl Pipeline {
@@ -221,6 +224,7 @@ impl Pipeline {
             pool,
             workers,
             counters: Arc::new(PipelineCounters::default()),
+            failed_ids: Mutex::new(Vec::new()),
         })
     }
 
@@ -254,6 +258,10 @@ impl Pipeline {
         tensors: &mut [&mut [u8]],
         ids: &mut Vec<u64>,
     ) -> Result<(), PipelineError> {
+        self.failed_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
         self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
         let (images, rest) = tensors.split_at_mut(1);
         let images = &mut *images[0];
@@ -327,8 +335,9 @@ impl Pipeline {
                     let ns = t1.elapsed().as_nanos() as u64;
                     self.counters.process_ns.fetch_add(ns, Ordering::Relaxed);
                     self.counters.sample_times.record(ns);
-                    r.map_err(|e| e.to_string())
+                    r.map_err(|e| format!("{}: {e}", self.dataset.describe(id)))
                 }
+                // Read errors already name the shard and member.
                 Err(e) => Err(e.to_string()),
             };
             match result {
@@ -337,8 +346,8 @@ impl Pipeline {
                     return Ok(id);
                 }
                 Err(e) => {
-                    last_error = format!("{}: {e}", self.dataset.describe(id));
-                    self.note_failure(&last_error);
+                    last_error = e;
+                    self.note_failure(id, &last_error);
                 }
             }
         }
@@ -349,10 +358,14 @@ impl Pipeline {
         })
     }
 
-    fn note_failure(&self, message: &str) {
+    fn note_failure(&self, id: u64, message: &str) {
         self.counters
             .samples_skipped
             .fetch_add(1, Ordering::Relaxed);
+        self.failed_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(id);
         log::warn!("skipped sample {message}");
         if let Ok(mut last) = self.counters.last_error.lock() {
             message.clone_into(&mut last);
@@ -375,6 +388,7 @@ impl Pipeline {
         let mut finished = false;
         let mut epoch_skips =
             EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
+        let mut rechecked_epoch = None;
 
         while !stop.load(Ordering::Relaxed) {
             for request in producer.take_seek_requests() {
@@ -405,6 +419,17 @@ impl Pipeline {
             };
             let lane = slot.lane();
             let cursor = cursors[lane as usize];
+            if cursor.index == 0 && rechecked_epoch.is_none_or(|e| cursor.epoch > e) {
+                // Shards deleted or replaced while open would otherwise be read through their
+                // old descriptors forever.
+                for problem in self.dataset.recheck_shards() {
+                    log::warn!(
+                        "epoch {}: {problem}; its samples are skipped from now on",
+                        cursor.epoch
+                    );
+                }
+                rechecked_epoch = Some(cursor.epoch);
+            }
             let skipped_before = self.counters.samples_skipped.load(Ordering::Relaxed);
             let ok_before = self.counters.samples_ok.load(Ordering::Relaxed);
             {
@@ -417,7 +442,13 @@ impl Pipeline {
             if skipped > 0 {
                 producer.record_error(&self.counters.last_error());
             }
-            epoch_skips.add(cursor.epoch, skipped, &self.counters.last_error())?;
+            let failed = std::mem::take(
+                &mut *self
+                    .failed_ids
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
+            epoch_skips.add(cursor.epoch, &failed, &self.counters.last_error())?;
             slot.publish(BatchMeta {
                 epoch: cursor.epoch,
                 index: cursor.index,
@@ -439,12 +470,14 @@ impl Pipeline {
     }
 }
 
-/// Failure accounting per epoch, against `workers.max-skip-fraction`.
+/// Failure accounting per epoch, against `workers.max-skip-fraction`: the share of the
+/// epoch's distinct samples that failed. A sample that fails as a first choice and again as
+/// another row's fallback counts once, so a vanished shard weighs its true share.
 struct EpochSkips {
     max_fraction: f64,
     samples: u64,
     epoch: u64,
-    skipped: u64,
+    failed: std::collections::HashSet<u64>,
 }
 
 impl EpochSkips {
@@ -453,21 +486,22 @@ impl EpochSkips {
             max_fraction,
             samples,
             epoch: 0,
-            skipped: 0,
+            failed: std::collections::HashSet::new(),
         }
     }
 
-    fn add(&mut self, epoch: u64, skipped: u64, last_error: &str) -> Result<(), PipelineError> {
+    fn add(&mut self, epoch: u64, failed: &[u64], last_error: &str) -> Result<(), PipelineError> {
         if epoch != self.epoch {
             self.epoch = epoch;
-            self.skipped = 0;
+            self.failed.clear();
         }
-        self.skipped += skipped;
+        self.failed.extend(failed);
+        let skipped = self.failed.len() as u64;
         let limit = (self.max_fraction * self.samples as f64).floor() as u64;
-        if self.skipped > limit {
+        if skipped > limit {
             return Err(PipelineError::TooManyFailures {
                 epoch,
-                skipped: self.skipped,
+                skipped,
                 total: self.samples,
                 allowed: self.max_fraction * 100.0,
                 last_error: last_error.to_owned(),
@@ -503,12 +537,15 @@ mod tests {
     }
 
     #[test]
-    fn skip_limit_is_per_epoch() {
+    fn skip_limit_is_per_epoch_and_counts_each_sample_once() {
+        let ten: Vec<u64> = (0..10).collect();
         let mut s = EpochSkips::new(0.1, 100);
-        s.add(0, 10, "x").unwrap();
-        assert!(s.add(0, 1, "bad jpeg").is_err());
+        s.add(0, &ten, "x").unwrap();
+        s.add(0, &ten[..5], "the same samples failing again as fallbacks")
+            .unwrap();
+        assert!(s.add(0, &[10], "bad jpeg").is_err());
         let mut s = EpochSkips::new(0.1, 100);
-        s.add(0, 10, "x").unwrap();
-        s.add(1, 10, "x").unwrap();
+        s.add(0, &ten, "x").unwrap();
+        s.add(1, &ten, "x").unwrap();
     }
 }

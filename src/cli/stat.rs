@@ -19,7 +19,7 @@ use clap::Args;
 use ringfeed::ring::{mono_ns, Layout, Observer, ProducerState, RingSnapshot, RuntimeDir};
 use serde::Serialize;
 
-use super::status::{share, verdict};
+use super::status::{share, stalls, verdict};
 
 /// Flags of `ringfeed stat`.
 #[derive(Debug, Args)]
@@ -153,6 +153,9 @@ pub(crate) struct LaneReport {
     pub(crate) released: u64,
     /// Seeks applied.
     pub(crate) stream: u32,
+    /// Seconds the consumer of this full lane has neither taken nor released a batch, once
+    /// that is past the stall threshold (`null`: not stalled). See docs/failure-modes.md.
+    pub(crate) stalled_s: Option<f64>,
 }
 
 /// One attached consumer.
@@ -271,6 +274,7 @@ pub(crate) fn report(
     let producer_wait_pct =
         prev.and_then(|p| pct(p.stats.producer_wait_ns, last.stats.producer_wait_ns));
     let slots = layout.slots_per_lane.max(1);
+    let stalls = stalls(last);
     let mut trainer_waits = Vec::new();
     let lane_stats: Vec<LaneReport> = last
         .stats
@@ -305,6 +309,10 @@ pub(crate) fn report(
                 published: l.published,
                 released: l.released,
                 stream: l.stream,
+                stalled_s: stalls
+                    .iter()
+                    .find(|s| s.lane == l.lane)
+                    .map(|s| s.silent.as_secs_f64()),
             }
         })
         .collect();
@@ -412,6 +420,10 @@ pub(crate) fn render_text(r: &StatReport) -> String {
                 l.consumer_pid,
                 opt_pct(l.consumer_wait_pct)
             )
+        };
+        let consumer = match l.stalled_s {
+            Some(s) => format!("{consumer} | STALLED: no take or release for {s:.0} s"),
+            None => consumer,
         };
         out += &format!(
             "lane {}: {pos} | {} ready {} held {} writing {} free ({:.0} % full) | {consumer} | loader waited {}\n",

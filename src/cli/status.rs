@@ -1,6 +1,13 @@
 //! The periodic status line of `serve`: throughput, ring occupancy per lane, and who waits for
 //! whom — the figure that says whether the loader or the trainer is the bottleneck. On a
 //! terminal, a progress bar for the current epoch is redrawn in place between status lines.
+//!
+//! It also watches for stalled lanes (docs/failure-modes.md): a lane with no free slot whose
+//! live consumer has neither taken nor released a batch for [`STALL_AFTER`] — a trainer that
+//! hangs, or a process stopped with SIGSTOP. The ring never takes slots back from a live
+//! process (it may still read them: reclaiming would hand it torn data), so the lane waits;
+//! the status line marks it `STALLED`, and a warning names the consumer when the stall
+//! starts and when the lane flows again.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +16,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ringfeed::pipeline::PipelineCounters;
-use ringfeed::ring::{Producer, ProducerState, RingStats};
+use ringfeed::ring::{
+    mono_ns, LaneStats, Observer, Producer, ProducerState, RingSnapshot, RingStats, RuntimeDir,
+};
+
+/// How long a consumer of a full lane may go without taking or releasing a batch before the
+/// lane is reported as stalled. Longer than any sane training step's pause between batches.
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(5);
 
 /// A thread printing a status line every interval.
 pub(crate) struct StatusReporter {
@@ -35,6 +48,12 @@ impl StatusReporter {
                 let mut next_line = Instant::now() + interval;
                 let mut next_bar = Instant::now();
                 let mut bar_rate = RateWindow::new();
+                // The producer's own ring, read like `ringfeed stat` does: the consumer table
+                // (heartbeats) is not part of the producer's counters.
+                let observer = RuntimeDir::from_env()
+                    .ok()
+                    .and_then(|dir| Observer::open(&dir, &producer.layout().name).ok());
+                let mut stalls = StallWatch::default();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
@@ -49,7 +68,11 @@ impl StatusReporter {
                     }
                     if Instant::now() >= next_line {
                         let now = (Instant::now(), producer.stats());
-                        log::info!("{}", status_line(&last, &now, &counters));
+                        let stalled = observer
+                            .as_ref()
+                            .map(|o| stalls.update(&o.snapshot()))
+                            .unwrap_or_default();
+                        log::info!("{}", status_line(&last, &now, &counters, &stalled));
                         last = now;
                         next_line += interval;
                     }
@@ -151,11 +174,112 @@ pub(crate) fn share(waited_ns: u64, elapsed: Duration) -> f64 {
     (waited_ns as f64 / total * 100.0).clamp(0.0, 100.0)
 }
 
-/// One status line from two snapshots.
+/// A lane's stall: how long its consumer has been silent while the lane had no free slot.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Stall {
+    /// The lane.
+    pub(crate) lane: u32,
+    /// The silent consumer.
+    pub(crate) pid: u32,
+    /// Since its last `next`/`release`.
+    pub(crate) silent: Duration,
+    /// Batches it holds.
+    pub(crate) held: u32,
+}
+
+/// Whether `lane` is stalled: a consumer is attached, the producer has no slot to fill (none
+/// `FREE`, none being written) and the consumer's heartbeat — refreshed by every `next` and
+/// release — is older than [`STALL_AFTER`].
+pub(crate) fn lane_stall(
+    lane: &LaneStats,
+    consumer_heartbeat_age: Option<Duration>,
+) -> Option<Stall> {
+    let silent = consumer_heartbeat_age?;
+    (lane.consumer_pid != 0 && lane.free == 0 && lane.writing == 0 && silent >= STALL_AFTER)
+        .then_some(Stall {
+            lane: lane.lane,
+            pid: lane.consumer_pid,
+            silent,
+            held: lane.held,
+        })
+}
+
+/// The stalled lanes of a snapshot.
+pub(crate) fn stalls(snap: &RingSnapshot) -> Vec<Stall> {
+    let now = mono_ns();
+    snap.stats
+        .lanes
+        .iter()
+        .filter_map(|l| {
+            let age = snap
+                .consumers
+                .iter()
+                .find(|c| c.lane == l.lane && c.pid == l.consumer_pid)
+                .map(|c| Duration::from_nanos(now.saturating_sub(c.heartbeat_mono_ns)));
+            lane_stall(l, age)
+        })
+        .collect()
+}
+
+/// `"stopped by a signal"` when `/proc/<pid>/stat` says the process is stopped (`T`) or
+/// traced (`t`), `"running"` otherwise, `"gone"` if it cannot be read.
+pub(crate) fn process_state(pid: u32) -> &'static str {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => proc_stat_state(&stat),
+        Err(_) => "gone",
+    }
+}
+
+/// The state word of one `/proc/<pid>/stat` text (the field after the parenthesised name,
+/// which may itself contain spaces and parentheses).
+pub(crate) fn proc_stat_state(stat: &str) -> &'static str {
+    let state = stat
+        .rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().next());
+    match state {
+        Some("T" | "t") => "stopped by a signal",
+        _ => "running",
+    }
+}
+
+/// Remembers which lanes are stalled, to warn once when a stall starts and once when it ends.
+#[derive(Debug, Default)]
+struct StallWatch {
+    stalled: Vec<u32>,
+}
+
+impl StallWatch {
+    /// The current stalls, logging the transitions since the last call.
+    fn update(&mut self, snap: &RingSnapshot) -> Vec<Stall> {
+        let now = stalls(snap);
+        for s in &now {
+            if !self.stalled.contains(&s.lane) {
+                log::warn!(
+                    "lane {} stalled: consumer pid {} ({}) has neither taken nor released a batch for {:.0} s and holds {}; the lane has no free slot and waits (slots of a live consumer are never reclaimed)",
+                    s.lane,
+                    s.pid,
+                    process_state(s.pid),
+                    s.silent.as_secs_f64(),
+                    s.held
+                );
+            }
+        }
+        for lane in &self.stalled {
+            if !now.iter().any(|s| s.lane == *lane) {
+                log::warn!("lane {lane} flowing again");
+            }
+        }
+        self.stalled = now.iter().map(|s| s.lane).collect();
+        now
+    }
+}
+
+/// One status line from two snapshots, with the lanes found stalled.
 pub(crate) fn status_line(
     before: &(Instant, RingStats),
     after: &(Instant, RingStats),
     counters: &PipelineCounters,
+    stalled: &[Stall],
 ) -> String {
     let elapsed = after.0 - before.0;
     let (a, b) = (&before.1, &after.1);
@@ -180,8 +304,13 @@ pub(crate) fn status_line(
         if lb.consumer_pid != 0 {
             trainer_waits.push(wait);
         }
+        let stall = stalled
+            .iter()
+            .find(|s| s.lane == lb.lane)
+            .map(|s| format!(" STALLED {:.0} s", s.silent.as_secs_f64()))
+            .unwrap_or_default();
         lanes.push(format!(
-            "lane {}: {} ready {} held ({consumer}, waited {wait:.0} %)",
+            "lane {}: {} ready {} held ({consumer}, waited {wait:.0} %){stall}",
             lb.lane, lb.ready, lb.held
         ));
     }
@@ -236,6 +365,47 @@ mod tests {
         let unbounded = EpochShape { epochs: 0, ..shape };
         assert!(progress_bar(&unbounded, 0, 0, 0.0).contains("epoch 1/∞"));
         assert!(progress_bar(&unbounded, 0, 0, 0.0).ends_with("ETA –"));
+    }
+
+    fn lane(free: u32, writing: u32, held: u32, pid: u32) -> LaneStats {
+        LaneStats {
+            lane: 0,
+            ready: 3 - free - writing - held,
+            held,
+            free,
+            writing,
+            consumer_pid: pid,
+            consumer_wait_ns: 0,
+            producer_wait_ns: 0,
+            published: 0,
+            released: 0,
+            stream: 0,
+        }
+    }
+
+    #[test]
+    fn a_full_lane_with_a_silent_consumer_is_stalled() {
+        let long = Some(STALL_AFTER + Duration::from_secs(1));
+        let short = Some(STALL_AFTER / 2);
+        let s = lane_stall(&lane(0, 0, 2, 42), long).expect("stalled");
+        assert_eq!((s.pid, s.held), (42, 2));
+        // Full of READY batches nobody takes: stalled too.
+        assert!(lane_stall(&lane(0, 0, 0, 42), long).is_some());
+        // A consumer that is merely slow, a lane the producer can still fill, or no consumer.
+        assert!(lane_stall(&lane(0, 0, 2, 42), short).is_none());
+        assert!(lane_stall(&lane(1, 0, 2, 42), long).is_none());
+        assert!(lane_stall(&lane(0, 1, 2, 42), long).is_none());
+        assert!(lane_stall(&lane(0, 0, 0, 0), long).is_none());
+        assert!(lane_stall(&lane(0, 0, 2, 42), None).is_none());
+    }
+
+    #[test]
+    fn proc_stat_state_finds_stopped_processes() {
+        assert_eq!(proc_stat_state("17 (python) T 1 17"), "stopped by a signal");
+        assert_eq!(proc_stat_state("17 (a (b) c) t 1"), "stopped by a signal");
+        assert_eq!(proc_stat_state("17 (trainer) S 1 17"), "running");
+        assert_eq!(proc_stat_state("17 (odd T) R 1"), "running");
+        assert_eq!(process_state(std::process::id()), "running");
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! member name), and one open file per shard, opened on first use and reopened after a
 //! failed read. Each (re)open checks that the shard still has the size and modification time
 //! it was indexed with, so a shard rewritten under a running daemon is reported, not misread.
+//!
+//! An open descriptor keeps reading the file it was opened on, even after the path is deleted
+//! or replaced; [`Dataset::recheck_shards`] (called by the pipeline at each epoch's start)
+//! closes the descriptors whose path no longer names that same, unchanged file, so from then
+//! on the shard's samples fail to open and are skipped (docs/failure-modes.md).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -303,6 +308,19 @@ impl Dataset {
         }
     }
 
+    /// Checks every open shard against its path: a shard whose path is gone, is no longer a
+    /// regular file, names another file, or whose size or modification time changed since it
+    /// was indexed has its descriptor closed, so its next reads fail (and are skipped) instead
+    /// of quietly serving a file that was deleted or replaced. Returns one error per shard
+    /// found so. Shards not open yet are checked when they are opened. One `stat` per open
+    /// shard: cheap enough to run once per epoch even on a network filesystem.
+    pub fn recheck_shards(&self) -> Vec<SampleReadError> {
+        match &self.backend {
+            Backend::Tar { shards } => shards.iter().filter_map(Shard::recheck).collect(),
+            Backend::Folder { .. } => Vec::new(),
+        }
+    }
+
     /// Members (tar) or files (ImageFolder) skipped while indexing, with reasons.
     pub fn skipped_at_index(&self) -> &[IndexIssue] {
         &self.issues
@@ -366,6 +384,48 @@ impl Shard {
         Ok(file)
     }
 
+    /// See [`Dataset::recheck_shards`].
+    fn recheck(&self) -> Option<SampleReadError> {
+        let cached = self
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        let problem = match std::fs::metadata(&self.path) {
+            Err(source) => SampleReadError::Open {
+                location: self.display.clone(),
+                path: self.path.clone(),
+                source,
+            },
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                let (size, mtime_ns) = fingerprint(&meta);
+                let same_file = cached
+                    .metadata()
+                    .is_ok_and(|open| open.dev() == meta.dev() && open.ino() == meta.ino());
+                let what = if !meta.is_file() {
+                    "the path is no longer a regular file".to_owned()
+                } else if !same_file {
+                    "the path names another file than the one opened".to_owned()
+                } else if size != self.size || mtime_ns != self.mtime_ns {
+                    format!(
+                        "size {} (indexed {}), mtime {} ns (indexed {})",
+                        size, self.size, mtime_ns, self.mtime_ns
+                    )
+                } else {
+                    return None;
+                };
+                SampleReadError::Changed {
+                    location: self.display.clone(),
+                    path: self.path.clone(),
+                    what,
+                }
+            }
+        };
+        self.forget(&cached);
+        Some(problem)
+    }
+
     /// Drops the cached file if it is still `file`, so the next read reopens the shard.
     fn forget(&self, file: &Arc<File>) {
         let mut slot = self.file.lock().unwrap_or_else(PoisonError::into_inner);
@@ -394,6 +454,46 @@ mod tests {
             b.file(&format!("{prefix}_{i:03}.cls"), format!("{i}\n").as_bytes());
         }
         b.finish()
+    }
+
+    #[test]
+    fn recheck_closes_shards_deleted_replaced_or_changed_after_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in 0..4 {
+            fs::write(
+                dir.path().join(format!("s-{s:03}.tar")),
+                shard_bytes("a", 2),
+            )
+            .unwrap();
+        }
+        let ds = Dataset::open(&SourceConfig::tar(["s-{000..003}.tar"]), dir.path()).unwrap();
+        let mut buf = Vec::new();
+        assert!(ds.recheck_shards().is_empty(), "nothing is open yet");
+        for id in [0, 2, 4, 6] {
+            ds.read_into(id, &mut buf).unwrap();
+        }
+        assert!(ds.recheck_shards().is_empty(), "open and unchanged");
+        let path = |s: u32| dir.path().join(format!("s-{s:03}.tar"));
+        fs::remove_file(path(0)).unwrap();
+        fs::remove_file(path(1)).unwrap();
+        fs::create_dir(path(1)).unwrap();
+        fs::remove_file(path(2)).unwrap();
+        fs::write(path(2), shard_bytes("a", 2)).unwrap(); // same bytes, another file
+                                                          // The open descriptors still read the old files until the recheck.
+        ds.read_into(0, &mut buf).unwrap();
+        let found: Vec<String> = ds.recheck_shards().iter().map(|e| e.to_string()).collect();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("s-000.tar") && found[0].contains("cannot open"));
+        assert!(found[1].contains("s-001.tar") && found[1].contains("no longer a regular file"));
+        assert!(found[2].contains("s-002.tar") && found[2].contains("another file"));
+        assert!(ds.recheck_shards().is_empty(), "reported once");
+        for id in [0, 2, 4] {
+            assert!(
+                ds.read_into(id, &mut buf).is_err(),
+                "sample {id} still served"
+            );
+        }
+        ds.read_into(6, &mut buf).unwrap();
     }
 
     #[test]

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Soak test: the ImageNet-train preset served for many epochs to a consumer that takes and
+releases batches at a random pace (holding several at times), with per-epoch figures.
+
+For every epoch it reports the consumer's images/s, the daemon's CPU time per image (robust
+to other jobs on the machine, unlike images/s), its resident memory (VmRSS, and RssAnon: RSS
+without the ring's shared pages), the load average, and checks from the sample ids that no
+sample of the epoch was lost or served twice. At the end it prints PASS/FAIL against:
+
+* memory flat: RSS at most 5 % above its value after epoch 2, and RssAnon growing less than
+  1 MiB over the second half of the run (a leak grows steadily; allocator warm-up does not);
+* throughput flat: every epoch from the 3rd within ±10 % of those epochs' median, in images/s
+  and in daemon CPU time per image;
+* zero lost and zero duplicated samples in every epoch; the daemon exits 0 and leaves its
+  runtime directory empty.
+
+The shards are linked `--repeat` times under distinct names (the sample ids stay distinct), so
+that an epoch of the 600 photos lasts seconds rather than one second.
+
+Usage (release build first; the photos are ../shared/data/photos-dev, else data/sample):
+
+    cargo build --release
+    python3 benches/soak/soak.py --epochs 20
+
+Exit status 0 when every target is met, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "clients" / "python" / "src"))
+
+import ringfeed  # the repository's client, not an installed one
+
+PHOTOS = ROOT.parent / "shared" / "data" / "photos-dev" / "shards"
+SAMPLE = ROOT / "data" / "sample"
+RING = "soak"
+
+
+def default_shards() -> tuple[list[str], str]:
+    """The photos-dev shards if present, else the bundled sample."""
+    for folder, what in ((PHOTOS, "photos-dev (600 photos)"), (SAMPLE, "data/sample (96 photos)")):
+        shards = sorted(str(p) for p in folder.glob("*.tar"))
+        if shards:
+            return shards, what
+    sys.exit(f"no shards in {PHOTOS} or {SAMPLE}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of a process, in KiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["RssAnon"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="samples per batch (default 100: divides the 600 photos, so every sample is served each epoch)",
+    )
+    ap.add_argument("--workers", type=int, default=0, help="daemon worker threads (0 = one per core)")
+    ap.add_argument("--slots", type=int, default=4, help="slots per lane")
+    ap.add_argument("--pace-ms", type=float, default=5.0, help="mean pause of the consumer per batch")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the consumer's random pace")
+    ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "ringfeed"))
+    ap.add_argument("--shards", nargs="*", help="tar shards (default: photos-dev, else data/sample)")
+    ap.add_argument("--repeat", type=int, default=4, help="serve each shard this many times per epoch")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    if not os.access(args.bin, os.X_OK):
+        sys.exit(f"{args.bin} not found: run `cargo build --release` first")
+    shards, data_name = (args.shards, "given shards") if args.shards else default_shards()
+    rng = random.Random(args.seed)
+
+    work = Path(tempfile.mkdtemp(prefix="ringfeed-soak-"))
+    runtime = work / "run"
+    (work / "shards").mkdir()
+    linked = []
+    for r in range(args.repeat):
+        for shard in shards:
+            link = work / "shards" / f"r{r}-{Path(shard).name}"
+            link.symlink_to(Path(shard).resolve())
+            linked.append(str(link))
+    shards = linked
+    env = dict(os.environ, RINGFEED_RUNTIME_DIR=str(runtime))
+    log_path = runtime.parent / "serve.log"
+    cmd = [
+        args.bin, "serve", "--config", str(ROOT / "configs" / "imagenet-train.toml"),
+        "--name", RING, "--shards", *shards, "--epochs", str(args.epochs),
+        "--batch-size", str(args.batch_size), "--slots-per-lane", str(args.slots),
+        "--workers", str(args.workers), "--status-interval", "5", "--exit-when-done",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    try:
+        loader = ringfeed.Loader(
+            RING, 0, release_previous=False, max_held=args.slots - 1,
+            wait_for_producer=300, timeout=120, runtime_dir=runtime,
+        )  # fmt: skip
+        layout = loader._ring.layout  # figures for the report only
+        per_epoch_batches = len(loader)
+        expected = per_epoch_batches * args.batch_size
+        print(
+            f"soak: {data_name}, {layout.samples_per_epoch} samples, batch {args.batch_size}, "
+            f"{per_epoch_batches} batches ({expected} samples) per epoch, {args.epochs} epochs, "
+            f"{args.slots} slots, consumer pace ~{args.pace_ms} ms/batch (seed {args.seed})"
+        )
+        rows = []
+        last_end = time.perf_counter()
+        last_cpu = cpu_seconds(daemon.pid)
+        for epoch in range(args.epochs):
+            ids: list[int] = []
+            held: list = []
+            batches = redelivered = 0
+            for batch in loader:
+                batches += 1
+                redelivered += int(batch.redelivered)
+                ids.extend(int(i) for i in batch.sample_ids)
+                held.append(batch)
+                # Release a random choice of the held batches, keeping 0..max_held-1 of them.
+                keep = rng.randint(0, args.slots - 2)
+                while len(held) > keep:
+                    held.pop(rng.randrange(len(held))).release()
+                pause = rng.expovariate(1.0 / args.pace_ms) if args.pace_ms > 0 else 0.0
+                if rng.random() < 0.03:
+                    pause += rng.uniform(20, 100)  # now and then a long step
+                time.sleep(pause / 1000)
+            for b in held:
+                b.release()
+            end = time.perf_counter()
+            cpu = cpu_seconds(daemon.pid)
+            rss, anon = memory_kib(daemon.pid)
+            distinct = len(set(ids))
+            row = {
+                "epoch": epoch + 1,
+                "batches": batches,
+                "images_per_s": len(ids) / (end - last_end),
+                "cpu_ms_per_image": (cpu - last_cpu) * 1000 / max(len(ids), 1),
+                "load_1min": os.getloadavg()[0],
+                "rss_mib": rss / 1024,
+                "rss_anon_mib": anon / 1024,
+                "lost": expected - distinct,
+                "duplicated": len(ids) - distinct,
+                "out_of_range": sum(1 for i in ids if not 0 <= i < layout.samples_per_epoch),
+                "redelivered": redelivered,
+            }
+            last_end, last_cpu = end, cpu
+            rows.append(row)
+            print(
+                f"epoch {row['epoch']:3d}: {row['images_per_s']:6.0f} img/s  "
+                f"{row['cpu_ms_per_image']:5.2f} CPU-ms/img  RSS {row['rss_mib']:6.1f} MiB "
+                f"(anon {row['rss_anon_mib']:5.1f})  load {row['load_1min']:4.1f}  "
+                f"batches {batches}  lost {row['lost']}  duplicated {row['duplicated']}",
+                flush=True,
+            )
+        extra = sum(1 for _ in loader)  # the stream must be over
+        loader.close()
+        code = daemon.wait(timeout=120)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    leftovers = sorted(p.name for p in runtime.iterdir()) if runtime.exists() else []
+
+    checks = []
+    base = rows[1] if len(rows) >= 2 else rows[0]
+    later = rows[1:] or rows
+    top = max(r["rss_mib"] for r in later)
+    growth = (top / base["rss_mib"] - 1) * 100
+    checks.append((f"RSS growth after epoch 2: {growth:+.1f} % (max {top:.1f} MiB vs {base['rss_mib']:.1f})", growth < 5))
+    half = rows[len(rows) // 2 :]
+    anon_growth = max(r["rss_anon_mib"] for r in half) - half[0]["rss_anon_mib"]
+    checks.append(
+        ((f"RssAnon over the second half: {half[0]['rss_anon_mib']:.1f} → max "
+          f"{max(r['rss_anon_mib'] for r in half):.1f} MiB ({anon_growth:+.2f} MiB)"), anon_growth < 1)
+    )  # fmt: skip
+    for key, unit, what in (("images_per_s", "img/s", "throughput"), ("cpu_ms_per_image", "CPU-ms/img", "daemon CPU per image")):
+        steady = [r[key] for r in rows[2:]] or [r[key] for r in rows]
+        median = statistics.median(steady)
+        worst = max(abs(v / median - 1) * 100 for v in steady)
+        checks.append(
+            ((f"{what} from epoch 3: median {median:.2f} {unit}, min {min(steady):.2f}, max {max(steady):.2f}, "
+              f"worst deviation {worst:.1f} %"), worst <= 10)
+        )  # fmt: skip
+    lost = sum(r["lost"] for r in rows)
+    dup = sum(r["duplicated"] for r in rows)
+    bad = sum(r["out_of_range"] + r["redelivered"] for r in rows)
+    full = all(r["batches"] == per_epoch_batches for r in rows)
+    checks.append((f"samples: {lost} lost, {dup} duplicated, {bad} out of range/redelivered, every epoch complete: {full}",
+                   lost == 0 and dup == 0 and bad == 0 and full))  # fmt: skip
+    checks.append((f"daemon exit {code}, batches after the last epoch {extra}, runtime dir left: {leftovers}",
+                   code == 0 and extra == 0 and not leftovers))  # fmt: skip
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    passed = all(ok for _, ok in checks)
+    print("soak:", "PASS" if passed else "FAIL", f"(daemon log: {log_path})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "checks": checks, "passed": passed}, indent=1))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
