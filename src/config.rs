@@ -398,9 +398,10 @@ impl Plan {
         }
         let allow_gid = match &file.ring.allow_group {
             None => None,
-            Some(g) => Some(crate::ring::resolve_group(g).map_err(|e| {
-                invalid("ring.allow-group", format!("{g:?}"), &e.to_string())
-            })?),
+            Some(g) => Some(
+                crate::ring::resolve_group(g)
+                    .map_err(|e| invalid("ring.allow-group", format!("{g:?}"), &e.to_string()))?,
+            ),
         };
         // Building the augmenter checks the whole [augment] table.
         Augmenter::new(&file.augment)?;

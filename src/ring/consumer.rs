@@ -312,10 +312,12 @@ impl Consumer {
         let ours = rustix::process::geteuid().as_raw();
         let peer =
             handshake::peer_cred(&stream).map_err(|e| protocol(format!("SO_PEERCRED: {e}")))?;
-        handshake::check_peer_uid(peer.uid, ours, opts.trust_uid).map_err(|uid| AttachError::ForeignProducer {
-            name: name.clone(),
-            uid,
-            ours,
+        handshake::check_peer_uid(peer.uid, ours, opts.trust_uid).map_err(|uid| {
+            AttachError::ForeignProducer {
+                name: name.clone(),
+                uid,
+                ours,
+            }
         })?;
         let pid = std::process::id();
         let request = Request::Attach {

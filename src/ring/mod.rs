@@ -32,10 +32,10 @@ mod runtime_dir;
 mod segment;
 mod slot;
 
+pub use access::{resolve_group, GroupError};
 pub use consumer::{
     AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, TensorError,
 };
-pub use access::{resolve_group, GroupError};
 pub use futex::mono_ns;
 pub use layout::{
     plan, validate_header, DType, FormatError, Layout, RingSpec, SpecError, TensorLayout,

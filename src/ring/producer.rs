@@ -20,13 +20,13 @@ use rustix::event::{PollFd, PollFlags};
 use serde_json::json;
 use thiserror::Error;
 
+use super::access;
 use super::futex::{self, mono_ns, unix_ns};
 use super::handshake::{self, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
-use super::access;
 use super::memory::{Control, Data};
-use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
+use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
 use super::slot::{self, Slot, SlotMeta};
 
 /// How often the service thread re-checks its stop flag and the heartbeat is refreshed.
@@ -387,7 +387,11 @@ impl Shared {
     /// is left vacant again.
     fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) -> Option<Watch> {
         let conn = self.register(&mut lock(&self.lanes), lane, pid);
-        match handshake::send_line(&stream, &self.attach_reply(lane), Some(self.segment.file().as_fd())) {
+        match handshake::send_line(
+            &stream,
+            &self.attach_reply(lane),
+            Some(self.segment.file().as_fd()),
+        ) {
             Ok(()) => Some(Watch { lane, conn, stream }),
             Err(_) => {
                 self.reclaim_conn(lane, conn);

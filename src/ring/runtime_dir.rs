@@ -160,7 +160,15 @@ impl RuntimeDir {
         })?;
         let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
         let uid = rustix::process::geteuid().as_raw();
-        check_dir_meta(&self.path, true, st.st_uid, st.st_mode & 0o700, uid, uid, false)?;
+        check_dir_meta(
+            &self.path,
+            true,
+            st.st_uid,
+            st.st_mode & 0o700,
+            uid,
+            uid,
+            false,
+        )?;
         let group_err = |e: rustix::io::Errno| RuntimeDirError::Group {
             path: self.path.clone(),
             gid,

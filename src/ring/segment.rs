@@ -297,12 +297,8 @@ pub(crate) fn create_named(
         named: AtomicBool::new(true),
     };
     if let Some(gid) = access.group {
-        rustix::fs::fchown(
-            &named.lock,
-            None,
-            Some(rustix::process::Gid::from_raw(gid)),
-        )
-        .map_err(io("giving the ring file to the allowed group"))?;
+        rustix::fs::fchown(&named.lock, None, Some(rustix::process::Gid::from_raw(gid)))
+            .map_err(io("giving the ring file to the allowed group"))?;
         rustix::fs::fchmod(&named.lock, Mode::from_raw_mode(0o660))
             .map_err(io("setting the ring file's mode"))?;
     } else {
@@ -333,7 +329,12 @@ pub(crate) fn create_named(
 
 /// Removes a ring file whose lock nobody holds (its producer died), after checking it is this
 /// user's regular file; logs the pid the old header names.
-fn remove_stale(dirfd: &OwnedFd, file_name: &str, path: &Path, uid: u32) -> Result<(), ShmDirError> {
+fn remove_stale(
+    dirfd: &OwnedFd,
+    file_name: &str,
+    path: &Path,
+    uid: u32,
+) -> Result<(), ShmDirError> {
     let foreign = || ShmDirError::Foreign {
         path: path.to_owned(),
         uid,
