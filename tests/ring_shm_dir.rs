@@ -65,6 +65,17 @@ fn inet_sockets_of(pid: u32) -> Vec<String> {
     found
 }
 
+/// The `generation` field (header offset 32) of a ring file.
+fn generation_in(file: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut g = [0u8; 8];
+    std::fs::File::open(file)
+        .unwrap()
+        .read_exact_at(&mut g, 32)
+        .unwrap();
+    u64::from_le_bytes(g)
+}
+
 fn serve_output(runtime: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ringfeed"))
         .arg("serve")
@@ -213,7 +224,7 @@ fn stale_file_of_a_killed_daemon_is_replaced_at_the_next_start() {
     let args = ["--config", &config, "--shm-dir", shm.to_str().unwrap()];
     let mut first = Daemon::start(runtime.path(), &args);
     let file = shm.join("ringfeed-stale.ring");
-    let old_ino = std::fs::metadata(&file).unwrap().ino();
+    let old_generation = generation_in(&file);
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     assert!(file.exists(), "SIGKILL leaves the file");
@@ -228,7 +239,8 @@ fn stale_file_of_a_killed_daemon_is_replaced_at_the_next_start() {
         "log names the stale file and its dead producer:\n{}",
         second.log.join("\n")
     );
-    assert_ne!(std::fs::metadata(&file).unwrap().ino(), old_ino);
+    // A new file of a new producer (inode numbers may be reused; generations are not).
+    assert_ne!(generation_in(&file), old_generation);
     let mut opts = AttachOptions::new("stale", 0);
     opts.dir = Some(RuntimeDir::at(runtime.path()));
     let c = Consumer::attach_with(&opts).unwrap();
