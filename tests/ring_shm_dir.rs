@@ -229,7 +229,7 @@ fn stale_file_of_a_killed_daemon_is_replaced_at_the_next_start() {
     first.child.wait().unwrap();
     assert!(file.exists(), "SIGKILL leaves the file");
 
-    let mut second = Daemon::start(runtime.path(), &args);
+    let second = Daemon::start(runtime.path(), &args);
     assert!(
         second
             .log
