@@ -111,7 +111,7 @@ pub enum RingCreateError {
     },
     /// Not enough memory for the ring's memfd. A memfd is charged to RAM and to the memory
     /// cgroup (a container's `--memory` limit), not to `/dev/shm`.
-    #[error("ring {name:?} needs {} of shared memory ({lanes} lanes × {slots} slots × {} per batch + control) and it could not be reserved: {source}. The ring is a memfd, charged to RAM and the container's memory limit (cgroup memory.max, docker --memory), not to /dev/shm. Fix: fewer slots (--slots-per-lane) or lanes, a smaller batch (--batch-size) or image size, or a higher memory limit", mib(*bytes), mib(*slot_bytes))]
+    #[error("ring {name:?} needs {} of shared memory ({lanes} lanes × {slots} slots × {} per batch + control) and it could not be reserved. The ring is a memfd, charged to RAM and the container's memory limit (cgroup memory.max, docker --memory), not to /dev/shm. Fix: fewer slots (--slots-per-lane) or lanes, a smaller batch (--batch-size) or image size, or a higher memory limit", mib(*bytes), mib(*slot_bytes))]
     OutOfMemory {
         /// Ring name.
         name: String,
@@ -127,7 +127,7 @@ pub enum RingCreateError {
         source: io::Error,
     },
     /// The `--shm-dir` filesystem has too little space for the ring.
-    #[error("ring {name:?} needs {} ({lanes} lanes × {slots} slots × {} per batch + control) but {dir} has only {} free ({source}). Fix: fewer slots (--slots-per-lane) or lanes, a smaller batch (--batch-size) or image size; another --shm-dir on a larger tmpfs; a larger /dev/shm (docker run --shm-size={}m); or no --shm-dir (the default memfd is not limited by /dev/shm)", mib(*bytes), mib(*slot_bytes), free_bytes.map_or("an unknown amount".to_owned(), mib), shm_size_hint(*bytes))]
+    #[error("ring {name:?} needs {} ({lanes} lanes × {slots} slots × {} per batch + control) but {dir} has only {} free. Fix: fewer slots (--slots-per-lane) or lanes, a smaller batch (--batch-size) or image size; another --shm-dir on a larger tmpfs; a larger /dev/shm (docker run --shm-size={}m); or no --shm-dir (the default memfd is not limited by /dev/shm)", mib(*bytes), mib(*slot_bytes), free_bytes.map_or("an unknown amount".to_owned(), mib), shm_size_hint(*bytes))]
     ShmDirFull {
         /// Ring name.
         name: String,
