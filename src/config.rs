@@ -68,6 +68,12 @@ pub struct RingConfig {
     pub lanes: u32,
     /// Batches each lane can hold ready or in use at once (default 4).
     pub slots_per_lane: u32,
+    /// Directory for a named ring file `ringfeed-<name>.ring` instead of the default sealed
+    /// memfd (e.g. `/dev/shm`; default none).
+    pub shm_dir: Option<PathBuf>,
+    /// Group (name or gid) whose members may attach besides the daemon's own user (default
+    /// none: owner only).
+    pub allow_group: Option<String>,
 }
 
 impl Default for RingConfig {
@@ -76,6 +82,8 @@ impl Default for RingConfig {
             name: "default".to_owned(),
             lanes: 1,
             slots_per_lane: 4,
+            shm_dir: None,
+            allow_group: None,
         }
     }
 }
@@ -144,6 +152,10 @@ pub struct Overrides {
     pub status_interval_s: Option<f64>,
     /// `--max-skip-fraction`
     pub max_skip_fraction: Option<f64>,
+    /// `--shm-dir`
+    pub shm_dir: Option<PathBuf>,
+    /// `--allow-group`
+    pub allow_group: Option<String>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -192,6 +204,8 @@ pub struct Plan {
     pub threads: usize,
     /// Global rank of each lane, and the world size.
     pub ranks: RankPlan,
+    /// `ring.allow-group` resolved to a gid.
+    pub allow_gid: Option<u32>,
 }
 
 /// Which global rank each lane serves.
@@ -328,6 +342,12 @@ impl Plan {
         if let Some(v) = o.max_skip_fraction {
             file.workers.max_skip_fraction = v;
         }
+        if let Some(v) = &o.shm_dir {
+            file.ring.shm_dir = Some(v.clone());
+        }
+        if let Some(v) = &o.allow_group {
+            file.ring.allow_group = Some(v.clone());
+        }
 
         if let Err(e) = crate::ring::validate_name(&file.ring.name) {
             return Err(invalid(
@@ -368,6 +388,21 @@ impl Plan {
                 "a positive number of seconds",
             ));
         }
+        if file
+            .ring
+            .shm_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid("ring.shm-dir", "\"\"", "a directory path"));
+        }
+        let allow_gid = match &file.ring.allow_group {
+            None => None,
+            Some(g) => Some(
+                crate::ring::resolve_group(g)
+                    .map_err(|e| invalid("ring.allow-group", format!("{g:?}"), &e.to_string()))?,
+            ),
+        };
         // Building the augmenter checks the whole [augment] table.
         Augmenter::new(&file.augment)?;
 
@@ -382,6 +417,7 @@ impl Plan {
             base_dir: base_dir.to_owned(),
             threads,
             ranks,
+            allow_gid,
         })
     }
 
@@ -495,6 +531,30 @@ mod tests {
         };
         let err = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap_err();
         assert!(err.to_string().contains("ring.name"), "{err}");
+
+        let o = Overrides {
+            allow_group: Some("no-such-group-ringfeed".into()),
+            ..Overrides::default()
+        };
+        let err = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap_err();
+        assert!(err.to_string().contains("ring.allow-group"), "{err}");
+    }
+
+    #[test]
+    fn ring_memory_and_access_keys() {
+        let text = DEFAULT_CONFIG.replace(
+            "[ring]",
+            "[ring]\nshm-dir = \"/dev/shm\"\nallow-group = \"4242\"",
+        );
+        let p = plan(&text, &Overrides::default(), &TorchrunEnv::default()).unwrap();
+        assert_eq!(p.file.ring.shm_dir.as_deref(), Some(Path::new("/dev/shm")));
+        assert_eq!(p.allow_gid, Some(4242));
+        let o = Overrides {
+            shm_dir: Some("/tmp".into()),
+            ..Overrides::default()
+        };
+        let p = plan(&text, &o, &TorchrunEnv::default()).unwrap();
+        assert_eq!(p.file.ring.shm_dir.as_deref(), Some(Path::new("/tmp")));
     }
 
     #[test]

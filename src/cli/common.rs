@@ -54,6 +54,14 @@ pub(crate) struct PlanArgs {
     /// Largest share of an epoch's samples that may fail before the daemon stops.
     #[arg(long, value_name = "FRACTION")]
     max_skip_fraction: Option<f64>,
+    /// Put the ring in the named file DIR/ringfeed-<name>.ring (e.g. /dev/shm) instead of the
+    /// default sealed memfd; reserved in full at start, removed on exit.
+    #[arg(long, value_name = "DIR")]
+    shm_dir: Option<PathBuf>,
+    /// Let members of GROUP (name or gid) attach too: runtime dir 0750, socket and ring file
+    /// 0660, given to GROUP. Default: only this user.
+    #[arg(long, value_name = "GROUP")]
+    allow_group: Option<String>,
 }
 
 impl PlanArgs {
@@ -71,6 +79,8 @@ impl PlanArgs {
             first_rank: self.first_rank,
             status_interval_s: self.status_interval,
             max_skip_fraction: self.max_skip_fraction,
+            shm_dir: self.shm_dir.clone(),
+            allow_group: self.allow_group.clone(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use ringfeed::pipeline::Cursor;
-use ringfeed::ring::{Producer, RuntimeDir};
+use ringfeed::ring::{Producer, ProducerOptions, RuntimeDir};
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
 use super::status::{EpochShape, StatusReporter};
@@ -21,10 +21,19 @@ pub(crate) struct ServeArgs {
     /// Exit once every epoch has been served and every batch released (needs --epochs).
     #[arg(long)]
     exit_when_done: bool,
-    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9108. Off by
-    /// default; give a loopback address unless the metrics should be reachable from outside.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics (GET /metrics) on ADDR: a port alone (9108) binds loopback
+    /// 127.0.0.1; IP:PORT binds that address. Off by default: no listener at all.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
+}
+
+/// `--metrics` value: `PORT` (loopback) or `IP:PORT`.
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok((std::net::Ipv4Addr::LOCALHOST, port).into());
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither a port (binds 127.0.0.1) nor IP:PORT"))
 }
 
 /// Runs the daemon until SIGINT/SIGTERM (or, with --exit-when-done, the end of the data).
@@ -34,18 +43,23 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         !args.exit_when_done || plan.file.sampling.epochs > 0,
         "--exit-when-done needs a bounded number of epochs (--epochs N or [sampling] epochs)"
     );
-    let stages = build_stages(&plan)?;
-    let pipeline = &stages.pipeline;
-    let spec = stages.ring_spec(&plan);
-    let dir = RuntimeDir::from_env()?;
-    let producer = Arc::new(Producer::create(&spec, &dir)?);
-
+    // Installed first: a SIGINT/SIGTERM at any later moment only asks for a stop, so the
+    // ring is always removed by the normal exit path.
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = Arc::clone(&stop);
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("cannot install the SIGINT/SIGTERM handler")?;
     }
+    let stages = build_stages(&plan)?;
+    let pipeline = &stages.pipeline;
+    let spec = stages.ring_spec(&plan);
+    let dir = RuntimeDir::from_env()?;
+    let options = ProducerOptions {
+        shm_dir: plan.file.ring.shm_dir.clone(),
+        allow_group: plan.allow_gid,
+    };
+    let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
     // Bind the metrics listener before announcing the ring, so a scraper that waits for the
     // announcement finds it.
     let metrics = args
@@ -103,5 +117,23 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(300));
             Err(err.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_metrics_addr;
+
+    #[test]
+    fn metrics_port_alone_binds_loopback() {
+        assert_eq!(
+            parse_metrics_addr("9108").unwrap().to_string(),
+            "127.0.0.1:9108"
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9").unwrap().to_string(),
+            "0.0.0.0:9"
+        );
+        assert!(parse_metrics_addr("localhost").is_err());
     }
 }

@@ -46,6 +46,10 @@ pub struct AttachOptions {
     /// How long to wait for the producer's reply (a resume waits for the pipeline to seek).
     /// Default 30 s.
     pub reply_timeout: Duration,
+    /// A producer uid to accept besides our own (a daemon that serves this user through
+    /// `--allow-group`). Its runtime directory must then be owned by that uid and may grant its
+    /// group read/search (0750). Default `None`: only a producer of our own uid.
+    pub trust_uid: Option<u32>,
 }
 
 impl AttachOptions {
@@ -57,6 +61,7 @@ impl AttachOptions {
             lane,
             resume: None,
             reply_timeout: Duration::from_secs(30),
+            trust_uid: None,
         }
     }
 }
@@ -224,6 +229,9 @@ struct Reply {
     generation: u64,
     #[serde(default)]
     producer_pid: u32,
+    /// `"memfd"` (absent in older producers) or `"file"` (a `--shm-dir` ring file).
+    #[serde(default)]
+    segment: Option<String>,
 }
 
 /// A consumer attached to one lane. Not `Sync`: one thread takes batches (it may hold
@@ -287,7 +295,10 @@ impl Consumer {
             Some(d) => d.clone(),
             None => RuntimeDir::from_env()?,
         };
-        dir.check()?;
+        match opts.trust_uid {
+            Some(owner) => dir.check_trusting(owner)?,
+            None => dir.check()?,
+        }
         let path = dir.socket_path(&name);
         let protocol = |detail: String| AttachError::Protocol {
             name: name.clone(),
@@ -299,12 +310,14 @@ impl Consumer {
             source,
         })?;
         let ours = rustix::process::geteuid().as_raw();
-        let (uid, _) =
+        let peer =
             handshake::peer_cred(&stream).map_err(|e| protocol(format!("SO_PEERCRED: {e}")))?;
-        handshake::check_peer_uid(uid, ours).map_err(|uid| AttachError::ForeignProducer {
-            name: name.clone(),
-            uid,
-            ours,
+        handshake::check_peer_uid(peer.uid, ours, opts.trust_uid).map_err(|uid| {
+            AttachError::ForeignProducer {
+                name: name.clone(),
+                uid,
+                ours,
+            }
         })?;
         let pid = std::process::id();
         let request = Request::Attach {
@@ -338,7 +351,9 @@ impl Consumer {
             let name = name.clone();
             move |source| AttachError::Io { name, what, source }
         };
-        if !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
+        // A named `--shm-dir` file cannot be sealed (only memfds can); the producer says so.
+        let named_file = reply.segment.as_deref() == Some("file");
+        if !named_file && !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
             return Err(AttachError::NotSealed { name });
         }
         let file_len = file.metadata().map_err(io("fstat of the memfd"))?.len();

@@ -13,6 +13,8 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::access::Peer;
+
 /// Longest request or reply line, newline included.
 pub(crate) const MAX_LINE: usize = 4096;
 
@@ -39,20 +41,26 @@ pub(crate) enum Request {
     Info,
 }
 
-/// The uid check both sides make: `Err(peer)` when the peer runs as another user.
-pub(crate) fn check_peer_uid(peer: u32, ours: u32) -> Result<(), u32> {
-    if peer == ours {
+/// The consumer's uid check: `Err(peer)` when the producer runs as neither this user nor the
+/// one it was told to trust.
+pub(crate) fn check_peer_uid(peer: u32, ours: u32, trusted: Option<u32>) -> Result<(), u32> {
+    if peer == ours || Some(peer) == trusted {
         Ok(())
     } else {
         Err(peer)
     }
 }
 
-/// The peer's effective uid and pid at connect time (`SO_PEERCRED`; the pid is translated
-/// into our pid namespace, unlike the one a client writes in its request).
-pub(crate) fn peer_cred(stream: &UnixStream) -> io::Result<(u32, u32)> {
+/// The peer's effective uid, gid and pid at connect time (`SO_PEERCRED`; the pid is
+/// translated into our pid namespace, unlike the one a client writes in its request, and is 0
+/// when the peer's pid is not visible there).
+pub(crate) fn peer_cred(stream: &UnixStream) -> io::Result<Peer> {
     let cred = rustix::net::sockopt::socket_peercred(stream)?;
-    Ok((cred.uid.as_raw(), cred.pid.as_raw_nonzero().get() as u32))
+    Ok(Peer {
+        uid: cred.uid.as_raw(),
+        gid: cred.gid.as_raw(),
+        pid: cred.pid.as_raw_nonzero().get() as u32,
+    })
 }
 
 /// Reads one line (up to [`MAX_LINE`] bytes, without the newline). The peer sends nothing
@@ -217,16 +225,23 @@ mod tests {
 
     #[test]
     fn uid_check() {
-        assert_eq!(check_peer_uid(1000, 1000), Ok(()));
-        assert_eq!(check_peer_uid(65534, 0), Err(65534));
+        assert_eq!(check_peer_uid(1000, 1000, None), Ok(()));
+        assert_eq!(check_peer_uid(65534, 0, None), Err(65534));
+        assert_eq!(check_peer_uid(0, 1000, Some(0)), Ok(()));
+        assert_eq!(check_peer_uid(5, 1000, Some(0)), Err(5));
     }
 
     #[test]
     fn line_with_fd_round_trips_and_eof_is_seen() {
         let (a, mut b) = UnixStream::pair().unwrap();
+        let peer = peer_cred(&a).unwrap();
         assert_eq!(
-            peer_cred(&a).unwrap(),
-            (rustix::process::geteuid().as_raw(), std::process::id())
+            (peer.uid, peer.gid, peer.pid),
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+                std::process::id()
+            )
         );
         let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         send_line(&a, &serde_json::json!({"ok": true}), Some(memfd.as_fd())).unwrap();

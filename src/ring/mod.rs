@@ -6,6 +6,9 @@
 //! - [`layout`]: the binary layout; [`plan`] lays out a [`RingSpec`], [`validate_header`]
 //!   checks a header against a file size (pure, safe, fuzzed by the tests).
 //! - `memory`: the memfd and its mappings; the only place turning addresses into references.
+//! - `segment`: where the memory lives: the sealed memfd, or a named file in a `--shm-dir`,
+//!   both reserved in full at creation; stale named files are detected and replaced.
+//! - `access`: who may attach (same uid, or an allowed group).
 //! - `slot`: the slot state machine, each transition with its memory ordering and partner.
 //! - `futex`: waiting on shared 32-bit words with timeouts.
 //! - [`RuntimeDir`]: where sockets and lock files live, and the checks that make it safe.
@@ -17,6 +20,7 @@
 //! - [`Observer`]: a read-only view of a running ring for operator tools (counters, a
 //!   seqlock copy of a published batch), found through the lock file and `/proc`.
 
+mod access;
 mod consumer;
 mod futex;
 mod handshake;
@@ -25,8 +29,10 @@ mod memory;
 mod observer;
 mod producer;
 mod runtime_dir;
+mod segment;
 mod slot;
 
+pub use access::{resolve_group, GroupError};
 pub use consumer::{
     AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, TensorError,
 };
@@ -39,7 +45,8 @@ pub use observer::{
     ConsumerEntry, LanePosition, ObserveError, Observer, PeekError, PeekedBatch, RingSnapshot,
 };
 pub use producer::{
-    BatchMeta, LaneStats, Producer, ProducerState, RingCreateError, RingStats, SeekRequest,
-    SlotWriter,
+    BatchMeta, LaneStats, Producer, ProducerOptions, ProducerState, RingCreateError, RingStats,
+    SeekRequest, SlotWriter,
 };
 pub use runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
+pub use segment::ShmDirError;

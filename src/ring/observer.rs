@@ -4,7 +4,8 @@
 //! # Brief overview
 //!
 //! [`Observer::open`] reads the producer pid from `<name>.lock`, finds the producer's memfd
-//! among `/proc/<pid>/fd/*` (its link reads `/memfd:ringfeed:<name> (deleted)`), opens it
+//! among `/proc/<pid>/fd/*` (its link reads `/memfd:ringfeed:<name> (deleted)`, or ends in
+//! `ringfeed-<name>.ring` for a `--shm-dir` ring file), opens it
 //! read-only, validates the control region exactly as a consumer does, and maps the control
 //! region **read-only**. [`Observer::snapshot`] then reads the counters; [`Observer::peek`]
 //! copies one published batch out of a slot without taking it (a seqlock on the slot's
@@ -240,10 +241,17 @@ impl Observer {
             ))
         })?;
         let want = memfd_link(&name);
+        let named = super::segment::file_name(&name);
         let mut found = Vec::new();
         for entry in entries.flatten() {
-            if std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-                found.push(entry.path());
+            let Ok(link) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            if link.as_os_str() == want.as_str() {
+                found.push((entry.path(), true));
+            } else if link.file_name().is_some_and(|f| f == named.as_str()) {
+                // A `--shm-dir` ring file (named files cannot be sealed).
+                found.push((entry.path(), false));
             }
         }
         let io = |what| {
@@ -251,9 +259,9 @@ impl Observer {
             move |source| ObserveError::Io { name, what, source }
         };
         let mut last_err = None;
-        for path in &found {
+        for (path, memfd) in &found {
             let file = File::open(path).map_err(io("opening the memfd read-only"))?;
-            if !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
+            if *memfd && !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
                 return Err(ObserveError::NotSealed { name });
             }
             let file_len = file.metadata().map_err(io("fstat of the memfd"))?.len();
@@ -279,7 +287,9 @@ impl Observer {
         }
         Err(match last_err {
             Some(source) => ObserveError::Format { name, source },
-            None => no_ring(format!("holds no memfd whose link reads {want:?}")),
+            None => no_ring(format!(
+                "holds no memfd whose link reads {want:?} and no ring file named {named:?}"
+            )),
         })
     }
 

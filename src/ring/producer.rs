@@ -6,7 +6,6 @@
 //! the *heartbeat* thread (refreshes `heartbeat_mono_ns`, and as a backup reclaims lanes whose
 //! consumer pid no longer exists).
 
-use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,11 +20,13 @@ use rustix::event::{PollFd, PollFlags};
 use serde_json::json;
 use thiserror::Error;
 
+use super::access;
 use super::futex::{self, mono_ns, unix_ns};
 use super::handshake::{self, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
-use super::memory::{self, Control, Data, MemfdError};
+use super::memory::{Control, Data};
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
+use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
 use super::slot::{self, Slot, SlotMeta};
 
 /// How often the service thread re-checks its stop flag and the heartbeat is refreshed.
@@ -108,8 +109,9 @@ pub enum RingCreateError {
         /// The OS error.
         source: io::Error,
     },
-    /// Not enough memory for the ring.
-    #[error("ring {name:?} needs {bytes} bytes of shared memory ({lanes} lanes × {slots} slots × {slot_bytes} bytes + control) and they could not be allocated: {source}; reduce slots_per_lane, the batch size or the image size")]
+    /// Not enough memory for the ring's memfd. A memfd is charged to RAM and to the memory
+    /// cgroup (a container's `--memory` limit), not to `/dev/shm`.
+    #[error("ring {name:?} needs {} of shared memory ({lanes} lanes × {slots} slots × {} per batch + control) and it could not be reserved. The ring is a memfd, charged to RAM and the container's memory limit (cgroup memory.max, docker --memory), not to /dev/shm. Fix: fewer slots (--slots-per-lane) or lanes, a smaller batch (--batch-size) or image size, or a higher memory limit", mib(*bytes), mib(*slot_bytes))]
     OutOfMemory {
         /// Ring name.
         name: String,
@@ -124,6 +126,34 @@ pub enum RingCreateError {
         /// The OS error.
         source: io::Error,
     },
+    /// The `--shm-dir` filesystem has too little space for the ring.
+    #[error("ring {name:?} needs {} ({lanes} lanes × {slots} slots × {} per batch + control) but {dir} has only {} free. Fix: fewer slots (--slots-per-lane) or lanes, a smaller batch (--batch-size) or image size; another --shm-dir on a larger tmpfs; a larger /dev/shm (docker run --shm-size={}m); or no --shm-dir (the default memfd is not limited by /dev/shm)", mib(*bytes), mib(*slot_bytes), free_bytes.map_or("an unknown amount".to_owned(), mib), shm_size_hint(*bytes))]
+    ShmDirFull {
+        /// Ring name.
+        name: String,
+        /// Bytes needed.
+        bytes: u64,
+        /// Lanes.
+        lanes: u32,
+        /// Slots per lane.
+        slots: u32,
+        /// Bytes per slot.
+        slot_bytes: u64,
+        /// The `--shm-dir`.
+        dir: PathBuf,
+        /// Free bytes there (`statvfs`), if known.
+        free_bytes: Option<u64>,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The `--shm-dir` or the ring file in it was refused.
+    #[error("ring {name:?}: {source}")]
+    ShmDir {
+        /// Ring name.
+        name: String,
+        /// What is wrong.
+        source: ShmDirError,
+    },
     /// memfd creation, mapping, socket or thread setup failed.
     #[error("ring {name:?}: {what}: {source}")]
     Io {
@@ -134,6 +164,28 @@ pub enum RingCreateError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+/// `bytes` in MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+/// A `--shm-size` in MiB that fits the ring with room for the rest of /dev/shm's users.
+fn shm_size_hint(bytes: u64) -> u64 {
+    (bytes.div_ceil(1 << 20) + 64).next_multiple_of(64)
+}
+
+/// How the producer creates its ring beyond the [`RingSpec`]: where the memory lives and
+/// who besides its own user may attach. The default is a sealed memfd, owner only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerOptions {
+    /// `None` (default): a sealed memfd. `Some(dir)`: the named file
+    /// `dir/ringfeed-<name>.ring`, mode 0600 (0660 with `allow_group`), removed on exit.
+    pub shm_dir: Option<PathBuf>,
+    /// A gid whose members may attach too: the runtime directory becomes 0750 and the socket
+    /// and named file 0660, all given to this group.
+    pub allow_group: Option<u32>,
 }
 
 /// What a batch's slot records besides its tensors.
@@ -220,7 +272,8 @@ struct Watch {
 struct Shared {
     layout: Layout,
     pid: u32,
-    memfd: File,
+    segment: Segment,
+    allow_group: Option<u32>,
     control: Control,
     data: Data,
     lanes: Mutex<Vec<LaneConn>>,
@@ -326,14 +379,19 @@ impl Shared {
 
     fn attach_reply(&self, lane: u32) -> serde_json::Value {
         json!({"ok": true, "generation": self.layout.generation, "lane": lane,
-               "file_bytes": self.layout.file_bytes, "producer_pid": self.pid})
+               "file_bytes": self.layout.file_bytes, "producer_pid": self.pid,
+               "segment": self.segment.kind()})
     }
 
     /// Registers the consumer and sends the attach reply with the memfd; on failure the lane
     /// is left vacant again.
     fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) -> Option<Watch> {
         let conn = self.register(&mut lock(&self.lanes), lane, pid);
-        match handshake::send_line(&stream, &self.attach_reply(lane), Some(self.memfd.as_fd())) {
+        match handshake::send_line(
+            &stream,
+            &self.attach_reply(lane),
+            Some(self.segment.file().as_fd()),
+        ) {
             Ok(()) => Some(Watch { lane, conn, stream }),
             Err(_) => {
                 self.reclaim_conn(lane, conn);
@@ -446,6 +504,15 @@ impl Producer {
     /// producer holds it), allocates and seals the memfd, writes the header, binds the socket
     /// (replacing a stale one) and starts the service and heartbeat threads.
     pub fn create(spec: &RingSpec, dir: &RuntimeDir) -> Result<Producer, RingCreateError> {
+        Producer::create_with(spec, dir, &ProducerOptions::default())
+    }
+
+    /// Like [`create`](Self::create), with the memory and access that `options` name.
+    pub fn create_with(
+        spec: &RingSpec,
+        dir: &RuntimeDir,
+        options: &ProducerOptions,
+    ) -> Result<Producer, RingCreateError> {
         let name = spec.name.clone();
         validate_name(&name)?;
         let layout =
@@ -453,7 +520,7 @@ impl Producer {
                 name: name.clone(),
                 source,
             })?;
-        dir.ensure()?;
+        dir.ensure_for(options.allow_group)?;
         let lock_path = dir.lock_path(&name);
         let lock = ProducerLock::acquire(&lock_path).map_err(|e| match e {
             LockError::Held(pid) => RingCreateError::AlreadyRunning {
@@ -470,8 +537,21 @@ impl Producer {
             let name = name.clone();
             move |source: io::Error| RingCreateError::Io { name, what, source }
         };
-        let memfd = memory::create_memfd(&name, layout.file_bytes).map_err(|e| match e {
-            MemfdError::Allocate(source) => RingCreateError::OutOfMemory {
+        let segment = match &options.shm_dir {
+            None => segment::create_memfd(&name, layout.file_bytes),
+            Some(shm_dir) => segment::create_named(
+                shm_dir,
+                &name,
+                layout.file_bytes,
+                FileAccess {
+                    group: options.allow_group,
+                },
+            ),
+        }
+        .map_err(|e| match e {
+            SegmentError::NoSpace {
+                dir: None, source, ..
+            } => RingCreateError::OutOfMemory {
                 name: name.clone(),
                 bytes: layout.file_bytes,
                 lanes: layout.lane_count,
@@ -479,12 +559,33 @@ impl Producer {
                 slot_bytes: layout.slot_stride,
                 source,
             },
-            MemfdError::Create(source) => io_err("creating the memfd")(source),
+            SegmentError::NoSpace {
+                dir: Some(dir),
+                free_bytes,
+                source,
+            } => RingCreateError::ShmDirFull {
+                name: name.clone(),
+                bytes: layout.file_bytes,
+                lanes: layout.lane_count,
+                slots: layout.slots_per_lane,
+                slot_bytes: layout.slot_stride,
+                dir,
+                free_bytes,
+                source,
+            },
+            SegmentError::Dir(source) => RingCreateError::ShmDir {
+                name: name.clone(),
+                source,
+            },
+            SegmentError::Io(what, source) => io_err(what)(source),
         })?;
-        let control = Control::map(&memfd, layout.data_offset)
+        if let Some(path) = segment.path() {
+            log::info!("ring {name:?}: memory in {}", path.display());
+        }
+        let control = Control::map(segment.file(), layout.data_offset)
             .map_err(io_err("mapping the control region"))?;
         let data = Data::map(
-            &memfd,
+            segment.file(),
             layout.data_offset,
             layout.file_bytes - layout.data_offset,
             true,
@@ -504,6 +605,8 @@ impl Producer {
             Err(e) => return Err(io_err("removing the stale socket")(e)),
         }
         let listener = UnixListener::bind(&socket_path).map_err(io_err("binding the socket"))?;
+        restrict_socket(&socket_path, options.allow_group)
+            .map_err(io_err("setting the socket's owner group and mode"))?;
         listener
             .set_nonblocking(true)
             .map_err(io_err("configuring the socket"))?;
@@ -513,7 +616,8 @@ impl Producer {
         let shared = Arc::new(Shared {
             layout,
             pid,
-            memfd,
+            segment,
+            allow_group: options.allow_group,
             control,
             data,
             lanes: Mutex::new(lanes),
@@ -647,6 +751,8 @@ impl Drop for Producer {
         // Unapplied seeks get their refusal now rather than when the pipeline lets go.
         drop(self.take_seek_requests());
         let _ = std::fs::remove_file(&self.socket_path);
+        // Consumers still mapping a named file keep its memory until they detach.
+        self.shared.segment.remove_name();
         // `_lock` drops after this body: the lock file goes last.
     }
 }
@@ -786,13 +892,15 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
     let line = handshake::read_line(&mut stream);
     let ours = rustix::process::geteuid().as_raw();
     let peer_pid = match handshake::peer_cred(&stream) {
-        Ok((uid, pid)) => {
-            match handshake::check_peer_uid(uid, ours) {
-                Ok(()) => pid,
-                Err(uid) => {
-                    let msg = format!("permission denied: consumer uid {uid} differs from the producer's uid {ours}");
-                    return refuse(&stream, &msg);
-                }
+        Ok(peer) => {
+            if access::peer_allowed(peer, ours, sh.allow_group) {
+                peer.pid
+            } else {
+                let msg = match sh.allow_group {
+                    None => format!("permission denied: consumer uid {} differs from the producer's uid {ours}", peer.uid),
+                    Some(g) => format!("permission denied: consumer uid {} differs from the producer's uid {ours} and is not in the allowed group {g}", peer.uid),
+                };
+                return refuse(&stream, &msg);
             }
         }
         Err(e) => {
@@ -902,6 +1010,22 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
             }
         }
     }
+}
+
+/// The socket file: 0600, or 0660 and the allowed group (connecting needs write access).
+fn restrict_socket(path: &std::path::Path, group: Option<u32>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = group {
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            path,
+            None,
+            Some(rustix::process::Gid::from_raw(gid)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 fn pid_alive(pid: u32) -> bool {

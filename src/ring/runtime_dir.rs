@@ -39,13 +39,24 @@ pub enum RuntimeDirError {
         /// Our effective uid.
         uid: u32,
     },
-    /// The directory grants group or other permissions.
-    #[error("runtime directory {path} has mode {mode:o}; it must grant no group/other permission (chmod 700)")]
+    /// The directory grants more than allowed: nothing to others, and to the group nothing
+    /// (chmod 700) or, with an allowed group, read and search only (chmod 750).
+    #[error("runtime directory {path} has mode {mode:o}; it must grant nothing to others and at most read/search to its group (chmod 700, or 750 with --allow-group)")]
     Permissions {
         /// The path.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+    },
+    /// The directory could not be opened to the allowed group.
+    #[error("runtime directory {path}: cannot give it to group {gid}: {source} (the daemon's user must belong to that group)")]
+    Group {
+        /// The path.
+        path: PathBuf,
+        /// The allowed group.
+        gid: u32,
+        /// The OS error.
+        source: io::Error,
     },
     /// The ring name is not allowed.
     #[error("invalid ring name {name:?}: {reason}")]
@@ -117,22 +128,73 @@ impl RuntimeDir {
 
     /// Creates the directory with mode 0700 if it is missing, then [`check`](Self::check)s it.
     pub fn ensure(&self) -> Result<(), RuntimeDirError> {
+        self.ensure_for(None)
+    }
+
+    /// Like [`ensure`](Self::ensure); with `group`, the directory is then given to that group
+    /// with mode 0750 (members may reach the socket, nobody else may), and checked so.
+    pub fn ensure_for(&self, group: Option<u32>) -> Result<(), RuntimeDirError> {
+        let io = |source| RuntimeDirError::Io {
+            path: self.path.clone(),
+            source,
+        };
         match std::fs::DirBuilder::new().mode(0o700).create(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(RuntimeDirError::Io {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(io(source)),
         }
-        self.check()
+        let Some(gid) = group else {
+            return self.check();
+        };
+        // Adjust what was opened (no symlink followed), then check it like a consumer would.
+        let fd = rustix::fs::open(
+            &self.path,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|_| RuntimeDirError::NotADirectory {
+            path: self.path.clone(),
+        })?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
+        let uid = rustix::process::geteuid().as_raw();
+        check_dir_meta(
+            &self.path,
+            true,
+            st.st_uid,
+            st.st_mode & 0o700,
+            uid,
+            uid,
+            false,
+        )?;
+        let group_err = |e: rustix::io::Errno| RuntimeDirError::Group {
+            path: self.path.clone(),
+            gid,
+            source: e.into(),
+        };
+        rustix::fs::fchown(&fd, None, Some(rustix::process::Gid::from_raw(gid)))
+            .map_err(group_err)?;
+        rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o750)).map_err(group_err)?;
+        self.check_owned_by(uid, true)
     }
 
     /// Refuses a directory that is a symlink, not a directory, not owned by the effective
     /// uid, or grants any group/other permission.
     pub fn check(&self) -> Result<(), RuntimeDirError> {
+        let uid = rustix::process::geteuid().as_raw();
+        self.check_owned_by(uid, false)
+    }
+
+    /// The consumer's check when it trusts a producer of uid `owner` (`--allow-group` on the
+    /// producer's side): the directory must be `owner`'s (or ours), not a symlink, grant
+    /// nothing to others and at most read/search to its group.
+    pub fn check_trusting(&self, owner: u32) -> Result<(), RuntimeDirError> {
+        self.check_owned_by(owner, true)
+    }
+
+    fn check_owned_by(&self, owner: u32, group_may_read: bool) -> Result<(), RuntimeDirError> {
         let meta = std::fs::symlink_metadata(&self.path).map_err(|source| RuntimeDirError::Io {
             path: self.path.clone(),
             source,
@@ -143,6 +205,8 @@ impl RuntimeDir {
             meta.uid(),
             meta.mode(),
             rustix::process::geteuid().as_raw(),
+            owner,
+            group_may_read,
         )
     }
 
@@ -157,27 +221,32 @@ impl RuntimeDir {
     }
 }
 
-/// The directory checks as a pure function of the `lstat` result.
+/// The directory checks as a pure function of the `lstat` result: owned by `uid` or
+/// `trusted`, no permission for others, and for the group none or (`group_may_read`) read and
+/// search only.
 fn check_dir_meta(
     path: &Path,
     is_dir: bool,
     owner: u32,
     mode: u32,
     uid: u32,
+    trusted: u32,
+    group_may_read: bool,
 ) -> Result<(), RuntimeDirError> {
     if !is_dir {
         return Err(RuntimeDirError::NotADirectory {
             path: path.to_owned(),
         });
     }
-    if owner != uid {
+    if owner != uid && owner != trusted {
         return Err(RuntimeDirError::WrongOwner {
             path: path.to_owned(),
             owner,
             uid,
         });
     }
-    if mode & 0o077 != 0 {
+    let forbidden = if group_may_read { 0o027 } else { 0o077 };
+    if mode & forbidden != 0 {
         return Err(RuntimeDirError::Permissions {
             path: path.to_owned(),
             mode: mode & 0o7777,
@@ -275,23 +344,29 @@ mod tests {
     #[test]
     fn dir_checks() {
         let p = Path::new("/x");
-        assert!(check_dir_meta(p, true, 5, 0o40700, 5).is_ok());
+        assert!(check_dir_meta(p, true, 5, 0o40700, 5, 5, false).is_ok());
         assert!(matches!(
-            check_dir_meta(p, false, 5, 0o700, 5),
+            check_dir_meta(p, false, 5, 0o700, 5, 5, false),
             Err(RuntimeDirError::NotADirectory { .. })
         ));
         assert!(matches!(
-            check_dir_meta(p, true, 6, 0o700, 5),
+            check_dir_meta(p, true, 6, 0o700, 5, 5, false),
             Err(RuntimeDirError::WrongOwner { owner: 6, .. })
         ));
         assert!(matches!(
-            check_dir_meta(p, true, 5, 0o750, 5),
+            check_dir_meta(p, true, 5, 0o750, 5, 5, false),
             Err(RuntimeDirError::Permissions { .. })
         ));
         assert!(matches!(
-            check_dir_meta(p, true, 5, 0o701, 5),
+            check_dir_meta(p, true, 5, 0o701, 5, 5, false),
             Err(RuntimeDirError::Permissions { .. })
         ));
+        // Trusting another owner with group access: 0750 of the trusted uid passes, group
+        // write or any other bit does not, and an untrusted owner is still refused.
+        assert!(check_dir_meta(p, true, 6, 0o40750, 5, 6, true).is_ok());
+        assert!(check_dir_meta(p, true, 6, 0o40770, 5, 6, true).is_err());
+        assert!(check_dir_meta(p, true, 6, 0o40751, 5, 6, true).is_err());
+        assert!(check_dir_meta(p, true, 7, 0o40750, 5, 6, true).is_err());
     }
 
     #[test]

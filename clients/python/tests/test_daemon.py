@@ -205,3 +205,20 @@ def test_sigterm_stops_the_daemon_cleanly(serve: type[Daemon], runtime_dir: Path
     assert not (runtime_dir / "e2e.sock").exists()
     assert not (runtime_dir / "e2e.lock").exists()
     assert daemon.stderr().strip(), "the daemon prints a status line to stderr"
+
+
+def test_shm_dir_ring_file_is_read_and_removed(
+    serve: type[Daemon], runtime_dir: Path, tmp_path: Path
+) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o700)
+    daemon = serve("--lanes", 1, "--shm-dir", shm, *BASE)
+    loader = daemon.loader()
+    ring_file = shm / "ringfeed-e2e.ring"
+    assert ring_file.stat().st_mode & 0o777 == 0o600
+    batch = next(iter(loader))
+    assert batch["images"].shape[0] == 8
+    loader.close()
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0, daemon.stderr()
+    assert not ring_file.exists()

@@ -61,6 +61,9 @@ class Loader:
             also used to re-attach (resuming at the cursor) when the producer dies mid-run.
         timeout: raise :class:`RingTimeout` when no batch arrives within this many seconds.
         runtime_dir: override the runtime directory (§2).
+        trust_uid: also accept a producer running as this uid (a daemon started with
+            ``--allow-group`` for a group this user belongs to); its runtime directory must
+            then be owned by that uid and may grant its group read/search (0750).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Loader:
         wait_for_producer: float = 0.0,
         timeout: Optional[float] = None,
         runtime_dir: Optional[PathLike] = None,
+        trust_uid: Optional[int] = None,
     ) -> None:
         """Attach to ``lane`` of the producer called ``name`` (see the class docs)."""
         self.name = check_name(name)
@@ -91,6 +95,7 @@ class Loader:
         self._wait_for_producer = float(wait_for_producer)
         self._timeout = timeout
         self._runtime_dir = runtime_dir
+        self._trust_uid = trust_uid
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self._ring: Optional[Ring] = None
@@ -126,8 +131,10 @@ class Loader:
         deadline = time.monotonic() + patience_s
         while True:
             try:
-                path = socket_path(self.name, self._runtime_dir)
-                sock, reply, fd = protocol.attach(path, self.lane, resume)
+                path = socket_path(self.name, self._runtime_dir, trust_uid=self._trust_uid)
+                sock, reply, fd = protocol.attach(
+                    path, self.lane, resume, trust_uid=self._trust_uid
+                )
                 break
             except AttachError:
                 if time.monotonic() >= deadline:
@@ -135,7 +142,12 @@ class Loader:
                 time.sleep(_RETRY_PAUSE_S)
         try:
             try:
-                ring = Ring.from_fd(fd, generation=int(reply.get("generation", -1)))
+                # A --shm-dir ring file cannot carry seals (only memfds can); the reply says so.
+                ring = Ring.from_fd(
+                    fd,
+                    generation=int(reply.get("generation", -1)),
+                    sealed=reply.get("segment", "memfd") != "file",
+                )
             finally:
                 os.close(fd)
             layout = ring.layout

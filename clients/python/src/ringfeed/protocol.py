@@ -22,7 +22,7 @@ MAX_LINE = 4096
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
-def _connect(path: Path) -> socket.socket:
+def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(str(path))
@@ -32,7 +32,7 @@ def _connect(path: Path) -> socket.socket:
     _pid, uid, _gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
-    if uid != os.getuid():
+    if uid != os.getuid() and uid != trust_uid:
         sock.close()
         raise AttachError(f"producer at {path} runs as uid {uid}, not ours; refusing it")
     return sock
@@ -69,14 +69,18 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, A
 
 
 def attach(
-    path: Path, lane: int, resume: Optional[dict[str, int]] = None
+    path: Path,
+    lane: int,
+    resume: Optional[dict[str, int]] = None,
+    *,
+    trust_uid: Optional[int] = None,
 ) -> tuple[socket.socket, dict[str, Any], int]:
     """Attach to ``lane`` of the producer listening at ``path``.
 
     Returns ``(connection, reply, memfd)``; the caller owns both and must keep the connection
     open while attached. Raises :class:`AttachError` with the producer's reason on refusal.
     """
-    sock = _connect(path)
+    sock = _connect(path, trust_uid)
     request: dict[str, Any] = {"op": "attach", "version": VERSION, "lane": lane, "pid": os.getpid()}
     if resume is not None:
         request["resume"] = {"epoch": int(resume["epoch"]), "index": int(resume["index"])}

@@ -37,9 +37,12 @@ def runtime_dir(override: Optional[str | os.PathLike[str]] = None) -> Path:
     return Path(f"/tmp/ringfeed-{os.getuid()}")
 
 
-def check_runtime_dir(path: Path) -> None:
+def check_runtime_dir(path: Path, trust_uid: Optional[int] = None) -> None:
     """Refuse a runtime directory that is missing, a symlink, not a directory, owned by another
-    user, or open to group/others (§2). Raises :class:`AttachError` saying which."""
+    user, or open to group/others (§2). Raises :class:`AttachError` saying which.
+
+    With ``trust_uid``, a directory owned by that uid is accepted too, and its group may have
+    read/search permission (0750, a producer started with ``--allow-group``)."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -52,18 +55,25 @@ def check_runtime_dir(path: Path) -> None:
         raise AttachError(f"runtime directory {path} is a symlink; refusing it")
     if not stat.S_ISDIR(info.st_mode):
         raise AttachError(f"runtime directory {path} is not a directory")
-    if info.st_uid != os.getuid():
+    if info.st_uid != os.getuid() and info.st_uid != trust_uid:
         raise AttachError(f"runtime directory {path} is owned by uid {info.st_uid}, not us")
-    if info.st_mode & 0o077:
+    forbidden = 0o027 if trust_uid is not None else 0o077
+    if info.st_mode & forbidden:
         raise AttachError(
             f"runtime directory {path} has mode {stat.S_IMODE(info.st_mode):o};"
-            " it must grant nothing to group or others"
+            " it must grant nothing to others, and to its group nothing"
+            " (or read/search only when trust_uid is given)"
         )
 
 
-def socket_path(name: str, directory: Optional[str | os.PathLike[str]] = None) -> Path:
+def socket_path(
+    name: str,
+    directory: Optional[str | os.PathLike[str]] = None,
+    *,
+    trust_uid: Optional[int] = None,
+) -> Path:
     """Checked path of ``<name>.sock`` in the (checked) runtime directory."""
     check_name(name)
     base = runtime_dir(directory)
-    check_runtime_dir(base)
+    check_runtime_dir(base, trust_uid)
     return base / f"{name}.sock"

@@ -1,0 +1,378 @@
+//! The `--shm-dir` named-file mode and the access rules, with the real daemon where the claim
+//! is about `ringfeed serve`: a ring too big for its tmpfs fails at start with the size and the
+//! fixes (never a SIGBUS), a named ring serves a consumer end to end and is removed on SIGTERM,
+//! a SIGKILLed daemon's file is replaced at the next start, unsafe directories are refused, and
+//! `--allow-group` opens the ring to that group only.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{small_config, write_dataset, Daemon, RuntimeTmp};
+use ringfeed::ring::{
+    AttachError, AttachOptions, BatchMeta, Consumer, DType, Producer, ProducerOptions, RingSpec,
+    RuntimeDir, TensorSpec,
+};
+
+/// A dataset and config in `dir`; returns the config path.
+fn dataset(dir: &Path, name: &str) -> String {
+    let shards = write_dataset(dir, 1, 24);
+    small_config(dir, &shards, name).display().to_string()
+}
+
+/// A private directory (0700) for ring files.
+fn shm_dir(parent: &Path) -> std::path::PathBuf {
+    let d = parent.join("shm");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
+
+/// The daemon's sockets that are TCP or UDP (IPv4 or IPv6): its `socket:[inode]` fds looked up
+/// in its network namespace's tables.
+fn inet_sockets_of(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        !inodes.is_empty(),
+        "the daemon has its Unix socket at least"
+    );
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // Column 10 is the socket's inode.
+            if let Some(inode) = line.split_whitespace().nth(9) {
+                if inodes.iter().any(|i| i == inode) {
+                    found.push(format!("{table}: {line}"));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The `generation` field (header offset 32) of a ring file.
+fn generation_in(file: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut g = [0u8; 8];
+    std::fs::File::open(file)
+        .unwrap()
+        .read_exact_at(&mut g, 32)
+        .unwrap();
+    u64::from_le_bytes(g)
+}
+
+fn serve_output(runtime: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+        .arg("serve")
+        .args(args)
+        .env("RINGFEED_RUNTIME_DIR", runtime)
+        .output()
+        .unwrap()
+}
+
+/// A 1 MiB tmpfs (in a private user + mount namespace, so no root is needed) and a ring of
+/// about 6 MiB: `serve` must exit non-zero at start naming the size, the directory, its free
+/// space and the fixes, not die of SIGBUS, and leave nothing in the directory.
+#[test]
+fn ring_bigger_than_its_tmpfs_fails_at_start_with_size_and_fixes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = dataset(tmp.path(), "small");
+    let mnt = tmp.path().join("tiny");
+    std::fs::create_dir(&mnt).unwrap();
+    let probe = Command::new("unshare")
+        .args([
+            "-Urm",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m,mode=0700 tmpfs \"$0\"",
+        ])
+        .arg(&mnt)
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!(
+                "skipped: cannot mount a tmpfs in a user+mount namespace here ({other:?}); \
+                 the no-space error itself is unit-tested in src/ring/segment.rs"
+            );
+            return;
+        }
+    }
+    let runtime = RuntimeTmp::new();
+    // Mount, run the daemon on the mount, then list what it left there, all in the namespace.
+    let script = r#"mount -t tmpfs -o size=1m,mode=0700 tmpfs "$0" || exit 90
+"$@"; rc=$?
+echo "LEFT:[$(ls -A "$0")]" >&2
+exit $rc"#;
+    let out = Command::new("unshare")
+        .args(["-Urm", "sh", "-c", script])
+        .arg(&mnt)
+        .arg(env!("CARGO_BIN_EXE_ringfeed"))
+        .args(["serve", "--config", &config, "--slots-per-lane", "64"])
+        .arg("--shm-dir")
+        .arg(&mnt)
+        .env("RINGFEED_RUNTIME_DIR", runtime.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), None, "no signal (SIGBUS): {err}");
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert_ne!(out.status.code(), Some(90), "mount failed: {err}");
+    for needle in [
+        "needs 6.",
+        "MiB",
+        &mnt.display().to_string(),
+        "free",
+        "--slots-per-lane",
+        "--batch-size",
+        "--shm-dir",
+        "docker run --shm-size=",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in: {err}");
+    }
+    assert!(
+        err.contains("LEFT:[]"),
+        "the ring file was left behind: {err}"
+    );
+    assert!(!runtime.path().join("small.sock").exists());
+    assert!(!runtime.path().join("small.lock").exists());
+}
+
+/// The named file is `ringfeed-<name>.ring`, 0600, fully sized while serving; a consumer
+/// reads every batch of an epoch from it; `ringfeed stat` finds it; SIGTERM removes it.
+#[test]
+fn named_file_serves_a_consumer_end_to_end_and_is_removed_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = dataset(tmp.path(), "named");
+    let shm = shm_dir(tmp.path());
+    let runtime = RuntimeTmp::new();
+    let daemon = Daemon::start(
+        runtime.path(),
+        &[
+            "--config",
+            &config,
+            "--epochs",
+            "1",
+            "--shm-dir",
+            shm.to_str().unwrap(),
+        ],
+    );
+    let file = shm.join("ringfeed-named.ring");
+    let meta = std::fs::symlink_metadata(&file).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), rustix::process::geteuid().as_raw());
+
+    let mut opts = AttachOptions::new("named", 0);
+    opts.dir = Some(RuntimeDir::at(runtime.path()));
+    let c = Consumer::attach_with(&opts).unwrap();
+    assert_eq!(meta.len(), c.layout().file_bytes);
+    assert!(meta.blocks() * 512 >= meta.len(), "reserved up front");
+    let mut batches = 0;
+    while let Some(b) = c.next_timeout(Duration::from_secs(60)).unwrap() {
+        assert_eq!(b.epoch(), 0);
+        assert_eq!(b.index(), batches);
+        batches += 1;
+    }
+    assert_eq!(batches, c.layout().batches_per_epoch);
+
+    let stat = Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+        .args(["stat", "named", "--once"])
+        .env("RINGFEED_RUNTIME_DIR", runtime.path())
+        .output()
+        .unwrap();
+    assert!(
+        stat.status.success(),
+        "stat: {}",
+        String::from_utf8_lossy(&stat.stderr)
+    );
+    assert_eq!(
+        inet_sockets_of(daemon.child.id()),
+        Vec::<String>::new(),
+        "without --metrics the daemon has no TCP/UDP socket at all"
+    );
+    drop(c);
+    let status = daemon.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!file.exists(), "ring file removed on SIGTERM");
+    assert_eq!(std::fs::read_dir(&shm).unwrap().count(), 0);
+}
+
+/// A SIGKILLed daemon leaves its file; the next start detects it as stale (its lock is free),
+/// says so, and serves from a new file.
+#[test]
+fn stale_file_of_a_killed_daemon_is_replaced_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = dataset(tmp.path(), "stale");
+    let shm = shm_dir(tmp.path());
+    let runtime = RuntimeTmp::new();
+    let args = ["--config", &config, "--shm-dir", shm.to_str().unwrap()];
+    let mut first = Daemon::start(runtime.path(), &args);
+    let file = shm.join("ringfeed-stale.ring");
+    let old_generation = generation_in(&file);
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(file.exists(), "SIGKILL leaves the file");
+
+    let second = Daemon::start(runtime.path(), &args);
+    assert!(
+        second
+            .log
+            .iter()
+            .any(|l| l.contains("removed stale ring file")
+                && l.contains(&first.child.id().to_string())),
+        "log names the stale file and its dead producer:\n{}",
+        second.log.join("\n")
+    );
+    // A new file of a new producer (inode numbers may be reused; generations are not).
+    assert_ne!(generation_in(&file), old_generation);
+    let mut opts = AttachOptions::new("stale", 0);
+    opts.dir = Some(RuntimeDir::at(runtime.path()));
+    let c = Consumer::attach_with(&opts).unwrap();
+    assert!(c.next_timeout(Duration::from_secs(60)).unwrap().is_some());
+    drop(c);
+    assert!(second.terminate().success());
+    assert!(!file.exists());
+}
+
+/// Symlinked, non-directory and world-writable (non-sticky) `--shm-dir`s are refused at start
+/// with an error that says which; nothing is created through them.
+#[test]
+fn unsafe_shm_dirs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = dataset(tmp.path(), "unsafe");
+    let real = shm_dir(tmp.path());
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let plain = tmp.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    for (dir, expect) in [
+        (&link, "is a symlink"),
+        (&plain, "not a directory"),
+        (&open, "sticky bit"),
+    ] {
+        let runtime = RuntimeTmp::new();
+        let out = serve_output(
+            runtime.path(),
+            &["--config", &config, "--shm-dir", dir.to_str().unwrap()],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dir:?} accepted");
+        assert!(err.contains(expect), "{dir:?}: {err}");
+    }
+    assert_eq!(std::fs::read_dir(&real).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+}
+
+fn spec(name: &str) -> RingSpec {
+    RingSpec {
+        name: name.into(),
+        lanes: 1,
+        slots_per_lane: 2,
+        batch_size: 2,
+        tensors: vec![TensorSpec {
+            name: "labels".into(),
+            dtype: DType::I64,
+            shape: vec![2],
+        }],
+        drop_last: false,
+        nhwc: false,
+        batches_per_epoch: 10,
+        epochs: 1,
+        seed: 1,
+        samples_per_epoch: 20,
+        mean: [0.0; 4],
+        std: [0.0; 4],
+    }
+}
+
+/// `--allow-group`: the runtime directory becomes 0750, the socket and ring file 0660, all of
+/// that group. A thread running as `nobody` with that group as its gid attaches (trusting the
+/// producer's uid) and reads a batch; without `trust_uid` its consumer refuses the other
+/// user's directory; without the group, the directory keeps it out. (Supplementary groups are
+/// read from `/proc/<pid>/status`, which shows the process's main thread, so a thread cannot
+/// stand in for a process there; that rule is unit-tested in `src/ring/access.rs`.)
+#[test]
+fn allow_group_admits_members_only() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root to give files to a group and to switch a thread to another uid (the rule is unit-tested in src/ring/access.rs)");
+        return;
+    }
+    const GROUP: u32 = 4242;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shm = shm_dir(tmp.path());
+    let dir = RuntimeDir::at(tmp.path().join("rt"));
+    let options = ProducerOptions {
+        shm_dir: Some(shm.clone()),
+        allow_group: Some(GROUP),
+    };
+    let p = Producer::create_with(&spec("grp"), &dir, &options).unwrap();
+    let mode_gid = |path: &Path| {
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.mode() & 0o777, m.gid())
+    };
+    assert_eq!(mode_gid(dir.path()), (0o750, GROUP));
+    assert_eq!(mode_gid(&dir.socket_path("grp")), (0o660, GROUP));
+    assert_eq!(mode_gid(&shm.join("ringfeed-grp.ring")), (0o660, GROUP));
+    let mut w = p.try_claim(0).unwrap();
+    w.tensor_bytes_mut(0).copy_from_slice(&[7u8; 16]);
+    w.publish(BatchMeta {
+        epoch: 0,
+        index: 0,
+        count: 2,
+        last_of_epoch: false,
+    });
+
+    let attach_as_nobody = |gid: u32, trust: Option<u32>| {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let nobody = rustix::process::Uid::from_raw(65534);
+            let gid = rustix::process::Gid::from_raw(gid);
+            rustix::thread::set_thread_groups(&[]).unwrap();
+            rustix::thread::set_thread_res_gid(gid, gid, gid).unwrap();
+            rustix::thread::set_thread_res_uid(nobody, nobody, nobody).unwrap();
+            let mut o = AttachOptions::new("grp", 0);
+            o.dir = Some(dir);
+            o.trust_uid = trust;
+            Consumer::attach_with(&o).map(|c| {
+                let b = c.next_timeout(Duration::from_secs(5)).unwrap().unwrap();
+                b.tensor::<i64>("labels").unwrap().to_vec()
+            })
+        })
+        .join()
+        .unwrap()
+    };
+    let got = attach_as_nobody(GROUP, Some(0)).expect("a group member attaches");
+    assert_eq!(got, vec![i64::from_le_bytes([7; 8]); 2]);
+    assert!(matches!(
+        attach_as_nobody(GROUP, None),
+        Err(AttachError::RuntimeDir(_))
+    ));
+    match attach_as_nobody(65534, Some(0)) {
+        Err(AttachError::Connect { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied)
+        }
+        other => panic!("a non-member must be kept out, got {:?}", other.err()),
+    }
+    drop(p);
+    assert!(!shm.join("ringfeed-grp.ring").exists());
+}
