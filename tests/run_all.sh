@@ -16,3 +16,5 @@ cargo test --lib --bins --tests
 test -x target/debug/ringfeed
 echo "== pytest clients/python"
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests
+echo "== fuzz smoke: each cargo-fuzz target on its seed corpus for a few seconds"
+scripts/fuzz.sh 5
