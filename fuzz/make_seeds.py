@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the small seed inputs of the fuzz targets that Python makes best: tiny images of
-every kind the decoder handles, and tar shards in the GNU and pax dialects.
+every kind the decoder handles, tar shards in the GNU and pax dialects, labels and member names.
 
 Usage: python3 fuzz/make_seeds.py   (needs Pillow; deterministic)
 
@@ -74,6 +74,12 @@ def main() -> None:
     write("tar_reader", "pax.tar",
           shard(tarfile.PAX_FORMAT, [("p\u00e4x/" + "q" * 110 + ".png", b"\x89PNG"),
                                      ("p\u00e4x/" + "q" * 110 + ".cls", b" 12 ")]))
+
+    for name, text in [
+        ("plain", "3\n"), ("negative", " -12 "), ("too_big", "99999999999999999999"),
+        ("member", "a/b/img_01.seg.png"), ("dotted", "./x/../y.cls"),
+    ]:
+        write("label", name, text.encode())
 
 
 if __name__ == "__main__":

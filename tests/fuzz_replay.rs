@@ -3,7 +3,8 @@
 //! `cargo test` keeps them fixed without cargo-fuzz.
 //!
 //! `cargo test --test fuzz_replay -- --ignored write_seeds` regenerates the seeds made by the
-//! library itself (a valid ring control region, small tar shards, labels).
+//! library itself (a valid ring control region, small ustar shards); `fuzz/make_seeds.py` makes
+//! the others.
 
 use std::path::{Path, PathBuf};
 
@@ -114,14 +115,4 @@ fn write_seeds() {
             ("bad.cls", b"one"),
         ]),
     );
-
-    for (name, text) in [
-        ("plain", "3\n"),
-        ("negative", " -12 "),
-        ("huge", "99999999999999999999"),
-        ("member", "a/b/img_01.seg.png"),
-        ("dotted", "./x/../y.cls"),
-    ] {
-        write("label", name, text.as_bytes());
-    }
 }
