@@ -12,7 +12,7 @@ use common::{jpeg, small_config, tar, Daemon};
 use ringfeed::augment::{
     AugmentConfig, Augmenter, RandomResizedCropConfig, SampleError, SampleKey, Size,
 };
-use ringfeed::decode::{decode, DecodeError, Decoder, RgbImage, DEFAULT_MAX_PIXELS};
+use ringfeed::decode::{decode, DecodeError, DecodeRequest, Decoder, RgbImage, DEFAULT_MAX_PIXELS};
 use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -164,7 +164,6 @@ fn one_pixel_images_decode_and_augment() {
 #[test]
 fn declared_giant_images_are_refused_as_too_large() {
     for (name, width, height) in [
-        ("bomb_65535.jpg", 65_535, 65_535),
         ("bomb_png_max.png", 2_147_483_647, 2_147_483_647),
         ("bomb.jpg", 60_000, 60_000),
         ("bomb.png", 60_000, 60_000),
@@ -184,6 +183,68 @@ fn declared_giant_images_are_refused_as_too_large() {
         );
         let err = augment(&augmenter(), name).unwrap_err();
         assert!(err.to_string().contains("max-pixels"), "{name}: {err}");
+    }
+}
+
+/// Over JPEG's 65500-pixel maximum, libjpeg-turbo refuses the header itself: corrupt, with
+/// its reason in the message.
+#[test]
+fn jpeg_over_the_format_maximum_is_refused_as_corrupt() {
+    match refused("bomb_65535.jpg") {
+        DecodeError::Corrupt { message } => {
+            assert!(
+                message.contains("Maximum supported image dimension"),
+                "{message}"
+            )
+        }
+        other => panic!("bomb_65535.jpg: {other}"),
+    }
+    let err = augment(&augmenter(), "bomb_65535.jpg").unwrap_err();
+    assert!(err.to_string().contains("65500"), "{err}");
+}
+
+/// Regression: a JPEG whose header failed to parse left the worker's libjpeg-turbo instance
+/// mid-header, and the next valid JPEG failed with "two SOI markers" (found by
+/// `daemon_skips_hostile_images_with_the_reason`: good samples after a hostile one were
+/// skipped). The decoder now starts a fresh instance after an error.
+#[test]
+fn a_refused_jpeg_does_not_break_the_next_one() {
+    let good = fixture("coffee_420.jpg");
+    let want = decoded("coffee_420.jpg");
+    let mut decoder = Decoder::new(DEFAULT_MAX_PIXELS);
+    let aug = augmenter();
+    let mut scratch = aug.scratch();
+    let mut out = vec![0u8; aug.sample_bytes()];
+    let key = SampleKey {
+        seed: 1,
+        epoch: 0,
+        sample_id: 0,
+    };
+    for bad in [
+        "zero_height.jpg",
+        "bomb_65535.jpg",
+        "truncated.jpg",
+        "bomb.jpg",
+    ] {
+        let bytes = fixture(bad);
+        if let Ok(info) = decoder.probe(&bytes) {
+            assert!(
+                decoder.decode(&bytes, &info, DecodeRequest::FULL).is_err(),
+                "{bad}"
+            );
+        }
+        let info = decoder
+            .probe(&good)
+            .unwrap_or_else(|e| panic!("after {bad}: {e}"));
+        let px = decoder.decode(&good, &info, DecodeRequest::FULL).unwrap();
+        assert!(px.data == want.data, "after {bad}");
+
+        assert!(
+            aug.process(&bytes, key, &mut out, &mut scratch).is_err(),
+            "{bad}"
+        );
+        aug.process(&good, key, &mut out, &mut scratch)
+            .unwrap_or_else(|e| panic!("augment after {bad}: {e}"));
     }
 }
 
@@ -241,11 +302,14 @@ fn daemon_skips_hostile_images_with_the_reason() {
     assert!(status.success(), "{status}\n{log}");
     for needle in [
         "x_bomb_65535.jpg",
-        "65535x65535",
+        "65500",
         "x_bomb_png_max.png",
         "x_zero_height.jpg",
         "max-pixels",
     ] {
-        assert!(log.contains(needle), "log does not mention {needle}:\n{log}");
+        assert!(
+            log.contains(needle),
+            "log does not mention {needle}:\n{log}"
+        );
     }
 }
