@@ -89,7 +89,11 @@ fn write_seeds() {
         std: [0.25; 4],
     };
     let layout = plan(&spec, 1).unwrap();
-    write("ring_header", "two_lanes.bin", &encode_control(&layout, 1, 1));
+    write(
+        "ring_header",
+        "two_lanes.bin",
+        &encode_control(&layout, 1, 1),
+    );
 
     let jpeg = common::jpeg(8, 8, 1);
     write(

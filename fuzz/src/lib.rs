@@ -59,7 +59,10 @@ pub fn tar_reader(data: &[u8]) {
     for entry in tar::entries(data, len) {
         let Ok(entry) = entry else { break };
         members += 1;
-        assert!(entry.header_offset + BLOCK <= entry.data_offset, "{entry:?}");
+        assert!(
+            entry.header_offset + BLOCK <= entry.data_offset,
+            "{entry:?}"
+        );
         assert!(entry.data_offset + entry.size <= len, "{entry:?}");
         assert!(members <= len / BLOCK);
     }
