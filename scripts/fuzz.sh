@@ -15,7 +15,8 @@
 # that changes nothing else. Set FUZZ_SANITIZER=none to fuzz without AddressSanitizer (about
 # twice the executions per second; safe Rust cannot corrupt memory anyway, but libjpeg-turbo's
 # FFI boundary is worth the check). Debug assertions (`-a`) are on, so integer overflows
-# panic and are found.
+# panic and are found. FUZZ_DEV=1 builds unoptimised (`--dev`): a cheaper build for the CI
+# smoke run, far fewer executions per second.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 
@@ -26,13 +27,17 @@ if ((${#targets[@]} == 0)); then
     targets=(ring_header tar_reader label decode)
 fi
 sanitizer=${FUZZ_SANITIZER:-address}
+flags=(-a --sanitizer "$sanitizer")
+if [[ ${FUZZ_DEV:-0} == 1 ]]; then
+    flags+=(--dev)
+fi
 export RUSTC_BOOTSTRAP=1
 
 command -v cargo-fuzz >/dev/null || {
     echo "cargo-fuzz is not installed: cargo install cargo-fuzz --locked" >&2
     exit 2
 }
-cargo fuzz build -a --sanitizer "$sanitizer"
+cargo fuzz build "${flags[@]}"
 
 mkdir -p logs
 failed=()
@@ -41,7 +46,7 @@ for target in "${targets[@]}"; do
     echo "== fuzz $target for ${seconds}s"
     # -timeout: one input taking over 10 s is a hang worth a report; -rss_limit_mb: the decode
     # target's pixel limit keeps a run far below this, so more means a memory bomb got through.
-    if cargo fuzz run -a --sanitizer "$sanitizer" "$target" "corpus/$target" "seeds/$target" -- \
+    if cargo fuzz run "${flags[@]}" "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"logs/$target.log" 2>&1; then
         status=ok
@@ -50,7 +55,7 @@ for target in "${targets[@]}"; do
         failed+=("$target")
     fi
     # The last coverage line ("#N DONE cov: … corp: …") and the final statistics.
-    grep -E '^#[0-9]+ +(DONE|pulse|NEW|REDUCE)' "logs/$target.log" | tail -n 1 || true
+    grep -E '^#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE)' "logs/$target.log" | tail -n 1 || true
     grep -E '^stat::|^Done ' "logs/$target.log" || true
     echo "== $target: $status (log: fuzz/logs/$target.log)"
     if [[ $status == FAILED ]]; then
