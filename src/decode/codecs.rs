@@ -43,9 +43,17 @@ pub(crate) fn probe(format: ImageFormat, bytes: &[u8]) -> Result<Header, DecodeE
         }
     }
     match format {
-        ImageFormat::Png => Ok(header(
-            PngDecoder::new(Cursor::new(bytes)).map_err(codec_error)?,
-        )),
+        ImageFormat::Png => match PngDecoder::new(Cursor::new(bytes)) {
+            Ok(decoder) => Ok(header(decoder)),
+            // The image crate refuses a huge declared size from the header (its own memory
+            // limit); report that size, so the caller refuses it as too large for its limit.
+            Err(image::ImageError::Limits(e)) => {
+                png_declared_size(bytes).ok_or(DecodeError::Unsupported {
+                    what: e.to_string(),
+                })
+            }
+            Err(e) => Err(codec_error(e)),
+        },
         ImageFormat::WebP => Ok(header(
             WebPDecoder::new(Cursor::new(bytes)).map_err(codec_error)?,
         )),
@@ -53,6 +61,17 @@ pub(crate) fn probe(format: ImageFormat, bytes: &[u8]) -> Result<Header, DecodeE
             message: "JPEG routed to the image crate".to_owned(),
         }),
     }
+}
+
+/// Width and height from a PNG's IHDR chunk (which the signature must be followed by).
+fn png_declared_size(bytes: &[u8]) -> Option<Header> {
+    let be = |at: usize| Some(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    (bytes.get(12..16)? == b"IHDR").then_some(())?;
+    Some(Header {
+        width: be(16)?,
+        height: be(20)?,
+        orientation: Orientation::Normal,
+    })
 }
 
 /// Decodes the whole image into `rgb` (resized to `width * height * 3`), using `raw` for the

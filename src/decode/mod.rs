@@ -191,13 +191,27 @@ impl Decoder {
         self.turbo.as_mut().ok_or(DecodeError::Init)
     }
 
+    /// Drops the libjpeg-turbo instance when `result` is an error, so the next image gets a
+    /// fresh one: a header that fails to parse can leave the instance mid-header, and the next,
+    /// valid JPEG then fails with "two SOI markers".
+    fn forget_turbo_on_error<T>(
+        &mut self,
+        result: Result<T, DecodeError>,
+    ) -> Result<T, DecodeError> {
+        if result.is_err() {
+            self.turbo = None;
+        }
+        result
+    }
+
     /// Reads the header of `bytes`; refuses images over the pixel limit with
     /// [`DecodeError::TooLarge`] before any pixel memory is allocated.
     pub fn probe(&mut self, bytes: &[u8]) -> Result<ImageInfo, DecodeError> {
         let format = ImageFormat::detect(bytes)?;
         let (stored_w, stored_h, orientation, jpeg) = match format {
             ImageFormat::Jpeg => {
-                let header = self.turbo()?.read_header(bytes)?;
+                let header = self.turbo()?.read_header(bytes);
+                let header = self.forget_turbo_on_error(header)?;
                 (
                     header.width,
                     header.height,
@@ -272,16 +286,19 @@ impl Decoder {
         // Reading the header again resets the cropping region and makes the handle's state
         // belong to these bytes, whatever was probed in between.
         let turbo = self.turbo.as_mut().ok_or(DecodeError::Init)?;
-        let header = turbo.read_header(bytes)?;
-        let out = jpeg::decode(
-            turbo,
-            bytes,
-            &header,
-            scale,
-            region,
-            &mut self.rgb,
-            &mut self.aux,
-        )?;
+        let decoded = turbo.read_header(bytes).and_then(|header| {
+            jpeg::decode(
+                turbo,
+                bytes,
+                &header,
+                scale,
+                region,
+                &mut self.rgb,
+                &mut self.aux,
+            )
+            .map(|out| (header, out))
+        });
+        let (header, out) = self.forget_turbo_on_error(decoded)?;
         let window = Rect {
             x: out.left,
             y: out.top,

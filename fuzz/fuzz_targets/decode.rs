@@ -1,0 +1,4 @@
+//! libFuzzer entry point; the property is [`ringfeed_fuzz::decode`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ringfeed_fuzz::decode(data));
