@@ -9,6 +9,7 @@ mod fault_support;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,7 +53,9 @@ fn daemon_killed_mid_fill_and_restarted_loses_and_duplicates_nothing() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed());
     let data = tempfile::tempdir().unwrap();
     let runtime = RuntimeTmp::new();
-    let (samples, batch, epochs) = (48u64, 8u64, 3u64);
+    // Five epochs of 6 batches: after the second kill (at most 2 × 7 batches in) the producer
+    // still has more left to write than its 3 slots run ahead, so "mid-fill" always comes.
+    let (samples, batch, epochs) = (48u64, 8u64, 5u64);
     let per_epoch = samples / batch;
     let spec = write_dataset(data.path(), 2, samples as u32 / 2);
     let config = small_config(data.path(), &spec, "dkill");
@@ -174,8 +177,10 @@ fn sigterm_and_sigint_at_random_moments_exit_cleanly() {
         let stderr = child.stderr.take().unwrap();
         let log = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
         let with_consumer = round % 4 >= 2;
+        let exited = Arc::new(AtomicBool::new(false));
         let consumer = with_consumer.then(|| {
             let runtime = runtime.path().to_owned();
+            let exited = Arc::clone(&exited);
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(30);
                 let mut opts = AttachOptions::new("dterm", 0);
@@ -183,6 +188,8 @@ fn sigterm_and_sigint_at_random_moments_exit_cleanly() {
                 let consumer = loop {
                     match Consumer::attach_with(&opts) {
                         Ok(c) => break c,
+                        // Signalled before the ring existed: the daemon is gone, nothing to read.
+                        Err(_) if exited.load(Ordering::SeqCst) => return Ok(()),
                         Err(_) if Instant::now() < deadline => {
                             std::thread::sleep(Duration::from_millis(5))
                         }
@@ -215,6 +222,7 @@ fn sigterm_and_sigint_at_random_moments_exit_cleanly() {
             },
         );
         let status = status.unwrap();
+        exited.store(true, Ordering::SeqCst);
         let log = log.join().unwrap();
         let announced = log.contains("serving ring");
         eprintln!(
@@ -224,9 +232,9 @@ fn sigterm_and_sigint_at_random_moments_exit_cleanly() {
             assert!(status.success(), "{status}\n{log}");
             assert!(log.contains("stopped; ring 'dterm' removed"), "{log}");
         } else {
-            // Before the handler is installed (still indexing) the signal's default action
-            // ends the process: nothing to clean up yet, or stale entries the next start
-            // replaces.
+            // Before the ring is created the daemon exits 0 at once (nothing to clean up);
+            // in the first instants, before its handler is even installed, the signal's
+            // default action ends it, which also leaves nothing behind.
             use std::os::unix::process::ExitStatusExt;
             assert!(
                 status.success() || status.signal() == Some(signal.as_raw()),

@@ -43,13 +43,23 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         !args.exit_when_done || plan.file.sampling.epochs > 0,
         "--exit-when-done needs a bounded number of epochs (--epochs N or [sampling] epochs)"
     );
-    // Installed first: a SIGINT/SIGTERM at any later moment only asks for a stop, so the
-    // ring is always removed by the normal exit path.
+    // Installed first. Until the ring is about to be created there is nothing to clean up, so
+    // a SIGINT/SIGTERM ends the process at once (indexing a large dataset must not make
+    // Ctrl-C wait); from then on it only asks for a stop, so the ring is always removed by
+    // the normal exit path.
     let stop = Arc::new(AtomicBool::new(false));
+    let ring_exists = Arc::new(AtomicBool::new(false));
     {
-        let stop = Arc::clone(&stop);
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
-            .context("cannot install the SIGINT/SIGTERM handler")?;
+        let (stop, ring_exists) = (Arc::clone(&stop), Arc::clone(&ring_exists));
+        ctrlc::set_handler(move || {
+            if ring_exists.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                log::info!("interrupted before the ring was created; nothing to clean up");
+                std::process::exit(0);
+            }
+        })
+        .context("cannot install the SIGINT/SIGTERM handler")?;
     }
     let stages = build_stages(&plan)?;
     let pipeline = &stages.pipeline;
@@ -59,6 +69,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shm_dir: plan.file.ring.shm_dir.clone(),
         allow_group: plan.allow_gid,
     };
+    ring_exists.store(true, Ordering::SeqCst);
     let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
     // Bind the metrics listener before announcing the ring, so a scraper that waits for the
     // announcement finds it.
