@@ -34,6 +34,10 @@ pub(crate) struct BenchArgs {
     /// Batches consumed in each end-to-end repetition.
     #[arg(long, default_value_t = 8)]
     batches: u64,
+    /// Only the one-core stage timings, no end-to-end run through a ring: a quick baseline of
+    /// the machine's current speed for the same work (the soak script takes one per epoch).
+    #[arg(long)]
+    stages_only: bool,
 }
 
 /// Runs the stage and end-to-end measurements and prints a table.
@@ -87,9 +91,6 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
-    let end_to_end = end_to_end(&plan, &stages, args.batches, args.repeats)?;
-    let floor = decode * plan.threads as f64;
-
     println!();
     println!("| stage (one core) | images/s | µs/image |");
     println!("|---|---:|---:|");
@@ -102,6 +103,11 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     ] {
         println!("| {name} | {rate:.0} | {:.1} |", 1e6 / rate);
     }
+    if args.stages_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let end_to_end = end_to_end(&plan, &stages, args.batches, args.repeats)?;
+    let floor = decode * plan.threads as f64;
     println!();
     println!(
         "end to end through the ring, {} workers: {:.0} images/s (median of {})",
