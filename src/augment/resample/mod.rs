@@ -1,0 +1,241 @@
+//! The antialiased resize from decoded pixels to the output size: Pillow's `resize(BILINEAR,
+//! box=…)` (the triangle filter, widened by the scale factor when downscaling, that
+//! torchvision's `antialias=True` also uses), in fixed point, allocation-free once warm.
+//!
+//! # Brief overview
+//!
+//! [`Resampler`] keeps the per-axis coefficient tables (`coefficients.rs`) and two small
+//! buffers between calls. The image is processed in strips of [`STRIP`] output rows:
+//!
+//! 1. vertical pass: each output row of the strip is a weighted sum of whole source rows —
+//!    contiguous bytes, which the compiler vectorises;
+//! 2. the strip's rows are interleaved so that the [`STRIP`] pixels of one column lie side by
+//!    side, which turns the horizontal pass into the same contiguous multiply-add over
+//!    `STRIP × 3` bytes per tap;
+//! 3. horizontal pass: each output column of the strip, rounded to `u8`, into the output.
+//!
+//! Both passes round to `u8` like Pillow's; Pillow runs the horizontal pass first, so results
+//! may differ from it by one grey level where a value lies near a rounding boundary.
+
+mod coefficients;
+
+use coefficients::{Axis, PRECISION, ROUND};
+
+use super::SampleError;
+use crate::decode::Rect;
+
+/// Output rows resampled together (the width of the interleaved horizontal pass).
+const STRIP: usize = 8;
+
+/// Bytes of one interleaved column of a strip.
+const LANES: usize = STRIP * 3;
+
+/// Bytes per vectorised block of the vertical pass.
+const BLOCK: usize = 32;
+
+/// A reusable antialiased bilinear resampler for RGB8 images. Its coefficient tables and
+/// intermediate buffers grow on demand and are kept, so once it has seen the largest sizes
+/// of a workload it allocates nothing.
+#[derive(Debug, Default)]
+pub struct Resampler {
+    horizontal: Axis,
+    vertical: Axis,
+    /// One strip after the vertical pass, row by row.
+    rows: Vec<u8>,
+    /// The same strip, column by column.
+    columns: Vec<u8>,
+}
+
+fn resize_error(message: String) -> SampleError {
+    SampleError::Resize { message }
+}
+
+/// `acc >> PRECISION`, clamped to a byte.
+fn to_u8(acc: i32) -> u8 {
+    (acc >> PRECISION).clamp(0, 255) as u8
+}
+
+/// `out[j] = Σ_k weights[k] × src[first + k × stride + j]`, rounded, for `j < out.len()`.
+fn vertical_row(src: &[u8], first: usize, stride: usize, weights: &[i16], out: &mut [u8]) {
+    let mut blocks = out.chunks_exact_mut(BLOCK);
+    let mut x = first;
+    for block in &mut blocks {
+        let mut acc = [ROUND; BLOCK];
+        for (k, &w) in weights.iter().enumerate() {
+            let row: &[u8; BLOCK] = src[x + k * stride..][..BLOCK]
+                .try_into()
+                .expect("BLOCK bytes");
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += i32::from(p) * i32::from(w);
+            }
+        }
+        for (o, a) in block.iter_mut().zip(acc) {
+            *o = to_u8(a);
+        }
+        x += BLOCK;
+    }
+    let tail = blocks.into_remainder();
+    let mut acc = [ROUND; BLOCK];
+    let acc = &mut acc[..tail.len()];
+    for (k, &w) in weights.iter().enumerate() {
+        for (a, &p) in acc.iter_mut().zip(&src[x + k * stride..][..tail.len()]) {
+            *a += i32::from(p) * i32::from(w);
+        }
+    }
+    for (o, &a) in tail.iter_mut().zip(acc.iter()) {
+        *o = to_u8(a);
+    }
+}
+
+/// One interleaved output column: `Σ_k weights[k] × columns[start + k]`, per lane.
+fn horizontal_column(columns: &[u8], start: usize, weights: &[i16]) -> [i32; LANES] {
+    let mut acc = [ROUND; LANES];
+    for (k, &w) in weights.iter().enumerate() {
+        let column: &[u8; LANES] = columns[(start + k) * LANES..][..LANES]
+            .try_into()
+            .expect("LANES bytes");
+        for (a, &p) in acc.iter_mut().zip(column) {
+            *a += i32::from(p) * i32::from(w);
+        }
+    }
+    acc
+}
+
+impl Resampler {
+    /// An empty resampler; its buffers grow on first use.
+    pub fn new() -> Resampler {
+        Resampler::default()
+    }
+
+    /// Resamples `src_box` (`[x, y, width, height]` in pixels, relative to `view`, a window
+    /// of the `width × height` RGB8 `pixels`) onto `dst` of the `out_width × out_height`
+    /// RGB8 image `out`, like Pillow's `resize((dst.width, dst.height), BILINEAR,
+    /// box=src_box)` on the view. Output pixels outside `dst` are set to 0.
+    ///
+    /// Errors (instead of panicking) when a buffer is smaller than its size says or a
+    /// rectangle lies outside its image.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resample(
+        &mut self,
+        pixels: &[u8],
+        width: u32,
+        height: u32,
+        view: Rect,
+        src_box: [f64; 4],
+        out: &mut [u8],
+        out_width: u32,
+        out_height: u32,
+        dst: Rect,
+    ) -> Result<(), SampleError> {
+        check_arguments(
+            pixels, width, height, view, src_box, out, out_width, out_height, dst,
+        )?;
+        let out_len = out_width as usize * out_height as usize * 3;
+        let out = &mut out[..out_len];
+        if dst.width == 0 || dst.height == 0 {
+            out.fill(0);
+            return Ok(());
+        }
+        if dst.x != 0 || dst.y != 0 || dst.width != out_width || dst.height != out_height {
+            out.fill(0);
+        }
+        let [bx, by, bw, bh] = src_box;
+        self.horizontal.compute(view.width, bx, bw, dst.width);
+        self.vertical.compute(view.height, by, bh, dst.height);
+
+        // Only the columns the horizontal pass reads go through the vertical pass.
+        let h = &mut self.horizontal;
+        let col0 = h.starts[0];
+        let cols = (h.starts[h.starts.len() - 1] - col0) as usize + h.taps;
+        let row_bytes = cols * 3;
+        self.rows.resize(STRIP * row_bytes, 0);
+        self.columns.resize(cols * LANES, 0);
+
+        let stride = width as usize * 3;
+        let origin = (view.y as usize) * stride + (view.x + col0) as usize * 3;
+        let out_stride = out_width as usize * 3;
+        let v = &self.vertical;
+        for strip in (0..dst.height as usize).step_by(STRIP) {
+            let n = STRIP.min(dst.height as usize - strip);
+            let rows = &mut self.rows[..n * row_bytes];
+            for (r, row) in rows.chunks_exact_mut(row_bytes).enumerate() {
+                let y = strip + r;
+                let first = origin + v.starts[y] as usize * stride;
+                let weights = &v.weights[y * v.taps..][..v.taps];
+                vertical_row(pixels, first, stride, weights, row);
+            }
+            for (x, column) in self.columns.chunks_exact_mut(LANES).enumerate() {
+                for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                    column[r * 3..r * 3 + 3].copy_from_slice(&row[x * 3..x * 3 + 3]);
+                }
+            }
+            let first_out = (dst.y as usize + strip) * out_stride + dst.x as usize * 3;
+            for (x, (&start, weights)) in h.starts.iter().zip(h.weights.chunks_exact(h.taps)).enumerate() {
+                let acc = horizontal_column(&self.columns, (start - col0) as usize, weights);
+                for r in 0..n {
+                    let o = &mut out[first_out + r * out_stride + x * 3..][..3];
+                    for (o, &a) in o.iter_mut().zip(&acc[r * 3..r * 3 + 3]) {
+                        *o = to_u8(a);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The argument checks of [`Resampler::resample`].
+#[allow(clippy::too_many_arguments)]
+fn check_arguments(
+    pixels: &[u8],
+    width: u32,
+    height: u32,
+    view: Rect,
+    src_box: [f64; 4],
+    out: &[u8],
+    out_width: u32,
+    out_height: u32,
+    dst: Rect,
+) -> Result<(), SampleError> {
+    let inside = |r: Rect, w: u32, h: u32| {
+        u64::from(r.x) + u64::from(r.width) <= u64::from(w)
+            && u64::from(r.y) + u64::from(r.height) <= u64::from(h)
+    };
+    if (pixels.len() as u64) < u64::from(width) * u64::from(height) * 3 {
+        return Err(resize_error(format!(
+            "{} source bytes for a {width}×{height} RGB image",
+            pixels.len()
+        )));
+    }
+    if (out.len() as u64) < u64::from(out_width) * u64::from(out_height) * 3 {
+        return Err(resize_error(format!(
+            "{} output bytes for a {out_width}×{out_height} RGB image",
+            out.len()
+        )));
+    }
+    if view.width == 0 || view.height == 0 || !inside(view, width, height) {
+        return Err(resize_error(format!(
+            "view {view:?} empty or outside the {width}×{height} image"
+        )));
+    }
+    if !inside(dst, out_width, out_height) {
+        return Err(resize_error(format!(
+            "destination {dst:?} outside the {out_width}×{out_height} output"
+        )));
+    }
+    let [bx, by, bw, bh] = src_box;
+    let fits = |start: f64, len: f64, size: u32| {
+        start.is_finite()
+            && len.is_finite()
+            && start >= 0.0
+            && len >= 0.0
+            && start + len <= f64::from(size) + 1e-9
+    };
+    if !fits(bx, bw, view.width) || !fits(by, bh, view.height) {
+        return Err(resize_error(format!(
+            "source box {src_box:?} outside the {}×{} view",
+            view.width, view.height
+        )));
+    }
+    Ok(())
+}
