@@ -27,8 +27,9 @@ use crate::decode::Rect;
 /// Output rows resampled together (the width of the interleaved horizontal pass).
 const STRIP: usize = 8;
 
-/// Bytes of one interleaved column of a strip.
-const LANES: usize = STRIP * 3;
+/// Bytes of one interleaved column of a strip: each pixel padded to 4 bytes, which keeps the
+/// column a power of two wide so the compiler vectorises the horizontal pass.
+const LANES: usize = STRIP * 4;
 
 /// Bytes per vectorised block of the vertical pass.
 const BLOCK: usize = 32;
@@ -44,6 +45,8 @@ pub struct Resampler {
     rows: Vec<u8>,
     /// The same strip, column by column.
     columns: Vec<u8>,
+    /// The strip after the horizontal pass, column by column.
+    filtered: Vec<u8>,
 }
 
 fn resize_error(message: String) -> SampleError {
@@ -55,6 +58,7 @@ fn to_u8(acc: i32) -> u8 {
     (acc >> PRECISION).clamp(0, 255) as u8
 }
 
+#[inline(never)]
 /// `out[j] = Σ_k weights[k] × src[first + k × stride + j]`, rounded, for `j < out.len()`.
 fn vertical_row(src: &[u8], first: usize, stride: usize, weights: &[i16], out: &mut [u8]) {
     let mut blocks = out.chunks_exact_mut(BLOCK);
@@ -87,18 +91,62 @@ fn vertical_row(src: &[u8], first: usize, stride: usize, weights: &[i16], out: &
     }
 }
 
-/// One interleaved output column: `Σ_k weights[k] × columns[start + k]`, per lane.
-fn horizontal_column(columns: &[u8], start: usize, weights: &[i16]) -> [i32; LANES] {
-    let mut acc = [ROUND; LANES];
-    for (k, &w) in weights.iter().enumerate() {
-        let column: &[u8; LANES] = columns[(start + k) * LANES..][..LANES]
-            .try_into()
-            .expect("LANES bytes");
-        for (a, &p) in acc.iter_mut().zip(column) {
-            *a += i32::from(p) * i32::from(w);
+/// Writes the strip's `rows` (each `row_bytes` long) column by column into `columns`.
+///
+/// Pixels move four bytes at a time (one load, one store): the fourth byte, the next
+/// pixel's red, lands in the padding lane, whose result is never used.
+#[inline(never)]
+fn interleave(rows: &[u8], row_bytes: usize, columns: &mut [u8]) {
+    let last = row_bytes / 3 - 1;
+    for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+        let lane = r * 4;
+        for (column, pixel) in columns.chunks_exact_mut(LANES).zip(row.windows(4).step_by(3)) {
+            column[lane..lane + 4].copy_from_slice(pixel);
+        }
+        columns[last * LANES + lane..][..3].copy_from_slice(&row[last * 3..]);
+    }
+}
+
+/// The horizontal pass of one interleaved strip: `filtered` receives each output column's
+/// [`LANES`] bytes (all of them, padding included, so the compiler keeps the lanes together
+/// in vector registers).
+#[inline(never)]
+fn horizontal_strip(columns: &[u8], h: &Axis, col0: u32, filtered: &mut [u8]) {
+    let starts = h.starts.iter();
+    let weights = h.weights.chunks_exact(h.taps);
+    for ((&start, weights), out) in starts.zip(weights).zip(filtered.chunks_exact_mut(LANES)) {
+        let start = (start - col0) as usize;
+        let mut acc = [ROUND; LANES];
+        for (k, &w) in weights.iter().enumerate() {
+            let column: &[u8; LANES] = columns[(start + k) * LANES..][..LANES]
+                .try_into()
+                .expect("LANES bytes");
+            for (a, &p) in acc.iter_mut().zip(column) {
+                *a += i32::from(p) * i32::from(w);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = to_u8(a);
         }
     }
-    acc
+}
+
+/// Copies the first `n` rows of a filtered strip (column by column, [`LANES`] bytes per
+/// column, `width` columns) into `out`, rows `out_stride` bytes apart.
+///
+/// Pixels move four bytes at a time, left to right: each one's fourth byte is overwritten
+/// by the next pixel; the last pixel of a row moves three.
+#[inline(never)]
+fn deinterleave(filtered: &[u8], n: usize, width: usize, out: &mut [u8], out_stride: usize) {
+    let last = width - 1;
+    for r in 0..n {
+        let lane = r * 4;
+        let row = &mut out[r * out_stride..][..width * 3];
+        for (x, column) in filtered[..last * LANES].chunks_exact(LANES).enumerate() {
+            row[x * 3..x * 3 + 4].copy_from_slice(&column[lane..lane + 4]);
+        }
+        row[last * 3..].copy_from_slice(&filtered[last * LANES + lane..][..3]);
+    }
 }
 
 impl Resampler {
@@ -150,6 +198,7 @@ impl Resampler {
         let row_bytes = cols * 3;
         self.rows.resize(STRIP * row_bytes, 0);
         self.columns.resize(cols * LANES, 0);
+        self.filtered.resize(dst.width as usize * LANES, 0);
 
         let stride = width as usize * 3;
         let origin = (view.y as usize) * stride + (view.x + col0) as usize * 3;
@@ -164,21 +213,11 @@ impl Resampler {
                 let weights = &v.weights[y * v.taps..][..v.taps];
                 vertical_row(pixels, first, stride, weights, row);
             }
-            for (x, column) in self.columns.chunks_exact_mut(LANES).enumerate() {
-                for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-                    column[r * 3..r * 3 + 3].copy_from_slice(&row[x * 3..x * 3 + 3]);
-                }
-            }
+            interleave(rows, row_bytes, &mut self.columns);
             let first_out = (dst.y as usize + strip) * out_stride + dst.x as usize * 3;
-            for (x, (&start, weights)) in h.starts.iter().zip(h.weights.chunks_exact(h.taps)).enumerate() {
-                let acc = horizontal_column(&self.columns, (start - col0) as usize, weights);
-                for r in 0..n {
-                    let o = &mut out[first_out + r * out_stride + x * 3..][..3];
-                    for (o, &a) in o.iter_mut().zip(&acc[r * 3..r * 3 + 3]) {
-                        *o = to_u8(a);
-                    }
-                }
-            }
+            let filtered = &mut self.filtered[..dst.width as usize * LANES];
+            horizontal_strip(&self.columns, h, col0, filtered);
+            deinterleave(filtered, n, dst.width as usize, &mut out[first_out..], out_stride);
         }
         Ok(())
     }
