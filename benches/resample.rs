@@ -103,7 +103,11 @@ fn bench(c: &mut Criterion) {
     let mut out = vec![0u8; (OUT * OUT * 3) as usize];
     let mut resizer = Resizer::new();
     group.bench_function("fast_image_resize", |b| {
-        b.iter(|| cases.iter().for_each(|case| fir(&mut resizer, case, &mut out)))
+        b.iter(|| {
+            cases
+                .iter()
+                .for_each(|case| fir(&mut resizer, case, &mut out))
+        })
     });
     let mut resampler = Resampler::new();
     group.bench_function("ringfeed", |b| {

@@ -3,13 +3,9 @@
 //! downscaling, weights normalised per output pixel) and stored in fixed point with a fixed
 //! number of taps per output pixel, so the passes run fixed-stride loops.
 
-/// Fractional bits of the fixed-point weights. Weights are at most 1.0, so 14 bits keep them
-/// in an `i16` (which the vectorised passes multiply in 16-bit lanes) while the rounding error
-/// summed over all taps stays far below half a grey level.
+/// Fractional bits of the fixed-point weights. Weights (of the triangle filter, never
+/// negative) are at most 1.0, so they fit a `u16`, which the passes multiply in 16-bit lanes.
 pub(super) const PRECISION: u32 = 14;
-
-/// Added to every accumulator so the final shift rounds to nearest.
-pub(super) const ROUND: i32 = 1 << (PRECISION - 1);
 
 /// The coefficients of one axis: output pixel `i` is `Σ weights[i * taps + k] ×
 /// input[starts[i] + k]` for `k < taps`. Buffers are reused from one call to the next.
@@ -18,7 +14,7 @@ pub(super) struct Axis {
     /// First input pixel read by each output pixel.
     pub(super) starts: Vec<u32>,
     /// `taps` weights per output pixel (zero where the filter does not reach).
-    pub(super) weights: Vec<i16>,
+    pub(super) weights: Vec<u16>,
     /// Weights per output pixel (at least 1, at most the input size).
     pub(super) taps: usize,
 }
@@ -105,7 +101,7 @@ impl Axis {
             let total: f64 = (min..max).map(tap).sum();
             if total != 0.0 {
                 for (w, x) in weights[offset..].iter_mut().zip(min..max) {
-                    *w = (tap(x) / total * f64::from(1u32 << PRECISION)).round() as i16;
+                    *w = (tap(x) / total * f64::from(1u32 << PRECISION)).round() as u16;
                 }
             }
             self.starts.push(start);
