@@ -7,15 +7,14 @@
 //! [`Resampler`] keeps the per-axis coefficient tables (`coefficients.rs`) and a few small
 //! buffers between calls. The image is processed in strips of [`STRIP`] output rows:
 //!
-//! 1. the source rows a strip reads are widened to 16-bit lanes holding `pixel << 8`;
-//! 2. vertical pass: each output row of the strip is a weighted sum of whole widened rows —
-//!    contiguous memory, which the compiler vectorises;
-//! 3. the strip's rows are interleaved (widened again) so that the [`STRIP`] pixels of one
-//!    column lie side by side, which turns the horizontal pass into the same contiguous
-//!    multiply-add over [`LANES`] lanes per tap;
-//! 4. horizontal pass, rounded to `u8`, then copied into the output rows.
+//! 1. vertical pass: each output row of the strip is a weighted sum of whole source rows —
+//!    contiguous bytes, which the compiler vectorises;
+//! 2. the strip's rows are interleaved so that the [`STRIP`] pixels of one column lie side
+//!    by side, which turns the horizontal pass into the same contiguous multiply-add over
+//!    [`LANES`] bytes per tap;
+//! 3. horizontal pass, rounded to `u8`, then copied into the output rows.
 //!
-//! Every product `(pixel << 8) × weight` keeps its high 16 bits (SSE2's `pmulhuw`, eight
+//! Every product `(pixel << 8 | 128) × weight` keeps its high 16 bits (SSE2's `pmulhuw`, eight
 //! lanes per instruction on baseline x86-64), so pixels are summed in 1/64 grey levels in
 //! 16-bit accumulators. Both passes round to `u8` like Pillow's; Pillow runs the horizontal
 //! pass first and keeps more fractional bits, so results may differ from it by one grey level
@@ -49,12 +48,10 @@ const ACC_BITS: u32 = PRECISION + 8 - 16;
 pub struct Resampler {
     horizontal: Axis,
     vertical: Axis,
-    /// The source rows one strip reads, widened (`pixel << 8`).
-    source: Vec<u16>,
     /// One strip after the vertical pass, row by row.
     rows: Vec<u8>,
-    /// The same strip, column by column, widened.
-    columns: Vec<u16>,
+    /// The same strip, column by column.
+    columns: Vec<u8>,
     /// The strip after the horizontal pass, column by column.
     filtered: Vec<u8>,
 }
@@ -63,17 +60,20 @@ fn resize_error(message: String) -> SampleError {
     SampleError::Resize { message }
 }
 
-/// `pixel × weight` in [`ACC_BITS`] fixed point (truncated), for a widened pixel.
+/// `(pixel + ½) × weight` in [`ACC_BITS`] fixed point, truncated: the high half of
+/// `(pixel << 8 | 128) × weight`. Summed over weights that add up to one, the halves make
+/// the rounding-to-nearest offset. (The `| 128` also keeps the shift inside the product: the
+/// compiler would otherwise fold `(p << 8) × w >> 16` into `p × w >> 8`, a 32-bit multiply.)
 #[inline(always)]
-fn product(wide_pixel: u16, weight: u16) -> u16 {
-    ((u32::from(wide_pixel) * u32::from(weight)) >> 16) as u16
+fn product(pixel: u8, weight: u16) -> u16 {
+    let wide = (u16::from(pixel) << 8) | 128;
+    ((u32::from(wide) * u32::from(weight)) >> 16) as u16
 }
 
-/// Starting value of an accumulator over `taps` products: one half, for rounding to
-/// nearest, plus half a unit per product, which cancels the truncation of products on
-/// average.
+/// Starting value of an accumulator over `taps` products: half a unit per product, which
+/// cancels their truncation on average.
 fn rounding(taps: usize) -> u16 {
-    (1 << (ACC_BITS - 1)) + (taps / 2) as u16
+    (taps / 2) as u16
 }
 
 /// An accumulator rounded to a byte.
@@ -82,42 +82,18 @@ fn to_u8(acc: u16) -> u8 {
     (acc >> ACC_BITS).min(255) as u8
 }
 
-/// `pixel << 8`, the form the passes multiply.
-#[inline(always)]
-fn widen(pixel: u8) -> u16 {
-    u16::from(pixel) << 8
-}
-
-/// Widens `len` bytes of each of `count` rows of `pixels` (from byte `first`, rows `stride`
-/// apart) into consecutive rows of `out`.
-#[inline(never)]
-fn widen_rows(
-    pixels: &[u8],
-    first: usize,
-    stride: usize,
-    count: usize,
-    len: usize,
-    out: &mut [u16],
-) {
-    for (r, out) in out.chunks_exact_mut(len).take(count).enumerate() {
-        for (o, &p) in out.iter_mut().zip(&pixels[first + r * stride..][..len]) {
-            *o = widen(p);
-        }
-    }
-}
-
 /// `out[j] = Σ_k weights[k] × src[first + k × stride + j]`, rounded, for `j < out.len()`.
 #[inline(never)]
-fn vertical_row(src: &[u16], first: usize, stride: usize, weights: &[u16], out: &mut [u8]) {
+fn vertical_row(src: &[u8], first: usize, stride: usize, weights: &[u16], out: &mut [u8]) {
     let start = rounding(weights.len());
     let mut blocks = out.chunks_exact_mut(BLOCK);
     let mut x = first;
     for block in &mut blocks {
         let mut acc = [start; BLOCK];
         for (k, &w) in weights.iter().enumerate() {
-            let row: &[u16; BLOCK] = src[x + k * stride..][..BLOCK]
+            let row: &[u8; BLOCK] = src[x + k * stride..][..BLOCK]
                 .try_into()
-                .expect("BLOCK lanes");
+                .expect("BLOCK bytes");
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a = a.wrapping_add(product(p, w));
             }
@@ -140,13 +116,12 @@ fn vertical_row(src: &[u16], first: usize, stride: usize, weights: &[u16], out: 
     }
 }
 
-/// Writes the strip's `rows` (each `row_bytes` long) column by column, widened, into
-/// `columns`.
+/// Writes the strip's `rows` (each `row_bytes` long) column by column into `columns`.
 ///
-/// Pixels move four lanes at a time: the fourth, the next pixel's red, lands in the padding
-/// lane, whose result is never used. The last pixel has no next one.
+/// Pixels move four bytes at a time (one load, one store): the fourth byte, the next
+/// pixel's red, lands in the padding lane, whose result is never used.
 #[inline(never)]
-fn interleave(rows: &[u8], row_bytes: usize, columns: &mut [u16]) {
+fn interleave(rows: &[u8], row_bytes: usize, columns: &mut [u8]) {
     let last = row_bytes / 3 - 1;
     for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
         let lane = r * 4;
@@ -154,16 +129,9 @@ fn interleave(rows: &[u8], row_bytes: usize, columns: &mut [u16]) {
             .chunks_exact_mut(LANES)
             .zip(row.windows(4).step_by(3))
         {
-            for (c, &p) in column[lane..lane + 4].iter_mut().zip(pixel) {
-                *c = widen(p);
-            }
+            column[lane..lane + 4].copy_from_slice(pixel);
         }
-        for (c, &p) in columns[last * LANES + lane..][..3]
-            .iter_mut()
-            .zip(&row[last * 3..])
-        {
-            *c = widen(p);
-        }
+        columns[last * LANES + lane..][..3].copy_from_slice(&row[last * 3..]);
     }
 }
 
@@ -171,7 +139,7 @@ fn interleave(rows: &[u8], row_bytes: usize, columns: &mut [u16]) {
 /// [`LANES`] bytes (all of them, padding included, so the compiler keeps the lanes together
 /// in vector registers).
 #[inline(never)]
-fn horizontal_strip(columns: &[u16], h: &Axis, col0: u32, filtered: &mut [u8]) {
+fn horizontal_strip(columns: &[u8], h: &Axis, col0: u32, filtered: &mut [u8]) {
     let start_acc = rounding(h.taps);
     let starts = h.starts.iter();
     let weights = h.weights.chunks_exact(h.taps);
@@ -179,9 +147,9 @@ fn horizontal_strip(columns: &[u16], h: &Axis, col0: u32, filtered: &mut [u8]) {
         let start = (start - col0) as usize;
         let mut acc = [start_acc; LANES];
         for (k, &w) in weights.iter().enumerate() {
-            let column: &[u16; LANES] = columns[(start + k) * LANES..][..LANES]
+            let column: &[u8; LANES] = columns[(start + k) * LANES..][..LANES]
                 .try_into()
-                .expect("LANES lanes");
+                .expect("LANES bytes");
             for (a, &p) in acc.iter_mut().zip(column) {
                 *a = a.wrapping_add(product(p, w));
             }
@@ -267,25 +235,12 @@ impl Resampler {
         let v = &self.vertical;
         for strip in (0..dst.height as usize).step_by(STRIP) {
             let n = STRIP.min(dst.height as usize - strip);
-            // The source rows this strip reads.
-            let top = v.starts[strip] as usize;
-            let count = v.starts[strip + n - 1] as usize + v.taps - top;
-            self.source
-                .resize(self.source.len().max(count * row_bytes), 0);
-            widen_rows(
-                pixels,
-                origin + top * stride,
-                stride,
-                count,
-                row_bytes,
-                &mut self.source,
-            );
             let rows = &mut self.rows[..n * row_bytes];
             for (r, row) in rows.chunks_exact_mut(row_bytes).enumerate() {
                 let y = strip + r;
-                let first = (v.starts[y] as usize - top) * row_bytes;
+                let first = origin + v.starts[y] as usize * stride;
                 let weights = &v.weights[y * v.taps..][..v.taps];
-                vertical_row(&self.source, first, row_bytes, weights, row);
+                vertical_row(pixels, first, stride, weights, row);
             }
             interleave(rows, row_bytes, &mut self.columns);
             let filtered = &mut self.filtered[..dst.width as usize * LANES];
