@@ -76,8 +76,17 @@ impl Filter {
 
 impl Axis {
     /// Coefficients for resampling `[box0, box0 + box_len)` of an axis of `in_size` (≥ 1)
-    /// pixels onto `out_size` (≥ 1) pixels.
-    pub(super) fn compute(&mut self, in_size: u32, box0: f64, box_len: f64, out_size: u32) {
+    /// pixels onto `out_size` (≥ 1) pixels. The weight table is grown to fit any input of up
+    /// to `largest_in` pixels, so that once the largest image of a workload has been seen,
+    /// no smaller crop of it allocates.
+    pub(super) fn compute(
+        &mut self,
+        in_size: u32,
+        box0: f64,
+        box_len: f64,
+        out_size: u32,
+        largest_in: u32,
+    ) {
         let filter = Filter::new(in_size, box0, box_len, out_size);
         let taps = (0..out_size)
             .map(|i| {
@@ -90,6 +99,11 @@ impl Axis {
         self.taps = taps;
         self.starts.clear();
         self.weights.clear();
+        // A window of half-width `support` covers at most ⌈2 × support⌉ + 1 pixels.
+        let widest =
+            (2.0 * (f64::from(largest_in) / f64::from(out_size)).max(1.0)).ceil() as usize + 1;
+        self.weights
+            .reserve(out_size as usize * widest.min(largest_in.max(in_size) as usize).max(taps));
         self.weights.resize(out_size as usize * taps, 0);
         for (i, weights) in (0..out_size).zip(self.weights.chunks_exact_mut(taps)) {
             let (center, min, max) = filter.bounds(i);
@@ -115,7 +129,7 @@ mod tests {
 
     fn axis(in_size: u32, box0: f64, box_len: f64, out_size: u32) -> Axis {
         let mut a = Axis::default();
-        a.compute(in_size, box0, box_len, out_size);
+        a.compute(in_size, box0, box_len, out_size, in_size);
         a
     }
 

@@ -217,16 +217,30 @@ impl Resampler {
             out.fill(0);
         }
         let [bx, by, bw, bh] = src_box;
-        self.horizontal.compute(view.width, bx, bw, dst.width);
-        self.vertical.compute(view.height, by, bh, dst.height);
+        self.horizontal
+            .compute(view.width, bx, bw, dst.width, width);
+        self.vertical
+            .compute(view.height, by, bh, dst.height, height);
 
         // Only the columns the horizontal pass reads go through the vertical pass.
         let h = &mut self.horizontal;
         let col0 = h.starts[0];
         let cols = (h.starts[h.starts.len() - 1] - col0) as usize + h.taps;
         let row_bytes = cols * 3;
-        self.rows.resize(STRIP * row_bytes, 0);
-        self.columns.resize(cols * LANES, 0);
+        // Buffers are grown for the whole source width, not just this crop's, so that once
+        // the largest image of a workload has been seen no crop of it allocates.
+        for (buffer, len, largest) in [
+            (
+                &mut self.rows,
+                STRIP * row_bytes,
+                STRIP * width as usize * 3,
+            ),
+            (&mut self.columns, cols * LANES, width as usize * LANES),
+        ] {
+            buffer.clear();
+            buffer.reserve(largest);
+            buffer.resize(len, 0);
+        }
         self.filtered.resize(dst.width as usize * LANES, 0);
 
         let stride = width as usize * 3;
@@ -312,4 +326,288 @@ fn check_arguments(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic test image: smooth gradients plus pseudo-random texture.
+    fn image(width: u32, height: u32) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_u32 ^ (width * 31 + height);
+        (0..width * height * 3)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let (x, y) = ((i / 3) % width, (i / 3) / width);
+                let smooth = (x * 255 / width.max(1) + y * 97 / height.max(1)) % 256;
+                ((smooth + (state % 64)) % 256) as u8
+            })
+            .collect()
+    }
+
+    fn full(width: u32, height: u32) -> Rect {
+        Rect {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        }
+    }
+
+    /// Pillow's resample in f64 without any intermediate rounding: `(first input, weights)`
+    /// per output pixel of one axis.
+    fn reference_axis(in_size: u32, box0: f64, len: f64, out: u32) -> Vec<(usize, Vec<f64>)> {
+        let scale = len / f64::from(out);
+        let support = scale.max(1.0);
+        (0..out)
+            .map(|i| {
+                let center = box0 + (f64::from(i) + 0.5) * scale;
+                let min = ((center - support + 0.5) as i64).max(0) as usize;
+                let max = ((center + support + 0.5) as i64).min(i64::from(in_size)) as usize;
+                let w: Vec<f64> = (min..max)
+                    .map(|x| {
+                        let d = ((x as f64 - center + 0.5) / support).abs();
+                        if d < 1.0 {
+                            1.0 - d
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let total: f64 = w.iter().sum();
+                (min, w.iter().map(|w| w / total).collect())
+            })
+            .collect()
+    }
+
+    fn reference(pixels: &[u8], width: u32, view: Rect, src_box: [f64; 4], dst: Rect) -> Vec<u8> {
+        let [bx, by, bw, bh] = src_box;
+        let xs = reference_axis(view.width, bx, bw, dst.width);
+        let ys = reference_axis(view.height, by, bh, dst.height);
+        let px = |x: usize, y: usize, c: usize| {
+            let (x, y) = (x + view.x as usize, y + view.y as usize);
+            f64::from(pixels[(y * width as usize + x) * 3 + c])
+        };
+        let mut out = Vec::new();
+        for (y0, wy) in &ys {
+            for (x0, wx) in &xs {
+                for c in 0..3 {
+                    let mut v = 0.0;
+                    for (j, wy) in wy.iter().enumerate() {
+                        for (i, wx) in wx.iter().enumerate() {
+                            v += wy * wx * px(x0 + i, y0 + j, c);
+                        }
+                    }
+                    out.push(v.round().clamp(0.0, 255.0) as u8);
+                }
+            }
+        }
+        out
+    }
+
+    fn ours(
+        pixels: &[u8],
+        width: u32,
+        height: u32,
+        view: Rect,
+        src_box: [f64; 4],
+        dst: Rect,
+    ) -> Vec<u8> {
+        let mut out = vec![0xAA; (dst.width * dst.height * 3) as usize];
+        Resampler::new()
+            .resample(
+                pixels,
+                width,
+                height,
+                view,
+                src_box,
+                &mut out,
+                dst.width,
+                dst.height,
+                full(dst.width, dst.height),
+            )
+            .expect("valid arguments");
+        out
+    }
+
+    fn assert_within_one(got: &[u8], want: &[u8], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(&a, &b)| a.abs_diff(b))
+            .max()
+            .unwrap_or(0);
+        assert!(worst <= 1, "{what}: off by {worst}");
+    }
+
+    #[test]
+    fn identity_size_copies_the_view() {
+        let pixels = image(23, 17);
+        let view = Rect {
+            x: 3,
+            y: 2,
+            width: 15,
+            height: 11,
+        };
+        let got = ours(&pixels, 23, 17, view, [0.0, 0.0, 15.0, 11.0], full(15, 11));
+        let want: Vec<u8> = (2..13)
+            .flat_map(|y| pixels[(y * 23 + 3) * 3..(y * 23 + 18) * 3].to_vec())
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn downscales_and_upscales_match_an_f64_reference_within_one() {
+        for (w, h, ow, oh) in [
+            (64, 48, 20, 15),
+            (300, 260, 224, 224),
+            (97, 131, 224, 224),
+            (9, 7, 31, 23),
+            (40, 40, 40, 17),
+            (460, 400, 37, 41),
+        ] {
+            let pixels = image(w, h);
+            let src_box = [0.0, 0.0, f64::from(w), f64::from(h)];
+            let got = ours(&pixels, w, h, full(w, h), src_box, full(ow, oh));
+            let want = reference(&pixels, w, full(w, h), src_box, full(ow, oh));
+            assert_within_one(&got, &want, &format!("{w}×{h} → {ow}×{oh}"));
+        }
+    }
+
+    #[test]
+    fn crop_box_offsets_inside_a_view_match_the_reference() {
+        let (w, h) = (120, 90);
+        let pixels = image(w, h);
+        let view = Rect {
+            x: 17,
+            y: 9,
+            width: 80,
+            height: 70,
+        };
+        for src_box in [
+            [0.0, 0.0, 80.0, 70.0],
+            [12.5, 7.25, 50.0, 41.5],
+            [30.0, 20.0, 50.0, 50.0],
+            [0.3, 68.0, 79.7, 2.0],
+        ] {
+            let got = ours(&pixels, w, h, view, src_box, full(33, 29));
+            let want = reference(&pixels, w, view, src_box, full(33, 29));
+            assert_within_one(&got, &want, &format!("box {src_box:?}"));
+        }
+    }
+
+    #[test]
+    fn destination_window_is_filled_and_its_border_zeroed() {
+        let pixels = image(50, 40);
+        let src_box = [0.0, 0.0, 50.0, 40.0];
+        let dst = Rect {
+            x: 3,
+            y: 5,
+            width: 20,
+            height: 9,
+        };
+        let (ow, oh) = (27, 16);
+        let mut out = vec![0xAA; (ow * oh * 3) as usize];
+        Resampler::new()
+            .resample(
+                &pixels,
+                50,
+                40,
+                full(50, 40),
+                src_box,
+                &mut out,
+                ow,
+                oh,
+                dst,
+            )
+            .expect("valid arguments");
+        let alone = ours(&pixels, 50, 40, full(50, 40), src_box, full(20, 9));
+        for y in 0..oh {
+            for x in 0..ow {
+                let at = ((y * ow + x) * 3) as usize;
+                let inside = (3..23).contains(&x) && (5..14).contains(&y);
+                let want = if inside {
+                    let i = (((y - 5) * 20 + (x - 3)) * 3) as usize;
+                    alone[i..i + 3].to_vec()
+                } else {
+                    vec![0; 3]
+                };
+                assert_eq!(out[at..at + 3], want[..], "pixel ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn one_pixel_edges() {
+        let colour = [12u8, 200, 77];
+        // 1×1 source onto any size: every output pixel is its colour.
+        let got = ours(&colour, 1, 1, full(1, 1), [0.0, 0.0, 1.0, 1.0], full(5, 3));
+        assert!(got.chunks_exact(3).all(|p| p == colour));
+        // One row or column, and one output pixel.
+        for (w, h, ow, oh) in [(7, 1, 3, 1), (1, 9, 1, 4), (13, 11, 1, 1), (1, 1, 1, 1)] {
+            let pixels = image(w, h);
+            let src_box = [0.0, 0.0, f64::from(w), f64::from(h)];
+            let got = ours(&pixels, w, h, full(w, h), src_box, full(ow, oh));
+            let want = reference(&pixels, w, full(w, h), src_box, full(ow, oh));
+            assert_within_one(&got, &want, &format!("{w}×{h} → {ow}×{oh}"));
+        }
+    }
+
+    #[test]
+    fn a_flat_image_stays_flat_at_every_scale() {
+        for (w, ow) in [(460, 224), (100, 224), (224, 224), (3000, 224), (2, 224)] {
+            let pixels: Vec<u8> = [255u8, 0, 128].repeat((w * w) as usize);
+            let box_ = [0.0, 0.0, f64::from(w), f64::from(w)];
+            let got = ours(&pixels, w, w, full(w, w), box_, full(ow, ow));
+            assert!(
+                got.chunks_exact(3).all(|p| p == [255, 0, 128]),
+                "{w} → {ow}"
+            );
+        }
+    }
+
+    #[test]
+    fn inconsistent_arguments_are_errors_not_panics() {
+        let pixels = image(10, 10);
+        let mut out = vec![0; 4 * 4 * 3];
+        let mut r = Resampler::new();
+        let mut run = |pixels: &[u8], view: Rect, src_box: [f64; 4], dst: Rect| {
+            r.resample(pixels, 10, 10, view, src_box, &mut out, 4, 4, dst)
+        };
+        let b = [0.0, 0.0, 10.0, 10.0];
+        assert!(run(&pixels[..299], full(10, 10), b, full(4, 4)).is_err());
+        assert!(run(&pixels, full(11, 10), b, full(4, 4)).is_err());
+        assert!(run(&pixels, full(0, 10), b, full(4, 4)).is_err());
+        assert!(run(&pixels, full(10, 10), [5.0, 0.0, 6.0, 10.0], full(4, 4)).is_err());
+        assert!(run(&pixels, full(10, 10), [f64::NAN, 0.0, 1.0, 1.0], full(4, 4)).is_err());
+        assert!(run(&pixels, full(10, 10), b, full(5, 4)).is_err());
+        assert!(run(&pixels, full(10, 10), b, full(4, 4)).is_ok());
+    }
+
+    #[test]
+    fn reuse_across_sizes_gives_the_same_bytes_as_a_fresh_resampler() {
+        let mut shared = Resampler::new();
+        for (w, h, ow, oh) in [(300, 200, 224, 224), (20, 30, 7, 5), (120, 90, 64, 64)] {
+            let pixels = image(w, h);
+            let src_box = [1.5, 2.0, f64::from(w) - 3.0, f64::from(h) - 2.0];
+            let mut out = vec![0; (ow * oh * 3) as usize];
+            shared
+                .resample(
+                    &pixels,
+                    w,
+                    h,
+                    full(w, h),
+                    src_box,
+                    &mut out,
+                    ow,
+                    oh,
+                    full(ow, oh),
+                )
+                .expect("valid arguments");
+            assert_eq!(out, ours(&pixels, w, h, full(w, h), src_box, full(ow, oh)));
+        }
+    }
 }
