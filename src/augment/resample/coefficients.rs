@@ -88,16 +88,15 @@ impl Axis {
         largest_in: u32,
     ) {
         let filter = Filter::new(in_size, box0, box_len, out_size);
-        let taps = (0..out_size)
-            .map(|i| {
-                let (_, min, max) = filter.bounds(i);
-                (max - min) as usize
-            })
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        self.taps = taps;
+        // First pass: each window's first pixel (kept in `starts`) and the widest window.
         self.starts.clear();
+        let mut taps = 1;
+        for i in 0..out_size {
+            let (_, min, max) = filter.bounds(i);
+            self.starts.push(min);
+            taps = taps.max((max - min) as usize);
+        }
+        self.taps = taps;
         self.weights.clear();
         // A window of half-width `support` covers at most ⌈2 × support⌉ + 1 pixels.
         let widest =
@@ -105,20 +104,22 @@ impl Axis {
         self.weights
             .reserve(out_size as usize * widest.min(largest_in.max(in_size) as usize).max(taps));
         self.weights.resize(out_size as usize * taps, 0);
-        for (i, weights) in (0..out_size).zip(self.weights.chunks_exact_mut(taps)) {
+        let slots = self.weights.chunks_exact_mut(taps);
+        for ((i, weights), start) in (0..out_size).zip(slots).zip(&mut self.starts) {
             let (center, min, max) = filter.bounds(i);
             // Slide the window left where it would run past the input's end; the weights
             // then start further in.
-            let start = min.min(in_size - taps as u32);
-            let offset = (min - start) as usize;
+            *start = min.min(in_size - taps as u32);
+            let offset = (min - *start) as usize;
             let tap = |x: u32| filter.tap(center, x);
             let total: f64 = (min..max).map(tap).sum();
             if total != 0.0 {
+                let scale = f64::from(1u32 << PRECISION) / total;
                 for (w, x) in weights[offset..].iter_mut().zip(min..max) {
-                    *w = (tap(x) / total * f64::from(1u32 << PRECISION)).round() as u16;
+                    // Round half up (weights are never negative), as Pillow does.
+                    *w = (tap(x) * scale + 0.5) as u16;
                 }
             }
-            self.starts.push(start);
         }
     }
 }
