@@ -116,22 +116,25 @@ fn vertical_row(src: &[u8], first: usize, stride: usize, weights: &[u16], out: &
     }
 }
 
-/// Writes the strip's `rows` (each `row_bytes` long) column by column into `columns`.
+/// Writes the strip's [`STRIP`] `rows` (each `row_bytes` long; rows past the image's end
+/// hold stale data whose results are never stored) column by column into `columns`.
 ///
 /// Pixels move four bytes at a time (one load, one store): the fourth byte, the next
-/// pixel's red, lands in the padding lane, whose result is never used.
+/// pixel's red, lands in the padding lane, whose result is never used. All [`STRIP`] rows
+/// are moved per column, so the inner loop has a fixed length and unrolls.
 #[inline(never)]
 fn interleave(rows: &[u8], row_bytes: usize, columns: &mut [u8]) {
+    let mut split = rows.chunks_exact(row_bytes);
+    let rows: [&[u8]; STRIP] = std::array::from_fn(|_| split.next().unwrap_or_default());
     let last = row_bytes / 3 - 1;
-    for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-        let lane = r * 4;
-        for (column, pixel) in columns
-            .chunks_exact_mut(LANES)
-            .zip(row.windows(4).step_by(3))
-        {
-            column[lane..lane + 4].copy_from_slice(pixel);
+    for (x, column) in columns[..last * LANES].chunks_exact_mut(LANES).enumerate() {
+        for (lanes, row) in column.chunks_exact_mut(4).zip(rows) {
+            lanes.copy_from_slice(&row[x * 3..x * 3 + 4]);
         }
-        columns[last * LANES + lane..][..3].copy_from_slice(&row[last * 3..]);
+    }
+    let column = &mut columns[last * LANES..][..LANES];
+    for (lanes, row) in column.chunks_exact_mut(4).zip(rows) {
+        lanes[..3].copy_from_slice(&row[last * 3..last * 3 + 3]);
     }
 }
 
@@ -164,10 +167,28 @@ fn horizontal_strip(columns: &[u8], h: &Axis, col0: u32, filtered: &mut [u8]) {
 /// column, `width` columns) into `out`, rows `out_stride` bytes apart.
 ///
 /// Pixels move four bytes at a time, left to right: each one's fourth byte is overwritten
-/// by the next pixel; the last pixel of a row moves three.
+/// by the next pixel; the last pixel of a row moves three. Full strips move all [`STRIP`]
+/// rows per column in a loop of fixed length, which unrolls.
 #[inline(never)]
 fn deinterleave(filtered: &[u8], n: usize, width: usize, out: &mut [u8], out_stride: usize) {
     let last = width - 1;
+    if n == STRIP {
+        let mut split = out.chunks_mut(out_stride);
+        let mut rows: [&mut [u8]; STRIP] = std::array::from_fn(|_| {
+            let row = split.next().unwrap_or_default();
+            &mut row[..width * 3]
+        });
+        for (x, column) in filtered[..last * LANES].chunks_exact(LANES).enumerate() {
+            for (lanes, row) in column.chunks_exact(4).zip(rows.iter_mut()) {
+                row[x * 3..x * 3 + 4].copy_from_slice(lanes);
+            }
+        }
+        let column = &filtered[last * LANES..][..LANES];
+        for (lanes, row) in column.chunks_exact(4).zip(rows.iter_mut()) {
+            row[last * 3..].copy_from_slice(&lanes[..3]);
+        }
+        return;
+    }
     for r in 0..n {
         let lane = r * 4;
         let row = &mut out[r * out_stride..][..width * 3];
@@ -256,7 +277,7 @@ impl Resampler {
                 let weights = &v.weights[y * v.taps..][..v.taps];
                 vertical_row(pixels, first, stride, weights, row);
             }
-            interleave(rows, row_bytes, &mut self.columns);
+            interleave(&self.rows, row_bytes, &mut self.columns);
             let filtered = &mut self.filtered[..dst.width as usize * LANES];
             horizontal_strip(&self.columns, h, col0, filtered);
             let first_out = (dst.y as usize + strip) * out_stride + dst.x as usize * 3;
