@@ -53,8 +53,7 @@ pub use config::{
 };
 pub use error::{AugmentConfigError, SampleError};
 pub use key::SampleKey;
-
-use fast_image_resize::Resizer;
+pub use resample::Resampler;
 
 use crate::decode::{DecodeRequest, Decoder, Rect};
 use geometry::{Geometry, ResizeSpec};
@@ -92,11 +91,11 @@ pub struct Augmenter {
     writer: Writer,
 }
 
-/// Per-worker reusable state: the decoder (libjpeg-turbo handle and buffers), the resizer and
-/// the intermediate images. Create one per worker thread with [`Augmenter::scratch`].
+/// Per-worker reusable state: the decoder (libjpeg-turbo handle and buffers), the resampler
+/// (coefficient tables and buffers) and the intermediate images. Create one per worker thread with [`Augmenter::scratch`].
 pub struct Scratch {
     decoder: Decoder,
-    resizer: Resizer,
+    resampler: Resampler,
     small: Vec<u8>,
     small2: Vec<u8>,
     blur_tmp: Vec<f32>,
@@ -116,7 +115,7 @@ impl Scratch {
     pub fn new(augmenter: &Augmenter) -> Scratch {
         Scratch {
             decoder: Decoder::new(augmenter.max_pixels),
-            resizer: Resizer::new(),
+            resampler: Resampler::new(),
             small: Vec::new(),
             small2: Vec::new(),
             blur_tmp: Vec::new(),
@@ -447,8 +446,7 @@ impl Augmenter {
         ];
         let len = w as usize * h as usize * 3;
         scratch.small.resize(len, 0);
-        resample::resample(
-            &mut scratch.resizer,
+        scratch.resampler.resample(
             px.data,
             px.width,
             px.height,
