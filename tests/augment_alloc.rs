@@ -1,24 +1,44 @@
 //! After warm-up, producing a JPEG sample allocates nothing at all: decoder buffers, the
 //! resampler's coefficient tables and strips, and the intermediate images live in the
 //! per-worker Scratch and only grow, and decoding itself allocates nothing. (libjpeg-turbo
-//! manages its own per-image memory in C, outside Rust's allocator.)
+//! manages its own per-image memory in C, outside Rust's allocator.) PNG samples reuse the same
+//! pixel buffers; what the `image` crate's PNG decoder allocates for its own state (inflate
+//! window, row buffers: about 11 allocations per image, the largest 256 KiB) stays far below an image's size.
+//! (WebP is the exception: the `image-webp` decoder builds its own frame, width × height × 4
+//! bytes, for every lossless image.)
+//!
+//! Only the allocations of the thread that counts are counted, so the test harness's other
+//! threads do not disturb the figures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use image::ImageEncoder;
 use ringfeed::augment::{AugmentConfig, Augmenter, SampleKey};
 
 struct Counting;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
+/// Whether this thread counts its allocations (false while its thread-locals are torn down).
+fn counting() -> bool {
+    COUNTING.try_with(Cell::get).unwrap_or(false)
+}
+
+fn set_counting(on: bool) {
+    COUNTING.with(|c| c.set(on));
+}
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts calls.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
         }
@@ -30,7 +50,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             LARGEST.fetch_max(new_size, Ordering::Relaxed);
         }
@@ -42,8 +62,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counters are process-wide: one test counts at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn jpeg_samples_allocate_nothing_after_warm_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cfg: AugmentConfig = toml::from_str(
         r#"
         random-resized-crop = { size = 64 }
@@ -103,13 +127,13 @@ fn jpeg_samples_allocate_nothing_after_warm_up() {
     let mut decoder = ringfeed::decode::Decoder::new(ringfeed::decode::DEFAULT_MAX_PIXELS);
     let request = ringfeed::decode::DecodeRequest::FULL;
     for counting in [false, true] {
-        COUNTING.store(counting, Ordering::SeqCst);
+        set_counting(counting);
         for bytes in &inputs {
             let info = decoder.probe(bytes).unwrap();
             decoder.decode(bytes, &info, request).unwrap();
         }
     }
-    COUNTING.store(false, Ordering::SeqCst);
+    set_counting(false);
     assert_eq!(
         ALLOCATIONS.swap(0, Ordering::SeqCst),
         0,
@@ -117,13 +141,79 @@ fn jpeg_samples_allocate_nothing_after_warm_up() {
     );
 
     run(0, &mut scratch, &mut out);
-    COUNTING.store(true, Ordering::SeqCst);
+    set_counting(true);
     run(1, &mut scratch, &mut out);
-    COUNTING.store(false, Ordering::SeqCst);
+    set_counting(false);
     let allocations = ALLOCATIONS.load(Ordering::SeqCst);
     let largest = LARGEST.load(Ordering::SeqCst);
     assert_eq!(
         allocations, 0,
         "{allocations} allocations (largest {largest} bytes) in 60 samples after warm-up"
+    );
+}
+
+#[test]
+fn png_samples_allocate_no_image_sized_buffers_after_warm_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg: AugmentConfig = toml::from_str(
+        r#"
+        random-resized-crop = { size = 64 }
+        horizontal-flip = { p = 0.5 }
+        normalize = { mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] }
+        "#,
+    )
+    .unwrap();
+    let aug = Augmenter::new(&cfg).unwrap();
+    // Photo-sized (the fixtures are smaller than the codec's own state): 1024×768, made here.
+    let (w, h) = (1024u32, 768u32);
+    let pixels: Vec<u8> = (0..w * h * 3)
+        .map(|i| ((i % (w * 3)) / 5 + (i / (w * 3)) / 3 + i % 7) as u8)
+        .collect();
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&pixels, w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let inputs = [png];
+    let mut decoder = ringfeed::decode::Decoder::new(ringfeed::decode::DEFAULT_MAX_PIXELS);
+    let smallest_image = inputs
+        .iter()
+        .map(|b| {
+            let info = decoder.probe(b).unwrap();
+            info.width as usize * info.height as usize * 3
+        })
+        .min()
+        .unwrap();
+    let mut scratch = aug.scratch();
+    let mut out = vec![0u8; aug.sample_bytes()];
+    let samples = 30u64;
+    for epoch in 0..2u64 {
+        ALLOCATIONS.store(0, Ordering::SeqCst);
+        LARGEST.store(0, Ordering::SeqCst);
+        set_counting(epoch == 1);
+        for id in 0..samples {
+            let key = SampleKey {
+                seed: 9,
+                epoch,
+                sample_id: id,
+            };
+            aug.process(
+                &inputs[id as usize % inputs.len()],
+                key,
+                &mut out,
+                &mut scratch,
+            )
+            .unwrap();
+        }
+        set_counting(false);
+    }
+    let allocations = ALLOCATIONS.swap(0, Ordering::SeqCst);
+    let largest = LARGEST.swap(0, Ordering::SeqCst);
+    eprintln!(
+        "PNG: {allocations} allocations in {samples} samples, largest {largest} bytes \
+         (smallest image {smallest_image} bytes)"
+    );
+    assert!(
+        largest < smallest_image / 4,
+        "an allocation of {largest} bytes: image-sized buffers must come from the Scratch"
     );
 }
