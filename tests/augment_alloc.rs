@@ -3,9 +3,9 @@
 //! per-worker Scratch and only grow, and decoding itself allocates nothing. (libjpeg-turbo
 //! manages its own per-image memory in C, outside Rust's allocator.) PNG samples reuse the same
 //! pixel buffers; what the `image` crate's PNG decoder allocates for its own state (inflate
-//! window, row buffers: about 11 allocations per image, the largest 256 KiB) stays far below an image's size.
-//! (WebP is the exception: the `image-webp` decoder builds its own frame, width × height × 4
-//! bytes, for every lossless image.)
+//! window, row buffers: about 11 allocations per image, the largest 256 KiB) stays far below
+//! an image's size. (WebP is the exception: the `image-webp` decoder builds its own frame,
+//! width × height × 4 bytes, for every lossless image.)
 //!
 //! Only the allocations of the thread that counts are counted, so the test harness's other
 //! threads do not disturb the figures.
