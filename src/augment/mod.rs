@@ -92,7 +92,8 @@ pub struct Augmenter {
 }
 
 /// Per-worker reusable state: the decoder (libjpeg-turbo handle and buffers), the resampler
-/// (coefficient tables and buffers) and the intermediate images. Create one per worker thread with [`Augmenter::scratch`].
+/// (coefficient tables and buffers) and the intermediate images. Create one per worker thread
+/// with [`Augmenter::scratch`].
 pub struct Scratch {
     decoder: Decoder,
     resampler: Resampler,
