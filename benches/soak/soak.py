@@ -2,20 +2,18 @@
 """Soak test: the ImageNet-train preset served for many epochs to a consumer that takes and
 releases batches at a random pace (holding several at times), with per-epoch figures.
 
-For every epoch it reports the daemon's images/s (samples it produced over the epoch's wall
-time, from the ring's `samples_ok` counter), the consumer's images/s, the daemon's CPU time per
-image, its resident memory (VmRSS, and RssAnon: RSS without the ring's shared pages), the
-machine's steal time (CPU the hypervisor gave to other guests), and checks from the sample ids
-that no sample of the epoch was lost or served twice.
+For every epoch it reports the daemon's images/s: the samples it produced while the epoch was
+being consumed (the ring's `samples_ok` counter), so the consumer's pace and prefilled slots do
+not blur it, with the share of the epoch it spent waiting for a free slot beside it. It also
+reports the daemon's CPU time per image, its resident memory (VmRSS, and RssAnon: RSS without
+the ring's shared pages), the machine's steal time (CPU the hypervisor gave to other guests),
+and checks from the sample ids that no sample of the epoch was lost or served twice.
 
-The daemon's images/s counts the samples it produced while the epoch was being consumed (the
-ring's `samples_ok` counter), so the consumer's pace and prefilled slots do not blur it; the share
-of the epoch it spent waiting for a free slot is shown beside it. To tell the daemon's drift from
-the machine's, a baseline is taken in the same run: before every epoch (and after the last) the
-consumer stops taking batches, the daemon fills its ring and idles, and one `ringfeed bench
---stages-only` per core times the same work at once (decode + augment + write of 200 of the
-photos, about half a second), their rates summed. Its spread over the run is how much this
-machine's speed alone moves between epochs.
+To tell the daemon's drift from the machine's, a baseline is taken in the same run: before every
+epoch (and after the last) the consumer stops taking batches, the daemon fills its ring and
+idles, and one `ringfeed bench --stages-only` per core times the same work at once (decode +
+augment + write of 200 of the photos, about half a second), their rates summed. Its spread over
+the run is how much this machine's speed alone moves between epochs.
 
 At the end it prints PASS/FAIL against:
 

@@ -245,7 +245,7 @@ impl Resampler {
             .compute(view.height, by, bh, dst.height, height);
 
         // Only the columns the horizontal pass reads go through the vertical pass.
-        let h = &mut self.horizontal;
+        let h = &self.horizontal;
         let col0 = h.starts[0];
         let cols = (h.starts[h.starts.len() - 1] - col0) as usize + h.taps;
         let row_bytes = cols * 3;
