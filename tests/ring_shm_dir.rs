@@ -309,7 +309,7 @@ fn spec(name: &str) -> RingSpec {
 /// producer's uid) and reads a batch; without `trust_uid` its consumer refuses the other
 /// user's directory; without the group, the directory keeps it out. (Supplementary groups are
 /// read from `/proc/<pid>/status`, which shows the process's main thread, so a thread cannot
-/// stand in for a process there; that rule is unit-tested in `src/ring/access.rs`.)
+/// stand in for a process there: `supplementary_group_member_attaches_as_a_process` covers it.)
 #[test]
 fn allow_group_admits_members_only() {
     if rustix::process::geteuid().as_raw() != 0 {
@@ -375,4 +375,79 @@ fn allow_group_admits_members_only() {
     }
     drop(p);
     assert!(!shm.join("ringfeed-grp.ring").exists());
+}
+
+/// `--allow-group` admits a member through a supplementary group, checked with real processes:
+/// `ringfeed consume --trust-uid 0` run by `setpriv` as `nobody` (primary group `nogroup`) with
+/// the group as a supplementary one reads a batch; the same command without the group is kept
+/// out at once with a permission error, not left waiting for a daemon.
+#[test]
+fn supplementary_group_member_attaches_as_a_process() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!(
+            "skipped: needs root to give files to a group and to run a process as another user"
+        );
+        return;
+    }
+    const GROUP: u32 = 4243;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // nobody may not be able to reach the build directory: run a copy from the open tmp dir.
+    let bin = tmp.path().join("ringfeed");
+    std::fs::copy(env!("CARGO_BIN_EXE_ringfeed"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shm = shm_dir(tmp.path());
+    let dir = RuntimeDir::at(tmp.path().join("rt"));
+    let options = ProducerOptions {
+        shm_dir: Some(shm),
+        allow_group: Some(GROUP),
+    };
+    let p = Producer::create_with(&spec("sgrp"), &dir, &options).unwrap();
+    let mut w = p.try_claim(0).unwrap();
+    w.tensor_bytes_mut(0).copy_from_slice(&[9u8; 16]);
+    w.publish(BatchMeta {
+        epoch: 0,
+        index: 0,
+        count: 2,
+        last_of_epoch: false,
+    });
+
+    let consume_as_nobody = |groups: &str| {
+        let started = std::time::Instant::now();
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                &format!("--groups={groups}"),
+            ])
+            .arg(&bin)
+            .args([
+                "consume",
+                "sgrp",
+                "--batches",
+                "1",
+                "--quiet",
+                "--trust-uid",
+                "0",
+            ])
+            .args(["--wait", "20"])
+            .env("RINGFEED_RUNTIME_DIR", dir.path())
+            .output()
+            .expect("setpriv (util-linux) runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text, started.elapsed())
+    };
+    let (ok, text, _) = consume_as_nobody(&GROUP.to_string());
+    assert!(ok, "a supplementary member reads the ring: {text}");
+    assert!(text.contains("consumed 1 batches (2 samples)"), "{text}");
+
+    let (ok, text, took) = consume_as_nobody("65534");
+    assert!(!ok, "a non-member must be kept out: {text}");
+    assert!(text.contains("Permission denied"), "{text}");
+    assert!(
+        took < Duration::from_secs(10),
+        "a refusal is reported at once, not after --wait: {took:?}"
+    );
+    drop(p);
 }

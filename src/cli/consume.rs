@@ -28,6 +28,10 @@ pub(crate) struct ConsumeArgs {
     /// Print only the summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Also trust a daemon running as this uid (default: only one running as yours), to read
+    /// a ring another user serves with `--allow-group`.
+    #[arg(long, value_name = "UID")]
+    trust_uid: Option<u32>,
 }
 
 /// Attaches, consumes, prints a line per batch and a summary.
@@ -87,10 +91,18 @@ fn attach_waiting(dir: &RuntimeDir, args: &ConsumeArgs) -> anyhow::Result<Consum
     let deadline = Instant::now() + Duration::from_secs_f64(args.wait);
     let mut opts = AttachOptions::new(&args.name, args.lane);
     opts.dir = Some(dir.clone());
+    opts.trust_uid = args.trust_uid;
     loop {
         match Consumer::attach_with(&opts) {
             Ok(c) => return Ok(c),
-            Err(AttachError::Connect { .. }) if Instant::now() < deadline => {
+            // Not started yet (no socket, or nobody listening): wait. Anything else, such as
+            // a socket we may not open, will not go away by waiting.
+            Err(AttachError::Connect { ref source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => {
