@@ -38,7 +38,8 @@ Usage (release build first; the photos are ../shared/data/photos-dev, else data/
     cargo build --release
     python3 benches/soak/soak.py --epochs 20
 
-Exit status 0 when every target is met, 1 when one is missed, 2 when the run was inconclusive.
+`--smoke` (CI) runs 3 short epochs of data/sample and judges all but the throughput; `--bin`
+picks the binary. Exit status 0 when every target is met, 1 when one is missed, 2 when the run was inconclusive.
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ def steal_and_total_ticks() -> tuple[int, int]:
     return ticks[7], sum(ticks[:8])
 
 
-def baseline(binary: str, shards: list[str], samples: int) -> float:
+def baseline(binary: str, shards: list[str], samples: int, batch_size: int) -> float:
     """The machine's current capacity for the daemon's own work: the summed decode + augment +
     write rates (images/s) of one `ringfeed bench --stages-only` per core, run at once on the
     first `samples` photos (so other jobs taking a core show up, as they do for the daemon)."""
     command = [
         binary, "bench", "--config", str(ROOT / "configs" / "imagenet-train.toml"), "--shards", *shards,
         "--samples", str(samples), "--repeats", "1", "--workers", "1", "--stages-only",
+        "--batch-size", str(batch_size),
     ]  # fmt: skip
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(os.cpu_count() or 1)]
     total = 0.0
@@ -155,10 +157,18 @@ def main() -> int:
         help="seconds of an epoch between two baseline pauses (0: one pause before each epoch only)",
     )
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke: 3 short epochs of data/sample, throughput reported but not judged",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.epochs, args.repeat, args.batch_size, args.baseline_samples = 3, 1, 16, 16
+        args.shards = sorted(str(p) for p in SAMPLE.glob("*.tar"))
     if not os.access(args.bin, os.X_OK):
         sys.exit(f"{args.bin} not found: run `cargo build --release` first")
-    shards, data_name = (args.shards, "given shards") if args.shards else default_shards()
+    shards, data_name = (args.shards, f"{len(args.shards)} given shards") if args.shards else default_shards()
     photos = list(shards)
     rng = random.Random(args.seed)
 
@@ -216,7 +226,7 @@ def main() -> int:
             """Stops taking batches until the daemon has filled its ring and idles, then runs
             the baseline while it does; what the daemon made meanwhile is left out of its rate."""
             wait_idle(daemon.pid)
-            into.append(baseline(args.bin, photos, args.baseline_samples))
+            into.append(baseline(args.bin, photos, args.baseline_samples, args.batch_size))
 
         for epoch in range(args.epochs):
             speeds.append([])
@@ -281,7 +291,7 @@ def main() -> int:
         extra = sum(1 for _ in loader)  # the stream must be over
         loader.close()
         wait_idle(daemon.pid)
-        speeds.append([baseline(args.bin, photos, args.baseline_samples)])
+        speeds.append([baseline(args.bin, photos, args.baseline_samples, args.batch_size)])
         # Each epoch's baseline: the mean of the runs in its pauses and the one just after it.
         for r, during, after in zip(rows, speeds, speeds[1:]):
             r["baseline_images_per_s"] = statistics.fmean([*during, after[0]])
@@ -324,7 +334,9 @@ def main() -> int:
     # more than the tolerance too, this run cannot tell either way, unless the daemon moved by
     # more than the machine did plus the tolerance.
     daemon_worst, machine_worst = worst["daemon_images_per_s"], worst["baseline_images_per_s"]
-    if daemon_worst <= TOLERANCE_PCT:
+    if args.smoke:
+        verdict = None  # three epochs of a third of a second: too short to judge
+    elif daemon_worst <= TOLERANCE_PCT:
         verdict = True
     elif TOLERANCE_PCT < machine_worst and daemon_worst <= machine_worst + TOLERANCE_PCT:
         verdict = INCONCLUSIVE
