@@ -304,6 +304,18 @@ fn spec(name: &str) -> RingSpec {
     }
 }
 
+/// Publishes batch 0 of lane 0 with every byte of its labels set to `byte`.
+fn publish_first_batch(p: &Producer, byte: u8) {
+    let mut w = p.try_claim(0).unwrap();
+    w.tensor_bytes_mut(0).copy_from_slice(&[byte; 16]);
+    w.publish(BatchMeta {
+        epoch: 0,
+        index: 0,
+        count: 2,
+        last_of_epoch: false,
+    });
+}
+
 /// `--allow-group`: the runtime directory becomes 0750, the socket and ring file 0660, all of
 /// that group. A thread running as `nobody` with that group as its gid attaches (trusting the
 /// producer's uid) and reads a batch; without `trust_uid` its consumer refuses the other
@@ -333,14 +345,7 @@ fn allow_group_admits_members_only() {
     assert_eq!(mode_gid(dir.path()), (0o750, GROUP));
     assert_eq!(mode_gid(&dir.socket_path("grp")), (0o660, GROUP));
     assert_eq!(mode_gid(&shm.join("ringfeed-grp.ring")), (0o660, GROUP));
-    let mut w = p.try_claim(0).unwrap();
-    w.tensor_bytes_mut(0).copy_from_slice(&[7u8; 16]);
-    w.publish(BatchMeta {
-        epoch: 0,
-        index: 0,
-        count: 2,
-        last_of_epoch: false,
-    });
+    publish_first_batch(&p, 7);
 
     let attach_as_nobody = |gid: u32, trust: Option<u32>| {
         let dir = dir.clone();
@@ -403,14 +408,7 @@ fn supplementary_group_member_attaches_as_a_process() {
         allow_group: Some(GROUP),
     };
     let p = Producer::create_with(&spec("sgrp"), &dir, &options).unwrap();
-    let mut w = p.try_claim(0).unwrap();
-    w.tensor_bytes_mut(0).copy_from_slice(&[9u8; 16]);
-    w.publish(BatchMeta {
-        epoch: 0,
-        index: 0,
-        count: 2,
-        last_of_epoch: false,
-    });
+    publish_first_batch(&p, 9);
 
     let consume_as_nobody = |groups: &str| {
         let started = std::time::Instant::now();
