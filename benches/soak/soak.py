@@ -39,7 +39,8 @@ Usage (release build first; the photos are ../shared/data/photos-dev, else data/
     python3 benches/soak/soak.py --epochs 20
 
 `--smoke` (CI) runs 3 short epochs of data/sample and judges all but the throughput; `--bin`
-picks the binary. Exit status 0 when every target is met, 1 when one is missed, 2 when the run was inconclusive.
+picks the binary. Exit status 0 when every target is met, 1 when one is missed, 2 when the run
+was inconclusive.
 """
 
 from __future__ import annotations
