@@ -10,6 +10,7 @@ Reports are JSON lines on stdout.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 
@@ -40,6 +41,10 @@ def main() -> None:
                 epoch += 1
         report(done=True)
     elif mode == "interrupt":
+        # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started, and a
+        # background job of a non-interactive shell (a CI script's `cmd &`) starts with SIGINT
+        # ignored: restore the handler an interactive trainer has.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
             report(waiting=True)
             try:
