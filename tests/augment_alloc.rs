@@ -65,6 +65,26 @@ static GLOBAL: Counting = Counting;
 /// The counters are process-wide: one test counts at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Augments samples `0..samples` of `epoch` (seed 9), cycling through `inputs`.
+fn process_epoch(
+    aug: &Augmenter,
+    inputs: &[Vec<u8>],
+    epoch: u64,
+    samples: u64,
+    scratch: &mut ringfeed::augment::Scratch,
+    out: &mut [u8],
+) {
+    for id in 0..samples {
+        let key = SampleKey {
+            seed: 9,
+            epoch,
+            sample_id: id,
+        };
+        aug.process(&inputs[id as usize % inputs.len()], key, out, scratch)
+            .unwrap();
+    }
+}
+
 #[test]
 fn jpeg_samples_allocate_nothing_after_warm_up() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -92,17 +112,6 @@ fn jpeg_samples_allocate_nothing_after_warm_up() {
     .collect();
     let mut scratch = aug.scratch();
     let mut out = vec![0u8; aug.sample_bytes()];
-    let run = |epoch: u64, scratch: &mut ringfeed::augment::Scratch, out: &mut [u8]| {
-        for id in 0..60u64 {
-            let key = SampleKey {
-                seed: 9,
-                epoch,
-                sample_id: id,
-            };
-            aug.process(&inputs[id as usize % 3], key, out, scratch)
-                .unwrap();
-        }
-    };
     // Warm-up: each input's full decode once (the largest region any crop can need).
     let full: AugmentConfig = AugmentConfig {
         roi_decode: false,
@@ -140,9 +149,9 @@ fn jpeg_samples_allocate_nothing_after_warm_up() {
         "allocations by decode"
     );
 
-    run(0, &mut scratch, &mut out);
+    process_epoch(&aug, &inputs, 0, 60, &mut scratch, &mut out);
     set_counting(true);
-    run(1, &mut scratch, &mut out);
+    process_epoch(&aug, &inputs, 1, 60, &mut scratch, &mut out);
     set_counting(false);
     let allocations = ALLOCATIONS.load(Ordering::SeqCst);
     let largest = LARGEST.load(Ordering::SeqCst);
@@ -190,20 +199,7 @@ fn png_samples_allocate_no_image_sized_buffers_after_warm_up() {
         ALLOCATIONS.store(0, Ordering::SeqCst);
         LARGEST.store(0, Ordering::SeqCst);
         set_counting(epoch == 1);
-        for id in 0..samples {
-            let key = SampleKey {
-                seed: 9,
-                epoch,
-                sample_id: id,
-            };
-            aug.process(
-                &inputs[id as usize % inputs.len()],
-                key,
-                &mut out,
-                &mut scratch,
-            )
-            .unwrap();
-        }
+        process_epoch(&aug, &inputs, epoch, samples, &mut scratch, &mut out);
         set_counting(false);
     }
     let allocations = ALLOCATIONS.swap(0, Ordering::SeqCst);

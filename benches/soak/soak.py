@@ -258,19 +258,18 @@ def main() -> int:
             for b in held:
                 b.release()
             add_since(active, last)
-            d = active
-            made, seconds = d["made"], d["time"]
+            made, seconds = active["made"], active["time"]
             rss, anon = memory_kib(daemon.pid)
             distinct = len(set(ids))
             row = {
                 "epoch": epoch + 1,
                 "batches": batches,
                 "daemon_images_per_s": made / seconds,
-                "unblocked_images_per_s": made / max(seconds - d["blocked"], 1e-9),
-                "blocked_pct": 100 * d["blocked"] / seconds,
+                "unblocked_images_per_s": made / max(seconds - active["blocked"], 1e-9),
+                "blocked_pct": 100 * active["blocked"] / seconds,
                 "baselines_in_epoch": len(speeds[-1]),
-                "steal_pct": 100 * d["steal"] / max(d["ticks"], 1),
-                "cpu_ms_per_image": d["cpu"] * 1000 / max(made, 1),
+                "steal_pct": 100 * active["steal"] / max(active["ticks"], 1),
+                "cpu_ms_per_image": active["cpu"] * 1000 / max(made, 1),
                 "load_1min": os.getloadavg()[0],
                 "rss_mib": rss / 1024,
                 "rss_anon_mib": anon / 1024,
