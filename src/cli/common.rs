@@ -62,6 +62,11 @@ pub(crate) struct PlanArgs {
     /// 0660, given to GROUP. Default: only this user.
     #[arg(long, value_name = "GROUP")]
     allow_group: Option<String>,
+    /// Key file of encrypted shards (`ringfeed keygen`): members are decrypted in the workers'
+    /// memory only. Must be a regular file of this user with no group/other permissions.
+    /// Replaces [source] key-file.
+    #[arg(long, value_name = "FILE", env = "RINGFEED_KEY_FILE")]
+    key_file: Option<PathBuf>,
 }
 
 impl PlanArgs {
@@ -81,6 +86,11 @@ impl PlanArgs {
             max_skip_fraction: self.max_skip_fraction,
             shm_dir: self.shm_dir.clone(),
             allow_group: self.allow_group.clone(),
+            // Relative to the current directory, whatever the configuration's base directory.
+            key_file: self
+                .key_file
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         }
     }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod consume;
 mod index;
+mod keygen;
 mod logging;
 mod metrics;
 mod pack;
@@ -48,6 +49,9 @@ enum Command {
     /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
     /// plus index.json.
     Pack(pack::PackArgs),
+    /// Write a new random 256-bit key for encrypted shards to FILE (created 0600, never
+    /// overwritten); prints its key id.
+    Keygen(keygen::KeygenArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -62,5 +66,6 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Stat(args) => stat::run(args),
         Command::Peek(args) => peek::run(args),
         Command::Pack(args) => pack::run(args),
+        Command::Keygen(args) => keygen::run(args),
     }
 }

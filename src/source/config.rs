@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// key-file = "/etc/ringfeed/data.key"  # optional: encrypted shards
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -32,6 +33,12 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Tar only: the key file of encrypted shards (`ringfeed keygen`, `ringfeed pack
+    /// --encrypt-key-file`), relative to the configuration's directory; `--key-file` /
+    /// `RINGFEED_KEY_FILE` override it. With a key, every shard must be encrypted with it.
+    /// The file holds the key; this setting only names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl SourceConfig {
@@ -42,6 +49,7 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            key_file: None,
         }
     }
 
@@ -52,6 +60,7 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            key_file: None,
         }
     }
 }

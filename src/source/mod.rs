@@ -6,6 +6,7 @@
 //! - [`spec`]: shard specs (paths, globs, brace ranges) → the sorted shard list.
 //! - [`tar`]: a small, pure tar header walker (ustar, GNU long names, pax).
 //! - [`index`]: the per-shard sidecar index (`<shard>.idx.json`): sample offsets and labels.
+//! - [`crypt`]: encrypted ("sealed") shards: key files, sealed members, opening them in place.
 //! - [`imagefolder`]: `<root>/<class>/<file>` trees.
 //! - [`dataset`]: [`Dataset`], the fixed, ordered sample list (id = position) with positioned
 //!   reads of each sample's encoded bytes.
@@ -13,6 +14,7 @@
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 
 pub mod config;
+pub mod crypt;
 pub mod dataset;
 pub mod error;
 pub mod imagefolder;
@@ -22,6 +24,7 @@ pub mod spec;
 pub mod tar;
 
 pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
+pub use crypt::{CryptError, KeyError, ShardKey};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
