@@ -494,3 +494,58 @@ fn flipped_and_swapped_members_are_skipped_counted_and_named() {
         "{log}"
     );
 }
+
+#[test]
+fn bench_times_encrypted_shards_against_plaintext_copies_in_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _) = image_folder(tmp.path(), 3);
+    let key = tmp.path().join("k");
+    keygen(&key);
+    let (enc, plain) = (tmp.path().join("enc"), tmp.path().join("plain"));
+    pack(&src, &enc, &key, &[]);
+    assert!(ringfeed()
+        .arg("pack")
+        .args([&src, &plain])
+        .status()
+        .unwrap()
+        .success());
+    let cfg = config(tmp.path(), &enc, "bench", r#""global""#, Some(&key));
+    let runtime = RuntimeTmp::new();
+    let out = ringfeed()
+        .args(["bench", "--config"])
+        .arg(&cfg)
+        .args([
+            "--stages-only",
+            "--samples",
+            "100",
+            "--repeats",
+            "1",
+            "--workers",
+            "1",
+        ])
+        .arg("--baseline-shards")
+        .arg(plain.join("shard-*.tar"))
+        .env("RINGFEED_RUNTIME_DIR", runtime.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let us = |row: &str| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {row} |")))
+            .unwrap_or_else(|| panic!("no row {row:?} in\n{stdout}"));
+        assert_eq!(line.split('|').nth(2).unwrap().trim(), "9", "{line}");
+        line.split('|').nth(3).unwrap().trim().parse().unwrap()
+    };
+    assert!(us("baseline (--baseline-shards)") > 0.0);
+    assert!(us("this dataset") > 0.0);
+    assert!(
+        stdout.contains("CPU per sample against the baseline"),
+        "{stdout}"
+    );
+}

@@ -43,7 +43,7 @@ pub(crate) struct PackArgs {
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: Option<u8>,
     /// Encrypt every image and label with the key in FILE (`ringfeed keygen`): each image
-    /// member is sealed with XChaCha20-Poly1305 under a fresh random nonce, labels go into a
+    /// member is sealed with AES-256-GCM under a fresh random nonce, labels go into a
     /// sealed manifest, and samples are written in a random order (a class-by-class order
     /// would reveal labels by position). See docs/security.md.
     #[arg(long, value_name = "FILE")]

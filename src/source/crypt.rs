@@ -15,8 +15,8 @@
 //! - `index_sealed` and [`unseal_index`]: the sidecar index of a sealed shard (built without
 //!   the key: offsets only) and its completion with the key (labels, order, missing members).
 //!
-//! A sealed member is `nonce (24 bytes) ‖ ciphertext ‖ tag (16 bytes)` under
-//! XChaCha20-Poly1305, with a fresh random nonce per member. Its associated data is
+//! A sealed member is `nonce (12 bytes) ‖ ciphertext ‖ tag (16 bytes)` under AES-256-GCM, with
+//! a fresh random nonce per member. Its associated data is
 //! `"ringfeed-crypt/1\0" ‖ shard id ‖ member name`: a member copied under another name or into
 //! another shard fails authentication, and the manifest (sealed the same way) lists what the
 //! shard must hold, so a removed, added or truncated member is noticed too.
@@ -28,8 +28,8 @@ use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use chacha20poly1305::aead::{AeadInOut, KeyInit};
-use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use aes_gcm::aead::{self, AeadInOut, KeyInit};
+use aes_gcm::Aes256Gcm;
 use rand::TryRngCore as _;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize as _, Zeroizing};
@@ -47,17 +47,21 @@ pub const HEADER_FORMAT: &str = "ringfeed-sealed-shard";
 /// Version of the sealed shard format this build reads and writes.
 pub const HEADER_VERSION: u32 = 1;
 /// The AEAD every sealed member uses.
-pub const ALGORITHM: &str = "xchacha20poly1305";
+pub const ALGORITHM: &str = "aes-256-gcm";
 /// Key length in bytes (256 bits).
 pub const KEY_LEN: usize = 32;
-/// Nonce length in bytes (XChaCha20's 192-bit nonce: random nonces never collide in practice).
-pub const NONCE_LEN: usize = 24;
+/// Nonce length in bytes (GCM's 96-bit nonce, drawn at random for every member: one key may
+/// seal up to 2^32 members, all packs together, before a collision becomes a concern).
+pub const NONCE_LEN: usize = 12;
 /// Authentication tag length in bytes.
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed member has beyond its plaintext.
 pub const OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 /// Length of a shard id in bytes.
 pub const SHARD_ID_LEN: usize = 16;
+
+type MemberNonce = aead::Nonce<Aes256Gcm>;
+type MemberTag = aead::Tag<Aes256Gcm>;
 
 /// The first part of every member's associated data: names the format, so a tag computed for
 /// anything else never verifies here.
@@ -129,6 +133,12 @@ pub enum KeyError {
     /// The system random source failed.
     #[error("cannot draw random bytes: {0}")]
     Random(String),
+    /// A member beyond the AEAD's length limit (256 GiB; members are at most 4 GiB).
+    #[error("member {member} is too large to encrypt")]
+    TooLarge {
+        /// The member's name.
+        member: String,
+    },
 }
 
 /// A sealed dataset cannot be opened with the key given (or without one).
@@ -189,7 +199,7 @@ pub enum CryptError {
 /// A 256-bit shard key. The key bytes live only inside the cipher state, which is zeroed on
 /// drop; `Debug` shows the key id and the file, never the key.
 pub struct ShardKey {
-    cipher: XChaCha20Poly1305,
+    cipher: Aes256Gcm,
     id: String,
     path: PathBuf,
 }
@@ -286,14 +296,14 @@ impl ShardKey {
     /// A key from its bytes (tests, and the two constructors above); `path` is only named in
     /// messages.
     pub fn from_bytes(bytes: &[u8; KEY_LEN], path: &Path) -> ShardKey {
-        let mut key = Key::from(*bytes);
-        let cipher = XChaCha20Poly1305::new(&key);
+        let mut key = aes_gcm::Key::<Aes256Gcm>::from(*bytes);
+        let cipher = Aes256Gcm::new(&key);
         key.as_mut_slice().zeroize();
         // The key id is the tag of an empty message under the all-zero nonce: a pseudo-random
         // function of the key that reveals nothing about it. Data members never use that
-        // nonce (theirs are random 192-bit values).
+        // nonce (theirs are random 96-bit values).
         let tag = cipher
-            .encrypt_inout_detached(&XNonce::default(), KEY_ID_AAD, (&mut [][..]).into())
+            .encrypt_inout_detached(&MemberNonce::default(), KEY_ID_AAD, (&mut [][..]).into())
             .expect("an empty message is within the AEAD's length limit");
         let mut id = String::with_capacity(16);
         hex_into(&tag[..8], &mut id);
@@ -507,8 +517,8 @@ impl ShardCipher {
             let (aad, sealed) = buf.split_at_mut(aad_len);
             let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
             let (text, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
-            let nonce = XNonce::try_from(&nonce[..]).expect("split at NONCE_LEN");
-            let tag = Tag::try_from(&tag[..]).expect("split at TAG_LEN");
+            let nonce = MemberNonce::try_from(&nonce[..]).expect("split at NONCE_LEN");
+            let tag = MemberTag::try_from(&tag[..]).expect("split at TAG_LEN");
             self.key
                 .cipher
                 .decrypt_inout_detached(&nonce, aad, text.into(), &tag)
@@ -593,7 +603,7 @@ impl<'a> ShardSealer<'a> {
     /// Seals `plaintext` as member `name`: `nonce ‖ ciphertext ‖ tag`, a fresh random nonce.
     pub fn seal(&self, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
         let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
-        let mut nonce = XNonce::default();
+        let mut nonce = MemberNonce::default();
         fill_random(&mut nonce)?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
@@ -603,7 +613,9 @@ impl<'a> ShardSealer<'a> {
             .key
             .cipher
             .encrypt_inout_detached(&nonce, &aad, (&mut out[NONCE_LEN..]).into())
-            .map_err(|_| KeyError::Random(format!("member {name} is too large to seal")))?;
+            .map_err(|_| KeyError::TooLarge {
+                member: name.to_owned(),
+            })?;
         out.extend_from_slice(&tag);
         Ok(out)
     }
