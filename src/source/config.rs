@@ -34,7 +34,7 @@ pub struct SourceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
     /// Tar only: the key file of encrypted shards (`ringfeed keygen`, `ringfeed pack
-    /// --encrypt-key-file`), relative to the configuration's directory; `--key-file` /
+    /// --encrypt-key-file`), a relative path resolving like `shards`; `--key-file` /
     /// `RINGFEED_KEY_FILE` override it. With a key, every shard must be encrypted with it.
     /// The file holds the key; this setting only names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aes_gcm::aead::{self, AeadInOut, KeyInit};
 use aes_gcm::Aes256Gcm;
@@ -483,12 +484,12 @@ pub struct SealedInfo {
 /// Opens the members of one sealed shard.
 #[derive(Debug)]
 pub struct ShardCipher {
-    key: std::sync::Arc<ShardKey>,
+    key: Arc<ShardKey>,
     shard_id: [u8; SHARD_ID_LEN],
 }
 
 impl ShardCipher {
-    fn new(key: std::sync::Arc<ShardKey>, shard_id: [u8; SHARD_ID_LEN]) -> ShardCipher {
+    fn new(key: Arc<ShardKey>, shard_id: [u8; SHARD_ID_LEN]) -> ShardCipher {
         ShardCipher { key, shard_id }
     }
 
@@ -745,24 +746,25 @@ fn tar_offset(e: &tar::TarError) -> u64 {
 pub fn unseal_index(
     index: &mut ShardIndex,
     shard: &Path,
-    key: Option<&std::sync::Arc<ShardKey>>,
+    key: Option<&Arc<ShardKey>>,
 ) -> Result<Option<ShardCipher>, SourceError> {
-    let (Some(info), key) = (&index.sealed, key) else {
-        return match key {
-            Some(key) => Err(CryptError::Plaintext {
+    let (info, key) = match (&index.sealed, key) {
+        (None, None) => return Ok(None),
+        (None, Some(key)) => {
+            return Err(CryptError::Plaintext {
                 shard: shard.to_path_buf(),
                 key_file: key.path.clone(),
             }
-            .into()),
-            None => Ok(None),
-        };
-    };
-    let Some(key) = key else {
-        return Err(CryptError::NoKey {
-            shard: shard.to_path_buf(),
-            key_id: info.header.key_id.clone(),
+            .into())
         }
-        .into());
+        (Some(info), None) => {
+            return Err(CryptError::NoKey {
+                shard: shard.to_path_buf(),
+                key_id: info.header.key_id.clone(),
+            }
+            .into())
+        }
+        (Some(info), Some(key)) => (info, key),
     };
     let shard_id = info
         .header
@@ -780,7 +782,7 @@ pub fn unseal_index(
         }
         .into());
     }
-    let cipher = ShardCipher::new(std::sync::Arc::clone(key), shard_id);
+    let cipher = ShardCipher::new(Arc::clone(key), shard_id);
     let manifest = match info.manifest {
         None => Err("the sealed manifest is missing (truncated shard)".to_owned()),
         Some(span) => File::open(shard)
@@ -839,7 +841,6 @@ pub fn unseal_index(
 mod tests {
     use super::*;
     use crate::source::tar::tests::TarBuilder;
-    use std::sync::Arc;
 
     fn key(byte: u8) -> Arc<ShardKey> {
         Arc::new(ShardKey::from_bytes(&[byte; KEY_LEN], Path::new("k")))

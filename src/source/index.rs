@@ -65,7 +65,8 @@ pub struct IndexedSample {
     pub offset: u64,
     /// Length of the image bytes.
     pub size: u64,
-    /// The integer label from `<key>.cls`.
+    /// The integer label from `<key>.cls`; 0 in the index of an encrypted shard, whose labels
+    /// are in its sealed manifest (filled in by [`super::crypt::unseal_index`]).
     pub label: i64,
 }
 
