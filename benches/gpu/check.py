@@ -74,10 +74,10 @@ def main() -> int:
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
         }
-        f32 = _serve(daemons, binary, workdir, "gpu-f32", dtype="f32", size=224, batch=128)
+        f32 = _serve(daemons, binary, workdir, "gpu-f32", dtype="f32", size=224, batch=32)
         results["hazard"] = hazard(torch, f32, args.hazard_batches)
         results["throughput"] = throughput(torch, f32)
-        u8 = _serve(daemons, binary, workdir, "gpu-u8", dtype="u8", size=224, batch=128)
+        u8 = _serve(daemons, binary, workdir, "gpu-u8", dtype="u8", size=224, batch=32)
         results["u8_matches_f32"] = u8_matches(torch, f32, u8)
         results["training"] = {
             "f32": train(torch, f32, args.train_seconds, normalize=False),
@@ -200,15 +200,16 @@ def u8_matches(torch: Any, f32_name: str, u8_name: str) -> dict[str, Any]:
         _loader(f32_name, 1, pin=True, resume=start) as f32,
         _loader(u8_name, 1, pin=True, resume=start) as u8,
     ):
-        for want, got in zip(f32, u8):
+        for _ in range(8):
+            want, got = f32.next_batch(), u8.next_batch()
             if not (want.sample_ids == got.sample_ids).all():
                 return {"equal": False, "why": "sample ids differ"}
             (x,) = got.cuda("images", normalize=True)
             (y,) = want.cuda("images")
             worst = max(worst, float((x - y).abs().max()))
             compared += 1
-            if compared == 8:
-                break
+            want.release()
+            got.release()
     return {"equal": worst <= 1e-6, "max_abs_diff": worst, "batches": compared}
 
 
