@@ -12,7 +12,7 @@
 //!   per sealed shard).
 //! - [`Manifest`]: a sealed shard's last member, `__ringfeed-manifest__.sealed`: every
 //!   sample's member name and label, in pack order. Labels live only here.
-//! - `index_sealed` and [`unseal_index`]: the sidecar index of a sealed shard (built without
+//! - [`index_sealed`] and [`unseal_index`]: the sidecar index of a sealed shard (built without
 //!   the key: offsets only) and its completion with the key (labels, order, missing members).
 //!
 //! A sealed member is `nonce (12 bytes) ‖ ciphertext ‖ tag (16 bytes)` under AES-256-GCM, with
@@ -637,15 +637,12 @@ impl<'a> ShardSealer<'a> {
 
 /// What indexing a sealed shard finds: its samples (label 0), the members skipped, and its
 /// header and manifest location.
-pub(crate) type SealedWalk = (Vec<IndexedSample>, Vec<MemberIssue>, SealedInfo);
+pub type SealedWalk = (Vec<IndexedSample>, Vec<MemberIssue>, SealedInfo);
 
 /// Indexes a sealed shard without its key, if `src` is one (its first member is
 /// [`HEADER_MEMBER`]): every other member but the manifest is one sample's image (label 0
 /// until [`unseal_index`] fills it in). `Ok(None)` for a plaintext shard.
-pub(crate) fn index_sealed<R: ReadAt + ?Sized>(
-    src: &R,
-    len: u64,
-) -> Result<Option<SealedWalk>, String> {
+pub fn index_sealed<R: ReadAt + ?Sized>(src: &R, len: u64) -> Result<Option<SealedWalk>, String> {
     let mut walk = tar::entries(src, len);
     let Some(Ok(first)) = walk.next() else {
         return Ok(None);
