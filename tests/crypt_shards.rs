@@ -279,6 +279,18 @@ fn every_shuffle_mode_round_trips_across_lanes_and_nodes() {
                 "--exit-when-done",
             ],
         );
+        // A daemon holding a key writes no core dump.
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        assert_eq!(
+            &core.split_whitespace().collect::<Vec<_>>()[4..6],
+            ["0", "0"],
+            "{core}"
+        );
         let counts = consume_all(runtime.path(), &name, 2);
         assert!(daemon.wait(Duration::from_secs(60)).success());
         assert_eq!(

@@ -122,6 +122,16 @@ pub(crate) struct Stages {
 
 /// Opens the dataset, reports what indexing skipped, and builds the pipeline.
 pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
+    if plan.file.source.key_file.is_some() {
+        // A core dump of a process holding a key would write the key and decrypted images to
+        // disk: none from here on (the hard limit too, so nothing in-process can undo it).
+        let none = rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        };
+        rustix::process::setrlimit(rustix::process::Resource::Core, none)
+            .context("cannot disable core dumps before reading the key")?;
+    }
     let dataset = Dataset::open(&plan.file.source, &plan.base_dir).with_context(|| {
         format!(
             "cannot open the dataset of [source] ({})",
