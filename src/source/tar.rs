@@ -8,6 +8,27 @@
 //! (`x`, keys `path` and `size`); directories, links, devices and global pax headers (`g`) are
 //! stepped over. A bad checksum, a malformed field or a truncated archive ends the walk with a
 //! [`TarError`] after the members before it were yielded.
+//!
+//! # Why not the `tar` crate
+//!
+//! `tar` (alexcrichton/tar-rs) is well kept and reads pax and GNU long names too, and
+//! `Archive::entries_with_seek` with `Entry::raw_file_position` could build the sidecar
+//! index. It is not used because what this reader is for does not fit its shape:
+//!
+//! - Serving reads one member's bytes at an offset from the index, with `pread` on a file
+//!   shared by every worker thread; that needs no tar code at all. What remains is the index
+//!   walk, where `tar` wants an owned `Read + Seek` stream with a cursor, so it cannot run on
+//!   the shared `&File` or be handed a `&[u8]` without a `Cursor` copy, and a walk is one
+//!   `read`/`seek` pair per header instead of one 512-byte `pread`.
+//! - Hostile input: this walk caps every extended record (`MAX_EXTENDED_HEADER`, 1 MiB) and stops
+//!   at the first bad header, keeping the members before it (the index records the issue);
+//!   `tar` buffers pax and long-name records without a cap of ours and reports errors per
+//!   entry, so both rules would be re-implemented around it. The walk is fuzzed as a pure
+//!   function of a byte slice (`fuzz/`, replayed by `tests/fuzz_replay.rs`), which `tar`'s stream API makes
+//!   indirect.
+//! - Speed: the walk is already bound by one `pread` per header; `tar` cannot do fewer
+//!   reads, so there is nothing to win, and ~800 lines of tested code would be traded for a
+//!   wrapper of similar size.
 
 use std::fs::File;
 use std::io;
