@@ -46,8 +46,9 @@ enum Command {
     /// Show a running ring's state, throughput, occupancy and who waits for whom, read
     /// straight from its shared memory (refreshes every second).
     Stat(stat::StatArgs),
-    /// Write a PNG grid of one batch (labels and sample ids under each image): copied from a
-    /// running ring without taking it from the trainer, or rendered from --config FILE.
+    /// Write a PNG grid of one batch (class names or labels, and sample ids, under each
+    /// image): copied from a running ring without taking it from the trainer, or rendered from
+    /// --config FILE.
     Peek(peek::PeekArgs),
     /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
     /// plus index.json.
