@@ -42,8 +42,33 @@ fn metrics_endpoint_serves_prometheus_text() {
         "ringfeed_producer_wait_seconds_total{ring=\"metricsring\"}",
         "# TYPE ringfeed_sample_process_seconds histogram",
         "ringfeed_sample_process_seconds_bucket{ring=\"metricsring\",le=\"+Inf\"}",
+        // Every documented name and label (docs/configuration.md), with its type and help.
+        "# HELP ringfeed_samples_total Samples decoded and written.",
+        "# TYPE ringfeed_samples_skipped_total counter",
+        "# TYPE ringfeed_batches_published_total counter",
+        "ringfeed_batches_published_total{ring=\"metricsring\"} ",
+        "# TYPE ringfeed_producer_wait_seconds_total counter",
+        "# TYPE ringfeed_lane_consumer_wait_seconds_total counter",
+        "ringfeed_lane_consumer_wait_seconds_total{ring=\"metricsring\",lane=\"0\"} ",
+        "# TYPE ringfeed_lane_slots_ready gauge",
+        "# TYPE ringfeed_lane_slots_held gauge",
+        "ringfeed_lane_slots_held{ring=\"metricsring\",lane=\"0\"} ",
+        "# TYPE ringfeed_lane_published_total counter",
+        "ringfeed_lane_published_total{ring=\"metricsring\",lane=\"0\"} ",
+        "# TYPE ringfeed_lane_consumer_attached gauge",
+        "ringfeed_sample_process_seconds_bucket{ring=\"metricsring\",le=\"0.001\"} ",
+        "ringfeed_sample_process_seconds_sum{ring=\"metricsring\"} ",
     ] {
         assert!(body.contains(m), "missing {m:?} in:\n{body}");
+    }
+    // Counts are integers, as before the exposition moved to prometheus-client.
+    for line in body.lines().filter(|l| {
+        l.starts_with("ringfeed_samples_total")
+            || l.starts_with("ringfeed_lane_published_total")
+            || l.starts_with("ringfeed_lane_slots_")
+    }) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<u64>().is_ok(), "not an integer: {line}");
     }
     // The histogram counts every sample written so far: its count equals its +Inf bucket,
     // and it grows once the pipeline has filled the ring's first slots.

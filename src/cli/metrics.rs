@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -63,59 +63,66 @@ pub(crate) fn render(registry: &Registry) -> String {
     out
 }
 
-/// A ring-wide value: an unsigned count or a float.
+/// A counter's value: a count, or seconds.
+#[derive(Debug, Clone, Copy)]
 enum Value {
     Count(u64),
-    Float(f64),
+    Seconds(f64),
+}
+
+impl Value {
+    fn seconds(ns: u64) -> Value {
+        Value::Seconds(ns as f64 / 1e9)
+    }
+}
+
+/// Encodes one counter row (`_total` is added by the encoder).
+fn encode_counter(row: MetricEncoder<'_>, v: Value) -> std::fmt::Result {
+    match v {
+        Value::Count(v) => ConstCounter::new(v).encode(row),
+        Value::Seconds(v) => ConstCounter::new(v).encode(row),
+    }
 }
 
 impl Collector for RingCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = self.producer.stats();
         let ring = [("ring", self.name.as_str())];
-        let mut ring_metric =
-            |name: &str, help: &str, kind: MetricType, v: Value| -> std::fmt::Result {
-                let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-                let row = family.encode_family(&ring)?;
-                match v {
-                    Value::Count(v) => ConstCounter::new(v).encode(row),
-                    Value::Float(v) => ConstCounter::new(v).encode(row),
-                }
-            };
-        ring_metric(
+        let mut ring_counter = |name: &str, help: &str, v: Value| {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            encode_counter(family.encode_family(&ring)?, v)
+        };
+        ring_counter(
             "samples",
             "Samples decoded and written.",
-            MetricType::Counter,
             Value::Count(s.samples_ok),
         )?;
-        ring_metric(
+        ring_counter(
             "samples_skipped",
             "Samples skipped (corrupt, unreadable, bad label).",
-            MetricType::Counter,
             Value::Count(s.samples_skipped),
         )?;
-        ring_metric(
+        ring_counter(
             "batches_published",
             "Batches published, all lanes.",
-            MetricType::Counter,
             Value::Count(s.batches_published),
         )?;
-        ring_metric(
+        ring_counter(
             "producer_wait_seconds",
             "Time the producer waited for a free slot.",
-            MetricType::Counter,
-            Value::Float(s.producer_wait_ns as f64 / 1e9),
+            Value::seconds(s.producer_wait_ns),
         )?;
 
+        // One row per lane, labelled `ring` then `lane`.
+        let lane_labels =
+            |l: &LaneStats| [("ring", self.name.clone()), ("lane", l.lane.to_string())];
         let lane_counter = |encoder: &mut DescriptorEncoder<'_>,
                             name: &str,
                             help: &str,
-                            f: fn(&LaneStats) -> f64| {
+                            f: fn(&LaneStats) -> Value| {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for l in &s.lanes {
-                let lane = l.lane.to_string();
-                let labels = [("ring", self.name.as_str()), ("lane", lane.as_str())];
-                ConstCounter::new(f(l)).encode(family.encode_family(&labels)?)?;
+                encode_counter(family.encode_family(&lane_labels(l))?, f(l))?;
             }
             Ok::<(), std::fmt::Error>(())
         };
@@ -125,9 +132,7 @@ impl Collector for RingCollector {
                           f: fn(&LaneStats) -> i64| {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for l in &s.lanes {
-                let lane = l.lane.to_string();
-                let labels = [("ring", self.name.as_str()), ("lane", lane.as_str())];
-                ConstGauge::new(f(l)).encode(family.encode_family(&labels)?)?;
+                ConstGauge::new(f(l)).encode(family.encode_family(&lane_labels(l))?)?;
             }
             Ok::<(), std::fmt::Error>(())
         };
@@ -135,7 +140,7 @@ impl Collector for RingCollector {
             &mut encoder,
             "lane_consumer_wait_seconds",
             "Time the lane's consumer waited for a batch.",
-            |l| l.consumer_wait_ns as f64 / 1e9,
+            |l| Value::seconds(l.consumer_wait_ns),
         )?;
         lane_gauge(
             &mut encoder,
@@ -153,7 +158,7 @@ impl Collector for RingCollector {
             &mut encoder,
             "lane_published",
             "Batches published in the lane.",
-            |l| l.published as f64,
+            |l| Value::Count(l.published),
         )?;
         lane_gauge(
             &mut encoder,
