@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
 /// key-file = "/etc/ringfeed/data.key"  # optional: encrypted shards
+/// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -39,6 +40,21 @@ pub struct SourceConfig {
     /// The file holds the key; this setting only names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// Optional names of the classes, label `i` being the `i`-th: a list, or a text file of
+    /// one name per line (relative to the configuration's directory). Only shown to people
+    /// (`ringfeed peek`); the labels served stay numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassNames>,
+}
+
+/// `[source] classes`: the class names, inline or in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassNames {
+    /// `classes = ["cat", "dog"]`.
+    List(Vec<String>),
+    /// `classes = "classes.txt"`: one name per line.
+    File(PathBuf),
 }
 
 impl SourceConfig {
@@ -50,6 +66,7 @@ impl SourceConfig {
             path: None,
             index_dir: None,
             key_file: None,
+            classes: None,
         }
     }
 
@@ -61,6 +78,7 @@ impl SourceConfig {
             path: Some(path.into()),
             index_dir: None,
             key_file: None,
+            classes: None,
         }
     }
 }

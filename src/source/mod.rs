@@ -23,7 +23,7 @@ pub mod sampler;
 pub mod spec;
 pub mod tar;
 
-pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
+pub use config::{ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
 pub use crypt::{CryptError, KeyError, ShardKey};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
