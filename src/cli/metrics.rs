@@ -38,6 +38,7 @@ impl MetricsServer {
                         Ok((stream, _)) => {
                             let mut body = render(&name, &producer.stats());
                             body += &render_sample_times(&name, &counters.sample_times);
+                            body += &render_streams(&name, &counters.stream_counts());
                             let _ = respond(stream, &body);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -151,6 +152,20 @@ pub(crate) fn render(name: &str, s: &RingStats) -> String {
         "1 when a consumer is attached.",
         lanes(&|l| f64::from(u8::from(l.consumer_pid != 0))),
     );
+    out
+}
+
+/// Samples served per stream of a mixture (nothing for a plain `[source]`).
+pub(crate) fn render_streams(name: &str, streams: &[(String, u64)]) -> String {
+    if streams.is_empty() {
+        return String::new();
+    }
+    let m = "ringfeed_stream_samples_total";
+    let mut out =
+        format!("# HELP {m} Samples served from each stream of the mixture.\n# TYPE {m} counter\n");
+    for (stream, count) in streams {
+        out += &format!("{m}{{ring=\"{name}\",stream=\"{stream}\"}} {count}\n");
+    }
     out
 }
 

@@ -499,3 +499,20 @@ pub(super) fn read_stats(c: &Control, layout: &Layout) -> RingStats {
         lanes,
     }
 }
+
+/// Asks the producer of ring `name` to describe itself: the `info` reply of §3 (lanes and
+/// their consumers, and, for a mixture, the `streams` with their served counts). Waits at most
+/// `timeout` for the answer.
+pub fn query_info(
+    dir: &RuntimeDir,
+    name: &str,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
+    use std::io::Write as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(dir.socket_path(name))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"{\"op\":\"info\"}\n")?;
+    let line = super::handshake::read_line(&mut stream)?;
+    serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

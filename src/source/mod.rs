@@ -9,7 +9,10 @@
 //! - [`imagefolder`]: `<root>/<class>/<file>` trees.
 //! - [`dataset`]: [`Dataset`], the fixed, ordered sample list (id = position) with positioned
 //!   reads of each sample's encoded bytes.
-//! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order.
+//! - [`mixture`]: [`Mixture`], the datasets of one ring (one, or several `[[source.streams]]`)
+//!   as one id space, with per-stream label rules.
+//! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order (also of a
+//!   weighted mixture of streams).
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 
 pub mod config;
@@ -17,13 +20,15 @@ pub mod dataset;
 pub mod error;
 pub mod imagefolder;
 pub mod index;
+pub mod mixture;
 pub mod sampler;
 pub mod spec;
 pub mod tar;
 
-pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
+pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
-pub use sampler::{RankFlags, RankLayout, Sampler};
+pub use mixture::{Mixture, Stream};
+pub use sampler::{RankFlags, RankLayout, Sampler, StreamShare};
 pub use spec::expand_shards;
