@@ -251,6 +251,14 @@ impl Mixture {
         }
     }
 
+    /// The shard files of a single tar dataset (a mixture has no single dataset directory).
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        match self.streams.as_slice() {
+            [only] if !self.explicit => only.dataset.shard_paths(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Ids where shards start, over all streams (ascending from 0).
     pub fn shard_starts(&self) -> Vec<u64> {
         self.streams

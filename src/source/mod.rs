@@ -25,7 +25,7 @@ pub mod sampler;
 pub mod spec;
 pub mod tar;
 
-pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig};
+pub use config::{ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
