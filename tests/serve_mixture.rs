@@ -178,9 +178,30 @@ fn a_mixture_serves_each_streams_share_with_no_repeats_on_one_and_two_ranks() {
     let config = mixture_config(data.path(), "mix", "global");
     let config = config.to_str().unwrap();
 
-    let mut daemon = Daemon::start(runtime.path(), &["--config", config, "--epochs", "4"]);
+    // A free loopback port for --metrics: bind port 0, note it, let it go.
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let args = ["--config", config, "--epochs", "4", "--metrics", &metrics];
+    let mut daemon = Daemon::start(runtime.path(), &args);
     let one = read_lane(runtime.path(), "mix", 0, None);
     check_four_epochs(&[&one]);
+    let scrape = {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    for row in [
+        "# TYPE ringfeed_stream_samples_total counter",
+        "ringfeed_stream_samples_total{ring=\"mix\",stream=\"curated\"} 2400",
+        "ringfeed_stream_samples_total{ring=\"mix\",stream=\"web\"} 800",
+    ] {
+        assert!(scrape.contains(row), "{row} not in\n{scrape}");
+    }
     let stat = Command::new(env!("CARGO_BIN_EXE_ringfeed"))
         .args(["stat", "mix", "--once", "--json"])
         .env("RINGFEED_RUNTIME_DIR", runtime.path())
