@@ -1,10 +1,16 @@
 //! The producer side: creates the ring, serves attach requests, hands out free slots to the
 //! pipeline, publishes batches and reclaims the slots of consumers that die.
 //!
-//! Two threads run beside the pipeline: the *service* thread (nonblocking accept plus a
-//! `poll` over every attached consumer's socket, so a consumer's death is seen at once) and
-//! the *heartbeat* thread (refreshes `heartbeat_mono_ns`, and as a backup reclaims lanes whose
-//! consumer pid no longer exists).
+//! Two threads run beside the pipeline: the *service* thread (one `poll` over the listening
+//! socket, every connection still sending its request, and every attached consumer's socket,
+//! so a consumer's death is seen at once and a slow client delays nobody) and the *heartbeat*
+//! thread (refreshes `heartbeat_mono_ns`, and as a backup reclaims lanes whose consumer pid no
+//! longer exists).
+//!
+//! Who holds a lane is decided in one place, the lane table ([`LaneConn`] under one mutex):
+//! an attached lane's entry holds the consumer's socket itself, so every check of "is the
+//! holder gone?" (the service thread's poll, an attach finding the lane taken, the heartbeat)
+//! looks at the same socket, whichever thread completed the attach.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -33,8 +39,11 @@ use super::slot::{self, Slot, SlotMeta};
 const TICK: Duration = Duration::from_millis(50);
 /// Longest single futex wait, so stop requests and timeouts are noticed.
 const MAX_WAIT: Duration = Duration::from_millis(100);
-/// Time a connecting client has to send its request line.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time a connecting client has, in all, to send its request line; then it is refused.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections still sending their request, at most; further ones wait in the listen backlog
+/// until one of these is answered or times out.
+const MAX_INCOMING: usize = 64;
 
 /// `producer_state` values (§5.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,25 +256,33 @@ pub struct RingStats {
     pub lanes: Vec<LaneStats>,
 }
 
-/// Who a lane belongs to, as the producer tracks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who a lane belongs to, as the producer tracks it: the one record of a lane's ownership.
+#[derive(Debug, Clone)]
 enum LaneConn {
     Vacant,
     /// An attach with `resume` waits for the pipeline to apply its seek.
     Pending {
         pid: u32,
     },
+    /// A consumer holds the lane; `stream` is its connection, watched for EOF.
     Attached {
         pid: u32,
         conn: u64,
+        stream: Arc<UnixStream>,
     },
 }
 
-/// An attached consumer's socket, watched by the service thread.
-struct Watch {
-    lane: u32,
-    conn: u64,
+impl LaneConn {
+    fn is_pending_for(&self, pid: u32) -> bool {
+        matches!(self, LaneConn::Pending { pid: p } if *p == pid)
+    }
+}
+
+/// A connection still sending its request line, with its deadline.
+struct Incoming {
     stream: UnixStream,
+    line: handshake::LineReader,
+    deadline: Instant,
 }
 
 /// State shared by the producer handle, its threads and pending seek requests.
@@ -280,7 +297,6 @@ struct Shared {
     /// Serialises publishes per lane so `seq` is published in increasing order.
     publish_locks: Vec<Mutex<()>>,
     seeks: Mutex<Vec<SeekRequest>>,
-    inbox: Mutex<Vec<Watch>>,
     next_conn: AtomicU64,
     stop: AtomicBool,
 }
@@ -333,8 +349,15 @@ impl Shared {
         self.control.store_bytes(hdr::LAST_ERROR as u64, &buf);
     }
 
-    /// Records `pid` as lane `lane`'s consumer (lane table and consumer table).
-    fn register(&self, lanes: &mut [LaneConn], lane: u32, pid: u32) -> u64 {
+    /// Records `pid`, connected on `stream`, as lane `lane`'s consumer (lane table and
+    /// consumer table).
+    fn register(
+        &self,
+        lanes: &mut [LaneConn],
+        lane: u32,
+        pid: u32,
+        stream: Arc<UnixStream>,
+    ) -> u64 {
         let conn = self.next_conn.fetch_add(1, Relaxed);
         let e = self.layout.consumer_entry(lane);
         self.control.u32(e + centry::LANE).store(lane, Relaxed);
@@ -348,7 +371,7 @@ impl Shared {
         self.control.u32(e + centry::PID).store(pid, Release);
         self.lane_u32(lane, lentry::CONSUMER_PID)
             .store(pid, Release);
-        lanes[lane as usize] = LaneConn::Attached { pid, conn };
+        lanes[lane as usize] = LaneConn::Attached { pid, conn, stream };
         conn
     }
 
@@ -373,8 +396,16 @@ impl Shared {
         }
     }
 
-    fn is_current(&self, lane: u32, conn: u64) -> bool {
-        matches!(lock(&self.lanes)[lane as usize], LaneConn::Attached { conn: c, .. } if c == conn)
+    /// Every attached lane's connection, for the service thread's poll.
+    fn attached(&self) -> Vec<(u32, u64, Arc<UnixStream>)> {
+        lock(&self.lanes)
+            .iter()
+            .enumerate()
+            .filter_map(|(l, c)| match c {
+                LaneConn::Attached { conn, stream, .. } => Some((l as u32, *conn, stream.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn attach_reply(&self, lane: u32) -> serde_json::Value {
@@ -384,19 +415,18 @@ impl Shared {
     }
 
     /// Registers the consumer and sends the attach reply with the memfd; on failure the lane
-    /// is left vacant again.
-    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) -> Option<Watch> {
-        let conn = self.register(&mut lock(&self.lanes), lane, pid);
-        match handshake::send_line(
+    /// is left vacant again. From the registration on, the lane table holds the connection,
+    /// and the service thread watches it.
+    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) {
+        let stream = Arc::new(stream);
+        let conn = self.register(&mut lock(&self.lanes), lane, pid, stream.clone());
+        let sent = handshake::send_line(
             &stream,
             &self.attach_reply(lane),
             Some(self.segment.file().as_fd()),
-        ) {
-            Ok(()) => Some(Watch { lane, conn, stream }),
-            Err(_) => {
-                self.reclaim_conn(lane, conn);
-                None
-            }
+        );
+        if sent.is_err() {
+            self.reclaim_conn(lane, conn);
         }
     }
 }
@@ -438,7 +468,7 @@ impl SeekRequest {
         let sh = &self.shared;
         {
             let lanes = lock(&sh.lanes);
-            if lanes[self.lane as usize] != (LaneConn::Pending { pid: self.pid }) {
+            if !lanes[self.lane as usize].is_pending_for(self.pid) {
                 return;
             }
             for s in 0..sh.layout.slots_per_lane {
@@ -451,9 +481,7 @@ impl SeekRequest {
                 sh.set_state(ProducerState::Serving);
             }
         }
-        if let Some(w) = sh.complete_attach(self.lane, self.pid, stream) {
-            lock(&sh.inbox).push(w);
-        }
+        sh.complete_attach(self.lane, self.pid, stream);
     }
 }
 
@@ -461,7 +489,7 @@ impl Drop for SeekRequest {
     fn drop(&mut self) {
         if let Some(stream) = self.stream.take() {
             let mut lanes = lock(&self.shared.lanes);
-            if lanes[self.lane as usize] == (LaneConn::Pending { pid: self.pid }) {
+            if lanes[self.lane as usize].is_pending_for(self.pid) {
                 lanes[self.lane as usize] = LaneConn::Vacant;
             }
             let _ = handshake::send_line(
@@ -623,7 +651,6 @@ impl Producer {
             lanes: Mutex::new(lanes),
             publish_locks,
             seeks: Mutex::new(Vec::new()),
-            inbox: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
         });
@@ -836,40 +863,102 @@ impl Drop for SlotWriter<'_> {
     }
 }
 
-/// Accepts connections and watches attached consumers' sockets until stopped.
+/// Accepts connections, reads their requests and watches attached consumers' sockets until
+/// stopped. Nothing here blocks: every socket is non-blocking and one `poll` waits for all,
+/// so a client that sends its request slowly (or never) delays no other client, and each
+/// request has [`REQUEST_TIMEOUT`] in all.
 fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
-    let mut watches: Vec<Watch> = Vec::new();
-    let timeout = rustix::time::Timespec {
-        tv_sec: 0,
-        tv_nsec: TICK.as_nanos() as i64,
-    };
+    let mut incoming: Vec<Incoming> = Vec::new();
     while !sh.stop.load(Acquire) {
-        watches.append(&mut lock(&sh.inbox));
-        watches.retain(|w| sh.is_current(w.lane, w.conn));
-        let mut fds = Vec::with_capacity(watches.len() + 1);
-        fds.push(PollFd::new(&listener, PollFlags::IN));
+        let now = Instant::now();
+        incoming.retain(|c| {
+            let late = now >= c.deadline;
+            if late {
+                refuse(
+                    &c.stream,
+                    "request timed out: send the whole request line within 2 s of connecting",
+                );
+            }
+            !late
+        });
+        let attached = sh.attached();
+        let wait = incoming
+            .iter()
+            .map(|c| c.deadline - now)
+            .fold(TICK, Duration::min);
+        let timeout = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: wait.as_nanos() as i64,
+        };
+        // A full set of pending requests leaves new connections in the listen backlog.
+        let listening = incoming.len() < MAX_INCOMING;
+        let mut fds = Vec::with_capacity(1 + incoming.len() + attached.len());
+        fds.push(PollFd::new(
+            &listener,
+            if listening {
+                PollFlags::IN
+            } else {
+                PollFlags::empty()
+            },
+        ));
         fds.extend(
-            watches
+            incoming
                 .iter()
-                .map(|w| PollFd::new(&w.stream, PollFlags::IN)),
+                .map(|c| PollFd::new(&c.stream, PollFlags::IN)),
+        );
+        fds.extend(
+            attached
+                .iter()
+                .map(|(_, _, s)| PollFd::new(&**s, PollFlags::IN)),
         );
         if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
             continue;
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        let mut i = 0;
-        watches.retain(|w| {
-            i += 1;
-            if ready[i] && handshake::peer_closed(&w.stream) {
-                sh.reclaim_conn(w.lane, w.conn);
-                return false;
+        let (listener_ready, rest) = ready.split_first().unwrap_or((&false, &[]));
+        let (incoming_ready, attached_ready) = rest.split_at(incoming.len());
+        for ((lane, conn, stream), _) in attached.iter().zip(attached_ready).filter(|(_, &r)| r) {
+            if handshake::peer_closed(stream) {
+                sh.reclaim_conn(*lane, *conn);
             }
-            true
+        }
+        let mut i = 0;
+        let mut complete = Vec::new();
+        incoming.retain_mut(|c| {
+            i += 1;
+            if !incoming_ready[i - 1] {
+                return true;
+            }
+            match c.line.poll_line(&c.stream) {
+                Ok(None) => true,
+                Ok(Some(line)) => {
+                    complete.push((c.stream.try_clone(), Ok(line)));
+                    false
+                }
+                Err(e) => {
+                    complete.push((c.stream.try_clone(), Err(e)));
+                    false
+                }
+            }
         });
-        if ready[0] {
-            while let Ok((stream, _)) = listener.accept() {
-                serve_connection(sh, stream, &mut watches);
+        for (stream, line) in complete {
+            if let Ok(stream) = stream {
+                serve_request(sh, stream, line);
+            }
+        }
+        if *listener_ready && listening {
+            while incoming.len() < MAX_INCOMING {
+                let Ok((stream, _)) = listener.accept() else {
+                    break;
+                };
+                if stream.set_nonblocking(true).is_ok() {
+                    incoming.push(Incoming {
+                        stream,
+                        line: handshake::LineReader::default(),
+                        deadline: Instant::now() + REQUEST_TIMEOUT,
+                    });
+                }
             }
         }
     }
@@ -879,17 +968,8 @@ fn refuse(stream: &UnixStream, error: &str) {
     let _ = handshake::send_line(stream, &json!({"ok": false, "error": error}), None);
 }
 
-/// Handles one new connection: uid check, request, reply.
-fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<Watch>) {
-    if stream.set_nonblocking(false).is_err()
-        || stream.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err()
-        || stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_err()
-    {
-        return;
-    }
-    // Read the request line before any refusal: closing a Unix socket with unread data
-    // resets the connection, and the client would lose the reply explaining why.
-    let line = handshake::read_line(&mut stream);
+/// Answers one request whose line has arrived (or failed to): uid check, request, reply.
+fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>) {
     let ours = rustix::process::geteuid().as_raw();
     let peer_pid = match handshake::peer_cred(&stream) {
         Ok(peer) => {
@@ -954,8 +1034,13 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                     ),
                 );
             }
+            if let Some(r) = resume {
+                if let Err(why) = check_resume(r, sh.layout.epochs) {
+                    return refuse(&stream, &why);
+                }
+            }
             let mut lanes = lock(&sh.lanes);
-            match lanes[lane as usize] {
+            match &lanes[lane as usize] {
                 LaneConn::Vacant => {}
                 LaneConn::Pending { pid: other } => {
                     return refuse(
@@ -963,15 +1048,16 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                         &format!("lane {lane} has an attach pending from pid {other}"),
                     );
                 }
-                LaneConn::Attached { pid: other, conn } => {
-                    // The holder may have died a moment ago; look before refusing.
-                    let closed = watches
-                        .iter()
-                        .find(|w| w.conn == conn)
-                        .is_none_or(|w| handshake::peer_closed(&w.stream));
-                    if closed || !pid_alive(other) {
+                LaneConn::Attached {
+                    pid: other,
+                    stream: holder,
+                    ..
+                } => {
+                    // The holder may have died a moment ago; look before refusing. Its
+                    // connection is in the lane table however its attach completed.
+                    let other = *other;
+                    if handshake::peer_closed(holder) || !pid_alive(other) {
                         sh.reclaim_locked(&mut lanes, lane);
-                        watches.retain(|w| w.conn != conn);
                     } else {
                         return refuse(
                             &stream,
@@ -1005,11 +1091,24 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                 return;
             }
             drop(lanes);
-            if let Some(w) = sh.complete_attach(lane, pid, stream) {
-                watches.push(w);
-            }
+            sh.complete_attach(lane, pid, stream);
         }
     }
+}
+
+/// Refuses a resume position the stream can never reach: an epoch past the configured last
+/// one (`epochs`, 0 = unbounded; resuming at `epochs` itself means "after the end"), or
+/// `u64::MAX`, which has no next epoch.
+fn check_resume(r: handshake::Resume, epochs: u64) -> Result<(), String> {
+    if r.epoch == u64::MAX || (epochs > 0 && r.epoch > epochs) {
+        let last = if epochs > 0 {
+            format!("the ring serves epochs 0 to {}", epochs - 1)
+        } else {
+            format!("epochs up to {}", u64::MAX - 1)
+        };
+        return Err(format!("cannot resume at epoch {}: {last}", r.epoch));
+    }
+    Ok(())
 }
 
 /// The socket file: 0600, or 0660 and the allowed group (connecting needs write access).

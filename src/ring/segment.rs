@@ -61,7 +61,7 @@ pub enum ShmDirError {
         path: PathBuf,
     },
     /// Something that is not this user's regular file sits at the ring file's path.
-    #[error("{path} exists and is not a regular file owned by this user (uid {uid}); refusing to touch it")]
+    #[error("{path} exists and is not a regular file owned by this user (uid {uid}); refusing to touch it. Another user may have created it first to keep the daemon from starting: remove it (as its owner or root), or use another --name, or another --shm-dir that only you can write, or no --shm-dir (the default memfd has no name to take)")]
     Foreign {
         /// The path.
         path: PathBuf,
