@@ -33,6 +33,7 @@ use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingS
 use super::memory::{Control, Data};
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
 use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
+use super::sigbus;
 use super::slot::{self, Slot, SlotMeta};
 
 /// How often the service thread re-checks its stop flag and the heartbeat is refreshed.
@@ -190,10 +191,10 @@ fn shm_size_hint(bytes: u64) -> u64 {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerOptions {
     /// `None` (default): a sealed memfd. `Some(dir)`: the named file
-    /// `dir/ringfeed-<name>.ring`, mode 0600 (0660 with `allow_group`), removed on exit.
+    /// `dir/ringfeed-<name>.ring`, mode 0600 (0640 with `allow_group`), removed on exit.
     pub shm_dir: Option<PathBuf>,
-    /// A gid whose members may attach too: the runtime directory becomes 0750 and the socket
-    /// and named file 0660, all given to this group.
+    /// A gid whose members may attach too: the runtime directory becomes 0750, the socket
+    /// 0660 and the named file 0640, all given to this group.
     pub allow_group: Option<u32>,
 }
 
@@ -289,6 +290,9 @@ struct Incoming {
 struct Shared {
     layout: Layout,
     pid: u32,
+    /// A named file's mappings, guarded against truncation (empty for a sealed memfd);
+    /// declared before the mappings so the guards drop first.
+    guards: Vec<sigbus::Guard>,
     segment: Segment,
     allow_group: Option<u32>,
     control: Control,
@@ -619,6 +623,16 @@ impl Producer {
             true,
         )
         .map_err(io_err("mapping the data region"))?;
+        // A named file can be truncated by whoever can write it; a memfd is sealed.
+        let guards = if segment.path().is_some() {
+            [control.mapping(), data.mapping()]
+                .into_iter()
+                .map(|(start, len)| sigbus::guard(start, len))
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(io_err("guarding the ring file's mappings"))?
+        } else {
+            Vec::new()
+        };
         let pid = std::process::id();
         control.store_bytes(0, &layout::encode_control(&layout, pid, unix_ns()));
         control
@@ -644,6 +658,7 @@ impl Producer {
         let shared = Arc::new(Shared {
             layout,
             pid,
+            guards,
             segment,
             allow_group: options.allow_group,
             control,
@@ -759,6 +774,17 @@ impl Producer {
     pub fn fail(&self, msg: &str) {
         self.shared.set_last_error(msg);
         self.shared.set_state(ProducerState::Failed);
+    }
+
+    /// The ring file, if it was truncated under the producer (a `--shm-dir` file shrunk by a
+    /// process with write access to it). Its mappings then hold anonymous zero pages: nothing
+    /// faults, but no consumer can be served any more, so the caller should stop.
+    pub fn truncated_file(&self) -> Option<&std::path::Path> {
+        if self.shared.guards.iter().any(sigbus::Guard::lost) {
+            self.shared.segment.path()
+        } else {
+            None
+        }
     }
 
     /// Counters for the status line.

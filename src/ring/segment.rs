@@ -4,8 +4,9 @@
 //! with the size needed, never as a `SIGBUS` on a later first touch.
 //!
 //! The named file is created with `O_CREAT | O_EXCL | O_NOFOLLOW` relative to a directory fd
-//! opened with `O_NOFOLLOW` (no symlink is followed at either step), mode 0600 (0660 and the
-//! allowed group with `--allow-group`). The producer holds an exclusive `flock` on its own open
+//! opened with `O_NOFOLLOW` (no symlink is followed at either step), mode 0600 (0640 and the
+//! allowed group with `--allow-group`: consumers get the descriptor over the socket and never
+//! open the file by name, so the group needs no write access that would let it truncate it). The producer holds an exclusive `flock` on its own open
 //! file description of it, never shared with consumers, so a file whose lock is free was left
 //! by a producer that died: the next start removes it and creates a new one.
 
@@ -90,7 +91,7 @@ pub(crate) enum SegmentError {
 /// Who besides the owner may open the named file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FileAccess {
-    /// Group given read-write access (mode 0660), or `None` for 0600.
+    /// Group given read access (mode 0640), or `None` for 0600.
     pub(crate) group: Option<u32>,
 }
 
@@ -299,7 +300,7 @@ pub(crate) fn create_named(
     if let Some(gid) = access.group {
         rustix::fs::fchown(&named.lock, None, Some(rustix::process::Gid::from_raw(gid)))
             .map_err(io("giving the ring file to the allowed group"))?;
-        rustix::fs::fchmod(&named.lock, Mode::from_raw_mode(0o660))
+        rustix::fs::fchmod(&named.lock, Mode::from_raw_mode(0o640))
             .map_err(io("setting the ring file's mode"))?;
     } else {
         // The umask may only have narrowed 0600; set it exactly anyway.
