@@ -298,8 +298,23 @@ struct Shared {
     control: Control,
     data: Data,
     lanes: Mutex<Vec<LaneConn>>,
-    /// Serialises publishes per lane so `seq` is published in increasing order.
-    publish_locks: Vec<Mutex<()>>,
+    /// Per lane, the next `seq` to publish, under a lock that serialises publishes so `seq`
+    /// is published in increasing order. Kept here, not read back from the lane table, which
+    /// consumers can write.
+    publish_locks: Vec<Mutex<u64>>,
+    /// The producer's own state; the header's `producer_state` is a copy for consumers,
+    /// which can write it, so no decision of the producer reads it back.
+    state: std::sync::atomic::AtomicU32,
+    /// Held while the state and its header copy are changed or compared, so the heartbeat's
+    /// repair never writes back a state that was just replaced.
+    state_lock: Mutex<()>,
+    /// Per slot (`lane × slots_per_lane + slot`): this producer has it `WRITING`. A
+    /// `WRITING` slot not marked here was forged (consumers can write the slot table) and
+    /// is freed by the heartbeat.
+    writing: Vec<AtomicBool>,
+    /// The header's and tensor table's bytes as created: the fields that never change,
+    /// restored by the heartbeat if a consumer overwrote them.
+    image: Vec<u8>,
     seeks: Mutex<Vec<SeekRequest>>,
     next_conn: AtomicU64,
     stop: AtomicBool,
@@ -328,15 +343,18 @@ impl Shared {
     }
 
     fn state(&self) -> Option<ProducerState> {
-        ProducerState::from_code(self.hdr_u32(hdr::PRODUCER_STATE).load(Acquire))
+        ProducerState::from_code(self.state.load(Acquire))
     }
 
     /// Sets `producer_state` and wakes every waiter on every lane (they re-read the state).
     fn set_state(&self, state: ProducerState) {
+        let guard = lock(&self.state_lock);
+        self.state.store(state.code(), Release);
         // SYNC POINT with the consumer's acquire load of producer_state after its scan:
         // every publish before this store is visible once FINISHED is seen.
         self.hdr_u32(hdr::PRODUCER_STATE)
             .store(state.code(), Release);
+        drop(guard);
         for l in 0..self.layout.lane_count {
             futex::bump_and_wake(self.lane_u32(l, lentry::PUBLISH_SEQ));
         }
@@ -398,6 +416,70 @@ impl Shared {
         if matches!(lanes[lane as usize], LaneConn::Attached { conn: c, .. } if c == conn) {
             self.reclaim_locked(&mut lanes, lane);
         }
+    }
+
+    fn writing_mark(&self, lane: u32, slot: u32) -> &AtomicBool {
+        &self.writing[(lane * self.layout.slots_per_lane + slot) as usize]
+    }
+
+    /// `FREE → WRITING` for this producer, marked as its own before the claim so the
+    /// heartbeat never takes a slot being claimed for a forged one.
+    fn claim(&self, lane: u32, slot: u32) -> bool {
+        let mark = self.writing_mark(lane, slot);
+        // Another producer thread is claiming or writing this slot: its mark is not ours to
+        // clear.
+        if mark
+            .compare_exchange(false, true, Relaxed, Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // SYNC POINT with the heartbeat's acquire load of the state in `repair`: the mark is
+        // visible to whoever sees our WRITING.
+        let claimed = self.slot(lane, slot).claim();
+        if !claimed {
+            mark.store(false, Relaxed);
+        }
+        claimed
+    }
+
+    /// Undoes what consumers may have written over producer-owned state: the header's and
+    /// tensor table's constant bytes, `producer_state`, and slots left `WRITING` that this
+    /// producer is not writing (they would never be freed). Returns what was repaired.
+    fn repair(&self) -> Vec<String> {
+        let mut repaired = Vec::new();
+        let constant = [
+            (0, hdr::PRODUCER_STATE),
+            (hdr::START_UNIX_NS, hdr::HEARTBEAT_MONO_NS),
+            (hdr::LANE_COUNT, hdr::RELEASE_ANY),
+            (hdr::MEAN, layout::HEADER_BYTES as usize),
+            (self.layout.tensor_table_offset as usize, self.image.len()),
+        ];
+        for (start, end) in constant {
+            let now = self.control.load_bytes(start as u64, end - start);
+            if now != self.image[start..end] {
+                self.control
+                    .store_bytes(start as u64, &self.image[start..end]);
+                repaired.push(format!("header bytes {start}..{end}"));
+            }
+        }
+        let guard = lock(&self.state_lock);
+        let state = self.state.load(Acquire);
+        if self.hdr_u32(hdr::PRODUCER_STATE).load(Acquire) != state {
+            self.hdr_u32(hdr::PRODUCER_STATE).store(state, Release);
+            repaired.push("producer_state".to_owned());
+        }
+        drop(guard);
+        for l in 0..self.layout.lane_count {
+            for s in 0..self.layout.slots_per_lane {
+                let slot = self.slot(l, s);
+                if slot.state() == slot::WRITING && !self.writing_mark(l, s).load(Relaxed) {
+                    slot.abandon();
+                    repaired.push(format!("lane {l} slot {s} forged WRITING"));
+                }
+            }
+        }
+        repaired
     }
 
     /// Every attached lane's connection, for the service thread's poll.
@@ -634,7 +716,12 @@ impl Producer {
             Vec::new()
         };
         let pid = std::process::id();
-        control.store_bytes(0, &layout::encode_control(&layout, pid, unix_ns()));
+        let mut image = layout::encode_control(&layout, pid, unix_ns());
+        control.store_bytes(0, &image);
+        image.truncate(
+            layout.tensor_table_offset as usize
+                + layout.tensors.len() * layout::TENSOR_ENTRY_BYTES as usize,
+        );
         control
             .u64(hdr::HEARTBEAT_MONO_NS as u64)
             .store(mono_ns(), Release);
@@ -654,7 +741,11 @@ impl Producer {
             .map_err(io_err("configuring the socket"))?;
 
         let lanes = vec![LaneConn::Vacant; layout.lane_count as usize];
-        let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(())).collect();
+        // Every lane's first batch has seq 1 (§5.4), as `encode_control` wrote.
+        let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(1)).collect();
+        let writing = (0..layout.lane_count * layout.slots_per_lane)
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let shared = Arc::new(Shared {
             layout,
             pid,
@@ -665,6 +756,10 @@ impl Producer {
             data,
             lanes: Mutex::new(lanes),
             publish_locks,
+            state: std::sync::atomic::AtomicU32::new(ProducerState::Starting.code()),
+            state_lock: Mutex::new(()),
+            writing,
+            image,
             seeks: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -703,7 +798,7 @@ impl Producer {
             return None;
         }
         (0..self.shared.layout.slots_per_lane)
-            .find(|&s| self.shared.slot(lane, s).claim())
+            .find(|&s| self.shared.claim(lane, s))
             .map(|slot| SlotWriter {
                 shared: &self.shared,
                 lane,
@@ -787,9 +882,11 @@ impl Producer {
         }
     }
 
-    /// Counters for the status line.
+    /// Counters for the status line. The state is the producer's own, not the header's copy.
     pub fn stats(&self) -> RingStats {
-        super::observer::read_stats(&self.shared.control, &self.shared.layout)
+        let mut stats = super::observer::read_stats(&self.shared.control, &self.shared.layout);
+        stats.state = self.shared.state();
+        stats
     }
 }
 
@@ -855,9 +952,8 @@ impl SlotWriter<'_> {
     pub fn publish(mut self, meta: BatchMeta) {
         let sh = self.shared;
         let lane = self.lane;
-        let _order = lock(&sh.publish_locks[lane as usize]);
-        let next_seq = sh.lane_u64(lane, lentry::NEXT_SEQ);
-        let seq = next_seq.load(Relaxed);
+        let mut next_seq = lock(&sh.publish_locks[lane as usize]);
+        let seq = *next_seq;
         sh.slot(lane, self.slot).publish(&SlotMeta {
             seq,
             epoch: meta.epoch,
@@ -871,7 +967,9 @@ impl SlotWriter<'_> {
             published_mono_ns: mono_ns(),
         });
         self.done = true;
-        next_seq.store(seq + 1, Relaxed);
+        sh.writing_mark(lane, self.slot).store(false, Relaxed);
+        *next_seq = seq + 1;
+        sh.lane_u64(lane, lentry::NEXT_SEQ).store(seq + 1, Relaxed);
         sh.lane_u64(lane, lentry::PUBLISHED).fetch_add(1, Relaxed);
         sh.lane_u64(lane, lentry::EPOCH).store(meta.epoch, Relaxed);
         sh.lane_u64(lane, lentry::INDEX).store(meta.index, Relaxed);
@@ -885,6 +983,9 @@ impl Drop for SlotWriter<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.shared.slot(self.lane, self.slot).abandon();
+            self.shared
+                .writing_mark(self.lane, self.slot)
+                .store(false, Relaxed);
         }
     }
 }
@@ -1162,8 +1263,18 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Refreshes the heartbeat and reclaims lanes whose consumer process no longer exists.
 fn heartbeat_loop(sh: &Arc<Shared>) {
+    let mut warned = false;
     while !sh.stop.load(Acquire) {
         sh.hdr_u64(hdr::HEARTBEAT_MONO_NS).store(mono_ns(), Release);
+        let repaired = sh.repair();
+        if !repaired.is_empty() && !warned {
+            log::warn!(
+                "ring {:?}: a consumer wrote producer-owned memory ({}); restored (further repairs are not logged)",
+                sh.layout.name,
+                repaired.join(", ")
+            );
+            warned = true;
+        }
         let mut lanes = lock(&sh.lanes);
         for l in 0..sh.layout.lane_count {
             if let LaneConn::Attached { pid, .. } = lanes[l as usize] {
