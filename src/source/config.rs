@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -38,6 +39,11 @@ pub struct SourceConfig {
     /// allocate its claimed size.
     #[serde(default = "default_max_sample_bytes")]
     pub max_sample_bytes: u64,
+    /// Optional names of the classes, label `i` being the `i`-th: a list, or a text file of
+    /// one name per line (relative to the configuration's directory). Only shown to people
+    /// (`ringfeed peek`); the labels served stay numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassNames>,
 }
 
 /// Default of [`SourceConfig::max_sample_bytes`]: 64 MiB, far above any real encoded image.
@@ -45,6 +51,16 @@ pub const DEFAULT_MAX_SAMPLE_BYTES: u64 = 64 << 20;
 
 fn default_max_sample_bytes() -> u64 {
     DEFAULT_MAX_SAMPLE_BYTES
+}
+
+/// `[source] classes`: the class names, inline or in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassNames {
+    /// `classes = ["cat", "dog"]`.
+    List(Vec<String>),
+    /// `classes = "classes.txt"`: one name per line.
+    File(PathBuf),
 }
 
 impl SourceConfig {
@@ -56,6 +72,7 @@ impl SourceConfig {
             path: None,
             index_dir: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
+            classes: None,
         }
     }
 
@@ -67,6 +84,7 @@ impl SourceConfig {
             path: Some(path.into()),
             index_dir: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
+            classes: None,
         }
     }
 }

@@ -24,7 +24,9 @@ pub mod sampler;
 pub mod spec;
 pub mod tar;
 
-pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind, DEFAULT_MAX_SAMPLE_BYTES};
+pub use config::{
+    ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind, DEFAULT_MAX_SAMPLE_BYTES,
+};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
