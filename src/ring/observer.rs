@@ -513,6 +513,24 @@ pub fn query_info(
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(b"{\"op\":\"info\"}\n")?;
-    let line = super::handshake::read_line(&mut stream)?;
-    serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !line.contains(&b'\n') {
+        if line.len() > super::handshake::MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "info reply longer than 4096 bytes",
+            ));
+        }
+        let got = std::io::Read::read(&mut stream, &mut chunk)?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the producer closed the connection before replying",
+            ));
+        }
+        line.extend_from_slice(&chunk[..got]);
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    serde_json::from_slice(&line[..end]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }

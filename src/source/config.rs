@@ -34,6 +34,12 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Largest encoded image accepted, in bytes (default [`DEFAULT_MAX_SAMPLE_BYTES`], at most
+    /// 4 GiB − 1). A larger image file or member is skipped and counted like a corrupt one, so
+    /// a hostile dataset (an 8 TiB sparse `.jpg`, a forged index) cannot make a worker
+    /// allocate its claimed size.
+    #[serde(default = "default_max_sample_bytes")]
+    pub max_sample_bytes: u64,
     /// Optional names of the classes, label `i` being the `i`-th: a list, or a text file of
     /// one name per line (relative to the configuration's directory). Only shown to people
     /// (`ringfeed peek`); the labels served stay numbers.
@@ -43,6 +49,13 @@ pub struct SourceConfig {
     /// described by the keys above. See `docs/sampling.md`, "Mixing several datasets".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<StreamConfig>,
+}
+
+/// Default of [`SourceConfig::max_sample_bytes`]: 64 MiB, far above any real encoded image.
+pub const DEFAULT_MAX_SAMPLE_BYTES: u64 = 64 << 20;
+
+fn default_max_sample_bytes() -> u64 {
+    DEFAULT_MAX_SAMPLE_BYTES
 }
 
 /// `[source] classes`: the class names, inline or in a file.
@@ -107,16 +120,18 @@ fn default_weight() -> f64 {
 }
 
 impl StreamConfig {
-    /// The dataset part of this stream as a plain source (with the shared `index-dir`).
-    pub fn source(&self, index_dir: Option<&PathBuf>) -> SourceConfig {
+    /// The dataset part of this stream as a plain source, with `[source]`'s shared keys
+    /// (`index-dir`, `max-sample-bytes`).
+    pub fn source(&self, top: &SourceConfig) -> SourceConfig {
         SourceConfig {
             kind: self.kind,
             shards: self.shards.clone(),
             path: self.path.clone(),
             index_dir: match self.kind {
-                SourceKind::Tar => index_dir.cloned(),
+                SourceKind::Tar => top.index_dir.clone(),
                 SourceKind::Imagefolder => None,
             },
+            max_sample_bytes: top.max_sample_bytes,
             classes: None,
             streams: Vec::new(),
         }
@@ -131,6 +146,7 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),
         }
@@ -143,6 +159,7 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),
         }

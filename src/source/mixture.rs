@@ -128,8 +128,8 @@ impl Mixture {
                     stream.weight
                 )));
             }
-            let dataset = Dataset::open(&stream.source(cfg.index_dir.as_ref()), base_dir)
-                .map_err(|e| context(e.to_string()))?;
+            let dataset =
+                Dataset::open(&stream.source(cfg), base_dir).map_err(|e| context(e.to_string()))?;
             let labels = label_rule(stream, base_dir).map_err(context)?;
             let len = dataset.len();
             streams.push(Stream {

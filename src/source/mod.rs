@@ -14,10 +14,13 @@
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order (also of a
 //!   weighted mixture of streams).
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
+//! - `file`: opening the files a dataset's author controls (no FIFO, device or planted link
+//!   is ever read, and sizes are capped).
 
 pub mod config;
 pub mod dataset;
 pub mod error;
+mod file;
 pub mod imagefolder;
 pub mod index;
 pub mod mixture;
@@ -25,7 +28,10 @@ pub mod sampler;
 pub mod spec;
 pub mod tar;
 
-pub use config::{ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig};
+pub use config::{
+    ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig,
+    DEFAULT_MAX_SAMPLE_BYTES,
+};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
