@@ -16,7 +16,7 @@ use ringfeed::augment::SampleKey;
 use ringfeed::decode::{DecodeRequest, Decoder};
 use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{AttachOptions, Consumer, Producer, RingSpec, RuntimeDir};
-use ringfeed::source::{Dataset, SourceKind};
+use ringfeed::source::{Mixture, SourceKind};
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
 
@@ -143,11 +143,12 @@ fn compare_with_baseline(
     cfg.kind = SourceKind::Tar;
     cfg.shards = specs.to_vec();
     cfg.key_file = None;
-    let baseline = Dataset::open(&cfg, &plan.base_dir)
+    cfg.streams = Vec::new();
+    let baseline = Mixture::open(&cfg, &plan.base_dir)
         .with_context(|| format!("cannot open --baseline-shards {}", specs.join(" ")))?;
     let dataset = &stages.dataset;
     let augmenter = stages.pipeline.augmenter();
-    let ids = |d: &Dataset| (0..d.len().min(samples)).collect::<Vec<u64>>();
+    let ids = |d: &Mixture| (0..d.len().min(samples)).collect::<Vec<u64>>();
     let (ids_a, ids_b) = (ids(dataset), ids(&baseline));
     if ids_a.len() != ids_b.len() {
         log::warn!(
@@ -160,7 +161,7 @@ fn compare_with_baseline(
     let mut out = vec![0u8; augmenter.sample_bytes()];
     let mut buf = Vec::new();
     let seed = plan.file.sampling.seed;
-    let mut per_sample = |d: &Dataset, ids: &[u64]| {
+    let mut per_sample = |d: &Mixture, ids: &[u64]| {
         let before = thread_cpu_seconds();
         for &id in ids {
             if d.read_into(id, &mut buf).is_ok() {
@@ -197,7 +198,7 @@ fn compare_with_baseline(
     Ok(())
 }
 
-fn read_all(dataset: &Dataset, ids: &[u64]) {
+fn read_all(dataset: &Mixture, ids: &[u64]) {
     let mut buf = Vec::new();
     for &id in ids {
         let _ = dataset.read_into(id, &mut buf);
