@@ -156,6 +156,8 @@ pub struct Overrides {
     pub shm_dir: Option<PathBuf>,
     /// `--allow-group`
     pub allow_group: Option<String>,
+    /// `--key-file` / `RINGFEED_KEY_FILE` (replaces `[source] key-file`)
+    pub key_file: Option<PathBuf>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -319,6 +321,9 @@ impl Plan {
             }
             file.source.kind = SourceKind::Tar;
             file.source.shards = v.clone();
+        }
+        if let Some(v) = &o.key_file {
+            file.source.key_file = Some(v.clone());
         }
         if let Some(v) = o.lanes {
             file.ring.lanes = v;
