@@ -8,6 +8,7 @@ mod index;
 mod logging;
 mod metrics;
 mod pack;
+mod parent_watch;
 mod peek;
 mod serve;
 mod stat;

@@ -25,6 +25,10 @@ pub(crate) struct ServeArgs {
     /// 127.0.0.1; IP:PORT binds that address. Off by default: no listener at all.
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
+    /// Stop when process PID exits, however it ends: set by `ringfeed.serve()` in Python, so
+    /// a daemon started from a training script never outlives it (see parent_watch.rs).
+    #[arg(long, value_name = "PID", hide = true)]
+    parent_pid: Option<u32>,
 }
 
 /// `--metrics` value: `PORT` (loopback) or `IP:PORT`.
@@ -60,6 +64,17 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .context("cannot install the SIGINT/SIGTERM handler")?;
+    }
+    if let Some(pid) = args.parent_pid {
+        let (stop, ring_exists) = (Arc::clone(&stop), Arc::clone(&ring_exists));
+        super::parent_watch::spawn(pid, move || {
+            // The same policy as a SIGTERM: exit at once until a ring exists, then stop cleanly.
+            if ring_exists.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                std::process::exit(0);
+            }
+        })?;
     }
     let stages = build_stages(&plan)?;
     let pipeline = &stages.pipeline;

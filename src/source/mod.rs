@@ -10,8 +10,10 @@
 //! - [`dataset`]: [`Dataset`], the fixed, ordered sample list (id = position) with positioned
 //!   reads of each sample's encoded bytes.
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order.
+//! - [`bundled`]: the sample dataset embedded in the binary (what `serve` runs by default).
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 
+pub mod bundled;
 pub mod config;
 pub mod dataset;
 pub mod error;
@@ -21,6 +23,7 @@ pub mod sampler;
 pub mod spec;
 pub mod tar;
 
+pub use bundled::{bundled_sample_dir, BundledSampleError};
 pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
