@@ -86,6 +86,24 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     ring_exists.store(true, Ordering::SeqCst);
     let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
+    // Samples skipped while indexing (bad or out-of-range labels, …) never reach the pipeline:
+    // count them once in the ring's skip counter and name the first in its last error, so
+    // `stat`, the metrics and the status line show them with the log.
+    let issues = stages.dataset.skipped_at_index();
+    if let Some(first) = issues.first() {
+        let n = issues.len() as u64;
+        producer.add_samples(0, n);
+        pipeline
+            .counters()
+            .samples_skipped
+            .fetch_add(n, Ordering::Relaxed);
+        let more = if n > 1 {
+            format!(" (and {} more, see the log)", n - 1)
+        } else {
+            String::new()
+        };
+        producer.record_error(&format!("skipped while indexing: {first}{more}"));
+    }
     // Bind the metrics listener before announcing the ring, so a scraper that waits for the
     // announcement finds it.
     let metrics = args

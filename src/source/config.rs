@@ -32,6 +32,11 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Number of classes: a sample whose label is `>= num-classes` is skipped and counted
+    /// like a non-integer one (a cross-entropy loss would fail on it mid-training). Negative
+    /// labels are always skipped. Default: no upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<u64>,
 }
 
 impl SourceConfig {
@@ -42,6 +47,7 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            num_classes: None,
         }
     }
 
@@ -52,6 +58,7 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            num_classes: None,
         }
     }
 }

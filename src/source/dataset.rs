@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::config::{SourceConfig, SourceKind};
-use super::error::{IndexIssue, SampleReadError, SourceError};
+use super::error::{IndexIssue, IssueReason, SampleReadError, SourceError};
 use super::imagefolder;
 use super::index::{fingerprint, load_or_build_index};
 use super::spec::expand_shards;
@@ -61,6 +61,20 @@ struct Shard {
     file: Mutex<Option<Arc<File>>>,
 }
 
+/// A label a classifier can train on: not negative and, with `num_classes`, below it.
+fn check_label(label: i64, num_classes: Option<u64>) -> Result<(), IssueReason> {
+    if label < 0 {
+        return Err(IssueReason::NegativeLabel { label });
+    }
+    match num_classes {
+        Some(n) if label as u64 >= n => Err(IssueReason::LabelOutOfRange {
+            label,
+            num_classes: n,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Dataset {
     /// Opens the dataset that `cfg` describes; relative paths resolve against `base_dir`.
     ///
@@ -77,11 +91,11 @@ impl Dataset {
                     ));
                 }
                 let index_dir = cfg.index_dir.as_ref().map(|d| base_dir.join(d));
-                Self::open_tar(&cfg.shards, base_dir, index_dir.as_deref())
+                Self::open_tar(&cfg.shards, base_dir, index_dir.as_deref(), cfg.num_classes)
             }
             SourceKind::Imagefolder => match &cfg.path {
                 Some(path) if cfg.shards.is_empty() && cfg.index_dir.is_none() => {
-                    Self::open_folder(&base_dir.join(path))
+                    Self::open_folder(&base_dir.join(path), cfg.num_classes)
                 }
                 _ => Err(SourceError::Config(
                     "kind = \"imagefolder\" needs `path` and takes no `shards` or `index-dir`"
@@ -95,6 +109,7 @@ impl Dataset {
         specs: &[String],
         base_dir: &Path,
         index_dir: Option<&Path>,
+        num_classes: Option<u64>,
     ) -> Result<Dataset, SourceError> {
         let paths = expand_shards(specs, base_dir)?;
         if u32::try_from(paths.len()).is_err() {
@@ -112,6 +127,14 @@ impl Dataset {
                 // The index refuses images over 4 GiB, so the size fits.
                 let size = u32::try_from(sample.size).unwrap_or(u32::MAX);
                 let name = sample.member();
+                if let Err(reason) = check_label(sample.label, num_classes) {
+                    dataset.issues.push(IndexIssue {
+                        shard: path.clone(),
+                        member: name,
+                        reason,
+                    });
+                    continue;
+                }
                 dataset.push(
                     name.as_str(),
                     sample.offset,
@@ -142,17 +165,26 @@ impl Dataset {
         dataset.finish(&specs.join(", "))
     }
 
-    fn open_folder(root: &Path) -> Result<Dataset, SourceError> {
+    fn open_folder(root: &Path, num_classes: Option<u64>) -> Result<Dataset, SourceError> {
         let scan = imagefolder::scan(root)?;
         let mut dataset = Dataset::empty(Backend::Folder {
             root: root.to_path_buf(),
         });
         dataset.shard_starts.push(0);
+        dataset.issues = scan.issues;
         for (rel, label, size) in &scan.files {
+            if let Err(reason) = check_label(*label, num_classes) {
+                let class = rel.split('/').next().unwrap_or_default();
+                dataset.issues.push(IndexIssue {
+                    shard: root.join(class),
+                    member: rel.clone(),
+                    reason,
+                });
+                continue;
+            }
             let size = u32::try_from(*size).unwrap_or(u32::MAX);
             dataset.push(rel, 0, size, *label, 0);
         }
-        dataset.issues = scan.issues;
         dataset.class_names = Some(scan.classes);
         dataset.finish(&root.display().to_string())
     }
