@@ -59,8 +59,8 @@ daemon=$!
 "$work/venv/bin/python" - <<'PY'
 import ringfeed
 with ringfeed.Loader("default", wait_for_producer=120) as loader:
-    batches = sum(1 for _ in loader)
-assert batches == len(loader) > 0, (batches, len(loader))
+    batches, expected = sum(1 for _ in loader), len(loader)
+assert batches == expected > 0, (batches, expected)
 print(f"read {batches} batches of the bundled sample")
 PY
 wait "$daemon" || { cat "$work/serve.log"; exit 1; }
@@ -71,8 +71,8 @@ import ringfeed
 
 with ringfeed.serve(name="newcomer", epochs=1) as daemon:
     with daemon.loader() as loader:
-        batches = sum(1 for _ in loader)
-    assert batches == len(loader) > 0, (batches, len(loader))
+        batches, expected = sum(1 for _ in loader), len(loader)
+    assert batches == expected > 0, (batches, expected)
 print(f"ringfeed.serve: daemon pid {daemon.pid} served {batches} batches")
 PY
 "$work/venv/bin/python" "$work/train.py" 2>"$work/train.log" || { cat "$work/train.log"; exit 1; }

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use common::{jpeg, small_config, tar, Daemon};
@@ -183,6 +184,11 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
         text.replace("kind = \"tar\"", "kind = \"tar\"\nnum-classes = 5"),
     )
     .unwrap();
+    // A free loopback port: bind port 0, note it, let it go.
+    let metrics = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
     let mut daemon = Daemon::start(
         runtime.path(),
         &[
@@ -193,6 +199,8 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
             "--exit-when-done",
             "--max-skip-fraction",
             "0.3",
+            "--metrics",
+            &metrics,
         ],
     );
     let mut opts = AttachOptions::new("labels", 0);
@@ -209,6 +217,19 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
     assert!(
         stat.contains("labels.tar:negative.jpg: label -1 is negative"),
         "{stat}"
+    );
+    let mut http = std::net::TcpStream::connect(&metrics).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut scraped = String::new();
+    http.read_to_string(&mut scraped).unwrap();
+    assert!(
+        scraped.contains("ringfeed_samples_skipped_total{ring=\"labels\"} 4"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("labels.tar:negative.jpg: label -1 is negative"),
+        "{scraped}"
     );
     // Only the 16 valid samples are served: 2 batches of 8, so len() stays right.
     assert_eq!(consumer.layout().batches_per_epoch, 2);

@@ -94,11 +94,16 @@ pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
             // as on the command line.
             (file, std::env::current_dir().context("current directory")?)
         }
+        // Shards given as flags replace the sample and, like any path on the command line,
+        // resolve against the current directory.
+        None if args.shards.is_some() => (
+            ConfigFile::builtin_default(),
+            std::env::current_dir().context("current directory")?,
+        ),
         // The built-in default serves the sample embedded in the binary, so it works from any
         // directory and from a binary installed far from the repository (pip).
         None => (ConfigFile::builtin_default(), bundled_sample_dir()?),
     };
-    // Shards given as flags are relative to the current directory too.
     let env = TorchrunEnv::from_process_env()?;
     Ok(Plan::resolve(file, &args.overrides(), &base_dir, &env)?)
 }

@@ -38,6 +38,7 @@ impl MetricsServer {
                         Ok((stream, _)) => {
                             let mut body = render(&name, &producer.stats());
                             body += &render_sample_times(&name, &counters.sample_times);
+                            body += &render_last_error(&name, &producer.last_error());
                             let _ = respond(stream, &body);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -79,6 +80,24 @@ fn respond(stream: TcpStream, body: &str) -> std::io::Result<()> {
         body.len()
     )?;
     out.flush()
+}
+
+/// The ring's last skip or failure reason (for a skipped sample: shard, member and why) as the
+/// `message` label of an info-style gauge; nothing while there is none.
+pub(crate) fn render_last_error(name: &str, message: &str) -> String {
+    if message.is_empty() {
+        return String::new();
+    }
+    // Label values escape backslash, double quote and newline (Prometheus text format).
+    let escaped = message
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!(
+        "# HELP ringfeed_last_error_info The last skip or failure reason.\n\
+         # TYPE ringfeed_last_error_info gauge\n\
+         ringfeed_last_error_info{{ring=\"{name}\",message=\"{escaped}\"}} 1\n"
+    )
 }
 
 /// The Prometheus text exposition of `s` for ring `name`.
@@ -172,4 +191,22 @@ pub(crate) fn render_sample_times(name: &str, times: &SampleTimes) -> String {
     out += &format!("{m}_sum{{ring=\"{name}\"}} {}\n", sum_ns as f64 / 1e9);
     out += &format!("{m}_count{{ring=\"{name}\"}} {cumulative}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render_last_error;
+
+    #[test]
+    fn last_error_is_one_escaped_label_or_nothing() {
+        assert_eq!(render_last_error("r", ""), "");
+        let text = render_last_error("r", "a/b.tar:x.jpg: label \"cat\" \\ is not\nan integer");
+        assert!(
+            text.ends_with(
+                "ringfeed_last_error_info{ring=\"r\",message=\"a/b.tar:x.jpg: label \\\"cat\\\" \\\\ is not\\nan integer\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 3);
+    }
 }

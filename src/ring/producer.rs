@@ -738,6 +738,16 @@ impl Producer {
     pub fn stats(&self) -> RingStats {
         super::observer::read_stats(&self.shared.control, &self.shared.layout)
     }
+
+    /// The ring's `last_error`: the last skip or failure reason (empty if none).
+    pub fn last_error(&self) -> String {
+        let raw = self
+            .shared
+            .control
+            .load_bytes(hdr::LAST_ERROR as u64, layout::LAST_ERROR_BYTES);
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
 }
 
 impl Drop for Producer {

@@ -52,12 +52,13 @@ def env(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str
     monkeypatch.setenv("RINGFEED_RUNTIME_DIR", str(runtime_dir))
     for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    yield {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
 
 
 def test_serve_serves_an_epoch_and_leaving_with_stops_it(env: dict[str, str]) -> None:
     with ringfeed.serve(name="sv-epoch", epochs=1, batch_size=16) as daemon:
-        assert daemon.owned and daemon.name == "sv-epoch"
+        assert daemon.owned
+        assert daemon.name == "sv-epoch"
         with daemon.loader() as loader:
             batches = sum(1 for _ in loader)
             assert batches == len(loader) > 0
@@ -139,10 +140,13 @@ def test_two_torchrun_ranks_read_their_own_lanes_of_one_daemon(
                 process.kill()
                 process.wait()
     by_rank = {r["rank"]: r for r in reports}
-    assert by_rank[0]["owned"] and not by_rank[1]["owned"]
+    assert by_rank[0]["owned"]
+    assert not by_rank[1]["owned"]
     assert by_rank[0]["pid"] == by_rank[1]["pid"]
     assert by_rank[0]["name"] == by_rank[1]["name"]
-    assert by_rank[0]["lanes"] == [0] and by_rank[1]["lanes"] == [1]
-    assert by_rank[0]["ids"] and by_rank[1]["ids"]
+    assert by_rank[0]["lanes"] == [0]
+    assert by_rank[1]["lanes"] == [1]
+    assert by_rank[0]["ids"]
+    assert by_rank[1]["ids"]
     assert not set(by_rank[0]["ids"]) & set(by_rank[1]["ids"]), "the ranks' samples overlap"
     assert wait_gone(by_rank[0]["pid"], 10)

@@ -1,10 +1,10 @@
 """ringfeed: zero-copy batches from the ringfeed daemon's shared-memory ring.
 
 Brief overview: :func:`serve` starts the daemon from the training script and returns a
-:class:`Daemon` to make loaders from; :class:`Loader` attaches to one lane of a running ``ringfeed serve`` and
-yields :class:`Batch` objects whose tensors are read-only numpy arrays (or torch tensors)
-viewing the ring; :class:`Ring` is the low-level, validated mapping of a ring file, written
-from ``docs/ring-format.md``. Every error derives from :class:`RingfeedError`.
+:class:`Daemon` to make loaders from; :class:`Loader` attaches to one lane of a running
+``ringfeed serve`` and yields :class:`Batch` objects whose tensors are read-only numpy arrays
+(or torch tensors) viewing the ring; :class:`Ring` is the low-level, validated mapping of a ring
+file, written from ``docs/ring-format.md``. Every error derives from :class:`RingfeedError`.
 """
 
 from importlib.metadata import PackageNotFoundError

@@ -74,10 +74,14 @@ def _flags(overrides: dict[str, Any]) -> list[str]:
         if value is True:
             flags.append(flag)
         elif isinstance(value, (list, tuple)):
-            flags += [flag, *(os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in value)]
+            flags += [flag, *(_text(v) for v in value)]
         else:
-            flags += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+            flags += [flag, _text(value)]
     return flags
+
+
+def _text(value: Any) -> str:
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
 class Daemon:
@@ -229,7 +233,7 @@ def serve(
         args += ["--config", os.fspath(config)]
     if shards is not None:
         listed = [shards] if isinstance(shards, (str, os.PathLike)) else shards
-        args += ["--shards", *(os.fspath(s) for s in listed)]
+        args += ["--shards", *(_text(s) for s in listed)]
     if epochs is not None:
         args += ["--epochs", str(epochs)]
     if local_rank is not None and "lanes" not in overrides:
