@@ -170,12 +170,15 @@ def _wait_until_serving(
     deadline: float,
     process: Optional[subprocess.Popen[bytes]] = None,
     tail: Optional[collections.deque[str]] = None,
+    tee: Optional[threading.Thread] = None,
 ) -> int:
     """Polls the ring's socket until its producer answers; returns the producer's pid. With
     ``process``, only that process counts and its early exit is an error naming why."""
     last: Optional[Exception] = None
     while True:
         if process is not None and process.poll() is not None:
+            if tee is not None:
+                tee.join(5.0)  # its last words may still be in the pipe
             said = "\n".join(tail or ()) or "(no output)"
             raise RingfeedError(
                 f"ringfeed serve exited with status {process.returncode} before serving"
@@ -249,7 +252,7 @@ def serve(
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     tee = _tee(process.stdout, tail)
     try:
-        _wait_until_serving(name, runtime_dir, deadline, process, tail)
+        _wait_until_serving(name, runtime_dir, deadline, process, tail, tee)
     except BaseException:
         Daemon(name, process.pid, process, runtime_dir, tee).stop()
         raise
