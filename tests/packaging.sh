@@ -32,8 +32,16 @@ fi
 echo "== README's first command without cmake and nasm on the PATH"
 export RINGFEED_TOOLS_DIR="$work/tools"
 export RINGFEED_RUNTIME_DIR="$work/run"
+caches=(target/release/build/turbojpeg-sys-*/out/build/CMakeCache.txt)
 PATH="$bare_path" bash scripts/demo.sh >"$work/demo.log" 2>&1 || { cat "$work/demo.log"; exit 1; }
 test -x "$work/tools/bin/cmake" && test -x "$work/tools/bin/nasm"
+# When this build compiled libjpeg-turbo (always in a fresh clone), it used the fetched tools.
+for cache in target/release/build/turbojpeg-sys-*/out/build/CMakeCache.txt; do
+    [[ " ${caches[*]} " == *" $cache "* ]] && continue
+    grep -q "^CMAKE_ASM_NASM_COMPILER:FILEPATH=$work/tools/bin/nasm$" "$cache"
+    grep -q "^CMAKE_COMMAND:INTERNAL=$work/tools/" "$cache"
+    echo "libjpeg-turbo was built with the fetched cmake and nasm ($cache)"
+done
 grep -E "^consumed [0-9]+ batches" "$work/demo.log"
 
 echo "== pip wheel ./clients/python holds the daemon"
