@@ -18,3 +18,6 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 # Python test tools. The client itself is installed by tests/packaging.sh, the way users do.
 python3 -m pip install -q --disable-pip-version-check numpy pytest
+# torch (CPU use only): the client's torch paths, batch.to(..., normalize=True) against a real
+# f32 ring, and benches/gpu/check.py's dry path run with it.
+python3 -m pip install -q --disable-pip-version-check torch

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 from . import _frameworks, protocol
 from .batch import Batch
+from .device import PendingReleases, current_stream_fence
 from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
 from .layout import (
     FAILED,
@@ -101,6 +102,7 @@ class Loader:
         self._ring: Optional[Ring] = None
         self._pinned_address: Optional[int] = None
         self._held: dict[int, Batch] = {}
+        self._pending = PendingReleases()  # released by the trainer, device copies in flight
         self._previous: Optional[Batch] = None
         self._epoch_ended = False
         self._finished = False
@@ -175,6 +177,9 @@ class Loader:
         if release_held:
             for batch in list(self._held.values()):
                 self._release(batch)
+            self._pending.drain()  # a closing trainer waits for its last device copies
+        else:
+            self._pending.forget()  # the producer is gone: nothing to hand back
         self._held.clear()
         self._previous = None
         if self._pinned_address is not None:
@@ -255,8 +260,11 @@ class Loader:
         Raises ``StopIteration`` at the end of the stream (the producer finished its last
         epoch), :class:`ProducerGone` or :class:`RingTimeout`.
         """
-        held_now = len(self._held)
+        self._pending.retire_completed()
         slots = self.layout.slots_per_lane
+        while len(self._held) + len(self._pending) >= slots and self._pending.wait_oldest():
+            pass  # every slot is ours: wait for the oldest device copy instead of deadlocking
+        held_now = len(self._held) + len(self._pending)
         if held_now >= slots or (self._max_held is not None and held_now >= self._max_held):
             limit = slots if self._max_held is None else min(slots, self._max_held)
             raise RingfeedError(
@@ -284,6 +292,8 @@ class Loader:
             taken = ring.take(lane, self._pid)
             if taken is not None:
                 return self._adopt(ring, taken)
+            if self._pending.retire_completed() or self._pending.wait_oldest():
+                continue  # the lane ran dry: hand back a slot whose device copy is done
             self._check_producer(ring, state)
             wait_s = WAIT_SLICE_S
             if deadline is not None:
@@ -337,9 +347,23 @@ class Loader:
         if batch.released:
             return
         self._held.pop(id(batch), None)
-        batch._mark_released()
-        batch._ring.release(batch.lane, batch.slot)
-        batch._ring.note_consumer(batch.lane)
+        fences = batch._mark_released()
+        if self._pinned_address is not None:
+            # A hand-made x.cuda(non_blocking=True) from a pinned view is only enqueued: an
+            # event on the current stream now completes once such copies have read the slot.
+            fence = current_stream_fence()
+            if fence is not None:
+                fences += (fence,)
+        ring, lane, slot = batch._ring, batch.lane, batch.slot
+
+        def give_back() -> None:
+            ring.release(lane, slot)
+            ring.note_consumer(lane)
+
+        if fences and not all(fence.query() for fence in fences):
+            self._pending.defer(fences, give_back)
+        else:
+            give_back()
 
     # ----- state ------------------------------------------------------------------------------
 
@@ -399,6 +423,7 @@ class Loader:
             "wait_share": wait_ns / wall_ns,
             "taken": float(self._taken),
             "held": float(len(self._held)),
+            "pending_release": float(len(self._pending)),
             "ready": float(ready),
             "published": float(lane["published"]),
             "released": float(lane["released"]),
