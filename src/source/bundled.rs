@@ -10,9 +10,10 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-/// The embedded shards, with their path relative to the built-in configuration's base
-/// directory (`configs/default.toml` names `data/sample/shard-{000000..000001}.tar`).
-const SHARDS: [(&str, &[u8]); 2] = [
+/// The embedded files, with their path relative to the built-in configuration's base
+/// directory (`configs/default.toml` names `data/sample/shard-{000000..000001}.tar`; `peek`
+/// finds the class names in `classes.txt` beside the shards).
+const FILES: [(&str, &[u8]); 3] = [
     (
         "data/sample/shard-000000.tar",
         include_bytes!("../../data/sample/shard-000000.tar"),
@@ -20,6 +21,10 @@ const SHARDS: [(&str, &[u8]); 2] = [
     (
         "data/sample/shard-000001.tar",
         include_bytes!("../../data/sample/shard-000001.tar"),
+    ),
+    (
+        "data/sample/classes.txt",
+        include_bytes!("../../data/sample/classes.txt"),
     ),
 ];
 
@@ -59,9 +64,9 @@ pub fn bundled_sample_dir() -> Result<PathBuf, BundledSampleError> {
     Ok(base)
 }
 
-/// Writes every shard under `base` unless an identical copy is already there.
+/// Writes every file under `base` unless an identical copy is already there.
 fn extract_to(base: &Path) -> Result<(), BundledSampleError> {
-    for (rel, bytes) in SHARDS {
+    for (rel, bytes) in FILES {
         let path = base.join(rel);
         if std::fs::read(&path).is_ok_and(|existing| existing == bytes) {
             continue;
@@ -70,7 +75,7 @@ fn extract_to(base: &Path) -> Result<(), BundledSampleError> {
             let path = path.to_owned();
             move |source| BundledSampleError::Write { path, source }
         };
-        let dir = path.parent().expect("a shard path has a parent");
+        let dir = path.parent().expect("a sample path has a parent");
         std::fs::create_dir_all(dir).map_err(err(dir))?;
         let mut tmp = tempfile_in(dir).map_err(err(dir))?;
         tmp.1.write_all(bytes).map_err(err(&tmp.0))?;
@@ -105,13 +110,13 @@ mod tests {
     fn extracts_once_and_repairs_a_changed_copy() {
         let dir = tempfile::tempdir().unwrap();
         extract_to(dir.path()).unwrap();
-        for (rel, bytes) in SHARDS {
+        for (rel, bytes) in FILES {
             assert_eq!(std::fs::read(dir.path().join(rel)).unwrap(), bytes);
         }
-        let first = dir.path().join(SHARDS[0].0);
+        let first = dir.path().join(FILES[0].0);
         std::fs::write(&first, b"truncated").unwrap();
         extract_to(dir.path()).unwrap();
-        assert_eq!(std::fs::read(&first).unwrap(), SHARDS[0].1);
+        assert_eq!(std::fs::read(&first).unwrap(), FILES[0].1);
         let leftovers = std::fs::read_dir(first.parent().unwrap())
             .unwrap()
             .filter(|e| {

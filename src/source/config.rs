@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -37,6 +38,21 @@ pub struct SourceConfig {
     /// labels are always skipped. Default: no upper bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_classes: Option<u64>,
+    /// Optional names of the classes, label `i` being the `i`-th: a list, or a text file of
+    /// one name per line (relative to the configuration's directory). Only shown to people
+    /// (`ringfeed peek`); the labels served stay numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassNames>,
+}
+
+/// `[source] classes`: the class names, inline or in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassNames {
+    /// `classes = ["cat", "dog"]`.
+    List(Vec<String>),
+    /// `classes = "classes.txt"`: one name per line.
+    File(PathBuf),
 }
 
 impl SourceConfig {
@@ -48,6 +64,7 @@ impl SourceConfig {
             path: None,
             index_dir: None,
             num_classes: None,
+            classes: None,
         }
     }
 
@@ -59,6 +76,7 @@ impl SourceConfig {
             path: Some(path.into()),
             index_dir: None,
             num_classes: None,
+            classes: None,
         }
     }
 }
