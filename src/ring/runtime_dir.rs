@@ -36,7 +36,7 @@ pub enum RuntimeDirError {
         path: PathBuf,
     },
     /// The directory belongs to another user.
-    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it (another user's daemon can be read only if it was started with --allow-group GROUP, a group of yours, and you pass trust_uid={owner} in Python or --trust-uid {owner} to ringfeed consume; otherwise set RINGFEED_RUNTIME_DIR to a directory of your own)")]
+    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it. To read another user's daemon, it must be started with --allow-group GROUP (a group of yours) and you pass trust_uid={owner} in Python or --trust-uid {owner} to ringfeed consume. Otherwise another user may have created it first (anyone can in /tmp) to keep the daemon from starting: use a directory only you control, with RINGFEED_RUNTIME_DIR=DIR or XDG_RUNTIME_DIR (e.g. /run/user/{uid}, which the system creates for you), or remove it as root")]
     WrongOwner {
         /// The path.
         path: PathBuf,
