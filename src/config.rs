@@ -12,12 +12,9 @@ use crate::augment::{AugmentConfig, Augmenter};
 use crate::source::{SamplingConfig, SourceConfig, SourceKind};
 
 /// The built-in configuration `ringfeed serve` uses when no `--config` is given: the bundled
-/// sample dataset under `data/sample/`.
+/// sample dataset under `data/sample/`, which the binary embeds
+/// ([`crate::source::bundled_sample_dir`] writes it out and gives the base directory).
 pub const DEFAULT_CONFIG: &str = include_str!("../configs/default.toml");
-
-/// The directory relative paths of the built-in configuration resolve against (the crate root,
-/// where `data/sample/` lives).
-pub const DEFAULT_BASE_DIR: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The whole configuration file, as written by a user.
 #[derive(Debug, Clone, Deserialize)]
@@ -505,7 +502,7 @@ mod tests {
 
     fn plan(text: &str, o: &Overrides, env: &TorchrunEnv) -> Result<Plan, ConfigError> {
         let file = ConfigFile::parse(text, "test")?;
-        Plan::resolve(file, o, Path::new(DEFAULT_BASE_DIR), env)
+        Plan::resolve(file, o, Path::new(env!("CARGO_MANIFEST_DIR")), env)
     }
 
     #[test]
@@ -529,7 +526,7 @@ mod tests {
 
     #[test]
     fn every_preset_parses_and_validates() {
-        let dir = Path::new(DEFAULT_BASE_DIR).join("configs");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, Rust unit + multi-process tests, the Python client's
-# tests against the real daemon, and the CI smoke benchmark. The README's test command.
+# tests against the real daemon, and the CI smoke benchmark. The README's test command: it
+# first installs what it needs (tests/setup.sh), so it runs alone on a fresh machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== installing what the tests need (tests/setup.sh)"
+bash tests/setup.sh
+PATH="$PATH:$(scripts/with-build-tools.sh)"   # cmake + nasm, fetched when the machine had none
+echo "== a newcomer's first hour: the demo without cmake/nasm, pip wheel, fresh venv (tests/packaging.sh)"
+bash tests/packaging.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use common::{jpeg, small_config, tar, Daemon};
@@ -149,4 +150,111 @@ fn too_many_failures_stop_the_daemon_with_a_clear_error() {
     );
     assert!(log.contains("max-skip-fraction"), "{log}");
     assert!(!runtime.path().join("toobad.sock").exists());
+}
+
+#[test]
+fn labels_no_class_has_are_skipped_counted_and_named() {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = common::RuntimeTmp::new();
+    let mut members = Vec::new();
+    for i in 0..16u32 {
+        members.push(member(&format!("good_{i:03}.jpg"), jpeg(48, 40, i)));
+        members.push(member(
+            &format!("good_{i:03}.cls"),
+            (i % 5).to_string().into_bytes(),
+        ));
+    }
+    // Each is skipped for its own reason; `num-classes = 5` below makes 5 out of range.
+    let bad: [(&str, &[u8]); 4] = [
+        ("negative", b"-1"),
+        ("word", b"cat"),
+        ("overflow", b"99999999999999999999"),
+        ("toohigh", b"5"),
+    ];
+    for (i, (key, label)) in bad.iter().enumerate() {
+        members.push(member(&format!("{key}.jpg"), jpeg(48, 40, 100 + i as u32)));
+        members.push(member(&format!("{key}.cls"), label.to_vec()));
+    }
+    std::fs::write(data.path().join("labels.tar"), tar(&members)).unwrap();
+    let spec = format!("{}/labels.tar", data.path().display());
+    let config = small_config(data.path(), &spec, "labels");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("kind = \"tar\"", "kind = \"tar\"\nnum-classes = 5"),
+    )
+    .unwrap();
+    // A free loopback port: bind port 0, note it, let it go.
+    let metrics = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut daemon = Daemon::start(
+        runtime.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--exit-when-done",
+            "--max-skip-fraction",
+            "0.3",
+            "--metrics",
+            &metrics,
+        ],
+    );
+    let mut opts = AttachOptions::new("labels", 0);
+    opts.dir = Some(RuntimeDir::at(runtime.path()));
+    let consumer = Consumer::attach_with(&opts).unwrap();
+    // The ring counts the four once and names the first, with shard and member.
+    let stat = std::process::Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+        .args(["stat", "labels", "--once"])
+        .env("RINGFEED_RUNTIME_DIR", runtime.path())
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout).into_owned();
+    assert!(stat.contains("skipped 4"), "{stat}");
+    assert!(
+        stat.contains("labels.tar:negative.jpg: label -1 is negative"),
+        "{stat}"
+    );
+    let mut http = std::net::TcpStream::connect(&metrics).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut scraped = String::new();
+    http.read_to_string(&mut scraped).unwrap();
+    assert!(
+        scraped.contains("ringfeed_samples_skipped_total{ring=\"labels\"} 4"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("labels.tar:negative.jpg: label -1 is negative"),
+        "{scraped}"
+    );
+    // Only the 16 valid samples are served: 2 batches of 8, so len() stays right.
+    assert_eq!(consumer.layout().batches_per_epoch, 2);
+    let mut served = Vec::new();
+    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+        let labels = batch.tensor::<i64>("labels").unwrap();
+        assert!(labels.iter().all(|l| (0..5).contains(l)), "{labels:?}");
+        served.extend(batch.tensor::<i64>("sample_ids").unwrap().iter().copied());
+    }
+    served.sort_unstable();
+    assert_eq!(served, (0..16).collect::<Vec<i64>>());
+    let status = daemon.wait(Duration::from_secs(60));
+    let log = daemon.log.join("\n");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("16 samples"), "{log}");
+    for reason in [
+        "negative.jpg: label -1 is negative",
+        "labels.tar:word: label \"cat\" is not an integer",
+        "labels.tar:overflow: label \"99999999999999999999\" is not an integer",
+        "toohigh.jpg: label 5 is not below num-classes = 5",
+    ] {
+        assert_eq!(
+            log.matches(reason).count(),
+            1,
+            "{reason} not named once:\n{log}"
+        );
+    }
 }

@@ -211,14 +211,22 @@ fn missing_label_bad_label_and_unknown_ext_are_skipped_and_counted() {
         ("anim.gif", b"G"),
         ("anim.cls", b"1"),
         ("z.webp", b"Z"),
-        ("z.cls", b"-1"),
+        ("z.cls", b"0"),
+        // No class has a negative label: a cross-entropy loss would fail on it mid-training.
+        ("neg.jpg", b"M"),
+        ("neg.cls", b"-1"),
     ]);
     assert_eq!(ds.len(), 2);
-    assert_eq!((ds.label(0), ds.label(1)), (3, -1));
+    assert_eq!((ds.label(0), ds.label(1)), (3, 0));
     assert_eq!(read(&ds, 1), b"Z");
     assert_eq!(
         issues,
         [
+            // Label checks run on the indexed samples, before the index's own issues.
+            (
+                "neg.jpg".to_owned(),
+                IssueReason::NegativeLabel { label: -1 }
+            ),
             ("nolabel".to_owned(), IssueReason::MissingLabel),
             (
                 "badlabel".to_owned(),

@@ -7,10 +7,10 @@ use anyhow::Context as _;
 use clap::Args;
 use ringfeed::augment::Augmenter;
 use ringfeed::batch::BatchSchema;
-use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv, DEFAULT_BASE_DIR};
+use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
 use ringfeed::pipeline::Pipeline;
 use ringfeed::ring::RingSpec;
-use ringfeed::source::{Mixture, Sampler};
+use ringfeed::source::{bundled_sample_dir, Mixture, Sampler};
 
 /// The configuration file and the flags that override it.
 #[derive(Debug, Args)]
@@ -104,12 +104,16 @@ pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
             // as on the command line.
             (file, std::env::current_dir().context("current directory")?)
         }
-        None => (
+        // Shards given as flags replace the sample and, like any path on the command line,
+        // resolve against the current directory.
+        None if args.shards.is_some() => (
             ConfigFile::builtin_default(),
-            PathBuf::from(DEFAULT_BASE_DIR),
+            std::env::current_dir().context("current directory")?,
         ),
+        // The built-in default serves the sample embedded in the binary, so it works from any
+        // directory and from a binary installed far from the repository (pip).
+        None => (ConfigFile::builtin_default(), bundled_sample_dir()?),
     };
-    // Shards given as flags are relative to the current directory too.
     let env = TorchrunEnv::from_process_env()?;
     Ok(Plan::resolve(file, &args.overrides(), &base_dir, &env)?)
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use ringfeed::ring::{AttachError, AttachOptions, Consumer, RuntimeDir};
+use ringfeed::ring::{AttachError, AttachOptions, Consumer, RuntimeDir, RuntimeDirError};
 
 /// Flags of `ringfeed consume`.
 #[derive(Debug, Args)]
@@ -95,8 +95,8 @@ fn attach_waiting(dir: &RuntimeDir, args: &ConsumeArgs) -> anyhow::Result<Consum
     loop {
         match Consumer::attach_with(&opts) {
             Ok(c) => return Ok(c),
-            // Not started yet (no socket, or nobody listening): wait. Anything else, such as
-            // a socket we may not open, will not go away by waiting.
+            // Not started yet (no runtime directory, no socket, or nobody listening): wait.
+            // Anything else, such as a socket we may not open, will not go away by waiting.
             Err(AttachError::Connect { ref source, .. })
                 if matches!(
                     source.kind(),
@@ -105,9 +105,16 @@ fn attach_waiting(dir: &RuntimeDir, args: &ConsumeArgs) -> anyhow::Result<Consum
             {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => {
+            Err(AttachError::RuntimeDir(RuntimeDirError::Missing { .. }))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // The other attach errors name the ring themselves.
+            Err(e @ AttachError::RuntimeDir(_)) => {
                 return Err(e).with_context(|| format!("cannot attach to ring '{}'", args.name))
             }
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -88,6 +88,22 @@ impl Collector for RingCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = self.producer.stats();
         let ring = [("ring", self.name.as_str())];
+        // The last skip or failure reason (for a skipped sample: shard, member and why) as an
+        // info-style gauge of value 1; absent while there is none.
+        let last_error = self.producer.last_error();
+        if !last_error.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "last_error_info",
+                "The last skip or failure reason (the message label).",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [
+                ("ring", self.name.as_str()),
+                ("message", last_error.as_str()),
+            ];
+            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        }
         let mut ring_counter = |name: &str, help: &str, v: Value| {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             encode_counter(family.encode_family(&ring)?, v)

@@ -13,6 +13,7 @@ mod man;
 mod metrics;
 mod metrics_http;
 mod pack;
+mod parent_watch;
 mod peek;
 mod serve;
 mod stat;

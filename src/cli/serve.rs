@@ -28,6 +28,10 @@ pub(crate) struct ServeArgs {
     /// the network). Read-only. Off by default: no listener at all.
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
+    /// Stop when process PID exits, however it ends: set by `ringfeed.serve()` in Python, so
+    /// a daemon started from a training script never outlives it (see parent_watch.rs).
+    #[arg(long, value_name = "PID", hide = true)]
+    parent_pid: Option<u32>,
 }
 
 /// `--metrics` value: `PORT` (loopback) or `IP:PORT`.
@@ -64,6 +68,17 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })
         .context("cannot install the SIGINT/SIGTERM handler")?;
     }
+    if let Some(pid) = args.parent_pid {
+        let (stop, ring_exists) = (Arc::clone(&stop), Arc::clone(&ring_exists));
+        super::parent_watch::spawn(pid, move || {
+            // The same policy as a SIGTERM: exit at once until a ring exists, then stop cleanly.
+            if ring_exists.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                std::process::exit(0);
+            }
+        })?;
+    }
     let stages = build_stages(&plan)?;
     let pipeline = &stages.pipeline;
     let spec = stages.ring_spec(&plan);
@@ -74,6 +89,24 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     ring_exists.store(true, Ordering::SeqCst);
     let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
+    // Samples skipped while indexing (bad or out-of-range labels, …) never reach the pipeline:
+    // count them once in the ring's skip counter and name the first in its last error, so
+    // `stat`, the metrics and the status line show them with the log.
+    let issues = stages.dataset.skipped_at_index();
+    if let Some(first) = issues.first() {
+        let n = issues.len() as u64;
+        producer.add_samples(0, n);
+        pipeline
+            .counters()
+            .samples_skipped
+            .fetch_add(n, Ordering::Relaxed);
+        let more = if n > 1 {
+            format!(" (and {} more, see the log)", n - 1)
+        } else {
+            String::new()
+        };
+        producer.record_error(&format!("skipped while indexing: {first}{more}"));
+    }
     if stages.dataset.has_streams() {
         // `ringfeed stat` reads the streams' served counts from the info reply.
         let counters = pipeline.counters();

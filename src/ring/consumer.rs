@@ -66,6 +66,19 @@ impl AttachOptions {
     }
 }
 
+/// What to do about a failed connect, by its cause.
+fn connect_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            " (no daemon serves this ring: start `ringfeed serve --name NAME`, or check the name and the runtime directory)"
+        }
+        io::ErrorKind::PermissionDenied => {
+            " (the daemon runs as another user: only its user may attach, and members of the group it was started with --allow-group GROUP, who pass trust_uid=<its uid> in Python or --trust-uid to ringfeed consume)"
+        }
+        _ => "",
+    }
+}
+
 /// Why attaching failed.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -74,7 +87,7 @@ pub enum AttachError {
     #[error(transparent)]
     RuntimeDir(#[from] RuntimeDirError),
     /// The socket could not be reached (no producer of that name?).
-    #[error("ring {name:?}: cannot connect to {path}: {source} (is the producer running?)")]
+    #[error("ring {name:?}: cannot connect to {path}: {source}{}", connect_hint(.source))]
     Connect {
         /// Ring name.
         name: String,

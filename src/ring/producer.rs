@@ -900,6 +900,16 @@ impl Producer {
         stats.state = self.shared.state();
         stats
     }
+
+    /// The ring's `last_error`: the last skip or failure reason (empty if none).
+    pub fn last_error(&self) -> String {
+        let raw = self
+            .shared
+            .control
+            .load_bytes(hdr::LAST_ERROR as u64, layout::LAST_ERROR_BYTES);
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
 }
 
 impl Drop for Producer {

@@ -23,6 +23,12 @@ pub enum RuntimeDirError {
         /// The OS error.
         source: io::Error,
     },
+    /// The directory does not exist: no daemon of this user has used it.
+    #[error("runtime directory {path} does not exist, so no daemon serves there (looked for at $RINGFEED_RUNTIME_DIR, else $XDG_RUNTIME_DIR/ringfeed, else /tmp/ringfeed-<uid>); start `ringfeed serve`, or set RINGFEED_RUNTIME_DIR to the daemon's runtime directory")]
+    Missing {
+        /// The path looked for.
+        path: PathBuf,
+    },
     /// The path is a symlink or not a directory.
     #[error("runtime directory {path} is not a directory (or is a symlink); refusing it")]
     NotADirectory {
@@ -30,7 +36,7 @@ pub enum RuntimeDirError {
         path: PathBuf,
     },
     /// The directory belongs to another user.
-    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it. Another user may have created it first (anyone can in /tmp) to keep the daemon from starting: use a directory only you control, with RINGFEED_RUNTIME_DIR=DIR or XDG_RUNTIME_DIR (e.g. /run/user/{uid}, which the system creates for you), or remove it as root")]
+    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it. To read another user's daemon, it must be started with --allow-group GROUP (a group of yours) and you pass trust_uid={owner} in Python or --trust-uid {owner} to ringfeed consume. Otherwise another user may have created it first (anyone can in /tmp) to keep the daemon from starting: use a directory only you control, with RINGFEED_RUNTIME_DIR=DIR or XDG_RUNTIME_DIR (e.g. /run/user/{uid}, which the system creates for you), or remove it as root")]
     WrongOwner {
         /// The path.
         path: PathBuf,
@@ -195,9 +201,12 @@ impl RuntimeDir {
     }
 
     fn check_owned_by(&self, owner: u32, group_may_read: bool) -> Result<(), RuntimeDirError> {
-        let meta = std::fs::symlink_metadata(&self.path).map_err(|source| RuntimeDirError::Io {
-            path: self.path.clone(),
-            source,
+        let meta = std::fs::symlink_metadata(&self.path).map_err(|source| {
+            let path = self.path.clone();
+            match source.kind() {
+                io::ErrorKind::NotFound => RuntimeDirError::Missing { path },
+                _ => RuntimeDirError::Io { path, source },
+            }
         })?;
         check_dir_meta(
             &self.path,

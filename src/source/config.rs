@@ -41,6 +41,11 @@ pub struct SourceConfig {
     /// The file holds the key; this setting only names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// Number of classes: a sample whose label is `>= num-classes` is skipped and counted
+    /// like a non-integer one (a cross-entropy loss would fail on it mid-training). Negative
+    /// labels are always skipped. Default: no upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<u64>,
     /// Largest encoded image accepted, in bytes (default [`DEFAULT_MAX_SAMPLE_BYTES`], at most
     /// 4 GiB − 1). A larger image file or member is skipped and counted like a corrupt one, so
     /// a hostile dataset (an 8 TiB sparse `.jpg`, a forged index) cannot make a worker
@@ -142,6 +147,9 @@ impl StreamConfig {
                 SourceKind::Tar => top.key_file.clone(),
                 SourceKind::Imagefolder => None,
             },
+            // Streams remap labels (label-offset, label-map): the mixture checks num-classes on
+            // the served labels instead of each dataset on its raw ones.
+            num_classes: None,
             max_sample_bytes: top.max_sample_bytes,
             classes: None,
             streams: Vec::new(),
@@ -158,6 +166,7 @@ impl SourceConfig {
             path: None,
             index_dir: None,
             key_file: None,
+            num_classes: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),
@@ -172,6 +181,7 @@ impl SourceConfig {
             path: Some(path.into()),
             index_dir: None,
             key_file: None,
+            num_classes: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),

@@ -67,6 +67,20 @@ struct Shard {
     cipher: Option<ShardCipher>,
 }
 
+/// A label a classifier can train on: not negative and, with `num_classes`, below it.
+fn check_label(label: i64, num_classes: Option<u64>) -> Result<(), IssueReason> {
+    if label < 0 {
+        return Err(IssueReason::NegativeLabel { label });
+    }
+    match num_classes {
+        Some(n) if label as u64 >= n => Err(IssueReason::LabelOutOfRange {
+            label,
+            num_classes: n,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Dataset {
     /// Opens the dataset that `cfg` describes; relative paths resolve against `base_dir`.
     ///
@@ -98,6 +112,7 @@ impl Dataset {
                     index_dir.as_deref(),
                     key.as_ref(),
                     limit,
+                    cfg.num_classes,
                 )
             }
             SourceKind::Imagefolder => match &cfg.path {
@@ -107,7 +122,7 @@ impl Dataset {
                         .to_owned(),
                 )),
                 Some(path) if cfg.shards.is_empty() && cfg.index_dir.is_none() => {
-                    Self::open_folder(&base_dir.join(path), limit)
+                    Self::open_folder(&base_dir.join(path), limit, cfg.num_classes)
                 }
                 _ => Err(SourceError::Config(
                     "kind = \"imagefolder\" needs `path` and takes no `shards` or `index-dir`"
@@ -123,6 +138,7 @@ impl Dataset {
         index_dir: Option<&Path>,
         key: Option<&Arc<ShardKey>>,
         limit: u64,
+        num_classes: Option<u64>,
     ) -> Result<Dataset, SourceError> {
         let paths = expand_shards(specs, base_dir)?;
         if u32::try_from(paths.len()).is_err() {
@@ -139,6 +155,14 @@ impl Dataset {
             dataset.shard_starts.push(dataset.samples.len() as u64);
             for sample in &loaded.index.samples {
                 let name = sample.member();
+                if let Err(reason) = check_label(sample.label, num_classes) {
+                    dataset.issues.push(IndexIssue {
+                        shard: path.clone(),
+                        member: name,
+                        reason,
+                    });
+                    continue;
+                }
                 // The limit is at most u32::MAX (checked by the config), so the size fits.
                 let Some(size) = u32::try_from(sample.size)
                     .ok()
@@ -185,7 +209,11 @@ impl Dataset {
         dataset.finish(&specs.join(", "))
     }
 
-    fn open_folder(root: &Path, limit: u64) -> Result<Dataset, SourceError> {
+    fn open_folder(
+        root: &Path,
+        limit: u64,
+        num_classes: Option<u64>,
+    ) -> Result<Dataset, SourceError> {
         let scan = imagefolder::scan(root)?;
         let mut dataset = Dataset::empty(
             Backend::Folder {
@@ -196,6 +224,14 @@ impl Dataset {
         dataset.shard_starts.push(0);
         dataset.issues = scan.issues;
         for (rel, label, size) in &scan.files {
+            if let Err(reason) = check_label(*label, num_classes) {
+                dataset.issues.push(IndexIssue {
+                    shard: root.join(rel).parent().unwrap_or(root).to_path_buf(),
+                    member: rel.clone(),
+                    reason,
+                });
+                continue;
+            }
             match u32::try_from(*size).ok().filter(|_| *size <= limit) {
                 Some(size) => dataset.push(rel, 0, size, *label, 0),
                 None => dataset.issues.push(IndexIssue {

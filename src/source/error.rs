@@ -199,6 +199,20 @@ pub enum IssueReason {
         /// The label text (truncated to 32 bytes).
         text: String,
     },
+    /// The label is negative: no class has it.
+    #[error("label {label} is negative")]
+    NegativeLabel {
+        /// The label.
+        label: i64,
+    },
+    /// The label is not below `[source] num-classes`.
+    #[error("label {label} is not below num-classes = {num_classes}")]
+    LabelOutOfRange {
+        /// The label.
+        label: i64,
+        /// The configured number of classes.
+        num_classes: u64,
+    },
     /// The sample has no member with a known image extension (jpg, jpeg, png, webp).
     #[error("no image member with a known extension (found: {exts})")]
     UnknownExt {

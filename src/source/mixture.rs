@@ -21,6 +21,9 @@ pub struct Mixture {
     streams: Vec<Stream>,
     /// True for `[[source.streams]]`: batches then carry a `source` tensor.
     explicit: bool,
+    /// `[source] num-classes` of a mixture, checked on the served (rewritten) labels; a single
+    /// dataset checks it on its own labels while indexing.
+    num_classes: Option<u64>,
 }
 
 /// One dataset of a [`Mixture`].
@@ -89,6 +92,7 @@ impl Mixture {
                     labels: LabelRule::Keep,
                 }],
                 explicit: false,
+                num_classes: None,
             });
         }
         if !cfg.shards.is_empty() || cfg.path.is_some() {
@@ -144,6 +148,7 @@ impl Mixture {
         Ok(Mixture {
             streams,
             explicit: true,
+            num_classes: cfg.num_classes,
         })
     }
 
@@ -192,7 +197,23 @@ impl Mixture {
     /// If `id >= len()` (ids come from the sampler, which never yields one).
     pub fn label(&self, id: u64) -> Result<i64, String> {
         let (stream, local) = self.locate(id);
-        let label = stream.dataset.label(local);
+        let served = self.rewrite(stream, stream.dataset.label(local))?;
+        if served < 0 {
+            return Err(format!(
+                "label {served} of stream {} is negative after its label rule",
+                stream.name
+            ));
+        }
+        match self.num_classes {
+            Some(n) if served as u64 >= n => Err(format!(
+                "label {served} of stream {} is not below [source] num-classes = {n}",
+                stream.name
+            )),
+            _ => Ok(served),
+        }
+    }
+
+    fn rewrite(&self, stream: &Stream, label: i64) -> Result<i64, String> {
         match &stream.labels {
             LabelRule::Keep => Ok(label),
             LabelRule::Offset(offset) => label.checked_add(*offset).ok_or_else(|| {

@@ -14,10 +14,12 @@
 //!   as one id space, with per-stream label rules.
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order (also of a
 //!   weighted mixture of streams).
+//! - [`bundled`]: the sample dataset embedded in the binary (what `serve` runs by default).
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 //! - `file`: opening the files a dataset's author controls (no FIFO, device or planted link
 //!   is ever read, and sizes are capped).
 
+pub mod bundled;
 pub mod config;
 pub mod crypt;
 pub mod dataset;
@@ -30,6 +32,7 @@ pub mod sampler;
 pub mod spec;
 pub mod tar;
 
+pub use bundled::{bundled_sample_dir, BundledSampleError};
 pub use config::{
     ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig,
     DEFAULT_MAX_SAMPLE_BYTES,

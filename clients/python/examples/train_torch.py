@@ -1,9 +1,12 @@
-"""Train a small CNN on batches from a running ``ringfeed serve`` (CPU is fine).
+"""Train a small CNN on batches that a daemon started from this script serves (CPU is fine).
 
-    ringfeed serve --name demo --batch-size 32 --epochs 0 &
-    python examples/train_torch.py --name demo --steps 20
+    python examples/train_torch.py --steps 20                  # the bundled sample
+    python examples/train_torch.py --config my.toml --shards '/data/train-{000000..000127}.tar'
+    torchrun --nproc-per-node 2 examples/train_torch.py        # one daemon, a lane per rank
 
-Under torchrun each rank reads its own lane (``LOCAL_RANK``).
+``ringfeed.serve()`` starts ``ringfeed serve`` (local rank 0 only under torchrun), waits until
+it serves and stops it when the ``with`` block ends; the daemon also stops by itself if this
+process dies. ``--name NAME`` reads a daemon started by hand instead.
 """
 
 from __future__ import annotations
@@ -31,14 +34,24 @@ def small_cnn(channels: int, classes: int) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--name", required=True, help="ring name given to ringfeed serve")
+    parser.add_argument("--name", help="read this running daemon instead of starting one")
+    parser.add_argument("--config", help="TOML configuration (default: the bundled sample)")
+    parser.add_argument("--shards", help="tar shards (paths, globs, brace ranges)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--lane", type=int, default=None, help="default: $LOCAL_RANK or 0")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = ringfeed.Loader(args.name, args.lane, pin=device.type == "cuda", wait_for_producer=30)
+    if args.name is not None:  # a daemon started by hand
+        pin = device.type == "cuda"
+        train(ringfeed.Loader(args.name, args.lane, pin=pin, wait_for_producer=30), device, args)
+        return
+    with ringfeed.serve(args.config, shards=args.shards) as daemon:
+        train(daemon.loader(lane=args.lane, pin=device.type == "cuda"), device, args)
+
+
+def train(loader: ringfeed.Loader, device: torch.device, args: argparse.Namespace) -> None:
     layout = loader.layout
     images_spec = next(t for t in layout.tensors if t.name == "images")
     channels = images_spec.shape[3] if layout.nhwc else images_spec.shape[1]

@@ -1,12 +1,17 @@
 """ringfeed: zero-copy batches from the ringfeed daemon's shared-memory ring.
 
-Brief overview: :class:`Loader` attaches to one lane of a running ``ringfeed serve`` and
-yields :class:`Batch` objects whose tensors are read-only numpy arrays (or torch tensors)
-viewing the ring; :class:`Ring` is the low-level, validated mapping of a ring file, written
-from ``docs/ring-format.md``. Every error derives from :class:`RingfeedError`.
+Brief overview: :func:`serve` starts the daemon from the training script and returns a
+:class:`Daemon` to make loaders from; :class:`Loader` attaches to one lane of a running
+``ringfeed serve`` and yields :class:`Batch` objects whose tensors are read-only numpy arrays
+(or torch tensors) viewing the ring; :class:`Ring` is the low-level, validated mapping of a ring
+file, written from ``docs/ring-format.md``. Every error derives from :class:`RingfeedError`.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .batch import Batch
+from .daemon import Daemon, serve
 from .errors import (
     AttachError,
     FormatError,
@@ -25,6 +30,7 @@ from .runtime import runtime_dir
 __all__ = [
     "AttachError",
     "Batch",
+    "Daemon",
     "FormatError",
     "Loader",
     "ProducerGone",
@@ -37,6 +43,11 @@ __all__ = [
     "TensorSpec",
     "info",
     "runtime_dir",
+    "serve",
 ]
 
-__version__ = "0.1.0"
+try:
+    # The package's version is the crate's (Cargo.toml), which `ringfeed --version` prints too.
+    __version__ = _version("ringfeed")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -22,19 +22,37 @@ MAX_LINE = 4096
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
+def _connect_hint(err: OSError) -> str:
+    """What to do about a failed connect, by its cause (the same hints as the Rust client)."""
+    if isinstance(err, (FileNotFoundError, ConnectionRefusedError)):
+        return (
+            " (no daemon serves this ring: start `ringfeed serve --name NAME`, or check the"
+            " name and the runtime directory)"
+        )
+    if isinstance(err, PermissionError):
+        return (
+            " (the daemon runs as another user: only its user may attach, and members of the"
+            " group it was started with --allow-group GROUP, who pass trust_uid=<its uid>)"
+        )
+    return ""
+
+
 def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(str(path))
     except OSError as err:
         sock.close()
-        raise AttachError(f"cannot connect to {path}: {err.strerror}") from None
+        raise AttachError(f"cannot connect to {path}: {err.strerror}{_connect_hint(err)}") from None
     _pid, uid, _gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     if uid != os.getuid() and uid != trust_uid:
         sock.close()
-        raise AttachError(f"producer at {path} runs as uid {uid}, not ours; refusing it")
+        raise AttachError(
+            f"producer at {path} runs as uid {uid}, not as this user; refusing it (pass"
+            f" trust_uid={uid} if that daemon was started with --allow-group for you)"
+        )
     return sock
 
 

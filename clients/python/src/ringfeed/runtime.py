@@ -47,7 +47,10 @@ def check_runtime_dir(path: Path, trust_uid: Optional[int] = None) -> None:
         info = os.lstat(path)
     except FileNotFoundError:
         raise AttachError(
-            f"runtime directory {path} does not exist (is the producer running?)"
+            f"runtime directory {path} does not exist, so no daemon serves there (looked for"
+            " at $RINGFEED_RUNTIME_DIR, else $XDG_RUNTIME_DIR/ringfeed, else"
+            " /tmp/ringfeed-<uid>); start `ringfeed serve`, or set RINGFEED_RUNTIME_DIR to"
+            " the daemon's runtime directory"
         ) from None
     except OSError as err:
         raise AttachError(f"runtime directory {path}: {err.strerror}") from None
@@ -56,7 +59,13 @@ def check_runtime_dir(path: Path, trust_uid: Optional[int] = None) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise AttachError(f"runtime directory {path} is not a directory")
     if info.st_uid != os.getuid() and info.st_uid != trust_uid:
-        raise AttachError(f"runtime directory {path} is owned by uid {info.st_uid}, not us")
+        raise AttachError(
+            f"runtime directory {path} is owned by uid {info.st_uid}, not by this user"
+            f" (uid {os.getuid()}); refusing it (another user's daemon can be read only if it"
+            " was started with --allow-group GROUP, a group of yours, and you pass"
+            f" trust_uid={info.st_uid}; otherwise set RINGFEED_RUNTIME_DIR to a directory of"
+            " your own)"
+        )
     forbidden = 0o027 if trust_uid is not None else 0o077
     if info.st_mode & forbidden:
         raise AttachError(

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh machine (Rust via rustup, Python 3 with pip,
+# apt): tests/run_all.sh runs it first. Nothing is reinstalled that is already there.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# cmake + nasm build the vendored libjpeg-turbo (turbojpeg-sys): fetched into target/tools/
+# when missing (scripts/with-build-tools.sh); run_all.sh puts that folder on the PATH.
+scripts/with-build-tools.sh >/dev/null
+
+# Rust components the checks use.
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --version >/dev/null
+cargo clippy --version >/dev/null
+
+# cargo-fuzz for the fuzz smoke run (scripts/fuzz.sh).
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+# Python test tools. The client itself is installed by tests/packaging.sh, the way users do.
+python3 -m pip install -q --disable-pip-version-check numpy pytest
+# torch (CPU use only): the client's torch paths, batch.to(..., normalize=True) against a real
+# f32 ring, and benches/gpu/check.py's dry path run with it.
+python3 -m pip install -q --disable-pip-version-check torch
