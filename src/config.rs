@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::augment::{AugmentConfig, Augmenter};
+use crate::source::selection::{InfoBatch, SelectionConfig, SelectionMode};
 use crate::source::{SamplingConfig, SourceConfig, SourceKind};
 
 /// The built-in configuration `ringfeed serve` uses when no `--config` is given: the bundled
@@ -42,6 +43,9 @@ pub struct ConfigFile {
     /// Rank layout across nodes (`[distributed]`).
     #[serde(default)]
     pub distributed: DistributedConfig,
+    /// Per-epoch sample selection from reported losses (`[selection]`).
+    #[serde(default)]
+    pub selection: SelectionConfig,
 }
 
 /// `[batch]`: how many samples a batch holds.
@@ -156,6 +160,8 @@ pub struct Overrides {
     pub shm_dir: Option<PathBuf>,
     /// `--allow-group`
     pub allow_group: Option<String>,
+    /// `--state-dir`
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -206,6 +212,10 @@ pub struct Plan {
     pub ranks: RankPlan,
     /// `ring.allow-group` resolved to a gid.
     pub allow_gid: Option<u32>,
+    /// The checked InfoBatch parameters (`None`: `[selection] mode = "none"`).
+    pub infobatch: Option<InfoBatch>,
+    /// Where selection state is persisted (`None`: nowhere, no cache directory known).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Which global rank each lane serves.
@@ -288,6 +298,53 @@ impl TorchrunEnv {
     }
 }
 
+/// Checks `[selection]`; the InfoBatch parameters when `mode = "infobatch"`.
+fn check_selection(file: &ConfigFile) -> Result<Option<InfoBatch>, ConfigError> {
+    let s = &file.selection;
+    if !(0.0..1.0).contains(&s.prune_ratio) {
+        return Err(invalid(
+            "selection.prune-ratio",
+            s.prune_ratio,
+            "0.0 to below 1.0",
+        ));
+    }
+    if !(0.0..=1.0).contains(&s.anneal) {
+        return Err(invalid("selection.anneal", s.anneal, "0.0 to 1.0"));
+    }
+    if !(0.0..1.0).contains(&s.ema_factor) {
+        return Err(invalid(
+            "selection.ema-factor",
+            s.ema_factor,
+            "0.0 to below 1.0",
+        ));
+    }
+    if s.state_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        return Err(invalid("selection.state-dir", "\"\"", "a directory path"));
+    }
+    if s.mode == SelectionMode::None {
+        return Ok(None);
+    }
+    let epochs = match file.sampling.epochs {
+        0 => s.epochs,
+        n => n,
+    };
+    if epochs == 0 {
+        return Err(invalid(
+            "selection.epochs",
+            0,
+            "the run length to anneal against (needed when [sampling] epochs = 0)",
+        ));
+    }
+    Ok(Some(InfoBatch {
+        prune_ratio: s.prune_ratio,
+        anneal: s.anneal,
+        epochs,
+    }))
+}
+
 fn invalid(key: &'static str, value: impl std::fmt::Display, allowed: &str) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -348,6 +405,9 @@ impl Plan {
         if let Some(v) = &o.allow_group {
             file.ring.allow_group = Some(v.clone());
         }
+        if let Some(v) = &o.state_dir {
+            file.selection.state_dir = Some(v.clone());
+        }
 
         if let Err(e) = crate::ring::validate_name(&file.ring.name) {
             return Err(invalid(
@@ -403,6 +463,11 @@ impl Plan {
                     .map_err(|e| invalid("ring.allow-group", format!("{g:?}"), &e.to_string()))?,
             ),
         };
+        let infobatch = check_selection(&file)?;
+        let state_dir = file.selection.state_dir.clone().or_else(|| {
+            crate::source::index::default_cache_dir(|k| std::env::var(k).ok())
+                .map(|d| d.join("state").join(&file.ring.name))
+        });
         // Building the augmenter checks the whole [augment] table.
         Augmenter::new(&file.augment)?;
 
@@ -418,6 +483,8 @@ impl Plan {
             threads,
             ranks,
             allow_gid,
+            infobatch,
+            state_dir,
         })
     }
 

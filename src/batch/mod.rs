@@ -2,7 +2,9 @@
 //!
 //! Every image batch has three tensors, always in this order (see `docs/ring-format.md` §5.2):
 //! `images` (the augmenter's output dtype, `[B, C, H, W]` or `[B, H, W, C]`), `labels`
-//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset).
+//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset). With
+//! `[selection]` on, a fourth follows: `weights` (`f32 [B]`, the factor a trainer multiplies
+//! each sample's loss by: 1, or `1 / (1 - prune-ratio)` for kept well-learned samples).
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
@@ -16,6 +18,8 @@ pub enum TensorIndex {
     Labels = 1,
     /// `sample_ids`
     SampleIds = 2,
+    /// `weights` (only with `[selection]` on)
+    Weights = 3,
 }
 
 /// The shape of one batch, derived from the batch size and the augmenter's output.
@@ -34,6 +38,8 @@ pub struct BatchSchema {
     pub mean: [f32; 4],
     /// Normalisation std per channel (all 0 = not normalised).
     pub std: [f32; 4],
+    /// A `weights` tensor follows `sample_ids` (`[selection]` on).
+    pub weights: bool,
 }
 
 impl BatchSchema {
@@ -51,7 +57,13 @@ impl BatchSchema {
             nhwc: augmenter.nhwc(),
             mean,
             std,
+            weights: false,
         }
+    }
+
+    /// The same schema with (or without) the `weights` tensor.
+    pub fn with_weights(self, weights: bool) -> BatchSchema {
+        BatchSchema { weights, ..self }
     }
 
     /// Bytes of one sample's image.
@@ -73,7 +85,7 @@ impl BatchSchema {
         } else {
             vec![b, c, h, w]
         };
-        vec![
+        let mut tensors = vec![
             TensorSpec {
                 name: "images".to_owned(),
                 dtype: self.image_dtype,
@@ -89,7 +101,15 @@ impl BatchSchema {
                 dtype: DType::I64,
                 shape: vec![b],
             },
-        ]
+        ];
+        if self.weights {
+            tensors.push(TensorSpec {
+                name: "weights".to_owned(),
+                dtype: DType::F32,
+                shape: vec![b],
+            });
+        }
+        tensors
     }
 }
 
@@ -116,8 +136,13 @@ mod tests {
             nhwc: false,
             mean: [0.0; 4],
             std: [0.0; 4],
+            weights: false,
         };
         let t = s.tensors();
+        assert_eq!(t.len(), 3);
+        let w = s.clone().with_weights(true).tensors();
+        assert_eq!(w[TensorIndex::Weights as usize].name, "weights");
+        assert_eq!(w[TensorIndex::Weights as usize].dtype, DType::F32);
         assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
         assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
         assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);

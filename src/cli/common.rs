@@ -62,6 +62,11 @@ pub(crate) struct PlanArgs {
     /// 0660, given to GROUP. Default: only this user.
     #[arg(long, value_name = "GROUP")]
     allow_group: Option<String>,
+    /// Where [selection] keeps scores and epoch snapshots, so a restarted daemon serving a
+    /// resumed trainer decides the same epochs. Default: state/<name> under the cache
+    /// directory ($XDG_CACHE_HOME/ringfeed or ~/.cache/ringfeed).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 impl PlanArgs {
@@ -81,6 +86,7 @@ impl PlanArgs {
             max_skip_fraction: self.max_skip_fraction,
             shm_dir: self.shm_dir.clone(),
             allow_group: self.allow_group.clone(),
+            state_dir: self.state_dir.clone(),
         }
     }
 }
@@ -149,7 +155,8 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
     )?
     .with_shard_starts(dataset.shard_starts())?;
     let augmenter = Augmenter::new(&plan.file.augment)?;
-    let schema = BatchSchema::new(plan.file.batch.size, &augmenter);
+    let schema =
+        BatchSchema::new(plan.file.batch.size, &augmenter).with_weights(plan.infobatch.is_some());
     let dataset = Arc::new(dataset);
     let pipeline = Pipeline::new(
         plan.clone(),
@@ -173,6 +180,7 @@ impl Stages {
             tensors: schema.tensors(),
             drop_last: plan.file.sampling.drop_last,
             nhwc: schema.nhwc,
+            selection: plan.infobatch.is_some(),
             batches_per_epoch: self.pipeline.batches_per_epoch(),
             epochs: plan.file.sampling.epochs,
             seed: plan.file.sampling.seed,

@@ -464,6 +464,7 @@ mod tests {
             }],
             drop_last: true,
             nhwc: false,
+            selection: false,
             batches_per_epoch: 10,
             epochs: 0,
             seed: 1,

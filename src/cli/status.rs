@@ -79,8 +79,16 @@ impl StatusReporter {
                     if tty && Instant::now() >= next_bar {
                         let images = counters.samples_ok.load(Ordering::Relaxed);
                         let rate = bar_rate.push(Instant::now(), images);
+                        // A selected epoch's real length, once decided.
+                        let shape = match counters.lane0_epoch_batches.load(Ordering::Relaxed) {
+                            0 => epoch_shape,
+                            n => EpochShape {
+                                batches_per_epoch: n,
+                                ..epoch_shape
+                            },
+                        };
                         let bar = progress_bar(
-                            &epoch_shape,
+                            &shape,
                             counters.lane0_epoch.load(Ordering::Relaxed),
                             counters.lane0_batches_done.load(Ordering::Relaxed),
                             rate,
@@ -317,9 +325,30 @@ pub(crate) fn status_line(
     let verdict = verdict(&trainer_waits, producer_wait);
     let skipped = counters.samples_skipped.load(Ordering::Relaxed);
     format!(
-        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped} | {verdict}",
-        lanes.join(" | ")
+        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped}{} | {verdict}",
+        lanes.join(" | "),
+        selection_text(counters)
     )
+}
+
+/// ` | epoch E: B batches/lane, P pruned | losses L (I ignored)` once reports or a selected
+/// epoch exist; empty otherwise (a daemon nobody reports to shows what it always showed).
+pub(crate) fn selection_text(counters: &PipelineCounters) -> String {
+    let mut text = String::new();
+    let batches = counters.lane0_epoch_batches.load(Ordering::Relaxed);
+    if batches > 0 {
+        text.push_str(&format!(
+            " | epoch {}: {batches} batches/lane, {} pruned",
+            counters.lane0_epoch.load(Ordering::Relaxed),
+            counters.lane0_epoch_pruned.load(Ordering::Relaxed)
+        ));
+    }
+    let losses = counters.losses_reported.load(Ordering::Relaxed);
+    let ignored = counters.losses_ignored.load(Ordering::Relaxed);
+    if losses + ignored > 0 {
+        text.push_str(&format!(" | losses {losses} ({ignored} ignored)"));
+    }
+    text
 }
 
 /// The one-line answer to "is the loader the bottleneck?".

@@ -39,6 +39,9 @@ pub(crate) enum Request {
     },
     /// Describe the ring.
     Info,
+    /// The daemon's evaluation of reported losses (`ringfeed stat`); the reply may be longer
+    /// than [`MAX_LINE`].
+    Evaluation,
 }
 
 /// The consumer's uid check: `Err(peer)` when the producer runs as neither this user nor the

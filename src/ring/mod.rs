@@ -16,12 +16,14 @@
 //! - [`Producer`] / [`SlotWriter`]: create the ring, claim and publish slots, serve attaches,
 //!   reclaim the slots of dead consumers.
 //! - [`Consumer`] / [`Batch`]: attach, take batches in order, release on drop, notice a dead
-//!   producer within a second.
+//!   producer within a second; report per-sample losses back.
+//! - [`feedback`]: the frames a consumer sends on its connection (losses, end of epoch).
 //! - [`Observer`]: a read-only view of a running ring for operator tools (counters, a
 //!   seqlock copy of a published batch), found through the lock file and `/proc`.
 
 mod access;
 mod consumer;
+pub mod feedback;
 mod futex;
 mod handshake;
 pub mod layout;
@@ -34,7 +36,7 @@ mod slot;
 
 pub use access::{resolve_group, GroupError};
 pub use consumer::{
-    AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, TensorError,
+    AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, ReportError, TensorError,
 };
 pub use futex::mono_ns;
 pub use layout::{

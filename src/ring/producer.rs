@@ -17,10 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use rustix::net::RecvFlags;
 use serde_json::json;
 use thiserror::Error;
 
 use super::access;
+use super::feedback::{Feedback, FrameError, FrameReader};
 use super::futex::{self, mono_ns, unix_ns};
 use super::handshake::{self, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
@@ -261,11 +263,71 @@ enum LaneConn {
     },
 }
 
-/// An attached consumer's socket, watched by the service thread.
+/// An attached consumer's socket, watched by the service thread, and the feedback frames
+/// (§9) it has sent so far.
 struct Watch {
     lane: u32,
     conn: u64,
     stream: UnixStream,
+    frames: FrameReader,
+}
+
+/// What reading an attached consumer's socket found.
+enum Pumped {
+    /// Still connected (any complete frames were queued).
+    Open,
+    /// The consumer hung up (frames sent before its EOF were queued first).
+    Closed,
+    /// It sent a malformed frame.
+    Malformed(FrameError),
+}
+
+impl Watch {
+    fn new(lane: u32, conn: u64, stream: UnixStream) -> Watch {
+        Watch {
+            lane,
+            conn,
+            stream,
+            frames: FrameReader::default(),
+        }
+    }
+
+    /// Reads everything the socket holds without blocking and queues complete frames.
+    fn pump(&mut self, queue: &Mutex<Vec<(u32, Feedback)>>) -> Pumped {
+        let mut buf = [0u8; 16 * 1024];
+        let mut closed = false;
+        loop {
+            match rustix::net::recv(&self.stream, &mut buf, RecvFlags::DONTWAIT) {
+                Ok((0, _)) => {
+                    closed = true;
+                    break;
+                }
+                Ok((n, _)) => self.frames.push(&buf[..n]),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut got = Vec::new();
+        let outcome = loop {
+            match self.frames.next_frame() {
+                Ok(Some(f)) => got.push((self.lane, f)),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        if !got.is_empty() {
+            lock(queue).append(&mut got);
+        }
+        match outcome {
+            Some(e) => Pumped::Malformed(e),
+            None if closed => Pumped::Closed,
+            None => Pumped::Open,
+        }
+    }
 }
 
 /// State shared by the producer handle, its threads and pending seek requests.
@@ -281,6 +343,10 @@ struct Shared {
     publish_locks: Vec<Mutex<()>>,
     seeks: Mutex<Vec<SeekRequest>>,
     inbox: Mutex<Vec<Watch>>,
+    /// Feedback frames received, oldest first, with the lane that sent them.
+    feedback: Mutex<Vec<(u32, Feedback)>>,
+    /// The reply to an `evaluation` request, kept current by the pipeline.
+    evaluation: Mutex<serde_json::Value>,
     next_conn: AtomicU64,
     stop: AtomicBool,
 }
@@ -392,7 +458,7 @@ impl Shared {
             &self.attach_reply(lane),
             Some(self.segment.file().as_fd()),
         ) {
-            Ok(()) => Some(Watch { lane, conn, stream }),
+            Ok(()) => Some(Watch::new(lane, conn, stream)),
             Err(_) => {
                 self.reclaim_conn(lane, conn);
                 None
@@ -624,6 +690,8 @@ impl Producer {
             publish_locks,
             seeks: Mutex::new(Vec::new()),
             inbox: Mutex::new(Vec::new()),
+            feedback: Mutex::new(Vec::new()),
+            evaluation: Mutex::new(json!({})),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
         });
@@ -703,6 +771,35 @@ impl Producer {
             }
         }
         result
+    }
+
+    /// Feedback frames (§9) received since the last call, oldest first, each with the lane
+    /// whose consumer sent it. Frames of one connection keep their order.
+    pub fn take_feedback(&self) -> Vec<(u32, Feedback)> {
+        std::mem::take(&mut *lock(&self.shared.feedback))
+    }
+
+    /// Sets what an `evaluation` request is answered with (a JSON object, see
+    /// docs/ring-format.md §3).
+    pub fn set_evaluation(&self, value: serde_json::Value) {
+        *lock(&self.shared.evaluation) = value;
+    }
+
+    /// Publishes lane `lane`'s plan for `epoch` (§5.3 `plan_*` fields): its batches, and the
+    /// samples kept and pruned over all ranks. Wakes the lane's waiters, so a consumer that
+    /// waits for the epoch's length sees it at once.
+    pub fn announce_epoch(&self, lane: u32, epoch: u64, batches: u64, kept: u64, pruned: u64) {
+        let sh = &self.shared;
+        sh.lane_u64(lane, lentry::PLAN_BATCHES)
+            .store(batches, Relaxed);
+        sh.lane_u64(lane, lentry::PLAN_KEPT).store(kept, Relaxed);
+        sh.lane_u64(lane, lentry::PLAN_PRUNED)
+            .store(pruned, Relaxed);
+        // SYNC POINT with the consumer's acquire load of plan_epoch before it reads the
+        // three fields above.
+        sh.lane_u64(lane, lentry::PLAN_EPOCH)
+            .store(epoch + 1, Release);
+        futex::bump_and_wake(sh.lane_u32(lane, lentry::PUBLISH_SEQ));
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
@@ -859,13 +956,23 @@ fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
         let mut i = 0;
-        watches.retain(|w| {
+        watches.retain_mut(|w| {
             i += 1;
-            if ready[i] && handshake::peer_closed(&w.stream) {
-                sh.reclaim_conn(w.lane, w.conn);
-                return false;
+            if !ready[i] {
+                return true;
             }
-            true
+            match w.pump(&sh.feedback) {
+                Pumped::Open => true,
+                Pumped::Closed => {
+                    sh.reclaim_conn(w.lane, w.conn);
+                    false
+                }
+                Pumped::Malformed(e) => {
+                    log::warn!("lane {}: {e}; dropping that consumer's connection", w.lane);
+                    sh.reclaim_conn(w.lane, w.conn);
+                    false
+                }
+            }
         });
         if ready[0] {
             while let Ok((stream, _)) = listener.accept() {
@@ -918,6 +1025,13 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
         Err(e) => return refuse(&stream, &format!("bad request: {e}")),
     };
     match request {
+        Request::Evaluation => {
+            let mut reply = lock(&sh.evaluation).clone();
+            if let Some(obj) = reply.as_object_mut() {
+                obj.insert("ok".to_owned(), json!(true));
+            }
+            let _ = handshake::send_line(&stream, &reply, None);
+        }
         Request::Info => {
             let lanes = lock(&sh.lanes);
             let list: Vec<_> = (0..sh.layout.lane_count)
@@ -965,10 +1079,11 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                 }
                 LaneConn::Attached { pid: other, conn } => {
                     // The holder may have died a moment ago; look before refusing.
+                    // Reading (rather than peeking) keeps any feedback it sent before hanging up.
                     let closed = watches
-                        .iter()
+                        .iter_mut()
                         .find(|w| w.conn == conn)
-                        .is_none_or(|w| handshake::peer_closed(&w.stream));
+                        .is_none_or(|w| !matches!(w.pump(&sh.feedback), Pumped::Open));
                     if closed || !pid_alive(other) {
                         sh.reclaim_locked(&mut lanes, lane);
                         watches.retain(|w| w.conn != conn);

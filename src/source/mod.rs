@@ -18,6 +18,7 @@ pub mod error;
 pub mod imagefolder;
 pub mod index;
 pub mod sampler;
+pub mod selection;
 pub mod spec;
 pub mod tar;
 
