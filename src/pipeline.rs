@@ -597,6 +597,7 @@ impl Pipeline {
         start: Cursor,
     ) -> Result<(), PipelineError> {
         let result = self.serve_loop(producer, stop, start);
+        self.apply_feedback(producer);
         self.selector().save(true);
         producer.set_evaluation(self.evaluation_json());
         result
@@ -621,7 +622,7 @@ impl Pipeline {
         let mut epoch_skips =
             EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
         let mut rechecked_epoch = None;
-        let mut evaluation_at = Instant::now();
+        let mut evaluation_at: Option<Instant> = None;
 
         while !stop.load(Ordering::Relaxed) {
             for request in producer.take_seek_requests() {
@@ -642,8 +643,8 @@ impl Pipeline {
                 request.apply();
             }
             self.apply_feedback(producer);
-            if evaluation_at.elapsed() >= Duration::from_secs(1) {
-                evaluation_at = Instant::now();
+            if evaluation_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                evaluation_at = Some(Instant::now());
                 producer.set_evaluation(self.evaluation_json());
                 self.selector().save(false);
             }

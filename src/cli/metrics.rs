@@ -38,6 +38,7 @@ impl MetricsServer {
                         Ok((stream, _)) => {
                             let mut body = render(&name, &producer.stats());
                             body += &render_sample_times(&name, &counters.sample_times);
+                            body += &super::feedback_metrics::render(&name, &producer.evaluation());
                             let _ = respond(stream, &body);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(50)),

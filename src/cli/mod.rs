@@ -4,6 +4,7 @@
 mod bench;
 mod common;
 mod consume;
+mod feedback_metrics;
 mod index;
 mod logging;
 mod metrics;

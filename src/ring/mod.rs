@@ -39,6 +39,14 @@ pub use consumer::{
     AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, ReportError, TensorError,
 };
 pub use futex::mono_ns;
+
+/// The running producer's evaluation of reported losses (the `evaluation` request of
+/// docs/ring-format.md §3): counters, per-epoch mean loss by augmentation bucket and class,
+/// scores and the selection state, as JSON. The producer must run as our uid.
+pub fn query_evaluation(dir: &RuntimeDir, name: &str) -> std::io::Result<serde_json::Value> {
+    validate_name(name).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    handshake::query_evaluation(&dir.socket_path(name), None)
+}
 pub use layout::{
     plan, validate_header, DType, FormatError, Layout, RingSpec, SpecError, TensorLayout,
     TensorSpec,

@@ -785,6 +785,11 @@ impl Producer {
         *lock(&self.shared.evaluation) = value;
     }
 
+    /// The current `evaluation` reply (what [`set_evaluation`](Self::set_evaluation) set).
+    pub fn evaluation(&self) -> serde_json::Value {
+        lock(&self.shared.evaluation).clone()
+    }
+
     /// Publishes lane `lane`'s plan for `epoch` (§5.3 `plan_*` fields): its batches, and the
     /// samples kept and pruned over all ranks. Wakes the lane's waiters, so a consumer that
     /// waits for the epoch's length sees it at once.

@@ -42,6 +42,16 @@ class _EndOfStream(Exception):
     pass
 
 
+def evaluation(
+    name: str, *, runtime_dir: Optional[PathLike] = None, trust_uid: Optional[int] = None
+) -> dict[str, Any]:
+    """The daemon ``name``'s evaluation of reported losses, without attaching: ``reports``
+    counters, ``scores``, ``selection`` and, per recent epoch, the mean loss by augmentation
+    bucket (``loss_by``) and by class (``loss_by_class``). See docs/feedback.md."""
+    path = socket_path(check_name(name), runtime_dir, trust_uid=trust_uid)
+    return protocol.evaluation(path, trust_uid=trust_uid)
+
+
 class Loader:
     """Iterate over the batches of one lane of a ringfeed producer.
 
@@ -511,6 +521,12 @@ class Loader:
             self._detach(release_held=True)
         self._epoch_ended = False
         self._attach(resume, max(self._wait_for_producer, REATTACH_PATIENCE_S))
+
+    def evaluation(self) -> dict[str, Any]:
+        """The daemon's evaluation of reported losses (what ``ringfeed stat`` shows):
+        ``reports`` counters, ``scores``, ``selection`` and per-epoch ``loss_by`` augmentation
+        bucket and ``loss_by_class``. See docs/feedback.md for how to read it."""
+        return evaluation(self.name, runtime_dir=self._runtime_dir, trust_uid=self._trust_uid)
 
     def stats(self) -> dict[str, float]:
         """Starvation figures since attach: ``wait_share`` is the fraction of wall time this
