@@ -27,8 +27,15 @@ pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "
 SAMPLES = 96
 
 
-def config(tmp_path: Path, *, mode: str = "infobatch", lanes: int = 1, batch: int = 8,
-           epochs: int = 8, extra: str = "") -> Path:
+def config(
+    tmp_path: Path,
+    *,
+    mode: str = "infobatch",
+    lanes: int = 1,
+    batch: int = 8,
+    epochs: int = 8,
+    extra: str = "",
+) -> Path:
     shards = REPO / "data" / "sample" / "shard-{000000..000001}.tar"
     path = tmp_path / f"selection-{mode}-{lanes}-{batch}.toml"
     path.write_text(
@@ -75,17 +82,30 @@ class Node:
         env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(self.runtime_dir)}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(BINARY), "serve", "-c", str(self.cfg), "--name", self.name,
-                 "--state-dir", str(self.state_dir), *map(str, self.args)],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                [
+                    str(BINARY),
+                    "serve",
+                    "-c",
+                    str(self.cfg),
+                    "--name",
+                    self.name,
+                    "--state-dir",
+                    str(self.state_dir),
+                    *map(str, self.args),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
             )
 
     def loader(self, lane: int = 0, **options: Any) -> ringfeed.Loader:
         deadline = time.monotonic() + 60
         while True:
             try:
-                return ringfeed.Loader(self.name, lane, runtime_dir=self.runtime_dir,
-                                       timeout=60, **options)
+                return ringfeed.Loader(
+                    self.name, lane, runtime_dir=self.runtime_dir, timeout=60, **options
+                )
             except ringfeed.AttachError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"daemon not serving; log:\n{self.log()}") from None
@@ -129,9 +149,13 @@ def varied(ids: np.ndarray, epoch: int) -> np.ndarray:
     return ((ids * 7919 + epoch * 104729) % 97) / 97.0 + 0.01
 
 
-def run_epochs(loader: ringfeed.Loader, epochs: range, loss: Any,
-               stop_at: tuple[int, int] | None = None,
-               resumed_at: int = 0) -> dict[int, list[tuple[int, float]]]:
+def run_epochs(
+    loader: ringfeed.Loader,
+    epochs: range,
+    loss: Any,
+    stop_at: tuple[int, int] | None = None,
+    resumed_at: int = 0,
+) -> dict[int, list[tuple[int, float]]]:
     """Serve ``epochs``, reporting ``loss(ids, epoch)`` for every batch; returns per epoch the
     (id, weight) pairs in serving order. ``stop_at=(epoch, batches)`` stops early;
     ``resumed_at``: the first epoch starts at that batch index."""
@@ -158,7 +182,11 @@ def test_infobatch_prunes_half_the_well_learned_and_anneals(nodes: Any, tmp_path
     with node.loader() as loader:
         assert loader.layout.selection
         assert [t.name for t in loader.layout.tensors] == [
-            "images", "labels", "sample_ids", "weights"]
+            "images",
+            "labels",
+            "sample_ids",
+            "weights",
+        ]
         served = run_epochs(loader, range(8), even_odd)
         assert next(iter(loader), None) is None, "the run ends after 8 epochs"
     first = served[0]
@@ -182,9 +210,7 @@ def test_infobatch_prunes_half_the_well_learned_and_anneals(nodes: Any, tmp_path
     assert "epoch 1: 72 samples served, 24 pruned, 9 batches per lane" in node.log()
 
 
-def test_resume_with_a_restarted_daemon_serves_the_same_epochs(
-    nodes: Any, tmp_path: Path
-) -> None:
+def test_resume_with_a_restarted_daemon_serves_the_same_epochs(nodes: Any, tmp_path: Path) -> None:
     cfg = config(tmp_path)
     reference = nodes("ref", cfg)
     with reference.loader() as loader:
@@ -196,7 +222,7 @@ def test_resume_with_a_restarted_daemon_serves_the_same_epochs(
         before = run_epochs(loader, range(4), varied, stop_at=(3, 4))
         state = loader.state_dict()
         reported = sum(len(rows) for rows in before.values())
-    assert state["epoch"] == 3 and state["index"] == 4
+    assert (state["epoch"], state["index"]) == (3, 4)
     # Every report reached the daemon before it is stopped (a clean stop saves the scores).
     deadline = time.monotonic() + 20
     while True:
@@ -217,9 +243,7 @@ def test_resume_with_a_restarted_daemon_serves_the_same_epochs(
         assert rest[epoch] == expected[epoch], f"epoch {epoch} differs after the restart"
 
 
-def test_two_nodes_report_everything_and_decide_identical_plans(
-    nodes: Any, tmp_path: Path
-) -> None:
+def test_two_nodes_report_everything_and_decide_identical_plans(nodes: Any, tmp_path: Path) -> None:
     cfg = config(tmp_path, lanes=2, batch=4, epochs=4)
     node0 = nodes("n0", cfg, "--world-size", 4, "--first-rank", 0)
     node1 = nodes("n1", cfg, "--world-size", 4, "--first-rank", 2)
@@ -237,7 +261,8 @@ def test_two_nodes_report_everything_and_decide_identical_plans(
                 assert all(b is not None for b in batches), "ranks got unequal batch counts"
                 per_rank = []
                 for b in batches:
-                    assert b is not None and b.epoch == epoch
+                    assert b is not None
+                    assert b.epoch == epoch
                     ids = b.sample_ids.copy()
                     served.extend(ids.tolist())
                     per_rank.append((ids, varied(ids, epoch)))
@@ -267,7 +292,7 @@ def test_bad_reports_are_refused_or_counted_and_late_ones_accepted(
         assert len(loader) == SAMPLES // 8
         first = next(iter(loader))
         ids = first.sample_ids.copy()
-        with pytest.raises(ValueError, match="outside the dataset.*96, -1"):
+        with pytest.raises(ValueError, match=r"outside the dataset.*96, -1"):
             loader.report(np.array([1, 96, -1]), np.ones(3))
         with pytest.raises(ValueError, match="3 sample ids but 2 losses"):
             loader.report([1, 2, 3], [1.0, 2.0])
@@ -298,16 +323,28 @@ def test_stat_shows_loss_by_augmentation_bucket_and_class(
         env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
         deadline = time.monotonic() + 20
         while True:
-            out = subprocess.run([str(BINARY), "stat", "stat", "--once", "--json"],
-                                 env=env, capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [str(BINARY), "stat", "stat", "--once", "--json"],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             report = json.loads(out.stdout)
             fb = report["feedback"]
             if fb and fb["reports"]["losses"] >= SAMPLES + 72 and len(fb["epochs"]) == 2:
                 break
             assert time.monotonic() < deadline, out.stdout
             time.sleep(0.2)
-        text = subprocess.run([str(BINARY), "stat", "stat", "--once"], env=env,
-                              capture_output=True, text=True, timeout=30).stdout
+        text = subprocess.run(
+            [str(BINARY), "stat", "stat", "--once"],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     epoch1 = fb["epochs"][-1]
     assert epoch1["epoch"] == 1
     assert {"crop_area", "crop_aspect", "flip", "rotation"} <= set(epoch1["loss_by"])

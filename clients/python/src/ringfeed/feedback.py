@@ -36,15 +36,25 @@ def host_arrays(sample_ids: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
     exact for ids below 2**53); CPU tensors and numpy arrays are not copied unless their dtype
     must change.
     """
-    if _is_torch(sample_ids) and _is_torch(losses):
-        if sample_ids.device.type != "cpu" or losses.device.type != "cpu":
-            import torch
+    on_device = (
+        _is_torch(sample_ids)
+        and _is_torch(losses)
+        and (sample_ids.device.type != "cpu" or losses.device.type != "cpu")
+    )
+    if on_device:
+        import torch
 
-            both = torch.stack(
-                (sample_ids.detach().reshape(-1).to(torch.float64),
-                 losses.detach().reshape(-1).to(torch.float64))
-            ).cpu().numpy()
-            return both[0].astype(np.int64), both[1].astype(np.float32)
+        both = (
+            torch.stack(
+                (
+                    sample_ids.detach().reshape(-1).to(torch.float64),
+                    losses.detach().reshape(-1).to(torch.float64),
+                )
+            )
+            .cpu()
+            .numpy()
+        )
+        return both[0].astype(np.int64), both[1].astype(np.float32)
     if _is_torch(sample_ids):
         sample_ids = sample_ids.detach().cpu().numpy()
     if _is_torch(losses):
@@ -99,7 +109,9 @@ def distributed() -> Any:
     return dist if dist.get_world_size() > 1 else None
 
 
-def all_gather(dist: Any, ids: np.ndarray, losses: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def all_gather(
+    dist: Any, ids: np.ndarray, losses: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every rank's ``(ids, losses)``, in rank order: two collectives (the lengths, then the
     data padded to the longest, as f64 pairs). Runs on the process group's device."""
     import torch

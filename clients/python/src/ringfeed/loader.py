@@ -263,8 +263,12 @@ class Loader:
         layout = self.layout
         epoch = self._next_position()["epoch"]
         if not layout.selection:
-            return {"epoch": epoch, "batches": layout.batches_per_epoch,
-                    "kept": layout.samples_per_epoch, "pruned": 0}
+            return {
+                "epoch": epoch,
+                "batches": layout.batches_per_epoch,
+                "kept": layout.samples_per_epoch,
+                "pruned": 0,
+            }
         self._send_epoch_done()
         ring = self._live_ring()
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
