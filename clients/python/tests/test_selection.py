@@ -356,3 +356,44 @@ def test_stat_shows_loss_by_augmentation_bucket_and_class(
     assert "loss by flip: none: " in text
     assert "loss by class (highest first): " in text
     assert "selection: infobatch, epoch " in text
+
+
+def test_torch_distributed_report_reaches_every_node(
+    nodes: Any, tmp_path: Path, spawn: Any
+) -> None:
+    """Two ranks on two nodes (one lane each) with real ``torch.distributed`` (gloo): every
+    ``report`` all-gathers, so each daemon receives both ranks' losses and both decide the
+    same epochs."""
+    pytest.importorskip("torch.distributed")
+    cfg = config(tmp_path, batch=8, epochs=3)
+    node0 = nodes("d0", cfg, "--world-size", 2, "--first-rank", 0)
+    node1 = nodes("d1", cfg, "--world-size", 2, "--first-rank", 1)
+    port = 20000 + os.getpid() % 20000
+    ranks = [
+        spawn("dist_trainer.py", r, 2, port, node.name, node.runtime_dir, 3)
+        for r, node in enumerate((node0, node1))
+    ]
+    served: dict[int, list[int]] = {}
+    for process in ranks:
+        for _ in range(4):
+            line = json.loads(process.stdout.readline() or "{}")
+            assert line, f"a rank exited early; logs:\n{node0.log()}\n{node1.log()}"
+            if "epoch" in line:
+                served.setdefault(line["epoch"], []).extend(line["ids"])
+        assert process.wait(timeout=60) == 0
+    for epoch, ids in served.items():
+        assert len(ids) == len(set(ids)), f"epoch {epoch}: a sample served twice"
+    assert len(served[1]) < SAMPLES, "epoch 1 prunes"
+    total = sum(len(ids) for ids in served.values())
+    for node in (node0, node1):
+        deadline = time.monotonic() + 20
+        while (
+            ringfeed.evaluation(node.name, runtime_dir=node.runtime_dir)["reports"]["losses"]
+            < total
+        ):
+            assert time.monotonic() < deadline, "a node missed the other rank's losses"
+            time.sleep(0.05)
+        ev = ringfeed.evaluation(node.name, runtime_dir=node.runtime_dir)
+        assert ev["reports"]["losses"] == total, "each loss exactly once per node"
+    for snap in sorted(node0.state_dir.glob("epoch-*.f32")):
+        assert snap.read_bytes() == (node1.state_dir / snap.name).read_bytes(), snap.name
