@@ -164,6 +164,7 @@ def run(
     seed: int,
     epochs: int,
     batch: int,
+    show_stat: bool = False,
 ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -207,7 +208,17 @@ def run(
         per_epoch = []
         started = time.perf_counter()
         with loader:
-            for _epoch in range(epochs):
+            for epoch in range(epochs):
+                if show_stat and epoch == epochs - 2:
+                    # What the daemon has learnt so far, as an operator sees it.
+                    stat = subprocess.run(
+                        [str(binary), "stat", name, "--once"],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
+                    print(stat.stdout, flush=True)
                 count = 0
                 for b in loader:
                     images, labels = b.torch("images", "labels")
@@ -269,6 +280,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--smoke", action="store_true", help="1 seed, 3 epochs: CI")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--stat",
+        action="store_true",
+        help="print `ringfeed stat` before the last epochs",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.epochs = 1, 3
@@ -290,6 +306,7 @@ def main() -> int:
                     seed,
                     args.epochs,
                     args.batch,
+                    show_stat=args.stat and seed == 0 and mode == "infobatch",
                 )
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -18,9 +18,11 @@
 //! # What is promised (and tested)
 //!
 //! - Epoch `e`'s plan is a function of (seed, epoch, the scores after all reports of epochs
-//!   before `e`): `tests/selection_daemon.py`-style end-to-end tests in
-//!   `clients/python/tests/test_selection.py` check the even/odd example, a restart mid-run
-//!   and two daemons as two nodes deciding the same plans.
+//!   before `e`). The end-to-end tests in `clients/python/tests/test_selection.py` run the real
+//!   daemon: the even/odd example (every odd id, half the even ids with weight 2, annealed last
+//!   epoch), a restart of daemon and trainer mid-run serving the same epochs, two daemons as
+//!   two nodes deciding byte-identical snapshots (also through real `torch.distributed`), bad
+//!   and late reports, and `ringfeed stat`'s loss by bucket and class.
 //! - With `mode = "none"` batches are byte for byte those of a daemon without this module.
 
 mod evaluation;

@@ -10,6 +10,8 @@
 //! - [`dataset`]: [`Dataset`], the fixed, ordered sample list (id = position) with positioned
 //!   reads of each sample's encoded bytes.
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order.
+//! - [`selection`]: `[selection]` and the InfoBatch epoch plan: which samples an epoch leaves
+//!   out (from a snapshot of reported-loss scores) and the weight each kept one carries.
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 
 pub mod config;
