@@ -191,8 +191,10 @@ impl Selector {
                 }
             }
         }
+        // This run's snapshot of the epoch, if it was decided before: a trainer resumed at an
+        // earlier epoch (daemon restarted or not) gets the epoch it had.
         let saved = match (&self.store, self.run) {
-            (Some(store), Run::Resumed) => store.load_snapshot(epoch, n),
+            (Some(store), Run::Resumed | Run::Fresh) => store.load_snapshot(epoch, n),
             _ => None,
         };
         let snapshot = saved.unwrap_or_else(|| self.scores.values().to_vec());

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RFSCORE1";
 /// Epoch snapshots kept on disk.
-pub const KEPT_SNAPSHOTS: u64 = 3;
+pub const KEPT_SNAPSHOTS: u64 = 4;
 
 /// The state directory of one ring.
 #[derive(Debug, Clone)]
@@ -140,14 +140,15 @@ mod tests {
         let s = StateStore::open(&path, "run a".into()).unwrap();
         s.reset().unwrap();
         s.save_scores(&[1.0, f32::NAN]).unwrap();
-        for e in 1..=4 {
+        for e in 1..=5 {
             s.save_snapshot(e, &[e as f32, 0.0]).unwrap();
         }
         let again = StateStore::open(&path, "run a".into()).unwrap();
         let scores = again.load_scores(2).unwrap();
         assert_eq!(scores[0], 1.0);
         assert!(scores[1].is_nan());
-        assert_eq!(again.load_snapshot(4, 2).unwrap(), vec![4.0, 0.0]);
+        assert_eq!(again.load_snapshot(5, 2).unwrap(), vec![5.0, 0.0]);
+        assert_eq!(again.load_snapshot(2, 2).unwrap(), vec![2.0, 0.0]);
         assert!(
             again.load_snapshot(1, 2).is_none(),
             "older than the kept window"
@@ -156,6 +157,6 @@ mod tests {
         let other = StateStore::open(&path, "run b".into()).unwrap();
         assert!(other.load_scores(2).is_none());
         other.reset().unwrap();
-        assert!(again.load_snapshot(4, 2).is_none());
+        assert!(again.load_snapshot(5, 2).is_none());
     }
 }

@@ -511,6 +511,9 @@ impl SeekRequest {
                 sh.slot(self.lane, s).discard();
             }
             sh.lane_u32(self.lane, lentry::STREAM).fetch_add(1, Release);
+            // The announced epoch plan belonged to the old position; the pipeline announces
+            // the new one once it is decided.
+            sh.lane_u64(self.lane, lentry::PLAN_EPOCH).store(0, Release);
             // Rewinding a finished ring makes it serve again; the pipeline finishes it anew
             // when the lane reaches the last epoch once more.
             if sh.state() == Some(ProducerState::Finished) {

@@ -397,3 +397,22 @@ def test_torch_distributed_report_reaches_every_node(
         assert ev["reports"]["losses"] == total, "each loss exactly once per node"
     for snap in sorted(node0.state_dir.glob("epoch-*.f32")):
         assert snap.read_bytes() == (node1.state_dir / snap.name).read_bytes(), snap.name
+
+
+def test_a_trainer_resumed_at_an_earlier_epoch_gets_the_epochs_it_had(
+    nodes: Any, tmp_path: Path
+) -> None:
+    """Daemon still running, trainer back to a checkpoint two epochs old: the epochs decided
+    since come from their saved snapshots, so the replay matches an uninterrupted run."""
+    cfg = config(tmp_path)
+    with nodes("ref2", cfg).loader() as loader:
+        expected = run_epochs(loader, range(8), varied)
+    with nodes("back", cfg).loader() as loader:
+        run_epochs(loader, range(4), varied, stop_at=(3, 4))
+        checkpoint = loader.state_dict()
+        run_epochs(loader, range(3, 6), varied, stop_at=(5, 2), resumed_at=4)
+        loader.load_state_dict(checkpoint)
+        replay = run_epochs(loader, range(3, 8), varied, resumed_at=4)
+    assert replay[3] == expected[3][4 * 8 :]
+    for epoch in range(4, 8):
+        assert replay[epoch] == expected[epoch], f"epoch {epoch} differs after going back"

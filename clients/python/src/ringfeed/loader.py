@@ -276,13 +276,8 @@ class Loader:
             seen = ring.publish_seq(self.lane)
             state = ring.producer_state
             plan = ring.lane_plan(self.lane)
-            if plan is not None and plan["epoch"] >= epoch:
-                if plan["epoch"] == epoch:
-                    return plan
-                raise RingfeedError(
-                    f"lane {self.lane} announced epoch {plan['epoch']} while this loader is at "
-                    f"epoch {epoch}"
-                )
+            if plan is not None and plan["epoch"] == epoch:
+                return plan
             if state == FINISHED:
                 return {"epoch": epoch, "batches": 0, "kept": 0, "pruned": 0}
             self._check_producer(ring, state)
