@@ -573,6 +573,44 @@ mod tests {
     }
 
     #[test]
+    fn selection_is_checked_and_needs_a_run_length() {
+        let with = |table: &str, epochs: &str| {
+            let text = DEFAULT_CONFIG.replace("epochs = 0                # until stopped", epochs)
+                + "\n[selection]\n"
+                + table;
+            plan(&text, &Overrides::default(), &TorchrunEnv::default())
+        };
+        let p = plan(
+            DEFAULT_CONFIG,
+            &Overrides::default(),
+            &TorchrunEnv::default(),
+        )
+        .unwrap();
+        assert!(p.infobatch.is_none(), "mode none by default");
+        let err = with("mode = \"infobatch\"", "epochs = 0").unwrap_err();
+        assert!(err.to_string().contains("selection.epochs"), "{err}");
+        let p = with("mode = \"infobatch\"\nepochs = 90", "epochs = 0").unwrap();
+        assert_eq!(p.infobatch.unwrap().epochs, 90);
+        let p = with("mode = \"infobatch\"\nepochs = 90", "epochs = 8").unwrap();
+        assert_eq!(
+            p.infobatch.unwrap().epochs,
+            8,
+            "[sampling] epochs wins when bounded"
+        );
+        for (table, key) in [
+            ("prune-ratio = 1.0", "selection.prune-ratio"),
+            ("anneal = 1.5", "selection.anneal"),
+            ("ema-factor = -0.1", "selection.ema-factor"),
+            ("state-dir = \"\"", "selection.state-dir"),
+        ] {
+            let err = with(table, "epochs = 8").unwrap_err();
+            assert!(err.to_string().contains(key), "{table}: {err}");
+        }
+        let err = with("mode = \"best\"", "epochs = 8").unwrap_err();
+        assert!(err.to_string().contains("infobatch"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = format!("{DEFAULT_CONFIG}\n[bogus]\nx = 1\n");
         let err = plan(&text, &Overrides::default(), &TorchrunEnv::default()).unwrap_err();

@@ -438,6 +438,21 @@ mod tests {
     }
 
     #[test]
+    fn selection_and_reports_appear_once_there_are_any() {
+        let c = PipelineCounters::default();
+        assert_eq!(selection_text(&c), "", "nothing reported, nothing selected");
+        c.lane0_epoch.store(3, Ordering::Relaxed);
+        c.lane0_epoch_batches.store(9, Ordering::Relaxed);
+        c.lane0_epoch_pruned.store(24, Ordering::Relaxed);
+        c.losses_reported.store(500, Ordering::Relaxed);
+        c.losses_ignored.store(2, Ordering::Relaxed);
+        assert_eq!(
+            selection_text(&c),
+            " | epoch 3: 9 batches/lane, 24 pruned | losses 500 (2 ignored)"
+        );
+    }
+
+    #[test]
     fn share_is_bounded() {
         assert_eq!(share(0, Duration::from_secs(1)), 0.0);
         assert_eq!(share(2_000_000_000, Duration::from_secs(1)), 100.0);

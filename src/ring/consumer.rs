@@ -278,12 +278,14 @@ pub struct Consumer {
 }
 
 impl Drop for Consumer {
-    /// Sends what the outbox still holds (waiting up to a second for a busy producer), so
-    /// reports made just before detaching are not lost.
+    /// Sends what the outbox still holds (waiting up to 10 s for a busy producer, not at all
+    /// for a dead one), so reports made just before detaching are not lost.
     fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !self.outbox.get_mut().is_empty() && Instant::now() < deadline {
-            self.flush_outbox();
+            if !self.flush_outbox() {
+                break;
+            }
             if !self.outbox.get_mut().is_empty() {
                 let _ = rustix::event::poll(
                     &mut [rustix::event::PollFd::new(
@@ -483,7 +485,7 @@ impl Consumer {
                 feedback::encode_report(&mut outbox, epoch, i, l);
             }
         }
-        self.flush_outbox();
+        let _ = self.flush_outbox();
         Ok(())
     }
 
@@ -496,11 +498,12 @@ impl Consumer {
         }
         self.epoch_done_sent.set(Some(epoch));
         feedback::encode_epoch_done(&mut self.outbox.borrow_mut(), epoch);
-        self.flush_outbox();
+        let _ = self.flush_outbox();
     }
 
-    /// Sends as much of the outbox as the socket takes without blocking.
-    fn flush_outbox(&self) {
+    /// Sends as much of the outbox as the socket takes without blocking. `false` when the
+    /// connection is broken (the producer is gone, which `next` reports).
+    fn flush_outbox(&self) -> bool {
         let mut outbox = self.outbox.borrow_mut();
         while !outbox.is_empty() {
             match rustix::net::send(
@@ -512,10 +515,11 @@ impl Consumer {
                     outbox.drain(..n);
                 }
                 Err(rustix::io::Errno::INTR) => {}
-                // AGAIN: the producer is busy; anything else: it is gone, which next() reports.
-                Err(_) => break,
+                Err(rustix::io::Errno::AGAIN) => return true, // the producer is busy
+                Err(_) => return false,
             }
         }
+        true
     }
 
     /// The ring's validated layout.
@@ -578,7 +582,7 @@ impl Consumer {
         if let Some((epoch, true)) = self.last_taken.get() {
             self.end_epoch(epoch);
         }
-        self.flush_outbox();
+        let _ = self.flush_outbox();
         let publish_seq = self.lane_u32(lentry::PUBLISH_SEQ);
         let mut wait_started: Option<Instant> = None;
         let result = loop {

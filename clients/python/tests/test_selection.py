@@ -416,3 +416,26 @@ def test_a_trainer_resumed_at_an_earlier_epoch_gets_the_epochs_it_had(
     assert replay[3] == expected[3][4 * 8 :]
     for epoch in range(4, 8):
         assert replay[epoch] == expected[epoch], f"epoch {epoch} differs after going back"
+
+
+def test_a_flood_of_reports_is_never_lost(nodes: Any, tmp_path: Path) -> None:
+    """Reports far faster than the daemon reads them queue in the loader (never blocking)
+    and all arrive once it is closed."""
+    node = nodes("flood", config(tmp_path, mode="none", epochs=1))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, SAMPLES, 256)
+    losses = rng.random(256).astype(np.float32)
+    calls = 4000
+    with node.loader() as loader:
+        next(iter(loader))
+        for _ in range(calls):
+            loader.report(ids, losses)
+        queued = len(loader._outbox)
+    deadline = time.monotonic() + 60
+    while True:
+        got = ringfeed.evaluation(node.name, runtime_dir=node.runtime_dir)["reports"]["losses"]
+        if got >= calls * 256:
+            break
+        assert time.monotonic() < deadline, f"{got} of {calls * 256} arrived ({queued} queued)"
+        time.sleep(0.05)
+    assert got == calls * 256

@@ -163,25 +163,29 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def send(self, sock: Optional[socket.socket], frame: bytes = b"") -> None:
-        """Queue ``frame`` and send what the socket takes now."""
+    def send(self, sock: Optional[socket.socket], frame: bytes = b"") -> bool:
+        """Queue ``frame`` and send what the socket takes now. False when the connection is
+        broken (the producer is gone: the loader notices at its next take)."""
         self._pending += frame
         if sock is None:
-            return
+            return False
         while self._pending:
             try:
                 sent = sock.send(self._pending, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError:
-                return  # the producer is gone: the loader notices at its next take
+                return False
             del self._pending[:sent]
+        return True
 
-    def drain(self, sock: Optional[socket.socket], timeout_s: float = 1.0) -> None:
-        """Send everything queued, waiting up to ``timeout_s`` for a busy producer."""
+    def drain(self, sock: Optional[socket.socket], timeout_s: float = 10.0) -> None:
+        """Send everything queued, waiting up to ``timeout_s`` for a busy producer (not for a
+        dead one)."""
         deadline = time.monotonic() + timeout_s
-        while self._pending and sock is not None and time.monotonic() < deadline:
-            self.send(sock)
+        while self._pending and time.monotonic() < deadline:
+            if not self.send(sock):
+                return
             if self._pending:
                 time.sleep(0.001)
 
