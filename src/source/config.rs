@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -32,6 +33,21 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Optional names of the classes, label `i` being the `i`-th: a list, or a text file of
+    /// one name per line (relative to the configuration's directory). Only shown to people
+    /// (`ringfeed peek`); the labels served stay numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassNames>,
+}
+
+/// `[source] classes`: the class names, inline or in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassNames {
+    /// `classes = ["cat", "dog"]`.
+    List(Vec<String>),
+    /// `classes = "classes.txt"`: one name per line.
+    File(PathBuf),
 }
 
 impl SourceConfig {
@@ -42,6 +58,7 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            classes: None,
         }
     }
 
@@ -52,6 +69,7 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            classes: None,
         }
     }
 }

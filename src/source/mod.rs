@@ -24,7 +24,7 @@ pub mod selection;
 pub mod spec;
 pub mod tar;
 
-pub use config::{SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
+pub use config::{ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
