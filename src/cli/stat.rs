@@ -1,5 +1,6 @@
 //! `ringfeed stat`: a running ring's state and counters, read straight from its shared memory
-//! (no daemon round-trip) through a read-only [`Observer`].
+//! through a read-only [`Observer`], plus what the daemon learnt from reported losses (one
+//! `evaluation` request per refresh; absent when the daemon cannot be asked).
 //!
 //! # Brief overview
 //!
