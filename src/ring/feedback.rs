@@ -89,22 +89,29 @@ pub fn encode_epoch_done(out: &mut Vec<u8>, epoch: u64) {
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buffer: Vec<u8>,
+    /// Start of the first unread frame in `buffer` (consumed bytes are dropped at the next
+    /// push, so taking many frames from one large read stays linear).
+    start: usize,
 }
 
 impl FrameReader {
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
         self.buffer.extend_from_slice(bytes);
     }
 
     /// Bytes received but not yet part of a complete frame.
     pub fn pending(&self) -> usize {
-        self.buffer.len()
+        self.buffer.len() - self.start
     }
 
     /// The next complete frame, `Ok(None)` when more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Feedback>, FrameError> {
-        let b = &self.buffer;
+        let b = &self.buffer[self.start..];
         if b.len() < FRAME_HEADER_BYTES {
             return Ok(None);
         }
@@ -144,7 +151,7 @@ impl FrameReader {
             }
             other => return Err(FrameError::Kind(other)),
         };
-        self.buffer.drain(..frame_len);
+        self.start += frame_len;
         Ok(Some(message))
     }
 }

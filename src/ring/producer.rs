@@ -35,6 +35,8 @@ use super::slot::{self, Slot, SlotMeta};
 const TICK: Duration = Duration::from_millis(50);
 /// Longest single futex wait, so stop requests and timeouts are noticed.
 const MAX_WAIT: Duration = Duration::from_millis(100);
+/// Most socket reads of 16 KiB one consumer's feedback gets per service-loop round.
+const PUMP_READS: usize = 256;
 /// Time a connecting client has to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -292,11 +294,13 @@ impl Watch {
         }
     }
 
-    /// Reads everything the socket holds without blocking and queues complete frames.
+    /// Reads what the socket holds without blocking (at most [`PUMP_READS`] reads, so one
+    /// flooding consumer cannot keep the service thread from the others) and queues complete
+    /// frames.
     fn pump(&mut self, queue: &Mutex<Vec<(u32, Feedback)>>) -> Pumped {
         let mut buf = [0u8; 16 * 1024];
         let mut closed = false;
-        loop {
+        for _ in 0..PUMP_READS {
             match rustix::net::recv(&self.stream, &mut buf, RecvFlags::DONTWAIT) {
                 Ok((0, _)) => {
                     closed = true;
