@@ -235,3 +235,93 @@ impl Selector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::selection::ScoreRule;
+
+    const IB: InfoBatch = InfoBatch {
+        prune_ratio: 0.5,
+        anneal: 0.875,
+        epochs: 8,
+    };
+
+    fn selector(store: Option<StateStore>) -> Selector {
+        Selector::new(
+            16,
+            2,
+            Scores::new(16, ScoreRule::Last, 0.9),
+            Some(IB),
+            store,
+        )
+    }
+
+    fn even_odd(s: &mut Selector, epoch: u64) {
+        let ids: Vec<u64> = (0..16).collect();
+        let losses: Vec<f32> = ids
+            .iter()
+            .map(|id| if id % 2 == 0 { 0.1 } else { 1.0 })
+            .collect();
+        s.report(epoch, &ids, &losses, |id| (id % 3) as i64);
+    }
+
+    #[test]
+    fn an_epoch_waits_for_every_lane_and_a_resume_counts_as_done() {
+        let mut s = selector(None);
+        assert!(s.may_decide(0));
+        assert!(!s.may_decide(1));
+        s.epoch_done(0, 0);
+        assert!(!s.may_decide(1), "lane 1 has not finished epoch 0");
+        s.resumed(1, 1);
+        assert!(s.may_decide(1));
+        assert!(!s.may_decide(2));
+        let none = Selector::new(16, 2, Scores::new(16, ScoreRule::Last, 0.9), None, None);
+        assert!(none.may_decide(5), "without selection nothing waits");
+    }
+
+    #[test]
+    fn a_decided_epoch_is_decided_again_from_its_saved_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), "run".into()).unwrap();
+        let mut s = selector(Some(store.clone()));
+        even_odd(&mut s, 0);
+        let order: Vec<u64> = (0..16).collect();
+        let first = s.decide(1, order.clone(), 7, 2, 1, false).unwrap();
+        assert_eq!((first.kept(), first.pruned()), (12, 4));
+        // Later losses change the scores; epoch 1 asked for again is the same epoch.
+        s.report(1, &[0, 2, 4, 6], &[9.0; 4], |_| 0);
+        assert_eq!(s.decide(1, order.clone(), 7, 2, 1, false).unwrap(), first);
+
+        // A new daemon of the same run, resumed at epoch 1, reloads scores and snapshot.
+        s.save(true);
+        let mut again = selector(Some(store));
+        again.resumed(0, 1);
+        assert_eq!(again.scores().values(), s.scores().values());
+        assert_eq!(again.decide(1, order, 7, 2, 1, false).unwrap(), first);
+    }
+
+    #[test]
+    fn a_new_run_clears_the_saved_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), "run".into()).unwrap();
+        store.reset().unwrap();
+        store.save_scores(&[1.0; 16]).unwrap();
+        store.save_snapshot(1, &[1.0; 16]).unwrap();
+        let mut s = selector(Some(store.clone()));
+        s.epoch_done(0, 0);
+        s.epoch_done(1, 0);
+        let plan = s.decide(1, (0..16).collect(), 7, 2, 1, false).unwrap();
+        assert_eq!(
+            plan.pruned(),
+            0,
+            "nothing reported in this run: nothing pruned"
+        );
+        assert!(
+            store
+                .load_scores(16)
+                .is_none_or(|v| v.iter().all(|x| x.is_nan())),
+            "the old run's scores are gone"
+        );
+    }
+}

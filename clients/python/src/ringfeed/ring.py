@@ -243,12 +243,14 @@ class Ring:
         tagged = int(entry.plan_epoch)  # read first: the producer stores it last (release)
         if tagged == 0:
             return None
-        return {
+        plan = {
             "epoch": tagged - 1,
             "batches": int(entry.plan_batches),
             "kept": int(entry.plan_kept),
             "pruned": int(entry.plan_pruned),
         }
+        # A new announcement while reading would mix two epochs: read the tag again.
+        return plan if int(entry.plan_epoch) == tagged else None
 
     def publish_seq(self, lane: int) -> int:
         """Load ``publish_seq`` of ``lane`` (the value to pass to :meth:`wait`)."""
