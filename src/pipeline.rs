@@ -108,6 +108,10 @@ impl Cursor {
     }
 }
 
+/// How long every lane may wait for an epoch decision before the daemon says which lanes it
+/// waits for.
+const DECISION_WAIT_WARNING: Duration = Duration::from_secs(30);
+
 /// Upper bounds, in seconds, of the per-sample processing time histogram's buckets.
 pub const SAMPLE_TIME_BUCKETS_S: [f64; 10] = [
     0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
@@ -623,6 +627,8 @@ impl Pipeline {
             EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
         let mut rechecked_epoch = None;
         let mut evaluation_at: Option<Instant> = None;
+        // Since when every active lane waits for an epoch decision, for the stall warning.
+        let mut waiting_since: Option<Instant> = None;
 
         while !stop.load(Ordering::Relaxed) {
             for request in producer.take_seek_requests() {
@@ -669,10 +675,21 @@ impl Pipeline {
                 } else {
                     // Lanes wait for the next epoch's decision: poll the feedback often, the
                     // trainers are waiting too.
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= DECISION_WAIT_WARNING {
+                        waiting_since = Some(Instant::now());
+                        let epoch = cursors.iter().map(|c| c.epoch).min().unwrap_or(0);
+                        log::warn!(
+                            "epoch {epoch} waits for lane(s) {:?} to finish epoch {} (a lane without a consumer holds every epoch back; see docs/feedback.md)",
+                            self.selector().lanes_behind(epoch),
+                            epoch.saturating_sub(1)
+                        );
+                    }
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 continue;
             }
+            waiting_since = None;
             finished = false;
             let Some(mut slot) = producer.claim_any(&active, Duration::from_millis(100)) else {
                 continue;

@@ -168,6 +168,13 @@ impl Selector {
         !self.selecting() || epoch == 0 || self.lane_ready.iter().all(|&r| r >= epoch)
     }
 
+    /// The lanes that have not yet said they finished the epoch before `epoch`.
+    pub fn lanes_behind(&self, epoch: u64) -> Vec<u32> {
+        (0..self.lane_ready.len() as u32)
+            .filter(|&l| self.lane_ready[l as usize] < epoch)
+            .collect()
+    }
+
     /// Decides epoch `epoch` from its full `order`: InfoBatch on the scores snapshot (the
     /// saved one when resuming a run), or everything. `None` when `drop_last` leaves no batch.
     pub fn decide(
@@ -273,8 +280,10 @@ mod tests {
         assert!(!s.may_decide(1));
         s.epoch_done(0, 0);
         assert!(!s.may_decide(1), "lane 1 has not finished epoch 0");
+        assert_eq!(s.lanes_behind(1), vec![1]);
         s.resumed(1, 1);
         assert!(s.may_decide(1));
+        assert!(s.lanes_behind(1).is_empty());
         assert!(!s.may_decide(2));
         let none = Selector::new(16, 2, Scores::new(16, ScoreRule::Last, 0.9), None, None);
         assert!(none.may_decide(5), "without selection nothing waits");
