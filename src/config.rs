@@ -366,6 +366,14 @@ impl Plan {
             file.ring.name = v.clone();
         }
         if let Some(v) = &o.shards {
+            if !file.source.streams.is_empty() {
+                return Err(invalid(
+                    "source.streams",
+                    format!("{} streams", file.source.streams.len()),
+                    "--shards replaces [source] shards, but this config mixes [[source.streams]]: \
+                     edit the streams' shards in the file instead",
+                ));
+            }
             file.source.kind = SourceKind::Tar;
             file.source.shards = v.clone();
         }
@@ -429,6 +437,14 @@ impl Plan {
         if !(1..=65536).contains(&file.batch.size) {
             return Err(invalid("batch.size", file.batch.size, "1 to 65536"));
         }
+        let m = file.source.max_sample_bytes;
+        if !(1..=u64::from(u32::MAX)).contains(&m) {
+            return Err(invalid(
+                "source.max-sample-bytes",
+                m,
+                "1 to 4294967295 bytes",
+            ));
+        }
         if file.workers.threads > 1024 {
             return Err(invalid(
                 "workers.threads",
@@ -469,7 +485,27 @@ impl Plan {
                 .map(|d| d.join("state").join(&file.ring.name))
         });
         // Building the augmenter checks the whole [augment] table.
-        Augmenter::new(&file.augment)?;
+        let main = Augmenter::new(&file.augment)?;
+        for (i, stream) in file.source.streams.iter().enumerate() {
+            if let Some(augment) = &stream.augment {
+                let own = Augmenter::new(augment)?;
+                if let Err(difference) = main.same_output(&own) {
+                    return Err(invalid(
+                        "source.streams.augment",
+                        format!("stream {i}: {difference}"),
+                        "a stream's own [augment] must write the same output as [augment] \
+                         (size, dtype, layout, channels, normalize): one ring holds one shape",
+                    ));
+                }
+            }
+        }
+        if file.sampling.samples_per_epoch == Some(0) {
+            return Err(invalid(
+                "sampling.samples-per-epoch",
+                0,
+                "at least 1 (or leave it out: the dataset's size)",
+            ));
+        }
 
         let ranks = resolve_ranks(&file, env)?;
         let threads = if file.workers.threads == 0 {
@@ -706,5 +742,60 @@ mod tests {
         };
         let err = plan(DEFAULT_CONFIG, &o, &env).unwrap_err();
         assert!(err.to_string().contains("first-rank"), "{err}");
+    }
+
+    const MIXTURE: &str = r#"
+[[source.streams]]
+kind = "tar"
+shards = ["a/*.tar"]
+weight = 3
+[[source.streams]]
+kind = "imagefolder"
+path = "b"
+augment = { center-crop = { size = 32 } }
+[sampling]
+samples-per-epoch = 100
+[augment]
+random-resized-crop = { size = 32 }
+"#;
+
+    #[test]
+    fn a_mixture_with_matching_stream_augmentation_validates() {
+        let p = plan(MIXTURE, &Overrides::default(), &TorchrunEnv::default()).unwrap();
+        assert_eq!(p.file.source.streams.len(), 2);
+        assert_eq!(p.file.sampling.samples_per_epoch, Some(100));
+    }
+
+    #[test]
+    fn mixture_mistakes_name_the_key() {
+        let env = TorchrunEnv::default();
+        let other_size =
+            MIXTURE.replace("center-crop = { size = 32 }", "center-crop = { size = 16 }");
+        let err = plan(&other_size, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("source.streams.augment") && err.contains("stream 1"),
+            "{err}"
+        );
+        let zero = MIXTURE.replace("samples-per-epoch = 100", "samples-per-epoch = 0");
+        let err = plan(&zero, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sampling.samples-per-epoch"), "{err}");
+        let shards = Overrides {
+            shards: Some(vec!["x.tar".to_owned()]),
+            ..Overrides::default()
+        };
+        let err = plan(MIXTURE, &shards, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("--shards") && err.contains("source.streams"),
+            "{err}"
+        );
+        let typo = MIXTURE.replace("weight = 3", "wieght = 3");
+        let err = plan(&typo, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wieght"), "{err}");
     }
 }

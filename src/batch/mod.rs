@@ -2,9 +2,10 @@
 //!
 //! Every image batch has three tensors, always in this order (see `docs/ring-format.md` §5.2):
 //! `images` (the augmenter's output dtype, `[B, C, H, W]` or `[B, H, W, C]`), `labels`
-//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset). With
-//! `[selection]` on, a fourth follows: `weights` (`f32 [B]`, the factor a trainer multiplies
-//! each sample's loss by: 1, or `1 / (1 - prune-ratio)` for kept well-learned samples).
+//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset); a mixture of
+//! datasets adds `source` (`u16 [B]`, each sample's stream), and `[selection]` on adds
+//! `weights` after it (`f32 [B]`, the factor a trainer multiplies each sample's loss by: 1, or
+//! `1 / (1 - prune-ratio)` for kept well-learned samples; see [`BatchSchema::weights_index`]).
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
@@ -18,8 +19,8 @@ pub enum TensorIndex {
     Labels = 1,
     /// `sample_ids`
     SampleIds = 2,
-    /// `weights` (only with `[selection]` on)
-    Weights = 3,
+    /// `source` (mixtures only)
+    Source = 3,
 }
 
 /// The shape of one batch, derived from the batch size and the augmenter's output.
@@ -38,7 +39,9 @@ pub struct BatchSchema {
     pub mean: [f32; 4],
     /// Normalisation std per channel (all 0 = not normalised).
     pub std: [f32; 4],
-    /// A `weights` tensor follows `sample_ids` (`[selection]` on).
+    /// Batches carry a `source` tensor (the ring mixes several datasets).
+    pub source: bool,
+    /// Batches carry a `weights` tensor, last (`[selection]` on).
     pub weights: bool,
 }
 
@@ -57,6 +60,7 @@ impl BatchSchema {
             nhwc: augmenter.nhwc(),
             mean,
             std,
+            source: false,
             weights: false,
         }
     }
@@ -64,6 +68,20 @@ impl BatchSchema {
     /// The same schema with (or without) the `weights` tensor.
     pub fn with_weights(self, weights: bool) -> BatchSchema {
         BatchSchema { weights, ..self }
+    }
+
+    /// Position of the `weights` tensor (after `source` when there is one), if any.
+    pub fn weights_index(&self) -> Option<usize> {
+        self.weights
+            .then_some(TensorIndex::SampleIds as usize + 1 + usize::from(self.source))
+    }
+
+    /// The same schema with a `source` tensor (a mixture of datasets).
+    pub fn with_source(self) -> BatchSchema {
+        BatchSchema {
+            source: true,
+            ..self
+        }
     }
 
     /// Bytes of one sample's image.
@@ -102,6 +120,13 @@ impl BatchSchema {
                 shape: vec![b],
             },
         ];
+        if self.source {
+            tensors.push(TensorSpec {
+                name: "source".to_owned(),
+                dtype: DType::U16,
+                shape: vec![b],
+            });
+        }
         if self.weights {
             tensors.push(TensorSpec {
                 name: "weights".to_owned(),
@@ -136,18 +161,38 @@ mod tests {
             nhwc: false,
             mean: [0.0; 4],
             std: [0.0; 4],
+            source: false,
             weights: false,
         };
         let t = s.tensors();
         assert_eq!(t.len(), 3);
-        let w = s.clone().with_weights(true).tensors();
-        assert_eq!(w[TensorIndex::Weights as usize].name, "weights");
-        assert_eq!(w[TensorIndex::Weights as usize].dtype, DType::F32);
         assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
         assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
         assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
         assert_eq!(s.sample_bytes(), 3 * 8 * 6 * 4);
-        let nhwc = BatchSchema { nhwc: true, ..s };
+        let nhwc = BatchSchema {
+            nhwc: true,
+            ..s.clone()
+        };
         assert_eq!(nhwc.tensors()[0].shape, vec![4, 8, 6, 3]);
+        let mixed = nhwc.with_source().tensors();
+        assert_eq!(mixed[TensorIndex::Source as usize].name, "source");
+        assert_eq!(mixed[TensorIndex::Source as usize].dtype, DType::U16);
+        assert_eq!(mixed[TensorIndex::Source as usize].shape, vec![4]);
+        for source in [false, true] {
+            let schema = BatchSchema {
+                source,
+                ..s.clone()
+            }
+            .with_weights(true);
+            let at = schema.weights_index().unwrap();
+            let t = schema.tensors();
+            assert_eq!(
+                (at, t.len()),
+                (3 + usize::from(source), 4 + usize::from(source))
+            );
+            assert_eq!((t[at].name.as_str(), t[at].dtype), ("weights", DType::F32));
+        }
+        assert_eq!(s.weights_index(), None);
     }
 }

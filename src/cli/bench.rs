@@ -16,7 +16,7 @@ use ringfeed::augment::SampleKey;
 use ringfeed::decode::{DecodeRequest, Decoder};
 use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{AttachOptions, Consumer, Producer, RingSpec, RuntimeDir};
-use ringfeed::source::Dataset;
+use ringfeed::source::Mixture;
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
 
@@ -121,7 +121,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_all(dataset: &Dataset, ids: &[u64]) {
+fn read_all(dataset: &Mixture, ids: &[u64]) {
     let mut buf = Vec::new();
     for &id in ids {
         let _ = dataset.read_into(id, &mut buf);

@@ -10,7 +10,7 @@ use ringfeed::batch::BatchSchema;
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv, DEFAULT_BASE_DIR};
 use ringfeed::pipeline::Pipeline;
 use ringfeed::ring::RingSpec;
-use ringfeed::source::{Dataset, Sampler};
+use ringfeed::source::{Mixture, Sampler};
 
 /// The configuration file and the flags that override it.
 #[derive(Debug, Args)]
@@ -113,12 +113,12 @@ pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
 /// The stages built from a plan, ready to run.
 pub(crate) struct Stages {
     pub(crate) pipeline: Pipeline,
-    pub(crate) dataset: Arc<Dataset>,
+    pub(crate) dataset: Arc<Mixture>,
 }
 
 /// Opens the dataset, reports what indexing skipped, and builds the pipeline.
 pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
-    let dataset = Dataset::open(&plan.file.source, &plan.base_dir).with_context(|| {
+    let dataset = Mixture::open(&plan.file.source, &plan.base_dir).with_context(|| {
         format!(
             "cannot open the dataset of [source] ({})",
             source_hint(plan)
@@ -147,24 +147,48 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         issues.len(),
         issues.first().map(|i| i.to_string()).unwrap_or_default()
     );
-    let sampler = Sampler::new(
-        n,
-        plan.file.batch.size,
-        plan.ranks.world_size,
-        &plan.file.sampling,
-    )?
-    .with_shard_starts(dataset.shard_starts())?;
+    let sampling = &plan.file.sampling;
+    let (batch, world) = (plan.file.batch.size, plan.ranks.world_size);
+    let sampler = if dataset.has_streams() || sampling.samples_per_epoch.is_some_and(|s| s != n) {
+        Sampler::mixture(
+            &dataset.shares(),
+            sampling.samples_per_epoch,
+            batch,
+            world,
+            sampling,
+        )?
+    } else {
+        Sampler::new(n, batch, world, sampling)?.with_shard_starts(&dataset.shard_starts())?
+    };
+    if dataset.has_streams() {
+        let draws = sampler.stream_draws();
+        for (stream, draws) in dataset.streams().iter().zip(draws) {
+            log::info!(
+                "stream {}: {} samples, weight {}, {draws} per epoch",
+                stream.name(),
+                stream.len(),
+                stream.weight()
+            );
+        }
+    }
     let augmenter = Augmenter::new(&plan.file.augment)?;
-    let schema =
-        BatchSchema::new(plan.file.batch.size, &augmenter).with_weights(plan.infobatch.is_some());
+    let mut schema = BatchSchema::new(batch, &augmenter).with_weights(plan.infobatch.is_some());
+    if dataset.has_streams() {
+        schema = schema.with_source();
+    }
     let dataset = Arc::new(dataset);
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         plan.clone(),
         Arc::clone(&dataset),
         sampler,
         augmenter,
         schema,
     )?;
+    for (i, stream) in plan.file.source.streams.iter().enumerate() {
+        if let Some(augment) = &stream.augment {
+            pipeline = pipeline.with_stream_augmenter(i, Augmenter::new(augment)?);
+        }
+    }
     Ok(Stages { pipeline, dataset })
 }
 

@@ -18,7 +18,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use ringfeed::ring::{
-    mono_ns, query_evaluation, Layout, Observer, ProducerState, RingSnapshot, RuntimeDir,
+    mono_ns, query_evaluation, query_info, Layout, Observer, ProducerState, RingSnapshot,
+    RuntimeDir,
 };
 use serde::Serialize;
 
@@ -72,6 +73,10 @@ pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
             history.make_contiguous(),
             unix_now_ns(),
         );
+        // Per-stream counts live in the producer, not the ring: ask it (best effort).
+        if let Ok(info) = query_info(&dir, &args.name, SHORT_WINDOW) {
+            rep.streams = streams_of(&info);
+        }
         rep.feedback = query_evaluation(&dir, &args.name).ok().map(|mut v| {
             if let Some(o) = v.as_object_mut() {
                 o.remove("ok");
@@ -230,6 +235,30 @@ pub(crate) struct StatReport {
     /// What the daemon learnt from reported losses (its `evaluation` reply; `null` when it
     /// could not be asked).
     pub(crate) feedback: Option<serde_json::Value>,
+    /// The streams of a mixture (`[[source.streams]]`), from the producer's info reply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) streams: Vec<StreamReport>,
+}
+
+/// One stream of a mixture, as the producer reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub(crate) struct StreamReport {
+    /// The stream's name.
+    pub(crate) name: String,
+    /// Its relative weight.
+    pub(crate) weight: f64,
+    /// Samples it contributes to each epoch.
+    pub(crate) samples_per_epoch: u64,
+    /// Samples served from it since the producer started.
+    pub(crate) served: u64,
+}
+
+/// The streams in a producer's info reply (empty when it has none or does not answer).
+fn streams_of(info: &serde_json::Value) -> Vec<StreamReport> {
+    info.get("streams")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
 }
 
 fn state_name(state: Option<ProducerState>) -> &'static str {
@@ -369,6 +398,7 @@ pub(crate) fn report(
             })
             .collect(),
         feedback: None,
+        streams: Vec::new(),
     }
 }
 
@@ -454,6 +484,19 @@ pub(crate) fn render_text(r: &StatReport) -> String {
             "consumer pid {} lane {}: attached {:.0} s ago, {} batches taken, heartbeat {:.1} s ago\n",
             c.pid, c.lane, c.attached_s, c.taken, c.heartbeat_age_s
         );
+    }
+    if !r.streams.is_empty() {
+        let each: Vec<String> = r
+            .streams
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (weight {}, {} per epoch) served {}",
+                    s.name, s.weight, s.samples_per_epoch, s.served
+                )
+            })
+            .collect();
+        out += &format!("streams: {}\n", each.join(" | "));
     }
     if let Some(f) = &r.feedback {
         out += &render_feedback(f);

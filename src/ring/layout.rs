@@ -144,6 +144,8 @@ pub enum DType {
     BF16,
     /// `f32`, code 6.
     F32,
+    /// `u16`, code 7 (format 1.1): e.g. the `source` stream index of a mixture.
+    U16,
 }
 
 impl DType {
@@ -151,7 +153,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::U8 => 1,
-            DType::F16 | DType::BF16 => 2,
+            DType::F16 | DType::BF16 | DType::U16 => 2,
             DType::I32 | DType::F32 => 4,
             DType::I64 => 8,
         }
@@ -166,6 +168,7 @@ impl DType {
             DType::F16 => 4,
             DType::BF16 => 5,
             DType::F32 => 6,
+            DType::U16 => 7,
         }
     }
 
@@ -178,6 +181,7 @@ impl DType {
             4 => DType::F16,
             5 => DType::BF16,
             6 => DType::F32,
+            7 => DType::U16,
             _ => return None,
         })
     }

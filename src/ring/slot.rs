@@ -2,7 +2,7 @@
 //! plus the producer's reclaim (`HELD → READY`, consumer died) and discard (`READY → FREE`,
 //! seek). Each transition is one function here, with its ordering and its partner named.
 
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::layout::{slot as off, Layout};
 use super::memory::Control;
@@ -57,10 +57,12 @@ impl<'a> Slot<'a> {
     /// Producer: `FREE → WRITING`. A compare-exchange because several producer threads may
     /// race for the same free slot; consumers never write a `FREE` slot.
     pub(crate) fn claim(&self) -> bool {
-        // SYNC POINT with the release store of FREE in `release` / `abandon` / `discard`.
+        // SYNC POINT with the release store of FREE in `release` / `abandon` / `discard`
+        // (acquire), and with the producer heartbeat's acquire load in `state` (release: the
+        // producer's mark of the slot as its own, stored before, is seen with WRITING).
         self.c
             .u32(self.base + off::STATE)
-            .compare_exchange(FREE, WRITING, Acquire, Relaxed)
+            .compare_exchange(FREE, WRITING, AcqRel, Relaxed)
             .is_ok()
     }
 

@@ -246,34 +246,49 @@ pub fn infobatch_plan(
     }
     let keep = ((1.0 - params.prune_ratio) * below.len() as f64).floor() as usize;
     let mut pruned_n = below.len() - keep;
-    // Round the kept count up to whole global batches by taking back pruned samples.
-    let global = u64::from(batch_size) * u64::from(world_size);
-    let kept_n = order.len() as u64 - pruned_n as u64;
-    let short = (global - kept_n % global) % global;
-    pruned_n = pruned_n.saturating_sub(short as usize);
-    if pruned_n == 0 {
-        return EpochPlan::full(epoch, order, batch_size, world_size, drop_last);
-    }
     // `below[..pruned_n]` are left out; the rest of `below` are kept below-mean samples.
     let mut status = vec![0u8; snapshot.len()]; // 0 other, 1 kept below-mean, 2 pruned
     for (i, &id) in below.iter().enumerate() {
         status[id as usize] = if i < pruned_n { 2 } else { 1 };
     }
+    // Entries of each id in the order: 1 for a permutation; a weighted mixture's order may
+    // hold an id several times or not at all.
+    let mut entries = vec![0u32; snapshot.len()];
+    for &id in &order {
+        if let Some(e) = entries.get_mut(id as usize) {
+            *e += 1;
+        }
+    }
+    let removed: u64 = below[..pruned_n]
+        .iter()
+        .map(|&id| u64::from(entries[id as usize]))
+        .sum();
+    // Round the kept count up to whole global batches by taking back pruned samples, the
+    // last pruned first.
+    let global = u64::from(batch_size) * u64::from(world_size);
+    let kept_n = order.len() as u64 - removed;
+    let mut short = (global - kept_n % global) % global;
+    while short > 0 && pruned_n > 0 {
+        pruned_n -= 1;
+        let id = below[pruned_n];
+        status[id as usize] = 1;
+        short = short.saturating_sub(u64::from(entries[id as usize]));
+    }
     let state = |id: u64| status.get(id as usize).copied().unwrap_or(0);
-    let kept: Vec<u64> = order.into_iter().filter(|&id| state(id) != 2).collect();
+    let kept: Vec<u64> = order.iter().copied().filter(|&id| state(id) != 2).collect();
+    let removed = (order.len() - kept.len()) as u64;
+    if removed == 0 {
+        return EpochPlan::full(epoch, order, batch_size, world_size, drop_last);
+    }
     let w = params.kept_weight();
     let weights = kept
         .iter()
         .map(|&id| if state(id) == 1 { w } else { 1.0 })
         .collect();
+    // A permutation is now a whole number of global batches; a mixture's repeats may leave a
+    // tail, padded or dropped as `drop_last` says.
     EpochPlan::dealt(
-        epoch,
-        kept,
-        weights,
-        pruned_n as u64,
-        batch_size,
-        world_size,
-        drop_last,
+        epoch, kept, weights, removed, batch_size, world_size, drop_last,
     )
 }
 
@@ -391,5 +406,31 @@ mod tests {
         moved[0] = 6.0;
         let c = infobatch_plan(order, &moved, &IB, 3, 2, 4, 3, true).unwrap();
         assert_ne!(all(&a, 3).0, all(&c, 3).0);
+    }
+
+    #[test]
+    fn an_order_with_repeats_loses_every_entry_of_a_pruned_sample() {
+        // A weighted mixture's epoch may hold a sample twice (ids 0..8 twice) or not at all
+        // (ids 56..64).
+        let order: Vec<u64> = (0..8).chain(0..56).collect();
+        let plan = infobatch_plan(order.clone(), &even_odd(64), &IB, 7, 1, 4, 1, true).unwrap();
+        let (ids, ws) = all(&plan, 1);
+        let gone: Vec<u64> = (0..64)
+            .filter(|id| order.contains(id) && !ids.contains(id))
+            .collect();
+        assert!(!gone.is_empty());
+        assert!(
+            gone.iter().all(|id| id % 2 == 0),
+            "only below-mean samples are pruned"
+        );
+        let entries = |id: u64| order.iter().filter(|&&o| o == id).count() as u64;
+        assert_eq!(
+            plan.pruned(),
+            gone.iter().map(|&id| entries(id)).sum::<u64>()
+        );
+        assert_eq!(ids.len() as u64 % 4, 0);
+        for (id, w) in ids.iter().zip(&ws) {
+            assert_eq!(*w, if id % 2 == 0 { 2.0 } else { 1.0 });
+        }
     }
 }
