@@ -1,19 +1,25 @@
 //! The Rust consumer's feedback path against an in-process producer: reports arrive in order
 //! and intact, ids outside the dataset are refused naming them, `EPOCH_DONE` goes out by
 //! itself when a take follows a last-of-epoch batch, a flood of reports never blocks and loses
-//! nothing, and a malformed frame costs the sender its lane (not the producer).
+//! nothing, a malformed frame costs the sender its lane (not the producer), and a forged epoch
+//! plan in the lane table is restored.
 
 use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use ringfeed::ring::feedback::Feedback;
 use ringfeed::ring::{
-    AttachOptions, BatchMeta, Consumer, DType, Producer, ReportError, RingSpec, RuntimeDir,
-    TensorSpec,
+    AttachOptions, BatchMeta, Consumer, DType, Producer, ProducerOptions, ReportError, RingSpec,
+    RuntimeDir, TensorSpec,
 };
 
 fn setup(name: &str) -> (tempfile::TempDir, RuntimeDir, Producer) {
+    setup_with(name, &ProducerOptions::default())
+}
+
+fn setup_with(name: &str, options: &ProducerOptions) -> (tempfile::TempDir, RuntimeDir, Producer) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = RuntimeDir::at(tmp.path().join("rt"));
     let spec = RingSpec {
@@ -36,7 +42,7 @@ fn setup(name: &str) -> (tempfile::TempDir, RuntimeDir, Producer) {
         mean: [0.0; 4],
         std: [0.0; 4],
     };
-    let p = Producer::create(&spec, &dir).unwrap();
+    let p = Producer::create_with(&spec, &dir, options).unwrap();
     (tmp, dir, p)
 }
 
@@ -159,4 +165,43 @@ fn a_malformed_frame_drops_only_that_connection() {
         frames(&p, 1).as_slice(),
         [Feedback::Report { epoch: 0, .. }]
     ));
+}
+
+#[test]
+fn a_forged_epoch_plan_is_restored_by_the_producer() {
+    // A named-file ring, so the test can write the lane table as a consumer's mapping could.
+    let shm_parent = tempfile::tempdir().unwrap();
+    let shm = shm_parent.path().join("shm");
+    std::fs::create_dir(&shm).unwrap();
+    let options = ProducerOptions {
+        shm_dir: Some(shm.clone()),
+        allow_group: None,
+    };
+    let (_t, _dir, p) = setup_with("fb-plan", &options);
+    p.announce_epoch(0, 3, 7, 56, 40);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(shm.join("ringfeed-fb-plan.ring"))
+        .unwrap();
+    let mut word = [0u8; 4];
+    file.read_exact_at(&mut word, 96).unwrap(); // lane_table_offset
+    let plan_at = u64::from(u32::from_le_bytes(word)) + 72;
+    let read_plan = || {
+        let mut b = [0u8; 32];
+        file.read_exact_at(&mut b, plan_at).unwrap();
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        [w(0), w(1), w(2), w(3)]
+    };
+    assert_eq!(read_plan(), [4, 7, 56, 40]);
+    let forged: Vec<u8> = [9u64, 1, 1, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    file.write_all_at(&forged, plan_at).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read_plan() != [4, 7, 56, 40] {
+        assert!(Instant::now() < deadline, "forged plan not restored");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -383,6 +383,10 @@ struct Shared {
     feedback: Mutex<Vec<(u32, Feedback)>>,
     /// The reply to an `evaluation` request, kept current by the pipeline.
     evaluation: Mutex<serde_json::Value>,
+    /// Per lane, the announced plan (`plan_epoch`, `plan_batches`, `plan_kept`,
+    /// `plan_pruned`): the producer's own copy of fields consumers can write, restored by the
+    /// heartbeat.
+    plans: Mutex<Vec<[u64; 4]>>,
 }
 
 /// Produces extra members for the `info` reply: a JSON object whose keys are added to it.
@@ -512,8 +516,9 @@ impl Shared {
     }
 
     /// Undoes what consumers may have written over producer-owned state: the header's and
-    /// tensor table's constant bytes, `producer_state`, and slots left `WRITING` that this
-    /// producer is not writing (they would never be freed). Returns what was repaired.
+    /// tensor table's constant bytes, `producer_state`, each lane's announced epoch plan, and
+    /// slots left `WRITING` that this producer is not writing (they would never be freed).
+    /// Returns what was repaired.
     fn repair(&self) -> Vec<String> {
         let mut repaired = Vec::new();
         let constant = [
@@ -538,6 +543,14 @@ impl Shared {
             repaired.push("producer_state".to_owned());
         }
         drop(guard);
+        let plans = lock(&self.plans);
+        for (l, plan) in plans.iter().enumerate() {
+            if self.load_plan(l as u32) != *plan {
+                self.store_plan(l as u32, plan);
+                repaired.push(format!("lane {l} epoch plan"));
+            }
+        }
+        drop(plans);
         for l in 0..self.layout.lane_count {
             for s in 0..self.layout.slots_per_lane {
                 let slot = self.slot(l, s);
@@ -548,6 +561,32 @@ impl Shared {
             }
         }
         repaired
+    }
+
+    /// The lane table's `plan_*` fields of `lane`, tag first.
+    fn load_plan(&self, lane: u32) -> [u64; 4] {
+        [
+            self.lane_u64(lane, lentry::PLAN_EPOCH).load(Acquire),
+            self.lane_u64(lane, lentry::PLAN_BATCHES).load(Relaxed),
+            self.lane_u64(lane, lentry::PLAN_KEPT).load(Relaxed),
+            self.lane_u64(lane, lentry::PLAN_PRUNED).load(Relaxed),
+        ]
+    }
+
+    /// Writes `plan` into the lane table's `plan_*` fields of `lane` (the tag last) and wakes
+    /// the lane's waiters. Call with `plans` locked, so the copy and the table agree.
+    fn store_plan(&self, lane: u32, plan: &[u64; 4]) {
+        self.lane_u64(lane, lentry::PLAN_BATCHES)
+            .store(plan[1], Relaxed);
+        self.lane_u64(lane, lentry::PLAN_KEPT)
+            .store(plan[2], Relaxed);
+        self.lane_u64(lane, lentry::PLAN_PRUNED)
+            .store(plan[3], Relaxed);
+        // SYNC POINT with the consumer's acquire load of plan_epoch before it reads the
+        // three fields above.
+        self.lane_u64(lane, lentry::PLAN_EPOCH)
+            .store(plan[0], Release);
+        futex::bump_and_wake(self.lane_u32(lane, lentry::PUBLISH_SEQ));
     }
 
     /// Every attached lane's connection, for the service thread's poll.
@@ -631,7 +670,12 @@ impl SeekRequest {
             sh.lane_u32(self.lane, lentry::STREAM).fetch_add(1, Release);
             // The announced epoch plan belonged to the old position; the pipeline announces
             // the new one once it is decided.
-            sh.lane_u64(self.lane, lentry::PLAN_EPOCH).store(0, Release);
+            let mut plans = lock(&sh.plans);
+            if let Some(plan) = plans.get_mut(self.lane as usize) {
+                *plan = [0; 4];
+                sh.store_plan(self.lane, plan);
+            }
+            drop(plans);
             // Rewinding a finished ring makes it serve again; the pipeline finishes it anew
             // when the lane reaches the last epoch once more.
             if sh.state() == Some(ProducerState::Finished) {
@@ -814,6 +858,7 @@ impl Producer {
         let lanes = vec![LaneConn::Vacant; layout.lane_count as usize];
         // Every lane's first batch has seq 1 (§5.4), as `encode_control` wrote.
         let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(1)).collect();
+        let plans = Mutex::new(vec![[0; 4]; layout.lane_count as usize]);
         let writing = (0..layout.lane_count * layout.slots_per_lane)
             .map(|_| AtomicBool::new(false))
             .collect();
@@ -837,6 +882,7 @@ impl Producer {
             info_extra: Mutex::new(None),
             feedback: Mutex::new(Vec::new()),
             evaluation: Mutex::new(json!({})),
+            plans,
         });
         shared.set_state(ProducerState::Serving);
         let mut producer = Producer {
@@ -944,16 +990,11 @@ impl Producer {
     /// waits for the epoch's length sees it at once.
     pub fn announce_epoch(&self, lane: u32, epoch: u64, batches: u64, kept: u64, pruned: u64) {
         let sh = &self.shared;
-        sh.lane_u64(lane, lentry::PLAN_BATCHES)
-            .store(batches, Relaxed);
-        sh.lane_u64(lane, lentry::PLAN_KEPT).store(kept, Relaxed);
-        sh.lane_u64(lane, lentry::PLAN_PRUNED)
-            .store(pruned, Relaxed);
-        // SYNC POINT with the consumer's acquire load of plan_epoch before it reads the
-        // three fields above.
-        sh.lane_u64(lane, lentry::PLAN_EPOCH)
-            .store(epoch + 1, Release);
-        futex::bump_and_wake(sh.lane_u32(lane, lentry::PUBLISH_SEQ));
+        let mut plans = lock(&sh.plans);
+        if let Some(plan) = plans.get_mut(lane as usize) {
+            *plan = [epoch + 1, batches, kept, pruned];
+            sh.store_plan(lane, plan);
+        }
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
