@@ -162,6 +162,8 @@ pub struct Overrides {
     pub allow_group: Option<String>,
     /// `--state-dir`
     pub state_dir: Option<PathBuf>,
+    /// `--key-file` / `RINGFEED_KEY_FILE` (replaces `[source] key-file`)
+    pub key_file: Option<PathBuf>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -376,6 +378,9 @@ impl Plan {
             }
             file.source.kind = SourceKind::Tar;
             file.source.shards = v.clone();
+        }
+        if let Some(v) = &o.key_file {
+            file.source.key_file = Some(v.clone());
         }
         if let Some(v) = o.lanes {
             file.ring.lanes = v;

@@ -67,6 +67,11 @@ pub(crate) struct PlanArgs {
     /// directory ($XDG_CACHE_HOME/ringfeed or ~/.cache/ringfeed).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Key file of encrypted shards (`ringfeed keygen`): members are decrypted in the workers'
+    /// memory only. Must be a regular file of this user with no group/other permissions.
+    /// Replaces [source] key-file.
+    #[arg(long, value_name = "FILE", env = "RINGFEED_KEY_FILE")]
+    key_file: Option<PathBuf>,
 }
 
 impl PlanArgs {
@@ -87,6 +92,11 @@ impl PlanArgs {
             shm_dir: self.shm_dir.clone(),
             allow_group: self.allow_group.clone(),
             state_dir: self.state_dir.clone(),
+            // Relative to the current directory, whatever the configuration's base directory.
+            key_file: self
+                .key_file
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         }
     }
 }
@@ -118,6 +128,16 @@ pub(crate) struct Stages {
 
 /// Opens the dataset, reports what indexing skipped, and builds the pipeline.
 pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
+    if plan.file.source.key_file.is_some() {
+        // A core dump of a process holding a key would write the key and decrypted images to
+        // disk: none from here on (the hard limit too, so nothing in-process can undo it).
+        let none = rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        };
+        rustix::process::setrlimit(rustix::process::Resource::Core, none)
+            .context("cannot disable core dumps before reading the key")?;
+    }
     let dataset = Mixture::open(&plan.file.source, &plan.base_dir).with_context(|| {
         format!(
             "cannot open the dataset of [source] ({})",

@@ -8,6 +8,7 @@ mod completions;
 mod consume;
 mod feedback_metrics;
 mod index;
+mod keygen;
 mod logging;
 mod man;
 mod metrics;
@@ -54,6 +55,9 @@ enum Command {
     /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
     /// plus index.json.
     Pack(pack::PackArgs),
+    /// Write a new random 256-bit key for encrypted shards to FILE (created 0600, never
+    /// overwritten); prints its key id.
+    Keygen(keygen::KeygenArgs),
     /// Print a shell completion script: `ringfeed completions bash > ~/.local/share/bash-completion/completions/ringfeed`.
     Completions(completions::CompletionsArgs),
     /// Print the man page (roff): `ringfeed man | man -l -`.
@@ -72,6 +76,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Stat(args) => stat::run(args),
         Command::Peek(args) => peek::run(args),
         Command::Pack(args) => pack::run(args),
+        Command::Keygen(args) => keygen::run(args),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => man::run(args),
     }

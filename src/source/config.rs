@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// key-file = "/etc/ringfeed/data.key"  # optional: encrypted shards
 /// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +35,12 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Tar only: the key file of encrypted shards (`ringfeed keygen`, `ringfeed pack
+    /// --encrypt-key-file`), a relative path resolving like `shards`; `--key-file` /
+    /// `RINGFEED_KEY_FILE` override it. With a key, every shard must be encrypted with it.
+    /// The file holds the key; this setting only names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
     /// Largest encoded image accepted, in bytes (default [`DEFAULT_MAX_SAMPLE_BYTES`], at most
     /// 4 GiB − 1). A larger image file or member is skipped and counted like a corrupt one, so
     /// a hostile dataset (an 8 TiB sparse `.jpg`, a forged index) cannot make a worker
@@ -121,7 +128,7 @@ fn default_weight() -> f64 {
 
 impl StreamConfig {
     /// The dataset part of this stream as a plain source, with `[source]`'s shared keys
-    /// (`index-dir`, `max-sample-bytes`).
+    /// (`index-dir`, `key-file`, `max-sample-bytes`).
     pub fn source(&self, top: &SourceConfig) -> SourceConfig {
         SourceConfig {
             kind: self.kind,
@@ -129,6 +136,10 @@ impl StreamConfig {
             path: self.path.clone(),
             index_dir: match self.kind {
                 SourceKind::Tar => top.index_dir.clone(),
+                SourceKind::Imagefolder => None,
+            },
+            key_file: match self.kind {
+                SourceKind::Tar => top.key_file.clone(),
                 SourceKind::Imagefolder => None,
             },
             max_sample_bytes: top.max_sample_bytes,
@@ -146,6 +157,7 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            key_file: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),
@@ -159,6 +171,7 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            key_file: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),

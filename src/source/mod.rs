@@ -6,6 +6,7 @@
 //! - [`spec`]: shard specs (paths, globs, brace ranges) → the sorted shard list.
 //! - [`tar`]: a small, pure tar header walker (ustar, GNU long names, pax).
 //! - [`index`]: the per-shard sidecar index (`<shard>.idx.json`): sample offsets and labels.
+//! - [`crypt`]: encrypted ("sealed") shards: key files, sealed members, opening them in place.
 //! - [`imagefolder`]: `<root>/<class>/<file>` trees.
 //! - [`dataset`]: [`Dataset`], the fixed, ordered sample list (id = position) with positioned
 //!   reads of each sample's encoded bytes.
@@ -20,6 +21,7 @@
 //!   is ever read, and sizes are capped).
 
 pub mod config;
+pub mod crypt;
 pub mod dataset;
 pub mod error;
 mod file;
@@ -35,6 +37,7 @@ pub use config::{
     ClassNames, SamplingConfig, ShuffleMode, SourceConfig, SourceKind, StreamConfig,
     DEFAULT_MAX_SAMPLE_BYTES,
 };
+pub use crypt::{CryptError, KeyError, ShardKey};
 pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
