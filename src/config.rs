@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::augment::{AugmentConfig, Augmenter};
+use crate::source::selection::{InfoBatch, SelectionConfig, SelectionMode};
 use crate::source::{SamplingConfig, SourceConfig, SourceKind};
 
 /// The built-in configuration `ringfeed serve` uses when no `--config` is given: the bundled
@@ -39,6 +40,9 @@ pub struct ConfigFile {
     /// Rank layout across nodes (`[distributed]`).
     #[serde(default)]
     pub distributed: DistributedConfig,
+    /// Per-epoch sample selection from reported losses (`[selection]`).
+    #[serde(default)]
+    pub selection: SelectionConfig,
 }
 
 /// `[batch]`: how many samples a batch holds.
@@ -153,6 +157,8 @@ pub struct Overrides {
     pub shm_dir: Option<PathBuf>,
     /// `--allow-group`
     pub allow_group: Option<String>,
+    /// `--state-dir`
+    pub state_dir: Option<PathBuf>,
     /// `--key-file` / `RINGFEED_KEY_FILE` (replaces `[source] key-file`)
     pub key_file: Option<PathBuf>,
 }
@@ -205,6 +211,10 @@ pub struct Plan {
     pub ranks: RankPlan,
     /// `ring.allow-group` resolved to a gid.
     pub allow_gid: Option<u32>,
+    /// The checked InfoBatch parameters (`None`: `[selection] mode = "none"`).
+    pub infobatch: Option<InfoBatch>,
+    /// Where selection state is persisted (`None`: nowhere, no cache directory known).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Which global rank each lane serves.
@@ -287,6 +297,53 @@ impl TorchrunEnv {
     }
 }
 
+/// Checks `[selection]`; the InfoBatch parameters when `mode = "infobatch"`.
+fn check_selection(file: &ConfigFile) -> Result<Option<InfoBatch>, ConfigError> {
+    let s = &file.selection;
+    if !(0.0..1.0).contains(&s.prune_ratio) {
+        return Err(invalid(
+            "selection.prune-ratio",
+            s.prune_ratio,
+            "0.0 to below 1.0",
+        ));
+    }
+    if !(0.0..=1.0).contains(&s.anneal) {
+        return Err(invalid("selection.anneal", s.anneal, "0.0 to 1.0"));
+    }
+    if !(0.0..1.0).contains(&s.ema_factor) {
+        return Err(invalid(
+            "selection.ema-factor",
+            s.ema_factor,
+            "0.0 to below 1.0",
+        ));
+    }
+    if s.state_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        return Err(invalid("selection.state-dir", "\"\"", "a directory path"));
+    }
+    if s.mode == SelectionMode::None {
+        return Ok(None);
+    }
+    let epochs = match file.sampling.epochs {
+        0 => s.epochs,
+        n => n,
+    };
+    if epochs == 0 {
+        return Err(invalid(
+            "selection.epochs",
+            0,
+            "the run length to anneal against (needed when [sampling] epochs = 0)",
+        ));
+    }
+    Ok(Some(InfoBatch {
+        prune_ratio: s.prune_ratio,
+        anneal: s.anneal,
+        epochs,
+    }))
+}
+
 fn invalid(key: &'static str, value: impl std::fmt::Display, allowed: &str) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -358,6 +415,9 @@ impl Plan {
         if let Some(v) = &o.allow_group {
             file.ring.allow_group = Some(v.clone());
         }
+        if let Some(v) = &o.state_dir {
+            file.selection.state_dir = Some(v.clone());
+        }
 
         if let Err(e) = crate::ring::validate_name(&file.ring.name) {
             return Err(invalid(
@@ -421,6 +481,11 @@ impl Plan {
                     .map_err(|e| invalid("ring.allow-group", format!("{g:?}"), &e.to_string()))?,
             ),
         };
+        let infobatch = check_selection(&file)?;
+        let state_dir = file.selection.state_dir.clone().or_else(|| {
+            crate::source::index::default_cache_dir(|k| std::env::var(k).ok())
+                .map(|d| d.join("state").join(&file.ring.name))
+        });
         // Building the augmenter checks the whole [augment] table.
         let main = Augmenter::new(&file.augment)?;
         for (i, stream) in file.source.streams.iter().enumerate() {
@@ -456,6 +521,8 @@ impl Plan {
             threads,
             ranks,
             allow_gid,
+            infobatch,
+            state_dir,
         })
     }
 
@@ -541,6 +608,44 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 4, "expected the four presets, found {seen}");
+    }
+
+    #[test]
+    fn selection_is_checked_and_needs_a_run_length() {
+        let with = |table: &str, epochs: &str| {
+            let text = DEFAULT_CONFIG.replace("epochs = 0                # until stopped", epochs)
+                + "\n[selection]\n"
+                + table;
+            plan(&text, &Overrides::default(), &TorchrunEnv::default())
+        };
+        let p = plan(
+            DEFAULT_CONFIG,
+            &Overrides::default(),
+            &TorchrunEnv::default(),
+        )
+        .unwrap();
+        assert!(p.infobatch.is_none(), "mode none by default");
+        let err = with("mode = \"infobatch\"", "epochs = 0").unwrap_err();
+        assert!(err.to_string().contains("selection.epochs"), "{err}");
+        let p = with("mode = \"infobatch\"\nepochs = 90", "epochs = 0").unwrap();
+        assert_eq!(p.infobatch.unwrap().epochs, 90);
+        let p = with("mode = \"infobatch\"\nepochs = 90", "epochs = 8").unwrap();
+        assert_eq!(
+            p.infobatch.unwrap().epochs,
+            8,
+            "[sampling] epochs wins when bounded"
+        );
+        for (table, key) in [
+            ("prune-ratio = 1.0", "selection.prune-ratio"),
+            ("anneal = 1.5", "selection.anneal"),
+            ("ema-factor = -0.1", "selection.ema-factor"),
+            ("state-dir = \"\"", "selection.state-dir"),
+        ] {
+            let err = with(table, "epochs = 8").unwrap_err();
+            assert!(err.to_string().contains(key), "{table}: {err}");
+        }
+        let err = with("mode = \"best\"", "epochs = 8").unwrap_err();
+        assert!(err.to_string().contains("infobatch"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`batch`]: the batch schema (which tensors a slot holds) derived from the configuration.
 //! - [`ring`]: the shared-memory ring (layout, slots, waiting, handshake), its producer and
 //!   its Rust consumer. The only module with `unsafe` code.
+//! - [`feedback`]: what trainers report back (per-sample losses): scores, loss statistics by
+//!   augmentation bucket and class, and the per-epoch selection decision.
 //! - [`pipeline`]: threads and channels that connect the stages; no stage logic.
 //! - [`config`]: the TOML configuration, validated once into a checked [`config::Plan`].
 #![deny(missing_docs)]
@@ -22,6 +24,7 @@ pub mod augment;
 pub mod batch;
 pub mod config;
 pub mod decode;
+pub mod feedback;
 pub mod pipeline;
 pub mod ring;
 pub mod source;

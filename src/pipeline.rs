@@ -10,17 +10,26 @@
 //! order is a function of (seed, epoch), each sample's augmentation a function of
 //! (seed, epoch, sample id), and a failed sample is replaced by a fixed fallback chain. Thread
 //! count and timing change nothing.
+//!
+//! With `[selection] mode = "infobatch"`, epoch `e` is served from an [`EpochPlan`] decided
+//! once every lane has reported that it finished epoch `e − 1` (its feedback frames arrive
+//! in order on its connection, so every loss of that epoch is in): the plan is then a function
+//! of (seed, epoch, scores), not of timing. Until it is decided, the lanes at epoch `e` wait.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
 use crate::augment::{Augmenter, SampleKey, Scratch};
 use crate::batch::{BatchSchema, TensorIndex};
 use crate::config::Plan;
+use crate::feedback::{ParamLog, Scores, Selector, StateStore};
+use crate::ring::feedback::Feedback;
 use crate::ring::{BatchMeta, Producer};
+use crate::source::selection::EpochPlan;
 use crate::source::{Mixture, Sampler};
 
 /// How many other samples are tried, in a fixed order, before a failed sample's row is given
@@ -109,6 +118,10 @@ impl Cursor {
     }
 }
 
+/// How long every lane may wait for an epoch decision before the daemon says which lanes it
+/// waits for.
+const DECISION_WAIT_WARNING: Duration = Duration::from_secs(30);
+
 /// Upper bounds, in seconds, of the per-sample processing time histogram's buckets.
 pub const SAMPLE_TIME_BUCKETS_S: [f64; 10] = [
     0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
@@ -170,6 +183,14 @@ pub struct PipelineCounters {
     pub stream_samples: Vec<AtomicU64>,
     /// The streams' names, matching `stream_samples`.
     pub stream_names: Vec<String>,
+    /// Batches per lane of lane 0's current epoch (with `[selection]`; 0 = not decided).
+    pub lane0_epoch_batches: AtomicU64,
+    /// Samples pruned from lane 0's current epoch, all ranks together.
+    pub lane0_epoch_pruned: AtomicU64,
+    /// Valid losses reported.
+    pub losses_reported: AtomicU64,
+    /// NaN, infinite or negative losses, and unknown ids, reported (ignored).
+    pub losses_ignored: AtomicU64,
     last_error: Mutex<String>,
 }
 
@@ -219,6 +240,10 @@ pub struct Pipeline {
     /// Ids of the samples that failed while filling the last batch (first choices and
     /// fallbacks alike), for the per-epoch failure share.
     failed_ids: Mutex<Vec<u64>>,
+    /// Scores, loss statistics and the per-epoch decision (only the filler loop locks it).
+    selector: Mutex<Selector>,
+    /// The parameters each served sample was generated with (written by the workers).
+    params: Arc<ParamLog>,
 }
 
 impl Pipeline {
@@ -247,6 +272,44 @@ impl Pipeline {
                 })
             })
             .collect();
+        let n = dataset.len();
+        let sel = &plan.file.selection;
+        let store = match (&plan.infobatch, &plan.state_dir) {
+            (Some(ib), Some(dir)) => {
+                let fingerprint = format!(
+                    "n={n} seed={} batch={} world={} shuffle={:?} drop-last={} r={} anneal={} epochs={} score={:?} ema={}",
+                    plan.file.sampling.seed,
+                    plan.file.batch.size,
+                    plan.ranks.world_size,
+                    plan.file.sampling.shuffle,
+                    plan.file.sampling.drop_last,
+                    ib.prune_ratio,
+                    ib.anneal,
+                    ib.epochs,
+                    sel.score,
+                    sel.ema_factor
+                );
+                match StateStore::open(dir, fingerprint) {
+                    Ok(store) => Some(store),
+                    Err(e) => {
+                        log::warn!(
+                            "selection state directory {}: {e}; a restarted daemon will not reproduce its epochs",
+                            dir.display()
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let selector = Selector::new(
+            n,
+            plan.file.ring.lanes,
+            Scores::new(n, sel.score, sel.ema_factor),
+            plan.infobatch,
+            store,
+        );
+        let params = selector.param_log();
         let streams = dataset.streams().len();
         let counters = PipelineCounters {
             stream_samples: if dataset.has_streams() {
@@ -276,6 +339,8 @@ impl Pipeline {
             workers,
             counters: Arc::new(counters),
             failed_ids: Mutex::new(Vec::new()),
+            selector: Mutex::new(selector),
+            params,
         })
     }
 
@@ -336,16 +401,27 @@ impl Pipeline {
         tensors: &mut [&mut [u8]],
         ids: &mut Vec<u64>,
     ) -> Result<(), PipelineError> {
+        self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
+        self.fill_rows(cursor.epoch, tensors, ids, None)
+    }
+
+    /// Fills the rows of `ids` (samples of `epoch`) into the tensors, and `weights` into the
+    /// `weights` tensor when given.
+    fn fill_rows(
+        &self,
+        epoch: u64,
+        tensors: &mut [&mut [u8]],
+        ids: &[u64],
+        weights: Option<&[f32]>,
+    ) -> Result<(), PipelineError> {
         self.failed_ids
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clear();
-        self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
         let (images, rest) = tensors.split_at_mut(1);
         let images = &mut *images[0];
         let sample_bytes = self.schema.sample_bytes();
         let seed = self.plan.file.sampling.seed;
-        let epoch = cursor.epoch;
 
         let used: Vec<Result<(u64, i64), PipelineError>> = self.pool.install(|| {
             images
@@ -382,6 +458,12 @@ impl Pipeline {
                 if let Some(counter) = self.counters.stream_samples.get(stream) {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+        }
+        if let (Some(weights), Some(at)) = (weights, self.schema.weights_index()) {
+            let out = &mut *rest[at - 1];
+            for (row, w) in weights.iter().enumerate() {
+                out[row * 4..row * 4 + 4].copy_from_slice(&w.to_le_bytes());
             }
         }
         Ok(())
@@ -427,7 +509,7 @@ impl Pipeline {
                         epoch,
                         sample_id: id,
                     };
-                    let r = self.augmenters[augmenter].process(
+                    let r = self.augmenters[augmenter].process_traced(
                         &buffers.encoded,
                         key,
                         out,
@@ -436,7 +518,8 @@ impl Pipeline {
                     let ns = t1.elapsed().as_nanos() as u64;
                     self.counters.process_ns.fetch_add(ns, Ordering::Relaxed);
                     self.counters.sample_times.record(ns);
-                    r.map_err(|e| format!("{}: {e}", self.dataset.describe(id)))
+                    r.map(|params| self.params.record(id, epoch, &params))
+                        .map_err(|e| format!("{}: {e}", self.dataset.describe(id)))
                 }
                 // Read errors already name the shard and member.
                 Err(e) => Err(e.to_string()),
@@ -473,6 +556,141 @@ impl Pipeline {
         }
     }
 
+    /// Whether epochs are selected from reported losses (`[selection] mode = "infobatch"`).
+    pub fn selecting(&self) -> bool {
+        self.plan.infobatch.is_some()
+    }
+
+    fn selector(&self) -> std::sync::MutexGuard<'_, Selector> {
+        self.selector.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies the feedback frames the producer received: losses to scores and statistics,
+    /// end-of-epoch marks to the selection barrier.
+    fn apply_feedback(&self, producer: &Producer) {
+        let frames = producer.take_feedback();
+        if frames.is_empty() {
+            return;
+        }
+        let mut selector = self.selector();
+        for (lane, frame) in frames {
+            match frame {
+                Feedback::Report { epoch, ids, losses } => {
+                    let a = selector.report(epoch, &ids, &losses, |id| {
+                        self.dataset.label(id).unwrap_or(-1)
+                    });
+                    self.counters
+                        .losses_reported
+                        .fetch_add(a.accepted, Ordering::Relaxed);
+                    self.counters
+                        .losses_ignored
+                        .fetch_add(a.bad_loss + a.bad_id, Ordering::Relaxed);
+                    if a.bad_id > 0 {
+                        log::warn!(
+                            "lane {lane}: {} reported sample ids outside the dataset (0..{}) ignored",
+                            a.bad_id,
+                            self.dataset.len()
+                        );
+                    }
+                }
+                Feedback::EpochDone { epoch } => selector.epoch_done(lane, epoch),
+            }
+        }
+    }
+
+    /// What `ringfeed stat` and the metrics endpoint show about reported losses.
+    pub fn evaluation_json(&self) -> serde_json::Value {
+        let selector = self.selector();
+        let scores = selector.scores().values();
+        let (sum, seen) = scores
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold((0.0f64, 0u64), |(s, c), &v| (s + f64::from(v), c + 1));
+        let mut v = selector.evaluation().to_json();
+        v["scores"] = serde_json::json!({
+            "samples": scores.len(),
+            "seen": seen,
+            "mean": if seen > 0 { sum / seen as f64 } else { 0.0 },
+        });
+        let c = &self.counters;
+        v["selection"] = serde_json::json!({
+            "mode": if self.selecting() { "infobatch" } else { "none" },
+            "epoch": c.lane0_epoch.load(Ordering::Relaxed),
+            "epoch_batches": c.lane0_epoch_batches.load(Ordering::Relaxed),
+            "epoch_pruned": c.lane0_epoch_pruned.load(Ordering::Relaxed),
+        });
+        v
+    }
+
+    /// Decides the plans the lanes' current epochs need and may have, drops plans no lane
+    /// needs any more, clamps resumed positions and announces each lane's epoch length.
+    fn plan_epochs(
+        &self,
+        producer: &Producer,
+        cursors: &mut [Cursor],
+        plans: &mut BTreeMap<u64, Arc<EpochPlan>>,
+        announced: &mut [Option<u64>],
+    ) -> Result<(), PipelineError> {
+        let epochs = self.plan.file.sampling.epochs;
+        for cursor in cursors.iter() {
+            let e = cursor.epoch;
+            if (epochs > 0 && e >= epochs) || plans.contains_key(&e) {
+                continue;
+            }
+            let mut selector = self.selector();
+            if !selector.may_decide(e) {
+                continue;
+            }
+            let plan = selector
+                .decide(
+                    e,
+                    self.sampler.full_order(e),
+                    self.plan.file.sampling.seed,
+                    self.sampler.batch_size(),
+                    self.sampler.world_size(),
+                    self.sampler.drop_last(),
+                )
+                .ok_or(crate::source::SamplerError::Invalid(format!(
+                    "epoch {e} keeps too few samples for one batch on every rank"
+                )))?;
+            log::info!(
+                "epoch {e}: {} samples served, {} pruned, {} batches per lane",
+                plan.kept(),
+                plan.pruned(),
+                plan.batches()
+            );
+            plans.insert(e, Arc::new(plan));
+        }
+        if let Some(oldest) = cursors.iter().map(|c| c.epoch).min() {
+            plans.retain(|&e, _| e >= oldest);
+        }
+        for (l, cursor) in cursors.iter_mut().enumerate() {
+            let Some(plan) = plans.get(&cursor.epoch) else {
+                continue;
+            };
+            cursor.index = cursor.index.min(plan.batches() - 1);
+            if announced[l] != Some(cursor.epoch) {
+                announced[l] = Some(cursor.epoch);
+                producer.announce_epoch(
+                    l as u32,
+                    cursor.epoch,
+                    plan.batches(),
+                    plan.kept(),
+                    plan.pruned(),
+                );
+                if l == 0 {
+                    self.counters
+                        .lane0_epoch_batches
+                        .store(plan.batches(), Ordering::Relaxed);
+                    self.counters
+                        .lane0_epoch_pruned
+                        .store(plan.pruned(), Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Serves batches into `producer` until every configured epoch is published (then marks
     /// the ring finished) or `stop` is set. Returns after the batch in flight is published.
     pub fn serve(
@@ -481,17 +699,37 @@ impl Pipeline {
         stop: &AtomicBool,
         start: Cursor,
     ) -> Result<(), PipelineError> {
+        let result = self.serve_loop(producer, stop, start);
+        self.apply_feedback(producer);
+        self.selector().save(true);
+        producer.set_evaluation(self.evaluation_json());
+        result
+    }
+
+    fn serve_loop(
+        &self,
+        producer: &Producer,
+        stop: &AtomicBool,
+        start: Cursor,
+    ) -> Result<(), PipelineError> {
         let lanes = self.plan.file.ring.lanes;
         let epochs = self.plan.file.sampling.epochs;
-        let per_epoch = self.sampler.batches_per_epoch();
+        let selecting = self.selecting();
+        let full_epoch = self.sampler.batches_per_epoch();
         let mut cursors = vec![start; lanes as usize];
+        let mut plans: BTreeMap<u64, Arc<EpochPlan>> = BTreeMap::new();
+        let mut announced: Vec<Option<u64>> = vec![None; lanes as usize];
         let mut ids = Vec::new();
+        let mut weights = Vec::new();
         let mut finished = false;
         let mut epoch_skips = EpochSkips::new(
             self.plan.file.workers.max_skip_fraction,
             self.sampler.epoch_len(),
         );
         let mut rechecked_epoch = None;
+        let mut evaluation_at: Option<Instant> = None;
+        // Since when every active lane waits for an epoch decision, for the stall warning.
+        let mut waiting_since: Option<Instant> = None;
 
         while !stop.load(Ordering::Relaxed) {
             if let Some(path) = producer.truncated_file() {
@@ -504,23 +742,60 @@ impl Pipeline {
                 if lane < cursors.len() {
                     cursors[lane] = Cursor {
                         epoch: request.epoch,
-                        index: request.index.min(per_epoch.saturating_sub(1)),
+                        // With selection the epoch's length is known once it is decided.
+                        index: if selecting {
+                            request.index
+                        } else {
+                            request.index.min(full_epoch.saturating_sub(1))
+                        },
                     };
+                    announced[lane] = None;
+                    self.selector().resumed(request.lane, request.epoch);
                 }
                 request.apply();
             }
+            self.apply_feedback(producer);
+            if evaluation_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                evaluation_at = Some(Instant::now());
+                producer.set_evaluation(self.evaluation_json());
+                self.selector().save(false);
+            }
+            if selecting {
+                self.plan_epochs(producer, &mut cursors, &mut plans, &mut announced)?;
+            }
+            let all_done = epochs > 0 && cursors.iter().all(|c| c.epoch >= epochs);
             let active: Vec<u32> = (0..lanes)
-                .filter(|&l| epochs == 0 || cursors[l as usize].epoch < epochs)
+                .filter(|&l| {
+                    let e = cursors[l as usize].epoch;
+                    (epochs == 0 || e < epochs) && (!selecting || plans.contains_key(&e))
+                })
                 .collect();
             if active.is_empty() {
-                if !finished {
-                    producer.finish();
-                    finished = true;
+                if all_done {
+                    if !finished {
+                        producer.finish();
+                        finished = true;
+                    }
+                    // Stay alive for late seeks (a resumed consumer) until told to stop.
+                    std::thread::sleep(Duration::from_millis(50));
+                } else {
+                    // Lanes wait for the next epoch's decision: poll the feedback often, the
+                    // trainers are waiting too.
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= DECISION_WAIT_WARNING {
+                        waiting_since = Some(Instant::now());
+                        let epoch = cursors.iter().map(|c| c.epoch).min().unwrap_or(0);
+                        log::warn!(
+                            "epoch {epoch} waits for lane(s) {:?} to finish epoch {} (a lane without a consumer holds every epoch back; see docs/feedback.md)",
+                            self.selector().lanes_behind(epoch),
+                            epoch.saturating_sub(1)
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                // Stay alive for late seeks (a resumed consumer) until told to stop.
-                std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
+            waiting_since = None;
             finished = false;
             let Some(mut slot) = producer.claim_any(&active, Duration::from_millis(100)) else {
                 continue;
@@ -540,10 +815,21 @@ impl Pipeline {
             }
             let skipped_before = self.counters.samples_skipped.load(Ordering::Relaxed);
             let ok_before = self.counters.samples_ok.load(Ordering::Relaxed);
-            {
+            let rank = self.plan.ranks.rank(lane);
+            let per_epoch = {
                 let mut tensors = slot.tensors_mut();
-                self.fill_batch(cursor, self.plan.ranks.rank(lane), &mut tensors, &mut ids)?;
-            }
+                match plans.get(&cursor.epoch) {
+                    Some(plan) if selecting => {
+                        plan.batch(rank, cursor.index, &mut ids, &mut weights);
+                        self.fill_rows(cursor.epoch, &mut tensors, &ids, Some(&weights))?;
+                        plan.batches()
+                    }
+                    _ => {
+                        self.fill_batch(cursor, rank, &mut tensors, &mut ids)?;
+                        full_epoch
+                    }
+                }
+            };
             let skipped = self.counters.samples_skipped.load(Ordering::Relaxed) - skipped_before;
             let ok = self.counters.samples_ok.load(Ordering::Relaxed) - ok_before;
             producer.add_samples(ok, skipped);

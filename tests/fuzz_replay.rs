@@ -81,6 +81,7 @@ fn write_seeds() {
         ],
         drop_last: true,
         nhwc: true,
+        selection: false,
         batches_per_epoch: 3,
         epochs: 1,
         seed: 1,

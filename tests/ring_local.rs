@@ -30,6 +30,7 @@ fn spec(name: &str, lanes: u32, slots: u32) -> RingSpec {
         ],
         drop_last: false,
         nhwc: false,
+        selection: false,
         batches_per_epoch: 100,
         epochs: 1,
         seed: 1,

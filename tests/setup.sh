@@ -21,3 +21,5 @@ python3 -m pip install -q --disable-pip-version-check numpy pytest
 # torch (CPU use only): the client's torch paths, batch.to(..., normalize=True) against a real
 # f32 ring, and benches/gpu/check.py's dry path run with it.
 python3 -m pip install -q --disable-pip-version-check torch
+# scikit-learn: its bundled digits are the real data of benches/infobatch/digits.py (smoke in CI).
+python3 -m pip install -q --disable-pip-version-check scikit-learn

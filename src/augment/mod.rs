@@ -70,6 +70,31 @@ struct JitterPlan {
     p: f64,
 }
 
+/// The random parameters one sample was generated with ([`Augmenter::process_traced`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SampleParams {
+    /// Share of the source image's area the crop covers (1.0 for a whole image).
+    pub crop_area: f32,
+    /// Width / height of the cropped source region.
+    pub crop_aspect: f32,
+    /// Flipped left-right.
+    pub hflip: bool,
+    /// Flipped top-bottom.
+    pub vflip: bool,
+    /// Rotation in degrees (0 when not rotated).
+    pub rotation: f32,
+    /// Zoom factor of `random-scale` (1 when not applied).
+    pub zoom: f32,
+    /// Brightness factor, when colour jitter applied one.
+    pub brightness: Option<f32>,
+    /// Contrast factor, when applied.
+    pub contrast: Option<f32>,
+    /// Saturation factor, when applied.
+    pub saturation: Option<f32>,
+    /// Hue shift, when applied.
+    pub hue: Option<f32>,
+}
+
 /// A checked augmentation plan; cheap to share between worker threads (`&Augmenter`).
 #[derive(Clone, Debug)]
 pub struct Augmenter {
@@ -431,6 +456,18 @@ impl Augmenter {
         out: &mut [u8],
         scratch: &mut Scratch,
     ) -> Result<(), SampleError> {
+        self.process_traced(bytes, key, out, scratch).map(|_| ())
+    }
+
+    /// [`process`](Self::process), also returning the random parameters the sample was
+    /// generated with (for evaluating augmentations against reported losses).
+    pub fn process_traced(
+        &self,
+        bytes: &[u8],
+        key: SampleKey,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<SampleParams, SampleError> {
         let expected = self.sample_bytes();
         if out.len() != expected {
             return Err(SampleError::OutputSize {
@@ -489,10 +526,15 @@ impl Augmenter {
         let vflip = self
             .vertical_flip
             .is_some_and(|p| chance(&mut key.rng(Stream::VerticalFlip), p));
-        self.post_geometry(key, hflip != vflip, scratch);
+        let mut params = self.post_geometry(key, hflip != vflip, scratch);
         self.writer
             .write(&scratch.small[..len], w, h, hflip, vflip, out);
-        Ok(())
+        let source_area = f64::from(info.width) * f64::from(info.height);
+        params.crop_area = (sampling.src_box[2] * sampling.src_box[3] / source_area) as f32;
+        params.crop_aspect = (sampling.src_box[2] / sampling.src_box[3]) as f32;
+        params.hflip = hflip;
+        params.vflip = vflip;
+        Ok(params)
     }
 
     /// Region and DCT scale to decode: the plan's view, at the largest reduction that leaves
@@ -525,7 +567,8 @@ impl Augmenter {
     /// Rotation/zoom, colour jitter, grayscale and blur on the output-size image in
     /// `scratch.small`. `mirrored`: exactly one flip will be applied afterwards, so the
     /// rotation turns the other way.
-    fn post_geometry(&self, key: SampleKey, mirrored: bool, scratch: &mut Scratch) {
+    fn post_geometry(&self, key: SampleKey, mirrored: bool, scratch: &mut Scratch) -> SampleParams {
+        let mut params = SampleParams::default();
         let (w, h) = (self.width, self.height);
         let len = w as usize * h as usize * 3;
         let mut degrees = 0.0;
@@ -560,6 +603,8 @@ impl Augmenter {
             );
             std::mem::swap(&mut scratch.small, &mut scratch.small2);
         }
+        params.rotation = degrees as f32;
+        params.zoom = zoom as f32;
         let img = &mut scratch.small[..len];
         if let Some(j) = &self.jitter {
             let mut rng = key.rng(Stream::ColorJitter);
@@ -576,6 +621,10 @@ impl Augmenter {
                     draw(j.saturation),
                     draw(j.hue),
                 );
+                params.brightness = b;
+                params.contrast = c;
+                params.saturation = s;
+                params.hue = hue;
                 if let Some(b) = b {
                     color::brightness(img, b);
                 }
@@ -610,6 +659,7 @@ impl Augmenter {
                 );
             }
         }
+        params
     }
 }
 

@@ -3,7 +3,9 @@
 //! Every image batch has three tensors, always in this order (see `docs/ring-format.md` §5.2):
 //! `images` (the augmenter's output dtype, `[B, C, H, W]` or `[B, H, W, C]`), `labels`
 //! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset); a mixture of
-//! datasets adds a fourth, `source` (`u16 [B]`, each sample's stream).
+//! datasets adds `source` (`u16 [B]`, each sample's stream), and `[selection]` on adds
+//! `weights` after it (`f32 [B]`, the factor a trainer multiplies each sample's loss by: 1, or
+//! `1 / (1 - prune-ratio)` for kept well-learned samples; see [`BatchSchema::weights_index`]).
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
@@ -39,6 +41,8 @@ pub struct BatchSchema {
     pub std: [f32; 4],
     /// Batches carry a `source` tensor (the ring mixes several datasets).
     pub source: bool,
+    /// Batches carry a `weights` tensor, last (`[selection]` on).
+    pub weights: bool,
 }
 
 impl BatchSchema {
@@ -57,7 +61,19 @@ impl BatchSchema {
             mean,
             std,
             source: false,
+            weights: false,
         }
+    }
+
+    /// The same schema with (or without) the `weights` tensor.
+    pub fn with_weights(self, weights: bool) -> BatchSchema {
+        BatchSchema { weights, ..self }
+    }
+
+    /// Position of the `weights` tensor (after `source` when there is one), if any.
+    pub fn weights_index(&self) -> Option<usize> {
+        self.weights
+            .then_some(TensorIndex::SampleIds as usize + 1 + usize::from(self.source))
     }
 
     /// The same schema with a `source` tensor (a mixture of datasets).
@@ -111,6 +127,13 @@ impl BatchSchema {
                 shape: vec![b],
             });
         }
+        if self.weights {
+            tensors.push(TensorSpec {
+                name: "weights".to_owned(),
+                dtype: DType::F32,
+                shape: vec![b],
+            });
+        }
         tensors
     }
 }
@@ -139,6 +162,7 @@ mod tests {
             mean: [0.0; 4],
             std: [0.0; 4],
             source: false,
+            weights: false,
         };
         let t = s.tensors();
         assert_eq!(t.len(), 3);
@@ -146,11 +170,29 @@ mod tests {
         assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
         assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
         assert_eq!(s.sample_bytes(), 3 * 8 * 6 * 4);
-        let nhwc = BatchSchema { nhwc: true, ..s };
+        let nhwc = BatchSchema {
+            nhwc: true,
+            ..s.clone()
+        };
         assert_eq!(nhwc.tensors()[0].shape, vec![4, 8, 6, 3]);
         let mixed = nhwc.with_source().tensors();
         assert_eq!(mixed[TensorIndex::Source as usize].name, "source");
         assert_eq!(mixed[TensorIndex::Source as usize].dtype, DType::U16);
         assert_eq!(mixed[TensorIndex::Source as usize].shape, vec![4]);
+        for source in [false, true] {
+            let schema = BatchSchema {
+                source,
+                ..s.clone()
+            }
+            .with_weights(true);
+            let at = schema.weights_index().unwrap();
+            let t = schema.tensors();
+            assert_eq!(
+                (at, t.len()),
+                (3 + usize::from(source), 4 + usize::from(source))
+            );
+            assert_eq!((t[at].name.as_str(), t[at].dtype), ("weights", DType::F32));
+        }
+        assert_eq!(s.weights_index(), None);
     }
 }

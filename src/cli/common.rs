@@ -62,6 +62,11 @@ pub(crate) struct PlanArgs {
     /// 0660, given to GROUP. Default: only this user.
     #[arg(long, value_name = "GROUP")]
     allow_group: Option<String>,
+    /// Where [selection] keeps scores and epoch snapshots, so a restarted daemon serving a
+    /// resumed trainer decides the same epochs. Default: state/<name> under the cache
+    /// directory ($XDG_CACHE_HOME/ringfeed or ~/.cache/ringfeed).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Key file of encrypted shards (`ringfeed keygen`): members are decrypted in the workers'
     /// memory only. Must be a regular file of this user with no group/other permissions.
     /// Replaces [source] key-file.
@@ -86,6 +91,7 @@ impl PlanArgs {
             max_skip_fraction: self.max_skip_fraction,
             shm_dir: self.shm_dir.clone(),
             allow_group: self.allow_group.clone(),
+            state_dir: self.state_dir.clone(),
             // Relative to the current directory, whatever the configuration's base directory.
             key_file: self
                 .key_file
@@ -190,7 +196,7 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         }
     }
     let augmenter = Augmenter::new(&plan.file.augment)?;
-    let mut schema = BatchSchema::new(batch, &augmenter);
+    let mut schema = BatchSchema::new(batch, &augmenter).with_weights(plan.infobatch.is_some());
     if dataset.has_streams() {
         schema = schema.with_source();
     }
@@ -222,6 +228,7 @@ impl Stages {
             tensors: schema.tensors(),
             drop_last: plan.file.sampling.drop_last,
             nhwc: schema.nhwc,
+            selection: plan.infobatch.is_some(),
             batches_per_epoch: self.pipeline.batches_per_epoch(),
             epochs: plan.file.sampling.epochs,
             seed: plan.file.sampling.seed,

@@ -47,7 +47,9 @@ impl RingCollector {
     /// A registry (prefix `ringfeed`) holding this collector.
     pub(crate) fn into_registry(self) -> Registry {
         let mut registry = Registry::with_prefix("ringfeed");
+        let feedback = super::feedback_metrics::FeedbackCollector::new(Arc::clone(&self.producer));
         registry.register_collector(Box::new(self));
+        registry.register_collector(Box::new(feedback));
         registry
     }
 }

@@ -6,6 +6,7 @@ mod caption;
 mod common;
 mod completions;
 mod consume;
+mod feedback_metrics;
 mod index;
 mod keygen;
 mod logging;

@@ -1,5 +1,6 @@
 //! `ringfeed stat`: a running ring's state and counters, read straight from its shared memory
-//! (no daemon round-trip) through a read-only [`Observer`].
+//! through a read-only [`Observer`], plus what the daemon learnt from reported losses (one
+//! `evaluation` request per refresh; absent when the daemon cannot be asked).
 //!
 //! # Brief overview
 //!
@@ -17,7 +18,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use ringfeed::ring::{
-    mono_ns, query_info, Layout, Observer, ProducerState, RingSnapshot, RuntimeDir,
+    mono_ns, query_evaluation, query_info, Layout, Observer, ProducerState, RingSnapshot,
+    RuntimeDir,
 };
 use serde::Serialize;
 
@@ -75,6 +77,12 @@ pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
         if let Ok(info) = query_info(&dir, &args.name, SHORT_WINDOW) {
             rep.streams = streams_of(&info);
         }
+        rep.feedback = query_evaluation(&dir, &args.name).ok().map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("ok");
+            }
+            v
+        });
         let text = if args.json {
             serde_json::to_string(&rep)?
         } else {
@@ -224,6 +232,9 @@ pub(crate) struct StatReport {
     pub(crate) lane_stats: Vec<LaneReport>,
     /// Attached consumers.
     pub(crate) consumers: Vec<ConsumerReport>,
+    /// What the daemon learnt from reported losses (its `evaluation` reply; `null` when it
+    /// could not be asked).
+    pub(crate) feedback: Option<serde_json::Value>,
     /// The streams of a mixture (`[[source.streams]]`), from the producer's info reply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) streams: Vec<StreamReport>,
@@ -386,6 +397,7 @@ pub(crate) fn report(
                 taken: c.taken,
             })
             .collect(),
+        feedback: None,
         streams: Vec::new(),
     }
 }
@@ -486,7 +498,99 @@ pub(crate) fn render_text(r: &StatReport) -> String {
             .collect();
         out += &format!("streams: {}\n", each.join(" | "));
     }
+    if let Some(f) = &r.feedback {
+        out += &render_feedback(f);
+    }
     out += &format!("verdict: {}", r.verdict);
+    out
+}
+
+/// Classes listed in the text report (the JSON has them all), highest mean loss first.
+const CLASSES_SHOWN: usize = 20;
+
+/// The feedback part of the text report: report counters, scores, the selection state and,
+/// for the newest epoch with losses, the mean loss per bucket of each augmentation parameter
+/// and per class. Empty while nothing was reported.
+pub(crate) fn render_feedback(f: &serde_json::Value) -> String {
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let int = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let rep = &f["reports"];
+    let losses = int(&rep["losses"]);
+    let (bad_loss, bad_id) = (int(&rep["ignored_bad_loss"]), int(&rep["refused_ids"]));
+    let mut out = String::new();
+    let sel = &f["selection"];
+    if sel["mode"] == "infobatch" {
+        out += &format!(
+            "selection: infobatch, epoch {}: {} batches per lane, {} samples pruned\n",
+            int(&sel["epoch"]),
+            int(&sel["epoch_batches"]),
+            int(&sel["epoch_pruned"])
+        );
+    }
+    if losses + bad_loss + bad_id == 0 {
+        return out;
+    }
+    out += &format!(
+        "reported losses {losses} ({} not attributable here), ignored: {bad_loss} NaN/inf/negative, {bad_id} unknown ids; scores for {} of {} samples, mean {:.4}\n",
+        int(&rep["unattributed"]),
+        int(&f["scores"]["seen"]),
+        int(&f["scores"]["samples"]),
+        num(&f["scores"]["mean"])
+    );
+    let Some(epoch) = f["epochs"].as_array().and_then(|e| e.last()) else {
+        return out;
+    };
+    out += &format!(
+        "epoch {} so far: {} losses, mean {:.4}\n",
+        int(&epoch["epoch"]),
+        int(&epoch["samples"]),
+        num(&epoch["mean_loss"])
+    );
+    if let Some(by) = epoch["loss_by"].as_object() {
+        for param in by.values() {
+            let buckets: Vec<String> = param["buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    format!(
+                        "{}: {:.3} (n={})",
+                        b["bucket"].as_str().unwrap_or("?"),
+                        num(&b["mean_loss"]),
+                        int(&b["samples"])
+                    )
+                })
+                .collect();
+            out += &format!(
+                "  loss by {}: {}\n",
+                param["title"].as_str().unwrap_or("?"),
+                buckets.join(", ")
+            );
+        }
+    }
+    let mut classes: Vec<&serde_json::Value> = epoch["loss_by_class"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    if !classes.is_empty() {
+        classes.sort_by(|a, b| num(&b["mean_loss"]).total_cmp(&num(&a["mean_loss"])));
+        let shown: Vec<String> = classes
+            .iter()
+            .take(CLASSES_SHOWN)
+            .map(|c| format!("{}: {:.3}", c["class"], num(&c["mean_loss"])))
+            .collect();
+        let more = classes.len().saturating_sub(CLASSES_SHOWN);
+        out += &format!(
+            "  loss by class (highest first): {}{}\n",
+            shown.join(", "),
+            if more > 0 {
+                format!(" … and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     out
 }
 
@@ -508,6 +612,7 @@ mod tests {
             }],
             drop_last: true,
             nhwc: false,
+            selection: false,
             batches_per_epoch: 10,
             epochs: 0,
             seed: 1,
@@ -589,5 +694,29 @@ mod tests {
             "{}",
             r.verdict
         );
+    }
+
+    #[test]
+    fn feedback_text_names_buckets_and_classes() {
+        let f = serde_json::json!({
+            "reports": {"losses": 10, "unattributed": 1, "ignored_bad_loss": 2, "refused_ids": 0},
+            "scores": {"samples": 96, "seen": 9, "mean": 1.5},
+            "selection": {"mode": "infobatch", "epoch": 2, "epoch_batches": 9, "epoch_pruned": 24},
+            "epochs": [{"epoch": 2, "samples": 9, "mean_loss": 1.5,
+                "loss_by": {"crop_area": {"title": "crop area", "buckets": [
+                    {"bucket": "0–0.2", "mean_loss": 2.31, "samples": 4},
+                    {"bucket": "0.5–0.75", "mean_loss": 1.52, "samples": 5}]}},
+                "loss_by_class": [{"class": 0, "mean_loss": 0.5, "samples": 3},
+                                  {"class": 1, "mean_loss": 2.5, "samples": 6}]}]
+        });
+        let text = render_feedback(&f);
+        assert!(
+            text.contains("selection: infobatch, epoch 2: 9 batches per lane, 24 samples pruned")
+        );
+        assert!(text.contains("loss by crop area: 0–0.2: 2.310 (n=4), 0.5–0.75: 1.520 (n=5)"));
+        assert!(text.contains("loss by class (highest first): 1: 2.500, 0: 0.500"));
+        assert!(text.contains("2 NaN/inf/negative"));
+        let quiet = serde_json::json!({"reports": {"losses": 0}, "selection": {"mode": "none"}});
+        assert_eq!(render_feedback(&quiet), "");
     }
 }

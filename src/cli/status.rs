@@ -56,7 +56,7 @@ impl StatusReporter {
                     .ok()
                     .and_then(|dir| Observer::open(&dir, &producer.layout().name).ok());
                 let mut stalls = StallWatch::default();
-                let bar = EpochBar::new(epoch_shape);
+                let mut bar = EpochBar::new(epoch_shape);
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
@@ -81,6 +81,11 @@ impl StatusReporter {
                     }
                     if Instant::now() >= next_bar {
                         let images = counters.samples_ok.load(Ordering::Relaxed);
+                        // A selected epoch's real length, once decided.
+                        match counters.lane0_epoch_batches.load(Ordering::Relaxed) {
+                            0 => {}
+                            n => bar.set_batches_per_epoch(n),
+                        }
                         bar.update(
                             counters.lane0_epoch.load(Ordering::Relaxed),
                             counters.lane0_batches_done.load(Ordering::Relaxed),
@@ -174,6 +179,14 @@ impl EpochBar {
         self.bar.set_message(format!("{rate:.0} img/s"));
         self.bar
             .set_position(done.min(self.shape.batches_per_epoch.max(1)));
+    }
+
+    /// Sets the current epoch's length (with `[selection]`, epochs differ in length).
+    pub(crate) fn set_batches_per_epoch(&mut self, batches: u64) {
+        if batches != self.shape.batches_per_epoch {
+            self.shape.batches_per_epoch = batches;
+            self.bar.set_length(batches.max(1));
+        }
     }
 
     /// Removes the bar from the terminal.
@@ -338,9 +351,30 @@ pub(crate) fn status_line(
         format!(" | served {}", each.join(", "))
     };
     format!(
-        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped}{served} | {verdict}",
-        lanes.join(" | ")
+        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped}{served}{} | {verdict}",
+        lanes.join(" | "),
+        selection_text(counters)
     )
+}
+
+/// ` | epoch E: B batches/lane, P pruned | losses L (I ignored)` once reports or a selected
+/// epoch exist; empty otherwise (a daemon nobody reports to shows what it always showed).
+pub(crate) fn selection_text(counters: &PipelineCounters) -> String {
+    let mut text = String::new();
+    let batches = counters.lane0_epoch_batches.load(Ordering::Relaxed);
+    if batches > 0 {
+        text.push_str(&format!(
+            " | epoch {}: {batches} batches/lane, {} pruned",
+            counters.lane0_epoch.load(Ordering::Relaxed),
+            counters.lane0_epoch_pruned.load(Ordering::Relaxed)
+        ));
+    }
+    let losses = counters.losses_reported.load(Ordering::Relaxed);
+    let ignored = counters.losses_ignored.load(Ordering::Relaxed);
+    if losses + ignored > 0 {
+        text.push_str(&format!(" | losses {losses} ({ignored} ignored)"));
+    }
+    text
 }
 
 /// The one-line answer to "is the loader the bottleneck?".
@@ -436,6 +470,21 @@ mod tests {
         assert_eq!(proc_stat_state("17 (trainer) S 1 17"), "running");
         assert_eq!(proc_stat_state("17 (odd T) R 1"), "running");
         assert_eq!(process_state(std::process::id()), "running");
+    }
+
+    #[test]
+    fn selection_and_reports_appear_once_there_are_any() {
+        let c = PipelineCounters::default();
+        assert_eq!(selection_text(&c), "", "nothing reported, nothing selected");
+        c.lane0_epoch.store(3, Ordering::Relaxed);
+        c.lane0_epoch_batches.store(9, Ordering::Relaxed);
+        c.lane0_epoch_pruned.store(24, Ordering::Relaxed);
+        c.losses_reported.store(500, Ordering::Relaxed);
+        c.losses_ignored.store(2, Ordering::Relaxed);
+        assert_eq!(
+            selection_text(&c),
+            " | epoch 3: 9 batches/lane, 24 pruned | losses 500 (2 ignored)"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The Rust consumer: attaches to one lane, validates the ring before making any view, and
 //! hands out batches that are read in place and released when dropped.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, Write};
 use std::marker::PhantomData;
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::feedback;
 use super::futex::{self, mono_ns};
 use super::handshake::{self, Request, Resume};
 use super::layout::{
@@ -186,6 +187,28 @@ pub enum ConsumeError {
     },
 }
 
+/// A loss report was refused before anything was sent.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// `ids` and `losses` differ in length.
+    #[error("report: {ids} sample ids but {losses} losses")]
+    Length {
+        /// Ids given.
+        ids: usize,
+        /// Losses given.
+        losses: usize,
+    },
+    /// Some ids are not in the dataset.
+    #[error("report: sample ids outside the dataset (0..{n}): {ids:?}")]
+    OutOfRange {
+        /// The offending ids.
+        ids: Vec<u64>,
+        /// Dataset size.
+        n: u64,
+    },
+}
+
 /// A typed tensor view was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -258,7 +281,38 @@ pub struct Consumer {
     control: Control,
     data: Data,
     stream: UnixStream,
+    /// Feedback frames (§9) not yet accepted by the socket (the producer was busy).
+    outbox: RefCell<Vec<u8>>,
+    /// Epoch and last-of-epoch flag of the last batch taken.
+    last_taken: Cell<Option<(u64, bool)>>,
+    /// The last epoch an `EPOCH_DONE` frame was queued for.
+    epoch_done_sent: Cell<Option<u64>>,
     _not_sync: PhantomData<Cell<()>>,
+}
+
+impl Drop for Consumer {
+    /// Sends what the outbox still holds (waiting up to 10 s for a busy producer, not at all
+    /// for a dead one), so reports made just before detaching are not lost.
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.outbox.get_mut().is_empty() && Instant::now() < deadline {
+            if !self.flush_outbox() {
+                break;
+            }
+            if !self.outbox.get_mut().is_empty() {
+                let _ = rustix::event::poll(
+                    &mut [rustix::event::PollFd::new(
+                        &self.stream,
+                        rustix::event::PollFlags::OUT,
+                    )],
+                    Some(&rustix::time::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 10_000_000,
+                    }),
+                );
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Consumer {
@@ -412,8 +466,73 @@ impl Consumer {
             control,
             data,
             stream,
+            outbox: RefCell::new(Vec::new()),
+            last_taken: Cell::new(None),
+            epoch_done_sent: Cell::new(None),
             _not_sync: PhantomData,
         })
+    }
+
+    /// Reports per-sample losses to the producer (§9): `ids` as in the `sample_ids` tensor,
+    /// one loss per id, attributed to the epoch of the last batch taken. Never blocks: what
+    /// the socket does not accept now is kept and sent at the next call (or on drop). Ids at
+    /// or past the dataset size are refused, naming them; NaN, infinite and negative losses
+    /// are sent and counted (then ignored) by the producer.
+    pub fn report(&self, ids: &[u64], losses: &[f32]) -> Result<(), ReportError> {
+        if ids.len() != losses.len() {
+            return Err(ReportError::Length {
+                ids: ids.len(),
+                losses: losses.len(),
+            });
+        }
+        let n = self.layout.samples_per_epoch;
+        let bad: Vec<u64> = ids.iter().copied().filter(|&id| id >= n).collect();
+        if !bad.is_empty() {
+            return Err(ReportError::OutOfRange { ids: bad, n });
+        }
+        let epoch = self.last_taken.get().map_or(0, |(e, _)| e);
+        {
+            let mut outbox = self.outbox.borrow_mut();
+            let step = feedback::MAX_REPORT_SAMPLES as usize;
+            for (i, l) in ids.chunks(step).zip(losses.chunks(step)) {
+                feedback::encode_report(&mut outbox, epoch, i, l);
+            }
+        }
+        let _ = self.flush_outbox();
+        Ok(())
+    }
+
+    /// Tells the producer that every report of `epoch` has been sent. [`next`](Self::next)
+    /// does this by itself when the batch it takes follows a last-of-epoch batch; call it
+    /// earlier to let a selecting producer (`[selection]`) decide the next epoch sooner.
+    pub fn end_epoch(&self, epoch: u64) {
+        if self.epoch_done_sent.get().is_some_and(|e| e >= epoch) {
+            return;
+        }
+        self.epoch_done_sent.set(Some(epoch));
+        feedback::encode_epoch_done(&mut self.outbox.borrow_mut(), epoch);
+        let _ = self.flush_outbox();
+    }
+
+    /// Sends as much of the outbox as the socket takes without blocking. `false` when the
+    /// connection is broken (the producer is gone, which `next` reports).
+    fn flush_outbox(&self) -> bool {
+        let mut outbox = self.outbox.borrow_mut();
+        while !outbox.is_empty() {
+            match rustix::net::send(
+                &self.stream,
+                &outbox,
+                rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => {
+                    outbox.drain(..n);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => return true, // the producer is busy
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// The ring's validated layout.
@@ -473,6 +592,10 @@ impl Consumer {
         &self,
         deadline: Option<(Instant, Duration)>,
     ) -> Result<Option<Batch<'_>>, ConsumeError> {
+        if let Some((epoch, true)) = self.last_taken.get() {
+            self.end_epoch(epoch);
+        }
+        let _ = self.flush_outbox();
         let publish_seq = self.lane_u32(lentry::PUBLISH_SEQ);
         let mut wait_started: Option<Instant> = None;
         let result = loop {
@@ -556,6 +679,7 @@ impl Consumer {
         let slot = Slot::new(&self.control, &self.layout, self.lane, s);
         slot.take(self.pid);
         let meta = slot.meta();
+        self.last_taken.set(Some((meta.epoch, meta.flags & 1 != 0)));
         self.control
             .u64(self.layout.consumer_entry(self.lane) + centry::TAKEN)
             .fetch_add(1, Relaxed);

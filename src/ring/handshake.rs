@@ -39,6 +39,9 @@ pub(crate) enum Request {
     },
     /// Describe the ring.
     Info,
+    /// The daemon's evaluation of reported losses (`ringfeed stat`); the reply may be longer
+    /// than [`MAX_LINE`].
+    Evaluation,
 }
 
 /// The consumer's uid check: `Err(peer)` when the producer runs as neither this user nor the
@@ -182,6 +185,64 @@ pub(crate) fn recv_line_with_fd(stream: &UnixStream) -> io::Result<(Vec<u8>, Opt
                 "reply longer than 4096 bytes",
             ));
         }
+    }
+}
+
+/// Longest `evaluation` reply a client reads (per-class statistics can exceed a line).
+pub(crate) const MAX_EVALUATION_REPLY: usize = 4 << 20;
+
+/// Asks the producer at `path` for its `evaluation` reply (§3): connects, checks that the
+/// peer runs as our uid (or `trusted`), sends the request, reads one line of at most
+/// [`MAX_EVALUATION_REPLY`] bytes.
+pub(crate) fn query_evaluation(
+    path: &std::path::Path,
+    trusted: Option<u32>,
+) -> io::Result<serde_json::Value> {
+    use std::io::Write as _;
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let peer = peer_cred(&stream)?;
+    let ours = rustix::process::getuid().as_raw();
+    if let Err(uid) = check_peer_uid(peer.uid, ours, trusted) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("producer at {} runs as uid {uid}, not ours", path.display()),
+        ));
+    }
+    stream.write_all(b"{\"op\":\"evaluation\"}\n")?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "producer closed the connection without a full reply",
+            ));
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply.last() == Some(&b'\n') {
+            break;
+        }
+        if reply.len() > MAX_EVALUATION_REPLY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "evaluation reply longer than 4 MiB",
+            ));
+        }
+    }
+    serde_json::from_slice(&reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Whether the peer has closed `stream` (EOF with nothing left to read, or an error), checked
+/// without blocking and without consuming anything: bytes still unread (feedback frames, §9)
+/// mean the peer may still be there.
+pub(crate) fn peer_hung_up(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    match rustix::net::recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((0, _)) => true,
+        Ok(_) => false,
+        Err(e) => e != rustix::io::Errno::AGAIN && e != rustix::io::Errno::INTR,
     }
 }
 

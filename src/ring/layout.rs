@@ -32,6 +32,9 @@ pub const TENSOR_ALIGN: u64 = 64;
 pub const FLAG_DROP_LAST: u32 = 1;
 /// Header flag bit 1: images are NHWC (otherwise NCHW).
 pub const FLAG_NHWC: u32 = 2;
+/// Header flag bit 2: the daemon selects samples per epoch (`[selection]`): epochs may be
+/// shorter than `batches_per_epoch`; the lane table's `plan_*` fields give each one's length.
+pub const FLAG_SELECTION: u32 = 4;
 /// Longest ring name (it must fit the header's 32-byte `name` field).
 pub const MAX_NAME_LEN: usize = 32;
 /// Bytes of the `last_error` header field.
@@ -99,6 +102,10 @@ pub(crate) mod lane {
     pub(crate) const PRODUCER_WAIT_NS: u64 = 48;
     pub(crate) const EPOCH: u64 = 56;
     pub(crate) const INDEX: u64 = 64;
+    pub(crate) const PLAN_EPOCH: u64 = 72;
+    pub(crate) const PLAN_BATCHES: u64 = 80;
+    pub(crate) const PLAN_KEPT: u64 = 88;
+    pub(crate) const PLAN_PRUNED: u64 = 96;
 }
 
 /// Byte offsets inside a slot table entry (§5.4).
@@ -209,6 +216,8 @@ pub struct RingSpec {
     pub drop_last: bool,
     /// Whether images are NHWC (otherwise NCHW).
     pub nhwc: bool,
+    /// The daemon selects samples per epoch ([`FLAG_SELECTION`]).
+    pub selection: bool,
     /// Batches per epoch per lane; 0 when unknown.
     pub batches_per_epoch: u64,
     /// Epochs to produce; 0 = unbounded.
@@ -322,6 +331,11 @@ impl Layout {
     /// Whether images are NHWC.
     pub fn nhwc(&self) -> bool {
         self.flags & FLAG_NHWC != 0
+    }
+
+    /// Whether the daemon selects samples per epoch ([`FLAG_SELECTION`]).
+    pub fn selection(&self) -> bool {
+        self.flags & FLAG_SELECTION != 0
     }
 
     /// Whether incomplete last batches are dropped.
@@ -536,7 +550,9 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
         consumer_table_offset: as_u32(consumer_table, "consumer table")?,
         consumer_capacity: spec.lanes,
         batch_size: spec.batch_size,
-        flags: (u32::from(spec.drop_last) * FLAG_DROP_LAST) | (u32::from(spec.nhwc) * FLAG_NHWC),
+        flags: (u32::from(spec.drop_last) * FLAG_DROP_LAST)
+            | (u32::from(spec.nhwc) * FLAG_NHWC)
+            | (u32::from(spec.selection) * FLAG_SELECTION),
         batches_per_epoch: spec.batches_per_epoch,
         epochs: spec.epochs,
         seed: spec.seed,
@@ -1023,6 +1039,7 @@ mod tests {
             ],
             drop_last: true,
             nhwc: false,
+            selection: false,
             batches_per_epoch: 10,
             epochs: 2,
             seed: 7,

@@ -18,12 +18,14 @@
 //! - [`Producer`] / [`SlotWriter`]: create the ring, claim and publish slots, serve attaches,
 //!   reclaim the slots of dead consumers.
 //! - [`Consumer`] / [`Batch`]: attach, take batches in order, release on drop, notice a dead
-//!   producer within a second.
+//!   producer within a second; report per-sample losses back.
+//! - [`feedback`]: the frames a consumer sends on its connection (losses, end of epoch).
 //! - [`Observer`]: a read-only view of a running ring for operator tools (counters, a
 //!   seqlock copy of a published batch), found through the lock file and `/proc`.
 
 mod access;
 mod consumer;
+pub mod feedback;
 mod futex;
 mod handshake;
 pub mod layout;
@@ -37,9 +39,17 @@ mod slot;
 
 pub use access::{resolve_group, GroupError};
 pub use consumer::{
-    AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, TensorError,
+    AttachError, AttachOptions, Batch, ConsumeError, Consumer, Element, ReportError, TensorError,
 };
 pub use futex::mono_ns;
+
+/// The running producer's evaluation of reported losses (the `evaluation` request of
+/// docs/ring-format.md §3): counters, per-epoch mean loss by augmentation bucket and class,
+/// scores and the selection state, as JSON. The producer must run as our uid.
+pub fn query_evaluation(dir: &RuntimeDir, name: &str) -> std::io::Result<serde_json::Value> {
+    validate_name(name).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    handshake::query_evaluation(&dir.socket_path(name), None)
+}
 pub use layout::{
     plan, validate_header, DType, FormatError, Layout, RingSpec, SpecError, TensorLayout,
     TensorSpec,

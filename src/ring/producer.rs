@@ -23,10 +23,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use rustix::net::RecvFlags;
 use serde_json::json;
 use thiserror::Error;
 
 use super::access;
+use super::feedback::{Feedback, FrameError, FrameReader};
 use super::futex::{self, mono_ns, unix_ns};
 use super::handshake::{self, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
@@ -279,6 +281,63 @@ impl LaneConn {
     }
 }
 
+/// Most socket reads of 16 KiB one consumer's feedback gets per service-loop round.
+const PUMP_READS: usize = 256;
+
+/// What reading an attached consumer's socket found.
+enum Pumped {
+    /// Still connected (any complete frames were queued).
+    Open,
+    /// The consumer hung up (frames sent before its EOF were queued first).
+    Closed,
+    /// It sent a malformed frame.
+    Malformed(FrameError),
+}
+
+/// Reads what an attached consumer's socket holds without blocking (at most [`PUMP_READS`]
+/// reads, so one flooding consumer cannot keep the service thread from the others), cuts it
+/// into feedback frames (§9) with `frames`, and queues the complete ones for the pipeline.
+fn pump(
+    stream: &UnixStream,
+    lane: u32,
+    frames: &mut FrameReader,
+    queue: &Mutex<Vec<(u32, Feedback)>>,
+) -> Pumped {
+    let mut buf = [0u8; 16 * 1024];
+    let mut closed = false;
+    for _ in 0..PUMP_READS {
+        match rustix::net::recv(stream, &mut buf, RecvFlags::DONTWAIT) {
+            Ok((0, _)) => {
+                closed = true;
+                break;
+            }
+            Ok((n, _)) => frames.push(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    let mut got = Vec::new();
+    let outcome = loop {
+        match frames.next_frame() {
+            Ok(Some(f)) => got.push((lane, f)),
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    if !got.is_empty() {
+        lock(queue).append(&mut got);
+    }
+    match outcome {
+        Some(e) => Pumped::Malformed(e),
+        None if closed => Pumped::Closed,
+        None => Pumped::Open,
+    }
+}
+
 /// A connection still sending its request line, with its deadline.
 struct Incoming {
     stream: UnixStream,
@@ -320,6 +379,14 @@ struct Shared {
     stop: AtomicBool,
     /// Extra members of the `info` reply, supplied by the pipeline (e.g. per-stream counts).
     info_extra: Mutex<Option<InfoExtra>>,
+    /// Feedback frames received, oldest first, with the lane that sent them.
+    feedback: Mutex<Vec<(u32, Feedback)>>,
+    /// The reply to an `evaluation` request, kept current by the pipeline.
+    evaluation: Mutex<serde_json::Value>,
+    /// Per lane, the announced plan (`plan_epoch`, `plan_batches`, `plan_kept`,
+    /// `plan_pruned`): the producer's own copy of fields consumers can write, restored by the
+    /// heartbeat.
+    plans: Mutex<Vec<[u64; 4]>>,
 }
 
 /// Produces extra members for the `info` reply: a JSON object whose keys are added to it.
@@ -449,8 +516,9 @@ impl Shared {
     }
 
     /// Undoes what consumers may have written over producer-owned state: the header's and
-    /// tensor table's constant bytes, `producer_state`, and slots left `WRITING` that this
-    /// producer is not writing (they would never be freed). Returns what was repaired.
+    /// tensor table's constant bytes, `producer_state`, each lane's announced epoch plan, and
+    /// slots left `WRITING` that this producer is not writing (they would never be freed).
+    /// Returns what was repaired.
     fn repair(&self) -> Vec<String> {
         let mut repaired = Vec::new();
         let constant = [
@@ -475,6 +543,14 @@ impl Shared {
             repaired.push("producer_state".to_owned());
         }
         drop(guard);
+        let plans = lock(&self.plans);
+        for (l, plan) in plans.iter().enumerate() {
+            if self.load_plan(l as u32) != *plan {
+                self.store_plan(l as u32, plan);
+                repaired.push(format!("lane {l} epoch plan"));
+            }
+        }
+        drop(plans);
         for l in 0..self.layout.lane_count {
             for s in 0..self.layout.slots_per_lane {
                 let slot = self.slot(l, s);
@@ -485,6 +561,32 @@ impl Shared {
             }
         }
         repaired
+    }
+
+    /// The lane table's `plan_*` fields of `lane`, tag first.
+    fn load_plan(&self, lane: u32) -> [u64; 4] {
+        [
+            self.lane_u64(lane, lentry::PLAN_EPOCH).load(Acquire),
+            self.lane_u64(lane, lentry::PLAN_BATCHES).load(Relaxed),
+            self.lane_u64(lane, lentry::PLAN_KEPT).load(Relaxed),
+            self.lane_u64(lane, lentry::PLAN_PRUNED).load(Relaxed),
+        ]
+    }
+
+    /// Writes `plan` into the lane table's `plan_*` fields of `lane` (the tag last) and wakes
+    /// the lane's waiters. Call with `plans` locked, so the copy and the table agree.
+    fn store_plan(&self, lane: u32, plan: &[u64; 4]) {
+        self.lane_u64(lane, lentry::PLAN_BATCHES)
+            .store(plan[1], Relaxed);
+        self.lane_u64(lane, lentry::PLAN_KEPT)
+            .store(plan[2], Relaxed);
+        self.lane_u64(lane, lentry::PLAN_PRUNED)
+            .store(plan[3], Relaxed);
+        // SYNC POINT with the consumer's acquire load of plan_epoch before it reads the
+        // three fields above.
+        self.lane_u64(lane, lentry::PLAN_EPOCH)
+            .store(plan[0], Release);
+        futex::bump_and_wake(self.lane_u32(lane, lentry::PUBLISH_SEQ));
     }
 
     /// Every attached lane's connection, for the service thread's poll.
@@ -566,6 +668,14 @@ impl SeekRequest {
                 sh.slot(self.lane, s).discard();
             }
             sh.lane_u32(self.lane, lentry::STREAM).fetch_add(1, Release);
+            // The announced epoch plan belonged to the old position; the pipeline announces
+            // the new one once it is decided.
+            let mut plans = lock(&sh.plans);
+            if let Some(plan) = plans.get_mut(self.lane as usize) {
+                *plan = [0; 4];
+                sh.store_plan(self.lane, plan);
+            }
+            drop(plans);
             // Rewinding a finished ring makes it serve again; the pipeline finishes it anew
             // when the lane reaches the last epoch once more.
             if sh.state() == Some(ProducerState::Finished) {
@@ -748,6 +858,7 @@ impl Producer {
         let lanes = vec![LaneConn::Vacant; layout.lane_count as usize];
         // Every lane's first batch has seq 1 (§5.4), as `encode_control` wrote.
         let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(1)).collect();
+        let plans = Mutex::new(vec![[0; 4]; layout.lane_count as usize]);
         let writing = (0..layout.lane_count * layout.slots_per_lane)
             .map(|_| AtomicBool::new(false))
             .collect();
@@ -769,6 +880,9 @@ impl Producer {
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             info_extra: Mutex::new(None),
+            feedback: Mutex::new(Vec::new()),
+            evaluation: Mutex::new(json!({})),
+            plans,
         });
         shared.set_state(ProducerState::Serving);
         let mut producer = Producer {
@@ -852,6 +966,35 @@ impl Producer {
     /// counts of each stream of a mixture. Keys the reply already has are kept.
     pub fn set_info_extra(&self, extra: InfoExtra) {
         *lock(&self.shared.info_extra) = Some(extra);
+    }
+
+    /// Feedback frames (§9) received since the last call, oldest first, each with the lane
+    /// whose consumer sent it. Frames of one connection keep their order.
+    pub fn take_feedback(&self) -> Vec<(u32, Feedback)> {
+        std::mem::take(&mut *lock(&self.shared.feedback))
+    }
+
+    /// Sets what an `evaluation` request is answered with (a JSON object, see
+    /// docs/ring-format.md §3).
+    pub fn set_evaluation(&self, value: serde_json::Value) {
+        *lock(&self.shared.evaluation) = value;
+    }
+
+    /// The current `evaluation` reply (what [`set_evaluation`](Self::set_evaluation) set).
+    pub fn evaluation(&self) -> serde_json::Value {
+        lock(&self.shared.evaluation).clone()
+    }
+
+    /// Publishes lane `lane`'s plan for `epoch` (§5.3 `plan_*` fields): its batches, and the
+    /// samples kept and pruned over all ranks. Wakes the lane's waiters, so a consumer that
+    /// waits for the epoch's length sees it at once.
+    pub fn announce_epoch(&self, lane: u32, epoch: u64, batches: u64, kept: u64, pruned: u64) {
+        let sh = &self.shared;
+        let mut plans = lock(&sh.plans);
+        if let Some(plan) = plans.get_mut(lane as usize) {
+            *plan = [epoch + 1, batches, kept, pruned];
+            sh.store_plan(lane, plan);
+        }
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
@@ -1018,6 +1161,8 @@ impl Drop for SlotWriter<'_> {
 /// request has [`REQUEST_TIMEOUT`] in all.
 fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
     let mut incoming: Vec<Incoming> = Vec::new();
+    // Each attached connection's partly received feedback frame, by connection number.
+    let mut frames: std::collections::HashMap<u64, FrameReader> = std::collections::HashMap::new();
     while !sh.stop.load(Acquire) {
         let now = Instant::now();
         incoming.retain(|c| {
@@ -1067,9 +1212,16 @@ fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
         drop(fds);
         let (listener_ready, rest) = ready.split_first().unwrap_or((&false, &[]));
         let (incoming_ready, attached_ready) = rest.split_at(incoming.len());
+        frames.retain(|conn, _| attached.iter().any(|(_, c, _)| c == conn));
         for ((lane, conn, stream), _) in attached.iter().zip(attached_ready).filter(|(_, &r)| r) {
-            if handshake::peer_closed(stream) {
-                sh.reclaim_conn(*lane, *conn);
+            let reader = frames.entry(*conn).or_default();
+            match pump(stream, *lane, reader, &sh.feedback) {
+                Pumped::Open => {}
+                Pumped::Closed => sh.reclaim_conn(*lane, *conn),
+                Pumped::Malformed(e) => {
+                    log::warn!("lane {lane}: {e}; dropping that consumer's connection");
+                    sh.reclaim_conn(*lane, *conn);
+                }
             }
         }
         let mut i = 0;
@@ -1147,6 +1299,23 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
         Err(e) => return refuse(&stream, &format!("bad request: {e}")),
     };
     match request {
+        Request::Evaluation => {
+            let mut reply = lock(&sh.evaluation).clone();
+            if let Some(obj) = reply.as_object_mut() {
+                obj.insert("ok".to_owned(), json!(true));
+            }
+            // The reply may exceed a socket buffer: a short-lived thread writes it, so a
+            // client that reads slowly never holds up the service thread.
+            let _ = std::thread::Builder::new()
+                .name("ringfeed-evaluation".into())
+                .spawn(move || {
+                    if stream.set_nonblocking(false).is_ok()
+                        && stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_ok()
+                    {
+                        let _ = handshake::send_line(&stream, &reply, None);
+                    }
+                });
+        }
         Request::Info => {
             let lanes = lock(&sh.lanes);
             let list: Vec<_> = (0..sh.layout.lane_count)
@@ -1212,7 +1381,8 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     // The holder may have died a moment ago; look before refusing. Its
                     // connection is in the lane table however its attach completed.
                     let other = *other;
-                    if handshake::peer_closed(holder) || !pid_alive(other) {
+                    // Peek only: unread feedback frames stay for the service loop to read.
+                    if handshake::peer_hung_up(holder) || !pid_alive(other) {
                         sh.reclaim_locked(&mut lanes, lane);
                     } else {
                         return refuse(

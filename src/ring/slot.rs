@@ -162,6 +162,7 @@ mod tests {
             }],
             drop_last: false,
             nhwc: false,
+            selection: false,
             batches_per_epoch: 0,
             epochs: 0,
             seed: 0,

@@ -15,6 +15,8 @@
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order (also of a
 //!   weighted mixture of streams).
 //! - [`bundled`]: the sample dataset embedded in the binary (what `serve` runs by default).
+//! - [`selection`]: `[selection]` and the InfoBatch epoch plan: which samples an epoch leaves
+//!   out (from a snapshot of reported-loss scores) and the weight each kept one carries.
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 //! - `file`: opening the files a dataset's author controls (no FIFO, device or planted link
 //!   is ever read, and sizes are capped).
@@ -29,6 +31,7 @@ pub mod imagefolder;
 pub mod index;
 pub mod mixture;
 pub mod sampler;
+pub mod selection;
 pub mod spec;
 pub mod tar;
 

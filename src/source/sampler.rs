@@ -58,6 +58,7 @@ pub struct Sampler {
     seed: u64,
     shuffle: ShuffleMode,
     batches: u64,
+    drop_last: bool,
     shard_starts: Vec<u64>,
     /// Set for a mixture of streams (or a chosen epoch size): the epoch's order is then a list
     /// of ids drawn from every stream, not a permutation of `0..n_samples`.
@@ -112,6 +113,7 @@ impl Sampler {
             seed: sampling.seed,
             shuffle: sampling.shuffle,
             batches,
+            drop_last: sampling.drop_last,
             shard_starts: vec![0],
             mix: None,
             cache: Mutex::new(VecDeque::with_capacity(CACHED_EPOCHS)),
@@ -257,6 +259,20 @@ impl Sampler {
             None => out.extend(positions),
         }
         Ok(())
+    }
+
+    /// The epoch's full order of all ids (what [`batch`](Self::batch) deals out), for a
+    /// selection that removes some of them ([`super::selection`]).
+    pub fn full_order(&self, epoch: u64) -> Vec<u64> {
+        match self.order(epoch) {
+            Some(order) => order.as_ref().clone(),
+            None => (0..self.n_samples).collect(),
+        }
+    }
+
+    /// Whether incomplete global batches are dropped (otherwise padded).
+    pub fn drop_last(&self) -> bool {
+        self.drop_last
     }
 
     /// The epoch's order of all ids (`None` when it is the identity).

@@ -22,7 +22,7 @@ from .errors import (
     RingTimeout,
 )
 from .layout import RingLayout, TensorSpec
-from .loader import Loader
+from .loader import Loader, evaluation
 from .protocol import info
 from .ring import Ring
 from .runtime import runtime_dir
@@ -41,6 +41,7 @@ __all__ = [
     "RingfeedError",
     "RingfeedWarning",
     "TensorSpec",
+    "evaluation",
     "info",
     "runtime_dir",
     "serve",

@@ -116,6 +116,12 @@ class Batch:
         """The ``sample_ids`` tensor: each sample's index in the dataset (``int64 [B]``)."""
         return self["sample_ids"]
 
+    @property
+    def weights(self) -> np.ndarray:
+        """The ``weights`` tensor (``float32 [B]``, only with selection on): multiply each
+        sample's loss by it (1.0, or ``1 / (1 - prune_ratio)`` for kept well-learned samples)."""
+        return self["weights"]
+
     def torch(
         self,
         *names: str,

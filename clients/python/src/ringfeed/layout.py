@@ -38,6 +38,7 @@ SLOT_LAST_OF_EPOCH = 1
 SLOT_REDELIVERED = 2
 FLAG_DROP_LAST = 1
 FLAG_NHWC = 2
+FLAG_SELECTION = 4
 
 # Header field byte offsets that are read or written while the ring is live.
 OFF_PRODUCER_STATE = 44
@@ -119,6 +120,12 @@ class RingLayout(NamedTuple):
     def nhwc(self) -> bool:
         """True when images are laid out ``[B, H, W, C]`` rather than ``[B, C, H, W]``."""
         return bool(self.flags & FLAG_NHWC)
+
+    @property
+    def selection(self) -> bool:
+        """True when the producer selects samples per epoch (``[selection]``): each epoch's
+        length is the lane's announced plan, at most ``batches_per_epoch``."""
+        return bool(self.flags & FLAG_SELECTION)
 
     def slot_entry_offset(self, lane: int, slot: int) -> int:
         """Byte offset of the slot-table entry of ``(lane, slot)``."""

@@ -14,7 +14,7 @@ import time
 from types import TracebackType
 from typing import Any, Optional, Union
 
-from . import _frameworks, protocol
+from . import _frameworks, feedback, protocol
 from .batch import Batch
 from .device import PendingReleases, current_stream_fence
 from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
@@ -40,6 +40,16 @@ _RETRY_PAUSE_S = 0.05
 
 class _EndOfStream(Exception):
     pass
+
+
+def evaluation(
+    name: str, *, runtime_dir: Optional[PathLike] = None, trust_uid: Optional[int] = None
+) -> dict[str, Any]:
+    """The daemon ``name``'s evaluation of reported losses, without attaching: ``reports``
+    counters, ``scores``, ``selection`` and, per recent epoch, the mean loss by augmentation
+    bucket (``loss_by``) and by class (``loss_by_class``). See docs/feedback.md."""
+    path = socket_path(check_name(name), runtime_dir, trust_uid=trust_uid)
+    return protocol.evaluation(path, trust_uid=trust_uid)
 
 
 class Loader:
@@ -107,6 +117,9 @@ class Loader:
         self._epoch_ended = False
         self._finished = False
         self._cursor: Optional[tuple[int, int]] = None
+        self._outbox = feedback.Outbox()  # feedback frames the socket has not taken yet (§9)
+        self._last_taken: Optional[tuple[int, bool]] = None  # (epoch, last of its epoch)
+        self._epoch_done_sent = -1
         self._taken = 0
         self._stats_start_ns = 0
         self._stats_wait_base_ns = 0
@@ -178,8 +191,10 @@ class Loader:
             for batch in list(self._held.values()):
                 self._release(batch)
             self._pending.drain()  # a closing trainer waits for its last device copies
+            self._outbox.drain(self._sock)  # reports made just before closing still count
         else:
             self._pending.forget()  # the producer is gone: nothing to hand back
+        self._outbox.clear()
         self._held.clear()
         self._previous = None
         if self._pinned_address is not None:
@@ -227,11 +242,103 @@ class Loader:
         return self._live_ring()
 
     def __len__(self) -> int:
-        """Batches per epoch in this lane; TypeError when the producer does not know it."""
+        """Batches of the next epoch in this lane; TypeError when the producer does not know.
+
+        With selection (``[selection]`` on the daemon) this is the epoch's real length, which
+        the producer decides at the epoch's start: the call may wait for that decision.
+        """
+        if self.layout.selection:
+            return self.epoch_plan()["batches"]
         count = self.layout.batches_per_epoch
         if count == 0:
             raise TypeError("the producer does not know its batches per epoch")
         return count
+
+    def epoch_plan(self) -> dict[str, int]:
+        """The next epoch's plan in this lane: ``{"epoch", "batches", "kept", "pruned"}``
+        (``kept``/``pruned``: samples served/left out over all ranks). Without selection,
+        every epoch keeps everything. With selection, waits (like a take: liveness checks,
+        ``timeout``) until the producer has decided the epoch, which needs every lane of its
+        node to have finished the previous one."""
+        layout = self.layout
+        epoch = self._next_position()["epoch"]
+        if not layout.selection:
+            return {
+                "epoch": epoch,
+                "batches": layout.batches_per_epoch,
+                "kept": layout.samples_per_epoch,
+                "pruned": 0,
+            }
+        self._send_epoch_done()
+        ring = self._live_ring()
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            seen = ring.publish_seq(self.lane)
+            state = ring.producer_state
+            plan = ring.lane_plan(self.lane)
+            if plan is not None and plan["epoch"] == epoch:
+                return plan
+            if state == FINISHED:
+                return {"epoch": epoch, "batches": 0, "kept": 0, "pruned": 0}
+            self._check_producer(ring, state)
+            wait_s = WAIT_SLICE_S
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RingTimeout(
+                        f"epoch {epoch} of {self.name!r} not decided within {self._timeout} s"
+                    )
+                wait_s = min(wait_s, remaining)
+            ring.wait(self.lane, seen, wait_s)
+
+    # ----- feedback ---------------------------------------------------------------------------
+
+    def report(self, sample_ids: Any, losses: Any) -> None:
+        """Report per-sample losses to the daemon (§9): ``sample_ids`` as in the batch's
+        ``sample_ids`` tensor, one loss per id, as numpy arrays, lists or torch tensors on any
+        device (one device-to-host copy per call).
+
+        Never blocks: when the daemon is busy the frame waits in this loader and goes out with
+        the next call (or at close). Losses are attributed to the epoch of the last batch
+        taken; a report for a sample not served this epoch is accepted. NaN, infinite and
+        negative losses are counted and ignored by the daemon. Ids outside the dataset raise
+        ``ValueError`` naming them, before anything is sent.
+
+        When ``torch.distributed`` is initialised with several ranks, every rank must call
+        ``report`` at the same points (it is a collective): the reports of all ranks are
+        gathered and each node's daemon receives all of them (see :meth:`report_gathered`).
+        """
+        ids, values = feedback.host_arrays(sample_ids, losses)
+        dist = feedback.distributed()
+        if dist is not None:
+            self.report_gathered(feedback.all_gather(dist, ids, values))
+            return
+        feedback.check_ids(ids, self.layout.samples_per_epoch)
+        self._send_report(ids, values)
+
+    def report_gathered(self, per_rank: Any) -> None:
+        """Forward a report gathered from every rank (``per_rank[g] = (ids, losses)`` of
+        global rank ``g``): this lane sends the ranks ``g`` with ``g % lane_count == lane``,
+        so the lanes of each node together send every rank's losses exactly once, and every
+        node's daemon sees all of them in the same order."""
+        ids, values = feedback.lane_share(per_rank, self.lane, self.layout.lane_count)
+        feedback.check_ids(ids, self.layout.samples_per_epoch)
+        self._send_report(ids, values)
+
+    def _send_report(self, ids: Any, values: Any) -> None:
+        if ids.size == 0:
+            return
+        epoch = 0 if self._last_taken is None else self._last_taken[0]
+        self._outbox.send(self._sock, feedback.report_frame(epoch, ids, values))
+
+    def _send_epoch_done(self) -> None:
+        """After the last batch of an epoch: tell the producer every report of it was sent."""
+        if self._last_taken is None or not self._last_taken[1]:
+            return
+        epoch = self._last_taken[0]
+        if epoch > self._epoch_done_sent:
+            self._epoch_done_sent = epoch
+            self._outbox.send(self._sock, feedback.epoch_done_frame(epoch))
 
     # ----- iteration --------------------------------------------------------------------------
 
@@ -245,6 +352,7 @@ class Loader:
             previous.release()
         if self._epoch_ended:
             self._epoch_ended = False
+            self._send_epoch_done()
             raise StopIteration
         if self._finished:
             raise StopIteration
@@ -261,6 +369,8 @@ class Loader:
         epoch), :class:`ProducerGone` or :class:`RingTimeout`.
         """
         self._pending.retire_completed()
+        self._send_epoch_done()
+        self._outbox.send(self._sock)
         slots = self.layout.slots_per_lane
         while len(self._held) + len(self._pending) >= slots and self._pending.wait_oldest():
             pass  # every slot is ours: wait for the oldest device copy instead of deadlocking
@@ -319,6 +429,7 @@ class Loader:
             self._taken += 1
             last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
             self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
+            self._last_taken = (taken.epoch, last)
         except BaseException:  # Ctrl-C mid-way: give the slot back untouched
             if registered:
                 self._held.pop(id(batch), None)
@@ -378,6 +489,9 @@ class Loader:
         if lane["published"] == 0:
             return {"epoch": 0, "index": 0}
         per_epoch = ring.layout.batches_per_epoch
+        plan = ring.lane_plan(self.lane) if ring.layout.selection else None
+        if plan is not None and plan["epoch"] == lane["epoch"]:
+            per_epoch = plan["batches"]
         if per_epoch and lane["index"] + 1 >= per_epoch:
             return {"epoch": lane["epoch"] + 1, "index": 0}
         return {"epoch": lane["epoch"], "index": lane["index"] + 1}
@@ -406,6 +520,12 @@ class Loader:
             self._detach(release_held=True)
         self._epoch_ended = False
         self._attach(resume, max(self._wait_for_producer, REATTACH_PATIENCE_S))
+
+    def evaluation(self) -> dict[str, Any]:
+        """The daemon's evaluation of reported losses (what ``ringfeed stat`` shows):
+        ``reports`` counters, ``scores``, ``selection`` and per-epoch ``loss_by`` augmentation
+        bucket and ``loss_by_class``. See docs/feedback.md for how to read it."""
+        return evaluation(self.name, runtime_dir=self._runtime_dir, trust_uid=self._trust_uid)
 
     def stats(self) -> dict[str, float]:
         """Starvation figures since attach: ``wait_share`` is the fraction of wall time this

@@ -131,6 +131,35 @@ def info(path: Path) -> dict[str, Any]:
     return reply
 
 
+MAX_EVALUATION_REPLY = 4 << 20
+
+
+def evaluation(path: Path, *, trust_uid: Optional[int] = None) -> dict[str, Any]:
+    """Ask the producer at ``path`` for its ``evaluation`` reply (§3): reported-loss counters,
+    per-epoch mean loss by augmentation bucket and class, scores and selection state. The
+    reply may be longer than a request line (up to 4 MiB)."""
+    sock = _connect(path, trust_uid)
+    try:
+        sock.settimeout(5.0)
+        sock.sendall(b'{"op":"evaluation"}\n')
+        received = bytearray()
+        while not received.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise AttachError("producer closed the connection without a reply")
+            received += chunk
+            if len(received) > MAX_EVALUATION_REPLY:
+                raise AttachError("evaluation reply longer than 4 MiB")
+    except OSError as err:
+        raise AttachError(f"evaluation request failed: {err}") from None
+    finally:
+        sock.close()
+    reply = json.loads(received)
+    if not isinstance(reply, dict) or reply.get("ok") is not True:
+        raise AttachError(f"evaluation refused: {reply!r:.200}")
+    return reply
+
+
 def peer_hung_up(sock: socket.socket) -> bool:
     """True when the producer's end of an attach connection is closed (EOF/POLLHUP/error).
 

@@ -61,6 +61,10 @@ class _LaneEntry(ctypes.LittleEndianStructure):
         ("producer_wait_ns", _u64),
         ("epoch", _u64),
         ("index", _u64),
+        ("plan_epoch", _u64),
+        ("plan_batches", _u64),
+        ("plan_kept", _u64),
+        ("plan_pruned", _u64),
     )
 
 
@@ -231,6 +235,22 @@ class Ring:
         """A snapshot of lane ``lane``'s table entry (§5.3)."""
         entry = self._lanes[lane]
         return {name: int(getattr(entry, name)) for name, _ in _LaneEntry._fields_}
+
+    def lane_plan(self, lane: int) -> Optional[dict[str, int]]:
+        """Lane ``lane``'s announced epoch plan (§5.3 ``plan_*``): ``{"epoch", "batches",
+        "kept", "pruned"}``, or ``None`` before the first one (or without selection)."""
+        entry = self._lanes[lane]
+        tagged = int(entry.plan_epoch)  # read first: the producer stores it last (release)
+        if tagged == 0:
+            return None
+        plan = {
+            "epoch": tagged - 1,
+            "batches": int(entry.plan_batches),
+            "kept": int(entry.plan_kept),
+            "pruned": int(entry.plan_pruned),
+        }
+        # A new announcement while reading would mix two epochs: read the tag again.
+        return plan if int(entry.plan_epoch) == tagged else None
 
     def publish_seq(self, lane: int) -> int:
         """Load ``publish_seq`` of ``lane`` (the value to pass to :meth:`wait`)."""

@@ -1,0 +1,207 @@
+//! The Rust consumer's feedback path against an in-process producer: reports arrive in order
+//! and intact, ids outside the dataset are refused naming them, `EPOCH_DONE` goes out by
+//! itself when a take follows a last-of-epoch batch, a flood of reports never blocks and loses
+//! nothing, a malformed frame costs the sender its lane (not the producer), and a forged epoch
+//! plan in the lane table is restored.
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ringfeed::ring::feedback::Feedback;
+use ringfeed::ring::{
+    AttachOptions, BatchMeta, Consumer, DType, Producer, ProducerOptions, ReportError, RingSpec,
+    RuntimeDir, TensorSpec,
+};
+
+fn setup(name: &str) -> (tempfile::TempDir, RuntimeDir, Producer) {
+    setup_with(name, &ProducerOptions::default())
+}
+
+fn setup_with(name: &str, options: &ProducerOptions) -> (tempfile::TempDir, RuntimeDir, Producer) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = RuntimeDir::at(tmp.path().join("rt"));
+    let spec = RingSpec {
+        name: name.into(),
+        lanes: 1,
+        slots_per_lane: 2,
+        batch_size: 2,
+        tensors: vec![TensorSpec {
+            name: "sample_ids".into(),
+            dtype: DType::I64,
+            shape: vec![2],
+        }],
+        drop_last: false,
+        nhwc: false,
+        selection: true,
+        batches_per_epoch: 2,
+        epochs: 0,
+        seed: 1,
+        samples_per_epoch: 100,
+        mean: [0.0; 4],
+        std: [0.0; 4],
+    };
+    let p = Producer::create_with(&spec, &dir, options).unwrap();
+    (tmp, dir, p)
+}
+
+fn attach(dir: &RuntimeDir, name: &str) -> Consumer {
+    let mut o = AttachOptions::new(name, 0);
+    o.dir = Some(dir.clone());
+    Consumer::attach_with(&o).unwrap()
+}
+
+/// Takes feedback until `want` frames arrived (or 10 s passed).
+fn frames(p: &Producer, want: usize) -> Vec<Feedback> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        got.extend(p.take_feedback().into_iter().map(|(lane, f)| {
+            assert_eq!(lane, 0);
+            f
+        }));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    got
+}
+
+fn publish(p: &Producer, epoch: u64, index: u64, last: bool) {
+    let w = p.try_claim(0).expect("free slot");
+    w.publish(BatchMeta {
+        epoch,
+        index,
+        count: 2,
+        last_of_epoch: last,
+    });
+}
+
+#[test]
+fn reports_and_epoch_ends_reach_the_producer_in_order() {
+    let (_t, dir, p) = setup("fb-order");
+    let c = attach(&dir, "fb-order");
+    publish(&p, 0, 0, false);
+    publish(&p, 0, 1, true);
+    let b = c.next().unwrap().unwrap();
+    drop(b);
+    c.report(&[3, 4], &[0.5, f32::NAN]).unwrap();
+    let b = c.next().unwrap().unwrap();
+    assert!(b.last_of_epoch());
+    drop(b);
+    c.report(&[5], &[1.5]).unwrap();
+    assert_eq!(
+        c.report(&[1, 100, 7, 200], &[1.0; 4]),
+        Err(ReportError::OutOfRange {
+            ids: vec![100, 200],
+            n: 100
+        })
+    );
+    assert!(matches!(
+        c.report(&[1], &[]),
+        Err(ReportError::Length { ids: 1, losses: 0 })
+    ));
+    publish(&p, 1, 0, false);
+    drop(c.next().unwrap().unwrap()); // follows a last-of-epoch batch: EPOCH_DONE 0 first
+    let got = frames(&p, 3);
+    assert_eq!(got.len(), 3, "{got:?}");
+    match &got[0] {
+        Feedback::Report { epoch, ids, losses } => {
+            assert_eq!((*epoch, ids.as_slice()), (0, &[3, 4][..]));
+            assert_eq!(losses[0], 0.5);
+            assert!(losses[1].is_nan(), "bad values are the producer's to count");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(&got[1], Feedback::Report { epoch: 0, ids, .. } if ids == &[5]));
+    assert_eq!(got[2], Feedback::EpochDone { epoch: 0 });
+}
+
+#[test]
+fn a_flood_of_reports_never_blocks_and_loses_nothing() {
+    let (_t, dir, p) = setup("fb-flood");
+    let c = attach(&dir, "fb-flood");
+    let ids: Vec<u64> = (0..64).collect();
+    let losses = vec![1.0f32; 64];
+    // ~8 MB: far more than a socket buffer holds while nobody drains the producer's queue.
+    let started = Instant::now();
+    for _ in 0..10_000 {
+        c.report(&ids, &losses).unwrap();
+    }
+    let elapsed = started.elapsed();
+    drop(c); // flushes what the socket had not taken yet
+    let got = frames(&p, 10_000);
+    assert_eq!(got.len(), 10_000, "sent in {elapsed:?}");
+    assert!(got
+        .iter()
+        .all(|f| matches!(f, Feedback::Report { ids, .. } if ids.len() == 64)));
+}
+
+#[test]
+fn a_malformed_frame_drops_only_that_connection() {
+    let (_t, dir, p) = setup("fb-bad");
+    // A raw client attaches like a consumer, then sends bytes that are no frame.
+    let mut raw = UnixStream::connect(dir.socket_path("fb-bad")).unwrap();
+    raw.write_all(b"{\"op\":\"attach\",\"version\":1,\"lane\":0,\"pid\":1}\n")
+        .unwrap();
+    let mut reply = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.stats().lanes[0].consumer_pid == 0 {
+        assert!(Instant::now() < deadline, "attach did not complete");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = std::io::Read::read(&mut raw, &mut reply);
+    raw.write_all(b"GARBAGE GARBAGE GARBAGE!").unwrap();
+    while p.stats().lanes[0].consumer_pid != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lane was not reclaimed after a malformed frame"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The producer still serves: a well-behaved consumer attaches and reports.
+    let c = attach(&dir, "fb-bad");
+    c.report(&[1], &[2.0]).unwrap();
+    assert!(matches!(
+        frames(&p, 1).as_slice(),
+        [Feedback::Report { epoch: 0, .. }]
+    ));
+}
+
+#[test]
+fn a_forged_epoch_plan_is_restored_by_the_producer() {
+    // A named-file ring, so the test can write the lane table as a consumer's mapping could.
+    let shm_parent = tempfile::tempdir().unwrap();
+    let shm = shm_parent.path().join("shm");
+    std::fs::create_dir(&shm).unwrap();
+    let options = ProducerOptions {
+        shm_dir: Some(shm.clone()),
+        allow_group: None,
+    };
+    let (_t, _dir, p) = setup_with("fb-plan", &options);
+    p.announce_epoch(0, 3, 7, 56, 40);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(shm.join("ringfeed-fb-plan.ring"))
+        .unwrap();
+    let mut word = [0u8; 4];
+    file.read_exact_at(&mut word, 96).unwrap(); // lane_table_offset
+    let plan_at = u64::from(u32::from_le_bytes(word)) + 72;
+    let read_plan = || {
+        let mut b = [0u8; 32];
+        file.read_exact_at(&mut b, plan_at).unwrap();
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        [w(0), w(1), w(2), w(3)]
+    };
+    assert_eq!(read_plan(), [4, 7, 56, 40]);
+    let forged: Vec<u8> = [9u64, 1, 1, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    file.write_all_at(&forged, plan_at).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read_plan() != [4, 7, 56, 40] {
+        assert!(Instant::now() < deadline, "forged plan not restored");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
