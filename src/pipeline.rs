@@ -400,6 +400,9 @@ impl Pipeline {
                     };
                 }
                 request.apply();
+                // A seek makes a finished ring serve again (even one to the end of the last
+                // epoch, where nothing is left to publish), so it must be finished anew.
+                finished = false;
             }
             let active: Vec<u32> = (0..lanes)
                 .filter(|&l| epochs == 0 || cursors[l as usize].epoch < epochs)

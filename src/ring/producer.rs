@@ -969,7 +969,7 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                         .iter()
                         .find(|w| w.conn == conn)
                         .is_none_or(|w| handshake::peer_closed(&w.stream));
-                    if closed || !pid_alive(other) {
+                    if closed || pid_gone(other) {
                         sh.reclaim_locked(&mut lanes, lane);
                         watches.retain(|w| w.conn != conn);
                     } else {
@@ -1028,21 +1028,26 @@ fn restrict_socket(path: &std::path::Path, group: Option<u32>) -> io::Result<()>
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether the consumer process `pid` is known to have exited. Pid 0 means the consumer lives
+/// in a pid namespace we cannot see into (`SO_PEERCRED` reported no pid): its liveness is its
+/// socket alone (EOF when the process dies), never a pid check, which would declare it dead.
+fn pid_gone(pid: u32) -> bool {
     match rustix::process::Pid::from_raw(pid as i32) {
-        Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
+        Some(p) => rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH),
         None => false,
     }
 }
 
-/// Refreshes the heartbeat and reclaims lanes whose consumer process no longer exists.
+/// Refreshes the heartbeat and reclaims lanes whose consumer process no longer exists (a
+/// backup for socket EOF, e.g. when a forked child still holds the dead consumer's socket;
+/// consumers whose pid we cannot see are judged by their socket only).
 fn heartbeat_loop(sh: &Arc<Shared>) {
     while !sh.stop.load(Acquire) {
         sh.hdr_u64(hdr::HEARTBEAT_MONO_NS).store(mono_ns(), Release);
         let mut lanes = lock(&sh.lanes);
         for l in 0..sh.layout.lane_count {
             if let LaneConn::Attached { pid, .. } = lanes[l as usize] {
-                if !pid_alive(pid) {
+                if pid_gone(pid) {
                     sh.reclaim_locked(&mut lanes, l);
                 }
             }
