@@ -3,16 +3,22 @@
 Modes: ``hold N`` takes N batches, reports them and sleeps holding them until killed;
 ``consume`` reads every epoch to the end of the stream and reports each batch;
 ``interrupt`` blocks waiting for a batch, expects Ctrl-C, and reports the lane's held slots;
-``torch-write`` writes in place through ``batch.torch()``, which must kill it with SIGSEGV.
+``torch-write`` writes in place through ``batch.torch()``, which must kill it with SIGSEGV;
+``storm`` iterates (releasing each batch) under a storm of SIGINTs until a line arrives on
+stdin, then reports the slots the ring says are held next to the batches the loader tracks.
 Reports are JSON lines on stdout.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import sys
 import time
+from types import FrameType
+from typing import Optional
 
 import ringfeed
 from ringfeed.layout import HELD
@@ -55,6 +61,9 @@ def main() -> None:
                 slots = range(ring.layout.slots_per_lane)
                 held = sum(ring.slot_state(lane, slot) == HELD for slot in slots)
                 report(interrupted=True, held=held)
+    elif mode == "storm":
+        signal.signal(signal.SIGINT, interrupt_inside_client)
+        storm(ringfeed.Loader(name, lane, runtime_dir=directory))
     elif mode == "torch-write":
         with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
             images, _labels = loader.next_batch().torch()
@@ -63,6 +72,58 @@ def main() -> None:
             report(error="the write went through")
     else:
         raise SystemExit(f"unknown mode {mode}")
+
+
+CLIENT_DIR = os.path.dirname(ringfeed.__file__)
+
+
+def interrupt_inside_client(signum: int, frame: Optional[FrameType]) -> None:
+    """SIGINT raises KeyboardInterrupt, as Python's own handler does, while the client's code
+    runs (where the hazard is); elsewhere (this script's own bookkeeping) it is ignored, so
+    that the storm cannot break the script itself."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(CLIENT_DIR):
+            raise KeyboardInterrupt
+        frame = frame.f_back if frame.f_code.co_name != "storm" else None
+
+
+def storm(loader: ringfeed.Loader) -> None:
+    """Iterate, releasing each batch, until told to stop, swallowing every KeyboardInterrupt
+    wherever it lands (one may also hit the handler of the previous one: the loops nest)."""
+    counts = {"cycles": 0, "interrupts": 0}
+
+    def told_to_stop() -> bool:
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+
+    def cycle_until_told() -> None:
+        if not counts.get("announced"):  # inside the loops: the storm starts on this line
+            counts["announced"] = 1
+            report(ready=True)
+        while not told_to_stop():
+            try:
+                for batch in loader:
+                    batch.release()
+                    counts["cycles"] += 1
+                    if told_to_stop():
+                        return
+            except KeyboardInterrupt:
+                counts["interrupts"] += 1
+
+    while True:
+        try:
+            cycle_until_told()
+            break
+        except KeyboardInterrupt:
+            counts["interrupts"] += 1
+    # The storm is over: one more ordinary step, then compare the ring with the loader.
+    next(iter(loader), None)
+    next(iter(loader), None)
+    ring = loader.ring
+    slots = range(ring.layout.slots_per_lane)
+    held = sum(ring.slot_state(loader.lane, slot) == HELD for slot in slots)
+    del counts["announced"]
+    report(held_in_ring=held, tracked=len(loader._held), **counts)
+    loader.close()
 
 
 if __name__ == "__main__":

@@ -319,18 +319,14 @@ class Loader:
     def __next__(self) -> Batch:
         previous = self._previous
         if previous is not None:
+            previous.release()  # then forget it: an interrupt in between leaves it tracked
             self._previous = None
-            previous.release()
         if self._epoch_ended:
             self._epoch_ended = False
             raise StopIteration
         if self._finished:
             raise StopIteration
-        batch = self.next_batch()
-        if self._release_previous:
-            self._previous = batch
-        self._epoch_ended = batch.last_of_epoch
-        return batch
+        return self._next_batch(iterating=True)
 
     def next_batch(self) -> Batch:
         """Take the next batch, ignoring epoch boundaries (blocking).
@@ -338,6 +334,9 @@ class Loader:
         Raises ``StopIteration`` at the end of the stream (the producer finished its last
         epoch), :class:`ProducerGone` or :class:`RingTimeout`.
         """
+        return self._next_batch(iterating=False)
+
+    def _next_batch(self, *, iterating: bool) -> Batch:
         held_now = len(self._held)
         slots = self.layout.slots_per_lane
         if held_now >= slots or (self._max_held is not None and held_now >= self._max_held):
@@ -348,7 +347,7 @@ class Loader:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
             try:
-                return self._take_blocking(deadline)
+                return self._take_blocking(deadline, iterating)
             except _EndOfStream:
                 self._finished = True
                 raise StopIteration from None
@@ -361,13 +360,13 @@ class Loader:
                 self._detach(release_held=False)
                 self._attach(position, self._wait_for_producer)
 
-    def _take_blocking(self, deadline: Optional[float]) -> Batch:
+    def _take_blocking(self, deadline: Optional[float], iterating: bool) -> Batch:
         lane = self.lane
         while True:
             ring = self._live_ring()
             seen = ring.publish_seq(lane)
             state = ring.producer_state  # loaded before the scan: see _check_producer
-            batch = self._try_take(ring)
+            batch = self._try_take(ring, iterating)
             if batch is not None:
                 return batch
             self._check_producer(ring, state)
@@ -385,10 +384,12 @@ class Loader:
             finally:
                 ring.note_consumer(lane, waited_ns=time.monotonic_ns() - started)
 
-    def _try_take(self, ring: Ring) -> Optional[Batch]:
+    def _try_take(self, ring: Ring, iterating: bool) -> Optional[Batch]:
         """Take the next ready slot, if any, and track it: atomic with respect to other
         threads (the lock) and to Python signal handlers (held back until it is complete).
-        A handler that raises at the end gives the slot back, to be delivered next."""
+        A handler that raises at the end gives the slot back, to be delivered next.
+        ``iterating``: a ``for`` loop's take, which also records the batch as the one to
+        release at the next step and notes an epoch's end."""
         lane = self.lane
         held = _signals.hold()
         try:
@@ -407,6 +408,10 @@ class Loader:
                 last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
                 self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
                 self._taken += 1
+                if iterating:
+                    if self._release_previous:
+                        self._previous = batch
+                    self._epoch_ended = last
         except BaseException:
             _signals.resume(held)
             raise
@@ -419,6 +424,9 @@ class Loader:
                 batch._mark_released("its take was interrupted")
                 self._cursor = cursor
                 self._taken -= 1
+                if iterating:
+                    self._previous = None
+                    self._epoch_ended = False
                 ring.untake(lane, taken.slot)
                 self._taking = None
             raise
