@@ -63,7 +63,8 @@ def main() -> None:
                 report(interrupted=True, held=held)
     elif mode == "storm":
         signal.signal(signal.SIGINT, interrupt_inside_client)
-        storm(ringfeed.Loader(name, lane, runtime_dir=directory))
+        sys.settrace(pause_at_every_client_line)
+        storm(ringfeed.Loader(name, lane, runtime_dir=directory, timeout=5))
     elif mode == "torch-write":
         with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
             images, _labels = loader.next_batch().torch()
@@ -87,10 +88,26 @@ def interrupt_inside_client(signum: int, frame: Optional[FrameType]) -> None:
         frame = frame.f_back if frame.f_code.co_name != "storm" else None
 
 
+def pause_at_every_client_line(frame: FrameType, event: str, arg: object) -> object:
+    """A tracer that spends ~20 µs on every line of the client's code, so that a signal is
+    about as likely to arrive at any one line of take and release as at any other."""
+    if not frame.f_code.co_filename.startswith(CLIENT_DIR):
+        return None
+
+    def on_line(frame: FrameType, event: str, arg: object) -> object:
+        if event == "line":
+            until = time.perf_counter() + 20e-6
+            while time.perf_counter() < until:
+                pass
+        return on_line
+
+    return on_line
+
+
 def storm(loader: ringfeed.Loader) -> None:
     """Iterate, releasing each batch, until told to stop, swallowing every KeyboardInterrupt
     wherever it lands (one may also hit the handler of the previous one: the loops nest)."""
-    counts = {"cycles": 0, "interrupts": 0}
+    counts = {"cycles": 0, "interrupts": 0, "stuck": 0}
 
     def told_to_stop() -> bool:
         return bool(select.select([sys.stdin], [], [], 0)[0])
@@ -108,6 +125,9 @@ def storm(loader: ringfeed.Loader) -> None:
                         return
             except KeyboardInterrupt:
                 counts["interrupts"] += 1
+            except ringfeed.RingTimeout:  # every slot of the lane leaked
+                counts["stuck"] = 1
+                return
 
     while True:
         try:
@@ -116,8 +136,11 @@ def storm(loader: ringfeed.Loader) -> None:
         except KeyboardInterrupt:
             counts["interrupts"] += 1
     # The storm is over: one more ordinary step, then compare the ring with the loader.
-    next(iter(loader), None)
-    next(iter(loader), None)
+    try:
+        next(iter(loader), None)
+        next(iter(loader), None)
+    except ringfeed.RingTimeout:
+        counts["stuck"] = 1
     ring = loader.ring
     slots = range(ring.layout.slots_per_lane)
     held = sum(ring.slot_state(loader.lane, slot) == HELD for slot in slots)

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import pytest
@@ -339,20 +340,19 @@ def test_a_sigint_storm_never_leaks_a_slot(
     consumer = spawn("consumer_proc.py", "storm", "e2e", runtime_dir, 0, stdin=subprocess.PIPE)
     assert read_report(consumer) == {"ready": True}
     rng = random.Random(23)
-    deadline = time.monotonic() + 8.0
+    deadline = time.monotonic() + 10.0
     sent = 0
     while time.monotonic() < deadline and consumer.poll() is None:
         consumer.send_signal(signal.SIGINT)
         sent += 1
-        spin_until = time.perf_counter() + rng.uniform(0, 0.0005)
-        while time.perf_counter() < spin_until:
-            pass
+        time.sleep(rng.uniform(0, 0.0003))  # pacing: a signal every 0.15 ms on average
     assert consumer.stdin is not None
     consumer.stdin.write("stop\n")
     consumer.stdin.flush()
     result = read_report(consumer)
     assert result["interrupts"] > 0 and result["cycles"] > 0, result
     # After the final step only the batch just yielded is held, and the loader tracks it.
+    assert not result["stuck"], f"every slot leaked: {result}, {sent} SIGINTs"
     assert result["held_in_ring"] == result["tracked"] <= 1, f"{result}, {sent} SIGINTs"
     assert consumer.wait(timeout=30) == 0
 
@@ -360,18 +360,35 @@ def test_a_sigint_storm_never_leaks_a_slot(
 # ----- 8. threads sharing a loader -----------------------------------------------------------
 
 
+CLIENT_DIR = os.path.dirname(ringfeed.__file__)
+
+
+def _yield_at_every_client_line(frame: FrameType, event: str, arg: object) -> object:
+    """A thread tracer that gives up the GIL before every line of the client's code, so
+    that threads interleave inside take and release at every step (as an unlucky scheduler
+    could), instead of once in thousands of takes."""
+    if not frame.f_code.co_filename.startswith(CLIENT_DIR):
+        return None
+
+    def on_line(frame: FrameType, event: str, arg: object) -> object:
+        if event == "line":
+            time.sleep(0)
+        return on_line
+
+    return on_line
+
+
 @pytest.fixture
-def fast_switching() -> Iterator[None]:
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show quickly
+def interleaving() -> Iterator[None]:
+    threading.settrace(_yield_at_every_client_line)  # type: ignore[arg-type]
     try:
         yield
     finally:
-        sys.setswitchinterval(interval)
+        threading.settrace(None)  # type: ignore[arg-type]
 
 
 def test_threads_sharing_a_loader_never_take_the_same_slot(
-    serve: type[Daemon], fast_switching: None
+    serve: type[Daemon], interleaving: None
 ) -> None:
     daemon = serve(
         "--lanes", 1, "--batch-size", 1, "--epochs", 100000, "--workers", 2,
@@ -395,7 +412,7 @@ def test_threads_sharing_a_loader_never_take_the_same_slot(
     threads = [threading.Thread(target=work, args=(mine,), daemon=True) for mine in taken]
     for thread in threads:
         thread.start()
-    wait_until(lambda: sum(map(len, taken)) >= 1500 or stop.is_set(), "1500 takes", 120)
+    wait_until(lambda: sum(map(len, taken)) >= 300 or stop.is_set(), "300 takes", 120)
     stop.set()
     for thread in threads:
         thread.join(timeout=60)
