@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from types import FrameType
-from typing import Optional
+from typing import Any, Optional
 
 import ringfeed
 from ringfeed.layout import HELD
@@ -88,13 +88,13 @@ def interrupt_inside_client(signum: int, frame: Optional[FrameType]) -> None:
         frame = frame.f_back if frame.f_code.co_name != "storm" else None
 
 
-def pause_at_every_client_line(frame: FrameType, event: str, arg: object) -> object:
+def pause_at_every_client_line(frame: FrameType, event: str, arg: object) -> Any:
     """A tracer that spends ~20 µs on every line of the client's code, so that a signal is
     about as likely to arrive at any one line of take and release as at any other."""
     if not frame.f_code.co_filename.startswith(CLIENT_DIR):
         return None
 
-    def on_line(frame: FrameType, event: str, arg: object) -> object:
+    def on_line(frame: FrameType, event: str, arg: object) -> Any:
         if event == "line":
             until = time.perf_counter() + 20e-6
             while time.perf_counter() < until:

@@ -92,6 +92,12 @@ class Daemon:
 
 @pytest.fixture
 def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+    yield from started_daemons(runtime_dir, tmp_path)
+
+
+def started_daemons(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+    """The ``serve`` fixture's body (other modules' fixtures reuse it): a Daemon class whose
+    instances run as ring "e2e" in ``runtime_dir`` and are killed at teardown."""
     daemons: list[Daemon] = []
 
     class Started(Daemon):

@@ -6,6 +6,7 @@ each, saying what happens now."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -28,9 +29,15 @@ import ringfeed
 from conftest import HERE, Spawn
 from helpers import read_line, read_report, wait_until
 from ring_writer import HELD
-from test_daemon import BINARY, SKIP_REASON, Daemon, serve  # noqa: F401 - serve is a fixture
+from test_daemon import BINARY, SKIP_REASON, Daemon, started_daemons
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+
+@pytest.fixture
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+    yield from started_daemons(runtime_dir, tmp_path)
+
 
 ENDLESS = ("--lanes", 1, "--batch-size", 4, "--epochs", 1000, "--seed", 5, "--workers", 2)
 
@@ -76,7 +83,7 @@ def test_batches_of_a_connection_declared_dead_are_never_read_or_released(
     assert isinstance(new, ringfeed.Batch), new
     # The daemon took the old slots back and refills them: the old batches must not be read...
     for batch in old:
-        with pytest.raises(ringfeed.ReleasedBatchError, match="connection .* ended"):
+        with pytest.raises(ringfeed.ReleasedBatchError, match=r"connection .* ended"):
             batch.sample_ids  # noqa: B018
     # ...and releasing them must not free slots that now belong to the new connection.
     for batch in old:
@@ -116,7 +123,7 @@ def test_resuming_at_the_end_of_a_finished_run_ends_and_the_daemon_exits(
     lane0 = daemon.loader(0, timeout=20)
     lane1 = daemon.loader(1, release_previous=False, timeout=20)
     assert list(lane0), "lane 0 served its epoch"
-    batches = []
+    batches: list[ringfeed.Batch] = []
     while True:
         try:
             batch = lane1.next_batch()
@@ -308,8 +315,7 @@ def test_a_dropped_loader_detaches_at_once_without_the_cycle_collector(
         return ringfeed.Loader("e2e", runtime_dir=daemon.runtime_dir, wait_for_producer=0)
 
     loader = attach()
-    for batch in loader:
-        break
+    batch = next(iter(loader))  # as a `for` loop left with `break` leaves it
     del loader  # `batch` lives on; it must not keep the loader attached
     with pytest.raises(ringfeed.ReleasedBatchError):
         batch.images  # noqa: B018
@@ -318,10 +324,8 @@ def test_a_dropped_loader_detaches_at_once_without_the_cycle_collector(
         for _ in attach():
             raise ValueError("a bug in the training step")
 
-    try:
+    with contextlib.suppress(ValueError):
         train_until_an_error()
-    except ValueError:
-        pass
     with attach() as loader:
         assert loader.next_batch().epoch == 0
 
@@ -350,7 +354,8 @@ def test_a_sigint_storm_never_leaks_a_slot(
     consumer.stdin.write("stop\n")
     consumer.stdin.flush()
     result = read_report(consumer)
-    assert result["interrupts"] > 0 and result["cycles"] > 0, result
+    assert result["interrupts"] > 0, result
+    assert result["cycles"] > 0, result
     # After the final step only the batch just yielded is held, and the loader tracks it.
     assert not result["stuck"], f"every slot leaked: {result}, {sent} SIGINTs"
     assert result["held_in_ring"] == result["tracked"] <= 1, f"{result}, {sent} SIGINTs"
@@ -384,7 +389,7 @@ def interleaving() -> Iterator[None]:
     try:
         yield
     finally:
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
 
 
 def test_threads_sharing_a_loader_never_take_the_same_slot(

@@ -15,11 +15,18 @@ release at the next take.
 
 from __future__ import annotations
 
-import _signal
 import signal
 import threading
 from types import FrameType
 from typing import Any, Callable, Optional
+
+_Handler = Callable[[int, Optional[FrameType]], Any]
+
+# The C functions behind `signal.signal` / `signal.getsignal`, without their enum wrapping:
+# about ten times faster, which matters twice per batch.
+_c_signal = getattr(signal, "_signal", signal)
+_signal_set: Callable[[int, Any], Any] = _c_signal.signal
+_signal_get: Callable[[int], Any] = _c_signal.getsignal
 
 # Signals whose Python handlers are held back: checking each costs ~0.15 µs, swapping one
 # that has a Python handler ~0.7 µs, so the set is the ones trainers and notebooks handle.
@@ -28,8 +35,6 @@ HELD_SIGNALS: tuple[int, ...] = tuple(
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
     if hasattr(signal, name)
 )
-
-_Handler = Callable[[int, Optional[FrameType]], Any]
 
 
 class _Recorder:
@@ -68,11 +73,11 @@ def hold() -> Optional[Held]:
     held: Optional[Held] = None
     try:
         for signum in HELD_SIGNALS:
-            handler = _signal.getsignal(signum)
+            handler = _signal_get(signum)
             if callable(handler):
                 if held is None:
                     held = Held()
-                _signal.signal(signum, held.recorder)
+                _signal_set(signum, held.recorder)
                 held.originals.append((signum, handler))
     except BaseException:
         # A signal that arrived while we swapped: put back what was swapped, then let it out.
@@ -102,6 +107,6 @@ def _restore(originals: list[tuple[int, _Handler]], start: int) -> None:
     if start < len(originals):
         signum, handler = originals[start]
         try:
-            _signal.signal(signum, handler)
+            _signal_set(signum, handler)
         finally:
             _restore(originals, start + 1)

@@ -28,7 +28,7 @@ from .layout import (
     STOPPED,
     RingLayout,
 )
-from .ring import Ring, TakenSlot
+from .ring import Ring
 from .runtime import check_name, socket_path
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -273,9 +273,7 @@ class Ring:
         entry.holder_pid = pid
         entry.holder_token = token
         entry.state = HELD
-        return TakenSlot(
-            slot, entry.seq, entry.epoch, entry.index, entry.count, entry.flags, token
-        )
+        return TakenSlot(slot, entry.seq, entry.epoch, entry.index, entry.count, entry.flags, token)
 
     def take(self, lane: int, pid: int, token: int = 0) -> Optional[TakenSlot]:
         """Take the ``READY`` slot of ``lane`` with the smallest ``seq`` (§6), or return None.
