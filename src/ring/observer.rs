@@ -540,8 +540,16 @@ mod tests {
         assert!(copy_is_consistent(&m, slot::HELD, &m));
         assert!(!copy_is_consistent(&m, slot::WRITING, &m));
         assert!(!copy_is_consistent(&m, slot::FREE, &m));
-        assert!(!copy_is_consistent(&meta(6, 1, 2), slot::READY, &meta(6, 1, 3)));
-        assert!(!copy_is_consistent(&meta(6, 0, 2), slot::READY, &meta(6, 1, 2)));
+        assert!(!copy_is_consistent(
+            &meta(6, 1, 2),
+            slot::READY,
+            &meta(6, 1, 3)
+        ));
+        assert!(!copy_is_consistent(
+            &meta(6, 0, 2),
+            slot::READY,
+            &meta(6, 1, 2)
+        ));
         let recounted = SlotMeta { count: 7, ..m };
         assert!(!copy_is_consistent(&m, slot::READY, &recounted));
         assert!(!copy_is_consistent(&m, slot::READY, &meta(9, 1, 2)));

@@ -234,7 +234,10 @@ mod tests {
         assert!(s.reclaim());
         assert_eq!(s.state(), READY);
         assert_eq!(s.meta().flags, FLAG_LAST_OF_EPOCH | FLAG_REDELIVERED);
-        assert!(!s.release_if_ours(7, 1), "a reclaimed (READY) slot is not released");
+        assert!(
+            !s.release_if_ours(7, 1),
+            "a reclaimed (READY) slot is not released"
+        );
         s.take(78, 8);
         assert!(
             !s.release_if_ours(7, 1),

@@ -268,6 +268,11 @@ def test_a_forked_child_inherits_an_inert_loader(serve: type[Daemon]) -> None:
                 status |= 8
             except ringfeed.ReleasedBatchError:
                 pass
+            try:
+                loader.load_state_dict({"epoch": 0, "index": 0})
+                status |= 16
+            except ringfeed.RingfeedError as err:
+                status |= 0 if "fork()" in str(err) else 32
             batch.release()  # the exit path of a worker: release, close, drop
             loader.close()
             os.write(done_w, b"x")

@@ -284,12 +284,15 @@ class Loader:
     ) -> None:
         self.close()
 
-    def _live_ring(self) -> Ring:
+    def _refuse_if_inherited(self) -> None:
         if self._inherited():
             raise RingfeedError(
                 f"this Loader is {self._disowned} and inert in pid {os.getpid()}:"
                 " create a new Loader in this process"
             )
+
+    def _live_ring(self) -> Ring:
+        self._refuse_if_inherited()
         if self._ring is None:
             raise RingfeedError("the loader is closed")
         return self._ring
@@ -534,6 +537,7 @@ class Loader:
 
         Batches held now are released first.
         """
+        self._refuse_if_inherited()
         resume = self._resume_arg(state)
         if self._sock is not None:
             self._detach(release_held=True)
