@@ -17,6 +17,7 @@ test -x target/debug/ringfeed
 echo "== pytest clients/python"
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 benches/compare/compare.py --smoke  # CI smoke of the head-to-head (ringfeed alone, tiny data)
+python3 benches/gpu/check.py --out "$(mktemp -d)/gpu-check.json"  # GPU check: its dry path without a GPU
 python3 benches/soak/soak.py --smoke --bin "$PWD/target/debug/ringfeed"  # CI smoke of the soak (3 short epochs, throughput not judged)
 echo "== fuzz smoke: each cargo-fuzz target on its seed corpus for a few seconds"
 # Unoptimised and without ASan: a third of the release+ASan build's CPU time, enough to show

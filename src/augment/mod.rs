@@ -259,12 +259,8 @@ impl Augmenter {
         }
         let mean_std = match &cfg.normalize {
             None => None,
-            Some(_) if cfg.output.dtype == OutDType::U8 => {
-                return Err(AugmentConfigError::Conflict {
-                    first: "normalize",
-                    second: "output.dtype = \"u8\" (raw pixels)",
-                })
-            }
+            // With u8 output the pixels stay raw and mean/std only travel in the ring's header,
+            // for the client to normalise on the device (`batch.cuda(normalize=True)`).
             Some(n) => {
                 let c = channels as usize;
                 if n.mean.len() != c || n.std.len() != c {
@@ -387,7 +383,9 @@ impl Augmenter {
     }
 
     /// Per-channel `(mean, std)` on the 0..1 scale when normalising (a single output channel
-    /// repeats its values), for tools that undo the normalisation.
+    /// repeats its values), for tools that undo the normalisation. With `u8` output the
+    /// pixels are written raw and these values are only published in the ring's header, for
+    /// clients that normalise on the device.
     pub fn mean_std(&self) -> Option<([f32; 3], [f32; 3])> {
         self.mean_std
     }

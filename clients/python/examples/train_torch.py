@@ -51,13 +51,12 @@ def main() -> None:
         while step < args.steps:
             steps_before = step
             for batch in loader:
-                # Views of the ring, no copy; .to() copies to the GPU (DMA when pinned) or, on
-                # CPU with a float dtype, returns the view itself: nothing below writes into it.
-                x, y = batch.torch()
-                x = x.to(device, non_blocking=True).float()
+                # Copies on the device (a DMA from the ring when pinned); the slot goes back to
+                # the daemon only once the copy is done. normalize=True turns a u8 ring's pixels
+                # into the normalised floats on the device (a float ring is left as it is).
+                x, y = batch.to(device, normalize=True)
                 if layout.nhwc:
                     x = x.permute(0, 3, 1, 2)
-                y = y.to(device, non_blocking=True)
                 loss = loss_fn(model(x), y)
                 optimiser.zero_grad()
                 loss.backward()

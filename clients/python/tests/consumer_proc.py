@@ -3,9 +3,11 @@
 Modes: ``hold N`` takes N batches, reports them and sleeps holding them until killed;
 ``consume`` reads every epoch to the end of the stream and reports each batch;
 ``interrupt`` blocks waiting for a batch, expects Ctrl-C, and reports the lane's held slots;
-``torch-write`` writes in place through ``batch.torch()``, which must kill it with SIGSEGV;
-``storm`` iterates (releasing each batch) under a storm of SIGINTs until a line arrives on
-stdin, then reports the slots the ring says are held next to the batches the loader tracks.
+``hold-fenced N`` takes N batches, releases each behind a device fence that never completes,
+reports the slots and sleeps until killed; ``torch-write`` writes in place through
+``batch.torch()``, which must kill it with SIGSEGV; ``storm`` iterates (releasing each batch)
+under a storm of SIGINTs until a line arrives on stdin, then reports the slots the ring says
+are held next to the batches the loader tracks.
 Reports are JSON lines on stdout.
 """
 
@@ -28,12 +30,33 @@ def report(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
+class _NeverDone:
+    """A device fence whose copy never finishes (a GPU far behind the host)."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        raise AssertionError("a pending release was waited for")
+
+
 def main() -> None:
     mode, name, directory, lane = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     if mode == "hold":
         loader = ringfeed.Loader(name, lane, runtime_dir=directory, release_previous=False)
         batches = [loader.next_batch() for _ in range(int(sys.argv[5]))]
         report(held=[[b.epoch, b.index, b.seq, b.sample_ids.tolist()] for b in batches])
+        while True:
+            time.sleep(60)
+    elif mode == "hold-fenced":
+        loader = ringfeed.Loader(name, lane, runtime_dir=directory, release_previous=False)
+        slots = []
+        for _ in range(int(sys.argv[5])):
+            batch = loader.next_batch()
+            batch.release_after(_NeverDone())
+            batch.release()  # deferred: the slot stays HELD by this process
+            slots.append(batch.slot)
+        report(pending=slots)
         while True:
             time.sleep(60)
     elif mode == "consume":

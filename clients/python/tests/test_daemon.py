@@ -231,3 +231,43 @@ def test_shm_dir_ring_file_is_read_and_removed(
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=30) == 0, daemon.stderr()
     assert not ring_file.exists()
+
+
+def test_u8_ring_normalised_by_the_client_equals_the_f32_ring(
+    serve: type[Daemon], runtime_dir: Path, tmp_path: Path
+) -> None:
+    """`output.dtype = "u8"` with `normalize`: raw pixels on the wire, mean/std in the header;
+    ``batch.to(device, normalize=True)`` (CPU here: the same torch code as on a GPU) gives the
+    daemon's own f32 values, bit for bit, for the same seed."""
+    torch = pytest.importorskip("torch")
+    f32_config = (REPO / "configs" / "default.toml").read_text()
+    u8_config = f32_config.replace('dtype = "f32"', 'dtype = "u8"')
+    assert u8_config != f32_config
+    rings = {}
+    for dtype, text in (("f32", f32_config), ("u8", u8_config)):
+        path = tmp_path / f"{dtype}.toml"
+        path.write_text(text.replace('"data/sample/', f'"{REPO}/data/sample/'))
+        daemon = Daemon(
+            f"norm-{dtype}", runtime_dir, tmp_path / f"{dtype}.log",
+            "--config", path, "--epochs", 1, "--batch-size", 8, "--workers", 2,
+        )  # fmt: skip
+        rings[dtype] = daemon
+    try:
+        with rings["f32"].loader() as f32_loader, rings["u8"].loader() as u8_loader:
+            layout = u8_loader.layout
+            assert layout.tensors[0].dtype_name == "u8"
+            assert layout.std[:3] == pytest.approx((0.229, 0.224, 0.225))
+            compared = 0
+            for want, got in zip(f32_loader, u8_loader):
+                np.testing.assert_array_equal(want.sample_ids, got.sample_ids)
+                raw = got.images.copy()
+                x, y = got.to("cpu", normalize=True)
+                assert x.dtype == torch.float32
+                np.testing.assert_array_equal(x.numpy(), want.images)
+                np.testing.assert_array_equal(y.numpy(), want.labels)
+                np.testing.assert_array_equal(got.images, raw)  # the ring is not touched
+                compared += 1
+            assert compared == len(f32_loader)
+    finally:
+        for daemon in rings.values():
+            daemon.close()

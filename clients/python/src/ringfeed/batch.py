@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 import numpy as np
 
 from . import _frameworks
+from . import device as _device
 from .errors import ReleasedBatchError
 from .layout import SLOT_LAST_OF_EPOCH, SLOT_REDELIVERED
 
@@ -35,6 +36,7 @@ class Batch:
     """
 
     __slots__ = (
+        "_fences",
         "_lane",
         "_owner",
         "_released",
@@ -60,6 +62,7 @@ class Batch:
         self._released = False
         self._released_why = "was released"
         self._views: Optional[dict[str, np.ndarray]] = None
+        self._fences: list[_device.Fence] = []
         self.slot: int = taken.slot
         """Slot number within the lane."""
         self.seq: int = taken.seq
@@ -123,12 +126,27 @@ class Batch:
         """The ``sample_ids`` tensor: each sample's index in the dataset (``int64 [B]``)."""
         return self["sample_ids"]
 
-    def torch(self, *names: str) -> tuple[Any, ...]:
-        """Torch tensors sharing the ring's memory (no copy), by default ``(images, labels)``.
+    def torch(
+        self,
+        *names: str,
+        device: Any = None,
+        non_blocking: bool = True,
+        normalize: bool = False,
+    ) -> tuple[Any, ...]:
+        """Torch tensors of the batch, by default ``(images, labels)``.
 
-        The tensors view a read-only mapping: an in-place operation on them crashes the process
-        with SIGSEGV instead of corrupting a batch. bf16 tensors come out as ``torch.bfloat16``.
+        Without ``device``: tensors sharing the ring's memory (no copy). They view a read-only
+        mapping: an in-place operation on them crashes the process with SIGSEGV instead of
+        corrupting a batch. bf16 tensors come out as ``torch.bfloat16``. With ``device``: the
+        same as :meth:`to` (copies, and the release waits for them).
         """
+        if device is not None:
+            return self.to(device, *names, non_blocking=non_blocking, normalize=normalize)
+        if normalize:
+            raise TypeError("normalize=True makes a copy: pass device= (or use batch.to/cuda)")
+        return tuple(cache.detach() for cache in self._torch_views(names or ("images", "labels")))
+
+    def _torch_views(self, names: tuple[str, ...]) -> list[Any]:
         self.tensors  # noqa: B018 - raises ReleasedBatchError after release
         key = ("torch", self._lane, self.slot)
         cache = self._ring.framework_cache.get(key)
@@ -137,8 +155,65 @@ class Batch:
             codes = {spec.name: spec.dtype_code for spec in self._ring.layout.tensors}
             cache = _frameworks.torch_slot_tensors(arrays, codes)
             self._ring.framework_cache[key] = cache
+        try:
+            return [cache[name] for name in names]
+        except KeyError as missing:
+            raise KeyError(f"no tensor {missing} in this ring (has {sorted(cache)})") from None
+
+    def to(
+        self,
+        device: Any,
+        *names: str,
+        non_blocking: bool = True,
+        normalize: bool = False,
+    ) -> tuple[Any, ...]:
+        """Copies of the tensors on ``device`` (default ``(images, labels)``), safe to keep.
+
+        The copies are enqueued on the *current* CUDA stream of ``device`` (inside
+        ``with torch.cuda.stream(s):`` that is ``s``), and a CUDA event recorded after them
+        becomes a fence of this batch: releasing the batch (explicitly, by ``with``, or by
+        the loader's next iteration) hands the slot back only once the event has completed,
+        so the daemon can never refill a slot a DMA is still reading. The trainer is not
+        blocked by this while the lane has other slots (see the client README).
+
+        ``normalize=True`` turns ``u8`` images into the daemon's normalised f32 values on the
+        device (mean/std from the ring's header): ship a quarter of the bytes, normalise on
+        the GPU. Float images are returned as they are.
+        """
         wanted = names or ("images", "labels")
-        return tuple(cache[name].detach() for name in wanted)  # type: ignore[attr-defined]
+        host = dict(zip(wanted, self._torch_views(wanted)))
+        copies, fence = _device.copy_to_device(
+            host,
+            wanted,
+            device,
+            non_blocking=non_blocking,
+            normalize=normalize,
+            layout=self._ring.layout,
+        )
+        if fence is not None:
+            self._fences.append(fence)
+        return copies
+
+    def cuda(
+        self,
+        *names: str,
+        device: Any = None,
+        non_blocking: bool = True,
+        normalize: bool = False,
+    ) -> tuple[Any, ...]:
+        """:meth:`to` the current CUDA device (or ``device``): the safe asynchronous copy."""
+        return self.to(
+            "cuda" if device is None else device,
+            *names,
+            non_blocking=non_blocking,
+            normalize=normalize,
+        )
+
+    def release_after(self, fence: _device.Fence) -> None:
+        """Tie the slot's release to ``fence`` (``query()`` / ``synchronize()``, e.g. a
+        ``torch.cuda.Event`` or a CuPy event recorded after your own copy of this batch)."""
+        self.tensors  # noqa: B018 - raises ReleasedBatchError after release
+        self._fences.append(fence)
 
     def jax(self, *names: str) -> tuple[Any, ...]:
         """JAX arrays of the tensors, by default ``(images, labels)``. These are COPIES: JAX
@@ -157,11 +232,16 @@ class Batch:
             else:
                 owner._release(self)
 
-    def _mark_released(self, why: Optional[str] = None) -> None:
+    def _mark_released(self, why: Optional[str] = None) -> tuple[_device.Fence, ...]:
+        """Mark released (``why`` completes the error message of a later read); returns the
+        fences the slot's hand-back must wait for."""
         if why is not None and not self._released:
             self._released_why = why
         self._released = True
         self._views = None
+        fences = tuple(self._fences)
+        self._fences.clear()
+        return fences
 
     def __enter__(self) -> Batch:
         return self

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 from . import _frameworks, _signals, protocol
 from .batch import Batch
+from .device import PendingReleases, current_stream_fence
 from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
 from .layout import (
     FAILED,
@@ -137,6 +138,8 @@ class Loader:
         self._ring: Optional[Ring] = None
         self._pinned_address: Optional[int] = None
         self._held: dict[int, Batch] = {}  # by slot
+        self._pending = PendingReleases()  # released by the trainer, device copies in flight
+        self._deferred: set[int] = set()  # their slots (still HELD by us in the ring)
         self._previous: Optional[Batch] = None
         self._epoch_ended = False
         self._finished = False
@@ -224,6 +227,11 @@ class Loader:
                             "its connection to the producer ended before it was released;"
                             " the slot may hold another batch now"
                         )
+                if release_held:
+                    self._pending.drain()  # a closing trainer waits for its last device copies
+                else:
+                    self._pending.forget()  # the producer is gone: nothing to hand back
+                self._deferred.clear()
                 self._held.clear()
                 self._taking = None
                 self._previous = None
@@ -245,6 +253,8 @@ class Loader:
         for batch in self._held.values():
             batch._mark_released(why)
         self._held.clear()
+        self._pending = PendingReleases()  # the parent's device copies: not ours to wait for
+        self._deferred = set()
         self._taking = None
         self._previous = None
         self._pinned_address = None  # the parent's registration, not ours to undo
@@ -340,8 +350,11 @@ class Loader:
         return self._next_batch(iterating=False)
 
     def _next_batch(self, *, iterating: bool) -> Batch:
-        held_now = len(self._held)
+        self._retire_pending(wait=False)
         slots = self.layout.slots_per_lane
+        while len(self._held) + len(self._pending) >= slots and self._retire_pending(wait=True):
+            pass  # every slot is ours: wait for the oldest device copy instead of deadlocking
+        held_now = len(self._held) + len(self._pending)
         if held_now >= slots or (self._max_held is not None and held_now >= self._max_held):
             limit = slots if self._max_held is None else min(slots, self._max_held)
             raise RingfeedError(
@@ -372,6 +385,8 @@ class Loader:
             batch = self._try_take(ring, iterating)
             if batch is not None:
                 return batch
+            if self._retire_pending(wait=False) or self._retire_pending(wait=True):
+                continue  # the lane ran dry: hand back a slot whose device copy is done
             self._check_producer(ring, state)
             wait_s = WAIT_SLICE_S
             if deadline is not None:
@@ -447,8 +462,8 @@ class Loader:
         mine = ring.slots_held_by(self.lane, self._token)
         for slot in mine:
             batch = self._held.get(slot)
-            if batch is not None and not batch.released:
-                continue
+            if (batch is not None and not batch.released) or slot in self._deferred:
+                continue  # tracked, or released with its hand-back waiting for a device copy
             if batch is not None:
                 del self._held[slot]
             if self._taking is not None and self._taking[0] == slot and batch is None:
@@ -494,12 +509,43 @@ class Loader:
     def _release_locked(self, ring: Ring, batch: Batch) -> None:
         if batch.released:
             return
-        batch._mark_released()  # first: from here on the caller cannot read it
+        fences = batch._mark_released()  # first: from here on the caller cannot read it
         if self._held.get(batch.slot) is batch:
             del self._held[batch.slot]
-        # Proves ownership (token and seq): a slot the producer took back is left alone.
-        ring.release(batch.lane, batch.slot, batch.seq, batch._token)
-        ring.note_consumer(batch.lane)
+        if self._pinned_address is not None:
+            # A hand-made x.cuda(non_blocking=True) from a pinned view is only enqueued: an
+            # event on the current stream now completes once such copies have read the slot.
+            fence = current_stream_fence()
+            if fence is not None:
+                fences += (fence,)
+        lane, slot, seq, token = batch.lane, batch.slot, batch.seq, batch._token
+        deferred = self._deferred  # not `self`: a pending entry must not keep the loader alive
+
+        def give_back() -> None:
+            # Proves ownership (token and seq): a slot the producer took back is left alone.
+            ring.release(lane, slot, seq, token)
+            deferred.discard(slot)
+            ring.note_consumer(lane)
+
+        if fences and not all(fence.query() for fence in fences):
+            deferred.add(slot)
+            self._pending.defer(fences, give_back)
+        else:
+            give_back()
+
+    def _retire_pending(self, *, wait: bool) -> bool:
+        """Hand back the slots whose device copies completed (``wait``: block on the oldest
+        pending one instead); whether any was handed back. One step, like a release."""
+        if not self._pending:
+            return False
+        held = _signals.hold()
+        try:
+            with self._lock:
+                if wait:
+                    return self._pending.wait_oldest()
+                return self._pending.retire_completed() > 0
+        finally:
+            _signals.resume(held)
 
     # ----- state ------------------------------------------------------------------------------
 
@@ -560,6 +606,7 @@ class Loader:
             "wait_share": wait_ns / wall_ns,
             "taken": float(self._taken),
             "held": float(len(self._held)),
+            "pending_release": float(len(self._pending)),
             "ready": float(ready),
             "published": float(lane["published"]),
             "released": float(lane["released"]),
