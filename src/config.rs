@@ -369,6 +369,14 @@ impl Plan {
         if !(1..=65536).contains(&file.batch.size) {
             return Err(invalid("batch.size", file.batch.size, "1 to 65536"));
         }
+        let m = file.source.max_sample_bytes;
+        if !(1..=u64::from(u32::MAX)).contains(&m) {
+            return Err(invalid(
+                "source.max-sample-bytes",
+                m,
+                "1 to 4294967295 bytes",
+            ));
+        }
         if file.workers.threads > 1024 {
             return Err(invalid(
                 "workers.threads",

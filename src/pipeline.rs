@@ -48,6 +48,16 @@ pub enum PipelineError {
         /// The last failure's description.
         last_error: String,
     },
+    /// The `--shm-dir` ring file was truncated under the daemon.
+    #[error(
+        "the ring file {path} was truncated by a process with write access to it (the daemon's \
+         user, or a consumer or member of the --allow-group group); no consumer can be served \
+         any more. The default memfd ring (no --shm-dir) is sealed and cannot be truncated"
+    )]
+    RingTruncated {
+        /// The ring file.
+        path: std::path::PathBuf,
+    },
     /// Not a single sample of a fallback chain could be used.
     #[error(
         "no usable sample found near sample {sample_id} ({tries} tried); last error: {last_error}"
@@ -391,6 +401,11 @@ impl Pipeline {
         let mut rechecked_epoch = None;
 
         while !stop.load(Ordering::Relaxed) {
+            if let Some(path) = producer.truncated_file() {
+                return Err(PipelineError::RingTruncated {
+                    path: path.to_path_buf(),
+                });
+            }
             for request in producer.take_seek_requests() {
                 let lane = request.lane as usize;
                 if lane < cursors.len() {

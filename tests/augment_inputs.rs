@@ -206,9 +206,13 @@ fn invalid_plans_name_the_key() {
     let mut cfg = rrc(10);
     cfg.output.channels = 2;
     check(cfg, "output.channels");
+    // u8 output with normalize is a valid plan since the client may normalise on the device:
+    // the pixels stay raw and mean/std are only published for the ring's header.
     let mut cfg = rrc(10);
     cfg.output.dtype = OutDType::U8;
-    check(cfg, "normalize");
+    let u8_plan = Augmenter::new(&cfg).expect("u8 + normalize");
+    assert_eq!(u8_plan.out_dtype(), OutDType::U8);
+    assert!(u8_plan.mean_std().is_some());
     let mut cfg = rrc(10);
     cfg.normalize.as_mut().unwrap().std[1] = 0.0;
     check(cfg, "normalize");

@@ -213,6 +213,48 @@ fn named_file_serves_a_consumer_end_to_end_and_is_removed_on_sigterm() {
     assert_eq!(std::fs::read_dir(&shm).unwrap().count(), 0);
 }
 
+/// A named file can be truncated by anyone with write access to it (a consumer through its
+/// descriptor, a member of the `--allow-group` group): the daemon, which faulted with SIGBUS
+/// and left its files behind, now stops with an error naming the file and cleans up; the
+/// test truncates it while the daemon is busy serving a consumer.
+#[test]
+fn truncated_ring_file_stops_the_daemon_with_an_error_not_a_sigbus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = dataset(tmp.path(), "trunc");
+    let shm = shm_dir(tmp.path());
+    let runtime = RuntimeTmp::new();
+    let mut daemon = Daemon::start(
+        runtime.path(),
+        &["--config", &config, "--shm-dir", shm.to_str().unwrap()],
+    );
+    let file = shm.join("ringfeed-trunc.ring");
+    let mut opts = AttachOptions::new("trunc", 0);
+    opts.dir = Some(RuntimeDir::at(runtime.path()));
+    let c = Consumer::attach_with(&opts).unwrap();
+    let batch = c.next_timeout(Duration::from_secs(60)).unwrap().unwrap();
+    // The consumer's own mapping would fault too: it lets go before the truncation.
+    drop(batch);
+    drop(c);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    let log = daemon.log.join("\n");
+    assert_eq!(
+        status.signal(),
+        None,
+        "the daemon was killed: {status:?}\n{log}"
+    );
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("was truncated"), "{log}");
+    assert!(!file.exists(), "ring file left behind");
+    assert!(!runtime.path().join("trunc.sock").exists());
+    assert!(!runtime.path().join("trunc.lock").exists());
+}
+
 /// A SIGKILLed daemon leaves its file; the next start detects it as stale (its lock is free),
 /// says so, and serves from a new file.
 #[test]
@@ -316,8 +358,8 @@ fn publish_first_batch(p: &Producer, byte: u8) {
     });
 }
 
-/// `--allow-group`: the runtime directory becomes 0750, the socket and ring file 0660, all of
-/// that group. A thread running as `nobody` with that group as its gid attaches (trusting the
+/// `--allow-group`: the runtime directory becomes 0750, the socket 0660 and the ring file
+/// 0640, all of that group. A thread running as `nobody` with that group as its gid attaches (trusting the
 /// producer's uid) and reads a batch; without `trust_uid` its consumer refuses the other
 /// user's directory; without the group, the directory keeps it out. (Supplementary groups are
 /// read from `/proc/<pid>/status`, which shows the process's main thread, so a thread cannot
@@ -344,7 +386,8 @@ fn allow_group_admits_members_only() {
     };
     assert_eq!(mode_gid(dir.path()), (0o750, GROUP));
     assert_eq!(mode_gid(&dir.socket_path("grp")), (0o660, GROUP));
-    assert_eq!(mode_gid(&shm.join("ringfeed-grp.ring")), (0o660, GROUP));
+    // Read only for the group: no member can open it by name to truncate it.
+    assert_eq!(mode_gid(&shm.join("ringfeed-grp.ring")), (0o640, GROUP));
     publish_first_batch(&p, 7);
 
     let attach_as_nobody = |gid: u32, trust: Option<u32>| {

@@ -8,8 +8,8 @@ Usage (deterministic for a given Pillow / libjpeg-turbo):
     unzip -q /tmp/skw/scikit_image-0.26.0-*.whl 'skimage/data/*' -d /tmp/skw/ex
     python3 data/sample/make_sample.py --source-dir /tmp/skw/ex/skimage/data
 
-Needs numpy and Pillow. Writes shard-000000.tar, shard-000001.tar and SHA256SUMS next to this
-script. See README.md for provenance and licences.
+Needs numpy and Pillow. Writes shard-000000.tar, shard-000001.tar, classes.txt and SHA256SUMS
+next to this script. See README.md for provenance and licences.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ SEED = 20240611
 N_SAMPLES = 96
 PER_SHARD = 48
 
-# (label, file in skimage/data, sha256 of that file in scikit-image 0.26.0). The label is the
-# position in this list.
+# (file in skimage/data, sha256 of that file in scikit-image 0.26.0). The label is the
+# position in this list; CLASSES names it (written to classes.txt, read by `ringfeed peek`).
 SOURCES = [
     ("astronaut.png", "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5"),
     ("chelsea.png", "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb"),
@@ -39,6 +39,7 @@ SOURCES = [
     ("camera.png", "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a"),
     ("coins.png", "f8d773fc9cfa6f4d8e5942dc34d0a0788fcaed2a4fefbbed0aef5398d7ef4cba"),
 ]
+CLASSES = ["astronaut", "cat", "coffee", "rocket", "deep_field", "retina", "camera", "coins"]
 
 
 def load_sources(source_dir: Path) -> list[Image.Image]:
@@ -107,6 +108,9 @@ def main() -> None:
                 add_member(tar, f"{key}.cls", f"{labels[i]}\n".encode())
                 print(key, SOURCES[labels[i]][0], meta, len(jpeg))
         sums.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+    classes = args.out_dir / "classes.txt"
+    classes.write_text("".join(f"{name}\n" for name in CLASSES))
+    sums.append(f"{hashlib.sha256(classes.read_bytes()).hexdigest()}  {classes.name}\n")
     (args.out_dir / "SHA256SUMS").write_text("".join(sums))
 
 

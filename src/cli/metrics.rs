@@ -1,175 +1,202 @@
-//! `serve --metrics ADDR`: Prometheus text metrics (GET /metrics) from a minimal `std::net`
-//! responder thread. Off by default; the address is whatever the operator gives (bind to
-//! loopback unless you mean to expose it).
+//! `serve --metrics ADDR`: what the Prometheus endpoint exports.
+//!
+//! # Brief overview
+//!
+//! [`RingCollector`] is a `prometheus-client` collector: on every scrape it reads the ring's
+//! counters once ([`Producer::stats`]) and the pipeline's per-sample time histogram, and
+//! encodes them as constant metrics — the values live in shared memory and atomics already,
+//! so nothing is mirrored into client-side counters. [`render`] encodes a registry holding it
+//! in the Prometheus text format 0.0.4; [`super::metrics_http`] serves that text over HTTP.
+//!
+//! Every series carries `ring="<name>"`; per-lane series add `lane="<n>"`. The names below are
+//! documented in the README and must not change (add new ones instead).
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-use anyhow::Context as _;
-use ringfeed::pipeline::{PipelineCounters, SampleTimes, SAMPLE_TIME_BUCKETS_S};
-use ringfeed::ring::{Producer, RingStats};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use ringfeed::pipeline::{PipelineCounters, SAMPLE_TIME_BUCKETS_S};
+use ringfeed::ring::{LaneStats, Producer};
 
-/// The metrics responder thread.
-pub(crate) struct MetricsServer {
-    handle: JoinHandle<()>,
+/// The `Content-Type` of [`render`]'s output.
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Reads one ring's counters at scrape time.
+#[derive(Debug)]
+pub(crate) struct RingCollector {
+    /// The ring's name (the `ring` label).
+    name: String,
+    producer: Arc<Producer>,
+    counters: Arc<PipelineCounters>,
 }
 
-impl MetricsServer {
-    /// Binds `addr` and serves until `stop` is set.
-    pub(crate) fn spawn(
-        addr: SocketAddr,
-        producer: Arc<Producer>,
-        counters: Arc<PipelineCounters>,
-        stop: Arc<AtomicBool>,
-    ) -> anyhow::Result<MetricsServer> {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot bind --metrics {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let name = producer.layout().name.clone();
-        let handle = std::thread::Builder::new()
-            .name("ringfeed-metrics".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let mut body = render(&name, &producer.stats());
-                            body += &render_sample_times(&name, &counters.sample_times);
-                            let _ = respond(stream, &body);
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                    }
-                }
-            })
-            .context("cannot start the metrics thread")?;
-        Ok(MetricsServer { handle })
-    }
-
-    /// Waits for the thread to end (after `stop` is set).
-    pub(crate) fn join(self) {
-        let _ = self.handle.join();
-    }
-}
-
-/// Answers one request: the metrics for `GET /metrics`, 404 otherwise.
-fn respond(stream: TcpStream, body: &str) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(&stream);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    // Drain the headers so closing the socket does not reset the connection.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        line.clear();
-    }
-    let ok = request.starts_with("GET /metrics ");
-    let (status, body) = if ok {
-        ("200 OK", body)
-    } else {
-        ("404 Not Found", "not found; try GET /metrics\n")
-    };
-    let mut out = &stream;
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()
-}
-
-/// The Prometheus text exposition of `s` for ring `name`.
-pub(crate) fn render(name: &str, s: &RingStats) -> String {
-    let mut out = String::new();
-    let mut metric = |m: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-        out += &format!("# HELP ringfeed_{m} {help}\n# TYPE ringfeed_{m} {kind}\n");
-        for (labels, v) in rows {
-            out += &format!("ringfeed_{m}{{ring=\"{name}\"{labels}}} {v}\n");
+impl RingCollector {
+    /// A collector of `producer`'s ring and `counters`' sample times.
+    pub(crate) fn new(producer: Arc<Producer>, counters: Arc<PipelineCounters>) -> RingCollector {
+        RingCollector {
+            name: producer.layout().name.clone(),
+            producer,
+            counters,
         }
-    };
-    let ring = |v: u64| vec![(String::new(), v as f64)];
-    let lanes = |f: &dyn Fn(&ringfeed::ring::LaneStats) -> f64| {
-        s.lanes
-            .iter()
-            .map(|l| (format!(",lane=\"{}\"", l.lane), f(l)))
-            .collect::<Vec<_>>()
-    };
-    metric(
-        "samples_total",
-        "counter",
-        "Samples decoded and written.",
-        ring(s.samples_ok),
-    );
-    metric(
-        "samples_skipped_total",
-        "counter",
-        "Samples skipped (corrupt, unreadable, bad label).",
-        ring(s.samples_skipped),
-    );
-    metric(
-        "batches_published_total",
-        "counter",
-        "Batches published, all lanes.",
-        ring(s.batches_published),
-    );
-    metric(
-        "producer_wait_seconds_total",
-        "counter",
-        "Time the producer waited for a free slot.",
-        vec![(String::new(), s.producer_wait_ns as f64 / 1e9)],
-    );
-    metric(
-        "lane_consumer_wait_seconds_total",
-        "counter",
-        "Time the lane's consumer waited for a batch.",
-        lanes(&|l| l.consumer_wait_ns as f64 / 1e9),
-    );
-    metric(
-        "lane_slots_ready",
-        "gauge",
-        "Slots holding a published batch.",
-        lanes(&|l| f64::from(l.ready)),
-    );
-    metric(
-        "lane_slots_held",
-        "gauge",
-        "Slots held by the consumer.",
-        lanes(&|l| f64::from(l.held)),
-    );
-    metric(
-        "lane_published_total",
-        "counter",
-        "Batches published in the lane.",
-        lanes(&|l| l.published as f64),
-    );
-    metric(
-        "lane_consumer_attached",
-        "gauge",
-        "1 when a consumer is attached.",
-        lanes(&|l| f64::from(u8::from(l.consumer_pid != 0))),
-    );
+    }
+
+    /// A registry (prefix `ringfeed`) holding this collector.
+    pub(crate) fn into_registry(self) -> Registry {
+        let mut registry = Registry::with_prefix("ringfeed");
+        registry.register_collector(Box::new(self));
+        registry
+    }
+}
+
+/// The registry's metrics in the Prometheus text format 0.0.4.
+pub(crate) fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector error would leave a partial body, which
+    // the scraper rejects on its own.
+    if let Err(err) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        log::warn!("encoding the metrics failed: {err}");
+    }
     out
 }
 
-/// The per-sample decode + augment + write time histogram, Prometheus style (cumulative
-/// buckets, `+Inf`, sum, count).
-pub(crate) fn render_sample_times(name: &str, times: &SampleTimes) -> String {
-    let (counts, sum_ns) = times.snapshot();
-    let m = "ringfeed_sample_process_seconds";
-    let mut out =
-        format!("# HELP {m} Time to decode, augment and write one sample.\n# TYPE {m} histogram\n");
-    let mut cumulative = 0;
-    for (i, count) in counts.iter().enumerate() {
-        cumulative += count;
-        let le = SAMPLE_TIME_BUCKETS_S
-            .get(i)
-            .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-        out += &format!("{m}_bucket{{ring=\"{name}\",le=\"{le}\"}} {cumulative}\n");
+/// A counter's value: a count, or seconds.
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Count(u64),
+    Seconds(f64),
+}
+
+impl Value {
+    fn seconds(ns: u64) -> Value {
+        Value::Seconds(ns as f64 / 1e9)
     }
-    out += &format!("{m}_sum{{ring=\"{name}\"}} {}\n", sum_ns as f64 / 1e9);
-    out += &format!("{m}_count{{ring=\"{name}\"}} {cumulative}\n");
-    out
+}
+
+/// Encodes one counter row (`_total` is added by the encoder).
+fn encode_counter(row: MetricEncoder<'_>, v: Value) -> std::fmt::Result {
+    match v {
+        Value::Count(v) => ConstCounter::new(v).encode(row),
+        Value::Seconds(v) => ConstCounter::new(v).encode(row),
+    }
+}
+
+impl Collector for RingCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = self.producer.stats();
+        let ring = [("ring", self.name.as_str())];
+        let mut ring_counter = |name: &str, help: &str, v: Value| {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            encode_counter(family.encode_family(&ring)?, v)
+        };
+        ring_counter(
+            "samples",
+            "Samples decoded and written.",
+            Value::Count(s.samples_ok),
+        )?;
+        ring_counter(
+            "samples_skipped",
+            "Samples skipped (corrupt, unreadable, bad label).",
+            Value::Count(s.samples_skipped),
+        )?;
+        ring_counter(
+            "batches_published",
+            "Batches published, all lanes.",
+            Value::Count(s.batches_published),
+        )?;
+        ring_counter(
+            "producer_wait_seconds",
+            "Time the producer waited for a free slot.",
+            Value::seconds(s.producer_wait_ns),
+        )?;
+
+        // One row per lane, labelled `ring` then `lane`.
+        let lane_labels =
+            |l: &LaneStats| [("ring", self.name.clone()), ("lane", l.lane.to_string())];
+        let lane_counter = |encoder: &mut DescriptorEncoder<'_>,
+                            name: &str,
+                            help: &str,
+                            f: fn(&LaneStats) -> Value| {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for l in &s.lanes {
+                encode_counter(family.encode_family(&lane_labels(l))?, f(l))?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        let lane_gauge = |encoder: &mut DescriptorEncoder<'_>,
+                          name: &str,
+                          help: &str,
+                          f: fn(&LaneStats) -> i64| {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for l in &s.lanes {
+                ConstGauge::new(f(l)).encode(family.encode_family(&lane_labels(l))?)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        lane_counter(
+            &mut encoder,
+            "lane_consumer_wait_seconds",
+            "Time the lane's consumer waited for a batch.",
+            |l| Value::seconds(l.consumer_wait_ns),
+        )?;
+        lane_gauge(
+            &mut encoder,
+            "lane_slots_ready",
+            "Slots holding a published batch.",
+            |l| i64::from(l.ready),
+        )?;
+        lane_gauge(
+            &mut encoder,
+            "lane_slots_held",
+            "Slots held by the consumer.",
+            |l| i64::from(l.held),
+        )?;
+        lane_counter(
+            &mut encoder,
+            "lane_published",
+            "Batches published in the lane.",
+            |l| Value::Count(l.published),
+        )?;
+        lane_gauge(
+            &mut encoder,
+            "lane_consumer_attached",
+            "1 when a consumer is attached.",
+            |l| i64::from(l.consumer_pid != 0),
+        )?;
+
+        // The per-sample decode + augment + write time: the pipeline keeps the bucket counts,
+        // the encoder writes them cumulatively with `+Inf`, sum and count.
+        let (counts, sum_ns) = self.counters.sample_times.snapshot();
+        let buckets: Vec<(f64, u64)> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                (
+                    SAMPLE_TIME_BUCKETS_S
+                        .get(i)
+                        .copied()
+                        .unwrap_or(f64::INFINITY),
+                    n,
+                )
+            })
+            .collect();
+        let count = counts.iter().sum();
+        let mut family = encoder.encode_descriptor(
+            "sample_process_seconds",
+            "Time to decode, augment and write one sample.",
+            None,
+            MetricType::Histogram,
+        )?;
+        family
+            .encode_family(&ring)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum_ns as f64 / 1e9,
+                count,
+                &buckets,
+                None,
+            )
+    }
 }

@@ -2,11 +2,15 @@
 //! once into a checked [`ringfeed::config::Plan`] (see [`common::resolve_plan`]).
 
 mod bench;
+mod caption;
 mod common;
+mod completions;
 mod consume;
 mod index;
 mod logging;
+mod man;
 mod metrics;
+mod metrics_http;
 mod pack;
 mod peek;
 mod serve;
@@ -20,7 +24,7 @@ use clap::{Parser, Subcommand};
 /// ringfeed: decode and augment image batches into a zero-copy shared-memory ring.
 #[derive(Debug, Parser)]
 #[command(name = "ringfeed", version, about, long_about = None)]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -42,12 +46,17 @@ enum Command {
     /// Show a running ring's state, throughput, occupancy and who waits for whom, read
     /// straight from its shared memory (refreshes every second).
     Stat(stat::StatArgs),
-    /// Write a PNG grid of one batch (labels and sample ids under each image): copied from a
-    /// running ring without taking it from the trainer, or rendered from --config FILE.
+    /// Write a PNG grid of one batch (class names or labels, and sample ids, under each
+    /// image): copied from a running ring without taking it from the trainer, or rendered from
+    /// --config FILE.
     Peek(peek::PeekArgs),
     /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
     /// plus index.json.
     Pack(pack::PackArgs),
+    /// Print a shell completion script: `ringfeed completions bash > ~/.local/share/bash-completion/completions/ringfeed`.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page (roff): `ringfeed man | man -l -`.
+    Man(man::ManArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -62,5 +71,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Stat(args) => stat::run(args),
         Command::Peek(args) => peek::run(args),
         Command::Pack(args) => pack::run(args),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }

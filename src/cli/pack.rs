@@ -6,16 +6,18 @@
 //! [`inputs`] lists the samples and class names; [`encode`] keeps each file's bytes as they
 //! are unless `--max-side`/`--quality` ask for a re-encode; [`ShardWriter`] appends ustar
 //! members to `OUT/.<shard>.partial` and renames it to its final name only when complete, so
-//! an interrupted pack never leaves a half shard under a final name.
+//! an interrupted pack never leaves a half shard under a final name. On a terminal an
+//! `indicatif` bar shows the samples packed, the rate and the ETA.
 
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use serde::Serialize;
 
 /// Flags of `ringfeed pack`.
@@ -249,7 +251,7 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
     };
     let max_samples = args.samples_per_shard.unwrap_or(u64::MAX).max(1);
     let started = Instant::now();
-    let mut last_progress = Instant::now();
+    let progress = progress_bar(files.len() as u64);
     let mut shards: Vec<ShardEntry> = Vec::new();
     let mut current: Option<ShardWriter> = None;
     let total = files.len();
@@ -281,16 +283,8 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
         w.member(&format!("{key}.{ext}"), &data)?;
         w.member(&format!("{key}.cls"), &label)?;
         w.samples += 1;
-        if last_progress.elapsed() >= Duration::from_millis(500) || i + 1 == total {
-            last_progress = Instant::now();
-            let done = (i + 1) as f64;
-            let eta = started.elapsed().as_secs_f64() / done * (total as f64 - done);
-            eprint!(
-                "\rringfeed: packed {}/{total} samples into {} shard(s), ETA {eta:.0} s   ",
-                i + 1,
-                shards.len() + 1
-            );
-        }
+        progress.set_message((shards.len() + 1).to_string());
+        progress.inc(1);
     }
     if let Some(w) = current.take() {
         let name = file_name(&w.path);
@@ -299,7 +293,7 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
             name,
         });
     }
-    eprintln!();
+    progress.finish_and_clear();
     let index = PackIndex {
         samples: total as u64,
         shards,
@@ -316,6 +310,26 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bar of `pack` (drawn only when stderr is a terminal): samples packed, shards begun,
+/// rate and ETA.
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = super::logging::bars().add(ProgressBar::new(total));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "packed {pos}/{len} samples into {msg} shard(s) [{bar:24}] {rate}  ETA {eta}",
+        )
+        .expect("a valid template")
+        .with_key(
+            "rate",
+            |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{:.0} images/s", state.per_sec());
+            },
+        )
+        .progress_chars("#>-"),
+    );
+    bar
 }
 
 fn file_name(path: &Path) -> String {

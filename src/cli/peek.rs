@@ -6,8 +6,10 @@
 //! Two sources: a running ring, where [`Observer::peek`] copies a published batch without
 //! taking it from the trainer (a seqlock copy, see there), or a configuration file, where the
 //! pipeline fills one batch into memory with no daemon ([`Pipeline::fill_batch`]). Either way
-//! [`render_grid`] un-normalises the images with the mean/std and draws the grid; the digits
-//! come from a built-in 5×7 bitmap font.
+//! [`render_grid`] un-normalises the images with the mean/std and draws the grid, each image
+//! captioned ([`super::caption`]) with its class name — from `--classes FILE`, `[source]
+//! classes`, the ImageFolder's directories or a `classes.txt` beside the shards — or its label
+//! number when no name is known, and its sample id.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +21,9 @@ use image::{Rgb, RgbImage};
 use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{DType, Observer, RuntimeDir};
 
+use super::caption::{
+    dataset_classes, draw_text, label_text, read_classes, text_width, Classes, LINE_H,
+};
 use super::common::{build_stages, resolve_plan, PlanArgs};
 
 /// Flags of `ringfeed peek`.
@@ -42,6 +47,11 @@ pub(crate) struct PeekArgs {
     /// Batch index within the epoch (config mode).
     #[arg(long, default_value_t = 0)]
     index: u64,
+    /// Class names, one per line (line i names label i), to caption the images with. Default
+    /// in config mode: `[source] classes`, the ImageFolder's directories, or `classes.txt`
+    /// beside the first shard; without any, labels show as numbers.
+    #[arg(long, value_name = "FILE")]
+    classes: Option<PathBuf>,
     /// Render a batch straight from a configuration, without a daemon: pass --config FILE
     /// (and any serve flag).
     #[command(flatten)]
@@ -67,6 +77,8 @@ pub(crate) struct BatchImages<'a> {
     pub(crate) labels: &'a [u8],
     /// `sample_ids` (i64 little-endian bytes).
     pub(crate) ids: &'a [u8],
+    /// Class names (label `i` is `classes[i]`), when known.
+    pub(crate) classes: Option<&'a [String]>,
 }
 
 /// Writes the grid of a ring's published batch, or of a batch rendered from a configuration.
@@ -88,6 +100,12 @@ pub(crate) fn run(args: PeekArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn from_ring(args: &PeekArgs) -> anyhow::Result<RgbImage> {
+    let classes = args
+        .classes
+        .as_deref()
+        .map(|path| anyhow::Ok((read_classes(path)?, path.display().to_string())))
+        .transpose()?;
+    say_classes(classes.as_ref());
     let dir = RuntimeDir::from_env()?;
     let observer = Observer::open(&dir, &args.ring)?;
     let layout = observer.layout();
@@ -123,12 +141,29 @@ fn from_ring(args: &PeekArgs) -> anyhow::Result<RgbImage> {
         std: layout.std,
         labels: &batch.tensors[lab],
         ids: &batch.tensors[ids],
+        classes: classes.as_ref().map(|(names, _)| names.as_slice()),
     })
+}
+
+/// Tells where the captions' class names come from, or that labels show as numbers.
+fn say_classes(classes: Option<&Classes>) {
+    match classes {
+        Some((names, from)) => eprintln!(
+            "ringfeed: captions show class names ({} from {from})",
+            names.len()
+        ),
+        None => eprintln!("ringfeed: captions show label numbers (no class names: see --classes)"),
+    }
 }
 
 fn from_config(args: &PeekArgs) -> anyhow::Result<RgbImage> {
     let plan = resolve_plan(&args.plan)?;
     let stages = build_stages(&plan)?;
+    let classes = match &args.classes {
+        Some(path) => Some((read_classes(path)?, path.display().to_string())),
+        None => dataset_classes(&plan.file.source, &plan.base_dir, &stages.dataset)?,
+    };
+    say_classes(classes.as_ref());
     let pipeline = &stages.pipeline;
     let schema = pipeline.schema();
     let mut buffers: Vec<Vec<u8>> = schema
@@ -152,6 +187,7 @@ fn from_config(args: &PeekArgs) -> anyhow::Result<RgbImage> {
         std: schema.std,
         labels: &buffers[1],
         ids: &buffers[2],
+        classes: classes.as_ref().map(|(names, _)| names.as_slice()),
     })
 }
 
@@ -188,14 +224,14 @@ fn i64_at(bytes: &[u8], i: usize) -> i64 {
 
 /// Gap between tiles, in pixels.
 const GAP: u32 = 4;
-/// Glyph size of the built-in font, and the spacing it is drawn with.
-const GLYPH_W: u32 = 5;
-const GLYPH_H: u32 = 7;
-/// Height of the caption strip under each tile: two lines (label, sample id).
-const CAPTION_H: u32 = 2 * (GLYPH_H + 2) + 1;
+/// Height of the caption strip under each tile: two lines (class, sample id).
+const CAPTION_H: u32 = 2 * LINE_H + 2;
+/// Characters a caption line has room for at least (tiles narrower than that are widened).
+const MIN_CAPTION_CHARS: usize = 8;
 
 /// A grid of the batch's images (as many columns as the square root of the batch size), each
-/// with its label (first line, white) and sample id (second line, grey) under it.
+/// with its class name or label (first line, white) and sample id (second line, grey) under
+/// it.
 pub(crate) fn render_grid(b: &BatchImages<'_>) -> anyhow::Result<RgbImage> {
     let (c, h, w) = b.chw;
     anyhow::ensure!(c >= 1 && h >= 1 && w >= 1, "empty image shape {c}×{h}×{w}");
@@ -204,7 +240,7 @@ pub(crate) fn render_grid(b: &BatchImages<'_>) -> anyhow::Result<RgbImage> {
     anyhow::ensure!(count >= 1, "the batch holds no image");
     let cols = (count as f64).sqrt().ceil() as u32;
     let rows = (count as u32).div_ceil(cols);
-    let tile_w = w.max(GLYPH_W * 6);
+    let tile_w = w.max(text_width(MIN_CAPTION_CHARS));
     let (cell_w, cell_h) = (tile_w + GAP, h + CAPTION_H + GAP);
     let mut grid = RgbImage::from_pixel(cols * cell_w + GAP, rows * cell_h + GAP, Rgb([0, 0, 0]));
     let channel = |k: usize| k.min(c as usize - 1);
@@ -234,63 +270,25 @@ pub(crate) fn render_grid(b: &BatchImages<'_>) -> anyhow::Result<RgbImage> {
                 grid.put_pixel(x0 + x as u32, y0 + y as u32, Rgb(px));
             }
         }
-        let ty = y0 + h + 2;
+        let ty = y0 + h + 1;
         draw_text(
             &mut grid,
             x0,
             ty,
             tile_w,
-            &i64_at(b.labels, n).to_string(),
+            &label_text(i64_at(b.labels, n), b.classes),
             Rgb([255, 255, 255]),
         );
         draw_text(
             &mut grid,
             x0,
-            ty + GLYPH_H + 2,
+            ty + LINE_H,
             tile_w,
-            &i64_at(b.ids, n).to_string(),
+            &format!("#{}", i64_at(b.ids, n)),
             Rgb([150, 150, 150]),
         );
     }
     Ok(grid)
-}
-
-/// 5×7 glyphs of `0-9` and `-`, one byte per row, bit 4 the leftmost pixel.
-fn glyph(ch: char) -> Option<[u8; 7]> {
-    Some(match ch {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        _ => return None,
-    })
-}
-
-/// Draws `text` at `(x, y)`, clipped to `max_w` pixels; characters without a glyph are
-/// skipped.
-fn draw_text(img: &mut RgbImage, x: u32, y: u32, max_w: u32, text: &str, color: Rgb<u8>) {
-    for (i, rows) in text.chars().filter_map(glyph).enumerate() {
-        let gx = x + i as u32 * (GLYPH_W + 1);
-        for (dy, bits) in rows.iter().enumerate() {
-            for dx in 0..GLYPH_W {
-                let (px, py) = (gx + dx, y + dy as u32);
-                if bits & (0x10 >> dx) != 0
-                    && px < x + max_w
-                    && px < img.width()
-                    && py < img.height()
-                {
-                    img.put_pixel(px, py, color);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -309,13 +307,12 @@ mod tests {
         assert_eq!(unnormalise(-9.0, DType::F32, 0.5, 0.25), 0);
     }
 
-    #[test]
-    fn grid_holds_every_image_and_its_caption() {
+    fn grid(labels: &[i64], classes: Option<&[String]>) -> RgbImage {
         // Two 1-channel 2×2 u8 images, NCHW: one black, one white.
         let images = [0u8, 0, 0, 0, 255, 255, 255, 255];
-        let labels: Vec<u8> = [3i64, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let labels: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
         let ids: Vec<u8> = [10i64, 11].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let g = render_grid(&BatchImages {
+        render_grid(&BatchImages {
             images: &images,
             dtype: DType::U8,
             chw: (1, 2, 2),
@@ -324,9 +321,22 @@ mod tests {
             std: [0.0; 4],
             labels: &labels,
             ids: &ids,
+            classes,
         })
-        .unwrap();
-        let tile_w = GLYPH_W * 6;
+        .unwrap()
+    }
+
+    /// The first caption line (white) and the second (grey) of tile `n` of a 2×2-image grid.
+    fn caption_lines(g: &RgbImage, n: u32, tile_w: u32) -> (RgbImage, RgbImage) {
+        let x = GAP + n * (tile_w + GAP);
+        let line = |y| image::imageops::crop_imm(g, x, y, tile_w, LINE_H).to_image();
+        (line(GAP + 2 + 1), line(GAP + 2 + 1 + LINE_H))
+    }
+
+    #[test]
+    fn grid_holds_every_image_and_its_caption() {
+        let g = grid(&[3, 7], None);
+        let tile_w = text_width(MIN_CAPTION_CHARS);
         assert_eq!(g.width(), 2 * (tile_w + GAP) + GAP);
         assert_eq!(g.height(), 2 + CAPTION_H + 2 * GAP);
         assert_eq!(g.get_pixel(GAP, GAP), &Rgb([0, 0, 0]));
@@ -334,16 +344,38 @@ mod tests {
             g.get_pixel(2 * GAP + tile_w + 1, GAP + 1),
             &Rgb([255, 255, 255])
         );
-        // The "3" under the first tile: its top row is lit across.
-        assert_eq!(g.get_pixel(GAP, GAP + 2 + 2), &Rgb([255, 255, 255]));
+        // Each tile's label is drawn in white on its first caption line and its id in grey on
+        // the second; the two tiles' captions differ ("3" and "7", "#10" and "#11").
+        let brightest = |img: &RgbImage| img.pixels().map(|p| p.0[0]).max().unwrap();
+        let (label0, id0) = caption_lines(&g, 0, tile_w);
+        let (label1, id1) = caption_lines(&g, 1, tile_w);
+        assert!(brightest(&label0) > 200 && brightest(&label1) > 200);
+        assert!(
+            (100..=150).contains(&brightest(&id0)),
+            "{}",
+            brightest(&id0)
+        );
+        assert_ne!(label0, label1);
+        assert_ne!(id0, id1);
     }
 
     #[test]
-    fn every_digit_has_a_distinct_glyph() {
-        let glyphs: Vec<_> = "0123456789-".chars().map(|c| glyph(c).unwrap()).collect();
-        for (i, a) in glyphs.iter().enumerate() {
-            assert!(glyphs[i + 1..].iter().all(|b| a != b));
-        }
-        assert!(glyph('x').is_none());
+    fn captions_show_class_names_when_known() {
+        let tile_w = text_width(MIN_CAPTION_CHARS);
+        let names = ["cat", "dog", "owl", "bat"].map(str::to_owned);
+        let named = grid(&[3, 7], Some(&names));
+        let numbered = grid(&[3, 7], None);
+        // Label 3 is "bat"; label 7 has no name and stays a number.
+        assert_ne!(
+            caption_lines(&named, 0, tile_w).0,
+            caption_lines(&numbered, 0, tile_w).0
+        );
+        assert_eq!(
+            caption_lines(&named, 1, tile_w).0,
+            caption_lines(&numbered, 1, tile_w).0
+        );
+        let mut expected = RgbImage::new(tile_w, LINE_H);
+        draw_text(&mut expected, 0, 0, tile_w, "bat", Rgb([255, 255, 255]));
+        assert_eq!(caption_lines(&named, 0, tile_w).0, expected);
     }
 }

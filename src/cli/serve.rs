@@ -11,6 +11,8 @@ use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{Producer, ProducerOptions, RuntimeDir};
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
+use super::metrics::RingCollector;
+use super::metrics_http::MetricsServer;
 use super::status::{EpochShape, StatusReporter};
 
 /// Flags of `ringfeed serve`.
@@ -22,7 +24,8 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     exit_when_done: bool,
     /// Serve Prometheus metrics (GET /metrics) on ADDR: a port alone (9108) binds loopback
-    /// 127.0.0.1; IP:PORT binds that address. Off by default: no listener at all.
+    /// 127.0.0.1, reachable by every local user; IP:PORT binds that address (0.0.0.0:9108:
+    /// the network). Read-only. Off by default: no listener at all.
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
 }
@@ -76,12 +79,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let metrics = args
         .metrics
         .map(|addr| {
-            super::metrics::MetricsServer::spawn(
-                addr,
-                Arc::clone(&producer),
-                pipeline.counters(),
-                Arc::clone(&stop),
-            )
+            let registry =
+                RingCollector::new(Arc::clone(&producer), pipeline.counters()).into_registry();
+            MetricsServer::spawn(addr, registry, Arc::clone(&stop))
         })
         .transpose()?;
     log::info!(
@@ -105,8 +105,6 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         EpochShape {
             batches_per_epoch: spec.batches_per_epoch,
             epochs: spec.epochs,
-            batch_size: spec.batch_size,
-            lanes: spec.lanes,
         },
     );
     let result = pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 });

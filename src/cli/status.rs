@@ -1,6 +1,7 @@
 //! The periodic status line of `serve`: throughput, ring occupancy per lane, and who waits for
 //! whom — the figure that says whether the loader or the trainer is the bottleneck. On a
-//! terminal, a progress bar for the current epoch is redrawn in place between status lines.
+//! terminal, an `indicatif` progress bar for the current epoch ([`EpochBar`]) stays below the
+//! status lines.
 //!
 //! It also watches for stalled lanes (docs/failure-modes.md): a lane with no free slot whose
 //! live consumer has neither taken nor released a batch for [`STALL_AFTER`] — a trainer that
@@ -9,16 +10,18 @@
 //! the status line marks it `STALLED`, and a warning names the consumer when the stall
 //! starts and when the lane flows again.
 
-use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressStyle};
 use ringfeed::pipeline::PipelineCounters;
 use ringfeed::ring::{
     mono_ns, LaneStats, Observer, Producer, ProducerState, RingSnapshot, RingStats, RuntimeDir,
 };
+
+use super::logging;
 
 /// How long a consumer of a full lane may go without taking or releasing a batch before the
 /// lane is reported as stalled. Longer than any sane training step's pause between batches.
@@ -40,7 +43,6 @@ impl StatusReporter {
         stop_when_drained: bool,
         epoch_shape: EpochShape,
     ) -> StatusReporter {
-        let tty = std::io::stderr().is_terminal();
         let handle = std::thread::Builder::new()
             .name("ringfeed-status".into())
             .spawn(move || {
@@ -54,6 +56,7 @@ impl StatusReporter {
                     .ok()
                     .and_then(|dir| Observer::open(&dir, &producer.layout().name).ok());
                 let mut stalls = StallWatch::default();
+                let bar = EpochBar::new(epoch_shape);
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
@@ -76,19 +79,17 @@ impl StatusReporter {
                         last = now;
                         next_line += interval;
                     }
-                    if tty && Instant::now() >= next_bar {
+                    if Instant::now() >= next_bar {
                         let images = counters.samples_ok.load(Ordering::Relaxed);
-                        let rate = bar_rate.push(Instant::now(), images);
-                        let bar = progress_bar(
-                            &epoch_shape,
+                        bar.update(
                             counters.lane0_epoch.load(Ordering::Relaxed),
                             counters.lane0_batches_done.load(Ordering::Relaxed),
-                            rate,
+                            bar_rate.push(Instant::now(), images),
                         );
-                        let _ = write!(std::io::stderr().lock(), "\r\x1b[2K{bar}");
                         next_bar += Duration::from_millis(250);
                     }
                 }
+                bar.finish();
             })
             .expect("spawning the status thread");
         StatusReporter { handle }
@@ -107,10 +108,6 @@ pub(crate) struct EpochShape {
     pub(crate) batches_per_epoch: u64,
     /// Epochs to serve, 0 = unbounded.
     pub(crate) epochs: u64,
-    /// Samples per batch.
-    pub(crate) batch_size: u32,
-    /// Lanes (every lane advances at about the same pace).
-    pub(crate) lanes: u32,
 }
 
 /// Images/s over the last few seconds, from (time, images) samples.
@@ -141,31 +138,48 @@ impl RateWindow {
     }
 }
 
-/// `epoch 2/10 [#########-----------]  45% 123/270 batches  1234 img/s  ETA 0:32`
-pub(crate) fn progress_bar(shape: &EpochShape, epoch: u64, done: u64, rate: f64) -> String {
-    const WIDTH: usize = 24;
-    let total = shape.batches_per_epoch.max(1);
-    let done = done.min(total);
-    let filled = (done as usize * WIDTH) / total as usize;
-    let epochs = if shape.epochs == 0 {
-        "∞".to_owned()
-    } else {
-        shape.epochs.to_string()
-    };
-    let left_images = (total - done) as f64 * f64::from(shape.batch_size) * f64::from(shape.lanes);
-    let eta = if rate > 0.0 {
-        let s = (left_images / rate).round() as u64;
-        format!("{}:{:02}", s / 60, s % 60)
-    } else {
-        "–".to_owned()
-    };
-    format!(
-        "epoch {}/{epochs} [{}{}] {:3.0}% {done}/{total} batches  {rate:.0} img/s  ETA {eta}",
-        epoch + 1,
-        "#".repeat(filled),
-        "-".repeat(WIDTH - filled),
-        done as f64 / total as f64 * 100.0,
-    )
+/// The epoch's progress bar (an `indicatif` bar, drawn only when stderr is a terminal):
+/// `epoch 2/10 [#########-----------]  45% 123/270 batches  1234 img/s  ETA 32s`.
+pub(crate) struct EpochBar {
+    bar: ProgressBar,
+    shape: EpochShape,
+}
+
+impl EpochBar {
+    /// A bar for `shape`, drawn with the process's other bars (see [`logging::bars`]).
+    pub(crate) fn new(shape: EpochShape) -> EpochBar {
+        let bar = logging::bars().add(ProgressBar::new(shape.batches_per_epoch.max(1)));
+        EpochBar::styled(bar, shape)
+    }
+
+    /// Gives `bar` the epoch bar's look.
+    pub(crate) fn styled(bar: ProgressBar, shape: EpochShape) -> EpochBar {
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:24}] {percent:>3}% {pos}/{len} batches  {msg}  ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("#>-");
+        bar.set_style(style);
+        EpochBar { bar, shape }
+    }
+
+    /// Shows epoch `epoch` (0-based) with `done` batches of it served, at `rate` images/s.
+    pub(crate) fn update(&self, epoch: u64, done: u64, rate: f64) {
+        let epochs = if self.shape.epochs == 0 {
+            "∞".to_owned()
+        } else {
+            self.shape.epochs.to_string()
+        };
+        self.bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+        self.bar.set_message(format!("{rate:.0} img/s"));
+        self.bar
+            .set_position(done.min(self.shape.batches_per_epoch.max(1)));
+    }
+
+    /// Removes the bar from the terminal.
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// Share of `elapsed` that `waited_ns` represents, in percent (0–100).
@@ -350,21 +364,30 @@ mod tests {
 
     #[test]
     fn progress_bar_shows_position_rate_and_eta() {
+        use indicatif::{InMemoryTerm, ProgressDrawTarget};
         let shape = EpochShape {
             batches_per_epoch: 100,
             epochs: 3,
-            batch_size: 10,
-            lanes: 1,
         };
-        let bar = progress_bar(&shape, 1, 25, 100.0);
+        let draw = |shape: EpochShape, epoch: u64, done: u64, rate: f64| {
+            let term = InMemoryTerm::new(2, 120);
+            let target = ProgressDrawTarget::term_like(Box::new(term.clone()));
+            let bar = EpochBar::styled(ProgressBar::with_draw_target(Some(100), target), shape);
+            bar.update(epoch, done, rate);
+            bar.bar.force_draw();
+            term.contents()
+        };
+        let line = draw(shape, 1, 25, 100.0);
         assert!(
-            bar.starts_with("epoch 2/3 [######------------------]  25% 25/100"),
-            "{bar}"
+            line.starts_with(
+                "epoch 2/3 [######>-----------------]  25% 25/100 batches  100 img/s  ETA "
+            ),
+            "{line}"
         );
-        assert!(bar.ends_with("100 img/s  ETA 0:08"), "{bar}"); // 750 images at 100/s = 7.5 s
         let unbounded = EpochShape { epochs: 0, ..shape };
-        assert!(progress_bar(&unbounded, 0, 0, 0.0).contains("epoch 1/∞"));
-        assert!(progress_bar(&unbounded, 0, 0, 0.0).ends_with("ETA –"));
+        assert!(draw(unbounded, 0, 0, 0.0).starts_with("epoch 1/∞ ["));
+        // Past the end of the epoch (a lane ahead of lane 0) the bar stays full.
+        assert!(draw(shape, 0, 500, 0.0).contains("100% 100/100 batches"));
     }
 
     fn lane(free: u32, writing: u32, held: u32, pid: u32) -> LaneStats {

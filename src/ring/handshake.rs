@@ -87,29 +87,46 @@ pub(crate) fn peer_cred(stream: &UnixStream) -> io::Result<Peer> {
     })
 }
 
-/// Reads one line (up to [`MAX_LINE`] bytes, without the newline). The peer sends nothing
-/// after it, so reading in chunks cannot swallow a following message.
-pub(crate) fn read_line(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
-    let mut line = Vec::new();
-    let mut buf = [0u8; 512];
-    loop {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before a full line",
-            ));
-        }
-        line.extend_from_slice(&buf[..n]);
-        if let Some(end) = line.iter().position(|&b| b == b'\n') {
-            line.truncate(end);
-            return Ok(line);
-        }
-        if line.len() > MAX_LINE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "line longer than 4096 bytes",
-            ));
+/// A request line arriving in pieces on a non-blocking socket: the producer's service thread
+/// keeps one per connection still sending its request, so a slow sender holds only its own
+/// reader, never the thread.
+#[derive(Debug, Default)]
+pub(crate) struct LineReader {
+    buf: Vec<u8>,
+}
+
+impl LineReader {
+    /// Reads what has arrived: the line (up to [`MAX_LINE`] bytes, without the newline) once
+    /// its newline came, `None` while more is needed. End of file, an error or an overlong
+    /// line is an error. The peer sends nothing after the line, so reading in chunks cannot
+    /// swallow a following message.
+    pub(crate) fn poll_line(&mut self, mut stream: &UnixStream) -> io::Result<Option<Vec<u8>>> {
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = match stream.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before a full line",
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line = std::mem::take(&mut self.buf);
+                line.truncate(end);
+                return Ok(Some(line));
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "line longer than 4096 bytes",
+                ));
+            }
         }
     }
 }
@@ -272,11 +289,32 @@ mod tests {
         let (line, fd) = recv_line_with_fd(&b).unwrap();
         assert_eq!(line, br#"{"ok":true}"#);
         assert!(fd.is_some());
-        b.write_all(b"{\"op\":\"info\"}\n").unwrap();
-        let mut a2 = a.try_clone().unwrap();
-        assert_eq!(read_line(&mut a2).unwrap(), br#"{"op":"info"}"#);
+        a.set_nonblocking(true).unwrap();
+        let mut reader = LineReader::default();
+        assert_eq!(reader.poll_line(&a).unwrap(), None);
+        b.write_all(b"{\"op\":").unwrap();
+        assert_eq!(reader.poll_line(&a).unwrap(), None);
+        b.write_all(b"\"info\"}\n").unwrap();
+        assert_eq!(reader.poll_line(&a).unwrap().unwrap(), br#"{"op":"info"}"#);
         assert!(!peer_closed(&a));
         drop(b);
         assert!(peer_closed(&a));
+    }
+
+    #[test]
+    fn overlong_and_unfinished_lines_are_errors() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut reader = LineReader::default();
+        b.write_all(&[b'x'; MAX_LINE + 1]).unwrap();
+        let err = reader.poll_line(&a).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut reader = LineReader::default();
+        b.write_all(b"{\"op\"").unwrap();
+        drop(b);
+        let err = reader.poll_line(&a).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -64,6 +64,11 @@ impl Control {
         Ok(Control { map })
     }
 
+    /// The mapping's address and length (to guard it against truncation, `sigbus`).
+    pub(crate) fn mapping(&self) -> (*const u8, usize) {
+        (self.map.as_ptr(), self.map.len())
+    }
+
     fn at(&self, off: u64, size: usize) -> *mut u8 {
         let off = usize::try_from(off).expect("control offset fits usize");
         assert!(
@@ -132,6 +137,11 @@ impl Data {
             opts.map_raw_read_only(file)?
         };
         Ok(Data { map, writable })
+    }
+
+    /// The mapping's address and length (to guard it against truncation, `sigbus`).
+    pub(crate) fn mapping(&self) -> (*const u8, usize) {
+        (self.map.as_ptr(), self.map.len())
     }
 
     fn range(&self, off: u64, len: u64) -> (*mut u8, usize) {

@@ -8,6 +8,8 @@
 //! - `memory`: the memfd and its mappings; the only place turning addresses into references.
 //! - `segment`: where the memory lives: the sealed memfd, or a named file in a `--shm-dir`,
 //!   both reserved in full at creation; stale named files are detected and replaced.
+//! - `sigbus`: a named file truncated under the producer turns into zero pages and a clean
+//!   stop, never a SIGBUS death.
 //! - `access`: who may attach (same uid, or an allowed group).
 //! - `slot`: the slot state machine, each transition with its memory ordering and partner.
 //! - `futex`: waiting on shared 32-bit words with timeouts.
@@ -30,6 +32,7 @@ mod observer;
 mod producer;
 mod runtime_dir;
 mod segment;
+mod sigbus;
 mod slot;
 
 pub use access::{resolve_group, GroupError};

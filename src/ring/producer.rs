@@ -1,10 +1,16 @@
 //! The producer side: creates the ring, serves attach requests, hands out free slots to the
 //! pipeline, publishes batches and reclaims the slots of consumers that die.
 //!
-//! Two threads run beside the pipeline: the *service* thread (nonblocking accept plus a
-//! `poll` over every attached consumer's socket, so a consumer's death is seen at once) and
-//! the *heartbeat* thread (refreshes `heartbeat_mono_ns`, and as a backup reclaims lanes whose
-//! consumer pid no longer exists).
+//! Two threads run beside the pipeline: the *service* thread (one `poll` over the listening
+//! socket, every connection still sending its request, and every attached consumer's socket,
+//! so a consumer's death is seen at once and a slow client delays nobody) and the *heartbeat*
+//! thread (refreshes `heartbeat_mono_ns`, and as a backup reclaims lanes whose consumer pid no
+//! longer exists).
+//!
+//! Who holds a lane is decided in one place, the lane table ([`LaneConn`] under one mutex):
+//! an attached lane's entry holds the consumer's socket itself, so every check of "is the
+//! holder gone?" (the service thread's poll, an attach finding the lane taken, the heartbeat)
+//! looks at the same socket, whichever thread completed the attach.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -27,14 +33,18 @@ use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingS
 use super::memory::{Control, Data};
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
 use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
+use super::sigbus;
 use super::slot::{self, Slot, SlotMeta};
 
 /// How often the service thread re-checks its stop flag and the heartbeat is refreshed.
 const TICK: Duration = Duration::from_millis(50);
 /// Longest single futex wait, so stop requests and timeouts are noticed.
 const MAX_WAIT: Duration = Duration::from_millis(100);
-/// Time a connecting client has to send its request line.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time a connecting client has, in all, to send its request line; then it is refused.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections still sending their request, at most; further ones wait in the listen backlog
+/// until one of these is answered or times out.
+const MAX_INCOMING: usize = 64;
 
 /// `producer_state` values (§5.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,10 +191,10 @@ fn shm_size_hint(bytes: u64) -> u64 {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerOptions {
     /// `None` (default): a sealed memfd. `Some(dir)`: the named file
-    /// `dir/ringfeed-<name>.ring`, mode 0600 (0660 with `allow_group`), removed on exit.
+    /// `dir/ringfeed-<name>.ring`, mode 0600 (0640 with `allow_group`), removed on exit.
     pub shm_dir: Option<PathBuf>,
-    /// A gid whose members may attach too: the runtime directory becomes 0750 and the socket
-    /// and named file 0660, all given to this group.
+    /// A gid whose members may attach too: the runtime directory becomes 0750, the socket
+    /// 0660 and the named file 0640, all given to this group.
     pub allow_group: Option<u32>,
 }
 
@@ -247,40 +257,65 @@ pub struct RingStats {
     pub lanes: Vec<LaneStats>,
 }
 
-/// Who a lane belongs to, as the producer tracks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who a lane belongs to, as the producer tracks it: the one record of a lane's ownership.
+#[derive(Debug, Clone)]
 enum LaneConn {
     Vacant,
     /// An attach with `resume` waits for the pipeline to apply its seek.
     Pending {
         pid: u32,
     },
+    /// A consumer holds the lane; `stream` is its connection, watched for EOF.
     Attached {
         pid: u32,
         conn: u64,
+        stream: Arc<UnixStream>,
     },
 }
 
-/// An attached consumer's socket, watched by the service thread.
-struct Watch {
-    lane: u32,
-    conn: u64,
+impl LaneConn {
+    fn is_pending_for(&self, pid: u32) -> bool {
+        matches!(self, LaneConn::Pending { pid: p } if *p == pid)
+    }
+}
+
+/// A connection still sending its request line, with its deadline.
+struct Incoming {
     stream: UnixStream,
+    line: handshake::LineReader,
+    deadline: Instant,
 }
 
 /// State shared by the producer handle, its threads and pending seek requests.
 struct Shared {
     layout: Layout,
     pid: u32,
+    /// A named file's mappings, guarded against truncation (empty for a sealed memfd);
+    /// declared before the mappings so the guards drop first.
+    guards: Vec<sigbus::Guard>,
     segment: Segment,
     allow_group: Option<u32>,
     control: Control,
     data: Data,
     lanes: Mutex<Vec<LaneConn>>,
-    /// Serialises publishes per lane so `seq` is published in increasing order.
-    publish_locks: Vec<Mutex<()>>,
+    /// Per lane, the next `seq` to publish, under a lock that serialises publishes so `seq`
+    /// is published in increasing order. Kept here, not read back from the lane table, which
+    /// consumers can write.
+    publish_locks: Vec<Mutex<u64>>,
+    /// The producer's own state; the header's `producer_state` is a copy for consumers,
+    /// which can write it, so no decision of the producer reads it back.
+    state: std::sync::atomic::AtomicU32,
+    /// Held while the state and its header copy are changed or compared, so the heartbeat's
+    /// repair never writes back a state that was just replaced.
+    state_lock: Mutex<()>,
+    /// Per slot (`lane × slots_per_lane + slot`): this producer has it `WRITING`. A
+    /// `WRITING` slot not marked here was forged (consumers can write the slot table) and
+    /// is freed by the heartbeat.
+    writing: Vec<AtomicBool>,
+    /// The header's and tensor table's bytes as created: the fields that never change,
+    /// restored by the heartbeat if a consumer overwrote them.
+    image: Vec<u8>,
     seeks: Mutex<Vec<SeekRequest>>,
-    inbox: Mutex<Vec<Watch>>,
     next_conn: AtomicU64,
     stop: AtomicBool,
 }
@@ -308,15 +343,18 @@ impl Shared {
     }
 
     fn state(&self) -> Option<ProducerState> {
-        ProducerState::from_code(self.hdr_u32(hdr::PRODUCER_STATE).load(Acquire))
+        ProducerState::from_code(self.state.load(Acquire))
     }
 
     /// Sets `producer_state` and wakes every waiter on every lane (they re-read the state).
     fn set_state(&self, state: ProducerState) {
+        let guard = lock(&self.state_lock);
+        self.state.store(state.code(), Release);
         // SYNC POINT with the consumer's acquire load of producer_state after its scan:
         // every publish before this store is visible once FINISHED is seen.
         self.hdr_u32(hdr::PRODUCER_STATE)
             .store(state.code(), Release);
+        drop(guard);
         for l in 0..self.layout.lane_count {
             futex::bump_and_wake(self.lane_u32(l, lentry::PUBLISH_SEQ));
         }
@@ -333,8 +371,15 @@ impl Shared {
         self.control.store_bytes(hdr::LAST_ERROR as u64, &buf);
     }
 
-    /// Records `pid` as lane `lane`'s consumer (lane table and consumer table).
-    fn register(&self, lanes: &mut [LaneConn], lane: u32, pid: u32) -> u64 {
+    /// Records `pid`, connected on `stream`, as lane `lane`'s consumer (lane table and
+    /// consumer table).
+    fn register(
+        &self,
+        lanes: &mut [LaneConn],
+        lane: u32,
+        pid: u32,
+        stream: Arc<UnixStream>,
+    ) -> u64 {
         let conn = self.next_conn.fetch_add(1, Relaxed);
         let e = self.layout.consumer_entry(lane);
         self.control.u32(e + centry::LANE).store(lane, Relaxed);
@@ -348,7 +393,7 @@ impl Shared {
         self.control.u32(e + centry::PID).store(pid, Release);
         self.lane_u32(lane, lentry::CONSUMER_PID)
             .store(pid, Release);
-        lanes[lane as usize] = LaneConn::Attached { pid, conn };
+        lanes[lane as usize] = LaneConn::Attached { pid, conn, stream };
         conn
     }
 
@@ -373,8 +418,80 @@ impl Shared {
         }
     }
 
-    fn is_current(&self, lane: u32, conn: u64) -> bool {
-        matches!(lock(&self.lanes)[lane as usize], LaneConn::Attached { conn: c, .. } if c == conn)
+    fn writing_mark(&self, lane: u32, slot: u32) -> &AtomicBool {
+        &self.writing[(lane * self.layout.slots_per_lane + slot) as usize]
+    }
+
+    /// `FREE → WRITING` for this producer, marked as its own before the claim so the
+    /// heartbeat never takes a slot being claimed for a forged one.
+    fn claim(&self, lane: u32, slot: u32) -> bool {
+        let mark = self.writing_mark(lane, slot);
+        // Another producer thread is claiming or writing this slot: its mark is not ours to
+        // clear.
+        if mark
+            .compare_exchange(false, true, Relaxed, Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // SYNC POINT with the heartbeat's acquire load of the state in `repair`: the mark is
+        // visible to whoever sees our WRITING.
+        let claimed = self.slot(lane, slot).claim();
+        if !claimed {
+            mark.store(false, Relaxed);
+        }
+        claimed
+    }
+
+    /// Undoes what consumers may have written over producer-owned state: the header's and
+    /// tensor table's constant bytes, `producer_state`, and slots left `WRITING` that this
+    /// producer is not writing (they would never be freed). Returns what was repaired.
+    fn repair(&self) -> Vec<String> {
+        let mut repaired = Vec::new();
+        let constant = [
+            (0, hdr::PRODUCER_STATE),
+            (hdr::START_UNIX_NS, hdr::HEARTBEAT_MONO_NS),
+            (hdr::LANE_COUNT, hdr::RELEASE_ANY),
+            (hdr::MEAN, layout::HEADER_BYTES as usize),
+            (self.layout.tensor_table_offset as usize, self.image.len()),
+        ];
+        for (start, end) in constant {
+            let now = self.control.load_bytes(start as u64, end - start);
+            if now != self.image[start..end] {
+                self.control
+                    .store_bytes(start as u64, &self.image[start..end]);
+                repaired.push(format!("header bytes {start}..{end}"));
+            }
+        }
+        let guard = lock(&self.state_lock);
+        let state = self.state.load(Acquire);
+        if self.hdr_u32(hdr::PRODUCER_STATE).load(Acquire) != state {
+            self.hdr_u32(hdr::PRODUCER_STATE).store(state, Release);
+            repaired.push("producer_state".to_owned());
+        }
+        drop(guard);
+        for l in 0..self.layout.lane_count {
+            for s in 0..self.layout.slots_per_lane {
+                let slot = self.slot(l, s);
+                if slot.state() == slot::WRITING && !self.writing_mark(l, s).load(Relaxed) {
+                    slot.abandon();
+                    repaired.push(format!("lane {l} slot {s} forged WRITING"));
+                }
+            }
+        }
+        repaired
+    }
+
+    /// Every attached lane's connection, for the service thread's poll.
+    fn attached(&self) -> Vec<(u32, u64, Arc<UnixStream>)> {
+        lock(&self.lanes)
+            .iter()
+            .enumerate()
+            .filter_map(|(l, c)| match c {
+                LaneConn::Attached { conn, stream, .. } => Some((l as u32, *conn, stream.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn attach_reply(&self, lane: u32) -> serde_json::Value {
@@ -384,19 +501,18 @@ impl Shared {
     }
 
     /// Registers the consumer and sends the attach reply with the memfd; on failure the lane
-    /// is left vacant again.
-    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) -> Option<Watch> {
-        let conn = self.register(&mut lock(&self.lanes), lane, pid);
-        match handshake::send_line(
+    /// is left vacant again. From the registration on, the lane table holds the connection,
+    /// and the service thread watches it.
+    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) {
+        let stream = Arc::new(stream);
+        let conn = self.register(&mut lock(&self.lanes), lane, pid, stream.clone());
+        let sent = handshake::send_line(
             &stream,
             &self.attach_reply(lane),
             Some(self.segment.file().as_fd()),
-        ) {
-            Ok(()) => Some(Watch { lane, conn, stream }),
-            Err(_) => {
-                self.reclaim_conn(lane, conn);
-                None
-            }
+        );
+        if sent.is_err() {
+            self.reclaim_conn(lane, conn);
         }
     }
 }
@@ -438,7 +554,7 @@ impl SeekRequest {
         let sh = &self.shared;
         {
             let lanes = lock(&sh.lanes);
-            if lanes[self.lane as usize] != (LaneConn::Pending { pid: self.pid }) {
+            if !lanes[self.lane as usize].is_pending_for(self.pid) {
                 return;
             }
             for s in 0..sh.layout.slots_per_lane {
@@ -451,9 +567,7 @@ impl SeekRequest {
                 sh.set_state(ProducerState::Serving);
             }
         }
-        if let Some(w) = sh.complete_attach(self.lane, self.pid, stream) {
-            lock(&sh.inbox).push(w);
-        }
+        sh.complete_attach(self.lane, self.pid, stream);
     }
 }
 
@@ -461,7 +575,7 @@ impl Drop for SeekRequest {
     fn drop(&mut self) {
         if let Some(stream) = self.stream.take() {
             let mut lanes = lock(&self.shared.lanes);
-            if lanes[self.lane as usize] == (LaneConn::Pending { pid: self.pid }) {
+            if lanes[self.lane as usize].is_pending_for(self.pid) {
                 lanes[self.lane as usize] = LaneConn::Vacant;
             }
             let _ = handshake::send_line(
@@ -591,8 +705,23 @@ impl Producer {
             true,
         )
         .map_err(io_err("mapping the data region"))?;
+        // A named file can be truncated by whoever can write it; a memfd is sealed.
+        let guards = if segment.path().is_some() {
+            [control.mapping(), data.mapping()]
+                .into_iter()
+                .map(|(start, len)| sigbus::guard(start, len))
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(io_err("guarding the ring file's mappings"))?
+        } else {
+            Vec::new()
+        };
         let pid = std::process::id();
-        control.store_bytes(0, &layout::encode_control(&layout, pid, unix_ns()));
+        let mut image = layout::encode_control(&layout, pid, unix_ns());
+        control.store_bytes(0, &image);
+        image.truncate(
+            layout.tensor_table_offset as usize
+                + layout.tensors.len() * layout::TENSOR_ENTRY_BYTES as usize,
+        );
         control
             .u64(hdr::HEARTBEAT_MONO_NS as u64)
             .store(mono_ns(), Release);
@@ -612,18 +741,26 @@ impl Producer {
             .map_err(io_err("configuring the socket"))?;
 
         let lanes = vec![LaneConn::Vacant; layout.lane_count as usize];
-        let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(())).collect();
+        // Every lane's first batch has seq 1 (§5.4), as `encode_control` wrote.
+        let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(1)).collect();
+        let writing = (0..layout.lane_count * layout.slots_per_lane)
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let shared = Arc::new(Shared {
             layout,
             pid,
+            guards,
             segment,
             allow_group: options.allow_group,
             control,
             data,
             lanes: Mutex::new(lanes),
             publish_locks,
+            state: std::sync::atomic::AtomicU32::new(ProducerState::Starting.code()),
+            state_lock: Mutex::new(()),
+            writing,
+            image,
             seeks: Mutex::new(Vec::new()),
-            inbox: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
         });
@@ -661,7 +798,7 @@ impl Producer {
             return None;
         }
         (0..self.shared.layout.slots_per_lane)
-            .find(|&s| self.shared.slot(lane, s).claim())
+            .find(|&s| self.shared.claim(lane, s))
             .map(|slot| SlotWriter {
                 shared: &self.shared,
                 lane,
@@ -734,9 +871,22 @@ impl Producer {
         self.shared.set_state(ProducerState::Failed);
     }
 
-    /// Counters for the status line.
+    /// The ring file, if it was truncated under the producer (a `--shm-dir` file shrunk by a
+    /// process with write access to it). Its mappings then hold anonymous zero pages: nothing
+    /// faults, but no consumer can be served any more, so the caller should stop.
+    pub fn truncated_file(&self) -> Option<&std::path::Path> {
+        if self.shared.guards.iter().any(sigbus::Guard::lost) {
+            self.shared.segment.path()
+        } else {
+            None
+        }
+    }
+
+    /// Counters for the status line. The state is the producer's own, not the header's copy.
     pub fn stats(&self) -> RingStats {
-        super::observer::read_stats(&self.shared.control, &self.shared.layout)
+        let mut stats = super::observer::read_stats(&self.shared.control, &self.shared.layout);
+        stats.state = self.shared.state();
+        stats
     }
 }
 
@@ -802,9 +952,8 @@ impl SlotWriter<'_> {
     pub fn publish(mut self, meta: BatchMeta) {
         let sh = self.shared;
         let lane = self.lane;
-        let _order = lock(&sh.publish_locks[lane as usize]);
-        let next_seq = sh.lane_u64(lane, lentry::NEXT_SEQ);
-        let seq = next_seq.load(Relaxed);
+        let mut next_seq = lock(&sh.publish_locks[lane as usize]);
+        let seq = *next_seq;
         sh.slot(lane, self.slot).publish(&SlotMeta {
             seq,
             epoch: meta.epoch,
@@ -818,7 +967,9 @@ impl SlotWriter<'_> {
             published_mono_ns: mono_ns(),
         });
         self.done = true;
-        next_seq.store(seq + 1, Relaxed);
+        sh.writing_mark(lane, self.slot).store(false, Relaxed);
+        *next_seq = seq + 1;
+        sh.lane_u64(lane, lentry::NEXT_SEQ).store(seq + 1, Relaxed);
         sh.lane_u64(lane, lentry::PUBLISHED).fetch_add(1, Relaxed);
         sh.lane_u64(lane, lentry::EPOCH).store(meta.epoch, Relaxed);
         sh.lane_u64(lane, lentry::INDEX).store(meta.index, Relaxed);
@@ -832,44 +983,109 @@ impl Drop for SlotWriter<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.shared.slot(self.lane, self.slot).abandon();
+            self.shared
+                .writing_mark(self.lane, self.slot)
+                .store(false, Relaxed);
         }
     }
 }
 
-/// Accepts connections and watches attached consumers' sockets until stopped.
+/// Accepts connections, reads their requests and watches attached consumers' sockets until
+/// stopped. Nothing here blocks: every socket is non-blocking and one `poll` waits for all,
+/// so a client that sends its request slowly (or never) delays no other client, and each
+/// request has [`REQUEST_TIMEOUT`] in all.
 fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
-    let mut watches: Vec<Watch> = Vec::new();
-    let timeout = rustix::time::Timespec {
-        tv_sec: 0,
-        tv_nsec: TICK.as_nanos() as i64,
-    };
+    let mut incoming: Vec<Incoming> = Vec::new();
     while !sh.stop.load(Acquire) {
-        watches.append(&mut lock(&sh.inbox));
-        watches.retain(|w| sh.is_current(w.lane, w.conn));
-        let mut fds = Vec::with_capacity(watches.len() + 1);
-        fds.push(PollFd::new(&listener, PollFlags::IN));
+        let now = Instant::now();
+        incoming.retain(|c| {
+            let late = now >= c.deadline;
+            if late {
+                refuse(
+                    &c.stream,
+                    "request timed out: send the whole request line within 2 s of connecting",
+                );
+            }
+            !late
+        });
+        let attached = sh.attached();
+        let wait = incoming
+            .iter()
+            .map(|c| c.deadline - now)
+            .fold(TICK, Duration::min);
+        let timeout = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: wait.as_nanos() as i64,
+        };
+        // A full set of pending requests leaves new connections in the listen backlog.
+        let listening = incoming.len() < MAX_INCOMING;
+        let mut fds = Vec::with_capacity(1 + incoming.len() + attached.len());
+        fds.push(PollFd::new(
+            &listener,
+            if listening {
+                PollFlags::IN
+            } else {
+                PollFlags::empty()
+            },
+        ));
         fds.extend(
-            watches
+            incoming
                 .iter()
-                .map(|w| PollFd::new(&w.stream, PollFlags::IN)),
+                .map(|c| PollFd::new(&c.stream, PollFlags::IN)),
+        );
+        fds.extend(
+            attached
+                .iter()
+                .map(|(_, _, s)| PollFd::new(&**s, PollFlags::IN)),
         );
         if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
             continue;
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        let mut i = 0;
-        watches.retain(|w| {
-            i += 1;
-            if ready[i] && handshake::peer_closed(&w.stream) {
-                sh.reclaim_conn(w.lane, w.conn);
-                return false;
+        let (listener_ready, rest) = ready.split_first().unwrap_or((&false, &[]));
+        let (incoming_ready, attached_ready) = rest.split_at(incoming.len());
+        for ((lane, conn, stream), _) in attached.iter().zip(attached_ready).filter(|(_, &r)| r) {
+            if handshake::peer_closed(stream) {
+                sh.reclaim_conn(*lane, *conn);
             }
-            true
+        }
+        let mut i = 0;
+        let mut complete = Vec::new();
+        incoming.retain_mut(|c| {
+            i += 1;
+            if !incoming_ready[i - 1] {
+                return true;
+            }
+            match c.line.poll_line(&c.stream) {
+                Ok(None) => true,
+                Ok(Some(line)) => {
+                    complete.push((c.stream.try_clone(), Ok(line)));
+                    false
+                }
+                Err(e) => {
+                    complete.push((c.stream.try_clone(), Err(e)));
+                    false
+                }
+            }
         });
-        if ready[0] {
-            while let Ok((stream, _)) = listener.accept() {
-                serve_connection(sh, stream, &mut watches);
+        for (stream, line) in complete {
+            if let Ok(stream) = stream {
+                serve_request(sh, stream, line);
+            }
+        }
+        if *listener_ready && listening {
+            while incoming.len() < MAX_INCOMING {
+                let Ok((stream, _)) = listener.accept() else {
+                    break;
+                };
+                if stream.set_nonblocking(true).is_ok() {
+                    incoming.push(Incoming {
+                        stream,
+                        line: handshake::LineReader::default(),
+                        deadline: Instant::now() + REQUEST_TIMEOUT,
+                    });
+                }
             }
         }
     }
@@ -879,17 +1095,8 @@ fn refuse(stream: &UnixStream, error: &str) {
     let _ = handshake::send_line(stream, &json!({"ok": false, "error": error}), None);
 }
 
-/// Handles one new connection: uid check, request, reply.
-fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<Watch>) {
-    if stream.set_nonblocking(false).is_err()
-        || stream.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err()
-        || stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_err()
-    {
-        return;
-    }
-    // Read the request line before any refusal: closing a Unix socket with unread data
-    // resets the connection, and the client would lose the reply explaining why.
-    let line = handshake::read_line(&mut stream);
+/// Answers one request whose line has arrived (or failed to): uid check, request, reply.
+fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>) {
     let ours = rustix::process::geteuid().as_raw();
     let peer_pid = match handshake::peer_cred(&stream) {
         Ok(peer) => {
@@ -954,8 +1161,13 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                     ),
                 );
             }
+            if let Some(r) = resume {
+                if let Err(why) = check_resume(r, sh.layout.epochs) {
+                    return refuse(&stream, &why);
+                }
+            }
             let mut lanes = lock(&sh.lanes);
-            match lanes[lane as usize] {
+            match &lanes[lane as usize] {
                 LaneConn::Vacant => {}
                 LaneConn::Pending { pid: other } => {
                     return refuse(
@@ -963,15 +1175,16 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                         &format!("lane {lane} has an attach pending from pid {other}"),
                     );
                 }
-                LaneConn::Attached { pid: other, conn } => {
-                    // The holder may have died a moment ago; look before refusing.
-                    let closed = watches
-                        .iter()
-                        .find(|w| w.conn == conn)
-                        .is_none_or(|w| handshake::peer_closed(&w.stream));
-                    if closed || pid_gone(other) {
+                LaneConn::Attached {
+                    pid: other,
+                    stream: holder,
+                    ..
+                } => {
+                    // The holder may have died a moment ago; look before refusing. Its
+                    // connection is in the lane table however its attach completed.
+                    let other = *other;
+                    if handshake::peer_closed(holder) || pid_gone(other) {
                         sh.reclaim_locked(&mut lanes, lane);
-                        watches.retain(|w| w.conn != conn);
                     } else {
                         return refuse(
                             &stream,
@@ -1005,11 +1218,24 @@ fn serve_connection(sh: &Arc<Shared>, mut stream: UnixStream, watches: &mut Vec<
                 return;
             }
             drop(lanes);
-            if let Some(w) = sh.complete_attach(lane, pid, stream) {
-                watches.push(w);
-            }
+            sh.complete_attach(lane, pid, stream);
         }
     }
+}
+
+/// Refuses a resume position the stream can never reach: an epoch past the configured last
+/// one (`epochs`, 0 = unbounded; resuming at `epochs` itself means "after the end"), or
+/// `u64::MAX`, which has no next epoch.
+fn check_resume(r: handshake::Resume, epochs: u64) -> Result<(), String> {
+    if r.epoch == u64::MAX || (epochs > 0 && r.epoch > epochs) {
+        let last = if epochs > 0 {
+            format!("the ring serves epochs 0 to {}", epochs - 1)
+        } else {
+            format!("epochs up to {}", u64::MAX - 1)
+        };
+        return Err(format!("cannot resume at epoch {}: {last}", r.epoch));
+    }
+    Ok(())
 }
 
 /// The socket file: 0600, or 0660 and the allowed group (connecting needs write access).
@@ -1042,8 +1268,18 @@ fn pid_gone(pid: u32) -> bool {
 /// backup for socket EOF, e.g. when a forked child still holds the dead consumer's socket;
 /// consumers whose pid we cannot see are judged by their socket only).
 fn heartbeat_loop(sh: &Arc<Shared>) {
+    let mut warned = false;
     while !sh.stop.load(Acquire) {
         sh.hdr_u64(hdr::HEARTBEAT_MONO_NS).store(mono_ns(), Release);
+        let repaired = sh.repair();
+        if !repaired.is_empty() && !warned {
+            log::warn!(
+                "ring {:?}: a consumer wrote producer-owned memory ({}); restored (further repairs are not logged)",
+                sh.layout.name,
+                repaired.join(", ")
+            );
+            warned = true;
+        }
         let mut lanes = lock(&sh.lanes);
         for l in 0..sh.layout.lane_count {
             if let LaneConn::Attached { pid, .. } = lanes[l as usize] {

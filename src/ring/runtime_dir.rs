@@ -30,7 +30,7 @@ pub enum RuntimeDirError {
         path: PathBuf,
     },
     /// The directory belongs to another user.
-    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it")]
+    #[error("runtime directory {path} is owned by uid {owner}, not by this user (uid {uid}); refusing it. Another user may have created it first (anyone can in /tmp) to keep the daemon from starting: use a directory only you control, with RINGFEED_RUNTIME_DIR=DIR or XDG_RUNTIME_DIR (e.g. /run/user/{uid}, which the system creates for you), or remove it as root")]
     WrongOwner {
         /// The path.
         path: PathBuf,

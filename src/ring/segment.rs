@@ -4,8 +4,9 @@
 //! with the size needed, never as a `SIGBUS` on a later first touch.
 //!
 //! The named file is created with `O_CREAT | O_EXCL | O_NOFOLLOW` relative to a directory fd
-//! opened with `O_NOFOLLOW` (no symlink is followed at either step), mode 0600 (0660 and the
-//! allowed group with `--allow-group`). The producer holds an exclusive `flock` on its own open
+//! opened with `O_NOFOLLOW` (no symlink is followed at either step), mode 0600 (0640 and the
+//! allowed group with `--allow-group`: consumers get the descriptor over the socket and never
+//! open the file by name, so the group needs no write access that would let it truncate it). The producer holds an exclusive `flock` on its own open
 //! file description of it, never shared with consumers, so a file whose lock is free was left
 //! by a producer that died: the next start removes it and creates a new one.
 
@@ -61,7 +62,7 @@ pub enum ShmDirError {
         path: PathBuf,
     },
     /// Something that is not this user's regular file sits at the ring file's path.
-    #[error("{path} exists and is not a regular file owned by this user (uid {uid}); refusing to touch it")]
+    #[error("{path} exists and is not a regular file owned by this user (uid {uid}); refusing to touch it. Another user may have created it first to keep the daemon from starting: remove it (as its owner or root), or use another --name, or another --shm-dir that only you can write, or no --shm-dir (the default memfd has no name to take)")]
     Foreign {
         /// The path.
         path: PathBuf,
@@ -90,7 +91,7 @@ pub(crate) enum SegmentError {
 /// Who besides the owner may open the named file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FileAccess {
-    /// Group given read-write access (mode 0660), or `None` for 0600.
+    /// Group given read access (mode 0640), or `None` for 0600.
     pub(crate) group: Option<u32>,
 }
 
@@ -299,7 +300,7 @@ pub(crate) fn create_named(
     if let Some(gid) = access.group {
         rustix::fs::fchown(&named.lock, None, Some(rustix::process::Gid::from_raw(gid)))
             .map_err(io("giving the ring file to the allowed group"))?;
-        rustix::fs::fchmod(&named.lock, Mode::from_raw_mode(0o660))
+        rustix::fs::fchmod(&named.lock, Mode::from_raw_mode(0o640))
             .map_err(io("setting the ring file's mode"))?;
     } else {
         // The umask may only have narrowed 0600; set it exactly anyway.

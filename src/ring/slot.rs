@@ -3,7 +3,7 @@
 //! seek). Each transition is one function here, with its ordering and its partner named.
 
 use std::sync::atomic::fence;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::layout::{slot as off, Layout};
 use super::memory::Control;
@@ -59,11 +59,13 @@ impl<'a> Slot<'a> {
     /// race for the same free slot; consumers never write a `FREE` slot.
     pub(crate) fn claim(&self) -> bool {
         // SYNC POINT with the release store of FREE in `release_if_ours` / `abandon` /
-        // `discard`.
+        // `discard` (acquire), and with the producer heartbeat's acquire load in `state`
+        // (release: the producer's mark of the slot as its own, stored before, is seen with
+        // WRITING).
         let claimed = self
             .c
             .u32(self.base + off::STATE)
-            .compare_exchange(FREE, WRITING, Acquire, Relaxed)
+            .compare_exchange(FREE, WRITING, AcqRel, Relaxed)
             .is_ok();
         if claimed {
             // The seqlock's write side: WRITING is ordered before every write into the slot,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -32,6 +33,34 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Largest encoded image accepted, in bytes (default [`DEFAULT_MAX_SAMPLE_BYTES`], at most
+    /// 4 GiB − 1). A larger image file or member is skipped and counted like a corrupt one, so
+    /// a hostile dataset (an 8 TiB sparse `.jpg`, a forged index) cannot make a worker
+    /// allocate its claimed size.
+    #[serde(default = "default_max_sample_bytes")]
+    pub max_sample_bytes: u64,
+    /// Optional names of the classes, label `i` being the `i`-th: a list, or a text file of
+    /// one name per line (relative to the configuration's directory). Only shown to people
+    /// (`ringfeed peek`); the labels served stay numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassNames>,
+}
+
+/// Default of [`SourceConfig::max_sample_bytes`]: 64 MiB, far above any real encoded image.
+pub const DEFAULT_MAX_SAMPLE_BYTES: u64 = 64 << 20;
+
+fn default_max_sample_bytes() -> u64 {
+    DEFAULT_MAX_SAMPLE_BYTES
+}
+
+/// `[source] classes`: the class names, inline or in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassNames {
+    /// `classes = ["cat", "dog"]`.
+    List(Vec<String>),
+    /// `classes = "classes.txt"`: one name per line.
+    File(PathBuf),
 }
 
 impl SourceConfig {
@@ -42,6 +71,8 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
+            classes: None,
         }
     }
 
@@ -52,6 +83,8 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
+            classes: None,
         }
     }
 }

@@ -12,13 +12,14 @@
 //! on the shard's samples fail to open and are skipped (docs/failure-modes.md).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::config::{SourceConfig, SourceKind};
-use super::error::{IndexIssue, SampleReadError, SourceError};
+use super::error::{IndexIssue, IssueReason, SampleReadError, SourceError};
+use super::file::open_regular;
 use super::imagefolder;
 use super::index::{fingerprint, load_or_build_index};
 use super::spec::expand_shards;
@@ -34,6 +35,8 @@ pub struct Dataset {
     issues: Vec<IndexIssue>,
     class_names: Option<Vec<String>>,
     shard_starts: Vec<u64>,
+    /// `source.max-sample-bytes`: larger images are skipped at open and refused at read.
+    max_sample_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -65,10 +68,11 @@ impl Dataset {
     /// Opens the dataset that `cfg` describes; relative paths resolve against `base_dir`.
     ///
     /// Tar shards are indexed on first use (see [`super::index::load_or_build_index`]);
-    /// members that cannot be served are skipped and listed by
-    /// [`skipped_at_index`](Self::skipped_at_index). A dataset without any usable sample is an
-    /// error.
+    /// members that cannot be served, or whose image is over `cfg.max_sample_bytes`, are
+    /// skipped and listed by [`skipped_at_index`](Self::skipped_at_index). A dataset without
+    /// any usable sample is an error.
     pub fn open(cfg: &SourceConfig, base_dir: &Path) -> Result<Dataset, SourceError> {
+        let limit = cfg.max_sample_bytes;
         match cfg.kind {
             SourceKind::Tar => {
                 if cfg.shards.is_empty() || cfg.path.is_some() {
@@ -77,11 +81,11 @@ impl Dataset {
                     ));
                 }
                 let index_dir = cfg.index_dir.as_ref().map(|d| base_dir.join(d));
-                Self::open_tar(&cfg.shards, base_dir, index_dir.as_deref())
+                Self::open_tar(&cfg.shards, base_dir, index_dir.as_deref(), limit)
             }
             SourceKind::Imagefolder => match &cfg.path {
                 Some(path) if cfg.shards.is_empty() && cfg.index_dir.is_none() => {
-                    Self::open_folder(&base_dir.join(path))
+                    Self::open_folder(&base_dir.join(path), limit)
                 }
                 _ => Err(SourceError::Config(
                     "kind = \"imagefolder\" needs `path` and takes no `shards` or `index-dir`"
@@ -95,6 +99,7 @@ impl Dataset {
         specs: &[String],
         base_dir: &Path,
         index_dir: Option<&Path>,
+        limit: u64,
     ) -> Result<Dataset, SourceError> {
         let paths = expand_shards(specs, base_dir)?;
         if u32::try_from(paths.len()).is_err() {
@@ -103,15 +108,28 @@ impl Dataset {
                 reason: format!("{} shards (limit {})", paths.len(), u32::MAX),
             });
         }
-        let mut dataset = Dataset::empty(Backend::Tar { shards: Vec::new() });
+        let mut dataset = Dataset::empty(Backend::Tar { shards: Vec::new() }, limit);
         let mut shards = Vec::with_capacity(paths.len());
         for (shard_no, path) in paths.into_iter().enumerate() {
             let loaded = load_or_build_index(&path, index_dir)?;
             dataset.shard_starts.push(dataset.samples.len() as u64);
             for sample in &loaded.index.samples {
-                // The index refuses images over 4 GiB, so the size fits.
-                let size = u32::try_from(sample.size).unwrap_or(u32::MAX);
                 let name = sample.member();
+                // The limit is at most u32::MAX (checked by the config), so the size fits.
+                let Some(size) = u32::try_from(sample.size)
+                    .ok()
+                    .filter(|_| sample.size <= limit)
+                else {
+                    dataset.issues.push(IndexIssue {
+                        shard: path.clone(),
+                        member: name,
+                        reason: IssueReason::OverLimit {
+                            size: sample.size,
+                            limit,
+                        },
+                    });
+                    continue;
+                };
                 dataset.push(
                     name.as_str(),
                     sample.offset,
@@ -142,24 +160,34 @@ impl Dataset {
         dataset.finish(&specs.join(", "))
     }
 
-    fn open_folder(root: &Path) -> Result<Dataset, SourceError> {
+    fn open_folder(root: &Path, limit: u64) -> Result<Dataset, SourceError> {
         let scan = imagefolder::scan(root)?;
-        let mut dataset = Dataset::empty(Backend::Folder {
-            root: root.to_path_buf(),
-        });
+        let mut dataset = Dataset::empty(
+            Backend::Folder {
+                root: root.to_path_buf(),
+            },
+            limit,
+        );
         dataset.shard_starts.push(0);
-        for (rel, label, size) in &scan.files {
-            let size = u32::try_from(*size).unwrap_or(u32::MAX);
-            dataset.push(rel, 0, size, *label, 0);
-        }
         dataset.issues = scan.issues;
+        for (rel, label, size) in &scan.files {
+            match u32::try_from(*size).ok().filter(|_| *size <= limit) {
+                Some(size) => dataset.push(rel, 0, size, *label, 0),
+                None => dataset.issues.push(IndexIssue {
+                    shard: root.join(rel).parent().unwrap_or(root).to_path_buf(),
+                    member: rel.clone(),
+                    reason: IssueReason::OverLimit { size: *size, limit },
+                }),
+            }
+        }
         dataset.class_names = Some(scan.classes);
         dataset.finish(&root.display().to_string())
     }
 
-    fn empty(backend: Backend) -> Dataset {
+    fn empty(backend: Backend, max_sample_bytes: u64) -> Dataset {
         Dataset {
             backend,
+            max_sample_bytes,
             samples: Vec::new(),
             names: String::new(),
             issues: Vec::new(),
@@ -288,22 +316,40 @@ impl Dataset {
                     path: path.clone(),
                     source,
                 };
-                let mut file = File::open(&path).map_err(open_err)?;
-                let meta = file.metadata().map_err(open_err)?;
-                if !meta.is_file() {
-                    return Err(open_err(not_a_file()));
+                // The file may have been replaced since the scan: never block on a FIFO, and
+                // judge what was opened, not the path.
+                let file = open_regular(&path).map_err(open_err)?;
+                let len = file.metadata().map_err(open_err)?.len();
+                let limit = self.max_sample_bytes;
+                let too_large = |size| SampleReadError::TooLarge {
+                    location: self.describe(id),
+                    path: path.clone(),
+                    size,
+                    limit,
+                };
+                if len > limit {
+                    return Err(too_large(len));
                 }
-                buf.reserve(meta.len() as usize);
-                file.read_to_end(buf).map(drop).map_err(|source| {
-                    buf.clear();
-                    SampleReadError::Read {
-                        location: self.describe(id),
-                        path: path.clone(),
-                        offset: 0,
-                        size: meta.len(),
-                        source,
+                buf.reserve(len as usize);
+                // The file can still grow while it is read: read one byte past the limit at most.
+                let read = file.take(limit + 1).read_to_end(buf);
+                match read {
+                    Ok(n) if n as u64 > limit => {
+                        buf.clear();
+                        Err(too_large(n as u64))
                     }
-                })
+                    Ok(_) => Ok(()),
+                    Err(source) => {
+                        buf.clear();
+                        Err(SampleReadError::Read {
+                            location: self.describe(id),
+                            path: path.clone(),
+                            offset: 0,
+                            size: len,
+                            source,
+                        })
+                    }
+                }
             }
         }
     }
@@ -347,10 +393,6 @@ impl Dataset {
     }
 }
 
-fn not_a_file() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
-}
-
 impl Shard {
     /// The shard's open file, opening (and checking) it if needed.
     fn file(&self, location: &dyn Fn() -> String) -> Result<Arc<File>, SampleReadError> {
@@ -363,11 +405,8 @@ impl Shard {
             path: self.path.clone(),
             source,
         };
-        let file = File::open(&self.path).map_err(open_err)?;
+        let file = open_regular(&self.path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
-            return Err(open_err(not_a_file()));
-        }
         let (size, mtime_ns) = fingerprint(&meta);
         if size != self.size || mtime_ns != self.mtime_ns {
             return Err(SampleReadError::Changed {

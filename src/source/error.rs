@@ -109,6 +109,20 @@ pub enum SampleReadError {
         /// What differs.
         what: String,
     },
+    /// The image file grew past `source.max-sample-bytes` after the dataset was opened.
+    #[error(
+        "{location}: {path} is {size} bytes, over the limit of {limit} (source.max-sample-bytes)"
+    )]
+    TooLarge {
+        /// The image file path of the sample.
+        location: String,
+        /// The file.
+        path: PathBuf,
+        /// Its size (at least; reading stops past the limit).
+        size: u64,
+        /// The configured limit.
+        limit: u64,
+    },
     /// Reading the bytes failed (short read after truncation, I/O error).
     #[error("{location}: cannot read {size} bytes at offset {offset} of {path}: {source}")]
     Read {
@@ -186,6 +200,17 @@ pub enum IssueReason {
         /// The member's size.
         size: u64,
     },
+    /// The image is larger than `source.max-sample-bytes`.
+    #[error("image is {size} bytes, over the limit of {limit} (source.max-sample-bytes)")]
+    OverLimit {
+        /// The image's size.
+        size: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// An ImageFolder entry that is not a regular file (a FIFO, a device, a socket).
+    #[error("not a regular file")]
+    NotRegularFile,
     /// A file outside any class directory of an ImageFolder root.
     #[error("file is not inside a class directory")]
     OutsideClass,

@@ -85,7 +85,17 @@ fn walk_class(
             ));
             continue;
         }
-        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        // A FIFO, device or socket named like an image is no sample: opening a FIFO would
+        // block a worker. A dangling symlink counts as a file, and fails when it is read.
+        let size = match fs::metadata(&path) {
+            Ok(meta) if !meta.is_file() => {
+                scan.issues
+                    .push(issue(root, &path, IssueReason::NotRegularFile));
+                continue;
+            }
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        };
         scan.files.push((rel_path, label, size));
     }
     Ok(())

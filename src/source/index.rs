@@ -16,6 +16,7 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 
 use super::error::{IssueReason, SourceError};
+use super::file::{open_regular, open_regular_nofollow, read_capped};
 use super::tar::{self, ReadAt};
 
 /// Version of the index file format; an index with another version is rebuilt.
@@ -261,14 +262,8 @@ pub fn build_index(shard: &Path) -> Result<ShardIndex, SourceError> {
         path: shard.to_path_buf(),
         source,
     };
-    let file = File::open(shard).map_err(io_err)?;
+    let file = open_regular(shard).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
-    if !meta.is_file() {
-        return Err(io_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
     let (shard_size, shard_mtime_ns) = fingerprint(&meta);
     let (samples, issues) = index_archive(&file, shard_size);
     Ok(ShardIndex {
@@ -328,14 +323,72 @@ fn tempfile_in(dir: &Path, target: &Path) -> io::Result<(PathBuf, File)> {
     ))
 }
 
-/// Reads the index at `path`; `None` if it is missing, unreadable, of another version, or
-/// describes another size/mtime of the shard than `meta`.
-fn read_fresh_index(path: &Path, meta: &fs::Metadata) -> Option<ShardIndex> {
-    let bytes = fs::read(path).ok()?;
-    let index: ShardIndex = serde_json::from_slice(&bytes).ok()?;
+/// Largest index file read for a shard of `shard_size` bytes: 1 MiB plus 8 bytes per shard
+/// byte (a sample takes at least 1.5 KiB of shard and well under 1 KiB of index, even with
+/// every character of its name escaped), and never more than 1 GiB.
+pub fn max_index_bytes(shard_size: u64) -> u64 {
+    shard_size
+        .saturating_mul(8)
+        .saturating_add(1 << 20)
+        .min(1 << 30)
+}
+
+/// Reads the index at `path` for a shard whose metadata is `meta`: `Ok(None)` if it is
+/// missing, of another version, or describes another size/mtime of the shard (stale, the
+/// normal reason to rebuild); `Err(reason)` if it cannot be trusted: a symlink, a FIFO or
+/// device, larger than [`max_index_bytes`], not an index, or an entry that lies outside the
+/// shard ([`check_entries`]).
+fn read_fresh_index(path: &Path, meta: &fs::Metadata) -> Result<Option<ShardIndex>, String> {
+    let file = match open_regular_nofollow(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Err("is a symlink".to_owned())
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let (size, mtime_ns) = fingerprint(meta);
-    (index.version == INDEX_VERSION && index.shard_size == size && index.shard_mtime_ns == mtime_ns)
-        .then_some(index)
+    let limit = max_index_bytes(size);
+    let bytes = read_capped(file, limit)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("larger than {limit} bytes, the limit for this shard"))?;
+    let index: ShardIndex =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not an index: {e}"))?;
+    if index.version != INDEX_VERSION
+        || index.shard_size != size
+        || index.shard_mtime_ns != mtime_ns
+    {
+        return Ok(None);
+    }
+    check_entries(&index)?;
+    Ok(Some(index))
+}
+
+/// Checks what an index says against its shard: each image lies on a tar block boundary past
+/// its header, inside the shard's length, and is at most 4 GiB (what indexing records). Size
+/// and mtime alone are no proof (`cp -p` and tar preserve both), and a forged entry would make
+/// workers read, or allocate, whatever it claims.
+pub fn check_entries(index: &ShardIndex) -> Result<(), String> {
+    for s in &index.samples {
+        let end = s.offset.checked_add(s.size);
+        let fits = s.offset >= tar::BLOCK
+            && s.offset % tar::BLOCK == 0
+            && s.size <= u64::from(u32::MAX)
+            && end.is_some_and(|end| end <= index.shard_size);
+        if !fits {
+            return Err(format!(
+                "sample {:?}: {} bytes at offset {} do not lie inside the shard's {} bytes",
+                s.key, s.size, s.offset, index.shard_size
+            ));
+        }
+        if !is_image_ext(&s.ext) {
+            return Err(format!(
+                "sample {:?}: extension {:?} is not an image's",
+                s.key, s.ext
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The index path beside a shard: `<shard>.idx.json`.
@@ -401,12 +454,20 @@ pub fn load_or_build_index(
     candidates.extend(cache_dir.map(|dir| index_path_in(&dir, shard)));
 
     for path in &candidates {
-        if let Some(index) = read_fresh_index(path, &meta) {
-            return Ok(LoadedIndex {
-                index,
-                path: path.clone(),
-                reused: true,
-            });
+        match read_fresh_index(path, &meta) {
+            Ok(Some(index)) => {
+                return Ok(LoadedIndex {
+                    index,
+                    path: path.clone(),
+                    reused: true,
+                })
+            }
+            Ok(None) => {}
+            Err(reason) => log::warn!(
+                "index {} of shard {} not used: {reason}; rebuilding it",
+                path.display(),
+                shard.display()
+            ),
         }
     }
     let index = build_index(shard)?;

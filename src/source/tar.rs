@@ -8,6 +8,26 @@
 //! (`x`, keys `path` and `size`); directories, links, devices and global pax headers (`g`) are
 //! stepped over. A bad checksum, a malformed field or a truncated archive ends the walk with a
 //! [`TarError`] after the members before it were yielded.
+//!
+//! # Why not the `tar` crate
+//!
+//! `tar` (alexcrichton/tar-rs) is well kept and reads pax and GNU long names too, and
+//! `Archive::entries_with_seek` with `Entry::raw_file_position` could build the sidecar
+//! index. It is not used because what this reader is for does not fit its shape:
+//!
+//! - Serving reads one member's bytes at an offset from the index, with `pread` on a file
+//!   shared by every worker thread; that needs no tar code at all. What remains is the index
+//!   walk, where `tar` reads a `Read` stream (with `Seek` to skip member data): it moves a
+//!   file cursor, needs a `Cursor` around the byte slice the fuzzer hands over, and pays a
+//!   seek plus a read per header where this walk does one 512-byte positioned read.
+//! - Hostile input: this walk caps every extended record (`MAX_EXTENDED_HEADER`, 1 MiB) and
+//!   stops at the first bad header, keeping the members before it (the index records the
+//!   issue); with `tar` the cap and that rule would be re-implemented around its entry
+//!   iterator. The walk is fuzzed as a pure function of a byte slice (`fuzz/`, replayed by
+//!   `tests/fuzz_replay.rs`).
+//! - Speed: the walk is already bound by one `pread` per header; `tar` cannot do fewer
+//!   reads, so there is nothing to win; a tested reader would be traded for a wrapper that
+//!   re-implements its rules.
 
 use std::fs::File;
 use std::io;

@@ -83,11 +83,16 @@ pub fn write_dataset(dir: &Path, shards: u32, per_shard: u32) -> String {
 
 /// A small config for generated data: 32×32 crops, f32 NCHW, normalised.
 pub fn small_config(dir: &Path, shards_spec: &str, name: &str) -> PathBuf {
+    let source = format!("kind = \"tar\"\nshards = [\"{shards_spec}\"]");
+    config_with_source(dir, &source, name)
+}
+
+/// [`small_config`] with `source` as the body of its `[source]` table.
+pub fn config_with_source(dir: &Path, source: &str, name: &str) -> PathBuf {
     let text = format!(
         r#"
 [source]
-kind = "tar"
-shards = ["{shards_spec}"]
+{source}
 
 [sampling]
 seed = 7
@@ -126,7 +131,35 @@ impl Daemon {
     /// Starts `ringfeed serve ARGS` with `RINGFEED_RUNTIME_DIR=runtime` and waits until it
     /// prints its "serving ring" line (or fails).
     pub fn start(runtime: &Path, args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+        let mut d = Daemon::spawn(runtime, args);
+        d.wait_for_line("serving ring", Duration::from_secs(120));
+        d
+    }
+
+    /// Like [`start`](Self::start), with the daemon's address space limited to `bytes`
+    /// (`RLIMIT_AS`, set right after the spawn): a runaway allocation fails in the daemon
+    /// instead of exhausting the test machine.
+    pub fn start_with_memory_limit(runtime: &Path, args: &[&str], bytes: u64) -> Daemon {
+        let mut d = Daemon::spawn(runtime, args);
+        let pid = rustix::process::Pid::from_raw(d.child.id() as i32);
+        let limit = rustix::process::Rlimit {
+            current: Some(bytes),
+            maximum: Some(bytes),
+        };
+        rustix::process::prlimit(pid, rustix::process::Resource::As, limit).unwrap();
+        d.wait_for_line("serving ring", Duration::from_secs(120));
+        d
+    }
+
+    /// Starts `ringfeed serve ARGS` without waiting for it to serve. `$RINGFEED_BIN`, when
+    /// set, names the binary to run instead of this build's (to check that a test fails
+    /// against an older build).
+    pub fn spawn(runtime: &Path, args: &[&str]) -> Daemon {
+        let bin = std::env::var_os("RINGFEED_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_ringfeed")),
+            PathBuf::from,
+        );
+        let mut child = Command::new(bin)
             .arg("serve")
             .args(args)
             .env("RINGFEED_RUNTIME_DIR", runtime)
@@ -143,13 +176,29 @@ impl Daemon {
                 }
             }
         });
-        let mut d = Daemon {
+        Daemon {
             child,
             stderr: rx,
             log: Vec::new(),
-        };
-        d.wait_for_line("serving ring", Duration::from_secs(120));
-        d
+        }
+    }
+
+    /// The daemon's peak resident memory (`VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kib * 1024
+    }
+
+    /// Sends SIGTERM and returns the exit status and how long the exit took.
+    pub fn terminate_timed(self) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        let status = self.terminate();
+        (status, start.elapsed())
     }
 
     /// Waits for a stderr line containing `needle`; panics with the log on timeout or exit.

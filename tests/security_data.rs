@@ -1,0 +1,189 @@
+//! A dataset's author is not trusted (docs/security.md): files built here to attack the real
+//! daemon — an 8 TiB sparse image, FIFOs named like images, sidecar indexes that are symlinks
+//! (to `/dev/zero`, or to a valid index), a FIFO, oversized, or forged with a 2 GiB member —
+//! are skipped or rebuilt, while the daemon keeps serving, its memory stays bounded, and
+//! SIGTERM ends it at once.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{config_with_source, jpeg, samples, tar, Daemon, RuntimeTmp};
+use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
+use ringfeed::source::build_index;
+
+/// The daemon's address-space limit in these tests: far above what it needs, far below the
+/// sizes the hostile files claim, so a runaway allocation fails in the daemon (and the test)
+/// instead of swapping the machine.
+const ADDRESS_SPACE: u64 = 6 << 30;
+/// Peak resident memory allowed: the hostile files claim 2 GiB and 8 TiB.
+const PEAK_RSS: u64 = 1 << 30;
+/// What "SIGTERM exits at once" means here.
+const EXIT_WITHIN: Duration = Duration::from_secs(2);
+const EIGHT_TIB: u64 = 8 << 40;
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+}
+
+fn sparse(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Takes every batch of lane 0 until the stream ends; returns the batches and sample ids.
+fn drain(name: &str, runtime: &Path) -> (usize, BTreeSet<i64>) {
+    let mut opts = AttachOptions::new(name, 0);
+    opts.dir = Some(RuntimeDir::at(runtime));
+    let consumer = Consumer::attach_with(&opts).unwrap();
+    let (mut batches, mut ids) = (0, BTreeSet::new());
+    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+        batches += 1;
+        ids.extend(batch.tensor::<i64>("sample_ids").unwrap().iter().copied());
+    }
+    (batches, ids)
+}
+
+fn stop_promptly(daemon: Daemon) {
+    let rss = daemon.peak_rss_bytes();
+    assert!(rss < PEAK_RSS, "daemon peak RSS {rss} bytes");
+    let (status, took) = daemon.terminate_timed();
+    assert!(status.success(), "{status}");
+    assert!(took < EXIT_WITHIN, "SIGTERM took {took:?}");
+}
+
+#[test]
+fn sparse_and_fifo_images_are_skipped_and_serving_goes_on() {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = RuntimeTmp::new();
+    let root = data.path().join("root");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..12u32 {
+            let path = root.join(class).join(format!("img_{i:03}.jpg"));
+            std::fs::write(path, jpeg(64, 48, i)).unwrap();
+        }
+    }
+    // Present when the daemon scans the tree.
+    sparse(&root.join("a/huge.jpg"), EIGHT_TIB);
+    mkfifo(&root.join("a/pipe.jpg"));
+    let source = format!("kind = \"imagefolder\"\npath = \"{}\"", root.display());
+    let config = config_with_source(data.path(), &source, "hostimg");
+    let mut daemon = Daemon::start_with_memory_limit(
+        runtime.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-skip-fraction",
+            "0.5",
+        ],
+        ADDRESS_SPACE,
+    );
+    // Swapped in after the scan: listed images that became a FIFO and an 8 TiB sparse file.
+    std::fs::remove_file(root.join("b/img_003.jpg")).unwrap();
+    mkfifo(&root.join("b/img_003.jpg"));
+    sparse(&root.join("b/img_004.jpg"), EIGHT_TIB);
+
+    let (batches, ids) = drain("hostimg", runtime.path());
+    while let Ok(line) = daemon.stderr.try_recv() {
+        daemon.log.push(line);
+    }
+    let log = daemon.log.join("\n");
+    // 24 images listed (the two hostile ones skipped at the scan): 6 batches per epoch.
+    assert_eq!(batches, 2 * 6, "{log}");
+    assert!(ids.len() >= 20, "{ids:?}");
+    for needle in ["huge.jpg", "pipe.jpg", "img_003.jpg", "img_004.jpg"] {
+        assert!(log.contains(needle), "log does not name {needle}:\n{log}");
+    }
+    assert!(log.contains("max-sample-bytes"), "{log}");
+    stop_promptly(daemon);
+}
+
+#[test]
+fn planted_oversized_and_forged_indexes_are_rebuilt_not_trusted() {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = RuntimeTmp::new();
+    let dir = data.path();
+    let shard = |i: u32| dir.join(format!("shard-{i:06}.tar"));
+    let beside = |i: u32| dir.join(format!("shard-{i:06}.tar.idx.json"));
+    for i in 0..5 {
+        std::fs::write(shard(i), tar(&samples(&format!("s{i}"), 6))).unwrap();
+    }
+    // 0: a symlink to /dev/zero (an endless read); 1: a FIFO (a read that never starts).
+    std::os::unix::fs::symlink("/dev/zero", beside(0)).unwrap();
+    mkfifo(&beside(1));
+    // 2: forged: fresh size and mtime (as `cp -p` keeps them), one member claiming 2 GiB.
+    let mut forged = build_index(&shard(2)).unwrap();
+    forged.samples[0].size = 1 << 31;
+    std::fs::write(beside(2), serde_json::to_vec(&forged).unwrap()).unwrap();
+    // 3: a symlink to a valid index kept elsewhere: a link can only have been planted.
+    let elsewhere = dir.join("elsewhere.json");
+    let valid = serde_json::to_vec(&build_index(&shard(3)).unwrap()).unwrap();
+    std::fs::write(&elsewhere, &valid).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, beside(3)).unwrap();
+    // 4: a valid index padded past the size limit for its shard.
+    let mut padded = serde_json::to_vec(&build_index(&shard(4)).unwrap()).unwrap();
+    let limit =
+        ringfeed::source::index::max_index_bytes(std::fs::metadata(shard(4)).unwrap().len());
+    padded.resize(limit as usize + 1, b' ');
+    std::fs::write(beside(4), padded).unwrap();
+
+    let spec = format!("{}/shard-{{000000..000004}}.tar", dir.display());
+    let source = format!("kind = \"tar\"\nshards = [\"{spec}\"]");
+    let config = config_with_source(dir, &source, "hostidx");
+    let daemon = Daemon::start_with_memory_limit(
+        runtime.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+        ADDRESS_SPACE,
+    );
+    let (batches, ids) = drain("hostidx", runtime.path());
+    let log = daemon.log.join("\n");
+    // Every sample of every shard is served: nothing the hostile indexes said was used.
+    assert_eq!(batches, 15, "{log}");
+    assert_eq!(ids, (0..30).collect(), "{log}");
+    for i in 0..5 {
+        let path = beside(i);
+        assert!(
+            log.contains(&format!("{} of shard", path.display())),
+            "no warning about {}:\n{log}",
+            path.display()
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file(), "{} was not replaced", path.display());
+        let rebuilt: ringfeed::source::ShardIndex =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(rebuilt, build_index(&shard(i)).unwrap());
+    }
+    assert_eq!(
+        std::fs::read(&elsewhere).unwrap(),
+        valid,
+        "link target touched"
+    );
+    stop_promptly(daemon);
+}
