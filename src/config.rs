@@ -156,6 +156,8 @@ pub struct Overrides {
     pub shm_dir: Option<PathBuf>,
     /// `--allow-group`
     pub allow_group: Option<String>,
+    /// `--key-file` / `RINGFEED_KEY_FILE` (replaces `[source] key-file`)
+    pub key_file: Option<PathBuf>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -309,8 +311,19 @@ impl Plan {
             file.ring.name = v.clone();
         }
         if let Some(v) = &o.shards {
+            if !file.source.streams.is_empty() {
+                return Err(invalid(
+                    "source.streams",
+                    format!("{} streams", file.source.streams.len()),
+                    "--shards replaces [source] shards, but this config mixes [[source.streams]]: \
+                     edit the streams' shards in the file instead",
+                ));
+            }
             file.source.kind = SourceKind::Tar;
             file.source.shards = v.clone();
+        }
+        if let Some(v) = &o.key_file {
+            file.source.key_file = Some(v.clone());
         }
         if let Some(v) = o.lanes {
             file.ring.lanes = v;
@@ -412,7 +425,27 @@ impl Plan {
             ),
         };
         // Building the augmenter checks the whole [augment] table.
-        Augmenter::new(&file.augment)?;
+        let main = Augmenter::new(&file.augment)?;
+        for (i, stream) in file.source.streams.iter().enumerate() {
+            if let Some(augment) = &stream.augment {
+                let own = Augmenter::new(augment)?;
+                if let Err(difference) = main.same_output(&own) {
+                    return Err(invalid(
+                        "source.streams.augment",
+                        format!("stream {i}: {difference}"),
+                        "a stream's own [augment] must write the same output as [augment] \
+                         (size, dtype, layout, channels, normalize): one ring holds one shape",
+                    ));
+                }
+            }
+        }
+        if file.sampling.samples_per_epoch == Some(0) {
+            return Err(invalid(
+                "sampling.samples-per-epoch",
+                0,
+                "at least 1 (or leave it out: the dataset's size)",
+            ));
+        }
 
         let ranks = resolve_ranks(&file, env)?;
         let threads = if file.workers.threads == 0 {
@@ -609,5 +642,60 @@ mod tests {
         };
         let err = plan(DEFAULT_CONFIG, &o, &env).unwrap_err();
         assert!(err.to_string().contains("first-rank"), "{err}");
+    }
+
+    const MIXTURE: &str = r#"
+[[source.streams]]
+kind = "tar"
+shards = ["a/*.tar"]
+weight = 3
+[[source.streams]]
+kind = "imagefolder"
+path = "b"
+augment = { center-crop = { size = 32 } }
+[sampling]
+samples-per-epoch = 100
+[augment]
+random-resized-crop = { size = 32 }
+"#;
+
+    #[test]
+    fn a_mixture_with_matching_stream_augmentation_validates() {
+        let p = plan(MIXTURE, &Overrides::default(), &TorchrunEnv::default()).unwrap();
+        assert_eq!(p.file.source.streams.len(), 2);
+        assert_eq!(p.file.sampling.samples_per_epoch, Some(100));
+    }
+
+    #[test]
+    fn mixture_mistakes_name_the_key() {
+        let env = TorchrunEnv::default();
+        let other_size =
+            MIXTURE.replace("center-crop = { size = 32 }", "center-crop = { size = 16 }");
+        let err = plan(&other_size, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("source.streams.augment") && err.contains("stream 1"),
+            "{err}"
+        );
+        let zero = MIXTURE.replace("samples-per-epoch = 100", "samples-per-epoch = 0");
+        let err = plan(&zero, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sampling.samples-per-epoch"), "{err}");
+        let shards = Overrides {
+            shards: Some(vec!["x.tar".to_owned()]),
+            ..Overrides::default()
+        };
+        let err = plan(MIXTURE, &shards, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("--shards") && err.contains("source.streams"),
+            "{err}"
+        );
+        let typo = MIXTURE.replace("weight = 3", "wieght = 3");
+        let err = plan(&typo, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wieght"), "{err}");
     }
 }

@@ -21,7 +21,7 @@ use crate::augment::{Augmenter, SampleKey, Scratch};
 use crate::batch::{BatchSchema, TensorIndex};
 use crate::config::Plan;
 use crate::ring::{BatchMeta, Producer};
-use crate::source::{Dataset, Sampler};
+use crate::source::{Mixture, Sampler};
 
 /// How many other samples are tried, in a fixed order, before a failed sample's row is given
 /// up on (and the batch with it).
@@ -165,10 +165,28 @@ pub struct PipelineCounters {
     pub lane0_batches_done: AtomicU64,
     /// Per-sample decode + augment + write times.
     pub sample_times: SampleTimes,
+    /// Samples served from each stream of a mixture, in configuration order (empty for a
+    /// plain `[source]`).
+    pub stream_samples: Vec<AtomicU64>,
+    /// The streams' names, matching `stream_samples`.
+    pub stream_names: Vec<String>,
     last_error: Mutex<String>,
 }
 
 impl PipelineCounters {
+    /// `(name, samples served)` of each stream of a mixture (empty for a plain `[source]`).
+    pub fn stream_counts(&self) -> Vec<(String, u64)> {
+        self.stream_names
+            .iter()
+            .cloned()
+            .zip(
+                self.stream_samples
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed)),
+            )
+            .collect()
+    }
+
     /// The last failure's description, empty if none.
     pub fn last_error(&self) -> String {
         self.last_error
@@ -181,14 +199,18 @@ impl PipelineCounters {
 /// A worker thread's reusable buffers: no per-sample allocation after warm-up.
 struct WorkerBuffers {
     encoded: Vec<u8>,
-    scratch: Scratch,
+    /// One per augmenter (the main one first, then each stream's own).
+    scratch: Vec<Scratch>,
 }
 
 /// Everything the filler loop needs, built once from a [`Plan`].
 pub struct Pipeline {
-    dataset: Arc<Dataset>,
+    dataset: Arc<Mixture>,
     sampler: Sampler,
-    augmenter: Augmenter,
+    /// The main augmenter first, then the streams' own (`[[source.streams]] augment`).
+    augmenters: Vec<Augmenter>,
+    /// Index into `augmenters` for each stream.
+    stream_augmenter: Vec<usize>,
     schema: BatchSchema,
     plan: Plan,
     pool: rayon::ThreadPool,
@@ -203,7 +225,7 @@ impl Pipeline {
     /// Builds the stages; `dataset` and `sampler` come from the plan's source section.
     pub fn new(
         plan: Plan,
-        dataset: Arc<Dataset>,
+        dataset: Arc<Mixture>,
         sampler: Sampler,
         augmenter: Augmenter,
         schema: BatchSchema,
@@ -221,21 +243,57 @@ impl Pipeline {
             .map(|_| {
                 Mutex::new(WorkerBuffers {
                     encoded: Vec::new(),
-                    scratch: augmenter.scratch(),
+                    scratch: vec![augmenter.scratch()],
                 })
             })
             .collect();
+        let streams = dataset.streams().len();
+        let counters = PipelineCounters {
+            stream_samples: if dataset.has_streams() {
+                (0..streams).map(|_| AtomicU64::new(0)).collect()
+            } else {
+                Vec::new()
+            },
+            stream_names: if dataset.has_streams() {
+                dataset
+                    .streams()
+                    .iter()
+                    .map(|s| s.name().to_owned())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            ..PipelineCounters::default()
+        };
         Ok(Pipeline {
             dataset,
             sampler,
-            augmenter,
+            augmenters: vec![augmenter],
+            stream_augmenter: vec![0; streams],
             schema,
             plan,
             pool,
             workers,
-            counters: Arc::new(PipelineCounters::default()),
+            counters: Arc::new(counters),
             failed_ids: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Gives stream `stream` its own augmenter (`[[source.streams]] augment`), whose output
+    /// has the main augmenter's shape, dtype, layout and normalisation (the plan checked it).
+    pub fn with_stream_augmenter(mut self, stream: usize, augmenter: Augmenter) -> Pipeline {
+        if let Some(slot) = self.stream_augmenter.get_mut(stream) {
+            *slot = self.augmenters.len();
+            for worker in &self.workers {
+                worker
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .scratch
+                    .push(augmenter.scratch());
+            }
+            self.augmenters.push(augmenter);
+        }
+        self
     }
 
     /// Shared counters, for status lines and benchmarks.
@@ -248,9 +306,19 @@ impl Pipeline {
         self.sampler.batches_per_epoch()
     }
 
-    /// The per-sample stage every worker runs.
+    /// The per-sample stage every worker runs (the main one; streams may have their own).
     pub fn augmenter(&self) -> &Augmenter {
-        &self.augmenter
+        &self.augmenters[0]
+    }
+
+    /// The datasets served.
+    pub fn dataset(&self) -> &Mixture {
+        &self.dataset
+    }
+
+    /// The sampler dealing the epochs.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
     }
 
     /// The batch schema slots are laid out by.
@@ -277,10 +345,9 @@ impl Pipeline {
         let images = &mut *images[0];
         let sample_bytes = self.schema.sample_bytes();
         let seed = self.plan.file.sampling.seed;
-        let n = self.dataset.len();
         let epoch = cursor.epoch;
 
-        let used: Vec<Result<u64, PipelineError>> = self.pool.install(|| {
+        let used: Vec<Result<(u64, i64), PipelineError>> = self.pool.install(|| {
             images
                 .par_chunks_mut(sample_bytes)
                 .zip(ids.par_iter())
@@ -290,7 +357,7 @@ impl Pipeline {
                     let mut buffers = self.workers[worker]
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    self.fill_sample(seed, epoch, first, n, out, &mut buffers)
+                    self.fill_sample(seed, epoch, first, out, &mut buffers)
                 })
                 .collect()
         });
@@ -298,34 +365,55 @@ impl Pipeline {
         let labels = &mut *rest[TensorIndex::Labels as usize - 1];
         let mut sample_ids = Vec::with_capacity(used.len());
         for (row, result) in used.into_iter().enumerate() {
-            let id = result?;
+            let (id, label) = result?;
             sample_ids.push(id);
-            let label = self.dataset.label(id);
             labels[row * 8..row * 8 + 8].copy_from_slice(&label.to_le_bytes());
         }
         let id_bytes = &mut *rest[TensorIndex::SampleIds as usize - 1];
         for (row, id) in sample_ids.iter().enumerate() {
             id_bytes[row * 8..row * 8 + 8].copy_from_slice(&(*id as i64).to_le_bytes());
         }
+        if self.schema.source {
+            let source = &mut *rest[TensorIndex::Source as usize - 1];
+            for (row, &id) in sample_ids.iter().enumerate() {
+                let stream = self.dataset.stream_of(id);
+                // At most u16::MAX streams: Mixture::open refuses more.
+                source[row * 2..row * 2 + 2].copy_from_slice(&(stream as u16).to_le_bytes());
+                if let Some(counter) = self.counters.stream_samples.get(stream) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         Ok(())
     }
 
     /// Reads and processes `first`, or — if it fails — the next samples of its fixed fallback
-    /// chain. Returns the id actually written.
+    /// chain, which stays within `first`'s stream so a mixture's shares stay exact. Returns
+    /// the id actually written and its label.
     fn fill_sample(
         &self,
         seed: u64,
         epoch: u64,
         first: u64,
-        n: u64,
         out: &mut [u8],
         buffers: &mut WorkerBuffers,
-    ) -> Result<u64, PipelineError> {
+    ) -> Result<(u64, i64), PipelineError> {
+        let range = self.dataset.stream_range(first);
+        let n = range.end - range.start;
+        let augmenter = self.stream_augmenter[self.dataset.stream_of(first)];
         let mut last_error = String::new();
         for attempt in 0..FALLBACK_TRIES.min(n) {
             // A stride coprime to nothing in particular: neighbours in the fallback chain are
-            // spread over the dataset, yet the chain is fixed for a given (first, n).
-            let id = (first + attempt * 7_919) % n;
+            // spread over the stream, yet the chain is fixed for a given (first, stream).
+            let id = range.start + (first - range.start + attempt * 7_919) % n;
+            let label = match self.dataset.label(id) {
+                Ok(label) => label,
+                Err(e) => {
+                    last_error = format!("{}: {e}", self.dataset.describe(id));
+                    self.note_failure(id, &last_error);
+                    continue;
+                }
+            };
             let t0 = std::time::Instant::now();
             let read = self.dataset.read_into(id, &mut buffers.encoded);
             let t1 = std::time::Instant::now();
@@ -339,9 +427,12 @@ impl Pipeline {
                         epoch,
                         sample_id: id,
                     };
-                    let r =
-                        self.augmenter
-                            .process(&buffers.encoded, key, out, &mut buffers.scratch);
+                    let r = self.augmenters[augmenter].process(
+                        &buffers.encoded,
+                        key,
+                        out,
+                        &mut buffers.scratch[augmenter],
+                    );
                     let ns = t1.elapsed().as_nanos() as u64;
                     self.counters.process_ns.fetch_add(ns, Ordering::Relaxed);
                     self.counters.sample_times.record(ns);
@@ -353,7 +444,7 @@ impl Pipeline {
             match result {
                 Ok(()) => {
                     self.counters.samples_ok.fetch_add(1, Ordering::Relaxed);
-                    return Ok(id);
+                    return Ok((id, label));
                 }
                 Err(e) => {
                     last_error = e;
@@ -396,8 +487,10 @@ impl Pipeline {
         let mut cursors = vec![start; lanes as usize];
         let mut ids = Vec::new();
         let mut finished = false;
-        let mut epoch_skips =
-            EpochSkips::new(self.plan.file.workers.max_skip_fraction, self.dataset.len());
+        let mut epoch_skips = EpochSkips::new(
+            self.plan.file.workers.max_skip_fraction,
+            self.sampler.epoch_len(),
+        );
         let mut rechecked_epoch = None;
 
         while !stop.load(Ordering::Relaxed) {

@@ -213,3 +213,102 @@ fn png_samples_allocate_no_image_sized_buffers_after_warm_up() {
         "an allocation of {largest} bytes: image-sized buffers must come from the Scratch"
     );
 }
+
+/// Reading a member of an encrypted shard decrypts it in place in the reused read buffer:
+/// after warm-up, reading (with decryption) and augmenting allocate nothing, like plaintext.
+#[test]
+fn encrypted_jpeg_samples_decrypt_in_place_and_allocate_nothing_after_warm_up() {
+    use ringfeed::source::crypt::{
+        Manifest, ManifestEntry, ShardSealer, HEADER_MEMBER, MANIFEST_MEMBER,
+    };
+    use ringfeed::source::{Dataset, ShardKey, SourceConfig};
+
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg: AugmentConfig = toml::from_str(
+        r#"
+        random-resized-crop = { size = 64 }
+        horizontal-flip = { p = 0.5 }
+        normalize = { mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] }
+        "#,
+    )
+    .unwrap();
+    let aug = Augmenter::new(&cfg).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tmp = tempfile::tempdir().unwrap();
+    let key = ShardKey::generate(&tmp.path().join("k")).unwrap();
+    let sealer = ShardSealer::new(&key, false).unwrap();
+    let mut members = vec![(HEADER_MEMBER.to_owned(), sealer.header())];
+    let mut manifest = Manifest {
+        samples: Vec::new(),
+    };
+    for (i, name) in [
+        "coffee_420.jpg",
+        "chelsea_444.jpg",
+        "rocket_progressive.jpg",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let member = format!("{i:09}.jpg");
+        let bytes = std::fs::read(fixtures.join(name)).unwrap();
+        members.push((member.clone(), sealer.seal(&member, &bytes).unwrap()));
+        manifest.samples.push(ManifestEntry {
+            member,
+            label: i as i64,
+        });
+    }
+    members.push((
+        MANIFEST_MEMBER.to_owned(),
+        sealer.manifest(&manifest).unwrap(),
+    ));
+    std::fs::write(tmp.path().join("s.tar"), tar(&members)).unwrap();
+    let mut source = SourceConfig::tar(["s.tar"]);
+    source.key_file = Some("k".into());
+    let dataset = Dataset::open(&source, tmp.path()).unwrap();
+
+    let mut scratch = aug.scratch();
+    let mut out = vec![0u8; aug.sample_bytes()];
+    let mut buf = Vec::new();
+    let mut epoch = |epoch: u64| {
+        for id in 0..30 {
+            dataset.read_into(id % dataset.len(), &mut buf).unwrap();
+            let key = SampleKey {
+                seed: 9,
+                epoch,
+                sample_id: id,
+            };
+            aug.process(&buf, key, &mut out, &mut scratch).unwrap();
+        }
+    };
+    epoch(0);
+    set_counting(true);
+    epoch(1);
+    set_counting(false);
+    let allocations = ALLOCATIONS.swap(0, Ordering::SeqCst);
+    assert_eq!(
+        allocations, 0,
+        "{allocations} allocations in 30 encrypted samples"
+    );
+}
+
+/// A ustar archive of `(name, bytes)` members.
+fn tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in members {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = b'0';
+        h[257..265].copy_from_slice(b"ustar\x0000");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}

@@ -119,4 +119,27 @@ fn write_seeds() {
             ("bad.cls", b"one"),
         ]),
     );
+
+    // An encrypted shard: header, two sealed images, sealed manifest.
+    use ringfeed::source::crypt::{
+        Manifest, ManifestEntry, ShardSealer, HEADER_MEMBER, MANIFEST_MEMBER,
+    };
+    let key = ringfeed::source::ShardKey::from_bytes(&[7; 32], Path::new("seed.key"));
+    let sealer = ShardSealer::new(&key, false).unwrap();
+    let mut manifest = Manifest {
+        samples: Vec::new(),
+    };
+    let mut members = vec![(HEADER_MEMBER.to_owned(), sealer.header())];
+    for (i, name) in ["000000000.jpg", "000000001.jpg"].iter().enumerate() {
+        members.push(((*name).to_owned(), sealer.seal(name, &jpeg).unwrap()));
+        manifest.samples.push(ManifestEntry {
+            member: (*name).to_owned(),
+            label: i as i64,
+        });
+    }
+    members.push((
+        MANIFEST_MEMBER.to_owned(),
+        sealer.manifest(&manifest).unwrap(),
+    ));
+    write("tar_reader", "sealed.tar", &common::tar(&members));
 }

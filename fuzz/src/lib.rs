@@ -51,7 +51,8 @@ pub fn ring_header(data: &[u8]) {
     }
 }
 
-/// The tar walker and the shard indexer over a shard held in memory: errors, never panics;
+/// The tar walker and the shard indexers (plaintext and encrypted) over a shard held in memory:
+/// errors, never panics;
 /// every member and sample lies inside the shard; at most one member per 512-byte block.
 pub fn tar_reader(data: &[u8]) {
     let len = data.len() as u64;
@@ -70,6 +71,15 @@ pub fn tar_reader(data: &[u8]) {
     for s in &samples {
         assert!(s.offset + s.size <= len, "{s:?}");
         assert!(!s.key.is_empty());
+    }
+    // The indexer of encrypted shards (its header is untrusted input too).
+    if let Ok(Some((samples, _issues, info))) = ringfeed::source::crypt::index_sealed(data, len) {
+        for s in &samples {
+            assert!(s.offset + s.size <= len, "{s:?}");
+        }
+        if let Some(m) = info.manifest {
+            assert!(m.offset + m.size <= len, "{m:?}");
+        }
     }
 }
 

@@ -390,6 +390,32 @@ impl Augmenter {
         self.mean_std
     }
 
+    /// Whether `other` writes exactly the output this augmenter writes (size, dtype, layout,
+    /// channels, normalisation), so both can fill rows of one ring; else what differs.
+    pub fn same_output(&self, other: &Augmenter) -> Result<(), String> {
+        let mine = (
+            self.output_shape(),
+            self.out_dtype(),
+            self.nhwc(),
+            self.mean_std,
+        );
+        let theirs = (
+            other.output_shape(),
+            other.out_dtype(),
+            other.nhwc(),
+            other.mean_std,
+        );
+        if mine == theirs {
+            Ok(())
+        } else {
+            Err(format!(
+                "(channels, height, width) {:?} dtype {:?} nhwc {} normalize {:?} differs from \
+                 [augment]'s {:?} {:?} {} {:?}",
+                theirs.0, theirs.1, theirs.2, theirs.3, mine.0, mine.1, mine.2, mine.3
+            ))
+        }
+    }
+
     /// Scratch for this plan (one per worker thread).
     pub fn scratch(&self) -> Scratch {
         Scratch::new(self)

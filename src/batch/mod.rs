@@ -2,7 +2,8 @@
 //!
 //! Every image batch has three tensors, always in this order (see `docs/ring-format.md` §5.2):
 //! `images` (the augmenter's output dtype, `[B, C, H, W]` or `[B, H, W, C]`), `labels`
-//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset).
+//! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset); a mixture of
+//! datasets adds a fourth, `source` (`u16 [B]`, each sample's stream).
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
@@ -16,6 +17,8 @@ pub enum TensorIndex {
     Labels = 1,
     /// `sample_ids`
     SampleIds = 2,
+    /// `source` (mixtures only)
+    Source = 3,
 }
 
 /// The shape of one batch, derived from the batch size and the augmenter's output.
@@ -34,6 +37,8 @@ pub struct BatchSchema {
     pub mean: [f32; 4],
     /// Normalisation std per channel (all 0 = not normalised).
     pub std: [f32; 4],
+    /// Batches carry a `source` tensor (the ring mixes several datasets).
+    pub source: bool,
 }
 
 impl BatchSchema {
@@ -51,6 +56,15 @@ impl BatchSchema {
             nhwc: augmenter.nhwc(),
             mean,
             std,
+            source: false,
+        }
+    }
+
+    /// The same schema with a `source` tensor (a mixture of datasets).
+    pub fn with_source(self) -> BatchSchema {
+        BatchSchema {
+            source: true,
+            ..self
         }
     }
 
@@ -73,7 +87,7 @@ impl BatchSchema {
         } else {
             vec![b, c, h, w]
         };
-        vec![
+        let mut tensors = vec![
             TensorSpec {
                 name: "images".to_owned(),
                 dtype: self.image_dtype,
@@ -89,7 +103,15 @@ impl BatchSchema {
                 dtype: DType::I64,
                 shape: vec![b],
             },
-        ]
+        ];
+        if self.source {
+            tensors.push(TensorSpec {
+                name: "source".to_owned(),
+                dtype: DType::U16,
+                shape: vec![b],
+            });
+        }
+        tensors
     }
 }
 
@@ -116,13 +138,19 @@ mod tests {
             nhwc: false,
             mean: [0.0; 4],
             std: [0.0; 4],
+            source: false,
         };
         let t = s.tensors();
+        assert_eq!(t.len(), 3);
         assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
         assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
         assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
         assert_eq!(s.sample_bytes(), 3 * 8 * 6 * 4);
         let nhwc = BatchSchema { nhwc: true, ..s };
         assert_eq!(nhwc.tensors()[0].shape, vec![4, 8, 6, 3]);
+        let mixed = nhwc.with_source().tensors();
+        assert_eq!(mixed[TensorIndex::Source as usize].name, "source");
+        assert_eq!(mixed[TensorIndex::Source as usize].dtype, DType::U16);
+        assert_eq!(mixed[TensorIndex::Source as usize].shape, vec![4]);
     }
 }

@@ -16,7 +16,7 @@ use ringfeed::augment::SampleKey;
 use ringfeed::decode::{DecodeRequest, Decoder};
 use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{AttachOptions, Consumer, Producer, RingSpec, RuntimeDir};
-use ringfeed::source::Dataset;
+use ringfeed::source::{Mixture, SourceKind};
 
 use super::common::{build_stages, resolve_plan, PlanArgs};
 
@@ -38,6 +38,12 @@ pub(crate) struct BenchArgs {
     /// the machine's current speed for the same work (the soak script takes one per epoch).
     #[arg(long)]
     stages_only: bool,
+    /// A/B in the same run: the same per-sample work (read, decrypt when encrypted, decode,
+    /// augment) on these shards too, interleaved with this dataset's in every repetition, e.g.
+    /// plaintext copies of encrypted shards. Prints each one's CPU time per sample and the
+    /// difference. Use --samples at least the dataset's size so both cover the same images.
+    #[arg(long, num_args = 1.., value_name = "SHARD")]
+    baseline_shards: Option<Vec<String>>,
 }
 
 /// Runs the stage and end-to-end measurements and prints a table.
@@ -103,6 +109,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     ] {
         println!("| {name} | {rate:.0} | {:.1} |", 1e6 / rate);
     }
+    if let Some(specs) = &args.baseline_shards {
+        compare_with_baseline(&plan, &stages, specs, args.samples as u64, args.repeats)?;
+    }
     if args.stages_only {
         return Ok(ExitCode::SUCCESS);
     }
@@ -121,7 +130,75 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_all(dataset: &Dataset, ids: &[u64]) {
+/// Prints the per-sample CPU time of the whole per-sample work on this dataset and on the
+/// `specs` shards (plaintext, no key), interleaved in every repetition, and their difference.
+fn compare_with_baseline(
+    plan: &ringfeed::config::Plan,
+    stages: &super::common::Stages,
+    specs: &[String],
+    samples: u64,
+    repeats: usize,
+) -> anyhow::Result<()> {
+    let mut cfg = plan.file.source.clone();
+    cfg.kind = SourceKind::Tar;
+    cfg.shards = specs.to_vec();
+    cfg.key_file = None;
+    cfg.streams = Vec::new();
+    let baseline = Mixture::open(&cfg, &plan.base_dir)
+        .with_context(|| format!("cannot open --baseline-shards {}", specs.join(" ")))?;
+    let dataset = &stages.dataset;
+    let augmenter = stages.pipeline.augmenter();
+    let ids = |d: &Mixture| (0..d.len().min(samples)).collect::<Vec<u64>>();
+    let (ids_a, ids_b) = (ids(dataset), ids(&baseline));
+    if ids_a.len() != ids_b.len() {
+        log::warn!(
+            "--baseline-shards: {} samples against {} here; the two sets of images differ",
+            ids_b.len(),
+            ids_a.len()
+        );
+    }
+    let mut scratch = augmenter.scratch();
+    let mut out = vec![0u8; augmenter.sample_bytes()];
+    let mut buf = Vec::new();
+    let seed = plan.file.sampling.seed;
+    let mut per_sample = |d: &Mixture, ids: &[u64]| {
+        let before = thread_cpu_seconds();
+        for &id in ids {
+            if d.read_into(id, &mut buf).is_ok() {
+                let key = SampleKey {
+                    seed,
+                    epoch: 0,
+                    sample_id: id,
+                };
+                let _ = augmenter.process(&buf, key, &mut out, &mut scratch);
+            }
+        }
+        (thread_cpu_seconds() - before) / ids.len().max(1) as f64 * 1e6
+    };
+    let (mut here, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        base.push(per_sample(&baseline, &ids_b));
+        here.push(per_sample(dataset, &ids_a));
+    }
+    let (here, base) = (median(&mut here), median(&mut base));
+    println!();
+    println!(
+        "| per-sample work, one core (read, decrypt if encrypted, decode, augment) | samples | µs CPU/sample |"
+    );
+    println!("|---|---:|---:|");
+    println!(
+        "| baseline (--baseline-shards) | {} | {base:.1} |",
+        ids_b.len()
+    );
+    println!("| this dataset | {} | {here:.1} |", ids_a.len());
+    println!(
+        "this dataset costs {:+.1} % CPU per sample against the baseline (medians of {repeats} interleaved repeats)",
+        (here / base - 1.0) * 100.0
+    );
+    Ok(())
+}
+
+fn read_all(dataset: &Mixture, ids: &[u64]) {
     let mut buf = Vec::new();
     for &id in ids {
         let _ = dataset.read_into(id, &mut buf);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ab_glyph::{point, Font as _, FontRef, PxScale, ScaleFont as _};
 use anyhow::Context as _;
 use image::{Rgb, RgbImage};
-use ringfeed::source::{ClassNames, Dataset, SourceConfig};
+use ringfeed::source::{ClassNames, Mixture, SourceConfig};
 
 /// DejaVu Sans Mono 2.37, unmodified (Bitstream Vera licence, `assets/fonts/LICENSE-DejaVu.txt`).
 const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
@@ -106,7 +106,7 @@ pub(crate) type Classes = (Vec<String>, String);
 pub(crate) fn dataset_classes(
     source: &SourceConfig,
     base_dir: &Path,
-    dataset: &Dataset,
+    dataset: &Mixture,
 ) -> anyhow::Result<Option<Classes>> {
     match &source.classes {
         Some(ClassNames::List(names)) => {

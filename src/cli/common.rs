@@ -10,7 +10,7 @@ use ringfeed::batch::BatchSchema;
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv, DEFAULT_BASE_DIR};
 use ringfeed::pipeline::Pipeline;
 use ringfeed::ring::RingSpec;
-use ringfeed::source::{Dataset, Sampler};
+use ringfeed::source::{Mixture, Sampler};
 
 /// The configuration file and the flags that override it.
 #[derive(Debug, Args)]
@@ -62,6 +62,11 @@ pub(crate) struct PlanArgs {
     /// 0660, given to GROUP. Default: only this user.
     #[arg(long, value_name = "GROUP")]
     allow_group: Option<String>,
+    /// Key file of encrypted shards (`ringfeed keygen`): members are decrypted in the workers'
+    /// memory only. Must be a regular file of this user with no group/other permissions.
+    /// Replaces [source] key-file.
+    #[arg(long, value_name = "FILE", env = "RINGFEED_KEY_FILE")]
+    key_file: Option<PathBuf>,
 }
 
 impl PlanArgs {
@@ -81,6 +86,11 @@ impl PlanArgs {
             max_skip_fraction: self.max_skip_fraction,
             shm_dir: self.shm_dir.clone(),
             allow_group: self.allow_group.clone(),
+            // Relative to the current directory, whatever the configuration's base directory.
+            key_file: self
+                .key_file
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         }
     }
 }
@@ -107,12 +117,22 @@ pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
 /// The stages built from a plan, ready to run.
 pub(crate) struct Stages {
     pub(crate) pipeline: Pipeline,
-    pub(crate) dataset: Arc<Dataset>,
+    pub(crate) dataset: Arc<Mixture>,
 }
 
 /// Opens the dataset, reports what indexing skipped, and builds the pipeline.
 pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
-    let dataset = Dataset::open(&plan.file.source, &plan.base_dir).with_context(|| {
+    if plan.file.source.key_file.is_some() {
+        // A core dump of a process holding a key would write the key and decrypted images to
+        // disk: none from here on (the hard limit too, so nothing in-process can undo it).
+        let none = rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        };
+        rustix::process::setrlimit(rustix::process::Resource::Core, none)
+            .context("cannot disable core dumps before reading the key")?;
+    }
+    let dataset = Mixture::open(&plan.file.source, &plan.base_dir).with_context(|| {
         format!(
             "cannot open the dataset of [source] ({})",
             source_hint(plan)
@@ -141,23 +161,48 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         issues.len(),
         issues.first().map(|i| i.to_string()).unwrap_or_default()
     );
-    let sampler = Sampler::new(
-        n,
-        plan.file.batch.size,
-        plan.ranks.world_size,
-        &plan.file.sampling,
-    )?
-    .with_shard_starts(dataset.shard_starts())?;
+    let sampling = &plan.file.sampling;
+    let (batch, world) = (plan.file.batch.size, plan.ranks.world_size);
+    let sampler = if dataset.has_streams() || sampling.samples_per_epoch.is_some_and(|s| s != n) {
+        Sampler::mixture(
+            &dataset.shares(),
+            sampling.samples_per_epoch,
+            batch,
+            world,
+            sampling,
+        )?
+    } else {
+        Sampler::new(n, batch, world, sampling)?.with_shard_starts(&dataset.shard_starts())?
+    };
+    if dataset.has_streams() {
+        let draws = sampler.stream_draws();
+        for (stream, draws) in dataset.streams().iter().zip(draws) {
+            log::info!(
+                "stream {}: {} samples, weight {}, {draws} per epoch",
+                stream.name(),
+                stream.len(),
+                stream.weight()
+            );
+        }
+    }
     let augmenter = Augmenter::new(&plan.file.augment)?;
-    let schema = BatchSchema::new(plan.file.batch.size, &augmenter);
+    let mut schema = BatchSchema::new(batch, &augmenter);
+    if dataset.has_streams() {
+        schema = schema.with_source();
+    }
     let dataset = Arc::new(dataset);
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         plan.clone(),
         Arc::clone(&dataset),
         sampler,
         augmenter,
         schema,
     )?;
+    for (i, stream) in plan.file.source.streams.iter().enumerate() {
+        if let Some(augment) = &stream.augment {
+            pipeline = pipeline.with_stream_augmenter(i, Augmenter::new(augment)?);
+        }
+    }
     Ok(Stages { pipeline, dataset })
 }
 

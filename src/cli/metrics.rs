@@ -167,6 +167,21 @@ impl Collector for RingCollector {
             |l| i64::from(l.consumer_pid != 0),
         )?;
 
+        // Samples served per stream of a mixture, labelled `ring` then `stream`.
+        let streams = self.counters.stream_counts();
+        if !streams.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "stream_samples",
+                "Samples served from each stream of the mixture.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (stream, served) in &streams {
+                let labels = [("ring", self.name.as_str()), ("stream", stream.as_str())];
+                encode_counter(family.encode_family(&labels)?, Value::Count(*served))?;
+            }
+        }
+
         // The per-sample decode + augment + write time: the pipeline keeps the bucket counts,
         // the encoder writes them cumulatively with `+Inf`, sum and count.
         let (counts, sum_ns) = self.counters.sample_times.snapshot();

@@ -7,6 +7,7 @@ mod common;
 mod completions;
 mod consume;
 mod index;
+mod keygen;
 mod logging;
 mod man;
 mod metrics;
@@ -53,6 +54,9 @@ enum Command {
     /// Convert an ImageFolder tree (or a `path label` list file) into WebDataset tar shards
     /// plus index.json.
     Pack(pack::PackArgs),
+    /// Write a new random 256-bit key for encrypted shards to FILE (created 0600, never
+    /// overwritten); prints its key id.
+    Keygen(keygen::KeygenArgs),
     /// Print a shell completion script: `ringfeed completions bash > ~/.local/share/bash-completion/completions/ringfeed`.
     Completions(completions::CompletionsArgs),
     /// Print the man page (roff): `ringfeed man | man -l -`.
@@ -71,6 +75,7 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
         Command::Stat(args) => stat::run(args),
         Command::Peek(args) => peek::run(args),
         Command::Pack(args) => pack::run(args),
+        Command::Keygen(args) => keygen::run(args),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => man::run(args),
     }

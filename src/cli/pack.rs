@@ -18,6 +18,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use rand::seq::SliceRandom as _;
+use ringfeed::source::crypt::{self, Manifest, ManifestEntry, ShardSealer};
+use ringfeed::source::ShardKey;
 use serde::Serialize;
 
 /// Flags of `ringfeed pack`.
@@ -41,6 +44,16 @@ pub(crate) struct PackArgs {
     /// Re-encode every image as JPEG at this quality (1–100); with --max-side alone, 90.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: Option<u8>,
+    /// Encrypt every image and label with the key in FILE (`ringfeed keygen`): each image
+    /// member is sealed with AES-256-GCM under a fresh random nonce, labels go into a
+    /// sealed manifest, and samples are written in a random order (a class-by-class order
+    /// would reveal labels by position). See docs/security.md.
+    #[arg(long, value_name = "FILE")]
+    encrypt_key_file: Option<PathBuf>,
+    /// With --encrypt-key-file: name members by random opaque keys (`<32 hex>.img`) instead
+    /// of `<ordinal>.<ext>`, hiding each image's format too.
+    #[arg(long, requires = "encrypt_key_file")]
+    hide_names: bool,
 }
 
 /// Parses `256MB`, `1GiB`, `512k`, `1000` (bytes) into bytes.
@@ -183,26 +196,64 @@ fn member_bytes(len: u64) -> u64 {
 }
 
 /// Writes one shard under a temporary name; [`finish`](ShardWriter::finish) renames it.
-struct ShardWriter {
+struct ShardWriter<'k> {
     tmp: PathBuf,
     path: PathBuf,
     out: BufWriter<File>,
     bytes: u64,
     samples: u64,
+    /// For an encrypted shard: its sealer and the manifest written as its last member.
+    sealing: Option<(ShardSealer<'k>, Manifest)>,
 }
 
-impl ShardWriter {
-    fn create(dir: &Path, name: &str) -> anyhow::Result<ShardWriter> {
+impl<'k> ShardWriter<'k> {
+    fn create(
+        dir: &Path,
+        name: &str,
+        key: Option<(&'k ShardKey, bool)>,
+    ) -> anyhow::Result<ShardWriter<'k>> {
         let tmp = dir.join(format!(".{name}.partial"));
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        Ok(ShardWriter {
+        let mut writer = ShardWriter {
             tmp,
             path: dir.join(name),
             out: BufWriter::new(file),
             bytes: 0,
             samples: 0,
-        })
+            sealing: None,
+        };
+        if let Some((key, hide_names)) = key {
+            let sealer = ShardSealer::new(key, hide_names)?;
+            writer.member(crypt::HEADER_MEMBER, &sealer.header())?;
+            let manifest = Manifest {
+                samples: Vec::new(),
+            };
+            writer.sealing = Some((sealer, manifest));
+        }
+        Ok(writer)
+    }
+
+    /// Writes one sample: `<key>.<ext>` and `<key>.cls`, or in an encrypted shard the sealed
+    /// image member alone (its label goes into the sealed manifest).
+    fn sample(&mut self, key: &str, ext: &str, data: &[u8], label: i64) -> anyhow::Result<()> {
+        let image = format!("{key}.{ext}");
+        match &mut self.sealing {
+            None => {
+                self.member(&image, data)?;
+                self.member(&format!("{key}.cls"), format!("{label}\n").as_bytes())?;
+            }
+            Some((sealer, manifest)) => {
+                let sealed = sealer.seal(&image, data)?;
+                manifest.samples.push(ManifestEntry {
+                    member: image.clone(),
+                    label,
+                });
+                self.member(&image, &sealed)?;
+            }
+        }
+        self.samples += 1;
+        Ok(())
     }
 
     fn member(&mut self, name: &str, data: &[u8]) -> anyhow::Result<()> {
@@ -216,6 +267,10 @@ impl ShardWriter {
     }
 
     fn finish(mut self) -> anyhow::Result<u64> {
+        if let Some((sealer, manifest)) = self.sealing.take() {
+            let sealed = sealer.manifest(&manifest)?;
+            self.member(crypt::MANIFEST_MEMBER, &sealed)?;
+        }
         self.out.write_all(&[0u8; 1024])?;
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
@@ -231,6 +286,17 @@ struct PackIndex {
     shards: Vec<ShardEntry>,
     samples: u64,
     classes: Option<Vec<String>>,
+    /// Encrypted shards: the key id (never the key) and whether names are hidden.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption: Option<PackEncryption>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct PackEncryption {
+    algorithm: &'static str,
+    key_id: String,
+    hidden_names: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -241,8 +307,19 @@ struct ShardEntry {
 
 /// Packs `src` into shards under `out`.
 pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
-    let (files, classes) = inputs(&args.src)?;
+    let (mut files, classes) = inputs(&args.src)?;
     anyhow::ensure!(!files.is_empty(), "{}: no images found", args.src.display());
+    let key = args
+        .encrypt_key_file
+        .as_deref()
+        .map(ShardKey::load)
+        .transpose()?;
+    if key.is_some() {
+        // An ImageFolder scan lists classes one after another: in that order a sample's
+        // position (and ordinal name) would give its label away.
+        files.shuffle(&mut rand::rng());
+    }
+    let sealing = key.as_ref().map(|k| (k, args.hide_names));
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let max_bytes = match args.samples_per_shard {
@@ -259,8 +336,11 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
         let raw = std::fs::read(&input.path)
             .with_context(|| format!("cannot read {}", input.path.display()))?;
         let (ext, data) = encode(&input.path, raw, args.max_side, args.quality)?;
-        let label = format!("{}\n", input.label).into_bytes();
-        let need = member_bytes(data.len() as u64) + member_bytes(label.len() as u64);
+        let need = match sealing {
+            None => member_bytes(data.len() as u64) + member_bytes(32),
+            // The sealed image, and its manifest entry (name and label, about 40 bytes).
+            Some(_) => member_bytes((data.len() + crypt::OVERHEAD) as u64) + 64,
+        };
         if current
             .as_ref()
             .is_some_and(|w| w.samples >= max_samples || w.bytes + need + 1024 > max_bytes)
@@ -277,12 +357,14 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
             None => current.insert(ShardWriter::create(
                 &args.out,
                 &format!("shard-{:06}.tar", shards.len()),
+                sealing,
             )?),
         };
-        let key = format!("{i:09}");
-        w.member(&format!("{key}.{ext}"), &data)?;
-        w.member(&format!("{key}.cls"), &label)?;
-        w.samples += 1;
+        if args.hide_names {
+            w.sample(&ShardSealer::opaque_key()?, "img", &data, input.label)?;
+        } else {
+            w.sample(&format!("{i:09}"), &ext, &data, input.label)?;
+        }
         progress.set_message((shards.len() + 1).to_string());
         progress.inc(1);
     }
@@ -298,6 +380,11 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
         samples: total as u64,
         shards,
         classes,
+        encryption: key.as_ref().map(|k| PackEncryption {
+            algorithm: crypt::ALGORITHM,
+            key_id: k.id().to_owned(),
+            hidden_names: args.hide_names,
+        }),
     };
     let tmp = args.out.join(".index.json.partial");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&index)?)?;

@@ -200,6 +200,7 @@ fn element(bytes: &[u8], dtype: DType, i: usize) -> f32 {
         DType::BF16 => half::bf16::from_le_bytes([at(2)[0], at(2)[1]]).to_f32(),
         DType::F32 => f32::from_le_bytes(at(4).try_into().unwrap_or([0; 4])),
         DType::I32 => i32::from_le_bytes(at(4).try_into().unwrap_or([0; 4])) as f32,
+        DType::U16 => f32::from(u16::from_le_bytes([at(2)[0], at(2)[1]])),
         DType::I64 => i64::from_le_bytes(at(8).try_into().unwrap_or([0; 8])) as f32,
     }
 }

@@ -74,6 +74,29 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     ring_exists.store(true, Ordering::SeqCst);
     let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
+    if stages.dataset.has_streams() {
+        // `ringfeed stat` reads the streams' served counts from the info reply.
+        let counters = pipeline.counters();
+        let fixed: Vec<(f64, u64)> = stages
+            .dataset
+            .streams()
+            .iter()
+            .zip(pipeline.sampler().stream_draws())
+            .map(|(s, draws)| (s.weight(), draws))
+            .collect();
+        producer.set_info_extra(Box::new(move || {
+            let streams: Vec<_> = counters
+                .stream_counts()
+                .into_iter()
+                .zip(&fixed)
+                .map(|((name, served), (weight, per_epoch))| {
+                    serde_json::json!({"name": name, "weight": weight,
+                        "samples_per_epoch": per_epoch, "served": served})
+                })
+                .collect();
+            serde_json::json!({ "streams": streams })
+        }));
+    }
     // Bind the metrics listener before announcing the ring, so a scraper that waits for the
     // announcement finds it.
     let metrics = args

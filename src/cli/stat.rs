@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use ringfeed::ring::{mono_ns, Layout, Observer, ProducerState, RingSnapshot, RuntimeDir};
+use ringfeed::ring::{
+    mono_ns, query_info, Layout, Observer, ProducerState, RingSnapshot, RuntimeDir,
+};
 use serde::Serialize;
 
 use super::status::{share, stalls, verdict};
@@ -63,12 +65,16 @@ pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
             history.pop_front();
         }
         history.push_back(snap);
-        let rep = report(
+        let mut rep = report(
             observer.layout(),
             observer.producer_pid(),
             history.make_contiguous(),
             unix_now_ns(),
         );
+        // Per-stream counts live in the producer, not the ring: ask it (best effort).
+        if let Ok(info) = query_info(&dir, &args.name, SHORT_WINDOW) {
+            rep.streams = streams_of(&info);
+        }
         let text = if args.json {
             serde_json::to_string(&rep)?
         } else {
@@ -218,6 +224,30 @@ pub(crate) struct StatReport {
     pub(crate) lane_stats: Vec<LaneReport>,
     /// Attached consumers.
     pub(crate) consumers: Vec<ConsumerReport>,
+    /// The streams of a mixture (`[[source.streams]]`), from the producer's info reply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) streams: Vec<StreamReport>,
+}
+
+/// One stream of a mixture, as the producer reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub(crate) struct StreamReport {
+    /// The stream's name.
+    pub(crate) name: String,
+    /// Its relative weight.
+    pub(crate) weight: f64,
+    /// Samples it contributes to each epoch.
+    pub(crate) samples_per_epoch: u64,
+    /// Samples served from it since the producer started.
+    pub(crate) served: u64,
+}
+
+/// The streams in a producer's info reply (empty when it has none or does not answer).
+fn streams_of(info: &serde_json::Value) -> Vec<StreamReport> {
+    info.get("streams")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
 }
 
 fn state_name(state: Option<ProducerState>) -> &'static str {
@@ -356,6 +386,7 @@ pub(crate) fn report(
                 taken: c.taken,
             })
             .collect(),
+        streams: Vec::new(),
     }
 }
 
@@ -441,6 +472,19 @@ pub(crate) fn render_text(r: &StatReport) -> String {
             "consumer pid {} lane {}: attached {:.0} s ago, {} batches taken, heartbeat {:.1} s ago\n",
             c.pid, c.lane, c.attached_s, c.taken, c.heartbeat_age_s
         );
+    }
+    if !r.streams.is_empty() {
+        let each: Vec<String> = r
+            .streams
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (weight {}, {} per epoch) served {}",
+                    s.name, s.weight, s.samples_per_epoch, s.served
+                )
+            })
+            .collect();
+        out += &format!("streams: {}\n", each.join(" | "));
     }
     out += &format!("verdict: {}", r.verdict);
     out

@@ -330,8 +330,15 @@ pub(crate) fn status_line(
     }
     let verdict = verdict(&trainer_waits, producer_wait);
     let skipped = counters.samples_skipped.load(Ordering::Relaxed);
+    let streams = counters.stream_counts();
+    let served = if streams.is_empty() {
+        String::new()
+    } else {
+        let each: Vec<String> = streams.iter().map(|(n, c)| format!("{n} {c}")).collect();
+        format!(" | served {}", each.join(", "))
+    };
     format!(
-        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped} | {verdict}",
+        "{rate:.0} img/s | {} | loader waited {producer_wait:.0} % | skipped {skipped}{served} | {verdict}",
         lanes.join(" | ")
     )
 }

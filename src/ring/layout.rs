@@ -11,7 +11,7 @@ pub const MAGIC: [u8; 8] = *b"RINGFEED";
 /// The layout major version this code implements.
 pub const VERSION_MAJOR: u16 = 1;
 /// The layout minor version this code writes.
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Size of the fixed header.
 pub const HEADER_BYTES: u32 = 512;
 /// Page size every region boundary is aligned to.
@@ -138,6 +138,8 @@ pub enum DType {
     BF16,
     /// `f32`, code 6.
     F32,
+    /// `u16`, code 7 (format 1.1): e.g. the `source` stream index of a mixture.
+    U16,
 }
 
 impl DType {
@@ -145,7 +147,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::U8 => 1,
-            DType::F16 | DType::BF16 => 2,
+            DType::F16 | DType::BF16 | DType::U16 => 2,
             DType::I32 | DType::F32 => 4,
             DType::I64 => 8,
         }
@@ -160,6 +162,7 @@ impl DType {
             DType::F16 => 4,
             DType::BF16 => 5,
             DType::F32 => 6,
+            DType::U16 => 7,
         }
     }
 
@@ -172,6 +175,7 @@ impl DType {
             4 => DType::F16,
             5 => DType::BF16,
             6 => DType::F32,
+            7 => DType::U16,
             _ => return None,
         })
     }

@@ -45,11 +45,12 @@ pub use layout::{
     TensorSpec,
 };
 pub use observer::{
-    ConsumerEntry, LanePosition, ObserveError, Observer, PeekError, PeekedBatch, RingSnapshot,
+    query_info, ConsumerEntry, LanePosition, ObserveError, Observer, PeekError, PeekedBatch,
+    RingSnapshot,
 };
 pub use producer::{
-    BatchMeta, LaneStats, Producer, ProducerOptions, ProducerState, RingCreateError, RingStats,
-    SeekRequest, SlotWriter,
+    BatchMeta, InfoExtra, LaneStats, Producer, ProducerOptions, ProducerState, RingCreateError,
+    RingStats, SeekRequest, SlotWriter,
 };
 pub use runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
 pub use segment::ShmDirError;

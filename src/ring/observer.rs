@@ -515,6 +515,41 @@ pub(super) fn read_stats(c: &Control, layout: &Layout) -> RingStats {
     }
 }
 
+/// Asks the producer of ring `name` to describe itself: the `info` reply of §3 (lanes and
+/// their consumers, and, for a mixture, the `streams` with their served counts). Waits at most
+/// `timeout` for the answer.
+pub fn query_info(
+    dir: &RuntimeDir,
+    name: &str,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
+    use std::io::Write as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(dir.socket_path(name))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"{\"op\":\"info\"}\n")?;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !line.contains(&b'\n') {
+        if line.len() > super::handshake::MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "info reply longer than 4096 bytes",
+            ));
+        }
+        let got = std::io::Read::read(&mut stream, &mut chunk)?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the producer closed the connection before replying",
+            ));
+        }
+        line.extend_from_slice(&chunk[..got]);
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    serde_json::from_slice(&line[..end]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

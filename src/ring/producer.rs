@@ -318,7 +318,12 @@ struct Shared {
     seeks: Mutex<Vec<SeekRequest>>,
     next_conn: AtomicU64,
     stop: AtomicBool,
+    /// Extra members of the `info` reply, supplied by the pipeline (e.g. per-stream counts).
+    info_extra: Mutex<Option<InfoExtra>>,
 }
+
+/// Produces extra members for the `info` reply: a JSON object whose keys are added to it.
+pub type InfoExtra = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicked pipeline thread must not take the ring down with a poisoned lock.
@@ -763,6 +768,7 @@ impl Producer {
             seeks: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
+            info_extra: Mutex::new(None),
         });
         shared.set_state(ProducerState::Serving);
         let mut producer = Producer {
@@ -840,6 +846,12 @@ impl Producer {
             }
         }
         result
+    }
+
+    /// Adds what `extra` returns (a JSON object) to every `info` reply (§3), e.g. the served
+    /// counts of each stream of a mixture. Keys the reply already has are kept.
+    pub fn set_info_extra(&self, extra: InfoExtra) {
+        *lock(&self.shared.info_extra) = Some(extra);
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
@@ -1131,8 +1143,15 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                 .map(|l| json!({"lane": l, "consumer_pid": match lanes[l as usize] { LaneConn::Attached { pid, .. } => pid, _ => 0 }}))
                 .collect();
             drop(lanes);
-            let reply = json!({"ok": true, "generation": sh.layout.generation, "producer_pid": sh.pid,
+            let mut reply = json!({"ok": true, "generation": sh.layout.generation, "producer_pid": sh.pid,
                 "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list});
+            if let (Some(extra), Some(fields)) = (&*lock(&sh.info_extra), reply.as_object_mut()) {
+                if let serde_json::Value::Object(more) = extra() {
+                    for (key, value) in more {
+                        fields.entry(key).or_insert(value);
+                    }
+                }
+            }
             let _ = handshake::send_line(&stream, &reply, None);
         }
         Request::Attach {

@@ -14,12 +14,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// kind = "tar"
 /// shards = ["data/shard-{000000..000127}.tar"]
 /// index-dir = "/var/cache/ringfeed"   # optional
+/// key-file = "/etc/ringfeed/data.key"  # optional: encrypted shards
 /// classes = "classes.txt"              # optional: or ["cat", "dog", …]
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SourceConfig {
-    /// Which layout the dataset has.
+    /// Which layout the dataset has (default `tar`; with `streams`, each stream names its own).
+    #[serde(default)]
     pub kind: SourceKind,
     /// Tar only: shard paths, globs and brace expressions (`{000000..000127}`, `{a,b}`),
     /// relative to the configuration's directory.
@@ -33,6 +35,12 @@ pub struct SourceConfig {
     /// `~/.cache/ringfeed`. An index beside the shard is always preferred when fresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_dir: Option<PathBuf>,
+    /// Tar only: the key file of encrypted shards (`ringfeed keygen`, `ringfeed pack
+    /// --encrypt-key-file`), a relative path resolving like `shards`; `--key-file` /
+    /// `RINGFEED_KEY_FILE` override it. With a key, every shard must be encrypted with it.
+    /// The file holds the key; this setting only names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
     /// Largest encoded image accepted, in bytes (default [`DEFAULT_MAX_SAMPLE_BYTES`], at most
     /// 4 GiB − 1). A larger image file or member is skipped and counted like a corrupt one, so
     /// a hostile dataset (an 8 TiB sparse `.jpg`, a forged index) cannot make a worker
@@ -44,6 +52,10 @@ pub struct SourceConfig {
     /// (`ringfeed peek`); the labels served stay numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<ClassNames>,
+    /// Several datasets mixed into one stream (`[[source.streams]]`); empty = the one dataset
+    /// described by the keys above. See `docs/sampling.md`, "Mixing several datasets".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<StreamConfig>,
 }
 
 /// Default of [`SourceConfig::max_sample_bytes`]: 64 MiB, far above any real encoded image.
@@ -63,6 +75,80 @@ pub enum ClassNames {
     File(PathBuf),
 }
 
+/// One `[[source.streams]]` entry: a dataset as in `[source]`, its share of each epoch and how
+/// its labels join the others'.
+///
+/// ```toml
+/// [[source.streams]]
+/// kind = "tar"
+/// shards = ["curated/shard-{000000..000009}.tar"]
+/// weight = 3
+/// augment = { random-resized-crop = { size = 224, scale = [0.35, 1.0] } , output = { dtype = "f32" } }
+///
+/// [[source.streams]]
+/// kind = "imagefolder"
+/// path = "web-photos"
+/// weight = 1
+/// label-offset = 1000
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StreamConfig {
+    /// Name in `stat`, the status line and the metrics (default `stream-<i>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Which layout this dataset has.
+    pub kind: SourceKind,
+    /// Tar only: shard specs, as `[source] shards`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<String>,
+    /// ImageFolder only: the root holding one directory per class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Relative share of each epoch (default 1): stream `i` gets
+    /// `weight_i / Σ weight × samples-per-epoch` samples.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Added to every label of this stream, so class ids of different datasets don't collide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_offset: Option<i64>,
+    /// A text file of `FROM TO` label pairs, one per line (`#` starts a comment): this
+    /// stream's label `FROM` is served as `TO`; a label without a line is skipped and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_map: Option<PathBuf>,
+    /// This stream's own `[augment]` table (e.g. weaker augmentation for a clean set); its
+    /// output must have the same shape and dtype as the main one. Default: `[augment]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<crate::augment::AugmentConfig>,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+impl StreamConfig {
+    /// The dataset part of this stream as a plain source, with `[source]`'s shared keys
+    /// (`index-dir`, `key-file`, `max-sample-bytes`).
+    pub fn source(&self, top: &SourceConfig) -> SourceConfig {
+        SourceConfig {
+            kind: self.kind,
+            shards: self.shards.clone(),
+            path: self.path.clone(),
+            index_dir: match self.kind {
+                SourceKind::Tar => top.index_dir.clone(),
+                SourceKind::Imagefolder => None,
+            },
+            key_file: match self.kind {
+                SourceKind::Tar => top.key_file.clone(),
+                SourceKind::Imagefolder => None,
+            },
+            max_sample_bytes: top.max_sample_bytes,
+            classes: None,
+            streams: Vec::new(),
+        }
+    }
+}
+
 impl SourceConfig {
     /// A tar-shard source over `shards` specs.
     pub fn tar(shards: impl IntoIterator<Item = impl Into<String>>) -> SourceConfig {
@@ -71,8 +157,10 @@ impl SourceConfig {
             shards: shards.into_iter().map(Into::into).collect(),
             path: None,
             index_dir: None,
+            key_file: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
+            streams: Vec::new(),
         }
     }
 
@@ -83,17 +171,20 @@ impl SourceConfig {
             shards: Vec::new(),
             path: Some(path.into()),
             index_dir: None,
+            key_file: None,
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
+            streams: Vec::new(),
         }
     }
 }
 
 /// The dataset layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
     /// WebDataset-style tar shards: `<key>.jpg` + `<key>.cls` members.
+    #[default]
     Tar,
     /// `<root>/<class>/<file>`; classes sorted by name give the labels.
     Imagefolder,
@@ -127,6 +218,11 @@ pub struct SamplingConfig {
     /// Number of epochs to serve; 0 serves until stopped. Default 0.
     #[serde(default)]
     pub epochs: u64,
+    /// Samples in each epoch, all ranks together (default: the dataset's size, or the sum of
+    /// the streams' sizes). Smaller walks a large dataset in a rotating window across epochs;
+    /// larger repeats samples. See `docs/sampling.md`, "Mixing several datasets".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_epoch: Option<u64>,
 }
 
 impl Default for SamplingConfig {
@@ -136,6 +232,7 @@ impl Default for SamplingConfig {
             shuffle: ShuffleMode::Global,
             drop_last: false,
             epochs: 0,
+            samples_per_epoch: None,
         }
     }
 }
@@ -272,7 +369,8 @@ mod tests {
                     window: 4
                 },
                 drop_last: true,
-                epochs: 3
+                epochs: 3,
+                samples_per_epoch: None,
             }
         );
         // Round trip through TOML.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::config::{SourceConfig, SourceKind};
+use super::crypt::{unseal_index, CryptError, ShardCipher, ShardKey};
 use super::error::{IndexIssue, IssueReason, SampleReadError, SourceError};
 use super::file::open_regular;
 use super::imagefolder;
@@ -62,12 +63,16 @@ struct Shard {
     size: u64,
     mtime_ns: i64,
     file: Mutex<Option<Arc<File>>>,
+    /// Opens the members of an encrypted shard; `None` for a plaintext one.
+    cipher: Option<ShardCipher>,
 }
 
 impl Dataset {
     /// Opens the dataset that `cfg` describes; relative paths resolve against `base_dir`.
     ///
-    /// Tar shards are indexed on first use (see [`super::index::load_or_build_index`]);
+    /// Tar shards are indexed on first use (see [`super::index::load_or_build_index`]).
+    /// With `key-file`, every shard must be encrypted with that key (checked against each
+    /// shard's key id before anything is served; see [`super::crypt::unseal_index`]);
     /// members that cannot be served, or whose image is over `cfg.max_sample_bytes`, are
     /// skipped and listed by [`skipped_at_index`](Self::skipped_at_index). A dataset without
     /// any usable sample is an error.
@@ -81,9 +86,26 @@ impl Dataset {
                     ));
                 }
                 let index_dir = cfg.index_dir.as_ref().map(|d| base_dir.join(d));
-                Self::open_tar(&cfg.shards, base_dir, index_dir.as_deref(), limit)
+                let key = cfg
+                    .key_file
+                    .as_ref()
+                    .map(|path| ShardKey::load(&base_dir.join(path)).map(Arc::new))
+                    .transpose()
+                    .map_err(CryptError::from)?;
+                Self::open_tar(
+                    &cfg.shards,
+                    base_dir,
+                    index_dir.as_deref(),
+                    key.as_ref(),
+                    limit,
+                )
             }
             SourceKind::Imagefolder => match &cfg.path {
+                Some(_) if cfg.key_file.is_some() => Err(SourceError::Config(
+                    "`key-file` needs kind = \"tar\" (encrypted shards from `ringfeed pack \
+                     --encrypt-key-file`)"
+                        .to_owned(),
+                )),
                 Some(path) if cfg.shards.is_empty() && cfg.index_dir.is_none() => {
                     Self::open_folder(&base_dir.join(path), limit)
                 }
@@ -99,6 +121,7 @@ impl Dataset {
         specs: &[String],
         base_dir: &Path,
         index_dir: Option<&Path>,
+        key: Option<&Arc<ShardKey>>,
         limit: u64,
     ) -> Result<Dataset, SourceError> {
         let paths = expand_shards(specs, base_dir)?;
@@ -111,7 +134,8 @@ impl Dataset {
         let mut dataset = Dataset::empty(Backend::Tar { shards: Vec::new() }, limit);
         let mut shards = Vec::with_capacity(paths.len());
         for (shard_no, path) in paths.into_iter().enumerate() {
-            let loaded = load_or_build_index(&path, index_dir)?;
+            let mut loaded = load_or_build_index(&path, index_dir)?;
+            let cipher = unseal_index(&mut loaded.index, &path, key)?;
             dataset.shard_starts.push(dataset.samples.len() as u64);
             for sample in &loaded.index.samples {
                 let name = sample.member();
@@ -154,6 +178,7 @@ impl Dataset {
                 size: loaded.index.shard_size,
                 mtime_ns: loaded.index.shard_mtime_ns,
                 file: Mutex::new(None),
+                cipher,
             });
         }
         dataset.backend = Backend::Tar { shards };
@@ -279,6 +304,10 @@ impl Dataset {
     /// Reads sample `id`'s encoded image bytes into `buf` (cleared first; its capacity is
     /// reused). Never panics: a vanished, replaced, changed or truncated file is an error
     /// naming the shard and member.
+    ///
+    /// A member of an encrypted shard is read behind its associated data and opened in place
+    /// in `buf`: the plaintext exists only there (no other buffer, no file), and a member that
+    /// fails authentication is [`SampleReadError::Unauthentic`].
     pub fn read_into(&self, id: u64, buf: &mut Vec<u8>) -> Result<(), SampleReadError> {
         buf.clear();
         let record = self.record(id).ok_or(SampleReadError::OutOfRange {
@@ -290,24 +319,44 @@ impl Dataset {
                 let shard = &shards[record.shard as usize];
                 let location = || self.describe(id);
                 let file = shard.file(&location)?;
-                buf.resize(record.size as usize, 0);
-                if file.read_exact_at(buf, record.offset).is_ok() {
-                    return Ok(());
+                // An encrypted member is read behind room for its associated data.
+                let name = self.name(record);
+                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(name));
+                buf.resize(aad_len + record.size as usize, 0);
+                if file
+                    .read_exact_at(&mut buf[aad_len..], record.offset)
+                    .is_err()
+                {
+                    // The descriptor may have gone bad (network filesystem, replaced file):
+                    // retry once on a fresh one, which also re-checks the shard's identity.
+                    shard.forget(&file);
+                    let file = shard.file(&location).inspect_err(|_| buf.clear())?;
+                    file.read_exact_at(&mut buf[aad_len..], record.offset)
+                        .map_err(|source| {
+                            buf.clear();
+                            SampleReadError::Read {
+                                location: location(),
+                                path: shard.path.clone(),
+                                offset: record.offset,
+                                size: u64::from(record.size),
+                                source,
+                            }
+                        })?;
                 }
-                // The descriptor may have gone bad (network filesystem, replaced file): retry
-                // once on a fresh one, which also re-checks the shard's identity.
-                shard.forget(&file);
-                let file = shard.file(&location).inspect_err(|_| buf.clear())?;
-                file.read_exact_at(buf, record.offset).map_err(|source| {
-                    buf.clear();
-                    SampleReadError::Read {
-                        location: location(),
-                        path: shard.path.clone(),
-                        offset: record.offset,
-                        size: u64::from(record.size),
-                        source,
+                match &shard.cipher {
+                    None => Ok(()),
+                    Some(cipher) => {
+                        cipher.write_aad(name, &mut buf[..aad_len]);
+                        if cipher.open_in_place(buf, aad_len) {
+                            Ok(())
+                        } else {
+                            Err(SampleReadError::Unauthentic {
+                                location: location(),
+                                path: shard.path.clone(),
+                            })
+                        }
                     }
-                })
+                }
             }
             Backend::Folder { root } => {
                 let path = root.join(self.name(record));

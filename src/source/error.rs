@@ -65,6 +65,9 @@ pub enum SourceError {
         /// Which limit was exceeded.
         reason: String,
     },
+    /// An encrypted dataset cannot be opened with the key given (or without one).
+    #[error(transparent)]
+    Crypt(#[from] super::crypt::CryptError),
     /// The dataset has no usable sample.
     #[error("{what} holds no usable sample ({skipped} members skipped while indexing{first})")]
     Empty {
@@ -108,6 +111,17 @@ pub enum SampleReadError {
         path: PathBuf,
         /// What differs.
         what: String,
+    },
+    /// A sealed member failed authentication: altered, truncated, moved from another name or
+    /// shard, or sealed with another key. Skipped and counted like any corrupt sample.
+    #[error(
+        "{location}: sealed member failed authentication (altered, swapped or truncated) in {path}"
+    )]
+    Unauthentic {
+        /// `shard:member` of the sample.
+        location: String,
+        /// The shard.
+        path: PathBuf,
     },
     /// The image file grew past `source.max-sample-bytes` after the dataset was opened.
     #[error(
@@ -199,6 +213,23 @@ pub enum IssueReason {
     TooLarge {
         /// The member's size.
         size: u64,
+    },
+    /// A second member of the same name in an encrypted shard.
+    #[error("duplicate member name in an encrypted shard")]
+    DuplicateMember,
+    /// An encrypted shard's sealed manifest lists this member, but the shard lacks it
+    /// (removed, renamed, or the shard was cut).
+    #[error("listed in the shard's sealed manifest but missing from the shard")]
+    MissingMember,
+    /// A member of an encrypted shard that its sealed manifest does not list (added or renamed).
+    #[error("not listed in the shard's sealed manifest (added or renamed member)")]
+    NotInManifest,
+    /// An encrypted shard's sealed manifest is missing or failed authentication, so none of
+    /// its samples can be trusted (or labelled).
+    #[error("{message}")]
+    ManifestUnusable {
+        /// What is wrong with the manifest.
+        message: String,
     },
     /// The image is larger than `source.max-sample-bytes`.
     #[error("image is {size} bytes, over the limit of {limit} (source.max-sample-bytes)")]

@@ -15,12 +15,14 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
+use super::crypt::{self, SealedInfo};
 use super::error::{IssueReason, SourceError};
 use super::file::{open_regular, open_regular_nofollow, read_capped};
 use super::tar::{self, ReadAt};
 
-/// Version of the index file format; an index with another version is rebuilt.
-pub const INDEX_VERSION: u32 = 1;
+/// Version of the index file format; an index with another version is rebuilt. Version 2
+/// records encrypted shards ([`ShardIndex::sealed`]).
+pub const INDEX_VERSION: u32 = 2;
 
 /// Suffix appended to the shard's file name to name its sidecar index.
 pub const INDEX_SUFFIX: &str = ".idx.json";
@@ -45,6 +47,11 @@ pub struct ShardIndex {
     pub samples: Vec<IndexedSample>,
     /// Members skipped, in shard order.
     pub issues: Vec<MemberIssue>,
+    /// For an encrypted shard, its plaintext header and where its sealed manifest lies
+    /// (see [`super::crypt`]); its samples' labels are 0 here and come from the manifest once
+    /// the key is known. Absent for a plaintext shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<SealedInfo>,
 }
 
 /// One sample of a shard: its image member and label.
@@ -59,7 +66,8 @@ pub struct IndexedSample {
     pub offset: u64,
     /// Length of the image bytes.
     pub size: u64,
-    /// The integer label from `<key>.cls`.
+    /// The integer label from `<key>.cls`; 0 in the index of an encrypted shard, whose labels
+    /// are in its sealed manifest (filled in by [`super::crypt::unseal_index`]).
     pub label: i64,
 }
 
@@ -265,13 +273,26 @@ pub fn build_index(shard: &Path) -> Result<ShardIndex, SourceError> {
     let file = open_regular(shard).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
     let (shard_size, shard_mtime_ns) = fingerprint(&meta);
-    let (samples, issues) = index_archive(&file, shard_size);
+    let sealed = crypt::index_sealed(&file, shard_size).map_err(|reason| {
+        SourceError::Crypt(crypt::CryptError::BadHeader {
+            shard: shard.to_path_buf(),
+            reason,
+        })
+    })?;
+    let (samples, issues, sealed) = match sealed {
+        Some((samples, issues, info)) => (samples, issues, Some(info)),
+        None => {
+            let (samples, issues) = index_archive(&file, shard_size);
+            (samples, issues, None)
+        }
+    };
     Ok(ShardIndex {
         version: INDEX_VERSION,
         shard_size,
         shard_mtime_ns,
         samples,
         issues,
+        sealed,
     })
 }
 

@@ -22,9 +22,36 @@ use super::error::SamplerError;
 /// Epoch orders kept in memory: local ranks at an epoch boundary may be one epoch apart.
 const CACHED_EPOCHS: usize = 2;
 
+/// One dataset of a mixture, as the sampler sees it: where its ids start, how many it has,
+/// its relative weight and (for `buffer` shuffling) where its shards start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamShare {
+    /// First id of the stream (streams occupy consecutive id ranges).
+    pub start: u64,
+    /// Samples in the stream.
+    pub len: u64,
+    /// Relative share of each epoch (finite, > 0).
+    pub weight: f64,
+    /// Stream-local ids where its shards start, ascending from 0.
+    pub shard_starts: Vec<u64>,
+}
+
+/// A stream with its draws per epoch, ready to deal.
+#[derive(Debug)]
+struct MixStream {
+    start: u64,
+    len: u64,
+    draws: u64,
+    shard_starts: Vec<u64>,
+    /// The stream's fixed cyclic visiting order (global shuffle); `None` walks ids in order,
+    /// which keeps block and buffer modes' locality.
+    walk: Option<Vec<u64>>,
+}
+
 /// Orders the samples of each epoch and deals them to ranks in batches.
 #[derive(Debug)]
 pub struct Sampler {
+    /// Samples in an epoch's order (the dataset's size, or `samples-per-epoch` of a mixture).
     n_samples: u64,
     batch_size: u32,
     world_size: u32,
@@ -32,6 +59,9 @@ pub struct Sampler {
     shuffle: ShuffleMode,
     batches: u64,
     shard_starts: Vec<u64>,
+    /// Set for a mixture of streams (or a chosen epoch size): the epoch's order is then a list
+    /// of ids drawn from every stream, not a permutation of `0..n_samples`.
+    mix: Option<Vec<MixStream>>,
     cache: Mutex<VecDeque<(u64, Arc<Vec<u64>>)>>,
 }
 
@@ -83,8 +113,70 @@ impl Sampler {
             shuffle: sampling.shuffle,
             batches,
             shard_starts: vec![0],
+            mix: None,
             cache: Mutex::new(VecDeque::with_capacity(CACHED_EPOCHS)),
         })
+    }
+
+    /// A sampler over a mixture of `streams`, each epoch `samples_per_epoch` ids (default: the
+    /// streams' total) split by weight: stream `i` gets `weight_i / Σ weight × N` draws,
+    /// rounded by largest remainder (exact total; ties to the earlier stream). Each stream is
+    /// walked cyclically from where the previous epoch stopped, so a stream larger than its
+    /// share shows every sample before any twice, and a smaller one repeats every sample the
+    /// same number of times ±1. The epoch's draws are then ordered by the shuffle mode and
+    /// dealt to ranks as for a single dataset. A pure function of (seed, epoch), O(1) to seek.
+    pub fn mixture(
+        streams: &[StreamShare],
+        samples_per_epoch: Option<u64>,
+        batch_size: u32,
+        world_size: u32,
+        sampling: &SamplingConfig,
+    ) -> Result<Sampler, SamplerError> {
+        let invalid = |what: String| Err(SamplerError::Invalid(what));
+        if streams.is_empty() {
+            return invalid("a mixture needs at least one stream".to_owned());
+        }
+        for (i, stream) in streams.iter().enumerate() {
+            if !(stream.weight.is_finite() && stream.weight > 0.0) {
+                return invalid(format!(
+                    "stream {i}: weight must be finite and > 0, got {}",
+                    stream.weight
+                ));
+            }
+            if stream.len == 0 {
+                return invalid(format!("stream {i} has no samples"));
+            }
+        }
+        let total: u64 = streams.iter().map(|s| s.len).sum();
+        let n = samples_per_epoch.unwrap_or(total);
+        if n == 0 {
+            return invalid("sampling.samples-per-epoch is 0".to_owned());
+        }
+        let draws = share_by_weight(n, &streams.iter().map(|s| s.weight).collect::<Vec<_>>());
+        let mut sampler = Sampler::new(n, batch_size, world_size, sampling)?;
+        sampler.mix = Some(
+            streams
+                .iter()
+                .zip(draws)
+                .enumerate()
+                .map(|(i, (stream, draws))| MixStream {
+                    start: stream.start,
+                    len: stream.len,
+                    draws,
+                    shard_starts: stream.shard_starts.clone(),
+                    walk: (sampling.shuffle == ShuffleMode::Global)
+                        .then(|| stream_walk(stream.len, sampling.seed, i as u64)),
+                })
+                .collect(),
+        );
+        Ok(sampler)
+    }
+
+    /// Samples each stream of a mixture contributes to every epoch (empty for one dataset).
+    pub fn stream_draws(&self) -> Vec<u64> {
+        self.mix
+            .as_ref()
+            .map_or_else(Vec::new, |mix| mix.iter().map(|s| s.draws).collect())
     }
 
     /// Tells the sampler where shards start (ids, ascending, first 0: see
@@ -120,6 +212,12 @@ impl Sampler {
     /// Number of ranks the epoch is dealt to.
     pub fn world_size(&self) -> u32 {
         self.world_size
+    }
+
+    /// Samples in an epoch's order before it is cut or padded to whole global batches: the
+    /// dataset's size, or a mixture's `samples-per-epoch`.
+    pub fn epoch_len(&self) -> u64 {
+        self.n_samples
     }
 
     /// Samples served per epoch over all ranks, padding included (or the tail dropped).
@@ -163,20 +261,23 @@ impl Sampler {
 
     /// The epoch's order of all ids (`None` when it is the identity).
     fn order(&self, epoch: u64) -> Option<Arc<Vec<u64>>> {
-        if self.shuffle == ShuffleMode::None {
+        if self.shuffle == ShuffleMode::None && self.mix.is_none() {
             return None;
         }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, order)) = cache.iter().find(|(e, _)| *e == epoch) {
             return Some(Arc::clone(order));
         }
-        let order = Arc::new(epoch_order(
-            self.n_samples,
-            self.seed,
-            epoch,
-            self.shuffle,
-            &self.shard_starts,
-        ));
+        let order = Arc::new(match &self.mix {
+            None => epoch_order(
+                self.n_samples,
+                self.seed,
+                epoch,
+                self.shuffle,
+                &self.shard_starts,
+            ),
+            Some(mix) => mixture_order(mix, self.n_samples, self.seed, epoch, self.shuffle),
+        });
         if cache.len() == CACHED_EPOCHS {
             cache.pop_front();
         }
@@ -239,6 +340,81 @@ pub fn epoch_order(
             order
         }
     }
+}
+
+/// Splits `n` by `weights` (finite, > 0): floors of the exact shares, then one more each for
+/// the largest remainders (ties to the earlier index), so the parts add up to `n` exactly.
+fn share_by_weight(n: u64, weights: &[f64]) -> Vec<u64> {
+    let sum: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| w / sum * n as f64).collect();
+    let mut parts: Vec<u64> = exact.iter().map(|e| e.floor() as u64).collect();
+    // Float rounding can make the floors overshoot by a hair on huge n: never give more than n.
+    while parts.iter().sum::<u64>() > n {
+        if let Some(p) = parts.iter_mut().rev().find(|p| **p > 0) {
+            *p -= 1;
+        }
+    }
+    let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    let short = n - parts.iter().sum::<u64>();
+    for &i in by_remainder.iter().cycle().take(short as usize) {
+        parts[i] += 1;
+    }
+    parts
+}
+
+/// The fixed cyclic visiting order of stream `stream`'s `len` ids: a permutation seeded by
+/// (seed, stream) only, so the window an epoch takes from it is O(1) to find.
+fn stream_walk(len: u64, seed: u64, stream: u64) -> Vec<u64> {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&stream.to_le_bytes());
+    key[16..].copy_from_slice(b"ringfeed-streams");
+    let mut rng = ChaCha8Rng::from_seed(key);
+    let mut walk: Vec<u64> = (0..len).collect();
+    shuffle_slice(&mut walk, &mut rng);
+    walk
+}
+
+/// An epoch of a mixture: each stream's window of draws (continuing its cyclic walk from the
+/// previous epoch), concatenated, then ordered by `shuffle` over positions of that list. For
+/// `buffer`, every stream's shard starts inside its window (and the window's start) are the
+/// "shards" shuffled, so reads stay sequential within a shard.
+fn mixture_order(
+    mix: &[MixStream],
+    n: u64,
+    seed: u64,
+    epoch: u64,
+    shuffle: ShuffleMode,
+) -> Vec<u64> {
+    let mut drawn: Vec<u64> = Vec::with_capacity(n as usize);
+    let mut starts: Vec<u64> = Vec::new();
+    for stream in mix {
+        let len = u128::from(stream.len);
+        // Where this epoch's window begins in the stream's cycle: epoch × draws mod len.
+        let first = (u128::from(epoch) % len * (u128::from(stream.draws) % len) % len) as u64;
+        for j in 0..stream.draws {
+            let local = (first + j % stream.len) % stream.len;
+            if j == 0 || stream.shard_starts.binary_search(&local).is_ok() {
+                starts.push(drawn.len() as u64);
+            }
+            let id = match &stream.walk {
+                Some(walk) => walk[local as usize],
+                None => local,
+            };
+            drawn.push(stream.start + id);
+        }
+    }
+    if shuffle == ShuffleMode::None {
+        return drawn;
+    }
+    epoch_order(n, seed, epoch, shuffle, &starts)
+        .into_iter()
+        .map(|position| drawn[position as usize])
+        .collect()
 }
 
 /// ChaCha8 seeded from (seed, epoch) and a domain tag, so that other users of the same seed
@@ -366,6 +542,7 @@ mod tests {
             shuffle,
             drop_last,
             epochs: 0,
+            samples_per_epoch: None,
         }
     }
 
@@ -629,5 +806,127 @@ mod tests {
             ("LOCAL_WORLD_SIZE", "2"),
         ]);
         assert!(RankLayout::resolve(&RankFlags::default(), bad_local).is_err());
+    }
+
+    fn two_streams(len: u64, weights: [f64; 2], shards: u64) -> Vec<StreamShare> {
+        (0..2)
+            .map(|i| StreamShare {
+                start: i * len,
+                len,
+                weight: weights[i as usize],
+                shard_starts: (0..len).step_by(shards as usize).collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mixture_epochs_take_each_streams_share_exactly_and_never_repeat_within_an_epoch() {
+        let streams = two_streams(1000, [3.0, 1.0], 100);
+        for mode in MODES {
+            for world in [1, 2] {
+                let s =
+                    Sampler::mixture(&streams, Some(800), 8, world, &sampling(mode, true)).unwrap();
+                assert_eq!(s.stream_draws(), vec![600, 200]);
+                assert_eq!(s.batches_per_epoch(), 800 / (8 * u64::from(world)));
+                let mut second_stream_seen = std::collections::HashSet::new();
+                for e in 0..4 {
+                    let ids: Vec<u64> = (0..world).flat_map(|r| epoch(&s, e, r)).collect();
+                    assert_eq!(ids.len(), 800, "{mode:?} world {world}");
+                    let unique: std::collections::HashSet<_> = ids.iter().collect();
+                    assert_eq!(unique.len(), 800, "{mode:?}: an id twice in epoch {e}");
+                    let first = ids.iter().filter(|&&id| id < 1000).count();
+                    assert_eq!((first, 800 - first), (600, 200), "{mode:?} epoch {e}");
+                    for &id in ids.iter().filter(|&&id| id >= 1000) {
+                        assert!(second_stream_seen.insert(id), "{mode:?}: {id} seen twice");
+                    }
+                }
+                // 4 × 200 of the second stream's 1,000: every draw a new sample.
+                assert_eq!(second_stream_seen.len(), 800);
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_smaller_than_its_share_repeats_every_sample_equally_within_one() {
+        let streams = vec![
+            StreamShare {
+                start: 0,
+                len: 10,
+                weight: 1.0,
+                shard_starts: vec![0],
+            },
+            StreamShare {
+                start: 10,
+                len: 100,
+                weight: 3.0,
+                shard_starts: vec![0, 50],
+            },
+        ];
+        let s = Sampler::mixture(
+            &streams,
+            Some(100),
+            4,
+            1,
+            &sampling(ShuffleMode::Global, true),
+        )
+        .unwrap();
+        assert_eq!(s.stream_draws(), vec![25, 75]);
+        for e in 0..5 {
+            let ids = epoch(&s, e, 0);
+            let mut counts = [0u32; 10];
+            for id in ids.iter().filter(|&&id| id < 10) {
+                counts[*id as usize] += 1;
+            }
+            let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            assert!(
+                *min >= 2 && *max <= 3 && max - min <= 1,
+                "epoch {e}: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mixture_orders_are_pure_functions_of_seed_and_epoch() {
+        let streams = two_streams(300, [1.0, 2.0], 30);
+        let make = || {
+            Sampler::mixture(
+                &streams,
+                Some(240),
+                8,
+                2,
+                &sampling(ShuffleMode::Global, true),
+            )
+            .unwrap()
+        };
+        let (a, b) = (make(), make());
+        // Different call orders, same answers: nothing depends on what was asked before.
+        let late = epoch(&b, 3, 1);
+        assert_eq!(epoch(&a, 3, 1), late);
+        assert_eq!(epoch(&a, 0, 0), epoch(&b, 0, 0));
+        assert_ne!(epoch(&a, 0, 0), epoch(&a, 1, 0));
+    }
+
+    #[test]
+    fn weights_split_the_epoch_by_largest_remainder_with_an_exact_total() {
+        assert_eq!(share_by_weight(800, &[3.0, 1.0]), vec![600, 200]);
+        assert_eq!(share_by_weight(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert_eq!(share_by_weight(7, &[0.5, 0.25, 0.25]), vec![3, 2, 2]); // 3.5, 1.75, 1.75
+        assert_eq!(share_by_weight(1, &[1.0, 1e-9]), vec![1, 0]);
+        let parts = share_by_weight(1_000_003, &[0.1, 0.2, 0.3, 0.4]);
+        assert_eq!(parts.iter().sum::<u64>(), 1_000_003);
+    }
+
+    #[test]
+    fn bad_mixtures_are_refused() {
+        let good = two_streams(10, [1.0, 1.0], 10);
+        let cfg = sampling(ShuffleMode::Global, false);
+        let mut bad = good.clone();
+        bad[1].weight = 0.0;
+        assert!(Sampler::mixture(&bad, None, 2, 1, &cfg).is_err());
+        bad[1].weight = f64::NAN;
+        assert!(Sampler::mixture(&bad, None, 2, 1, &cfg).is_err());
+        assert!(Sampler::mixture(&good, Some(0), 2, 1, &cfg).is_err());
+        assert!(Sampler::mixture(&[], None, 2, 1, &cfg).is_err());
+        assert!(Sampler::mixture(&good, None, 2, 1, &cfg).is_ok());
     }
 }

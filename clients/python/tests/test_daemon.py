@@ -271,3 +271,38 @@ def test_u8_ring_normalised_by_the_client_equals_the_f32_ring(
     finally:
         for daemon in rings.values():
             daemon.close()
+
+
+def test_a_mixture_of_two_datasets_serves_a_u16_source_tensor_by_weight(
+    serve: type[Daemon], tmp_path: Path
+) -> None:
+    """Two streams (the bundled sample's two shards, 48 photos each) mixed 3 : 1 into epochs of
+    64: the ``source`` tensor (u16) says where each sample came from, 48 + 16 per epoch."""
+    shard = REPO / "data" / "sample" / "shard-{:06d}.tar"
+    config = tmp_path / "mix.toml"
+    config.write_text(
+        f'[[source.streams]]\nname = "first"\nkind = "tar"\nshards = ["{str(shard).format(0)}"]\n'
+        "weight = 3\n"
+        f'[[source.streams]]\nname = "second"\nkind = "tar"\nshards = ["{str(shard).format(1)}"]\n'
+        "label-offset = 8\n"
+        "[sampling]\nsamples-per-epoch = 64\ndrop-last = true\n"
+        "[augment]\nrandom-resized-crop = { size = 32 }\n"
+    )
+    daemon = serve("--config", config, "--batch-size", 8, "--epochs", 2, "--workers", 2)
+    with daemon.loader() as loader:
+        assert [t.name for t in loader.layout.tensors] == [
+            "images", "labels", "sample_ids", "source",
+        ]  # fmt: skip
+        assert len(loader) == 8
+        for _ in range(2):
+            sources, ids, labels = [], [], []
+            for batch in loader:
+                assert batch["source"].dtype == np.uint16
+                sources.extend(batch["source"].tolist())
+                ids.extend(batch.sample_ids.tolist())
+                labels.extend(batch.labels.tolist())
+            assert (sources.count(0), sources.count(1)) == (48, 16)
+            assert len(set(ids)) == 64
+            for source, sample, label in zip(sources, ids, labels):
+                assert (sample < 48) == (source == 0)
+                assert (label >= 8) == (source == 1)  # label-offset of the second stream

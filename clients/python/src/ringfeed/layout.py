@@ -55,6 +55,7 @@ DTYPES: dict[int, tuple[str, str, int]] = {
     4: ("f16", "<f2", 2),
     5: ("bf16", "<u2", 2),
     6: ("f32", "<f4", 4),
+    7: ("u16", "<u2", 2),
 }
 
 _HEADER = struct.Struct(
