@@ -753,6 +753,9 @@ impl Pipeline {
                     self.selector().resumed(request.lane, request.epoch);
                 }
                 request.apply();
+                // A seek makes a finished ring serve again (even one to the end of the last
+                // epoch, where nothing is left to publish), so it must be finished anew.
+                finished = false;
             }
             self.apply_feedback(producer);
             if evaluation_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {

@@ -88,6 +88,10 @@ fn batches_arrive_in_order_zero_copy_and_several_can_be_held() {
             (i as u64 + 1, 0, i as u64, 4)
         );
         assert!(!b.redelivered());
+        assert!(
+            b.still_held(),
+            "the slot records this consumer's token and the seq"
+        );
         let labels = b.tensor::<i64>("labels").unwrap();
         assert_eq!(
             labels,

@@ -276,6 +276,8 @@ pub struct Consumer {
     name: String,
     lane: u32,
     pid: u32,
+    /// Written into every slot this consumer takes; a release proves ownership with it.
+    token: u64,
     producer_pid: u32,
     layout: Layout,
     control: Control,
@@ -461,6 +463,7 @@ impl Consumer {
             name,
             lane: opts.lane,
             pid,
+            token: rand::random::<u64>().max(1),
             producer_pid: reply.producer_pid,
             layout,
             control,
@@ -677,7 +680,7 @@ impl Consumer {
         }
         let Some((s, _)) = best else { return Ok(None) };
         let slot = Slot::new(&self.control, &self.layout, self.lane, s);
-        slot.take(self.pid);
+        slot.take(self.pid, self.token);
         let meta = slot.meta();
         self.last_taken.set(Some((meta.epoch, meta.flags & 1 != 0)));
         self.control
@@ -698,8 +701,13 @@ impl Consumer {
         String::from_utf8_lossy(&raw[..end]).into_owned()
     }
 
-    fn release(&self, s: u32) {
-        Slot::new(&self.control, &self.layout, self.lane, s).release();
+    /// Releases slot `s` if it still holds our batch `seq`. After the producer declared this
+    /// consumer gone (a pause longer than its liveness checks allow, then a re-attach), the
+    /// slot may be `READY` again or held by the new attach: it is left alone.
+    fn release(&self, s: u32, seq: u64) {
+        if !Slot::new(&self.control, &self.layout, self.lane, s).release_if_ours(self.token, seq) {
+            return;
+        }
         self.lane_u64(lentry::RELEASED).fetch_add(1, Relaxed);
         futex::bump_and_wake(self.lane_u32(lentry::RELEASE_SEQ));
         // SYNC POINT with the producer's acquire load of release_any in claim_any.
@@ -740,6 +748,13 @@ impl Batch<'_> {
     /// Samples in the batch.
     pub fn count(&self) -> u32 {
         self.meta.count
+    }
+    /// Whether the slot still holds this batch for this consumer. False once the producer
+    /// has taken the slot back (it declared this consumer gone, e.g. after a long pause, and
+    /// a new attach followed): the bytes may then belong to another batch.
+    pub fn still_held(&self) -> bool {
+        let c = self.consumer;
+        Slot::new(&c.control, &c.layout, c.lane, self.slot).held_by(c.token, self.meta.seq)
     }
     /// Whether this batch was delivered before to a consumer that died holding it.
     pub fn redelivered(&self) -> bool {
@@ -796,7 +811,7 @@ impl Batch<'_> {
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
-        self.consumer.release(self.slot);
+        self.consumer.release(self.slot, self.meta.seq);
         self.consumer.touch_heartbeat();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use rustix::net::{
@@ -56,13 +56,37 @@ pub(crate) fn check_peer_uid(peer: u32, ours: u32, trusted: Option<u32>) -> Resu
 
 /// The peer's effective uid, gid and pid at connect time (`SO_PEERCRED`; the pid is
 /// translated into our pid namespace, unlike the one a client writes in its request, and is 0
-/// when the peer's pid is not visible there).
+/// when the peer lives in a pid namespace we cannot see into: a container with its own pid
+/// namespace, `unshare --pid`). Read with `getsockopt` directly, because rustix's `UCred`
+/// cannot represent pid 0.
 pub(crate) fn peer_cred(stream: &UnixStream) -> io::Result<Peer> {
-    let cred = rustix::net::sockopt::socket_peercred(stream)?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid, writable `ucred` of `len` bytes that outlives the call; the
+    // kernel writes at most `len` bytes into it and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::other("short SO_PEERCRED reply"));
+    }
     Ok(Peer {
-        uid: cred.uid.as_raw(),
-        gid: cred.gid.as_raw(),
-        pid: cred.pid.as_raw_nonzero().get() as u32,
+        uid: cred.uid,
+        gid: cred.gid,
+        pid: u32::try_from(cred.pid).unwrap_or(0),
     })
 }
 

@@ -11,7 +11,7 @@ pub const MAGIC: [u8; 8] = *b"RINGFEED";
 /// The layout major version this code implements.
 pub const VERSION_MAJOR: u16 = 1;
 /// The layout minor version this code writes.
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Size of the fixed header.
 pub const HEADER_BYTES: u32 = 512;
 /// Page size every region boundary is aligned to.
@@ -118,6 +118,7 @@ pub(crate) mod slot {
     pub(crate) const COUNT: u64 = 32;
     pub(crate) const FLAGS: u64 = 36;
     pub(crate) const PUBLISHED_MONO_NS: u64 = 40;
+    pub(crate) const HOLDER_TOKEN: u64 = 48;
 }
 
 /// Byte offsets inside a consumer table entry (§5.5).

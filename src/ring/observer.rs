@@ -26,7 +26,7 @@ use super::layout::{consumer as centry, hdr, lane as lentry, FormatError, Layout
 use super::memory::{self, Control};
 use super::producer::{LaneStats, ProducerState, RingStats};
 use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
-use super::slot::{self, Slot};
+use super::slot::{self, Slot, SlotMeta};
 
 /// Why a ring could not be observed.
 #[derive(Debug, Error)]
@@ -210,6 +210,12 @@ fn memfd_link(name: &str) -> String {
     format!("/memfd:ringfeed:{name} (deleted)")
 }
 
+/// The seqlock's verdict: a copy made after reading `before` (from a published slot) is
+/// consistent if the slot is still published with exactly the same metadata afterwards.
+fn copy_is_consistent(before: &SlotMeta, state_after: u32, after: &SlotMeta) -> bool {
+    (state_after == slot::READY || state_after == slot::HELD) && before == after
+}
+
 impl Observer {
     /// Finds ring `name`'s producer through `dir`'s lock file and opens its memory read-only.
     pub fn open(dir: &RuntimeDir, name: &str) -> Result<Observer, ObserveError> {
@@ -358,12 +364,14 @@ impl Observer {
     /// `timeout` for one.
     ///
     /// The copy is a seqlock read: load the slot's `state` (acquire; `READY` or `HELD`) and
-    /// `seq`, copy the tensors with `pread` from the memfd, then (after an acquire fence)
-    /// load `state` and `seq` again. The producer only writes a slot after it became `FREE`
-    /// and then `WRITING`, and every publish gives it a larger `seq`; so if the second load
-    /// still sees `READY`/`HELD` with the same `seq`, no write into the slot overlapped the
-    /// copy. Otherwise the copy is thrown away and tried again. The consumer's batch is never
-    /// touched: the observer maps nothing writable and writes nothing.
+    /// its metadata (`seq`, `epoch`, `index`, `count`, `flags`, publish time), copy the tensors
+    /// with `pread` from the memfd, then, after an acquire fence, load `state` and the whole
+    /// metadata again. The producer marks a slot `WRITING` (followed by a release fence) before
+    /// it writes into it, and every publish gives it a larger `seq`; so if the second load
+    /// still sees `READY`/`HELD` with the same metadata, no write into the slot overlapped the
+    /// copy and the metadata is not torn between two publishes. Otherwise the copy is thrown
+    /// away and tried again. The consumer's batch is never touched: the observer maps nothing
+    /// writable and writes nothing.
     pub fn peek(&self, lane: u32, timeout: Duration) -> Result<PeekedBatch, PeekError> {
         let l = &self.layout;
         if lane >= l.lane_count {
@@ -416,6 +424,12 @@ impl Observer {
                 continue;
             }
             let meta = slot.meta();
+            // The metadata may belong to a publish that completed after the load above: load
+            // the state again (acquire) so that a READY seen now orders that publish's payload
+            // before the copy, whichever publish the metadata came from.
+            if !published(slot.state()) {
+                continue;
+            }
             let base = l.data_offset + l.slot_data(lane, s);
             let mut tensors = Vec::with_capacity(l.tensors.len());
             for t in &l.tensors {
@@ -423,9 +437,10 @@ impl Observer {
                 self.read_exact_at(&mut buf, base + t.offset)?;
                 tensors.push(buf);
             }
-            // Orders the copy's loads before the re-check (the seqlock's read side).
+            // Orders the copy's loads before the re-check (the seqlock's read side; partner:
+            // the release fence after the claim in Slot::claim).
             std::sync::atomic::fence(Acquire);
-            if published(slot.state()) && slot.seq() == meta.seq {
+            if copy_is_consistent(&meta, slot.state(), &slot.meta()) {
                 return Ok(Some(PeekedBatch {
                     lane,
                     seq: meta.seq,
@@ -533,4 +548,45 @@ pub fn query_info(
     }
     let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
     serde_json::from_slice(&line[..end]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(seq: u64, epoch: u64, index: u64) -> SlotMeta {
+        SlotMeta {
+            seq,
+            epoch,
+            index,
+            count: 8,
+            flags: 0,
+            published_mono_ns: 1,
+        }
+    }
+
+    /// The re-check compares every metadata field, not `seq` alone: metadata read while a
+    /// publish was half written (new `seq`, old `epoch`/`index`) is refused even though the
+    /// slot is READY with that `seq` afterwards.
+    #[test]
+    fn torn_metadata_or_a_rewritten_slot_fails_the_recheck() {
+        let m = meta(5, 1, 2);
+        assert!(copy_is_consistent(&m, slot::READY, &m));
+        assert!(copy_is_consistent(&m, slot::HELD, &m));
+        assert!(!copy_is_consistent(&m, slot::WRITING, &m));
+        assert!(!copy_is_consistent(&m, slot::FREE, &m));
+        assert!(!copy_is_consistent(
+            &meta(6, 1, 2),
+            slot::READY,
+            &meta(6, 1, 3)
+        ));
+        assert!(!copy_is_consistent(
+            &meta(6, 0, 2),
+            slot::READY,
+            &meta(6, 1, 2)
+        ));
+        let recounted = SlotMeta { count: 7, ..m };
+        assert!(!copy_is_consistent(&m, slot::READY, &recounted));
+        assert!(!copy_is_consistent(&m, slot::READY, &meta(9, 1, 2)));
+    }
 }

@@ -1381,8 +1381,9 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     // The holder may have died a moment ago; look before refusing. Its
                     // connection is in the lane table however its attach completed.
                     let other = *other;
-                    // Peek only: unread feedback frames stay for the service loop to read.
-                    if handshake::peer_hung_up(holder) || !pid_alive(other) {
+                    // Peek only: unread feedback frames stay for the service loop to read. A pid
+                    // of 0 (outside our PID namespace) is judged by its socket alone.
+                    if handshake::peer_hung_up(holder) || pid_gone(other) {
                         sh.reclaim_locked(&mut lanes, lane);
                     } else {
                         return refuse(
@@ -1453,14 +1454,19 @@ fn restrict_socket(path: &std::path::Path, group: Option<u32>) -> io::Result<()>
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether the consumer process `pid` is known to have exited. Pid 0 means the consumer lives
+/// in a pid namespace we cannot see into (`SO_PEERCRED` reported no pid): its liveness is its
+/// socket alone (EOF when the process dies), never a pid check, which would declare it dead.
+fn pid_gone(pid: u32) -> bool {
     match rustix::process::Pid::from_raw(pid as i32) {
-        Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
+        Some(p) => rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH),
         None => false,
     }
 }
 
-/// Refreshes the heartbeat and reclaims lanes whose consumer process no longer exists.
+/// Refreshes the heartbeat and reclaims lanes whose consumer process no longer exists (a
+/// backup for socket EOF, e.g. when a forked child still holds the dead consumer's socket;
+/// consumers whose pid we cannot see are judged by their socket only).
 fn heartbeat_loop(sh: &Arc<Shared>) {
     let mut warned = false;
     while !sh.stop.load(Acquire) {
@@ -1477,7 +1483,7 @@ fn heartbeat_loop(sh: &Arc<Shared>) {
         let mut lanes = lock(&sh.lanes);
         for l in 0..sh.layout.lane_count {
             if let LaneConn::Attached { pid, .. } = lanes[l as usize] {
-                if !pid_alive(pid) {
+                if pid_gone(pid) {
                     sh.reclaim_locked(&mut lanes, l);
                 }
             }

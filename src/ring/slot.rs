@@ -2,6 +2,7 @@
 //! plus the producer's reclaim (`HELD → READY`, consumer died) and discard (`READY → FREE`,
 //! seek). Each transition is one function here, with its ordering and its partner named.
 
+use std::sync::atomic::fence;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use super::layout::{slot as off, Layout};
@@ -57,13 +58,22 @@ impl<'a> Slot<'a> {
     /// Producer: `FREE → WRITING`. A compare-exchange because several producer threads may
     /// race for the same free slot; consumers never write a `FREE` slot.
     pub(crate) fn claim(&self) -> bool {
-        // SYNC POINT with the release store of FREE in `release` / `abandon` / `discard`
-        // (acquire), and with the producer heartbeat's acquire load in `state` (release: the
-        // producer's mark of the slot as its own, stored before, is seen with WRITING).
-        self.c
+        // SYNC POINT with the release store of FREE in `release_if_ours` / `abandon` /
+        // `discard` (acquire), and with the producer heartbeat's acquire load in `state`
+        // (release: the producer's mark of the slot as its own, stored before, is seen with
+        // WRITING).
+        let claimed = self
+            .c
             .u32(self.base + off::STATE)
             .compare_exchange(FREE, WRITING, AcqRel, Relaxed)
-            .is_ok()
+            .is_ok();
+        if claimed {
+            // The seqlock's write side: WRITING is ordered before every write into the slot,
+            // so an observer whose copy saw one of them sees the state change on its re-check
+            // (partner: the acquire fence in `Observer::try_peek`).
+            fence(Release);
+        }
+        claimed
     }
 
     /// Producer: `WRITING → FREE` without publishing.
@@ -104,18 +114,37 @@ impl<'a> Slot<'a> {
     }
 
     /// Consumer: `READY → HELD` (the only writer of a READY slot while a consumer is attached
-    /// to the lane), recording the holder.
-    pub(crate) fn take(&self, pid: u32) {
+    /// to the lane), recording the holder and its `token` (one per attach, never 0), which a
+    /// later [`release_if_ours`](Slot::release_if_ours) compares.
+    pub(crate) fn take(&self, pid: u32, token: u64) {
         self.c.u32(self.base + off::HOLDER_PID).store(pid, Relaxed);
+        self.c
+            .u64(self.base + off::HOLDER_TOKEN)
+            .store(token, Relaxed);
         self.c.u32(self.base + off::STATE).store(HELD, Release);
     }
 
-    /// Consumer: `HELD → FREE` after its last read of the payload.
-    pub(crate) fn release(&self) {
+    /// Whether the slot is `HELD` with `token` and still carries the batch `seq`: the proof
+    /// of ownership a release needs. A slot reclaimed from a connection the producer declared
+    /// dead is `READY`, or `HELD` by a later attach with another token.
+    pub(crate) fn held_by(&self, token: u64, seq: u64) -> bool {
+        self.state() == HELD
+            && self.c.u64(self.base + off::HOLDER_TOKEN).load(Relaxed) == token
+            && self.seq() == seq
+    }
+
+    /// Consumer: `HELD → FREE` after its last read of the payload, if the slot is still
+    /// ours ([`held_by`](Slot::held_by)); returns whether it released.
+    pub(crate) fn release_if_ours(&self, token: u64, seq: u64) -> bool {
+        if !self.held_by(token, seq) {
+            return false;
+        }
+        self.c.u64(self.base + off::HOLDER_TOKEN).store(0, Relaxed);
         self.c.u32(self.base + off::HOLDER_PID).store(0, Relaxed);
         // SYNC POINT with the acquire compare-exchange in `claim`: our reads of the payload
         // happen-before the producer's next writes into it.
         self.c.u32(self.base + off::STATE).store(FREE, Release);
+        true
     }
 
     /// Producer, after the holder died: `HELD → READY` with the redelivered flag. Returns
@@ -198,8 +227,9 @@ mod tests {
         s.publish(&meta);
         assert_eq!((s.state(), s.meta()), (READY, meta));
         assert!(!s.claim(), "the producer never claims a READY slot");
-        s.take(77);
+        s.take(77, 7);
         assert_eq!(s.state(), HELD);
+        assert!(s.held_by(7, 1) && !s.held_by(8, 1) && !s.held_by(7, 2));
         assert!(
             !s.claim() && !s.discard(),
             "a HELD slot is neither claimed nor discarded"
@@ -207,8 +237,17 @@ mod tests {
         assert!(s.reclaim());
         assert_eq!(s.state(), READY);
         assert_eq!(s.meta().flags, FLAG_LAST_OF_EPOCH | FLAG_REDELIVERED);
-        s.take(78);
-        s.release();
+        assert!(
+            !s.release_if_ours(7, 1),
+            "a reclaimed (READY) slot is not released"
+        );
+        s.take(78, 8);
+        assert!(
+            !s.release_if_ours(7, 1),
+            "the old holder's release leaves the new holder's slot alone"
+        );
+        assert_eq!(s.state(), HELD);
+        assert!(s.release_if_ours(8, 1));
         assert_eq!(s.state(), FREE);
         assert!(s.claim());
         s.abandon();

@@ -3,6 +3,7 @@ processes that are always reaped. (pytest puts this directory on sys.path.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -48,10 +49,11 @@ def make_writer(runtime_dir: Path) -> Iterator[Callable[..., RingWriter]]:
 def spawn() -> Iterator[Spawn]:
     processes: list[subprocess.Popen[str]] = []
 
-    def start(script: str, *args: object) -> subprocess.Popen[str]:
+    def start(script: str, *args: object, stdin: int | None = None) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
         process = subprocess.Popen(
             [sys.executable, str(HERE / script), *map(str, args)],
+            stdin=stdin,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -66,3 +68,6 @@ def spawn() -> Iterator[Spawn]:
         process.wait()
         assert process.stdout is not None
         process.stdout.close()
+        if process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):  # a child that exited unread
+                process.stdin.close()

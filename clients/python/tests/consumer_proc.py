@@ -5,16 +5,22 @@ Modes: ``hold N`` takes N batches, reports them and sleeps holding them until ki
 ``interrupt`` blocks waiting for a batch, expects Ctrl-C, and reports the lane's held slots;
 ``hold-fenced N`` takes N batches, releases each behind a device fence that never completes,
 reports the slots and sleeps until killed; ``torch-write`` writes in place through
-``batch.torch()``, which must kill it with SIGSEGV.
+``batch.torch()``, which must kill it with SIGSEGV; ``storm`` iterates (releasing each batch)
+under a storm of SIGINTs until a line arrives on stdin, then reports the slots the ring says
+are held next to the batches the loader tracks.
 Reports are JSON lines on stdout.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import sys
 import time
+from types import FrameType
+from typing import Any, Optional
 
 import ringfeed
 from ringfeed.layout import HELD
@@ -78,6 +84,10 @@ def main() -> None:
                 slots = range(ring.layout.slots_per_lane)
                 held = sum(ring.slot_state(lane, slot) == HELD for slot in slots)
                 report(interrupted=True, held=held)
+    elif mode == "storm":
+        signal.signal(signal.SIGINT, interrupt_inside_client)
+        sys.settrace(pause_at_every_client_line)
+        storm(ringfeed.Loader(name, lane, runtime_dir=directory, timeout=5))
     elif mode == "torch-write":
         with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
             images, _labels = loader.next_batch().torch()
@@ -86,6 +96,80 @@ def main() -> None:
             report(error="the write went through")
     else:
         raise SystemExit(f"unknown mode {mode}")
+
+
+CLIENT_DIR = os.path.dirname(ringfeed.__file__)
+
+
+def interrupt_inside_client(signum: int, frame: Optional[FrameType]) -> None:
+    """SIGINT raises KeyboardInterrupt, as Python's own handler does, while the client's code
+    runs (where the hazard is); elsewhere (this script's own bookkeeping) it is ignored, so
+    that the storm cannot break the script itself."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(CLIENT_DIR):
+            raise KeyboardInterrupt
+        frame = frame.f_back if frame.f_code.co_name != "storm" else None
+
+
+def pause_at_every_client_line(frame: FrameType, event: str, arg: object) -> Any:
+    """A tracer that spends ~20 µs on every line of the client's code, so that a signal is
+    about as likely to arrive at any one line of take and release as at any other."""
+    if not frame.f_code.co_filename.startswith(CLIENT_DIR):
+        return None
+
+    def on_line(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line":
+            until = time.perf_counter() + 20e-6
+            while time.perf_counter() < until:
+                pass
+        return on_line
+
+    return on_line
+
+
+def storm(loader: ringfeed.Loader) -> None:
+    """Iterate, releasing each batch, until told to stop, swallowing every KeyboardInterrupt
+    wherever it lands (one may also hit the handler of the previous one: the loops nest)."""
+    counts = {"cycles": 0, "interrupts": 0, "stuck": 0}
+
+    def told_to_stop() -> bool:
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+
+    def cycle_until_told() -> None:
+        if not counts.get("announced"):  # inside the loops: the storm starts on this line
+            counts["announced"] = 1
+            report(ready=True)
+        while not told_to_stop():
+            try:
+                for batch in loader:
+                    batch.release()
+                    counts["cycles"] += 1
+                    if told_to_stop():
+                        return
+            except KeyboardInterrupt:
+                counts["interrupts"] += 1
+            except ringfeed.RingTimeout:  # every slot of the lane leaked
+                counts["stuck"] = 1
+                return
+
+    while True:
+        try:
+            cycle_until_told()
+            break
+        except KeyboardInterrupt:
+            counts["interrupts"] += 1
+    # The storm is over: one more ordinary step, then compare the ring with the loader.
+    try:
+        next(iter(loader), None)
+        next(iter(loader), None)
+    except ringfeed.RingTimeout:
+        counts["stuck"] = 1
+    ring = loader.ring
+    slots = range(ring.layout.slots_per_lane)
+    held = sum(ring.slot_state(loader.lane, slot) == HELD for slot in slots)
+    del counts["announced"]
+    report(held_in_ring=held, tracked=len(loader._held), **counts)
+    loader.close()
 
 
 if __name__ == "__main__":

@@ -46,13 +46,15 @@ pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "
 class Daemon:
     """A running ``ringfeed serve`` with its stderr kept for failure messages."""
 
-    def __init__(self, name: str, runtime_dir: Path, log: Path, *args: object) -> None:
+    def __init__(
+        self, name: str, runtime_dir: Path, log: Path, *args: object, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.name, self.runtime_dir, self.log_path = name, runtime_dir, log
         self.log = log.open("wb")
         env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
         try:
             self.process = subprocess.Popen(
-                [str(BINARY), "serve", "--name", name, *map(str, args)],
+                [*prefix, str(BINARY), "serve", "--name", name, *map(str, args)],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -90,11 +92,18 @@ class Daemon:
 
 @pytest.fixture
 def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+    yield from started_daemons(runtime_dir, tmp_path)
+
+
+def started_daemons(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+    """The ``serve`` fixture's body (other modules' fixtures reuse it): a Daemon class whose
+    instances run as ring "e2e" in ``runtime_dir`` and are killed at teardown."""
     daemons: list[Daemon] = []
 
     class Started(Daemon):
-        def __init__(self, *args: object) -> None:
-            super().__init__("e2e", runtime_dir, tmp_path / f"daemon{len(daemons)}.log", *args)
+        def __init__(self, *args: object, prefix: tuple[str, ...] = ()) -> None:
+            log = tmp_path / f"daemon{len(daemons)}.log"
+            super().__init__("e2e", runtime_dir, log, *args, prefix=prefix)
             daemons.append(self)
 
     yield Started

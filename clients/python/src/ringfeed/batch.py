@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
@@ -27,6 +28,11 @@ class Batch:
     :meth:`release` the attributes that return data raise :class:`ReleasedBatchError`, but
     arrays (or tensors) obtained *before* still point into the slot, which the producer will
     overwrite: copy whatever you keep past the release.
+
+    A batch refers to its loader weakly: dropping the last reference to the loader detaches
+    it at once and releases its batches. A batch whose connection ended unreleased (the
+    producer was declared gone and the loader re-attached) or that a ``fork()``ed child
+    inherited behaves as released: reading it raises, releasing it does nothing.
     """
 
     __slots__ = (
@@ -34,7 +40,9 @@ class Batch:
         "_lane",
         "_owner",
         "_released",
+        "_released_why",
         "_ring",
+        "_token",
         "_views",
         "count",
         "epoch",
@@ -47,10 +55,12 @@ class Batch:
 
     def __init__(self, owner: _Owner, ring: Ring, lane: int, taken: TakenSlot) -> None:
         """Wrap a slot taken by ``owner``; only the loader makes batches."""
-        self._owner = owner
+        self._owner: weakref.ReferenceType[_Owner] = weakref.ref(owner)
         self._ring = ring
         self._lane = lane
+        self._token = taken.token
         self._released = False
+        self._released_why = "was released"
         self._views: Optional[dict[str, np.ndarray]] = None
         self._fences: list[_device.Fence] = []
         self.slot: int = taken.slot
@@ -83,7 +93,7 @@ class Batch:
         """Every tensor of the schema by name: read-only numpy arrays viewing the ring."""
         if self._released:
             raise ReleasedBatchError(
-                f"batch (epoch {self.epoch}, index {self.index}) was released; "
+                f"batch (epoch {self.epoch}, index {self.index}) {self._released_why}; "
                 "copy what you keep past release"
             )
         views = self._views
@@ -222,10 +232,17 @@ class Batch:
     def release(self) -> None:
         """Give the slot back to the producer. Idempotent."""
         if not self._released:
-            self._owner._release(self)
+            owner = self._owner()
+            if owner is None:  # the loader is gone; closing it released this batch
+                self._mark_released()
+            else:
+                owner._release(self)
 
-    def _mark_released(self) -> tuple[_device.Fence, ...]:
-        """Mark released; returns the fences the slot's hand-back must wait for."""
+    def _mark_released(self, why: Optional[str] = None) -> tuple[_device.Fence, ...]:
+        """Mark released (``why`` completes the error message of a later read); returns the
+        fences the slot's hand-back must wait for."""
+        if why is not None and not self._released:
+            self._released_why = why
         self._released = True
         self._views = None
         fences = tuple(self._fences)

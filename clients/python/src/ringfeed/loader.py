@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+import weakref
 from types import TracebackType
 from typing import Any, Optional, Union
 
-from . import _frameworks, feedback, protocol
+from . import _frameworks, _signals, feedback, protocol
 from .batch import Batch
 from .device import PendingReleases, current_stream_fence
 from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
@@ -27,7 +29,7 @@ from .layout import (
     STOPPED,
     RingLayout,
 )
-from .ring import Ring, TakenSlot
+from .ring import Ring
 from .runtime import check_name, socket_path
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -50,6 +52,23 @@ def evaluation(
     bucket (``loss_by``) and by class (``loss_by_class``). See docs/feedback.md."""
     path = socket_path(check_name(name), runtime_dir, trust_uid=trust_uid)
     return protocol.evaluation(path, trust_uid=trust_uid)
+
+
+# Every loader of this process, so that a fork()ed child can make its copies inert at once.
+_LOADERS: weakref.WeakSet[Loader] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for loader in list(_LOADERS):
+        loader._disown(f"inherited through fork() from pid {loader._pid}")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _new_token() -> int:
+    # Non-zero and unpredictable: one per attach, written into every slot the attach takes.
+    return int.from_bytes(os.urandom(8), "little") | 1
 
 
 class Loader:
@@ -75,6 +94,19 @@ class Loader:
         trust_uid: also accept a producer running as this uid (a daemon started with
             ``--allow-group`` for a group this user belongs to); its runtime directory must
             then be owned by that uid and may grant its group read/search (0750).
+
+    Threads: a Loader may be shared by threads. Taking and releasing a slot happen under a
+    lock, so each batch goes to exactly one thread; epoch boundaries (``StopIteration``) are
+    seen by whichever thread takes the last batch of an epoch.
+
+    ``fork()``: a child process inherits the parent's Loader and batches inert: they raise
+    :class:`RingfeedError` (batches :class:`ReleasedBatchError`) if used, never release the
+    parent's slots, and the child's copy of the connection is closed. Attach a new Loader in
+    the child (for another lane, or after the parent closed this one).
+
+    Signals: a Python signal handler that raises (``KeyboardInterrupt``) during a take or a
+    release runs once the slot change and its bookkeeping are complete; an interrupted take
+    gives its batch back to the ring, to be delivered next.
     """
 
     def __init__(
@@ -108,11 +140,16 @@ class Loader:
         self._runtime_dir = runtime_dir
         self._trust_uid = trust_uid
         self._pid = os.getpid()
+        self._disowned: Optional[str] = None  # why this copy is inert (fork), or None
+        self._lock = threading.Lock()  # take, release and their bookkeeping
+        self._token = 0  # this attach's holder_token (§5.4)
+        self._taking: Optional[tuple[int, int]] = None  # (slot, seq) of a take under way
         self._sock: Optional[socket.socket] = None
         self._ring: Optional[Ring] = None
         self._pinned_address: Optional[int] = None
-        self._held: dict[int, Batch] = {}
+        self._held: dict[int, Batch] = {}  # by slot
         self._pending = PendingReleases()  # released by the trainer, device copies in flight
+        self._deferred: set[int] = set()  # their slots (still HELD by us in the ring)
         self._previous: Optional[Batch] = None
         self._epoch_ended = False
         self._finished = False
@@ -124,6 +161,7 @@ class Loader:
         self._stats_start_ns = 0
         self._stats_wait_base_ns = 0
         self.generation = 0
+        _LOADERS.add(self)
         self._attach(self._resume_arg(resume), self._wait_for_producer)
 
     # ----- attaching --------------------------------------------------------------------------
@@ -174,6 +212,7 @@ class Loader:
             sock.close()
             raise
         self._sock, self._ring = sock, ring
+        self._token = _new_token()  # a fresh one: batches of an earlier attach cannot match
         self.generation = layout.generation
         self._finished = False
         if resume is not None:
@@ -186,17 +225,33 @@ class Loader:
 
     def _detach(self, *, release_held: bool) -> None:
         """Leave the lane. ``release_held`` frees held slots first (producer alive); otherwise
-        held batches keep their (orphaned, stable) memory and may still be read and released."""
-        if release_held:
-            for batch in list(self._held.values()):
-                self._release(batch)
-            self._pending.drain()  # a closing trainer waits for its last device copies
-            self._outbox.drain(self._sock)  # reports made just before closing still count
-        else:
-            self._pending.forget()  # the producer is gone: nothing to hand back
-        self._outbox.clear()
-        self._held.clear()
-        self._previous = None
+        held batches become unusable (their slots may be reclaimed and refilled by the
+        producer, even the same one, which declared this connection dead): reading one raises
+        :class:`ReleasedBatchError`, releasing one does nothing."""
+        held = _signals.hold()
+        try:
+            with self._lock:
+                ring = self._ring
+                for batch in list(self._held.values()):
+                    if release_held and ring is not None:
+                        self._release_locked(ring, batch)
+                    else:
+                        batch._mark_released(
+                            "its connection to the producer ended before it was released;"
+                            " the slot may hold another batch now"
+                        )
+                if release_held:
+                    self._pending.drain()  # a closing trainer waits for its last device copies
+                    self._outbox.drain(self._sock)  # reports made just before closing count
+                else:
+                    self._pending.forget()  # the producer is gone: nothing to hand back
+                self._outbox.clear()
+                self._deferred.clear()
+                self._held.clear()
+                self._taking = None
+                self._previous = None
+        finally:
+            _signals.resume(held)
         if self._pinned_address is not None:
             _frameworks.cuda_unpin(self._pinned_address)
             self._pinned_address = None
@@ -205,13 +260,42 @@ class Loader:
             self._sock = None
         self._ring = None
 
+    def _disown(self, why: str) -> None:
+        """Make this copy inert (a fork()ed child's): no release, no heartbeat, and the
+        child's copy of the connection closed, so that the parent's own close is seen."""
+        self._disowned = why
+        self._lock = threading.Lock()  # another thread may have held the parent's at fork
+        for batch in self._held.values():
+            batch._mark_released(why)
+        self._held.clear()
+        self._pending = PendingReleases()  # the parent's device copies: not ours to wait for
+        self._outbox = feedback.Outbox()  # the parent's unsent reports: not ours to send
+        self._deferred = set()
+        self._taking = None
+        self._previous = None
+        self._pinned_address = None  # the parent's registration, not ours to undo
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._ring = None
+
+    def _inherited(self) -> bool:
+        """Whether this is a fork()ed copy; detects a fork that bypassed os.fork (a C
+        library's) by the pid, and disowns the copy then."""
+        if self._disowned is None and os.getpid() != self._pid:
+            self._disown(f"inherited through fork() from pid {self._pid}")
+        return self._disowned is not None
+
     def close(self) -> None:
-        """Release every held batch and detach. Idempotent; the loader is unusable after."""
+        """Release every held batch and detach. Idempotent; the loader is unusable after.
+        In a fork()ed child it releases nothing (the batches are the parent's)."""
+        if self._inherited():
+            return
         if self._sock is not None:
             self._detach(release_held=True)
 
     def __del__(self) -> None:
-        # Batches reference their loader, so this runs only once no batch is reachable.
+        # Batches refer to their loader weakly: this runs as soon as the loader is dropped.
         if getattr(self, "_sock", None) is not None:
             self.close()
 
@@ -226,7 +310,15 @@ class Loader:
     ) -> None:
         self.close()
 
+    def _refuse_if_inherited(self) -> None:
+        if self._inherited():
+            raise RingfeedError(
+                f"this Loader is {self._disowned} and inert in pid {os.getpid()}:"
+                " create a new Loader in this process"
+            )
+
     def _live_ring(self) -> Ring:
+        self._refuse_if_inherited()
         if self._ring is None:
             raise RingfeedError("the loader is closed")
         return self._ring
@@ -348,19 +440,15 @@ class Loader:
     def __next__(self) -> Batch:
         previous = self._previous
         if previous is not None:
+            previous.release()  # then forget it: an interrupt in between leaves it tracked
             self._previous = None
-            previous.release()
         if self._epoch_ended:
             self._epoch_ended = False
             self._send_epoch_done()
             raise StopIteration
         if self._finished:
             raise StopIteration
-        batch = self.next_batch()
-        if self._release_previous:
-            self._previous = batch
-        self._epoch_ended = batch.last_of_epoch
-        return batch
+        return self._next_batch(iterating=True)
 
     def next_batch(self) -> Batch:
         """Take the next batch, ignoring epoch boundaries (blocking).
@@ -368,11 +456,14 @@ class Loader:
         Raises ``StopIteration`` at the end of the stream (the producer finished its last
         epoch), :class:`ProducerGone` or :class:`RingTimeout`.
         """
-        self._pending.retire_completed()
+        return self._next_batch(iterating=False)
+
+    def _next_batch(self, *, iterating: bool) -> Batch:
+        self._retire_pending(wait=False)
         self._send_epoch_done()
         self._outbox.send(self._sock)
         slots = self.layout.slots_per_lane
-        while len(self._held) + len(self._pending) >= slots and self._pending.wait_oldest():
+        while len(self._held) + len(self._pending) >= slots and self._retire_pending(wait=True):
             pass  # every slot is ours: wait for the oldest device copy instead of deadlocking
         held_now = len(self._held) + len(self._pending)
         if held_now >= slots or (self._max_held is not None and held_now >= self._max_held):
@@ -383,26 +474,29 @@ class Loader:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
             try:
-                return self._take_blocking(deadline)
+                return self._take_blocking(deadline, iterating)
             except _EndOfStream:
                 self._finished = True
                 raise StopIteration from None
             except ProducerGone:
                 if self._wait_for_producer <= 0:
                     raise
+                # Read from the old ring's memory before leaving it (nothing taken yet: the
+                # position comes from its slots and lane counters).
+                position = self._next_position()
                 self._detach(release_held=False)
-                self._attach(self._next_position(), self._wait_for_producer)
+                self._attach(position, self._wait_for_producer)
 
-    def _take_blocking(self, deadline: Optional[float]) -> Batch:
-        ring = self._live_ring()
+    def _take_blocking(self, deadline: Optional[float], iterating: bool) -> Batch:
         lane = self.lane
         while True:
+            ring = self._live_ring()
             seen = ring.publish_seq(lane)
             state = ring.producer_state  # loaded before the scan: see _check_producer
-            taken = ring.take(lane, self._pid)
-            if taken is not None:
-                return self._adopt(ring, taken)
-            if self._pending.retire_completed() or self._pending.wait_oldest():
+            batch = self._try_take(ring, iterating)
+            if batch is not None:
+                return batch
+            if self._retire_pending(wait=False) or self._retire_pending(wait=True):
                 continue  # the lane ran dry: hand back a slot whose device copy is done
             self._check_producer(ring, state)
             wait_s = WAIT_SLICE_S
@@ -419,23 +513,80 @@ class Loader:
             finally:
                 ring.note_consumer(lane, waited_ns=time.monotonic_ns() - started)
 
-    def _adopt(self, ring: Ring, taken: TakenSlot) -> Batch:
-        registered = False
+    def _try_take(self, ring: Ring, iterating: bool) -> Optional[Batch]:
+        """Take the next ready slot, if any, and track it: atomic with respect to other
+        threads (the lock) and to Python signal handlers (held back until it is complete).
+        A handler that raises at the end gives the slot back, to be delivered next.
+        ``iterating``: a ``for`` loop's take, which also records the batch as the one to
+        release at the next step and notes an epoch's end."""
+        lane = self.lane
+        held = _signals.hold()
         try:
-            batch = Batch(self, ring, self.lane, taken)
-            self._held[id(batch)] = batch
-            registered = True
-            ring.note_consumer(self.lane, taken=1)
-            self._taken += 1
-            last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
-            self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
-            self._last_taken = (taken.epoch, last)
-        except BaseException:  # Ctrl-C mid-way: give the slot back untouched
-            if registered:
-                self._held.pop(id(batch), None)
-            ring.untake(self.lane, taken.slot)
+            with self._lock:
+                self._reconcile(ring)
+                found = ring.next_ready(lane)
+                if found is None:
+                    _signals.resume(held)
+                    return None
+                cursor, last_taken = self._cursor, self._last_taken
+                self._taking = found  # first: a reconcile undoes a take cut short here
+                taken = ring.take_slot(lane, found[0], self._pid, self._token)
+                batch = Batch(self, ring, lane, taken)
+                self._held[taken.slot] = batch
+                self._taking = None
+                last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
+                self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
+                self._last_taken = (taken.epoch, last)
+                self._taken += 1
+                if iterating:
+                    if self._release_previous:
+                        self._previous = batch
+                    self._epoch_ended = last
+        except BaseException:
+            _signals.resume(held)
             raise
+        try:
+            _signals.resume(held)
+        except BaseException:  # Ctrl-C arrived during the take: the caller never gets it
+            with self._lock:
+                self._taking = found
+                self._held.pop(taken.slot, None)
+                batch._mark_released("its take was interrupted")
+                self._cursor, self._last_taken = cursor, last_taken
+                self._taken -= 1
+                if iterating:
+                    self._previous = None
+                    self._epoch_ended = False
+                ring.untake(lane, taken.slot)
+                self._taking = None
+            raise
+        ring.note_consumer(lane, taken=1)
         return batch
+
+    def _reconcile(self, ring: Ring) -> None:
+        """Repair what an exception inside a take or release left half done (a signal whose
+        handler is not held back, an error): called with the lock held, before each take.
+
+        The ring says which slots this attach holds (``holder_token``). One that is not
+        tracked was either being taken (``_taking``: it goes back to ``READY``, to be
+        delivered next) or being released (it is released); a tracked batch already marked
+        released, or whose slot is no longer ours, is forgotten."""
+        mine = ring.slots_held_by(self.lane, self._token)
+        for slot in mine:
+            batch = self._held.get(slot)
+            if (batch is not None and not batch.released) or slot in self._deferred:
+                continue  # tracked, or released with its hand-back waiting for a device copy
+            if batch is not None:
+                del self._held[slot]
+            if self._taking is not None and self._taking[0] == slot and batch is None:
+                ring.untake(self.lane, slot)
+            else:
+                ring.release(self.lane, slot, None, self._token)
+        self._taking = None
+        for slot, batch in list(self._held.items()):
+            if batch.released or slot not in mine:
+                del self._held[slot]
+                batch._mark_released("its slot was no longer held by this loader")
 
     def _check_producer(self, ring: Ring, state: int) -> None:
         """Called when no slot was ready. ``state`` was loaded *before* the scan, so a
@@ -457,24 +608,56 @@ class Loader:
     def _release(self, batch: Batch) -> None:
         if batch.released:
             return
-        self._held.pop(id(batch), None)
-        fences = batch._mark_released()
+        if self._inherited():
+            batch._mark_released(self._disowned)
+            return
+        held = _signals.hold()
+        try:
+            with self._lock:
+                self._release_locked(batch._ring, batch)
+        finally:
+            _signals.resume(held)
+
+    def _release_locked(self, ring: Ring, batch: Batch) -> None:
+        if batch.released:
+            return
+        fences = batch._mark_released()  # first: from here on the caller cannot read it
+        if self._held.get(batch.slot) is batch:
+            del self._held[batch.slot]
         if self._pinned_address is not None:
             # A hand-made x.cuda(non_blocking=True) from a pinned view is only enqueued: an
             # event on the current stream now completes once such copies have read the slot.
             fence = current_stream_fence()
             if fence is not None:
                 fences += (fence,)
-        ring, lane, slot = batch._ring, batch.lane, batch.slot
+        lane, slot, seq, token = batch.lane, batch.slot, batch.seq, batch._token
+        deferred = self._deferred  # not `self`: a pending entry must not keep the loader alive
 
         def give_back() -> None:
-            ring.release(lane, slot)
+            # Proves ownership (token and seq): a slot the producer took back is left alone.
+            ring.release(lane, slot, seq, token)
+            deferred.discard(slot)
             ring.note_consumer(lane)
 
         if fences and not all(fence.query() for fence in fences):
+            deferred.add(slot)
             self._pending.defer(fences, give_back)
         else:
             give_back()
+
+    def _retire_pending(self, *, wait: bool) -> bool:
+        """Hand back the slots whose device copies completed (``wait``: block on the oldest
+        pending one instead); whether any was handed back. One step, like a release."""
+        if not self._pending:
+            return False
+        held = _signals.hold()
+        try:
+            with self._lock:
+                if wait:
+                    return self._pending.wait_oldest()
+                return self._pending.retire_completed() > 0
+        finally:
+            _signals.resume(held)
 
     # ----- state ------------------------------------------------------------------------------
 
@@ -515,6 +698,7 @@ class Loader:
 
         Batches held now are released first.
         """
+        self._refuse_if_inherited()
         resume = self._resume_arg(state)
         if self._sock is not None:
             self._detach(release_held=True)

@@ -78,6 +78,7 @@ class _SlotEntry(ctypes.LittleEndianStructure):
         ("count", _u32),
         ("flags", _u32),
         ("published_mono_ns", _u64),
+        ("holder_token", _u64),
     )
 
 
@@ -98,11 +99,14 @@ assert ctypes.sizeof(_ConsumerEntry) <= CONSUMER_ENTRY_BYTES
 
 
 class TakenSlot:
-    """What :meth:`Ring.take` read from the slot it took: the batch's identity."""
+    """What :meth:`Ring.take` read from the slot it took: the batch's identity, and the
+    holder token written with the take (a release proves ownership with ``seq`` and it)."""
 
-    __slots__ = ("count", "epoch", "flags", "index", "seq", "slot")
+    __slots__ = ("count", "epoch", "flags", "index", "seq", "slot", "token")
 
-    def __init__(self, slot: int, seq: int, epoch: int, index: int, count: int, flags: int):
+    def __init__(
+        self, slot: int, seq: int, epoch: int, index: int, count: int, flags: int, token: int = 0
+    ):
         """Record the fields of slot ``slot``."""
         self.slot = slot
         self.seq = seq
@@ -110,6 +114,7 @@ class TakenSlot:
         self.index = index
         self.count = count
         self.flags = flags
+        self.token = token
 
 
 def _check_seals(fd: int) -> None:
@@ -266,30 +271,42 @@ class Ring:
 
     # ----- consumer side of the protocol ------------------------------------------------------
 
-    def take(self, lane: int, pid: int) -> Optional[TakenSlot]:
-        """Take the ``READY`` slot of ``lane`` with the smallest ``seq`` (§6), or return None.
-
-        Raises :class:`FormatError` on a slot state outside 0–3.
-        """
-        best: Optional[_SlotEntry] = None
-        best_index = -1
-        best_seq = 0
+    def next_ready(self, lane: int) -> Optional[tuple[int, int]]:
+        """``(slot, seq)`` of the ``READY`` slot of ``lane`` with the smallest ``seq`` (§6), the
+        one :meth:`take` takes next, or None. Raises :class:`FormatError` on a slot state
+        outside 0–3."""
+        best: Optional[tuple[int, int]] = None
         for index, entry in enumerate(self._slots[lane]):
             state = entry.state
             if state == READY:
                 seq = entry.seq  # read after state == READY: published before it (§6 step 3)
-                if best is None or seq < best_seq:
-                    best, best_index, best_seq = entry, index, seq
+                if best is None or seq < best[1]:
+                    best = (index, seq)
             elif state > HELD:
                 raise FormatError(f"lane {lane} slot {index} state", f"{state} not in 0..3")
-        if best is None:
+        return best
+
+    def take_slot(self, lane: int, slot: int, pid: int, token: int) -> TakenSlot:
+        """Take ``slot`` (found ``READY`` by :meth:`next_ready`): store ``holder_pid`` and
+        ``holder_token``, then ``state = HELD``, then read the batch's fields."""
+        entry = self._slots[lane][slot]
+        entry.holder_pid = pid
+        entry.holder_token = token
+        entry.state = HELD
+        return TakenSlot(slot, entry.seq, entry.epoch, entry.index, entry.count, entry.flags, token)
+
+    def take(self, lane: int, pid: int, token: int = 0) -> Optional[TakenSlot]:
+        """Take the ``READY`` slot of ``lane`` with the smallest ``seq`` (§6), or return None.
+
+        Raises :class:`FormatError` on a slot state outside 0–3.
+        """
+        found = self.next_ready(lane)
+        if found is None:
             return None
-        best.holder_pid = pid
-        best.state = HELD
         try:
-            return TakenSlot(best_index, best_seq, best.epoch, best.index, best.count, best.flags)
+            return self.take_slot(lane, found[0], pid, token)
         except BaseException:  # Ctrl-C right after the store: leave no half-taken slot
-            self.untake(lane, best_index)
+            self.untake(lane, found[0])
             raise
 
     def peek(self, lane: int) -> Optional[TakenSlot]:
@@ -305,12 +322,28 @@ class Ring:
     def untake(self, lane: int, slot: int) -> None:
         """Put a slot taken by this process back to ``READY`` (an interrupted take)."""
         entry = self._slots[lane][slot]
-        entry.state = READY
+        entry.holder_token = 0
         entry.holder_pid = 0
+        entry.state = READY
 
-    def release(self, lane: int, slot: int) -> None:
-        """Give a held slot back to the producer and wake it (§6 "Consumer releases")."""
+    def held_by(self, lane: int, slot: int, token: int, seq: Optional[int] = None) -> bool:
+        """Whether ``slot`` is ``HELD`` with ``holder_token == token`` (and, if given, still
+        carries batch ``seq``): the proof of ownership a release needs (§6)."""
         entry = self._slots[lane][slot]
+        return (
+            entry.state == HELD
+            and entry.holder_token == token
+            and (seq is None or entry.seq == seq)
+        )
+
+    def release(self, lane: int, slot: int, seq: Optional[int], token: int) -> bool:
+        """Give a held slot back to the producer and wake it (§6 "Consumer releases"), if it
+        is still ours (:meth:`held_by`); returns whether it was released. A slot the producer
+        took back (it declared this connection dead) is left alone."""
+        if not self.held_by(lane, slot, token, seq):
+            return False
+        entry = self._slots[lane][slot]
+        entry.holder_token = 0
         entry.holder_pid = 0
         entry.state = FREE  # last store to the slot: the producer may rewrite it from now on
         lane_entry = self._lanes[lane]
@@ -319,6 +352,15 @@ class Ring:
         self._release_any.value = (self._release_any.value + 1) & 0xFFFFFFFF
         _futex.futex_wake(ctypes.addressof(lane_entry) + 4)  # release_seq
         _futex.futex_wake(ctypes.addressof(self._release_any))
+        return True
+
+    def slots_held_by(self, lane: int, token: int) -> list[int]:
+        """The slots of ``lane`` that are ``HELD`` with ``holder_token == token``."""
+        return [
+            index
+            for index, entry in enumerate(self._slots[lane])
+            if entry.state == HELD and entry.holder_token == token
+        ]
 
     def note_consumer(self, lane: int, taken: int = 0, waited_ns: int = 0) -> None:
         """Refresh the consumer heartbeat of ``lane``; add ``taken`` batches and wait time."""
