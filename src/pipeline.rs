@@ -576,9 +576,15 @@ impl Pipeline {
         for (lane, frame) in frames {
             match frame {
                 Feedback::Report { epoch, ids, losses } => {
-                    let a = selector.report(epoch, &ids, &losses, |id| {
-                        self.dataset.label(id).unwrap_or(-1)
-                    });
+                    let mixed = self.dataset.has_streams();
+                    let a = selector.report(
+                        epoch,
+                        &ids,
+                        &losses,
+                        |id| self.dataset.label(id).unwrap_or(-1),
+                        // At most u16::MAX streams: Mixture::open refuses more.
+                        |id| mixed.then(|| self.dataset.stream_of(id) as u16),
+                    );
                     self.counters
                         .losses_reported
                         .fetch_add(a.accepted, Ordering::Relaxed);

@@ -568,6 +568,25 @@ pub(crate) fn render_feedback(f: &serde_json::Value) -> String {
             );
         }
     }
+    let streams: Vec<String> = epoch["loss_by_stream"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{}: {:.3} (n={})",
+                int(&s["stream"]),
+                num(&s["mean_loss"]),
+                int(&s["samples"])
+            )
+        })
+        .collect();
+    if !streams.is_empty() {
+        out += &format!(
+            "  loss by stream (index of the source tensor): {}\n",
+            streams.join(", ")
+        );
+    }
     let mut classes: Vec<&serde_json::Value> = epoch["loss_by_class"]
         .as_array()
         .into_iter()

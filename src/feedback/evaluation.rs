@@ -176,6 +176,8 @@ struct EpochStats {
     all: Mean,
     by_param: [[Mean; 16]; PARAMETERS.len()],
     by_class: HashMap<i64, Mean>,
+    /// Per stream of a mixture (`[[source.streams]]`); empty for one dataset.
+    by_stream: BTreeMap<u16, Mean>,
 }
 
 /// Epochs whose statistics are kept.
@@ -197,8 +199,15 @@ pub struct Evaluation {
 
 impl Evaluation {
     /// Adds one valid loss of sample `buckets`-`class` served in `epoch` (`None` buckets:
-    /// not attributable here).
-    pub fn add(&mut self, epoch: u64, buckets: Option<u32>, class: i64, loss: f32) {
+    /// not attributable here), from mixture stream `stream` (`None`: one dataset).
+    pub fn add(
+        &mut self,
+        epoch: u64,
+        buckets: Option<u32>,
+        class: i64,
+        stream: Option<u16>,
+        loss: f32,
+    ) {
         self.losses += 1;
         let Some(b) = buckets else {
             self.unattributed += 1;
@@ -223,6 +232,9 @@ impl Evaluation {
             row[((b >> (4 * i)) & 15) as usize].add(loss);
         }
         s.by_class.entry(class).or_default().add(loss);
+        if let Some(stream) = stream {
+            s.by_stream.entry(stream).or_default().add(loss);
+        }
     }
 
     /// Epochs with statistics, newest last.
@@ -266,8 +278,16 @@ impl Evaluation {
                     .into_iter()
                     .map(|(c, m)| json!({"class": c, "mean_loss": m.value(), "samples": m.count}))
                     .collect();
-                json!({"epoch": epoch, "mean_loss": s.all.value(), "samples": s.all.count,
-                       "loss_by": by, "loss_by_class": classes})
+                let mut e = json!({"epoch": epoch, "mean_loss": s.all.value(),
+                       "samples": s.all.count, "loss_by": by, "loss_by_class": classes});
+                if !s.by_stream.is_empty() {
+                    e["loss_by_stream"] = s
+                        .by_stream
+                        .iter()
+                        .map(|(i, m)| json!({"stream": i, "mean_loss": m.value(), "samples": m.count}))
+                        .collect();
+                }
+                e
             })
             .collect();
         json!({
@@ -302,9 +322,9 @@ mod tests {
         assert_eq!(log.lookup(2, 2), None, "served in another epoch");
         assert_eq!(log.lookup(3, 2), None, "never served");
         let mut ev = Evaluation::default();
-        ev.add(2, log.lookup(0, 2), 7, 3.0);
-        ev.add(2, log.lookup(1, 2), 7, 1.0);
-        ev.add(2, log.lookup(2, 2), 8, 5.0);
+        ev.add(2, log.lookup(0, 2), 7, Some(0), 3.0);
+        ev.add(2, log.lookup(1, 2), 7, Some(1), 1.0);
+        ev.add(2, log.lookup(2, 2), 8, Some(1), 5.0);
         assert_eq!((ev.losses, ev.unattributed), (3, 1));
         let j = ev.to_json();
         let e = &j["epochs"][0];
@@ -318,16 +338,21 @@ mod tests {
         assert!(e["loss_by"].get("brightness").is_none(), "never applied");
         assert_eq!(e["loss_by_class"][0]["class"], 7);
         assert_eq!(e["loss_by_class"][0]["mean_loss"], 2.0);
+        // Split by stream of a mixture (the unattributed third loss counts nowhere).
+        assert_eq!(e["loss_by_stream"][0]["stream"], 0);
+        assert_eq!(e["loss_by_stream"][0]["mean_loss"], 3.0);
+        assert_eq!(e["loss_by_stream"][1]["stream"], 1);
+        assert_eq!(e["loss_by_stream"][1]["samples"], 1);
     }
 
     #[test]
     fn only_the_last_epochs_are_kept() {
         let mut ev = Evaluation::default();
         for epoch in 0..6 {
-            ev.add(epoch, Some(0), 0, 1.0);
+            ev.add(epoch, Some(0), 0, None, 1.0);
         }
         assert_eq!(ev.epochs(), vec![3, 4, 5]);
-        ev.add(0, Some(0), 0, 1.0);
+        ev.add(0, Some(0), 0, None, 1.0);
         assert_eq!(
             ev.epochs(),
             vec![3, 4, 5],

@@ -111,13 +111,15 @@ impl Selector {
     }
 
     /// Folds in a report of losses of samples served in `epoch`; `label` gives a sample's
-    /// class.
+    /// class, `stream` its stream in a mixture (`None` for one dataset), so the evaluation
+    /// can be split by stream.
     pub fn report(
         &mut self,
         epoch: u64,
         ids: &[u64],
         losses: &[f32],
         label: impl Fn(u64) -> i64,
+        stream: impl Fn(u64) -> Option<u16>,
     ) -> Applied {
         let applied = self.scores.apply(ids, losses);
         self.dirty |= applied.accepted > 0;
@@ -127,7 +129,7 @@ impl Selector {
         for (&id, &loss) in ids.iter().zip(losses) {
             if id < n && valid_loss(loss) {
                 let b = self.params.lookup(id, epoch);
-                self.evaluation.add(epoch, b, label(id), loss);
+                self.evaluation.add(epoch, b, label(id), stream(id), loss);
             }
         }
         applied
@@ -270,7 +272,7 @@ mod tests {
             .iter()
             .map(|id| if id % 2 == 0 { 0.1 } else { 1.0 })
             .collect();
-        s.report(epoch, &ids, &losses, |id| (id % 3) as i64);
+        s.report(epoch, &ids, &losses, |id| (id % 3) as i64, |_| None);
     }
 
     #[test]
@@ -299,7 +301,7 @@ mod tests {
         let first = s.decide(1, order.clone(), 7, 2, 1, false).unwrap();
         assert_eq!((first.kept(), first.pruned()), (12, 4));
         // Later losses change the scores; epoch 1 asked for again is the same epoch.
-        s.report(1, &[0, 2, 4, 6], &[9.0; 4], |_| 0);
+        s.report(1, &[0, 2, 4, 6], &[9.0; 4], |_| 0, |_| None);
         assert_eq!(s.decide(1, order.clone(), 7, 2, 1, false).unwrap(), first);
 
         // A new daemon of the same run, resumed at epoch 1, reloads scores and snapshot.
