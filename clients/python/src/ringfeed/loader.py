@@ -373,14 +373,9 @@ class Loader:
             if state == FINISHED:
                 return {"epoch": epoch, "batches": 0, "kept": 0, "pruned": 0}
             self._check_producer(ring, state)
-            wait_s = WAIT_SLICE_S
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RingTimeout(
-                        f"epoch {epoch} of {self.name!r} not decided within {self._timeout} s"
-                    )
-                wait_s = min(wait_s, remaining)
+            wait_s = self._wait_slice(
+                deadline, f"epoch {epoch} of {self.name!r} not decided within {self._timeout} s"
+            )
             ring.wait(self.lane, seen, wait_s)
 
     # ----- feedback ---------------------------------------------------------------------------
@@ -499,19 +494,25 @@ class Loader:
             if self._retire_pending(wait=False) or self._retire_pending(wait=True):
                 continue  # the lane ran dry: hand back a slot whose device copy is done
             self._check_producer(ring, state)
-            wait_s = WAIT_SLICE_S
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RingTimeout(
-                        f"no batch in lane {lane} of {self.name!r} within {self._timeout} s"
-                    )
-                wait_s = min(wait_s, remaining)
+            wait_s = self._wait_slice(
+                deadline, f"no batch in lane {lane} of {self.name!r} within {self._timeout} s"
+            )
             started = time.monotonic_ns()
             try:
                 ring.wait(lane, seen, wait_s)
             finally:
                 ring.note_consumer(lane, waited_ns=time.monotonic_ns() - started)
+
+    @staticmethod
+    def _wait_slice(deadline: Optional[float], timeout_message: str) -> float:
+        """How long the next futex wait may last: one slice between liveness checks, cut to
+        the deadline; :class:`RingTimeout` with ``timeout_message`` once it has passed."""
+        if deadline is None:
+            return WAIT_SLICE_S
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RingTimeout(timeout_message)
+        return min(WAIT_SLICE_S, remaining)
 
     def _try_take(self, ring: Ring, iterating: bool) -> Optional[Batch]:
         """Take the next ready slot, if any, and track it: atomic with respect to other
