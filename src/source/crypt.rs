@@ -669,7 +669,7 @@ pub fn index_sealed<R: ReadAt + ?Sized>(src: &R, len: u64) -> Result<Option<Seal
             Ok(entry) => entry,
             Err(e) => {
                 issues.push(MemberIssue {
-                    member: format!("<header at byte {}>", tar_offset(&e)),
+                    member: format!("<header at byte {}>", e.offset()),
                     reason: IssueReason::from(&e),
                 });
                 break;
@@ -722,15 +722,6 @@ pub fn index_sealed<R: ReadAt + ?Sized>(src: &R, len: u64) -> Result<Option<Seal
         });
     }
     Ok(Some((samples, issues, info)))
-}
-
-fn tar_offset(e: &tar::TarError) -> u64 {
-    match e {
-        tar::TarError::Truncated { offset, .. }
-        | tar::TarError::BadChecksum { offset, .. }
-        | tar::TarError::BadField { offset, .. }
-        | tar::TarError::Io { offset, .. } => *offset,
-    }
 }
 
 /// Checks `index` (of the shard at `shard`) against `key` and completes it: for a sealed

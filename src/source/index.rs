@@ -150,7 +150,7 @@ pub fn index_archive<R: ReadAt + ?Sized>(
             Ok(entry) => entry,
             Err(e) => {
                 issues.push(MemberIssue {
-                    member: format!("<tar at byte {}>", tar_error_offset(&e)),
+                    member: format!("<tar at byte {}>", e.offset()),
                     reason: IssueReason::from(&e),
                 });
                 break;
@@ -225,15 +225,6 @@ pub fn index_archive<R: ReadAt + ?Sized>(
         }
     }
     (samples, issues)
-}
-
-fn tar_error_offset(e: &tar::TarError) -> u64 {
-    match e {
-        tar::TarError::Truncated { offset, .. }
-        | tar::TarError::BadChecksum { offset, .. }
-        | tar::TarError::BadField { offset, .. }
-        | tar::TarError::Io { offset, .. } => *offset,
-    }
 }
 
 fn read_label<R: ReadAt + ?Sized>(src: &R, (offset, size): (u64, u64)) -> Result<i64, IssueReason> {

@@ -121,6 +121,19 @@ pub enum TarError {
     },
 }
 
+impl TarError {
+    /// The archive offset the error is about (the header, data or read that failed), for
+    /// naming the spot in a skipped-member report.
+    pub fn offset(&self) -> u64 {
+        match self {
+            TarError::Truncated { offset, .. }
+            | TarError::BadChecksum { offset, .. }
+            | TarError::BadField { offset, .. }
+            | TarError::Io { offset, .. } => *offset,
+        }
+    }
+}
+
 /// Iterator over the regular files of an archive of `len` bytes read from `src`.
 ///
 /// Yields `Ok(entry)` for each regular file, then either ends (end-of-archive marker or the end
