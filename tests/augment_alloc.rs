@@ -10,11 +10,14 @@
 //! Only the allocations of the thread that counts are counted, so the test harness's other
 //! threads do not disturb the figures.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use common::tar;
 use image::ImageEncoder;
 use ringfeed::augment::{AugmentConfig, Augmenter, SampleKey};
 
@@ -289,26 +292,4 @@ fn encrypted_jpeg_samples_decrypt_in_place_and_allocate_nothing_after_warm_up() 
         allocations, 0,
         "{allocations} allocations in 30 encrypted samples"
     );
-}
-
-/// A ustar archive of `(name, bytes)` members.
-fn tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in members {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..107].copy_from_slice(b"0000644");
-        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
-        h[136..147].copy_from_slice(b"00000000000");
-        h[156] = b'0';
-        h[257..265].copy_from_slice(b"ustar\x0000");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
 }

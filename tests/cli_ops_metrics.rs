@@ -3,17 +3,9 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 
-use common::{small_config, write_dataset, Daemon, RuntimeTmp};
-
-fn get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
+use common::{free_addr, http_get as get, small_config, write_dataset, Daemon, RuntimeTmp};
 
 #[test]
 fn metrics_endpoint_serves_prometheus_text() {
@@ -21,11 +13,7 @@ fn metrics_endpoint_serves_prometheus_text() {
     let runtime = RuntimeTmp::new();
     let spec = write_dataset(data.path(), 1, 16);
     let config = small_config(data.path(), &spec, "metricsring");
-    // A free loopback port: bind port 0, note it, let it go.
-    let addr = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let addr = free_addr();
     let daemon = Daemon::start(
         runtime.path(),
         &["--config", config.to_str().unwrap(), "--metrics", &addr],
@@ -97,12 +85,6 @@ fn metrics_endpoint_serves_prometheus_text() {
     }
     assert!(get(&addr, "/nope").starts_with("HTTP/1.1 404"));
     assert!(daemon.terminate().success());
-}
-
-/// A free loopback `IP:PORT`: bind port 0, note it, let it go.
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }
 
 /// A daemon serving metrics on a fresh loopback port, with its address.

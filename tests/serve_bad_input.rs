@@ -6,10 +6,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
-use common::{jpeg, small_config, tar, Daemon};
+use common::{free_addr, http_get, jpeg, small_config, tar, Daemon};
 use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
 
 fn member(name: &str, bytes: Vec<u8>) -> (String, Vec<u8>) {
@@ -185,10 +184,7 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
     )
     .unwrap();
     // A free loopback port: bind port 0, note it, let it go.
-    let metrics = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
-    };
+    let metrics = free_addr();
     let mut daemon = Daemon::start(
         runtime.path(),
         &[
@@ -218,11 +214,7 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
         stat.contains("labels.tar:negative.jpg: label -1 is negative"),
         "{stat}"
     );
-    let mut http = std::net::TcpStream::connect(&metrics).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut scraped = String::new();
-    http.read_to_string(&mut scraped).unwrap();
+    let scraped = http_get(&metrics, "/metrics");
     assert!(
         scraped.contains("ringfeed_samples_skipped_total{ring=\"labels\"} 4"),
         "{scraped}"

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{jpeg, tar, Daemon, RuntimeTmp};
+use common::{free_addr, http_get, jpeg, tar, Daemon, RuntimeTmp};
 use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
 
 /// `n` tiny samples in `shards` tar files under `dir/name/`; labels `i % 7`.
@@ -178,23 +178,12 @@ fn a_mixture_serves_each_streams_share_with_no_repeats_on_one_and_two_ranks() {
     let config = mixture_config(data.path(), "mix", "global");
     let config = config.to_str().unwrap();
 
-    // A free loopback port for --metrics: bind port 0, note it, let it go.
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let metrics = free_addr();
     let args = ["--config", config, "--epochs", "4", "--metrics", &metrics];
     let mut daemon = Daemon::start(runtime.path(), &args);
     let one = read_lane(runtime.path(), "mix", 0, None);
     check_four_epochs(&[&one]);
-    let scrape = {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let scrape = http_get(&metrics, "/metrics");
     for row in [
         "# TYPE ringfeed_stream_samples_total counter",
         "ringfeed_stream_samples_total{ring=\"mix\",stream=\"curated\"} 2400",

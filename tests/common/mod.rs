@@ -292,3 +292,19 @@ impl RuntimeTmp {
         &self.path
     }
 }
+
+/// A free loopback `IP:PORT` (for `--metrics`): bind port 0, note it, let it go.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The whole reply (status line, headers, body) to `GET path` on `addr`.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
