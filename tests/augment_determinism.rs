@@ -166,3 +166,129 @@ fn enabling_one_operation_leaves_the_others_draws_alone() {
     let inputs = fixtures();
     assert_eq!(run(&a, &inputs, 1, 0), run(&b, &inputs, 1, 0));
 }
+
+/// Each automatic augmentation policy, with random erasing: the draws are keyed like every
+/// other operation's.
+fn policy_configs() -> Vec<(&'static str, AugmentConfig)> {
+    use ringfeed::augment::{
+        AutoAugmentConfig, AutoAugmentPolicy, ErasingValue, RandAugmentConfig, RandomErasingConfig,
+        TrivialAugmentConfig,
+    };
+    let base = AugmentConfig {
+        random_resized_crop: full_config().random_resized_crop,
+        horizontal_flip: Some(FlipConfig { p: 0.5 }),
+        normalize: full_config().normalize,
+        random_erasing: Some(RandomErasingConfig {
+            p: 0.5,
+            scale: [0.02, 0.33],
+            ratio: [0.3, 3.3],
+            value: ErasingValue::Named("random".into()),
+        }),
+        ..AugmentConfig::default()
+    };
+    vec![
+        (
+            "rand-augment",
+            AugmentConfig {
+                rand_augment: Some(RandAugmentConfig {
+                    n: 2,
+                    m: 9,
+                    m_std: 0.5,
+                    bins: 11,
+                    fill: [0, 0, 0],
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "trivial-augment",
+            AugmentConfig {
+                trivial_augment: Some(TrivialAugmentConfig {
+                    bins: 31,
+                    fill: [124, 116, 104],
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "auto-augment",
+            AugmentConfig {
+                auto_augment: Some(AutoAugmentConfig {
+                    policy: AutoAugmentPolicy::Imagenet,
+                    fill: [0, 0, 0],
+                }),
+                color_jitter: full_config().color_jitter,
+                ..base
+            },
+        ),
+    ]
+}
+
+#[test]
+fn policies_and_erasing_same_output_for_1_2_and_8_threads() {
+    let inputs = fixtures();
+    for (name, cfg) in policy_configs() {
+        let aug = Augmenter::new(&cfg).unwrap();
+        let one = run(&aug, &inputs, 1, 0);
+        assert_eq!(
+            one,
+            run(&aug, &inputs, 2, 0),
+            "{name}: 2 threads differ from 1"
+        );
+        assert_eq!(
+            one,
+            run(&aug, &inputs, 8, 0),
+            "{name}: 8 threads differ from 1"
+        );
+        // A new epoch draws new operations for every sample.
+        let other = run(&aug, &inputs, 2, 1);
+        let same = one.iter().zip(&other).filter(|(a, b)| a == b).count();
+        assert_eq!(same, 0, "{name}: {same} samples unchanged between epochs");
+    }
+}
+
+/// A policy leaves the crop and flip draws alone (their own streams), and its operations do
+/// change samples: with the crop fixed, a policy that can only apply Identity would not.
+#[test]
+fn policies_leave_crop_and_flip_draws_alone() {
+    let inputs = fixtures();
+    for (name, cfg) in policy_configs() {
+        let plain = AugmentConfig {
+            rand_augment: None,
+            trivial_augment: None,
+            auto_augment: None,
+            random_erasing: None,
+            color_jitter: None,
+            ..cfg.clone()
+        };
+        let with = Augmenter::new(&cfg).unwrap();
+        let without = Augmenter::new(&plain).unwrap();
+        let mut changed = 0;
+        for id in 0..SAMPLES {
+            let key = SampleKey {
+                seed: 5,
+                epoch: 0,
+                sample_id: id,
+            };
+            let input = &inputs[id as usize % inputs.len()];
+            let mut a = vec![0u8; with.sample_bytes()];
+            let mut b = vec![0u8; without.sample_bytes()];
+            let pa = with
+                .process_traced(input, key, &mut a, &mut with.scratch())
+                .unwrap();
+            let pb = without
+                .process_traced(input, key, &mut b, &mut without.scratch())
+                .unwrap();
+            assert_eq!(
+                (pa.crop_area, pa.crop_aspect, pa.hflip),
+                (pb.crop_area, pb.crop_aspect, pb.hflip),
+                "{name} sample {id}"
+            );
+            changed += usize::from(a != b);
+        }
+        assert!(
+            changed > SAMPLES as usize / 2,
+            "{name}: only {changed} changed"
+        );
+    }
+}

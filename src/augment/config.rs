@@ -93,9 +93,21 @@ pub struct AugmentConfig {
     /// torchvision `GaussianBlur`, applied with probability `p`.
     #[serde(default)]
     pub gaussian_blur: Option<GaussianBlurConfig>,
+    /// RandAugment (torchvision v2's operations and bins; timm's magnitude noise `m-std`).
+    #[serde(default)]
+    pub rand_augment: Option<RandAugmentConfig>,
+    /// TrivialAugmentWide (torchvision v2).
+    #[serde(default)]
+    pub trivial_augment: Option<TrivialAugmentConfig>,
+    /// AutoAugment with a published policy (torchvision v2).
+    #[serde(default)]
+    pub auto_augment: Option<AutoAugmentConfig>,
     /// torchvision `Normalize` on values scaled to 0..1: `(x / 255 - mean) / std`.
     #[serde(default)]
     pub normalize: Option<NormalizeConfig>,
+    /// torchvision / timm `RandomErasing`, on the normalised output (float dtypes only).
+    #[serde(default)]
+    pub random_erasing: Option<RandomErasingConfig>,
     /// Output tensor element type, layout and channels.
     #[serde(default)]
     pub output: OutputConfig,
@@ -117,7 +129,11 @@ impl Default for AugmentConfig {
             color_jitter: None,
             grayscale: None,
             gaussian_blur: None,
+            rand_augment: None,
+            trivial_augment: None,
+            auto_augment: None,
             normalize: None,
+            random_erasing: None,
             output: OutputConfig::default(),
         }
     }
@@ -262,6 +278,119 @@ pub struct GaussianBlurConfig {
 
 fn default_sigma() -> [f64; 2] {
     [0.1, 2.0]
+}
+
+/// `rand-augment`: `n` operations drawn uniformly from torchvision's RandAugment set, each at
+/// magnitude bin `m` of `bins`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RandAugmentConfig {
+    /// Operations per sample (default 2, torchvision's `num_ops`).
+    #[serde(default = "default_n")]
+    pub n: u32,
+    /// Magnitude bin, `0..bins` (default 9, torchvision's `magnitude`).
+    #[serde(default = "default_m")]
+    pub m: u32,
+    /// Standard deviation (in bins) of Gaussian noise added to `m` per operation, clipped to
+    /// the table (timm's `mstd`; default 0: none).
+    #[serde(default)]
+    pub m_std: f64,
+    /// Number of magnitude bins (default 31, torchvision's `num_magnitude_bins`; 11 gives
+    /// timm's 0..10 scale, where `m = 9` is 90 % of each range).
+    #[serde(default = "default_bins")]
+    pub bins: u32,
+    /// RGB value (0..255) of pixels warped in from outside (default black).
+    #[serde(default)]
+    pub fill: [u8; 3],
+}
+
+fn default_n() -> u32 {
+    2
+}
+
+fn default_m() -> u32 {
+    9
+}
+
+fn default_bins() -> u32 {
+    31
+}
+
+/// `trivial-augment`: TrivialAugmentWide — one operation, one magnitude bin, both uniform.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrivialAugmentConfig {
+    /// Number of magnitude bins (default 31).
+    #[serde(default = "default_bins")]
+    pub bins: u32,
+    /// RGB value (0..255) of pixels warped in from outside (default black).
+    #[serde(default)]
+    pub fill: [u8; 3],
+}
+
+/// A published AutoAugment policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoAugmentPolicy {
+    /// torchvision's `AutoAugmentPolicy.IMAGENET`.
+    Imagenet,
+}
+
+/// `auto-augment`: one of the policy's 25 sub-policies per sample, each step applied with its
+/// probability.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AutoAugmentConfig {
+    /// The policy (`"imagenet"`).
+    pub policy: AutoAugmentPolicy,
+    /// RGB value (0..255) of pixels warped in from outside (default black).
+    #[serde(default)]
+    pub fill: [u8; 3],
+}
+
+/// What erased pixels become: `"random"` (a standard normal value per element, as
+/// torchvision's `value="random"` and timm's `mode="pixel"`) or one value per channel, in the
+/// normalised scale.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ErasingValue {
+    /// `"random"`.
+    Named(String),
+    /// `[r, g, b]` (normalised values; one value is used for every channel).
+    Values(Vec<f32>),
+}
+
+impl Default for ErasingValue {
+    fn default() -> Self {
+        ErasingValue::Values(vec![0.0])
+    }
+}
+
+/// `random-erasing`: with probability `p`, a rectangle of random area and aspect ratio is
+/// overwritten in the normalised output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RandomErasingConfig {
+    /// Probability (default 0.5, as torchvision).
+    #[serde(default = "default_half")]
+    pub p: f64,
+    /// Range of the erased area as a fraction of the image (default `[0.02, 0.33]`).
+    #[serde(default = "default_erase_scale")]
+    pub scale: [f64; 2],
+    /// Range of the aspect ratio h/w, drawn log-uniformly (default `[0.3, 3.3]`).
+    #[serde(default = "default_erase_ratio")]
+    pub ratio: [f64; 2],
+    /// `"random"` or values per channel (default 0, torchvision's default).
+    #[serde(default)]
+    pub value: ErasingValue,
+}
+
+fn default_erase_scale() -> [f64; 2] {
+    [0.02, 0.33]
+}
+
+fn default_erase_ratio() -> [f64; 2] {
+    [0.3, 3.3]
 }
 
 /// `normalize`: per-channel mean and standard deviation, on the 0..1 scale.

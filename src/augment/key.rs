@@ -35,6 +35,8 @@ pub(crate) enum Stream {
     ColorJitter = 6,
     Grayscale = 7,
     Blur = 8,
+    Policy = 9,
+    Erase = 10,
 }
 
 impl SampleKey {

@@ -11,13 +11,17 @@
 //! 3. decode only the source region the geometry reads, at the smallest sufficient JPEG DCT
 //!    scale (EXIF-rotated JPEGs too: the region is mapped onto stored pixels) — `decode`;
 //! 4. antialiased bilinear resize of that region to the output size — `resample.rs`;
-//! 5. on the small output image: rotation/zoom (`warp.rs`), colour jitter and grayscale
-//!    (`color.rs`), Gaussian blur (`blur.rs`);
+//! 5. on the small output image: rotation/zoom (`warp.rs`), an automatic augmentation policy
+//!    — RandAugment, TrivialAugmentWide or AutoAugment (`policy.rs`, operations in `ops.rs`) —,
+//!    colour jitter and grayscale (`color.rs`), Gaussian blur (`blur.rs`);
 //! 6. flips, normalisation, dtype and layout in one table-driven pass into the output slice —
-//!    `write.rs`.
+//!    `write.rs` (a policy's pending per-value operations are folded into its table);
+//! 7. random erasing on the normalised output (`erase.rs`).
 //!
 //! Flips are applied last, where they cost nothing: every later operation commutes with a
-//! flip except rotation, whose angle is mirrored instead. Randomness comes only from the
+//! flip except rotation, whose angle is mirrored instead. With a policy (whose shears and
+//! translations do not commute with flips) the flips are applied to the small image before
+//! it, where torchvision's recipes apply them. Randomness comes only from the
 //! [`SampleKey`], one stream per operation (`key.rs`). Buffers live in a per-worker
 //! [`Scratch`], so JPEG samples allocate nothing once it has warmed up.
 //!
@@ -33,31 +37,40 @@
 //!   the output's pixels per side) is an approximation: mean abs error ≤ 3/255 in the tests.
 //! - Output bytes depend only on the input bytes, the plan and the [`SampleKey`]: identical
 //!   on 1, 2 or 8 threads, in any order (`tests/augment_determinism.rs`).
+//! - Each policy operation matches torchvision v2's on fixed magnitudes (`ops::tests`, reference
+//!   outputs from `scripts/policy_reference.py`; differences listed in `ops.rs`).
 //! - Normalised values are computed like torchvision's, in f32: `(v / 255 - mean) / std`,
 //!   then rounded to nearest-even for f16/bf16.
 
 mod blur;
 mod color;
 mod config;
+mod erase;
 mod error;
 mod geometry;
 mod key;
+mod ops;
+mod policy;
 mod resample;
 mod warp;
 mod write;
 
 pub use config::{
-    AugmentConfig, CenterCropConfig, ColorJitterConfig, FlipConfig, GaussianBlurConfig,
-    GrayscaleConfig, Jitter, Layout, NormalizeConfig, OutDType, OutputConfig,
-    RandomResizedCropConfig, RandomScaleConfig, ResizeConfig, RotateConfig, Size,
+    AugmentConfig, AutoAugmentConfig, AutoAugmentPolicy, CenterCropConfig, ColorJitterConfig,
+    ErasingValue, FlipConfig, GaussianBlurConfig, GrayscaleConfig, Jitter, Layout, NormalizeConfig,
+    OutDType, OutputConfig, RandAugmentConfig, RandomErasingConfig, RandomResizedCropConfig,
+    RandomScaleConfig, ResizeConfig, RotateConfig, Size, TrivialAugmentConfig,
 };
 pub use error::{AugmentConfigError, SampleError};
 pub use key::SampleKey;
 pub use resample::Resampler;
 
 use crate::decode::{DecodeRequest, Decoder, Rect};
+use erase::Eraser;
 use geometry::{Geometry, ResizeSpec};
 use key::{chance, uniform, Stream};
+use ops::OpScratch;
+use policy::Policy;
 use write::Writer;
 
 /// Checked colour-jitter ranges.
@@ -71,7 +84,7 @@ struct JitterPlan {
 }
 
 /// The random parameters one sample was generated with ([`Augmenter::process_traced`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SampleParams {
     /// Share of the source image's area the crop covers (1.0 for a whole image).
     pub crop_area: f32,
@@ -93,6 +106,10 @@ pub struct SampleParams {
     pub saturation: Option<f32>,
     /// Hue shift, when applied.
     pub hue: Option<f32>,
+    /// The policy's operations with their signed magnitudes (torchvision's names), in order.
+    pub policy_ops: Vec<(&'static str, f32)>,
+    /// The rectangle random erasing overwrote: `[top, left, height, width]`.
+    pub erased: Option<[u32; 4]>,
 }
 
 /// A checked augmentation plan; cheap to share between worker threads (`&Augmenter`).
@@ -111,6 +128,8 @@ pub struct Augmenter {
     jitter: Option<JitterPlan>,
     grayscale: Option<f64>,
     blur: Option<GaussianBlurConfig>,
+    policy: Option<Policy>,
+    eraser: Option<Eraser>,
     output: OutputConfig,
     mean_std: Option<([f32; 3], [f32; 3])>,
     writer: Writer,
@@ -126,6 +145,8 @@ pub struct Scratch {
     small2: Vec<u8>,
     blur_tmp: Vec<f32>,
     blur_kernel: Vec<f32>,
+    ops: OpScratch,
+    write_table: Vec<[u8; 4]>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -146,6 +167,8 @@ impl Scratch {
             small2: Vec::new(),
             blur_tmp: Vec::new(),
             blur_kernel: Vec::new(),
+            ops: OpScratch::default(),
+            write_table: Vec::new(),
         }
     }
 }
@@ -316,6 +339,50 @@ impl Augmenter {
                 Some((spread(&n.mean), spread(&n.std)))
             }
         };
+        let policy = Self::policy(cfg)?;
+        let eraser = cfg
+            .random_erasing
+            .as_ref()
+            .map(|e| -> Result<Eraser, AugmentConfigError> {
+                if cfg.output.dtype == OutDType::U8 {
+                    return Err(invalid(
+                        "random-erasing",
+                        "needs a float output.dtype (f32, f16, bf16): erasing happens after \
+                         normalisation, which u8 output leaves to the device",
+                    ));
+                }
+                let ratio = check_range("random-erasing.ratio", e.ratio, 1e-6, 1e6)?;
+                let fill = match &e.value {
+                    ErasingValue::Named(n) if n == "random" => erase::Fill::Random,
+                    ErasingValue::Named(n) => {
+                        return Err(invalid(
+                            "random-erasing.value",
+                            format!("must be \"random\" or a list of numbers, got \"{n}\""),
+                        ))
+                    }
+                    ErasingValue::Values(v)
+                        if (v.len() == 1 || v.len() == channels as usize)
+                            && v.iter().all(|x| x.is_finite()) =>
+                    {
+                        erase::Fill::Values(std::array::from_fn(|c| v[c.min(v.len() - 1)]))
+                    }
+                    ErasingValue::Values(v) => {
+                        return Err(invalid(
+                            "random-erasing.value",
+                            format!(
+                                "needs 1 or {channels} finite values (output.channels), got {v:?}"
+                            ),
+                        ))
+                    }
+                };
+                Ok(Eraser {
+                    p: check_p("random-erasing.p", e.p)?,
+                    scale: check_range("random-erasing.scale", e.scale, 0.0, 1.0)?,
+                    log_ratio: [ratio[0].ln(), ratio[1].ln()],
+                    fill,
+                })
+            })
+            .transpose()?;
         let writer = Writer::new(
             cfg.output.dtype,
             cfg.output.layout,
@@ -336,10 +403,69 @@ impl Augmenter {
             jitter,
             grayscale,
             blur: cfg.gaussian_blur.clone(),
+            policy,
+            eraser,
             output: cfg.output.clone(),
             mean_std,
             writer,
         })
+    }
+
+    /// The one automatic augmentation policy configured, checked.
+    fn policy(cfg: &AugmentConfig) -> Result<Option<Policy>, AugmentConfigError> {
+        let keys = [
+            (cfg.rand_augment.is_some(), "rand-augment"),
+            (cfg.trivial_augment.is_some(), "trivial-augment"),
+            (cfg.auto_augment.is_some(), "auto-augment"),
+        ];
+        let mut set = keys.iter().filter(|k| k.0).map(|k| k.1);
+        if let (Some(first), Some(second)) = (set.next(), set.next()) {
+            return Err(AugmentConfigError::Conflict { first, second });
+        }
+        let check_bins = |key: &'static str, bins: u32| {
+            if (2..=1000).contains(&bins) {
+                Ok(bins)
+            } else {
+                Err(invalid(key, format!("must be 2..=1000, got {bins}")))
+            }
+        };
+        if let Some(r) = &cfg.rand_augment {
+            let bins = check_bins("rand-augment.bins", r.bins)?;
+            if r.m >= bins {
+                return Err(invalid(
+                    "rand-augment.m",
+                    format!("must be below bins ({bins}), got {}", r.m),
+                ));
+            }
+            if r.n > 16 {
+                return Err(invalid(
+                    "rand-augment.n",
+                    format!("must be 0..=16, got {}", r.n),
+                ));
+            }
+            if !(r.m_std.is_finite() && r.m_std >= 0.0) {
+                return Err(invalid(
+                    "rand-augment.m-std",
+                    format!("must be finite and >= 0, got {}", r.m_std),
+                ));
+            }
+            return Ok(Some(Policy::Rand {
+                n: r.n,
+                m: r.m,
+                m_std: r.m_std,
+                bins,
+                fill: r.fill,
+            }));
+        }
+        if let Some(t) = &cfg.trivial_augment {
+            return Ok(Some(Policy::TrivialWide {
+                bins: check_bins("trivial-augment.bins", t.bins)?,
+                fill: t.fill,
+            }));
+        }
+        Ok(cfg.auto_augment.as_ref().map(|a| match a.policy {
+            AutoAugmentPolicy::Imagenet => Policy::AutoImagenet { fill: a.fill },
+        }))
     }
 
     fn geometry(cfg: &AugmentConfig) -> Result<Geometry, AugmentConfigError> {
@@ -526,9 +652,51 @@ impl Augmenter {
         let vflip = self
             .vertical_flip
             .is_some_and(|p| chance(&mut key.rng(Stream::VerticalFlip), p));
-        let mut params = self.post_geometry(key, hflip != vflip, scratch);
-        self.writer
-            .write(&scratch.small[..len], w, h, hflip, vflip, out);
+        // A policy's shears and translations do not commute with flips: flip first.
+        let early_flip = self.policy.is_some() && (hflip || vflip);
+        if early_flip {
+            flip_in_place(
+                &mut scratch.small[..len],
+                w as usize,
+                h as usize,
+                hflip,
+                vflip,
+            );
+        }
+        let mut params = self.post_geometry(key, !early_flip && hflip != vflip, scratch);
+        let late = !early_flip;
+        match scratch.ops.lut.take() {
+            Some(map) => self.writer.write_mapped(
+                &mut scratch.small[..len],
+                w,
+                h,
+                &map,
+                &mut scratch.write_table,
+                out,
+            ),
+            None => self.writer.write(
+                &scratch.small[..len],
+                w,
+                h,
+                late && hflip,
+                late && vflip,
+                out,
+            ),
+        }
+        if let Some(e) = &self.eraser {
+            let (c, _, _) = self.output_shape();
+            params.erased = e
+                .apply(
+                    key,
+                    out,
+                    c as usize,
+                    h as usize,
+                    w as usize,
+                    self.output.dtype,
+                    self.output.layout,
+                )
+                .map(|(t, l, eh, ew)| [t as u32, l as u32, eh as u32, ew as u32]);
+        }
         let source_area = f64::from(info.width) * f64::from(info.height);
         params.crop_area = (sampling.src_box[2] * sampling.src_box[3] / source_area) as f32;
         params.crop_aspect = (sampling.src_box[2] / sampling.src_box[3]) as f32;
@@ -605,6 +773,20 @@ impl Augmenter {
         }
         params.rotation = degrees as f32;
         params.zoom = zoom as f32;
+        if let Some(policy) = &self.policy {
+            scratch.small.truncate(len);
+            params.policy_ops = policy.apply(
+                key,
+                &mut scratch.small,
+                w as usize,
+                h as usize,
+                &mut scratch.ops,
+            );
+            // Later operations read real pixels; else the pending table rides on the write.
+            if self.jitter.is_some() || self.grayscale.is_some() || self.blur.is_some() {
+                scratch.ops.materialise(&mut scratch.small[..len]);
+            }
+        }
         let img = &mut scratch.small[..len];
         if let Some(j) = &self.jitter {
             let mut rng = key.rng(Stream::ColorJitter);
@@ -660,6 +842,25 @@ impl Augmenter {
             }
         }
         params
+    }
+}
+
+/// Flips the `w × h` RGB8 image in place.
+fn flip_in_place(img: &mut [u8], w: usize, h: usize, hflip: bool, vflip: bool) {
+    if hflip {
+        for row in img.chunks_exact_mut(w * 3) {
+            for x in 0..w / 2 {
+                for c in 0..3 {
+                    row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
+                }
+            }
+        }
+    }
+    if vflip {
+        for y in 0..h / 2 {
+            let (top, bottom) = img.split_at_mut((h - 1 - y) * w * 3);
+            top[y * w * 3..(y + 1) * w * 3].swap_with_slice(&mut bottom[..w * 3]);
+        }
     }
 }
 
@@ -729,6 +930,191 @@ mod tests {
             let mut expected = vec![0u8; plain.len()];
             warp::rotate_zoom(&flipped, &mut expected, 60, 40, 17.0, 1.0, [1, 2, 3]);
             assert_eq!(got, expected, "hflip {hflip} vflip {vflip}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    /// Bad policy and erasing values are refused naming the key.
+    #[test]
+    fn bad_policy_and_erasing_values_name_their_key() {
+        let base = AugmentConfig {
+            center_crop: Some(CenterCropConfig {
+                size: Size::Square(8),
+            }),
+            ..AugmentConfig::default()
+        };
+        let rand = |m, bins, m_std| RandAugmentConfig {
+            n: 2,
+            m,
+            m_std,
+            bins,
+            fill: [0; 3],
+        };
+        let erasing = |value| RandomErasingConfig {
+            p: 0.25,
+            scale: [0.02, 0.33],
+            ratio: [0.3, 3.3],
+            value,
+        };
+        let cases = [
+            (
+                AugmentConfig {
+                    rand_augment: Some(rand(9, 31, 0.0)),
+                    trivial_augment: Some(TrivialAugmentConfig {
+                        bins: 31,
+                        fill: [0; 3],
+                    }),
+                    ..base.clone()
+                },
+                "rand-augment cannot be combined with trivial-augment",
+            ),
+            (
+                AugmentConfig {
+                    rand_augment: Some(rand(31, 31, 0.0)),
+                    ..base.clone()
+                },
+                "rand-augment.m",
+            ),
+            (
+                AugmentConfig {
+                    rand_augment: Some(rand(9, 31, -1.0)),
+                    ..base.clone()
+                },
+                "rand-augment.m-std",
+            ),
+            (
+                AugmentConfig {
+                    trivial_augment: Some(TrivialAugmentConfig {
+                        bins: 1,
+                        fill: [0; 3],
+                    }),
+                    ..base.clone()
+                },
+                "trivial-augment.bins",
+            ),
+            (
+                AugmentConfig {
+                    random_erasing: Some(erasing(ErasingValue::default())),
+                    output: OutputConfig {
+                        dtype: OutDType::U8,
+                        ..OutputConfig::default()
+                    },
+                    ..base.clone()
+                },
+                "random-erasing: needs a float output.dtype",
+            ),
+            (
+                AugmentConfig {
+                    random_erasing: Some(erasing(ErasingValue::Named("noise".into()))),
+                    ..base.clone()
+                },
+                "random-erasing.value",
+            ),
+            (
+                AugmentConfig {
+                    random_erasing: Some(erasing(ErasingValue::Values(vec![1.0, 2.0]))),
+                    ..base.clone()
+                },
+                "random-erasing.value",
+            ),
+        ];
+        for (cfg, want) in cases {
+            let err = Augmenter::new(&cfg).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+    }
+
+    /// With a policy, the output equals: crop, flip, then the policy's operations one by one
+    /// on real pixels, then the write. Checks the early flip and the table folded into the
+    /// write (u8 and normalised f32, both layouts, one channel).
+    #[test]
+    fn fused_policy_equals_flip_then_operations_then_write() {
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/coffee_420.jpg"
+        ))
+        .unwrap();
+        let base = AugmentConfig {
+            center_crop: Some(CenterCropConfig {
+                size: Size::HeightWidth([36, 52]),
+            }),
+            output: OutputConfig {
+                dtype: OutDType::U8,
+                layout: Layout::Nhwc,
+                channels: 3,
+            },
+            ..AugmentConfig::default()
+        };
+        let plain = Augmenter::new(&base).unwrap();
+        let mut pixels = vec![0u8; plain.sample_bytes()];
+        let key0 = SampleKey {
+            seed: 0,
+            epoch: 0,
+            sample_id: 0,
+        };
+        plain
+            .process(&bytes, key0, &mut pixels, &mut plain.scratch())
+            .unwrap();
+        let normalize = NormalizeConfig {
+            mean: vec![0.5, 0.4, 0.3],
+            std: vec![0.2, 0.25, 0.3],
+        };
+        for (dtype, layout, channels) in [
+            (OutDType::U8, Layout::Nhwc, 3),
+            (OutDType::F32, Layout::Nchw, 3),
+            (OutDType::F32, Layout::Nhwc, 1),
+        ] {
+            let cfg = AugmentConfig {
+                horizontal_flip: Some(FlipConfig { p: 0.5 }),
+                vertical_flip: Some(FlipConfig { p: 0.5 }),
+                trivial_augment: Some(TrivialAugmentConfig {
+                    bins: 31,
+                    fill: [3, 2, 1],
+                }),
+                normalize: (dtype != OutDType::U8).then(|| NormalizeConfig {
+                    mean: normalize.mean[..channels as usize].to_vec(),
+                    std: normalize.std[..channels as usize].to_vec(),
+                }),
+                output: OutputConfig {
+                    dtype,
+                    layout,
+                    channels,
+                },
+                ..base.clone()
+            };
+            let aug = Augmenter::new(&cfg).unwrap();
+            let mut scratch = aug.scratch();
+            for id in 0..40 {
+                let key = SampleKey {
+                    seed: 9,
+                    epoch: 0,
+                    sample_id: id,
+                };
+                let mut got = vec![0u8; aug.sample_bytes()];
+                let params = aug
+                    .process_traced(&bytes, key, &mut got, &mut scratch)
+                    .unwrap();
+                let mut img = pixels.clone();
+                flip_in_place(&mut img, 52, 36, params.hflip, params.vflip);
+                let mut ops = OpScratch::default();
+                let trace = aug
+                    .policy
+                    .as_ref()
+                    .unwrap()
+                    .apply(key, &mut img, 52, 36, &mut ops);
+                assert_eq!(trace, params.policy_ops);
+                ops.materialise(&mut img);
+                let mut want = vec![0u8; aug.sample_bytes()];
+                aug.writer.write(&img, 52, 36, false, false, &mut want);
+                assert_eq!(
+                    got, want,
+                    "{dtype:?} {layout:?} {channels} sample {id} {trace:?}"
+                );
+            }
         }
     }
 }

@@ -74,15 +74,60 @@ impl Writer {
         vflip: bool,
         out: &mut [u8],
     ) {
+        self.write_with(&self.lut, rgb, width, height, hflip, vflip, out)
+    }
+
+    /// [`write`](Self::write) with the per-channel value map `map` applied first (a policy's
+    /// pending per-value operations), folded into this pass's table: no extra pass over the
+    /// image. `table` is reusable scratch. Not for one output channel (luma mixes channels):
+    /// there `rgb` is mapped first.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_mapped(
+        &self,
+        rgb: &mut [u8],
+        width: u32,
+        height: u32,
+        map: &[[u8; 256]; 3],
+        table: &mut Vec<[u8; 4]>,
+        out: &mut [u8],
+    ) {
+        if self.channels == 1 {
+            for p in rgb.chunks_exact_mut(3) {
+                for c in 0..3 {
+                    p[c] = map[c][usize::from(p[c])];
+                }
+            }
+            return self.write(rgb, width, height, false, false, out);
+        }
+        table.clear();
+        for (c, row) in map.iter().enumerate().take(self.channels) {
+            table.extend(row.iter().map(|&v| self.lut[c * 256 + usize::from(v)]));
+        }
+        self.write_with(table, rgb, width, height, false, false, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_with(
+        &self,
+        lut: &[[u8; 4]],
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+        hflip: bool,
+        vflip: bool,
+        out: &mut [u8],
+    ) {
         match self.dtype.size() {
-            1 => self.write_n::<1>(rgb, width, height, hflip, vflip, out),
-            2 => self.write_n::<2>(rgb, width, height, hflip, vflip, out),
-            _ => self.write_n::<4>(rgb, width, height, hflip, vflip, out),
+            1 => self.write_n::<1>(lut, rgb, width, height, hflip, vflip, out),
+            2 => self.write_n::<2>(lut, rgb, width, height, hflip, vflip, out),
+            _ => self.write_n::<4>(lut, rgb, width, height, hflip, vflip, out),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn write_n<const N: usize>(
         &self,
+        lut: &[[u8; 4]],
         rgb: &[u8],
         width: u32,
         height: u32,
@@ -92,7 +137,7 @@ impl Writer {
     ) {
         let (w, h) = (width as usize, height as usize);
         let entry = |c: usize, v: u8| -> [u8; N] {
-            let e = &self.lut[c * 256 + usize::from(v)];
+            let e = &lut[c * 256 + usize::from(v)];
             let mut out = [0u8; N];
             out.copy_from_slice(&e[..N]);
             out
