@@ -488,8 +488,19 @@ impl Plan {
         });
         // Building the augmenter checks the whole [augment] table.
         let main = Augmenter::new(&file.augment)?;
+        crate::batch::Mixer::new(&file.augment, file.source.num_classes)?;
         for (i, stream) in file.source.streams.iter().enumerate() {
             if let Some(augment) = &stream.augment {
+                if crate::batch::Mixer::new(augment, Some(2)).map_or(true, |m| m.is_some()) {
+                    return Err(invalid(
+                        "source.streams.augment",
+                        format!(
+                            "stream {i}: mixup / cutmix / mix-prob / switch-prob / label-smoothing"
+                        ),
+                        "batch mixing mixes whole batches across streams: configure it in \
+                         [augment] (with [source] num-classes)",
+                    ));
+                }
                 let own = Augmenter::new(augment)?;
                 if let Err(difference) = main.same_output(&own) {
                     return Err(invalid(

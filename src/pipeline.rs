@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::augment::{Augmenter, SampleKey, Scratch};
-use crate::batch::{BatchSchema, TensorIndex};
+use crate::batch::{BatchSchema, ImageGeometry, Mixer, TensorIndex};
 use crate::config::Plan;
 use crate::feedback::{ParamLog, Scores, Selector, StateStore};
 use crate::ring::feedback::Feedback;
@@ -230,6 +230,8 @@ pub struct Pipeline {
     sampler: Sampler,
     /// The main augmenter first, then the streams' own (`[[source.streams]] augment`).
     augmenters: Vec<Augmenter>,
+    /// Batch-level mixing (`mixup` / `cutmix`), when configured.
+    mixer: Option<Mixer>,
     /// Index into `augmenters` for each stream.
     stream_augmenter: Vec<usize>,
     schema: BatchSchema,
@@ -332,6 +334,7 @@ impl Pipeline {
             dataset,
             sampler,
             augmenters: vec![augmenter],
+            mixer: None,
             stream_augmenter: vec![0; streams],
             schema,
             plan,
@@ -342,6 +345,12 @@ impl Pipeline {
             selector: Mutex::new(selector),
             params,
         })
+    }
+
+    /// Mixes every batch with `mixer` (the schema must carry its `targets` tensor).
+    pub fn with_mixer(mut self, mixer: Mixer) -> Pipeline {
+        self.mixer = Some(mixer);
+        self
     }
 
     /// Gives stream `stream` its own augmenter (`[[source.streams]] augment`), whose output
@@ -402,14 +411,16 @@ impl Pipeline {
         ids: &mut Vec<u64>,
     ) -> Result<(), PipelineError> {
         self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
-        self.fill_rows(cursor.epoch, tensors, ids, None)
+        self.fill_rows(cursor.epoch, (rank, cursor.index), tensors, ids, None)
     }
 
     /// Fills the rows of `ids` (samples of `epoch`) into the tensors, and `weights` into the
-    /// `weights` tensor when given.
+    /// `weights` tensor when given; then mixes the batch (`rank`'s batch `index`) when
+    /// configured.
     fn fill_rows(
         &self,
         epoch: u64,
+        (rank, index): (u32, u64),
         tensors: &mut [&mut [u8]],
         ids: &[u64],
         weights: Option<&[f32]>,
@@ -440,9 +451,11 @@ impl Pipeline {
 
         let labels = &mut *rest[TensorIndex::Labels as usize - 1];
         let mut sample_ids = Vec::with_capacity(used.len());
+        let mut label_values = Vec::with_capacity(used.len());
         for (row, result) in used.into_iter().enumerate() {
             let (id, label) = result?;
             sample_ids.push(id);
+            label_values.push(label);
             labels[row * 8..row * 8 + 8].copy_from_slice(&label.to_le_bytes());
         }
         let id_bytes = &mut *rest[TensorIndex::SampleIds as usize - 1];
@@ -465,6 +478,18 @@ impl Pipeline {
             for (row, w) in weights.iter().enumerate() {
                 out[row * 4..row * 4 + 4].copy_from_slice(&w.to_le_bytes());
             }
+        }
+        if let (Some(mixer), Some(at)) = (&self.mixer, self.schema.targets_index()) {
+            let (c, h, w) = self.schema.chw;
+            let params = mixer.draw(seed, epoch, rank, index, h as usize, w as usize);
+            let geometry = ImageGeometry {
+                dtype: self.schema.image_dtype,
+                chw: (c as usize, h as usize, w as usize),
+                nhwc: self.schema.nhwc,
+            };
+            let rows = label_values.len() * sample_bytes;
+            mixer.apply(&params, &mut images[..rows], geometry);
+            mixer.targets(&params, &label_values, &mut *rest[at - 1]);
         }
         Ok(())
     }
@@ -830,7 +855,13 @@ impl Pipeline {
                 match plans.get(&cursor.epoch) {
                     Some(plan) if selecting => {
                         plan.batch(rank, cursor.index, &mut ids, &mut weights);
-                        self.fill_rows(cursor.epoch, &mut tensors, &ids, Some(&weights))?;
+                        self.fill_rows(
+                            cursor.epoch,
+                            (rank, cursor.index),
+                            &mut tensors,
+                            &ids,
+                            Some(&weights),
+                        )?;
                         plan.batches()
                     }
                     _ => {

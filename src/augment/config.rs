@@ -108,6 +108,21 @@ pub struct AugmentConfig {
     /// torchvision / timm `RandomErasing`, on the normalised output (float dtypes only).
     #[serde(default)]
     pub random_erasing: Option<RandomErasingConfig>,
+    /// Batch-level mixup (timm `Mixup(mixup_alpha)`); adds the `targets` tensor.
+    #[serde(default)]
+    pub mixup: Option<MixConfig>,
+    /// Batch-level CutMix (timm `Mixup(cutmix_alpha)`); adds the `targets` tensor.
+    #[serde(default)]
+    pub cutmix: Option<MixConfig>,
+    /// Probability of mixing a batch at all (timm `prob`; default 1).
+    #[serde(default)]
+    pub mix_prob: Option<f64>,
+    /// With both mixup and CutMix, probability of CutMix for a mixed batch (default 0.5).
+    #[serde(default)]
+    pub switch_prob: Option<f64>,
+    /// Label smoothing of the `targets` (timm `label_smoothing`; default 0.1).
+    #[serde(default)]
+    pub label_smoothing: Option<f64>,
     /// Output tensor element type, layout and channels.
     #[serde(default)]
     pub output: OutputConfig,
@@ -134,6 +149,11 @@ impl Default for AugmentConfig {
             auto_augment: None,
             normalize: None,
             random_erasing: None,
+            mixup: None,
+            cutmix: None,
+            mix_prob: None,
+            switch_prob: None,
+            label_smoothing: None,
             output: OutputConfig::default(),
         }
     }
@@ -391,6 +411,14 @@ fn default_erase_scale() -> [f64; 2] {
 
 fn default_erase_ratio() -> [f64; 2] {
     [0.3, 3.3]
+}
+
+/// `mixup` / `cutmix`: λ is drawn from Beta(`alpha`, `alpha`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MixConfig {
+    /// Beta distribution parameter (> 0; timm's defaults are 0.8 for mixup, 1.0 for CutMix).
+    pub alpha: f64,
 }
 
 /// `normalize`: per-channel mean and standard deviation, on the 0..1 scale.

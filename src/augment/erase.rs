@@ -5,7 +5,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Layout, OutDType};
-use super::key::{below, chance, uniform, SampleKey, Stream};
+use super::key::{below, chance, normal, uniform, SampleKey, Stream};
 
 /// What erased elements become.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,7 +74,7 @@ impl Eraser {
             for y in top..top + eh {
                 for x in left..left + ew {
                     let v = match &self.fill {
-                        Fill::Random => normal(&mut rng),
+                        Fill::Random => normal(&mut rng) as f32,
                         Fill::Values(v) => v[c],
                     };
                     let index = match layout {
@@ -96,13 +96,6 @@ impl Eraser {
         }
         Some(rect)
     }
-}
-
-/// A standard normal draw (Box–Muller).
-fn normal(rng: &mut ChaCha8Rng) -> f32 {
-    let u1 = uniform(rng, f64::MIN_POSITIVE, 1.0);
-    let u2 = uniform(rng, 0.0, 1.0);
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ pub(crate) enum Stream {
     Blur = 8,
     Policy = 9,
     Erase = 10,
+    /// Batch-level mixing: keyed by the batch (`batch_rng`), never by a sample.
+    Mix = 11,
 }
 
 impl SampleKey {
@@ -55,6 +57,24 @@ impl SampleKey {
         rng.set_stream(stream as u64);
         rng
     }
+}
+
+/// The generator of batch-level mixing for batch `index` of `rank` in `epoch`: its own stream,
+/// so it shares nothing with any sample's draws whatever the numbers.
+pub(crate) fn batch_rng(seed: u64, epoch: u64, rank: u32, index: u64) -> ChaCha8Rng {
+    SampleKey {
+        seed,
+        epoch,
+        sample_id: (u64::from(rank) << 40) ^ index,
+    }
+    .rng(Stream::Mix)
+}
+
+/// A standard normal draw (Box–Muller on two uniforms).
+pub(crate) fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1 = uniform(rng, f64::MIN_POSITIVE, 1.0);
+    let u2 = uniform(rng, 0.0, 1.0);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Uniform in `[lo, hi)`, written out so the numbers do not depend on `rand`'s distribution

@@ -48,7 +48,7 @@ mod config;
 mod erase;
 mod error;
 mod geometry;
-mod key;
+pub(crate) mod key;
 mod ops;
 mod policy;
 mod resample;
@@ -57,9 +57,10 @@ mod write;
 
 pub use config::{
     AugmentConfig, AutoAugmentConfig, AutoAugmentPolicy, CenterCropConfig, ColorJitterConfig,
-    ErasingValue, FlipConfig, GaussianBlurConfig, GrayscaleConfig, Jitter, Layout, NormalizeConfig,
-    OutDType, OutputConfig, RandAugmentConfig, RandomErasingConfig, RandomResizedCropConfig,
-    RandomScaleConfig, ResizeConfig, RotateConfig, Size, TrivialAugmentConfig,
+    ErasingValue, FlipConfig, GaussianBlurConfig, GrayscaleConfig, Jitter, Layout, MixConfig,
+    NormalizeConfig, OutDType, OutputConfig, RandAugmentConfig, RandomErasingConfig,
+    RandomResizedCropConfig, RandomScaleConfig, ResizeConfig, RotateConfig, Size,
+    TrivialAugmentConfig,
 };
 pub use error::{AugmentConfigError, SampleError};
 pub use key::SampleKey;

@@ -5,7 +5,7 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use super::key::{below, uniform, SampleKey, Stream};
+use super::key::{below, normal, uniform, SampleKey, Stream};
 use super::ops::{self, linspace, Op, OpScratch};
 
 /// Which magnitude table an operation reads (torchvision's `_AUGMENTATION_SPACE`s).
@@ -144,13 +144,6 @@ fn magnitude(op: Op, space: Space, bins: u32, bin: f64, w: usize, h: usize) -> f
     } else {
         (f64::from(end) * bin / f64::from(bins - 1)) as f32
     }
-}
-
-/// A standard normal draw (Box–Muller), for RandAugment's magnitude noise.
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
-    let u1 = uniform(rng, f64::MIN_POSITIVE, 1.0);
-    let u2 = uniform(rng, 0.0, 1.0);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Draws and applies one operation at `bin` (sign drawn when signed).

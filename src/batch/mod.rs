@@ -6,6 +6,12 @@
 //! datasets adds `source` (`u16 [B]`, each sample's stream), and `[selection]` on adds
 //! `weights` after it (`f32 [B]`, the factor a trainer multiplies each sample's loss by: 1, or
 //! `1 / (1 - prune-ratio)` for kept well-learned samples; see [`BatchSchema::weights_index`]).
+//! Batch mixing (`mixup` / `cutmix`, `mix.rs`) adds `targets` last (`f32 [B, num_classes]`,
+//! rows summing to 1; see [`BatchSchema::targets_index`]).
+
+mod mix;
+
+pub use mix::{ImageGeometry, MixParams, Mixer};
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
@@ -41,8 +47,10 @@ pub struct BatchSchema {
     pub std: [f32; 4],
     /// Batches carry a `source` tensor (the ring mixes several datasets).
     pub source: bool,
-    /// Batches carry a `weights` tensor, last (`[selection]` on).
+    /// Batches carry a `weights` tensor (`[selection]` on).
     pub weights: bool,
+    /// Batches carry a `targets` tensor of this many classes, last (batch mixing on).
+    pub targets: Option<u32>,
 }
 
 impl BatchSchema {
@@ -62,7 +70,26 @@ impl BatchSchema {
             std,
             source: false,
             weights: false,
+            targets: None,
         }
+    }
+
+    /// The same schema with a `targets` tensor of `num_classes` (batch mixing), or without.
+    pub fn with_targets(self, num_classes: Option<u32>) -> BatchSchema {
+        BatchSchema {
+            targets: num_classes,
+            ..self
+        }
+    }
+
+    /// Position of the `targets` tensor (last), if any.
+    pub fn targets_index(&self) -> Option<usize> {
+        self.targets.map(|_| {
+            TensorIndex::SampleIds as usize
+                + 1
+                + usize::from(self.source)
+                + usize::from(self.weights)
+        })
     }
 
     /// The same schema with (or without) the `weights` tensor.
@@ -134,6 +161,13 @@ impl BatchSchema {
                 shape: vec![b],
             });
         }
+        if let Some(classes) = self.targets {
+            tensors.push(TensorSpec {
+                name: "targets".to_owned(),
+                dtype: DType::F32,
+                shape: vec![b, u64::from(classes)],
+            });
+        }
         tensors
     }
 }
@@ -163,6 +197,7 @@ mod tests {
             std: [0.0; 4],
             source: false,
             weights: false,
+            targets: None,
         };
         let t = s.tensors();
         assert_eq!(t.len(), 3);
@@ -194,5 +229,18 @@ mod tests {
             assert_eq!((t[at].name.as_str(), t[at].dtype), ("weights", DType::F32));
         }
         assert_eq!(s.weights_index(), None);
+        let all = s
+            .clone()
+            .with_source()
+            .with_weights(true)
+            .with_targets(Some(7));
+        let at = all.targets_index().unwrap();
+        let t = all.tensors();
+        assert_eq!((at, t.len()), (5, 6));
+        assert_eq!(
+            (t[at].name.as_str(), t[at].dtype, t[at].shape.clone()),
+            ("targets", DType::F32, vec![4, 7])
+        );
+        assert_eq!(s.targets_index(), None);
     }
 }

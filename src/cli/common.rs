@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 use ringfeed::augment::Augmenter;
-use ringfeed::batch::BatchSchema;
+use ringfeed::batch::{BatchSchema, Mixer};
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
 use ringfeed::pipeline::Pipeline;
 use ringfeed::ring::RingSpec;
@@ -196,7 +196,10 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         }
     }
     let augmenter = Augmenter::new(&plan.file.augment)?;
-    let mut schema = BatchSchema::new(batch, &augmenter).with_weights(plan.infobatch.is_some());
+    let mixer = Mixer::new(&plan.file.augment, plan.file.source.num_classes)?;
+    let mut schema = BatchSchema::new(batch, &augmenter)
+        .with_weights(plan.infobatch.is_some())
+        .with_targets(mixer.as_ref().map(Mixer::num_classes));
     if dataset.has_streams() {
         schema = schema.with_source();
     }
@@ -212,6 +215,9 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         if let Some(augment) = &stream.augment {
             pipeline = pipeline.with_stream_augmenter(i, Augmenter::new(augment)?);
         }
+    }
+    if let Some(mixer) = mixer {
+        pipeline = pipeline.with_mixer(mixer);
     }
     Ok(Stages { pipeline, dataset })
 }

@@ -132,6 +132,13 @@ class Batch:
         sample's loss by it (1.0, or ``1 / (1 - prune_ratio)`` for kept well-learned samples)."""
         return self["weights"]
 
+    @property
+    def targets(self) -> np.ndarray:
+        """The ``targets`` tensor (``float32 [B, num_classes]``, only with ``mixup`` / ``cutmix``):
+        each row's mixed, label-smoothed soft label, summing to 1 — the target of a soft-target
+        cross-entropy (timm's ``SoftTargetCrossEntropy``)."""
+        return self["targets"]
+
     def torch(
         self,
         *names: str,
