@@ -482,6 +482,14 @@ impl Plan {
             ),
         };
         let infobatch = check_selection(&file)?;
+        if infobatch.is_some() && file.augment.repeated_augment.is_some() {
+            return Err(invalid(
+                "augment.repeated-augment",
+                "with [selection]",
+                "leave out one of them: selection decides which samples an epoch serves, \
+                 repeated augmentation serves every sample several times",
+            ));
+        }
         let state_dir = file.selection.state_dir.clone().or_else(|| {
             crate::source::index::default_cache_dir(|k| std::env::var(k).ok())
                 .map(|d| d.join("state").join(&file.ring.name))
@@ -491,6 +499,13 @@ impl Plan {
         crate::batch::Mixer::new(&file.augment, file.source.num_classes)?;
         for (i, stream) in file.source.streams.iter().enumerate() {
             if let Some(augment) = &stream.augment {
+                if augment.repeated_augment.is_some() {
+                    return Err(invalid(
+                        "source.streams.augment",
+                        format!("stream {i}: repeated-augment"),
+                        "repeated augmentation shapes the whole epoch: configure it in [augment]",
+                    ));
+                }
                 if crate::batch::Mixer::new(augment, Some(2)).map_or(true, |m| m.is_some()) {
                     return Err(invalid(
                         "source.streams.augment",

@@ -410,19 +410,30 @@ impl Pipeline {
         tensors: &mut [&mut [u8]],
         ids: &mut Vec<u64>,
     ) -> Result<(), PipelineError> {
-        self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
-        self.fill_rows(cursor.epoch, (rank, cursor.index), tensors, ids, None)
+        let mut views = Vec::with_capacity(ids.capacity());
+        self.sampler
+            .batch_views(cursor.epoch, rank, cursor.index, ids, &mut views)?;
+        self.fill_rows(
+            cursor.epoch,
+            (rank, cursor.index),
+            tensors,
+            ids,
+            &views,
+            None,
+        )
     }
 
     /// Fills the rows of `ids` (samples of `epoch`) into the tensors, and `weights` into the
     /// `weights` tensor when given; then mixes the batch (`rank`'s batch `index`) when
-    /// configured.
+    /// configured. `views[row]` is the row's view of its sample (repeated augmentation; empty
+    /// means all 0).
     fn fill_rows(
         &self,
         epoch: u64,
         (rank, index): (u32, u64),
         tensors: &mut [&mut [u8]],
         ids: &[u64],
+        views: &[u32],
         weights: Option<&[f32]>,
     ) -> Result<(), PipelineError> {
         self.failed_ids
@@ -438,13 +449,15 @@ impl Pipeline {
             images
                 .par_chunks_mut(sample_bytes)
                 .zip(ids.par_iter())
-                .map(|(out, &first)| {
+                .enumerate()
+                .map(|(row, (out, &first))| {
                     // Each pool thread has its own buffers: the lock is never contended.
                     let worker = rayon::current_thread_index().unwrap_or(0) % self.workers.len();
                     let mut buffers = self.workers[worker]
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    self.fill_sample(seed, epoch, first, out, &mut buffers)
+                    let view = views.get(row).copied().unwrap_or(0);
+                    self.fill_sample(seed, epoch, (first, view), out, &mut buffers)
                 })
                 .collect()
         });
@@ -501,7 +514,7 @@ impl Pipeline {
         &self,
         seed: u64,
         epoch: u64,
-        first: u64,
+        (first, view): (u64, u32),
         out: &mut [u8],
         buffers: &mut WorkerBuffers,
     ) -> Result<(u64, i64), PipelineError> {
@@ -533,7 +546,8 @@ impl Pipeline {
                         seed,
                         epoch,
                         sample_id: id,
-                    };
+                    }
+                    .view(view);
                     let r = self.augmenters[augmenter].process_traced(
                         &buffers.encoded,
                         key,
@@ -860,6 +874,7 @@ impl Pipeline {
                             (rank, cursor.index),
                             &mut tensors,
                             &ids,
+                            &[],
                             Some(&weights),
                         )?;
                         plan.batches()

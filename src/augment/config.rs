@@ -108,6 +108,10 @@ pub struct AugmentConfig {
     /// torchvision / timm `RandomErasing`, on the normalised output (float dtypes only).
     #[serde(default)]
     pub random_erasing: Option<RandomErasingConfig>,
+    /// Repeated augmentation (DeiT `RASampler`): every sample `count` times per epoch, each an
+    /// independent augmentation; the epoch grows `count ×`.
+    #[serde(default)]
+    pub repeated_augment: Option<RepeatedAugmentConfig>,
     /// Batch-level mixup (timm `Mixup(mixup_alpha)`); adds the `targets` tensor.
     #[serde(default)]
     pub mixup: Option<MixConfig>,
@@ -149,6 +153,7 @@ impl Default for AugmentConfig {
             auto_augment: None,
             normalize: None,
             random_erasing: None,
+            repeated_augment: None,
             mixup: None,
             cutmix: None,
             mix_prob: None,
@@ -411,6 +416,14 @@ fn default_erase_scale() -> [f64; 2] {
 
 fn default_erase_ratio() -> [f64; 2] {
     [0.3, 3.3]
+}
+
+/// `repeated-augment`: views of each sample per epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RepeatedAugmentConfig {
+    /// Views per sample per epoch (1..=64; DeiT uses 3).
+    pub count: u32,
 }
 
 /// `mixup` / `cutmix`: λ is drawn from Beta(`alpha`, `alpha`).

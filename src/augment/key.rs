@@ -42,6 +42,19 @@ pub(crate) enum Stream {
 }
 
 impl SampleKey {
+    /// The key of view `view` of this sample in its epoch (repeated augmentation): view 0 is
+    /// the key itself, each other view an unrelated key, so views are independent
+    /// augmentations.
+    pub fn view(self, view: u32) -> SampleKey {
+        if view == 0 {
+            return self;
+        }
+        SampleKey {
+            seed: splitmix64(self.seed ^ splitmix64(0x5645_4945_5753 ^ u64::from(view))),
+            ..self
+        }
+    }
+
     fn seed_bytes(self) -> [u8; 32] {
         let h = splitmix64(splitmix64(splitmix64(self.seed) ^ self.epoch) ^ self.sample_id);
         let mut bytes = [0u8; 32];
@@ -122,6 +135,24 @@ mod tests {
             draw(k, Stream::Crop),
             draw(SampleKey { seed: 0, ..k }, Stream::Crop)
         );
+    }
+
+    #[test]
+    fn view_zero_is_the_key_and_other_views_differ() {
+        let k = SampleKey {
+            seed: 1,
+            epoch: 2,
+            sample_id: 3,
+        };
+        assert_eq!(k.view(0), k);
+        let draw = |k: SampleKey| uniform(&mut k.rng(Stream::Crop), 0.0, 1.0);
+        let draws: Vec<f64> = (0..4).map(|v| draw(k.view(v))).collect();
+        for i in 0..4 {
+            for j in i + 1..4 {
+                assert_ne!(draws[i], draws[j], "views {i} and {j}");
+            }
+        }
+        assert_eq!(k.view(2).sample_id, 3, "the sample stays the sample");
     }
 
     #[test]

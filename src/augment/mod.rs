@@ -59,8 +59,8 @@ pub use config::{
     AugmentConfig, AutoAugmentConfig, AutoAugmentPolicy, CenterCropConfig, ColorJitterConfig,
     ErasingValue, FlipConfig, GaussianBlurConfig, GrayscaleConfig, Jitter, Layout, MixConfig,
     NormalizeConfig, OutDType, OutputConfig, RandAugmentConfig, RandomErasingConfig,
-    RandomResizedCropConfig, RandomScaleConfig, ResizeConfig, RotateConfig, Size,
-    TrivialAugmentConfig,
+    RandomResizedCropConfig, RandomScaleConfig, RepeatedAugmentConfig, ResizeConfig, RotateConfig,
+    Size, TrivialAugmentConfig,
 };
 pub use error::{AugmentConfigError, SampleError};
 pub use key::SampleKey;
@@ -341,6 +341,14 @@ impl Augmenter {
             }
         };
         let policy = Self::policy(cfg)?;
+        if let Some(r) = &cfg.repeated_augment {
+            if !(1..=64).contains(&r.count) {
+                return Err(invalid(
+                    "repeated-augment.count",
+                    format!("must be 1..=64, got {}", r.count),
+                ));
+            }
+        }
         let eraser = cfg
             .random_erasing
             .as_ref()

@@ -184,6 +184,10 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
     } else {
         Sampler::new(n, batch, world, sampling)?.with_shard_starts(&dataset.shard_starts())?
     };
+    let sampler = match &plan.file.augment.repeated_augment {
+        Some(r) => sampler.with_repeats(r.count)?,
+        None => sampler,
+    };
     if dataset.has_streams() {
         let draws = sampler.stream_draws();
         for (stream, draws) in dataset.streams().iter().zip(draws) {

@@ -63,6 +63,8 @@ pub struct Sampler {
     /// Set for a mixture of streams (or a chosen epoch size): the epoch's order is then a list
     /// of ids drawn from every stream, not a permutation of `0..n_samples`.
     mix: Option<Vec<MixStream>>,
+    /// Views of each sample per epoch (`[augment] repeated-augment`; 1 = none).
+    repeats: u64,
     cache: Mutex<VecDeque<(u64, Arc<Vec<u64>>)>>,
 }
 
@@ -116,6 +118,7 @@ impl Sampler {
             drop_last: sampling.drop_last,
             shard_starts: vec![0],
             mix: None,
+            repeats: 1,
             cache: Mutex::new(VecDeque::with_capacity(CACHED_EPOCHS)),
         })
     }
@@ -174,6 +177,41 @@ impl Sampler {
         Ok(sampler)
     }
 
+    /// Deals every sample `count` times per epoch (repeated augmentation, DeiT's `RASampler`):
+    /// the epoch's order is cut into chunks of `batch_size` ids and each chunk is dealt
+    /// `count` times in a row, view 0, 1, … — so consecutive views of a sample are one batch
+    /// apart and, with `world_size ≥ count`, land on `count` different ranks (the last, partial
+    /// chunk of `n mod batch_size` samples excepted: its views are narrower than a batch). The epoch grows to `count ×` the samples (batches per epoch and `len(loader)`
+    /// with it). [`batch_views`](Self::batch_views) says which view each row is.
+    pub fn with_repeats(mut self, count: u32) -> Result<Sampler, SamplerError> {
+        if count == 0 {
+            return Err(SamplerError::Invalid(
+                "repeated-augment count is 0".to_owned(),
+            ));
+        }
+        self.repeats = u64::from(count);
+        let virtual_len = self.n_samples * self.repeats;
+        let global = u64::from(self.batch_size) * u64::from(self.world_size);
+        self.batches = if self.drop_last {
+            virtual_len / global
+        } else {
+            virtual_len.div_ceil(global)
+        };
+        if self.batches == 0 {
+            return Err(SamplerError::TooFewSamples {
+                n_samples: virtual_len,
+                batch_size: self.batch_size,
+                world_size: self.world_size,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Views of each sample per epoch (1 without repeated augmentation).
+    pub fn repeats(&self) -> u32 {
+        self.repeats as u32
+    }
+
     /// Samples each stream of a mixture contributes to every epoch (empty for one dataset).
     pub fn stream_draws(&self) -> Vec<u64> {
         self.mix
@@ -219,7 +257,7 @@ impl Sampler {
     /// Samples in an epoch's order before it is cut or padded to whole global batches: the
     /// dataset's size, or a mixture's `samples-per-epoch`.
     pub fn epoch_len(&self) -> u64 {
-        self.n_samples
+        self.n_samples * self.repeats
     }
 
     /// Samples served per epoch over all ranks, padding included (or the tail dropped).
@@ -237,7 +275,22 @@ impl Sampler {
         index: u64,
         out: &mut Vec<u64>,
     ) -> Result<(), SamplerError> {
+        let mut views = Vec::new();
+        self.batch_views(epoch, rank, index, out, &mut views)
+    }
+
+    /// [`batch`](Self::batch), also writing into `views` which view (`0..repeats`) of its
+    /// sample each row is (all 0 without repeated augmentation).
+    pub fn batch_views(
+        &self,
+        epoch: u64,
+        rank: u32,
+        index: u64,
+        out: &mut Vec<u64>,
+        views: &mut Vec<u32>,
+    ) -> Result<(), SamplerError> {
         out.clear();
+        views.clear();
         if rank >= self.world_size {
             return Err(SamplerError::RankOutOfRange {
                 rank,
@@ -252,11 +305,20 @@ impl Sampler {
         }
         let batch = u64::from(self.batch_size);
         let first = (index * u64::from(self.world_size) + u64::from(rank)) * batch;
-        // Positions past n are padding: they wrap to the start of the epoch's order.
-        let positions = (first..first + batch).map(|p| p % self.n_samples);
-        match self.order(epoch) {
-            Some(order) => out.extend(positions.map(|p| order[p as usize])),
-            None => out.extend(positions),
+        let (n, count) = (self.n_samples, self.repeats);
+        // Positions past the epoch are padding: they wrap to the start of the epoch's order.
+        let positions = (first..first + batch).map(|q| {
+            let q = q % (n * count);
+            // Chunk c holds order positions c·B .. min((c+1)·B, n), dealt `count` times.
+            let chunk = q / (batch * count);
+            let width = batch.min(n - chunk * batch);
+            let within = q - chunk * batch * count;
+            (chunk * batch + within % width, (within / width) as u32)
+        });
+        let order = self.order(epoch);
+        for (p, view) in positions {
+            out.push(order.as_ref().map_or(p, |o| o[p as usize]));
+            views.push(view);
         }
         Ok(())
     }
@@ -545,6 +607,90 @@ impl RankLayout {
     pub fn node_ranks(&self) -> Range<u32> {
         let first = self.rank - self.local_rank;
         first..first + self.local_world_size
+    }
+}
+
+#[cfg(test)]
+mod repeat_tests {
+    use super::*;
+
+    fn sampling(drop_last: bool) -> SamplingConfig {
+        SamplingConfig {
+            seed: 4,
+            drop_last,
+            ..SamplingConfig::default()
+        }
+    }
+
+    /// Every sample is dealt exactly `count` times per epoch, once per view, and with as many
+    /// ranks as views its views go to different ranks.
+    #[test]
+    fn each_sample_gets_count_views_spread_over_ranks() {
+        for (n, batch, world, count) in [(50u64, 4u32, 3u32, 3u32), (96, 8, 1, 3), (37, 5, 2, 2)] {
+            let s = Sampler::new(n, batch, world, &sampling(false))
+                .unwrap()
+                .with_repeats(count)
+                .unwrap();
+            assert_eq!(s.epoch_len(), n * u64::from(count));
+            assert_eq!(
+                s.batches_per_epoch(),
+                (n * u64::from(count)).div_ceil(u64::from(batch * world))
+            );
+            let mut seen = std::collections::HashMap::<u64, Vec<(u32, u32)>>::new();
+            let (mut ids, mut views) = (Vec::new(), Vec::new());
+            let mut dealt = 0;
+            'all: for index in 0..s.batches_per_epoch() {
+                for rank in 0..world {
+                    s.batch_views(2, rank, index, &mut ids, &mut views).unwrap();
+                    for (&id, &view) in ids.iter().zip(&views) {
+                        if dealt == n * u64::from(count) {
+                            break 'all; // the rest is padding
+                        }
+                        dealt += 1;
+                        seen.entry(id).or_default().push((view, rank));
+                    }
+                }
+            }
+            assert_eq!(seen.len() as u64, n, "n {n} batch {batch} world {world}");
+            let mut spread = 0;
+            for (id, v) in &seen {
+                let mut got: Vec<u32> = v.iter().map(|x| x.0).collect();
+                got.sort_unstable();
+                assert_eq!(got, (0..count).collect::<Vec<_>>(), "sample {id}");
+                let mut ranks: Vec<u32> = v.iter().map(|x| x.1).collect();
+                ranks.sort_unstable();
+                ranks.dedup();
+                spread += usize::from(ranks.len() as u32 == count);
+            }
+            // Only the last, partial chunk (n mod batch samples) may keep views on one rank.
+            if world >= count {
+                let full = (n - n % u64::from(batch)) as usize;
+                assert!(
+                    spread >= full,
+                    "{spread} of {n} spread, {full} in full chunks"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_view_deals_as_before() {
+        let plain = Sampler::new(50, 4, 3, &sampling(true)).unwrap();
+        let once = Sampler::new(50, 4, 3, &sampling(true))
+            .unwrap()
+            .with_repeats(1)
+            .unwrap();
+        assert_eq!(plain.batches_per_epoch(), once.batches_per_epoch());
+        let (mut a, mut b, mut views) = (Vec::new(), Vec::new(), Vec::new());
+        for index in 0..plain.batches_per_epoch() {
+            for rank in 0..3 {
+                plain.batch(1, rank, index, &mut a).unwrap();
+                once.batch_views(1, rank, index, &mut b, &mut views)
+                    .unwrap();
+                assert_eq!(a, b);
+                assert!(views.iter().all(|&v| v == 0));
+            }
+        }
     }
 }
 
