@@ -252,3 +252,29 @@ fn peek_finds_class_names_in_config_folder_and_classes_txt() {
         "{said}"
     );
 }
+
+/// The policy presets render from their configuration on the bundled sample: policies,
+/// erasing, repeated views and mixed batches (captions with both classes: `mixed_caption`'s
+/// unit test) through `peek --config`.
+#[test]
+fn peek_renders_the_policy_presets() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = "data/sample/shard-{000000..000001}.tar";
+    for preset in ["deit", "ta"] {
+        let out = dir.path().join(format!("{preset}.png"));
+        let config = format!("configs/imagenet-train-{preset}.toml");
+        let said = peek_in_repo(&[
+            "--config",
+            &config,
+            "--shards",
+            shards,
+            "--batch-size",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(said.contains("wrote"), "{said}");
+        let grid = image::open(&out).unwrap().to_rgb8();
+        assert!(grid.width() > 0 && grid.height() > 0);
+    }
+}

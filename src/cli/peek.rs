@@ -79,6 +79,9 @@ pub(crate) struct BatchImages<'a> {
     pub(crate) ids: &'a [u8],
     /// Class names (label `i` is `classes[i]`), when known.
     pub(crate) classes: Option<&'a [String]>,
+    /// `targets` (f32 little-endian bytes, `[B, classes]`) and its number of classes, when
+    /// the batch was mixed (`mixup` / `cutmix`): captions then show both classes and weights.
+    pub(crate) targets: Option<(&'a [u8], usize)>,
 }
 
 /// Writes the grid of a ring's published batch, or of a batch rendered from a configuration.
@@ -142,6 +145,10 @@ fn from_ring(args: &PeekArgs) -> anyhow::Result<RgbImage> {
         labels: &batch.tensors[lab],
         ids: &batch.tensors[ids],
         classes: classes.as_ref().map(|(names, _)| names.as_slice()),
+        targets: layout.tensor_index("targets").and_then(|at| {
+            let classes = *layout.tensors[at].shape.get(1)?;
+            Some((&batch.tensors[at][..], usize::try_from(classes).ok()?))
+        }),
     })
 }
 
@@ -188,6 +195,10 @@ fn from_config(args: &PeekArgs) -> anyhow::Result<RgbImage> {
         labels: &buffers[1],
         ids: &buffers[2],
         classes: classes.as_ref().map(|(names, _)| names.as_slice()),
+        targets: schema
+            .targets_index()
+            .zip(schema.targets)
+            .map(|(at, n)| (&buffers[at][..], n as usize)),
     })
 }
 
@@ -272,14 +283,14 @@ pub(crate) fn render_grid(b: &BatchImages<'_>) -> anyhow::Result<RgbImage> {
             }
         }
         let ty = y0 + h + 1;
-        draw_text(
-            &mut grid,
-            x0,
-            ty,
-            tile_w,
-            &label_text(i64_at(b.labels, n), b.classes),
-            Rgb([255, 255, 255]),
-        );
+        let caption = b
+            .targets
+            .and_then(|(t, classes)| {
+                let row = t.get(n * classes * 4..(n + 1) * classes * 4)?;
+                mixed_caption(row, b.classes)
+            })
+            .unwrap_or_else(|| label_text(i64_at(b.labels, n), b.classes));
+        draw_text(&mut grid, x0, ty, tile_w, &caption, Rgb([255, 255, 255]));
         draw_text(
             &mut grid,
             x0,
@@ -292,9 +303,53 @@ pub(crate) fn render_grid(b: &BatchImages<'_>) -> anyhow::Result<RgbImage> {
     Ok(grid)
 }
 
+/// The caption of a mixed row of `targets` (f32 little-endian): its two heaviest classes with
+/// their weights, `"cat .62+dog .38"`; `None` when only one class stands above the smoothing
+/// floor (an unmixed row, or one mixed with its own class).
+fn mixed_caption(row: &[u8], classes: Option<&[String]>) -> Option<String> {
+    let values: Vec<f32> = row
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let floor = values.iter().copied().fold(f32::INFINITY, f32::min);
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    let (&first, &second) = (order.first()?, order.get(1)?);
+    if values[second] - floor <= 1e-6 {
+        return None;
+    }
+    let weight = |v: f32| {
+        let w = format!("{v:.2}");
+        w.strip_prefix('0').map(str::to_owned).unwrap_or(w)
+    };
+    Some(format!(
+        "{} {}+{} {}",
+        label_text(first as i64, classes),
+        weight(values[first]),
+        label_text(second as i64, classes),
+        weight(values[second])
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mixed_rows_caption_both_classes() {
+        let row = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let names = ["cat".to_owned(), "dog".to_owned(), "owl".to_owned()];
+        assert_eq!(
+            mixed_caption(&row(&[0.05, 0.3, 0.65]), Some(&names)).as_deref(),
+            Some("owl .65+dog .30")
+        );
+        assert_eq!(
+            mixed_caption(&row(&[0.05, 0.3, 0.65]), None).as_deref(),
+            Some("2 .65+1 .30")
+        );
+        // Smoothing alone (one class above the floor) is not a mix.
+        assert_eq!(mixed_caption(&row(&[0.05, 0.9, 0.05]), Some(&names)), None);
+    }
 
     #[test]
     fn unnormalise_inverts_the_writer() {
@@ -323,6 +378,7 @@ mod tests {
             labels: &labels,
             ids: &ids,
             classes,
+            targets: None,
         })
         .unwrap()
     }
