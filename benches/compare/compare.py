@@ -13,7 +13,9 @@ loader whose first (warm-up) epoch is not timed. Two modes:
 Writes ``compare.csv`` (every run), ``summary.md`` (medians, ratios, targets),
 ``environment.json`` (date, CPU, cores, versions, peers not run and why) and ``compare.png``
 into ``--out``; ``--replot`` redoes the last two from the first. ``--smoke`` is the CI version:
-tiny data, ringfeed alone. See benches/compare/README.md.
+tiny data, ringfeed alone. ``--policy`` runs the DeiT-style pipeline instead (RandAugment,
+random erasing, mixup/CutMix with label smoothing; ``benches/compare/policy.toml``), against
+the plain pipeline's ringfeed in the same run. See benches/compare/README.md.
 """
 
 from __future__ import annotations
@@ -95,11 +97,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="redo summary.md and the chart from --out's compare.csv and environment.json",
     )
     p.add_argument(
+        "--policy",
+        action="store_true",
+        help="the DeiT-style policy pipeline (policy.toml; DataLoader: torchvision v2 "
+        "RandAugment + RandomErasing, MixUp/CutMix in the loop), plus ringfeed's plain "
+        "pipeline in the same run for RandAugment's cost",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="CI smoke: data/sample, batch 32, ringfeed alone, one short repetition",
     )
     args = p.parse_args(argv)
+    if args.policy and args.config == ROOT / "configs/imagenet-train.toml":
+        args.config = HERE / "policy.toml"
     if args.smoke:
         args.data, args.batch_size, args.reps = ROOT / "data/sample", 32, 1
         args.epochs, args.simulate_step_ms, args.only = 2, 5.0, ["ringfeed"]
@@ -154,14 +165,21 @@ def build_plan(args: argparse.Namespace, versions: dict[str, str]) -> Plan:
         raise SystemExit(f"compare: {rf.binary} missing: cargo build --release (or RINGFEED_BIN)")
     only = set(args.only or ["ringfeed", "dataloader", "dali", "floor"])
     runners: dict[str, Runner] = {}
+    policy = args.policy
     if "ringfeed" in only:
-        runners[RINGFEED] = lambda w: systems.run_ringfeed(rf, data, w, cores)
+        runners[RINGFEED] = lambda w: systems.run_ringfeed(rf, data, w, cores, policy=policy)
+        if policy:
+            plain = systems.Ringfeed(rf.binary, ROOT / "configs/imagenet-train.toml", ROOT)
+            runners[systems.RINGFEED_PLAIN] = lambda w: systems.run_ringfeed(plain, data, w, cores)
     if "dataloader" in only and available("PyTorch", systems.torch_versions, versions):
         for workers in sorted({1, cores}):
             runners[f"dataloader, {workers} worker{'s' * (workers > 1)}"] = lambda w, n=workers: (
-                systems.run_dataloader(data, w, n, seed=0)
+                systems.run_dataloader(data, w, n, seed=0, policy=policy)
             )
-    if "dali" in only and available("DALI", systems.dali_version, versions):
+    if "dali" in only and policy:
+        print(f"compare: skipping DALI: {systems.DALI_POLICY}", flush=True)
+        versions["DALI"] = f"not run: {systems.DALI_POLICY}"
+    elif "dali" in only and available("DALI", systems.dali_version, versions):
         runners[f"DALI CPU, {cores} threads"] = lambda w: systems.run_dali(data, w, cores, seed=0)
     modes = [("throughput", Workload(args.warmup_epochs, args.epochs, data.batches_per_epoch))]
     if args.simulate_step_ms > 0:

@@ -29,6 +29,16 @@ SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 FLIP_P = 0.5
 
+# The policy pipeline (compare.py --policy): RandAugment as policy.toml configures it.
+RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 11
+ERASE_P = 0.25
+MIXUP_ALPHA, CUTMIX_ALPHA, SMOOTHING = 0.8, 1.0, 0.1
+RINGFEED_PLAIN = "ringfeed, plain pipeline"
+DALI_POLICY = (
+    "the policy pipeline is not written for DALI here (its nvidia.dali.auto_aug policies and "
+    "batch mixing were not ported to this harness's CPU pipeline)"
+)
+
 FULL_DECODE = "full decode, one core"
 FULL_DECODE_CPU = "full decode, per CPU second"
 
@@ -66,8 +76,11 @@ class Ringfeed:
 # --- ringfeed: the daemon plus the Python client, as a trainer uses them -------------------
 
 
-def run_ringfeed(rf: Ringfeed, data: Dataset, work: Workload, workers: int) -> Timing:
-    """Starts ``ringfeed serve`` for exactly the epochs of ``work`` and consumes them."""
+def run_ringfeed(
+    rf: Ringfeed, data: Dataset, work: Workload, workers: int, policy: bool = False
+) -> Timing:
+    """Starts ``ringfeed serve`` for exactly the epochs of ``work`` and consumes them; with
+    ``policy`` each batch's ``targets`` (the daemon's mixing) is touched too."""
     import ringfeed
 
     name = f"compare-{os.getpid()}-{next(_ring_names)}"
@@ -88,9 +101,8 @@ def run_ringfeed(rf: Ringfeed, data: Dataset, work: Workload, workers: int) -> T
                         f"ringfeed serves {len(loader)} batches per epoch, "
                         f"expected {data.batches_per_epoch}"
                     )
-                timing = consume(
-                    lambda: loader, _touch_ringfeed, work, started, lambda: [daemon.pid]
-                )
+                touch = _touch_ringfeed_mixed if policy else _touch_ringfeed
+                timing = consume(lambda: loader, touch, work, started, lambda: [daemon.pid])
             code = daemon.wait(timeout=60)
         except BaseException:
             daemon.kill()
@@ -110,6 +122,11 @@ def _touch_ringfeed(batch: Any) -> int:
     return int(batch.count)
 
 
+def _touch_ringfeed_mixed(batch: Any) -> int:
+    float(batch.targets[0, 0])
+    return _touch_ringfeed(batch)
+
+
 # --- PyTorch DataLoader + torchvision (the reference ImageNet recipe) -----------------------
 
 
@@ -123,8 +140,13 @@ def torch_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def run_dataloader(data: Dataset, work: Workload, workers: int, seed: int) -> Timing:
-    """torchvision ImageFolder (PIL decode) + transforms v2, as torchvision's references do."""
+def run_dataloader(
+    data: Dataset, work: Workload, workers: int, seed: int, policy: bool = False
+) -> Timing:
+    """torchvision ImageFolder (PIL decode) + transforms v2, as torchvision's references do.
+    With ``policy``: RandAugment on the PIL crop and RandomErasing after Normalize in the
+    workers, then MixUp or CutMix (50/50) and label smoothing on each batch in the training
+    loop, as torchvision's and timm's recipes do."""
     import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets
@@ -132,15 +154,18 @@ def run_dataloader(data: Dataset, work: Workload, workers: int, seed: int) -> Ti
 
     if data.imagefolder is None:
         raise UnavailableError("no ImageFolder tree beside the shards")
-    transform = v2.Compose(
-        [
-            v2.RandomResizedCrop(CROP, scale=SCALE, ratio=RATIO, antialias=True),
-            v2.RandomHorizontalFlip(FLIP_P),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
-        ]
-    )
+    steps: list[Any] = [
+        v2.RandomResizedCrop(CROP, scale=SCALE, ratio=RATIO, antialias=True),
+        v2.RandomHorizontalFlip(FLIP_P),
+    ]
+    if policy:
+        steps.append(
+            v2.RandAugment(RA_OPS, RA_MAGNITUDE, RA_BINS, fill=[124, 116, 104])  # type: ignore[arg-type]
+        )
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if policy:
+        steps.append(v2.RandomErasing(ERASE_P, value="random"))  # type: ignore[arg-type]
+    transform = v2.Compose(steps)
     dataset = datasets.ImageFolder(str(data.imagefolder), transform=transform)
     torch.manual_seed(seed)
     started = time.perf_counter()
@@ -153,10 +178,32 @@ def run_dataloader(data: Dataset, work: Workload, workers: int, seed: int) -> Ti
         persistent_workers=True,
         drop_last=True,
     )
+    touch = _mixing_touch(len(dataset.classes)) if policy else _touch_pair
     try:
-        return consume(lambda: loader, _touch_pair, work, started, lambda: _worker_pids(loader))
+        return consume(lambda: loader, touch, work, started, lambda: _worker_pids(loader))
     finally:
         _shutdown_workers(loader)
+
+
+def _mixing_touch(classes: int) -> Any:
+    """The training loop's batch mixing (torchvision v2 MixUp or CutMix, chosen 50/50 per
+    batch, then label smoothing as timm's ``mixup_target``), then the usual touch."""
+    from torchvision.transforms import v2
+
+    mix = v2.RandomChoice(
+        [
+            v2.MixUp(alpha=MIXUP_ALPHA, num_classes=classes),
+            v2.CutMix(alpha=CUTMIX_ALPHA, num_classes=classes),
+        ]
+    )
+
+    def touch(batch: Any) -> int:
+        images, targets = mix(*batch)
+        targets = targets * (1 - SMOOTHING) + SMOOTHING / classes
+        float(targets[0, 0])
+        return _touch_pair((images, batch[1]))
+
+    return touch
 
 
 def _worker_pids(loader: Any) -> list[int]:
