@@ -24,6 +24,7 @@ test -x target/debug/ringfeed
 echo "== pytest clients/python"
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 benches/compare/compare.py --smoke  # CI smoke of the head-to-head (ringfeed alone, tiny data)
+RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 benches/compare/compare.py --smoke --policy  # the same with the DeiT-style policy pipeline
 python3 benches/gpu/check.py --out "$(mktemp -d)/gpu-check.json"  # GPU check: its dry path without a GPU
 python3 benches/soak/soak.py --smoke --bin "$PWD/target/debug/ringfeed"  # CI smoke of the soak (3 short epochs, throughput not judged)
 python3 benches/infobatch/digits.py --smoke --bin "$PWD/target/debug/ringfeed"  # CI smoke of the InfoBatch experiment (1 seed, 3 epochs)
