@@ -5,7 +5,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Layout, OutDType};
-use super::key::{below, chance, normal, uniform, SampleKey, Stream};
+use super::key::{below, chance, uniform, SampleKey, Stream};
 
 /// What erased elements become.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,12 +69,18 @@ impl Eraser {
         let rect = self.draw(&mut rng, h, w)?;
         let (top, left, eh, ew) = rect;
         let size = dtype.size();
-        // Values are drawn channel by channel, row by row ([C, h, w] as torchvision's).
+        // Values are drawn channel by channel, row by row ([C, h, w] as torchvision's), two
+        // per Box–Muller draw.
+        let mut spare: Option<f32> = None;
         for c in 0..channels {
             for y in top..top + eh {
                 for x in left..left + ew {
                     let v = match &self.fill {
-                        Fill::Random => normal(&mut rng) as f32,
+                        Fill::Random => spare.take().unwrap_or_else(|| {
+                            let (a, b) = normal_pair(&mut rng);
+                            spare = Some(b);
+                            a
+                        }),
                         Fill::Values(v) => v[c],
                     };
                     let index = match layout {
@@ -96,6 +102,15 @@ impl Eraser {
         }
         Some(rect)
     }
+}
+
+/// Two independent standard normal values (both outputs of one Box–Muller draw).
+fn normal_pair(rng: &mut ChaCha8Rng) -> (f32, f32) {
+    let u1 = uniform(rng, f64::MIN_POSITIVE, 1.0);
+    let u2 = uniform(rng, 0.0, 1.0);
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (sin, cos) = (std::f64::consts::TAU * u2).sin_cos();
+    ((r * cos) as f32, (r * sin) as f32)
 }
 
 #[cfg(test)]

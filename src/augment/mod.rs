@@ -858,10 +858,10 @@ impl Augmenter {
 fn flip_in_place(img: &mut [u8], w: usize, h: usize, hflip: bool, vflip: bool) {
     if hflip {
         for row in img.chunks_exact_mut(w * 3) {
-            for x in 0..w / 2 {
-                for c in 0..3 {
-                    row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
-                }
+            // Reversing the bytes reverses the pixels and each pixel's channels: swap back.
+            row.reverse();
+            for p in row.chunks_exact_mut(3) {
+                p.swap(0, 2);
             }
         }
     }

@@ -241,7 +241,16 @@ fn blend_weights(magnitude: f32) -> (f32, f32) {
 /// `image1.mul(ratio).add_(image2, alpha)`: torch's vectorised `add` with `alpha` is a fused
 /// multiply-add.
 fn blend(x: f32, ratio: f32, y: f32, alpha: f32) -> f32 {
-    alpha.mul_add(y, x * ratio)
+    fma(alpha, y, x * ratio)
+}
+
+/// `a · b + c` rounded once to f32, as a fused multiply-add does. The f32 product is exact in
+/// f64, so only the f64 sum rounds before the final rounding: it equals the fused result
+/// except when that sum lands exactly on an f32 rounding midpoint, which pixel-scale values
+/// never meet in practice. Portable builds have no FMA instruction, and `f32::mul_add` would
+/// then call a slow software routine on every pixel.
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    (f64::from(a) * f64::from(b) + f64::from(c)) as f32
 }
 
 /// Per-channel histograms of `img` read through `lut`.
@@ -312,24 +321,32 @@ fn sharpness(img: &mut [u8], w: usize, h: usize, magnitude: f32, tmp: &mut Vec<u
     }
     tmp.clear();
     tmp.extend_from_slice(img);
-    let (a, b) = (1.0f32 / 13.0, 5.0f32 / 13.0);
     let (_, alpha) = blend_weights(magnitude);
+    let row = w * 3;
     for y in 1..h - 1 {
-        for x in 1..w - 1 {
-            for c in 0..3 {
-                let at = |xx: usize, yy: usize| f32::from(tmp[(yy * w + xx) * 3 + c]);
-                let mut s = 0.0f32;
-                for yy in y - 1..=y + 1 {
-                    for xx in x - 1..=x + 1 {
-                        let k = if xx == x && yy == y { b } else { a };
-                        s += at(xx, yy) * k;
-                    }
-                }
-                let v = at(x, y);
-                let blurred = s.round();
-                // `view.add_(blurred.sub_(view), alpha)`: a fused multiply-add.
-                img[(y * w + x) * 3 + c] = to_u8((blurred - v).mul_add(alpha, v));
-            }
+        let (above, here, below) = (
+            &tmp[(y - 1) * row..y * row],
+            &tmp[y * row..(y + 1) * row],
+            &tmp[(y + 1) * row..(y + 2) * row],
+        );
+        let out = &mut img[y * row..(y + 1) * row];
+        for i in 3..row - 3 {
+            // torch sums the nine taps (1/13, centre 5/13) in f32 and rounds. Exactly:
+            // S/13 with S an integer, which is never within 1/26 of a half (13 is odd), far
+            // more than f32's rounding error: the integer sum rounds the same.
+            let s = u32::from(above[i - 3])
+                + u32::from(above[i])
+                + u32::from(above[i + 3])
+                + u32::from(here[i - 3])
+                + 5 * u32::from(here[i])
+                + u32::from(here[i + 3])
+                + u32::from(below[i - 3])
+                + u32::from(below[i])
+                + u32::from(below[i + 3]);
+            let blurred = ((2 * s + 13) / 26) as f32;
+            let v = f32::from(here[i]);
+            // `view.add_(blurred.sub_(view), alpha)`: a fused multiply-add.
+            out[i] = to_u8(fma(blurred - v, alpha, v));
         }
     }
 }
@@ -412,23 +429,30 @@ fn geometric(
         theta[5] / sy,
     ];
     let (wf32, hf32) = (w as f32, h as f32);
+    // The pixel grid's x coordinates, once (torch's `linspace`); the same values per row.
+    let xs: Vec<[f32; 2]> = (0..w)
+        .map(|x| {
+            let bx = linspace((1.0 - wf32) * 0.5, (wf32 - 1.0) * 0.5, w as u32, x as u32);
+            [bx * r[0], bx * r[3]]
+        })
+        .collect();
     let dst = &mut scratch.other;
     dst.clear();
     dst.resize(w * h * 3, 0);
-    for y in 0..h {
+    for (y, out_row) in dst.chunks_exact_mut(w * 3).enumerate() {
         let by = linspace((1.0 - hf32) * 0.5, (hf32 - 1.0) * 0.5, h as u32, y as u32);
-        for x in 0..w {
-            let bx = linspace((1.0 - wf32) * 0.5, (wf32 - 1.0) * 0.5, w as u32, x as u32);
-            let gx = bx * r[0] + by * r[1] + r[2];
-            let gy = bx * r[3] + by * r[4] + r[5];
-            let ix = (((gx + 1.0) * wf32 - 1.0) / 2.0).round_ties_even();
-            let iy = (((gy + 1.0) * hf32 - 1.0) / 2.0).round_ties_even();
-            let out = &mut dst[(y * w + x) * 3..][..3];
+        let (row_x, row_y) = (by * r[1], by * r[4]);
+        for (out, &[px, py]) in out_row.chunks_exact_mut(3).zip(&xs) {
+            // Same operations and order as `_affine_grid` + `grid_sample`'s unnormalisation.
+            let gx = px + row_x + r[2];
+            let gy = py + row_y + r[5];
+            let ix = (((gx + 1.0) * wf32 - 1.0) * 0.5).round_ties_even();
+            let iy = (((gy + 1.0) * hf32 - 1.0) * 0.5).round_ties_even();
             if ix >= 0.0 && iy >= 0.0 && ix <= wf32 - 1.0 && iy <= hf32 - 1.0 {
                 let s = (iy as usize * w + ix as usize) * 3;
-                for c in 0..3 {
-                    out[c] = t[c][usize::from(img[s + c])];
-                }
+                out[0] = t[0][usize::from(img[s])];
+                out[1] = t[1][usize::from(img[s + 1])];
+                out[2] = t[2][usize::from(img[s + 2])];
             } else {
                 out.copy_from_slice(&fill);
             }
