@@ -209,6 +209,11 @@ pub struct Plan {
     pub threads: usize,
     /// Global rank of each lane, and the world size.
     pub ranks: RankPlan,
+    /// Several lanes and no world size from anywhere (`[distributed] world-size`,
+    /// `--world-size`, `WORLD_SIZE`): the world size was assumed to be the lane count (a
+    /// single-node job), which `serve` says loudly. On several nodes every node would then
+    /// serve the same samples.
+    pub world_size_assumed: bool,
     /// `ring.allow-group` resolved to a gid.
     pub allow_gid: Option<u32>,
     /// The checked InfoBatch parameters (`None`: `[selection] mode = "none"`).
@@ -510,6 +515,9 @@ impl Plan {
         }
 
         let ranks = resolve_ranks(&file, env)?;
+        let world_size_assumed = file.ring.lanes > 1
+            && file.distributed.world_size.is_none()
+            && env.world_size.is_none();
         let threads = if file.workers.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -520,6 +528,7 @@ impl Plan {
             base_dir: base_dir.to_owned(),
             threads,
             ranks,
+            world_size_assumed,
             allow_gid,
             infobatch,
             state_dir,

@@ -39,6 +39,9 @@ fn setup_with(name: &str, options: &ProducerOptions) -> (tempfile::TempDir, Runt
         epochs: 0,
         seed: 1,
         samples_per_epoch: 100,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     };

@@ -35,6 +35,9 @@ fn spec(name: &str, lanes: u32, slots: u32) -> RingSpec {
         epochs: 1,
         seed: 1,
         samples_per_epoch: 400,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     }

@@ -342,6 +342,9 @@ fn spec(name: &str) -> RingSpec {
         epochs: 1,
         seed: 1,
         samples_per_epoch: 20,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     }

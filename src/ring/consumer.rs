@@ -51,6 +51,11 @@ pub struct AttachOptions {
     /// `--allow-group`). Its runtime directory must then be owned by that uid and may grant its
     /// group read/search (0750). Default `None`: only a producer of our own uid.
     pub trust_uid: Option<u32>,
+    /// `(rank, world_size)` this trainer is (1.3): the attach is refused
+    /// ([`AttachError::RankMismatch`]) unless the producer serves exactly that global rank on
+    /// the lane and that world size. Default `None`: no check;
+    /// [`with_torchrun_env`](Self::with_torchrun_env) fills it from `RANK` / `WORLD_SIZE`.
+    pub expect_rank: Option<(u32, u32)>,
 }
 
 impl AttachOptions {
@@ -63,8 +68,40 @@ impl AttachOptions {
             resume: None,
             reply_timeout: Duration::from_secs(30),
             trust_uid: None,
+            expect_rank: None,
         }
     }
+
+    /// Sets [`expect_rank`](Self::expect_rank) from torchrun's `RANK` and `WORLD_SIZE` when
+    /// both are set to integers (otherwise leaves it as it is).
+    pub fn with_torchrun_env(mut self) -> AttachOptions {
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        if let (Some(rank), Some(world)) = (var("RANK"), var("WORLD_SIZE")) {
+            self.expect_rank = Some((rank, world));
+        }
+        self
+    }
+}
+
+/// The refusal of a trainer whose rank or world size differs from what the lane serves,
+/// with how to start the daemon instead.
+fn rank_mismatch(layout: &Layout, lane: u32, rank: u32, world: u32) -> Option<String> {
+    let served = layout.lane_rank(lane)?;
+    if served == rank && layout.world_size == world {
+        return None;
+    }
+    let first = rank.saturating_sub(lane);
+    Some(format!(
+        "this trainer is rank {rank} of world size {world} (RANK / WORLD_SIZE), but lane {lane} \
+         serves rank {served} of world size {}: start the daemon with `--world-size {world} \
+         --first-rank {first}` (the global rank of this node's lane 0), or call \
+         ringfeed.serve() under torchrun, which reads them from the environment",
+        layout.world_size
+    ))
 }
 
 /// What to do about a failed connect, by its cause.
@@ -118,6 +155,14 @@ pub enum AttachError {
         lane: u32,
         /// The producer's reason.
         reason: String,
+    },
+    /// The lane serves another global rank or world size than this trainer is (1.3).
+    #[error("ring {name:?}: {detail}")]
+    RankMismatch {
+        /// Ring name.
+        name: String,
+        /// What differs and how to start the daemon instead.
+        detail: String,
     },
     /// The handshake broke (I/O error, timeout, malformed reply, missing fd).
     #[error("ring {name:?}: handshake failed: {detail}")]
@@ -393,7 +438,12 @@ impl Consumer {
             version: u32::from(VERSION_MAJOR),
             lane: opts.lane,
             pid,
-            resume: opts.resume.map(|(epoch, index)| Resume { epoch, index }),
+            resume: opts.resume.map(|(epoch, index)| Resume {
+                epoch,
+                index,
+                sample: None,
+                fingerprint: None,
+            }),
         };
         let mut line = serde_json::to_vec(&request).map_err(|e| protocol(e.to_string()))?;
         line.push(b'\n');
@@ -446,6 +496,11 @@ impl Consumer {
                 "lane {} is beyond the header's lane_count {}",
                 opts.lane, layout.lane_count
             )));
+        }
+        if let Some((rank, world)) = opts.expect_rank {
+            if let Some(detail) = rank_mismatch(&layout, opts.lane, rank, world) {
+                return Err(AttachError::RankMismatch { name, detail });
+            }
         }
         let control =
             Control::map(&file, layout.data_offset).map_err(io("mapping the control region"))?;
@@ -767,6 +822,21 @@ impl Batch<'_> {
     /// `CLOCK_MONOTONIC` ns at publish (see [`mono_ns`](super::mono_ns)).
     pub fn published_mono_ns(&self) -> u64 {
         self.meta.published_mono_ns
+    }
+
+    /// The `valid` tensor (1.3): 1 for a sample's first occurrence in the epoch, 0 for a
+    /// padding row; `None` from a producer before 1.3.
+    pub fn valid(&self) -> Option<&[u8]> {
+        self.tensor::<u8>("valid").ok()
+    }
+
+    /// Rows that are not padding: the number of 1s in `valid`, or [`count`](Self::count)
+    /// when the producer writes no `valid` tensor.
+    pub fn valid_count(&self) -> u32 {
+        match self.valid() {
+            Some(v) => v.iter().filter(|&&f| f != 0).count() as u32,
+            None => self.count(),
+        }
     }
 
     /// Tensor `index`'s bytes, in place.
