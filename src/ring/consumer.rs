@@ -22,6 +22,7 @@ use super::layout::{
 };
 use super::memory::{self, Control, Data};
 use super::producer::ProducerState;
+use super::resume::{Fingerprint, ResumeState};
 use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
 use super::slot::{self, Slot};
 
@@ -43,7 +44,12 @@ pub struct AttachOptions {
     /// Lane to attach to.
     pub lane: u32,
     /// `(epoch, index)` of the next batch wanted; `None` takes whatever is ready next.
+    /// [`resume_state`](Self::resume_state), when set, replaces it.
     pub resume: Option<(u64, u64)>,
+    /// A saved [`ResumeState`] (1.3): the producer refuses it ([`AttachError::Refused`]
+    /// naming the fields) when its sample order differs, and maps it by sample position when
+    /// only the batch size differs ([`Consumer::resumed_at`], [`Consumer::resume_warnings`]).
+    pub resume_state: Option<ResumeState>,
     /// How long to wait for the producer's reply (a resume waits for the pipeline to seek).
     /// Default 30 s.
     pub reply_timeout: Duration,
@@ -66,6 +72,7 @@ impl AttachOptions {
             name: name.to_owned(),
             lane,
             resume: None,
+            resume_state: None,
             reply_timeout: Duration::from_secs(30),
             trust_uid: None,
             expect_rank: None,
@@ -313,6 +320,21 @@ struct Reply {
     /// `"memfd"` (absent in older producers) or `"file"` (a `--shm-dir` ring file).
     #[serde(default)]
     segment: Option<String>,
+    /// What defines the epoch order (1.3; absent from older producers, ignored if malformed).
+    #[serde(default)]
+    fingerprint: Option<serde_json::Value>,
+    /// Where a resume with a fingerprint started (1.3).
+    #[serde(default)]
+    resumed_at: Option<ResumedAt>,
+    /// What the producer wants the consumer to know about its resume (1.3).
+    #[serde(default)]
+    warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ResumedAt {
+    epoch: u64,
+    index: u64,
 }
 
 /// A consumer attached to one lane. Not `Sync`: one thread takes batches (it may hold
@@ -334,6 +356,11 @@ pub struct Consumer {
     last_taken: Cell<Option<(u64, bool)>>,
     /// The last epoch an `EPOCH_DONE` frame was queued for.
     epoch_done_sent: Cell<Option<u64>>,
+    /// The producer's fingerprint from the attach reply (1.3).
+    fingerprint: Option<Fingerprint>,
+    /// Where a checked resume started, and the producer's warnings about it.
+    resumed_at: Option<(u64, u64)>,
+    resume_warnings: Vec<String>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -438,12 +465,20 @@ impl Consumer {
             version: u32::from(VERSION_MAJOR),
             lane: opts.lane,
             pid,
-            resume: opts.resume.map(|(epoch, index)| Resume {
-                epoch,
-                index,
-                sample: None,
-                fingerprint: None,
-            }),
+            resume: match &opts.resume_state {
+                Some(state) => Some(Resume {
+                    epoch: state.epoch,
+                    index: state.index,
+                    sample: state.sample,
+                    fingerprint: state.fingerprint.clone(),
+                }),
+                None => opts.resume.map(|(epoch, index)| Resume {
+                    epoch,
+                    index,
+                    sample: None,
+                    fingerprint: None,
+                }),
+            },
         };
         let mut line = serde_json::to_vec(&request).map_err(|e| protocol(e.to_string()))?;
         line.push(b'\n');
@@ -527,6 +562,11 @@ impl Consumer {
             outbox: RefCell::new(Vec::new()),
             last_taken: Cell::new(None),
             epoch_done_sent: Cell::new(None),
+            fingerprint: reply
+                .fingerprint
+                .and_then(|v| serde_json::from_value(v).ok()),
+            resumed_at: reply.resumed_at.map(|r| (r.epoch, r.index)),
+            resume_warnings: reply.warnings,
             _not_sync: PhantomData,
         })
     }
@@ -591,6 +631,30 @@ impl Consumer {
             }
         }
         true
+    }
+
+    /// The producer's fingerprint (1.3): what defines its epoch order and batches; `None`
+    /// from an older producer.
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
+        self.fingerprint.as_ref()
+    }
+
+    /// The state to save so that a later attach resumes at batch `(epoch, index)` of this
+    /// lane (the next batch wanted), checked against the producer's configuration then.
+    pub fn resume_state(&self, epoch: u64, index: u64) -> ResumeState {
+        ResumeState::at(epoch, index, self.fingerprint.as_ref())
+    }
+
+    /// `(epoch, index)` where a resume with a fingerprint started (the batch holding the
+    /// saved sample when the batch size changed); `None` without one.
+    pub fn resumed_at(&self) -> Option<(u64, u64)> {
+        self.resumed_at
+    }
+
+    /// What the producer said about this attach's resume (a remapped batch size, a changed
+    /// augmentation); empty when nothing differed.
+    pub fn resume_warnings(&self) -> &[String] {
+        &self.resume_warnings
     }
 
     /// The ring's validated layout.

@@ -40,6 +40,42 @@ pub struct Fingerprint {
     pub augment: String,
 }
 
+/// A resume position and what it is a position in: what a consumer saves in a checkpoint and
+/// passes back ([`AttachOptions::resume_state`](super::AttachOptions::resume_state)).
+/// Serialises to the same JSON object as the Python client's `state_dict()` (which adds
+/// `lane` and `generation`; unknown keys are ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeState {
+    /// Epoch of the next batch wanted.
+    pub epoch: u64,
+    /// Its index within the epoch, for this lane.
+    pub index: u64,
+    /// Samples of the epoch's global order consumed before it (all ranks):
+    /// `index × batch_size × world_size`; `None` in a state saved before 1.3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<u64>,
+    /// The producer fingerprint the position was saved under (kept as raw JSON, as saved);
+    /// `None` in a state saved before 1.3: the producer then cannot check it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Value>,
+}
+
+impl ResumeState {
+    /// The state of the next batch `(epoch, index)` on a producer with `fingerprint`.
+    pub fn at(epoch: u64, index: u64, fingerprint: Option<&Fingerprint>) -> ResumeState {
+        ResumeState {
+            epoch,
+            index,
+            sample: fingerprint.map(|f| {
+                index
+                    .saturating_mul(u64::from(f.batch_size))
+                    .saturating_mul(u64::from(f.world_size.max(1)))
+            }),
+            fingerprint: fingerprint.and_then(|f| serde_json::to_value(f).ok()),
+        }
+    }
+}
+
 /// Fields whose difference changes which sample sits at a position of the epoch's order.
 const ORDER_FIELDS: [&str; 6] = [
     "seed",

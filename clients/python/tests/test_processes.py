@@ -134,7 +134,7 @@ def test_a_consumer_refuses_to_attach_to_a_dead_producers_socket(
     producer.kill()
     producer.wait()  # every thread gone, so the listening socket is closed
     with pytest.raises(ringfeed.AttachError, match="cannot connect"):
-        ringfeed.Loader("d", runtime_dir=runtime_dir)
+        ringfeed.Loader("d", runtime_dir=runtime_dir, wait_for_producer=0)
 
 
 def test_an_in_place_torch_write_faults_instead_of_corrupting(
