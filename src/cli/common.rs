@@ -24,7 +24,7 @@ pub(crate) struct PlanArgs {
     name: Option<String>,
     /// Tar shards: paths, globs or brace ranges (replaces [source] shards).
     #[arg(long, num_args = 1.., value_name = "SHARD")]
-    shards: Option<Vec<String>>,
+    pub(crate) shards: Option<Vec<String>>,
     /// Lanes (one per local rank).
     #[arg(long)]
     lanes: Option<u32>,

@@ -53,7 +53,7 @@ def test_a_batch_size_change_resumes_at_the_same_sample(serve: type[Daemon]) -> 
     first = serve("--batch-size", 8, *COMMON)
     with first.loader() as loader:
         fingerprint = loader.state_dict()["fingerprint"]
-        assert fingerprint["batch_size"] == 8 and fingerprint["world_size"] == 1
+        assert (fingerprint["batch_size"], fingerprint["world_size"]) == (8, 1)
         seen = [next(loader).sample_ids.tolist() for _ in range(3)]
         state = loader.state_dict()
     stop(first)
@@ -67,10 +67,9 @@ def test_a_batch_size_change_resumes_at_the_same_sample(serve: type[Daemon]) -> 
     assert order[:24] == [i for batch in seen for i in batch]
 
     smaller = serve("--batch-size", 4, *COMMON)
-    with (
-        pytest.warns(ringfeed.RingfeedWarning, match=r"batch_size 8 → 4.*sample 24.*batch 6"),
-        smaller.loader(resume=state) as loader,
-    ):
+    with pytest.warns(ringfeed.RingfeedWarning, match=r"batch_size 8 → 4.*sample 24.*batch 6"):
+        loader = smaller.loader(resume=state)
+    with loader:
         rest = epoch_ids(loader)
         assert loader.state_dict()["epoch"] == 1
     stop(smaller)
@@ -80,10 +79,9 @@ def test_a_batch_size_change_resumes_at_the_same_sample(serve: type[Daemon]) -> 
 
     # Batch size 16: sample 24 lies inside batch 1 (16..31), which is served whole.
     larger = serve("--batch-size", 16, *COMMON)
-    with (
-        pytest.warns(ringfeed.RingfeedWarning, match="mid-batch.*starts at sample 16"),
-        larger.loader(resume=state) as loader,
-    ):
+    with pytest.warns(ringfeed.RingfeedWarning, match="mid-batch.*starts at sample 16"):
+        loader = larger.loader(resume=state)
+    with loader:
         batch = next(loader)
         assert batch.index == 1
         assert batch.sample_ids.tolist() == order[16:32]
@@ -159,7 +157,8 @@ def test_a_rank_or_world_mismatch_is_refused(
     attach = {"runtime_dir": daemon.runtime_dir}
     with pytest.raises(ringfeed.RankMismatch, match=r"world size 2 here, 4 in the daemon") as err:
         ringfeed.Loader("e2e", 0, rank=2, world_size=2, **attach)
-    assert "--world-size 2" in str(err.value) and "ringfeed.serve()" in str(err.value)
+    assert "--world-size 2" in str(err.value)
+    assert "ringfeed.serve()" in str(err.value)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ringfeed.RankMismatch, match="rank 1 here, lane 1 serves rank 3") as err:
@@ -188,9 +187,7 @@ def test_the_padded_tail_is_marked_by_valid(serve: type[Daemon], tmp_path: Path)
         + "[sampling]\ndrop-last = false\n"
         + "[augment]\nrandom-resized-crop = { size = 32 }\n"
     )
-    daemon = serve(
-        "--config", config, "--lanes", 2, "--world-size", 2, "--batch-size", 10, *COMMON
-    )
+    daemon = serve("--config", config, "--lanes", 2, "--world-size", 2, "--batch-size", 10, *COMMON)
     valid_ids: list[int] = []
     padding = 0
     for lane in (0, 1):

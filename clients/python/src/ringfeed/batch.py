@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import weakref
 from types import TracebackType
@@ -24,10 +25,9 @@ def _traceback_on_segfault() -> None:
     not a bare SIGSEGV. Once per process; ``faulthandler`` only adds signal handlers for
     fatal signals, which Python would not handle anyway."""
     if not faulthandler.is_enabled():
-        try:
+        # No usable stderr (closed, or not a file): nothing to print the traceback to.
+        with contextlib.suppress(RuntimeError, ValueError, OSError):
             faulthandler.enable()
-        except (RuntimeError, ValueError, OSError):  # no usable stderr (e.g. closed)
-            pass
 
 
 class _Owner(Protocol):

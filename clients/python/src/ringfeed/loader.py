@@ -247,7 +247,8 @@ class Loader:
         fingerprint = resume.get("fingerprint")
         if fingerprint is not None and not isinstance(fingerprint, dict):
             raise RingfeedError(
-                f"resume 'fingerprint' must be the dict state_dict() saved, got {fingerprint!r:.200}"
+                "resume 'fingerprint' must be the dict state_dict() saved,"
+                f" got {fingerprint!r:.200}"
             )
         if fingerprint is not None:
             checked["fingerprint"] = fingerprint
