@@ -529,6 +529,7 @@ impl Shared {
             (0, hdr::PRODUCER_STATE),
             (hdr::START_UNIX_NS, hdr::HEARTBEAT_MONO_NS),
             (hdr::LANE_COUNT, hdr::RELEASE_ANY),
+            (hdr::WORLD_SIZE, hdr::WORLD_SIZE + 4),
             (hdr::MEAN, layout::HEADER_BYTES as usize),
             (self.layout.tensor_table_offset as usize, self.image.len()),
         ];
@@ -555,6 +556,24 @@ impl Shared {
             }
         }
         drop(plans);
+        for l in 0..self.layout.lane_count {
+            // The lane's rank and share (1.3) never change either. Relaxed: no other field is
+            // published with them; consumers read them once, at attach.
+            let rank = self.layout.lane_rank(l).unwrap_or(0);
+            let share = self
+                .layout
+                .lane_samples
+                .get(l as usize)
+                .copied()
+                .unwrap_or(0);
+            if self.lane_u32(l, lentry::RANK).load(Relaxed) != rank
+                || self.lane_u64(l, lentry::RANK_SAMPLES).load(Relaxed) != share
+            {
+                self.lane_u32(l, lentry::RANK).store(rank, Relaxed);
+                self.lane_u64(l, lentry::RANK_SAMPLES).store(share, Relaxed);
+                repaired.push(format!("lane {l} rank"));
+            }
+        }
         for l in 0..self.layout.lane_count {
             for s in 0..self.layout.slots_per_lane {
                 let slot = self.slot(l, s);
