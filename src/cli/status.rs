@@ -7,8 +7,9 @@
 //! live consumer has neither taken nor released a batch for [`STALL_AFTER`] — a trainer that
 //! hangs, or a process stopped with SIGSTOP. The ring never takes slots back from a live
 //! process (it may still read them: reclaiming would hand it torn data), so the lane waits;
-//! the status line marks it `STALLED`, and a warning names the consumer when the stall
-//! starts and when the lane flows again.
+//! the status line marks it `STALLED`, and a warning names the consumer (at once when it is
+//! stopped by a signal, after [`STALL_WARN_AFTER`] when it runs: a trainer holding a batch
+//! through a validation pass is no stall) and says when the lane flows again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -357,3 +357,28 @@ def test_torch_bf16_is_a_zero_copy_bfloat16_view(
         assert x.dtype == torch.bfloat16
         assert x.data_ptr() == batch.images.ctypes.data
         assert batch.torch("images")[0] is not x  # fresh aliases, not the cached tensor
+
+
+def test_a_producer_before_1_3_cannot_be_rank_checked_and_marks_no_padding(
+    make_writer: MakeWriter, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reference writer leaves header offset 156 (world_size) and the lane ranks zero, as a
+    # producer before 1.3 did, and writes no `valid` tensor.
+    writer = make_writer()
+    writer.publish(0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.warns(ringfeed.RingfeedWarning, match="cannot be checked"):
+        loader = ringfeed.Loader("t", runtime_dir=runtime_dir)
+    with loader:
+        assert loader.layout.world_size == 0
+        assert loader.ring.lane_rank(0) is None
+        batch = loader.next_batch()
+        assert batch.valid.tolist() == [1] * batch.count
+        assert batch.valid_count == batch.count
+        state = loader.state_dict()
+        assert "fingerprint" not in state
+        assert "sample" not in state
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    with pytest.raises(ringfeed.RingfeedError, match="WORLD_SIZE='eight'"):
+        ringfeed.Loader("t", runtime_dir=runtime_dir)
