@@ -127,6 +127,8 @@ def test_hostile_states_are_refused_before_anything_is_sent(serve: type[Daemon])
         {**good, "fingerprint": ["seed", 3]},
         {**good, "sample": -5},
         {**good, "sample": 1.5},
+        {**good, "fingerprint": {"seed": {1, 2}}},
+        {**good, "fingerprint": {"seed": float("nan")}},
     ]
     for bad in bad_states:
         with pytest.raises(ringfeed.RingfeedError) as err:

@@ -8,6 +8,7 @@ one epoch, waiting is a futex sleep of at most 100 ms between liveness checks, a
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -251,6 +252,10 @@ class Loader:
                 f" got {fingerprint!r:.200}"
             )
         if fingerprint is not None:
+            try:
+                json.dumps(fingerprint, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise RingfeedError(f"resume 'fingerprint' is not JSON data: {err}") from None
             checked["fingerprint"] = fingerprint
             if sample is not None:
                 checked["sample"] = sample
