@@ -179,6 +179,7 @@ fn a_forged_epoch_plan_is_restored_by_the_producer() {
     let options = ProducerOptions {
         shm_dir: Some(shm.clone()),
         allow_group: None,
+        fingerprint: None,
     };
     let (_t, _dir, p) = setup_with("fb-plan", &options);
     p.announce_epoch(0, 3, 7, 56, 40);

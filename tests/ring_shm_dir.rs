@@ -382,6 +382,7 @@ fn allow_group_admits_members_only() {
     let options = ProducerOptions {
         shm_dir: Some(shm.clone()),
         allow_group: Some(GROUP),
+        fingerprint: None,
     };
     let p = Producer::create_with(&spec("grp"), &dir, &options).unwrap();
     let mode_gid = |path: &Path| {
@@ -453,6 +454,7 @@ fn supplementary_group_member_attaches_as_a_process() {
     let options = ProducerOptions {
         shm_dir: Some(shm),
         allow_group: Some(GROUP),
+        fingerprint: None,
     };
     let p = Producer::create_with(&spec("sgrp"), &dir, &options).unwrap();
     publish_first_batch(&p, 9);

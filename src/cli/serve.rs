@@ -86,10 +86,10 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = ProducerOptions {
         shm_dir: plan.file.ring.shm_dir.clone(),
         allow_group: plan.allow_gid,
+        fingerprint: Some(stages.fingerprint(&plan)),
     };
     ring_exists.store(true, Ordering::SeqCst);
     let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
-    producer.set_fingerprint(stages.fingerprint(&plan));
     // Samples skipped while indexing (bad or out-of-range labels, …) never reach the pipeline:
     // count them once in the ring's skip counter and name the first in its last error, so
     // `stat`, the metrics and the status line show them with the log.

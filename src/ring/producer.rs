@@ -199,6 +199,9 @@ pub struct ProducerOptions {
     /// A gid whose members may attach too: the runtime directory becomes 0750, the socket
     /// 0660 and the named file 0640, all given to this group.
     pub allow_group: Option<u32>,
+    /// What defines the epoch order and batches (1.3), in place before the socket is bound,
+    /// so that no `resume` is ever served unchecked; see [`Producer::set_fingerprint`].
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// What a batch's slot records besides its tensors.
@@ -916,7 +919,7 @@ impl Producer {
             info_extra: Mutex::new(None),
             feedback: Mutex::new(Vec::new()),
             evaluation: Mutex::new(json!({})),
-            fingerprint: Mutex::new(None),
+            fingerprint: Mutex::new(options.fingerprint.clone()),
             plans,
         });
         shared.set_state(ProducerState::Serving);
