@@ -413,28 +413,29 @@ impl Pipeline {
         let mut views = Vec::with_capacity(ids.capacity());
         self.sampler
             .batch_views(cursor.epoch, rank, cursor.index, ids, &mut views)?;
+        let valid = self.sampler.valid_rows(rank, cursor.index);
         self.fill_rows(
             cursor.epoch,
             (rank, cursor.index),
             tensors,
-            ids,
-            &views,
+            (ids, &views),
             None,
+            valid,
         )
     }
 
-    /// Fills the rows of `ids` (samples of `epoch`) into the tensors, and `weights` into the
-    /// `weights` tensor when given; then mixes the batch (`rank`'s batch `index`) when
-    /// configured. `views[row]` is the row's view of its sample (repeated augmentation; empty
-    /// means all 0).
+    /// Fills the rows of `ids` (samples of `epoch`) into the tensors, `weights` into the
+    /// `weights` tensor when given, marks the first `valid` rows 1 in `valid` (the rest is
+    /// padding); then mixes the batch (`rank`'s batch `index`) when configured. `views[row]`
+    /// is the row's view of its sample (repeated augmentation; empty means all 0).
     fn fill_rows(
         &self,
         epoch: u64,
         (rank, index): (u32, u64),
         tensors: &mut [&mut [u8]],
-        ids: &[u64],
-        views: &[u32],
+        (ids, views): (&[u64], &[u32]),
         weights: Option<&[f32]>,
+        valid: u32,
     ) -> Result<(), PipelineError> {
         self.failed_ids
             .lock()
@@ -490,6 +491,11 @@ impl Pipeline {
             let out = &mut *rest[at - 1];
             for (row, w) in weights.iter().enumerate() {
                 out[row * 4..row * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+        }
+        if let Some(out) = rest.get_mut(self.schema.valid_index() - 1) {
+            for (row, flag) in out.iter_mut().enumerate() {
+                *flag = u8::from(row < valid as usize);
             }
         }
         if let (Some(mixer), Some(at)) = (&self.mixer, self.schema.targets_index()) {
@@ -869,13 +875,14 @@ impl Pipeline {
                 match plans.get(&cursor.epoch) {
                     Some(plan) if selecting => {
                         plan.batch(rank, cursor.index, &mut ids, &mut weights);
+                        let valid = plan.valid_rows(rank, cursor.index);
                         self.fill_rows(
                             cursor.epoch,
                             (rank, cursor.index),
                             &mut tensors,
-                            &ids,
-                            &[],
+                            (&ids, &[]),
                             Some(&weights),
+                            valid,
                         )?;
                         plan.batches()
                     }

@@ -6,8 +6,11 @@
 //! datasets adds `source` (`u16 [B]`, each sample's stream), and `[selection]` on adds
 //! `weights` after it (`f32 [B]`, the factor a trainer multiplies each sample's loss by: 1, or
 //! `1 / (1 - prune-ratio)` for kept well-learned samples; see [`BatchSchema::weights_index`]).
-//! Batch mixing (`mixup` / `cutmix`, `mix.rs`) adds `targets` last (`f32 [B, num_classes]`,
-//! rows summing to 1; see [`BatchSchema::targets_index`]).
+//! Then comes `valid` (`u8 [B]`, since format 1.3): 1 for a sample's first occurrence in the
+//! epoch on this job's ranks, 0 for a padding row that repeats the epoch's start
+//! (`drop-last = false`); see [`BatchSchema::valid_index`]. Batch mixing (`mixup` / `cutmix`,
+//! `mix.rs`) adds `targets` after it, last (`f32 [B, num_classes]`, rows summing to 1; see
+//! [`BatchSchema::targets_index`]).
 
 mod mix;
 
@@ -82,19 +85,19 @@ impl BatchSchema {
         }
     }
 
-    /// Position of the `targets` tensor (last), if any.
+    /// Position of the `targets` tensor (last, after `valid`), if any.
     pub fn targets_index(&self) -> Option<usize> {
-        self.targets.map(|_| {
-            TensorIndex::SampleIds as usize
-                + 1
-                + usize::from(self.source)
-                + usize::from(self.weights)
-        })
+        self.targets.map(|_| self.valid_index() + 1)
     }
 
     /// The same schema with (or without) the `weights` tensor.
     pub fn with_weights(self, weights: bool) -> BatchSchema {
         BatchSchema { weights, ..self }
+    }
+
+    /// Position of the `valid` tensor: the last one, or the one before `targets`.
+    pub fn valid_index(&self) -> usize {
+        TensorIndex::SampleIds as usize + 1 + usize::from(self.source) + usize::from(self.weights)
     }
 
     /// Position of the `weights` tensor (after `source` when there is one), if any.
@@ -161,6 +164,11 @@ impl BatchSchema {
                 shape: vec![b],
             });
         }
+        tensors.push(TensorSpec {
+            name: "valid".to_owned(),
+            dtype: DType::U8,
+            shape: vec![b],
+        });
         if let Some(classes) = self.targets {
             tensors.push(TensorSpec {
                 name: "targets".to_owned(),
@@ -200,7 +208,9 @@ mod tests {
             targets: None,
         };
         let t = s.tensors();
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 4);
+        assert_eq!(s.valid_index(), 3);
+        assert_eq!((t[3].name.as_str(), t[3].dtype), ("valid", DType::U8));
         assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
         assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
         assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
@@ -224,9 +234,11 @@ mod tests {
             let t = schema.tensors();
             assert_eq!(
                 (at, t.len()),
-                (3 + usize::from(source), 4 + usize::from(source))
+                (3 + usize::from(source), 5 + usize::from(source))
             );
             assert_eq!((t[at].name.as_str(), t[at].dtype), ("weights", DType::F32));
+            assert_eq!(t[schema.valid_index()].name, "valid");
+            assert_eq!(schema.valid_index(), t.len() - 1);
         }
         assert_eq!(s.weights_index(), None);
         let all = s
@@ -236,7 +248,7 @@ mod tests {
             .with_targets(Some(7));
         let at = all.targets_index().unwrap();
         let t = all.tensors();
-        assert_eq!((at, t.len()), (5, 6));
+        assert_eq!((at, t.len(), all.valid_index()), (6, 7, 5));
         assert_eq!(
             (t[at].name.as_str(), t[at].dtype, t[at].shape.clone()),
             ("targets", DType::F32, vec![4, 7])

@@ -97,7 +97,7 @@ def test_mixup_cutmix_targets_mix_two_classes(serve: object) -> None:
     rows = two_class_rows = 0
     with serve(mixing) as loader:  # type: ignore[operator]
         names = [t.name for t in loader.layout.tensors]
-        assert names == ["images", "labels", "sample_ids", "targets"]
+        assert names == ["images", "labels", "sample_ids", "valid", "targets"]
         for batch in loader:
             targets = batch.targets.copy()
             labels = batch.labels.copy()
