@@ -83,7 +83,7 @@ pub(crate) struct BatchImages<'a> {
 
 /// Writes the grid of a ring's published batch, or of a batch rendered from a configuration.
 pub(crate) fn run(args: PeekArgs) -> anyhow::Result<ExitCode> {
-    let grid = if args.plan.config.is_some() {
+    let grid = if !args.plan.config.is_empty() {
         from_config(&args)?
     } else {
         from_ring(&args)?

@@ -632,6 +632,7 @@ mod tests {
             drop_last: true,
             nhwc: false,
             selection: false,
+            on_demand: false,
             batches_per_epoch: 10,
             epochs: 0,
             seed: 1,

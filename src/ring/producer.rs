@@ -968,6 +968,11 @@ impl Producer {
         *lock(&self.shared.info_extra) = Some(extra);
     }
 
+    /// Takes back what [`set_info_extra`](Self::set_info_extra) set (to wrap it).
+    pub fn take_info_extra(&self) -> Option<InfoExtra> {
+        lock(&self.shared.info_extra).take()
+    }
+
     /// Feedback frames (§9) received since the last call, oldest first, each with the lane
     /// whose consumer sent it. Frames of one connection keep their order.
     pub fn take_feedback(&self) -> Vec<(u32, Feedback)> {
@@ -995,6 +1000,15 @@ impl Producer {
             *plan = [epoch + 1, batches, kept, pruned];
             sh.store_plan(lane, plan);
         }
+    }
+
+    /// Whether a consumer is attached to `lane` now (an on-demand ring serves a lane's pass
+    /// only while its consumer is there).
+    pub fn lane_attached(&self, lane: u32) -> bool {
+        matches!(
+            lock(&self.shared.lanes).get(lane as usize),
+            Some(LaneConn::Attached { .. })
+        )
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].

@@ -20,6 +20,7 @@ from .errors import (
     RingfeedError,
     RingfeedWarning,
     RingTimeout,
+    StreamFinished,
 )
 from .layout import RingLayout, TensorSpec
 from .loader import Loader, evaluation
@@ -40,6 +41,7 @@ __all__ = [
     "RingTimeout",
     "RingfeedError",
     "RingfeedWarning",
+    "StreamFinished",
     "TensorSpec",
     "evaluation",
     "info",
