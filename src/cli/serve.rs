@@ -124,6 +124,10 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
         note_index_skips(&stages, &producer);
+        producer.set_catalog(super::provenance::catalog(
+            &plan,
+            Arc::clone(&stages.dataset),
+        ));
         set_info_extra(&stages, &producer);
         rings.push(Ring {
             plan,

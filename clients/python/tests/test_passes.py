@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import ringfeed
-from ringfeed.runtime import socket_path
 from conftest import Spawn
 from helpers import read_line, wait_until
+from ringfeed.runtime import socket_path
 from test_daemon import BINARY, REPO, SKIP_REASON, Daemon, started_daemons
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
@@ -122,9 +121,7 @@ def one_pass(loader: ringfeed.Loader) -> tuple[list[int], list[int], list[int]]:
     return ids, labels, pixels
 
 
-def test_two_passes_yield_every_sample_once_in_the_same_order(
-    multi: Any, tmp_path: Path
-) -> None:
+def test_two_passes_yield_every_sample_once_in_the_same_order(multi: Any, tmp_path: Path) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=10)
     daemon = multi(val)
     with daemon.loader("val") as loader:
@@ -221,9 +218,7 @@ def test_a_second_consumer_of_a_lane_in_a_pass_is_refused(multi: Any, tmp_path: 
         assert len(rest) == 96 - 8
 
 
-def test_one_daemon_serves_train_and_val_from_one_pool(
-    multi: Any, tmp_path: Path
-) -> None:
+def test_one_daemon_serves_train_and_val_from_one_pool(multi: Any, tmp_path: Path) -> None:
     train = ring_config(
         tmp_path / "train.toml", "train", on_demand=False, batch=8, shuffle="global", threads=2
     )
@@ -245,7 +240,8 @@ def test_one_daemon_serves_train_and_val_from_one_pool(
         assert info["daemon_rings"] == ["train", "val"]
     log = daemon.stderr()
     # One pool: both banners name it (the larger of the two [workers] threads).
-    assert "ring 'train'" in log and "ring 'val'" in log
+    assert "ring 'train'" in log
+    assert "ring 'val'" in log
     assert log.count("3 workers shared by rings train, val") == 2, log
 
 
@@ -256,10 +252,12 @@ def test_several_configs_refuse_per_ring_flags_and_equal_names(
     b = ring_config(tmp_path / "b.toml", "same", on_demand=True)
     env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
     run = [str(BINARY), "serve", "--config", str(a), "--config", str(b)]
-    out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode != 0
     assert "name the ring 'same'" in out.stderr
-    out = subprocess.run([*run, "--batch-size", "4"], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*run, "--batch-size", "4"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode != 0
     assert "--batch-size shapes one ring" in out.stderr
 
@@ -275,26 +273,162 @@ def test_a_finished_ring_ends_iteration_with_a_reason_and_len_zero(
         assert len(loader) == 0
         with caplog.at_level(logging.WARNING, logger="ringfeed"):
             assert list(loader) == []
-            with pytest.raises(ringfeed.StreamFinished, match="has finished.*1 epoch"):
+            with pytest.raises(ringfeed.StreamFinished, match=r"has finished.*1 epoch"):
                 next(iter(loader))
         assert sum("has finished" in r.getMessage() for r in caplog.records) == 1  # logged once
 
 
 def test_from_epoch_start_and_restart_epoch_see_a_whole_epoch(serve: type[Daemon]) -> None:
-    daemon = serve("--batch-size", 8, "--epochs", 3, "--workers", 2, "--slots-per-lane", 2, "--seed", 9)
+    daemon = serve(
+        "--batch-size", 8, "--epochs", 3, "--workers", 2, "--slots-per-lane", 2, "--seed", 9
+    )
     with daemon.loader() as first:
         epoch0 = [i for b in first for i in b.sample_ids.tolist()]
         it = iter(first)
         partial = [next(it).sample_ids.tolist() for _ in range(3)]
-        assert first.state_dict()["epoch"] == 1 and first.state_dict()["index"] == 3
+        assert first.state_dict()["epoch"] == 1
+        assert first.state_dict()["index"] == 3
         first.restart_epoch()
         epoch1 = [i for b in first for i in b.sample_ids.tolist()]
         assert epoch1[:24] == [i for ids in partial for i in ids]
-        assert sorted(epoch1) == sorted(epoch0) and len(epoch1) == SAMPLES
+        assert sorted(epoch1) == sorted(epoch0)
+        assert len(epoch1) == SAMPLES
         it = iter(first)
         next(it)
         next(it)
     with daemon.loader(from_epoch_start=True) as fresh:
         assert fresh.state_dict()["index"] == 0
         again = [i for b in fresh for i in b.sample_ids.tolist()]
-        assert len(again) == SAMPLES and fresh.epoch == 3
+        assert len(again) == SAMPLES
+        assert fresh.epoch == 3
+
+
+def _torchvision_order(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """torchvision's ``ImageFolder`` rule (``find_classes`` + ``make_dataset``): class
+    directories sorted by name, files of each class walked in sorted order, kept by image
+    extension (case-insensitive). torchvision itself when installed, else this rule."""
+    try:
+        from torchvision.datasets import ImageFolder  # type: ignore[import-not-found]
+
+        folder = ImageFolder(str(root))
+        return list(folder.classes), [(str(p), int(c)) for p, c in folder.samples]
+    except ImportError:
+        pass
+    extensions = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith(extensions):
+                    samples.append((os.path.join(dirpath, file), label))
+    return classes, samples
+
+
+def test_classes_and_describe_name_imagefolder_classes_and_paths(
+    multi: Any, tmp_path: Path
+) -> None:
+    import tarfile
+
+    root = tmp_path / "folder"
+    with tarfile.open(REPO / "data" / "sample" / "shard-000000.tar") as tar:
+        jpegs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:9]
+        layout = {"zebra": 3, "Apple": 2, "mango": 4}  # capital first: byte order, as Python
+        at = 0
+        for name, count in layout.items():
+            (root / name / "sub").mkdir(parents=True)
+            for k in range(count):
+                data = tar.extractfile(jpegs[at]).read()  # type: ignore[union-attr]
+                where = root / name / ("sub" if k == 0 else "") / f"img{9 - k}.JPG"
+                where.write_bytes(data)
+                at += 1
+        (root / "mango" / "notes.txt").write_text("not an image")
+    config = tmp_path / "folder.toml"
+    config.write_text(
+        f'[source]\nkind = "imagefolder"\npath = "{root}"\n'
+        '[sampling]\nshuffle = "none"\non-demand = true\n[batch]\nsize = 4\n'
+        "[augment]\nresize = { size = 40 }\ncenter-crop = { size = 32 }\n"
+        'output = { dtype = "u8", layout = "nchw" }\n[ring]\nname = "folder"\n'
+        "[workers]\nthreads = 2\nmax-skip-fraction = 0.5\n"
+    )
+    daemon = multi(config)
+    expected_classes, expected_samples = _torchvision_order(root)
+    with daemon.loader("folder") as loader:
+        assert loader.classes == expected_classes == ["Apple", "mango", "zebra"]
+        assert loader.num_classes == 3
+        ids, labels = [], []
+        for batch in loader:
+            ids += batch.sample_ids.tolist()
+            labels += batch.labels.tolist()
+        described = loader.describe(ids[:9])
+        assert [d["path"] for d in described] == [p for p, _ in expected_samples]
+        assert labels[:9] == [c for _, c in expected_samples]
+        assert all(d["shard"] is None for d in described)
+        assert loader.describe([10_000])[0]["error"].startswith("sample id 10000 is outside")
+
+
+def test_describe_names_the_original_files_pack_kept(multi: Any, tmp_path: Path) -> None:
+    import tarfile
+
+    src = tmp_path / "src"
+    with tarfile.open(REPO / "data" / "sample" / "shard-000000.tar") as tar:
+        jpegs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:6]
+        for k, member in enumerate(jpegs):
+            d = src / ("cats" if k % 2 else "dogs")
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"photo_{k}.jpg").write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    out = tmp_path / "packed"
+    subprocess.run(
+        [str(BINARY), "pack", str(src), str(out), "--samples-per-shard", "4"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    config = tmp_path / "packed.toml"
+    config.write_text(
+        f'[source]\nkind = "tar"\nshards = ["{out}/shard-*.tar"]\n'
+        '[sampling]\nshuffle = "none"\non-demand = true\n[batch]\nsize = 3\n'
+        "[augment]\nresize = { size = 40 }\ncenter-crop = { size = 32 }\n"
+        'output = { dtype = "u8", layout = "nchw" }\n[ring]\nname = "packed"\n'
+        "[workers]\nthreads = 2\n"
+    )
+    daemon = multi(config)
+    with daemon.loader("packed") as loader:
+        assert loader.classes == ["cats", "dogs"]
+        ids = [i for batch in loader for i in batch.sample_ids.tolist()]
+        described = loader.describe(ids)
+        assert [d["path"] for d in described] == [
+            "cats/photo_1.jpg",
+            "cats/photo_3.jpg",
+            "cats/photo_5.jpg",
+            "dogs/photo_0.jpg",
+            "dogs/photo_2.jpg",
+            "dogs/photo_4.jpg",
+        ]
+        assert described[4]["shard"].endswith("shard-000001.tar")
+        assert described[0]["member"] == "000000000.jpg"
+
+
+def test_a_hostile_classes_file_leaves_the_names_unknown(multi: Any, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in (0, 1):
+        (shards / f"shard-00000{n}.tar").symlink_to(
+            REPO / "data" / "sample" / f"shard-00000{n}.tar"
+        )
+    (shards / "classes.txt").write_bytes(b"astronaut\ncat\x00\x1b[2J\n" + b"\xff" * 10)
+    config = tmp_path / "hostile.toml"
+    config.write_text(
+        f'[source]\nkind = "tar"\nshards = ["{shards}/shard-*.tar"]\n'
+        '[sampling]\nshuffle = "none"\non-demand = true\n[batch]\nsize = 32\n'
+        "[augment]\nresize = { size = 40 }\ncenter-crop = { size = 32 }\n"
+        'output = { dtype = "u8", layout = "nchw" }\n[ring]\nname = "hostile"\n'
+        "[workers]\nthreads = 2\n"
+    )
+    daemon = multi(config)
+    with daemon.loader("hostile") as loader:
+        assert loader.classes is None
+        assert loader.num_classes is None
+        assert sum(len(b.sample_ids) for b in loader) == 96  # served all the same
+    assert "class names refused" in daemon.stderr()
+    assert "classes.txt" in daemon.stderr()

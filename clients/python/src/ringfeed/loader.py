@@ -827,6 +827,58 @@ class Loader:
         bucket and ``loss_by_class``. See docs/feedback.md for how to read it."""
         return evaluation(self.name, runtime_dir=self._runtime_dir, trust_uid=self._trust_uid)
 
+    def _socket_path(self) -> Any:
+        return socket_path(self.name, self._runtime_dir, trust_uid=self._trust_uid)
+
+    @property
+    def classes(self) -> Optional[list[str]]:
+        """The class names, label ``i`` being ``classes[i]`` (format 1.3): ``[source]
+        classes``, an ImageFolder's directory names (sorted, as torchvision's
+        ``ImageFolder.classes``), ``index.json`` beside the shards (``ringfeed pack``) or
+        ``classes.txt`` beside them. ``None`` when the daemon knows none (or refused a
+        malformed file: its log says why). Asked once, then cached."""
+        if not hasattr(self, "_classes"):
+            self._refuse_if_inherited()
+            reply = protocol.long_request(
+                self._socket_path(), {"op": "classes"}, trust_uid=self._trust_uid
+            )
+            names = reply.get("classes")
+            self._classes = [str(n) for n in names] if isinstance(names, list) else None
+        return self._classes
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """``len(loader.classes)``, or ``None`` when the names are unknown."""
+        classes = self.classes
+        return None if classes is None else len(classes)
+
+    def describe(self, sample_ids: Any) -> list[dict[str, Any]]:
+        """Where each sample came from (format 1.3): for every id (a batch's ``sample_ids``, a
+        list, a tensor), ``{"id", "shard", "member", "path"}``: the tar shard and member
+        (``shard`` is ``None`` for an ImageFolder), and the original file (an ImageFolder's
+        image, or the file ``ringfeed pack`` made the member from, kept in its
+        ``index.json``; ``None`` when unknown). ``"stream"`` is added in a mixture; an id
+        outside the dataset gets ``{"id", "error"}``."""
+        self._refuse_if_inherited()
+        if hasattr(sample_ids, "detach"):
+            sample_ids = sample_ids.detach().cpu().numpy()
+        ids = [int(i) for i in list(getattr(sample_ids, "tolist", lambda: sample_ids)())]
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), protocol.MAX_DESCRIBE_IDS):
+            chunk = ids[start : start + protocol.MAX_DESCRIBE_IDS]
+            if any(i < 0 for i in chunk):
+                raise ValueError(f"sample ids must be >= 0, got {min(chunk)}")
+            reply = protocol.long_request(
+                self._socket_path(), {"op": "describe", "ids": chunk}, trust_uid=self._trust_uid
+            )
+            samples = reply.get("samples")
+            if not isinstance(samples, list) or len(samples) != len(chunk):
+                raise FormatError(
+                    "describe", f"expected {len(chunk)} entries, got {samples!r:.100}"
+                )
+            out += samples
+        return out
+
     def stats(self) -> dict[str, float]:
         """Starvation figures since attach: ``wait_share`` is the fraction of wall time this
         consumer spent blocked waiting for a batch (lane ``consumer_wait_ns`` / wall time)."""
