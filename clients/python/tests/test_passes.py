@@ -256,7 +256,12 @@ def test_several_configs_refuse_per_ring_flags_and_equal_names(
     assert out.returncode != 0
     assert "name the ring 'same'" in out.stderr
     out = subprocess.run(
-        [*run, "--batch-size", "4"], env=env, capture_output=True, text=True, timeout=60, check=False
+        [*run, "--batch-size", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode != 0
     assert "--batch-size shapes one ring" in out.stderr
@@ -303,17 +308,10 @@ def test_from_epoch_start_and_restart_epoch_see_a_whole_epoch(serve: type[Daemon
         assert fresh.epoch == 3
 
 
-def _torchvision_order(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """torchvision's ``ImageFolder`` rule (``find_classes`` + ``make_dataset``): class
-    directories sorted by name, files of each class walked in sorted order, kept by image
-    extension (case-insensitive). torchvision itself when installed, else this rule."""
-    try:
-        from torchvision.datasets import ImageFolder  # type: ignore[import-not-found]
-
-        folder = ImageFolder(str(root))
-        return list(folder.classes), [(str(p), int(c)) for p, c in folder.samples]
-    except ImportError:
-        pass
+def _imagefolder_rule(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """torchvision's ``ImageFolder`` rule (``find_classes`` + ``make_dataset``), re-implemented:
+    class directories sorted by name; per class, ``os.walk``'s directories sorted by path
+    string, each one's files sorted, kept by image extension (case-insensitive)."""
     extensions = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     samples = []
@@ -325,6 +323,20 @@ def _torchvision_order(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
+def _torchvision_order(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """torchvision's own ``ImageFolder`` order when it is installed (checking the
+    re-implementation against it), else the re-implementation."""
+    rule = _imagefolder_rule(root)
+    try:
+        from torchvision.datasets import ImageFolder  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return rule
+    folder = ImageFolder(str(root))
+    real = list(folder.classes), [(str(p), int(c)) for p, c in folder.samples]
+    assert real == rule
+    return real
+
+
 def test_classes_and_describe_name_imagefolder_classes_and_paths(
     multi: Any, tmp_path: Path
 ) -> None:
@@ -334,13 +346,15 @@ def test_classes_and_describe_name_imagefolder_classes_and_paths(
     with tarfile.open(REPO / "data" / "sample" / "shard-000000.tar") as tar:
         jpegs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:9]
         layout = {"zebra": 3, "Apple": 2, "mango": 4}  # capital first: byte order, as Python
+        # A class's own files come before its subdirectories', and directories sort by path
+        # string: "sub-x" before "sub/deeper" ('-' < '/').
+        places = ["sub/img9.JPG", "zz.jpg", "sub-x/a.jpeg", "sub/deeper/b.jpg"]
         at = 0
         for name, count in layout.items():
-            (root / name / "sub").mkdir(parents=True)
             for k in range(count):
-                data = tar.extractfile(jpegs[at]).read()  # type: ignore[union-attr]
-                where = root / name / ("sub" if k == 0 else "") / f"img{9 - k}.JPG"
-                where.write_bytes(data)
+                where = root / name / places[k]
+                where.parent.mkdir(parents=True, exist_ok=True)
+                where.write_bytes(tar.extractfile(jpegs[at]).read())  # type: ignore[union-attr]
                 at += 1
         (root / "mango" / "notes.txt").write_text("not an image")
     config = tmp_path / "folder.toml"

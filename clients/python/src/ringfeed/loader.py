@@ -570,7 +570,7 @@ class Loader:
                 # Read from the old ring's memory before leaving it (nothing taken yet: the
                 # position comes from its slots and lane counters).
                 on_demand = self.layout.on_demand
-                position = self._next_position()
+                position: Optional[dict[str, int]] = self._next_position()
                 if on_demand:
                     # The pass under way continues where it stopped (a resume on an on-demand
                     # ring asks for that pass from that batch); between passes, nothing.
@@ -591,8 +591,8 @@ class Loader:
             batch = self._try_take(ring, iterating)
             if batch is _STALE:
                 continue
-            if batch is not None:
-                return batch  # type: ignore[return-value]
+            if isinstance(batch, Batch):
+                return batch
             if self._retire_pending(wait=False) or self._retire_pending(wait=True):
                 continue  # the lane ran dry: hand back a slot whose device copy is done
             self._check_producer(ring, state)
