@@ -115,9 +115,10 @@ pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
 }
 
 /// One plan per `--config` (`serve`): with several, flags that shape one ring (its name,
-/// shards, batch, lanes, epochs, seed…) are refused, since they would apply to every ring;
-/// the rest (workers, world size, first rank, status interval, shm-dir, allow-group, key
-/// file, state dir, max-skip-fraction) apply to all. Ring names must differ.
+/// shards, batch, epochs, seed…) are refused, since they would apply to every ring; the rest
+/// describe the node and apply to all (lanes — one per local rank —, workers, world size,
+/// first rank, status interval, shm-dir, allow-group, key file, state dir,
+/// max-skip-fraction). Ring names must differ.
 pub(crate) fn resolve_plans(args: &PlanArgs) -> anyhow::Result<Vec<Plan>> {
     if args.config.len() <= 1 {
         return Ok(vec![resolve_one(args, args.config.first())?]);
@@ -125,7 +126,6 @@ pub(crate) fn resolve_plans(args: &PlanArgs) -> anyhow::Result<Vec<Plan>> {
     let per_ring = [
         ("--name", args.name.is_some()),
         ("--shards", args.shards.is_some()),
-        ("--lanes", args.lanes.is_some()),
         ("--slots-per-lane", args.slots_per_lane.is_some()),
         ("--batch-size", args.batch_size.is_some()),
         ("--epochs", args.epochs.is_some()),
