@@ -923,11 +923,19 @@ impl Pipeline {
                 self.plan_epochs(producer, &mut cursors, &mut plans, &mut announced)?;
             }
             let all_done = epochs > 0 && cursors.iter().all(|c| c.epoch >= epochs);
+            if on_demand {
+                // Only while asked: a pass whose consumer left is dropped (the next consumer
+                // asks for its own).
+                for (l, asked) in in_pass.iter_mut().enumerate() {
+                    if *asked && !producer.lane_attached(l as u32) {
+                        *asked = false;
+                    }
+                }
+            }
             let active: Vec<u32> = (0..lanes)
                 .filter(|&l| {
                     if on_demand {
-                        // Only while asked: a pass whose consumer left is not served on.
-                        return in_pass[l as usize] && producer.lane_attached(l);
+                        return in_pass[l as usize];
                     }
                     let e = cursors[l as usize].epoch;
                     (epochs == 0 || e < epochs) && (!selecting || plans.contains_key(&e))

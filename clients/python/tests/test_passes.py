@@ -275,12 +275,16 @@ def test_a_finished_ring_ends_iteration_with_a_reason_and_len_zero(
         assert len(loader) == 3
         assert sum(1 for _ in loader) == 3
         wait_until(lambda: loader.ring.producer_state == 2, "the ring to finish")
-        assert len(loader) == 0
         with caplog.at_level(logging.WARNING, logger="ringfeed"):
-            assert list(loader) == []
+            assert list(loader) == []  # ends on StreamFinished, not an empty epoch in silence
             with pytest.raises(ringfeed.StreamFinished, match=r"has finished.*1 epoch"):
                 next(iter(loader))
         assert sum("has finished" in r.getMessage() for r in caplog.records) == 1  # logged once
+        assert len(loader) == 0
+    with daemon.loader() as fresh:  # a fresh loader on the finished ring: nothing left, says so
+        assert len(fresh) == 0
+        with pytest.raises(ringfeed.StreamFinished):
+            next(iter(fresh))
 
 
 def test_from_epoch_start_and_restart_epoch_see_a_whole_epoch(serve: type[Daemon]) -> None:

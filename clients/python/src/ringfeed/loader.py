@@ -364,8 +364,10 @@ class Loader:
         return self._live_ring()
 
     def __len__(self) -> int:
-        """Batches of the next epoch in this lane (of a pass, on an on-demand ring; 0 once the
-        producer has served its last epoch); TypeError when the producer does not know.
+        """Batches of the next epoch in this lane (of a pass, on an on-demand ring);
+        TypeError when the producer does not know. 0 once iteration has met the end of the
+        stream (:class:`StreamFinished`), and for a loader that has taken nothing from a
+        finished ring whose lane has nothing left.
 
         With selection (``[selection]`` on the daemon) this is the epoch's real length, which
         the producer decides at the epoch's start: the call may wait for that decision.
@@ -373,14 +375,24 @@ class Loader:
         layout = self.layout
         if layout.on_demand:
             return layout.batches_per_epoch  # every pass is whole
-        if self._finished or (layout.epochs and self._next_position()["epoch"] >= layout.epochs):
-            return 0  # the producer has served its last epoch: nothing is left
+        if self._finished or self._nothing_left_for_fresh_loader(layout):
+            return 0  # the producer has served its last epoch: a `for` yields nothing
         if layout.selection:
             return self.epoch_plan()["batches"]
         count = layout.batches_per_epoch
         if count == 0:
             raise TypeError("the producer does not know its batches per epoch")
         return count
+
+    def _nothing_left_for_fresh_loader(self, layout: RingLayout) -> bool:
+        """A loader that has taken nothing, on a finished ring whose lane has nothing left:
+        its first ``for`` would yield nothing. (A loader that iterated learns the end when
+        it next iterates, which raises :class:`StreamFinished`.)"""
+        if self._last_taken is not None or not layout.epochs:
+            return False
+        if self._live_ring().producer_state != FINISHED:
+            return False
+        return self._next_position()["epoch"] >= layout.epochs
 
     def epoch_plan(self) -> dict[str, int]:
         """The next epoch's plan in this lane: ``{"epoch", "batches", "kept", "pruned"}``
