@@ -348,6 +348,9 @@ pub struct Pipeline {
     selector: Mutex<Selector>,
     /// The parameters each served sample was generated with (written by the workers).
     params: Arc<ParamLog>,
+    /// A `PASS` frame reached this ring, which is not on-demand: warned once (a consumer
+    /// sending them in a loop must not flood the log).
+    pass_warned: AtomicBool,
 }
 
 impl Pipeline {
@@ -453,6 +456,7 @@ impl Pipeline {
             failed_ids: Mutex::new(Vec::new()),
             selector: Mutex::new(selector),
             params,
+            pass_warned: AtomicBool::new(false),
         })
     }
 
@@ -717,10 +721,10 @@ impl Pipeline {
                 Feedback::Pass { pass, index } => {
                     if self.on_demand() {
                         passes.push((lane, Cursor { epoch: pass, index }));
-                    } else {
+                    } else if !self.pass_warned.swap(true, Ordering::Relaxed) {
                         log::warn!(
                             "lane {lane}: a pass was asked for, but this ring is not on-demand \
-                             ([sampling] on-demand = true); ignored"
+                             ([sampling] on-demand = true); ignored (said once)"
                         );
                     }
                 }

@@ -180,3 +180,66 @@ fn one_daemon_serves_a_train_and_a_val_ring_with_both_in_its_metrics() {
     assert_eq!(json["on_demand"], false);
     assert_eq!(json["daemon_rings"], serde_json::json!(["train", "val"]));
 }
+
+/// One raw request line to `name`'s socket and its reply (which may be long).
+fn raw_request(runtime: &Path, name: &str, line: &str) -> serde_json::Value {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(runtime.join(format!("{name}.sock"))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+#[test]
+fn classes_and_describe_requests_refuse_hostile_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = write_dataset(tmp.path(), 2, 20);
+    std::fs::write(tmp.path().join("classes.txt"), "zero\none\ntwo\n").unwrap();
+    let val = ring_config(tmp.path(), "val", &shards, "on-demand = true");
+    let runtime = RuntimeTmp::new();
+    let _daemon = Daemon::start(runtime.path(), &["--config", val.to_str().unwrap()]);
+    let classes = raw_request(runtime.path(), "val", "{\"op\":\"classes\"}\n");
+    assert_eq!(
+        classes["classes"],
+        serde_json::json!(["zero", "one", "two"])
+    );
+    let described = raw_request(
+        runtime.path(),
+        "val",
+        "{\"op\":\"describe\",\"ids\":[0,39,40]}\n",
+    );
+    let samples = described["samples"].as_array().unwrap();
+    assert!(samples[0]["shard"]
+        .as_str()
+        .unwrap()
+        .ends_with("shard-000000.tar"));
+    assert!(samples[1]["shard"]
+        .as_str()
+        .unwrap()
+        .ends_with("shard-000001.tar"));
+    assert!(samples[2]["error"].as_str().unwrap().contains("outside"));
+    let many: Vec<String> = (0..129).map(|i| i.to_string()).collect();
+    let refused = raw_request(
+        runtime.path(),
+        "val",
+        &format!("{{\"op\":\"describe\",\"ids\":[{}]}}\n", many.join(",")),
+    );
+    assert!(refused["error"].as_str().unwrap().contains("at most 128"));
+    let negative = raw_request(
+        runtime.path(),
+        "val",
+        "{\"op\":\"describe\",\"ids\":[-1]}\n",
+    );
+    assert!(negative["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("bad request"));
+    // The daemon still serves after the hostile requests.
+    let consumer = attach(runtime.path(), "val");
+    assert_eq!(pass(&consumer).1.len(), 42);
+}

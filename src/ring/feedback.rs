@@ -253,5 +253,23 @@ mod tests {
             r.next_frame(),
             Err(FrameError::Count { count: 0, .. })
         ));
+        // A PASS frame with a count is refused; one cut before its index waits for it.
+        let mut r = FrameReader::default();
+        r.push(&header(KIND_PASS, 3, 1));
+        r.push(&[0; 8]);
+        assert!(matches!(
+            r.next_frame(),
+            Err(FrameError::Count { count: 3, .. })
+        ));
+        let mut bytes = Vec::new();
+        encode_pass(&mut bytes, 7, 2);
+        let mut r = FrameReader::default();
+        r.push(&bytes[..FRAME_HEADER_BYTES + 4]);
+        assert_eq!(r.next_frame(), Ok(None));
+        r.push(&bytes[FRAME_HEADER_BYTES + 4..]);
+        assert_eq!(
+            r.next_frame(),
+            Ok(Some(Feedback::Pass { pass: 7, index: 2 }))
+        );
     }
 }

@@ -51,8 +51,9 @@ pub(crate) enum Request {
     },
 }
 
-/// Most ids one `describe` request may ask about (its line stays under [`MAX_LINE`] anyway).
-pub(crate) const MAX_DESCRIBE_IDS: usize = 1024;
+/// Most ids one `describe` request may ask about: 128 ids of 20 digits keep the request line
+/// under [`MAX_LINE`].
+pub(crate) const MAX_DESCRIBE_IDS: usize = 128;
 
 /// The consumer's uid check: `Err(peer)` when the producer runs as neither this user nor the
 /// one it was told to trust.

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import ringfeed
@@ -135,6 +136,11 @@ def test_two_passes_yield_every_sample_once_in_the_same_order(multi: Any, tmp_pa
         assert first[0][:SAMPLES] == list(range(SAMPLES))  # shuffle = "none": dataset order
         assert second == first  # same ids, labels and pixels, in the same order
         assert len(loader) == 10  # len() stays true between passes
+        described = loader.describe(np.array(first[0] * 2))  # 200 ids: several requests
+        assert [d["id"] for d in described] == first[0] * 2
+        assert described[95]["member"] == "sample_000095.jpg"
+        assert described[95]["shard"].endswith("shard-000001.tar")
+        assert loader.classes == (REPO / "data" / "sample" / "classes.txt").read_text().split()
 
 
 def test_nothing_is_produced_until_a_pass_is_asked_for(multi: Any, tmp_path: Path) -> None:
