@@ -135,6 +135,9 @@ fn one_daemon_serves_a_train_and_a_val_ring_with_both_in_its_metrics() {
         banner.contains("3 workers shared by rings train, val"),
         "{banner}"
     );
+    // Each ring's status line names it.
+    daemon.wait_for_line("[train] ", Duration::from_secs(30));
+    daemon.wait_for_line("[val] ", Duration::from_secs(30));
     let t = attach(runtime.path(), "train");
     let v = attach(runtime.path(), "val");
     let (_, ids, _) = pass(&v);

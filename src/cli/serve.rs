@@ -203,6 +203,11 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     batches_per_epoch: ring.spec.batches_per_epoch,
                     epochs: ring.spec.epochs,
                 },
+                if together.len() > 1 {
+                    format!("[{}] ", ring.spec.name)
+                } else {
+                    String::new()
+                },
             )
         })
         .collect();
