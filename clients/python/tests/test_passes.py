@@ -456,3 +456,26 @@ def test_a_hostile_classes_file_leaves_the_names_unknown(multi: Any, tmp_path: P
         assert sum(len(b.sample_ids) for b in loader) == 96  # served all the same
     assert "class names refused" in daemon.stderr()
     assert "classes.txt" in daemon.stderr()
+
+
+def test_serve_from_python_hosts_train_and_val_rings(
+    tmp_path: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RINGFEED_BIN", str(BINARY))
+    monkeypatch.setenv("RINGFEED_RUNTIME_DIR", str(runtime_dir))
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    train = ring_config(tmp_path / "train.toml", "py-train", on_demand=False, batch=8, epochs=2)
+    val = ring_config(tmp_path / "val.toml", "py-val", on_demand=True, batch=12)
+    with pytest.raises(ringfeed.RingfeedError, match="takes no epochs"):
+        ringfeed.serve([train, val], epochs=3)
+    with ringfeed.serve([train, val]) as daemon:
+        assert daemon.names == ["py-train", "py-val"]
+        with daemon.loader() as t, daemon.loader(ring="py-val") as v:
+            assert t.name == "py-train"
+            assert len(t) == 12
+            assert v.layout.on_demand
+            assert sorted(set(one_pass(v)[0])) == list(range(SAMPLES))
+            assert sum(1 for _ in t) == 12
+        with pytest.raises(ringfeed.RingfeedError, match="serves rings"):
+            daemon.loader(ring="nope")
