@@ -458,6 +458,13 @@ def test_a_hostile_classes_file_leaves_the_names_unknown(multi: Any, tmp_path: P
     assert "classes.txt" in daemon.stderr()
 
 
+def _toml_readable() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tomllib", "tomli"))
+
+
+@pytest.mark.skipif(not _toml_readable(), reason="needs Python 3.11+ (tomllib) or tomli")
 def test_serve_from_python_hosts_train_and_val_rings(
     tmp_path: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
