@@ -524,11 +524,13 @@ class Loader:
             previous.release()
             self._previous = None
         ring = self._live_ring()
-        self._pass = max(self._pass, ring.lane_stats(self.lane)["epoch"]) + 1
-        self._pass_next = 0
-        self._epoch_ended = False
-        self._cursor = (self._pass, 0)
-        self._outbox.send(self._sock, feedback.pass_frame(self._pass, 0))
+        with self._lock:  # a take under way in another thread filters by these
+            self._pass = max(self._pass, ring.lane_stats(self.lane)["epoch"]) + 1
+            self._pass_next = 0
+            self._epoch_ended = False
+            self._cursor = (self._pass, 0)
+            number = self._pass
+        self._outbox.send(self._sock, feedback.pass_frame(number, 0))
 
     def restart_epoch(self) -> None:
         """Start again at the first batch of the epoch this lane is in (the epoch of the next
