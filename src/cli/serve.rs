@@ -121,6 +121,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let options = ProducerOptions {
             shm_dir: plan.file.ring.shm_dir.clone(),
             allow_group: plan.allow_gid,
+            fingerprint: Some(stages.fingerprint(&plan)),
         };
         let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
         note_index_skips(&stages, &producer);
@@ -166,6 +167,15 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     for ring in &rings {
         let spec = &ring.spec;
+        if ring.plan.world_size_assumed {
+            log::warn!(
+                "WORLD SIZE ASSUMED: {lanes} lanes and no world size given (--world-size, [distributed] \
+                 world-size or WORLD_SIZE): serving ranks 0..{lanes} of world size {lanes}, a \
+                 single-node job. On a multi-node job every node would serve the SAME samples: give \
+                 --world-size and --first-rank, or start it with ringfeed.serve() under torchrun",
+                lanes = spec.lanes
+            );
+        }
         let kind = if spec.on_demand {
             format!(
                 "on-demand: {} batches per pass per lane, produced when a consumer asks",
@@ -175,7 +185,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             format!("{} batches per epoch per lane", spec.batches_per_epoch)
         };
         log::info!(
-            "serving ring '{}' ({} lane(s) × {} slots of {} samples, {kind}, {} samples, {} workers{}) — attach with ringfeed.Loader({:?})",
+            "serving ring '{}' ({} lane(s) × {} slots of {} samples, {kind}, {} samples, {} workers{}; ranks {} of world size {}) — attach with ringfeed.Loader({:?})",
             spec.name,
             spec.lanes,
             spec.slots_per_lane,
@@ -187,6 +197,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             } else {
                 String::new()
             },
+            rank_range(ring.plan.ranks.first_rank, spec.lanes),
+            ring.plan.ranks.world_size,
             spec.name,
         );
     }
@@ -336,6 +348,14 @@ fn set_info_extra(stages: &super::common::Stages, producer: &Producer) {
             .collect();
         serde_json::json!({ "streams": streams })
     }));
+}
+
+/// Ranks `first..first + lanes` as people write them: `3`, or `0-1`.
+pub(crate) fn rank_range(first: u32, lanes: u32) -> String {
+    match lanes {
+        0 | 1 => first.to_string(),
+        n => format!("{first}-{}", first + n - 1),
+    }
 }
 
 #[cfg(test)]
