@@ -41,7 +41,8 @@ pub(crate) struct StatusReporter {
 
 impl StatusReporter {
     /// Starts the reporter. With `stop_when_drained`, it also sets `stop` once the ring is
-    /// finished and every batch has been released.
+    /// finished and every batch has been released. `label` starts each status line and the
+    /// progress bar (a daemon of several rings names the ring there; empty otherwise).
     pub(crate) fn spawn(
         producer: Arc<Producer>,
         counters: Arc<PipelineCounters>,
@@ -49,6 +50,7 @@ impl StatusReporter {
         stop: Arc<AtomicBool>,
         stop_when_drained: bool,
         epoch_shape: EpochShape,
+        label: String,
     ) -> StatusReporter {
         let handle = std::thread::Builder::new()
             .name("ringfeed-status".into())
@@ -64,6 +66,7 @@ impl StatusReporter {
                     .and_then(|dir| Observer::open(&dir, &producer.layout().name).ok());
                 let mut stalls = StallWatch::default();
                 let mut bar = EpochBar::new(epoch_shape);
+                bar.label.clone_from(&label);
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
@@ -82,7 +85,7 @@ impl StatusReporter {
                             .as_ref()
                             .map(|o| stalls.update(&o.snapshot()))
                             .unwrap_or_default();
-                        log::info!("{}", status_line(&last, &now, &counters, &stalled));
+                        log::info!("{label}{}", status_line(&last, &now, &counters, &stalled));
                         last = now;
                         next_line += interval;
                     }
@@ -155,6 +158,8 @@ impl RateWindow {
 pub(crate) struct EpochBar {
     bar: ProgressBar,
     shape: EpochShape,
+    /// Starts the bar's prefix (the ring's name in a daemon of several rings).
+    pub(crate) label: String,
 }
 
 impl EpochBar {
@@ -172,7 +177,11 @@ impl EpochBar {
         .expect("a valid template")
         .progress_chars("#>-");
         bar.set_style(style);
-        EpochBar { bar, shape }
+        EpochBar {
+            bar,
+            shape,
+            label: String::new(),
+        }
     }
 
     /// Shows epoch `epoch` (0-based) with `done` batches of it served, at `rate` images/s.
@@ -182,7 +191,8 @@ impl EpochBar {
         } else {
             self.shape.epochs.to_string()
         };
-        self.bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+        self.bar
+            .set_prefix(format!("{}epoch {}/{epochs}", self.label, epoch + 1));
         self.bar.set_message(format!("{rate:.0} img/s"));
         self.bar
             .set_position(done.min(self.shape.batches_per_epoch.max(1)));
