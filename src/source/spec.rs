@@ -17,6 +17,14 @@ pub const MAX_EXPANSION: usize = 1_000_000;
 pub fn expand_shards(specs: &[String], base_dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let mut shards = Vec::new();
     for spec in specs {
+        if super::remote::is_remote(spec) {
+            return Err(SourceError::BadShardSpec {
+                spec: spec.clone(),
+                reason: "s3:// objects are read through a configuration's [source] \
+                         (serve, stat, peek), not as local files"
+                    .to_owned(),
+            });
+        }
         let patterns = expand_braces(spec).map_err(|reason| SourceError::BadShardSpec {
             spec: spec.clone(),
             reason,
