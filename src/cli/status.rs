@@ -7,8 +7,9 @@
 //! live consumer has neither taken nor released a batch for [`STALL_AFTER`] — a trainer that
 //! hangs, or a process stopped with SIGSTOP. The ring never takes slots back from a live
 //! process (it may still read them: reclaiming would hand it torn data), so the lane waits;
-//! the status line marks it `STALLED`, and a warning names the consumer when the stall
-//! starts and when the lane flows again.
+//! the status line marks it `STALLED`, and a warning names the consumer (at once when it is
+//! stopped by a signal, after [`STALL_WARN_AFTER`] when it runs: a trainer holding a batch
+//! through a validation pass is no stall) and says when the lane flows again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,12 @@ use super::logging;
 /// lane is reported as stalled. Longer than any sane training step's pause between batches.
 pub(crate) const STALL_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a *running* consumer of a full lane may stay silent before the stall is logged as
+/// a warning: a trainer that holds a batch through a validation pass or a checkpoint save is
+/// normal, a minute without a take or release is not. A consumer stopped by a signal is
+/// warned about after [`STALL_AFTER`].
+pub(crate) const STALL_WARN_AFTER: Duration = Duration::from_secs(60);
+
 /// A thread printing a status line every interval.
 pub(crate) struct StatusReporter {
     handle: JoinHandle<()>,
@@ -34,7 +41,8 @@ pub(crate) struct StatusReporter {
 
 impl StatusReporter {
     /// Starts the reporter. With `stop_when_drained`, it also sets `stop` once the ring is
-    /// finished and every batch has been released.
+    /// finished and every batch has been released. `label` starts each status line and the
+    /// progress bar (a daemon of several rings names the ring there; empty otherwise).
     pub(crate) fn spawn(
         producer: Arc<Producer>,
         counters: Arc<PipelineCounters>,
@@ -42,6 +50,7 @@ impl StatusReporter {
         stop: Arc<AtomicBool>,
         stop_when_drained: bool,
         epoch_shape: EpochShape,
+        label: String,
     ) -> StatusReporter {
         let handle = std::thread::Builder::new()
             .name("ringfeed-status".into())
@@ -57,6 +66,7 @@ impl StatusReporter {
                     .and_then(|dir| Observer::open(&dir, &producer.layout().name).ok());
                 let mut stalls = StallWatch::default();
                 let mut bar = EpochBar::new(epoch_shape);
+                bar.label.clone_from(&label);
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                     if stop_when_drained {
@@ -75,7 +85,7 @@ impl StatusReporter {
                             .as_ref()
                             .map(|o| stalls.update(&o.snapshot()))
                             .unwrap_or_default();
-                        log::info!("{}", status_line(&last, &now, &counters, &stalled));
+                        log::info!("{label}{}", status_line(&last, &now, &counters, &stalled));
                         last = now;
                         next_line += interval;
                     }
@@ -148,6 +158,8 @@ impl RateWindow {
 pub(crate) struct EpochBar {
     bar: ProgressBar,
     shape: EpochShape,
+    /// Starts the bar's prefix (the ring's name in a daemon of several rings).
+    pub(crate) label: String,
 }
 
 impl EpochBar {
@@ -165,7 +177,11 @@ impl EpochBar {
         .expect("a valid template")
         .progress_chars("#>-");
         bar.set_style(style);
-        EpochBar { bar, shape }
+        EpochBar {
+            bar,
+            shape,
+            label: String::new(),
+        }
     }
 
     /// Shows epoch `epoch` (0-based) with `done` batches of it served, at `rate` images/s.
@@ -175,7 +191,8 @@ impl EpochBar {
         } else {
             self.shape.epochs.to_string()
         };
-        self.bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+        self.bar
+            .set_prefix(format!("{}epoch {}/{epochs}", self.label, epoch + 1));
         self.bar.set_message(format!("{rate:.0} img/s"));
         self.bar
             .set_position(done.min(self.shape.batches_per_epoch.max(1)));
@@ -272,7 +289,14 @@ pub(crate) fn proc_stat_state(stat: &str) -> &'static str {
 /// Remembers which lanes are stalled, to warn once when a stall starts and once when it ends.
 #[derive(Debug, Default)]
 struct StallWatch {
-    stalled: Vec<u32>,
+    /// Lanes whose stall was logged.
+    warned: Vec<u32>,
+}
+
+/// Whether a stall deserves a warning: its consumer is stopped by a signal, or has been
+/// silent for [`STALL_WARN_AFTER`].
+fn stall_warrants_warning(silent: Duration, process: &str) -> bool {
+    process == "stopped by a signal" || silent >= STALL_WARN_AFTER
 }
 
 impl StallWatch {
@@ -280,7 +304,10 @@ impl StallWatch {
     fn update(&mut self, snap: &RingSnapshot) -> Vec<Stall> {
         let now = stalls(snap);
         for s in &now {
-            if !self.stalled.contains(&s.lane) {
+            if !self.warned.contains(&s.lane)
+                && stall_warrants_warning(s.silent, process_state(s.pid))
+            {
+                self.warned.push(s.lane);
                 log::warn!(
                     "lane {} stalled: consumer pid {} ({}) has neither taken nor released a batch for {:.0} s and holds {}; the lane has no free slot and waits (slots of a live consumer are never reclaimed)",
                     s.lane,
@@ -291,12 +318,13 @@ impl StallWatch {
                 );
             }
         }
-        for lane in &self.stalled {
-            if !now.iter().any(|s| s.lane == *lane) {
+        self.warned.retain(|lane| {
+            let still = now.iter().any(|s| s.lane == *lane);
+            if !still {
                 log::warn!("lane {lane} flowing again");
             }
-        }
-        self.stalled = now.iter().map(|s| s.lane).collect();
+            still
+        });
         now
     }
 }
@@ -394,6 +422,19 @@ pub(crate) fn verdict(trainer_waits: &[f64], loader_wait: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_batch_is_no_warning_until_a_real_stall() {
+        // A trainer holding a batch through a 10 s validation pass: no warning.
+        assert!(!stall_warrants_warning(Duration::from_secs(10), "running"));
+        assert!(!stall_warrants_warning(
+            STALL_WARN_AFTER - Duration::from_secs(1),
+            "running"
+        ));
+        assert!(stall_warrants_warning(STALL_WARN_AFTER, "running"));
+        // A SIGSTOPped consumer is a stall as soon as it is seen.
+        assert!(stall_warrants_warning(STALL_AFTER, "stopped by a signal"));
+    }
 
     #[test]
     fn verdict_names_the_bottleneck() {

@@ -22,6 +22,7 @@ use super::layout::{
 };
 use super::memory::{self, Control, Data};
 use super::producer::ProducerState;
+use super::resume::{Fingerprint, ResumeState};
 use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
 use super::slot::{self, Slot};
 
@@ -43,7 +44,12 @@ pub struct AttachOptions {
     /// Lane to attach to.
     pub lane: u32,
     /// `(epoch, index)` of the next batch wanted; `None` takes whatever is ready next.
+    /// [`resume_state`](Self::resume_state), when set, replaces it.
     pub resume: Option<(u64, u64)>,
+    /// A saved [`ResumeState`] (1.3): the producer refuses it ([`AttachError::Refused`]
+    /// naming the fields) when its sample order differs, and maps it by sample position when
+    /// only the batch size differs ([`Consumer::resumed_at`], [`Consumer::resume_warnings`]).
+    pub resume_state: Option<ResumeState>,
     /// How long to wait for the producer's reply (a resume waits for the pipeline to seek).
     /// Default 30 s.
     pub reply_timeout: Duration,
@@ -51,6 +57,11 @@ pub struct AttachOptions {
     /// `--allow-group`). Its runtime directory must then be owned by that uid and may grant its
     /// group read/search (0750). Default `None`: only a producer of our own uid.
     pub trust_uid: Option<u32>,
+    /// `(rank, world_size)` this trainer is (1.3): the attach is refused
+    /// ([`AttachError::RankMismatch`]) unless the producer serves exactly that global rank on
+    /// the lane and that world size. Default `None`: no check;
+    /// [`with_torchrun_env`](Self::with_torchrun_env) fills it from `RANK` / `WORLD_SIZE`.
+    pub expect_rank: Option<(u32, u32)>,
 }
 
 impl AttachOptions {
@@ -61,10 +72,43 @@ impl AttachOptions {
             name: name.to_owned(),
             lane,
             resume: None,
+            resume_state: None,
             reply_timeout: Duration::from_secs(30),
             trust_uid: None,
+            expect_rank: None,
         }
     }
+
+    /// Sets [`expect_rank`](Self::expect_rank) from torchrun's `RANK` and `WORLD_SIZE` when
+    /// both are set to integers (otherwise leaves it as it is).
+    pub fn with_torchrun_env(mut self) -> AttachOptions {
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        if let (Some(rank), Some(world)) = (var("RANK"), var("WORLD_SIZE")) {
+            self.expect_rank = Some((rank, world));
+        }
+        self
+    }
+}
+
+/// The refusal of a trainer whose rank or world size differs from what the lane serves,
+/// with how to start the daemon instead.
+fn rank_mismatch(layout: &Layout, lane: u32, rank: u32, world: u32) -> Option<String> {
+    let served = layout.lane_rank(lane)?;
+    if served == rank && layout.world_size == world {
+        return None;
+    }
+    let first = rank.saturating_sub(lane);
+    Some(format!(
+        "this trainer is rank {rank} of world size {world} (RANK / WORLD_SIZE), but lane {lane} \
+         serves rank {served} of world size {}: start the daemon with `--world-size {world} \
+         --first-rank {first}` (the global rank of this node's lane 0), or call \
+         ringfeed.serve() under torchrun, which reads them from the environment",
+        layout.world_size
+    ))
 }
 
 /// What to do about a failed connect, by its cause.
@@ -118,6 +162,14 @@ pub enum AttachError {
         lane: u32,
         /// The producer's reason.
         reason: String,
+    },
+    /// The lane serves another global rank or world size than this trainer is (1.3).
+    #[error("ring {name:?}: {detail}")]
+    RankMismatch {
+        /// Ring name.
+        name: String,
+        /// What differs and how to start the daemon instead.
+        detail: String,
     },
     /// The handshake broke (I/O error, timeout, malformed reply, missing fd).
     #[error("ring {name:?}: handshake failed: {detail}")]
@@ -268,6 +320,21 @@ struct Reply {
     /// `"memfd"` (absent in older producers) or `"file"` (a `--shm-dir` ring file).
     #[serde(default)]
     segment: Option<String>,
+    /// What defines the epoch order (1.3; absent from older producers, ignored if malformed).
+    #[serde(default)]
+    fingerprint: Option<serde_json::Value>,
+    /// Where a resume with a fingerprint started (1.3).
+    #[serde(default)]
+    resumed_at: Option<ResumedAt>,
+    /// What the producer wants the consumer to know about its resume (1.3).
+    #[serde(default)]
+    warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ResumedAt {
+    epoch: u64,
+    index: u64,
 }
 
 /// A consumer attached to one lane. Not `Sync`: one thread takes batches (it may hold
@@ -289,6 +356,14 @@ pub struct Consumer {
     last_taken: Cell<Option<(u64, bool)>>,
     /// The last epoch an `EPOCH_DONE` frame was queued for.
     epoch_done_sent: Cell<Option<u64>>,
+    /// On an on-demand ring: the number of the last pass asked for, and the index of the
+    /// next batch of the pass under way (`None` between passes).
+    pass: Cell<(u64, Option<u64>)>,
+    /// The producer's fingerprint from the attach reply (1.3).
+    fingerprint: Option<Fingerprint>,
+    /// Where a checked resume started, and the producer's warnings about it.
+    resumed_at: Option<(u64, u64)>,
+    resume_warnings: Vec<String>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -393,7 +468,20 @@ impl Consumer {
             version: u32::from(VERSION_MAJOR),
             lane: opts.lane,
             pid,
-            resume: opts.resume.map(|(epoch, index)| Resume { epoch, index }),
+            resume: match &opts.resume_state {
+                Some(state) => Some(Resume {
+                    epoch: state.epoch,
+                    index: state.index,
+                    sample: state.sample,
+                    fingerprint: state.fingerprint.clone(),
+                }),
+                None => opts.resume.map(|(epoch, index)| Resume {
+                    epoch,
+                    index,
+                    sample: None,
+                    fingerprint: None,
+                }),
+            },
         };
         let mut line = serde_json::to_vec(&request).map_err(|e| protocol(e.to_string()))?;
         line.push(b'\n');
@@ -447,6 +535,11 @@ impl Consumer {
                 opts.lane, layout.lane_count
             )));
         }
+        if let Some((rank, world)) = opts.expect_rank {
+            if let Some(detail) = rank_mismatch(&layout, opts.lane, rank, world) {
+                return Err(AttachError::RankMismatch { name, detail });
+            }
+        }
         let control =
             Control::map(&file, layout.data_offset).map_err(io("mapping the control region"))?;
         let data = Data::map(
@@ -472,6 +565,12 @@ impl Consumer {
             outbox: RefCell::new(Vec::new()),
             last_taken: Cell::new(None),
             epoch_done_sent: Cell::new(None),
+            pass: Cell::new((0, None)),
+            fingerprint: reply
+                .fingerprint
+                .and_then(|v| serde_json::from_value(v).ok()),
+            resumed_at: reply.resumed_at.map(|r| (r.epoch, r.index)),
+            resume_warnings: reply.warnings,
             _not_sync: PhantomData,
         })
     }
@@ -538,6 +637,48 @@ impl Consumer {
         true
     }
 
+    /// On an on-demand ring (header flag bit 3): asks the producer for one complete pass
+    /// over this lane's share of the data, from its first batch, in the same order as every
+    /// other pass (a `PASS` frame, §9). [`next`](Self::next) then returns the pass's batches
+    /// and `Ok(None)` after its last one; batches of an earlier pass still in the ring are
+    /// given back unread. Asking again during a pass abandons it. Returns the pass's number
+    /// (the `epoch` of its batches). On another ring it does nothing and returns 0.
+    pub fn start_pass(&self) -> u64 {
+        if !self.layout.on_demand() {
+            return 0;
+        }
+        let published = self.lane_u64(lentry::EPOCH).load(Acquire);
+        let pass = self.pass.get().0.max(published) + 1;
+        self.pass.set((pass, Some(0)));
+        feedback::encode_pass(&mut self.outbox.borrow_mut(), pass, 0);
+        let _ = self.flush_outbox();
+        pass
+    }
+
+    /// The producer's fingerprint (1.3): what defines its epoch order and batches; `None`
+    /// from an older producer.
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
+        self.fingerprint.as_ref()
+    }
+
+    /// The state to save so that a later attach resumes at batch `(epoch, index)` of this
+    /// lane (the next batch wanted), checked against the producer's configuration then.
+    pub fn resume_state(&self, epoch: u64, index: u64) -> ResumeState {
+        ResumeState::at(epoch, index, self.fingerprint.as_ref())
+    }
+
+    /// `(epoch, index)` where a resume with a fingerprint started (the batch holding the
+    /// saved sample when the batch size changed); `None` without one.
+    pub fn resumed_at(&self) -> Option<(u64, u64)> {
+        self.resumed_at
+    }
+
+    /// What the producer said about this attach's resume (a remapped batch size, a changed
+    /// augmentation); empty when nothing differed.
+    pub fn resume_warnings(&self) -> &[String] {
+        &self.resume_warnings
+    }
+
     /// The ring's validated layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
@@ -559,8 +700,10 @@ impl Consumer {
     }
 
     /// The next batch of the lane in `seq` order, blocking until one is ready. `Ok(None)`: the
-    /// stream has ended (producer `FINISHED`, nothing left). A dead producer is reported as
-    /// [`ConsumeError::ProducerGone`] within about 100 ms.
+    /// stream has ended (producer `FINISHED`, nothing left), or, on an on-demand ring, the
+    /// pass asked for with [`start_pass`](Self::start_pass) is complete (or none was asked
+    /// for). A dead producer is reported as [`ConsumeError::ProducerGone`] within about
+    /// 100 ms.
     pub fn next(&self) -> Result<Option<Batch<'_>>, ConsumeError> {
         self.next_until(None)
     }
@@ -599,6 +742,9 @@ impl Consumer {
             self.end_epoch(epoch);
         }
         let _ = self.flush_outbox();
+        if self.layout.on_demand() && self.pass.get().1.is_none() {
+            return Ok(None);
+        }
         let publish_seq = self.lane_u32(lentry::PUBLISH_SEQ);
         let mut wait_started: Option<Instant> = None;
         let result = loop {
@@ -678,10 +824,23 @@ impl Consumer {
                 }
             }
         }
-        let Some((s, _)) = best else { return Ok(None) };
+        let Some((s, seq)) = best else {
+            return Ok(None);
+        };
         let slot = Slot::new(&self.control, &self.layout, self.lane, s);
         slot.take(self.pid, self.token);
         let meta = slot.meta();
+        if self.layout.on_demand() {
+            let (pass, next) = self.pass.get();
+            if meta.epoch != pass || Some(meta.index) != next {
+                // An earlier pass's batch: give it back unread and look again.
+                self.release(s, seq);
+                return self.try_take();
+            }
+            let last = meta.flags & 1 != 0;
+            self.pass
+                .set((pass, if last { None } else { Some(meta.index + 1) }));
+        }
         self.last_taken.set(Some((meta.epoch, meta.flags & 1 != 0)));
         self.control
             .u64(self.layout.consumer_entry(self.lane) + centry::TAKEN)
@@ -767,6 +926,21 @@ impl Batch<'_> {
     /// `CLOCK_MONOTONIC` ns at publish (see [`mono_ns`](super::mono_ns)).
     pub fn published_mono_ns(&self) -> u64 {
         self.meta.published_mono_ns
+    }
+
+    /// The `valid` tensor (1.3): 1 for a sample's first occurrence in the epoch, 0 for a
+    /// padding row; `None` from a producer before 1.3.
+    pub fn valid(&self) -> Option<&[u8]> {
+        self.tensor::<u8>("valid").ok()
+    }
+
+    /// Rows that are not padding: the number of 1s in `valid`, or [`count`](Self::count)
+    /// when the producer writes no `valid` tensor.
+    pub fn valid_count(&self) -> u32 {
+        match self.valid() {
+            Some(v) => v.iter().filter(|&&f| f != 0).count() as u32,
+            None => self.count(),
+        }
     }
 
     /// Tensor `index`'s bytes, in place.

@@ -18,11 +18,19 @@ use super::access::Peer;
 /// Longest request or reply line, newline included.
 pub(crate) const MAX_LINE: usize = 4096;
 
-/// The `resume` object of an attach request: the next batch the consumer wants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The `resume` object of an attach request: the next batch the consumer wants and (1.3)
+/// what that position is a position in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Resume {
     pub(crate) epoch: u64,
     pub(crate) index: u64,
+    /// Samples of the epoch's global order consumed before that batch (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) sample: Option<u64>,
+    /// The producer fingerprint the position was saved under (1.3); kept as raw JSON, since a
+    /// saved state may come from anywhere ([`super::resume::plan_resume`] checks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fingerprint: Option<serde_json::Value>,
 }
 
 /// A request line.
@@ -42,7 +50,18 @@ pub(crate) enum Request {
     /// The daemon's evaluation of reported losses (`ringfeed stat`); the reply may be longer
     /// than [`MAX_LINE`].
     Evaluation,
+    /// The class names (1.3); the reply may be longer than [`MAX_LINE`].
+    Classes,
+    /// Where samples come from (1.3): shard, member and original path of each id.
+    Describe {
+        /// Sample ids (as in `sample_ids`), at most [`MAX_DESCRIBE_IDS`].
+        ids: Vec<u64>,
+    },
 }
+
+/// Most ids one `describe` request may ask about: 128 ids of 20 digits keep the request line
+/// under [`MAX_LINE`].
+pub(crate) const MAX_DESCRIBE_IDS: usize = 128;
 
 /// The consumer's uid check: `Err(peer)` when the producer runs as neither this user nor the
 /// one it was told to trust.
@@ -303,10 +322,26 @@ mod tests {
                 pid: 1234,
                 resume: Some(Resume {
                     epoch: 2,
-                    index: 17
+                    index: 17,
+                    sample: None,
+                    fingerprint: None,
                 })
             }
         );
+        // 1.3: the position in samples and the fingerprint it was saved under.
+        let r: Request = serde_json::from_str(
+            r#"{"op": "attach", "version": 1, "lane": 0, "pid": 1, "resume": {"epoch": 1, "index": 9, "sample": 576, "fingerprint": {"seed": 3}}}"#,
+        )
+        .unwrap();
+        let Request::Attach {
+            resume: Some(resume),
+            ..
+        } = r
+        else {
+            panic!("not an attach with resume: {r:?}");
+        };
+        assert_eq!(resume.sample, Some(576));
+        assert_eq!(resume.fingerprint, Some(serde_json::json!({"seed": 3})));
         let r: Request =
             serde_json::from_str(r#"{"op":"attach","version":1,"lane":3,"pid":9,"resume":null}"#)
                 .unwrap();

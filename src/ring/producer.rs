@@ -33,6 +33,7 @@ use super::futex::{self, mono_ns, unix_ns};
 use super::handshake::{self, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
 use super::memory::{Control, Data};
+use super::resume::{self, Fingerprint};
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
 use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
 use super::sigbus;
@@ -198,6 +199,9 @@ pub struct ProducerOptions {
     /// A gid whose members may attach too: the runtime directory becomes 0750, the socket
     /// 0660 and the named file 0640, all given to this group.
     pub allow_group: Option<u32>,
+    /// What defines the epoch order and batches (1.3), in place before the socket is bound,
+    /// so that no `resume` is ever served unchecked; see [`Producer::set_fingerprint`].
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// What a batch's slot records besides its tensors.
@@ -383,10 +387,25 @@ struct Shared {
     feedback: Mutex<Vec<(u32, Feedback)>>,
     /// The reply to an `evaluation` request, kept current by the pipeline.
     evaluation: Mutex<serde_json::Value>,
+    /// Answers `classes` and `describe` (set by the daemon; absent: "unknown").
+    catalog: Mutex<Option<Arc<Catalog>>>,
     /// Per lane, the announced plan (`plan_epoch`, `plan_batches`, `plan_kept`,
     /// `plan_pruned`): the producer's own copy of fields consumers can write, restored by the
     /// heartbeat.
     plans: Mutex<Vec<[u64; 4]>>,
+    /// What defines the epoch order and batches (1.3), published in the `attach` and `info`
+    /// replies and checked against a `resume`'s; `None` until the pipeline sets it.
+    fingerprint: Mutex<Option<Fingerprint>>,
+}
+
+/// What a daemon knows about its samples, for the `classes` and `describe` requests (1.3).
+pub struct Catalog {
+    /// The `classes` reply's members: `classes` (a list of names, or null when unknown) and
+    /// `source` (where they were found).
+    pub classes: serde_json::Value,
+    /// One `describe` entry: `{"id", "shard", "member", "path"}` (and `stream` in a mixture),
+    /// or `{"id", "error"}` for an id outside the dataset.
+    pub describe: Box<dyn Fn(u64) -> serde_json::Value + Send + Sync>,
 }
 
 /// Produces extra members for the `info` reply: a JSON object whose keys are added to it.
@@ -525,6 +544,7 @@ impl Shared {
             (0, hdr::PRODUCER_STATE),
             (hdr::START_UNIX_NS, hdr::HEARTBEAT_MONO_NS),
             (hdr::LANE_COUNT, hdr::RELEASE_ANY),
+            (hdr::WORLD_SIZE, hdr::WORLD_SIZE + 4),
             (hdr::MEAN, layout::HEADER_BYTES as usize),
             (self.layout.tensor_table_offset as usize, self.image.len()),
         ];
@@ -551,6 +571,24 @@ impl Shared {
             }
         }
         drop(plans);
+        for l in 0..self.layout.lane_count {
+            // The lane's rank and share (1.3) never change either. Relaxed: no other field is
+            // published with them; consumers read them once, at attach.
+            let rank = self.layout.lane_rank(l).unwrap_or(0);
+            let share = self
+                .layout
+                .lane_samples
+                .get(l as usize)
+                .copied()
+                .unwrap_or(0);
+            if self.lane_u32(l, lentry::RANK).load(Relaxed) != rank
+                || self.lane_u64(l, lentry::RANK_SAMPLES).load(Relaxed) != share
+            {
+                self.lane_u32(l, lentry::RANK).store(rank, Relaxed);
+                self.lane_u64(l, lentry::RANK_SAMPLES).store(share, Relaxed);
+                repaired.push(format!("lane {l} rank"));
+            }
+        }
         for l in 0..self.layout.lane_count {
             for s in 0..self.layout.slots_per_lane {
                 let slot = self.slot(l, s);
@@ -601,21 +639,28 @@ impl Shared {
             .collect()
     }
 
-    fn attach_reply(&self, lane: u32) -> serde_json::Value {
-        json!({"ok": true, "generation": self.layout.generation, "lane": lane,
+    fn attach_reply(&self, lane: u32, extra: ReplyExtra) -> serde_json::Value {
+        let mut reply = json!({"ok": true, "generation": self.layout.generation, "lane": lane,
                "file_bytes": self.layout.file_bytes, "producer_pid": self.pid,
-               "segment": self.segment.kind()})
+               "segment": self.segment.kind()});
+        if let Some(fields) = reply.as_object_mut() {
+            if let Some(fp) = &*lock(&self.fingerprint) {
+                fields.insert("fingerprint".to_owned(), json!(fp));
+            }
+            fields.extend(extra);
+        }
+        reply
     }
 
-    /// Registers the consumer and sends the attach reply with the memfd; on failure the lane
-    /// is left vacant again. From the registration on, the lane table holds the connection,
-    /// and the service thread watches it.
-    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) {
+    /// Registers the consumer and sends the attach reply (with `extra` members) and the
+    /// memfd; on failure the lane is left vacant again. From the registration on, the lane
+    /// table holds the connection, and the service thread watches it.
+    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream, extra: ReplyExtra) {
         let stream = Arc::new(stream);
         let conn = self.register(&mut lock(&self.lanes), lane, pid, stream.clone());
         let sent = handshake::send_line(
             &stream,
-            &self.attach_reply(lane),
+            &self.attach_reply(lane, extra),
             Some(self.segment.file().as_fd()),
         );
         if sent.is_err() {
@@ -623,6 +668,9 @@ impl Shared {
         }
     }
 }
+
+/// Members added to an attach reply (a resume's `resumed_at` and `warnings`).
+type ReplyExtra = serde_json::Map<String, serde_json::Value>;
 
 /// A consumer asked to resume lane `lane` at `(epoch, index)`. The pipeline repositions the
 /// lane's stream there and calls [`apply`](SeekRequest::apply) between batches; dropping the
@@ -637,6 +685,7 @@ pub struct SeekRequest {
     pid: u32,
     stream: Option<UnixStream>,
     shared: Arc<Shared>,
+    extra: ReplyExtra,
 }
 
 impl std::fmt::Debug for SeekRequest {
@@ -682,7 +731,7 @@ impl SeekRequest {
                 sh.set_state(ProducerState::Serving);
             }
         }
-        sh.complete_attach(self.lane, self.pid, stream);
+        sh.complete_attach(self.lane, self.pid, stream, std::mem::take(&mut self.extra));
     }
 }
 
@@ -882,6 +931,8 @@ impl Producer {
             info_extra: Mutex::new(None),
             feedback: Mutex::new(Vec::new()),
             evaluation: Mutex::new(json!({})),
+            catalog: Mutex::new(None),
+            fingerprint: Mutex::new(options.fingerprint.clone()),
             plans,
         });
         shared.set_state(ProducerState::Serving);
@@ -968,6 +1019,16 @@ impl Producer {
         *lock(&self.shared.info_extra) = Some(extra);
     }
 
+    /// Sets what `classes` and `describe` requests are answered with (§3, 1.3).
+    pub fn set_catalog(&self, catalog: Catalog) {
+        *lock(&self.shared.catalog) = Some(Arc::new(catalog));
+    }
+
+    /// Takes back what [`set_info_extra`](Self::set_info_extra) set (to wrap it).
+    pub fn take_info_extra(&self) -> Option<InfoExtra> {
+        lock(&self.shared.info_extra).take()
+    }
+
     /// Feedback frames (§9) received since the last call, oldest first, each with the lane
     /// whose consumer sent it. Frames of one connection keep their order.
     pub fn take_feedback(&self) -> Vec<(u32, Feedback)> {
@@ -995,6 +1056,21 @@ impl Producer {
             *plan = [epoch + 1, batches, kept, pruned];
             sh.store_plan(lane, plan);
         }
+    }
+
+    /// Whether a consumer is attached to `lane` now (an on-demand ring serves a lane's pass
+    /// only while its consumer is there).
+    pub fn lane_attached(&self, lane: u32) -> bool {
+        matches!(
+            lock(&self.shared.lanes).get(lane as usize),
+            Some(LaneConn::Attached { .. })
+        )
+    }
+
+    /// Publishes what defines the epoch order and batches (1.3): sent in the `attach` and
+    /// `info` replies, and the reference a `resume`'s saved fingerprint is checked against.
+    pub fn set_fingerprint(&self, fingerprint: Fingerprint) {
+        *lock(&self.shared.fingerprint) = Some(fingerprint);
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
@@ -1304,16 +1380,37 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             if let Some(obj) = reply.as_object_mut() {
                 obj.insert("ok".to_owned(), json!(true));
             }
-            // The reply may exceed a socket buffer: a short-lived thread writes it, so a
-            // client that reads slowly never holds up the service thread.
+            send_long_reply(stream, reply);
+        }
+        Request::Classes => {
+            let catalog = lock(&sh.catalog).clone();
+            let mut reply = catalog.map_or_else(
+                || json!({"classes": null, "source": "unknown"}),
+                |c| c.classes.clone(),
+            );
+            reply["ok"] = json!(true);
+            send_long_reply(stream, reply);
+        }
+        Request::Describe { ids } => {
+            if ids.len() > handshake::MAX_DESCRIBE_IDS {
+                return refuse(
+                    &stream,
+                    &format!(
+                        "bad request: describe asks about {} ids; at most {} per request",
+                        ids.len(),
+                        handshake::MAX_DESCRIBE_IDS
+                    ),
+                );
+            }
+            let Some(catalog) = lock(&sh.catalog).clone() else {
+                return refuse(&stream, "this producer does not describe its samples");
+            };
+            // Looking samples up and writing the reply happen off the service thread.
             let _ = std::thread::Builder::new()
-                .name("ringfeed-evaluation".into())
+                .name("ringfeed-describe".into())
                 .spawn(move || {
-                    if stream.set_nonblocking(false).is_ok()
-                        && stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_ok()
-                    {
-                        let _ = handshake::send_line(&stream, &reply, None);
-                    }
+                    let samples: Vec<_> = ids.iter().map(|&id| (catalog.describe)(id)).collect();
+                    write_long_reply(&stream, &json!({"ok": true, "samples": samples}));
                 });
         }
         Request::Info => {
@@ -1323,7 +1420,11 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                 .collect();
             drop(lanes);
             let mut reply = json!({"ok": true, "generation": sh.layout.generation, "producer_pid": sh.pid,
-                "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list});
+                "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list,
+                "world_size": sh.layout.world_size, "first_rank": sh.layout.first_rank});
+            if let (Some(fp), Some(fields)) = (&*lock(&sh.fingerprint), reply.as_object_mut()) {
+                fields.insert("fingerprint".to_owned(), json!(fp));
+            }
             if let (Some(extra), Some(fields)) = (&*lock(&sh.info_extra), reply.as_object_mut()) {
                 if let serde_json::Value::Object(more) = extra() {
                     for (key, value) in more {
@@ -1359,9 +1460,43 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     ),
                 );
             }
-            if let Some(r) = resume {
+            let mut extra = ReplyExtra::new();
+            let mut resume = resume;
+            if let Some(r) = &mut resume {
                 if let Err(why) = check_resume(r, sh.layout.epochs) {
                     return refuse(&stream, &why);
+                }
+                if let (Some(saved), Some(ours)) = (&r.fingerprint, &*lock(&sh.fingerprint)) {
+                    match resume::plan_resume(ours, saved, r.sample, r.index) {
+                        Ok(plan) => {
+                            r.index = plan.index;
+                            extra.insert(
+                                "resumed_at".to_owned(),
+                                json!({"epoch": r.epoch, "index": plan.index, "sample": plan.sample}),
+                            );
+                            if !plan.warnings.is_empty() {
+                                for w in &plan.warnings {
+                                    log::warn!("lane {lane} resume: {w}");
+                                }
+                                extra.insert("warnings".to_owned(), json!(plan.warnings));
+                            }
+                        }
+                        Err(mismatch) => {
+                            let fields: Vec<_> = mismatch
+                                .fields
+                                .iter()
+                                .map(|(f, saved, serving)| {
+                                    json!({"field": f, "saved": saved, "serving": serving})
+                                })
+                                .collect();
+                            let _ = handshake::send_line(
+                                &stream,
+                                &json!({"ok": false, "error": mismatch.message, "mismatch": fields}),
+                                None,
+                            );
+                            return;
+                        }
+                    }
                 }
             }
             let mut lanes = lock(&sh.lanes);
@@ -1414,19 +1549,37 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     pid,
                     stream: Some(stream),
                     shared: sh.clone(),
+                    extra,
                 });
                 return;
             }
             drop(lanes);
-            sh.complete_attach(lane, pid, stream);
+            sh.complete_attach(lane, pid, stream, extra);
         }
+    }
+}
+
+/// Sends a reply that may exceed a socket buffer (up to 4 MiB, §3) from a short-lived
+/// thread, so a client that reads slowly never holds up the service thread.
+fn send_long_reply(stream: UnixStream, reply: serde_json::Value) {
+    let _ = std::thread::Builder::new()
+        .name("ringfeed-reply".into())
+        .spawn(move || write_long_reply(&stream, &reply));
+}
+
+/// Writes `reply` with blocking sends under the request timeout (off the service thread).
+fn write_long_reply(stream: &UnixStream, reply: &serde_json::Value) {
+    if stream.set_nonblocking(false).is_ok()
+        && stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_ok()
+    {
+        let _ = handshake::send_line(stream, reply, None);
     }
 }
 
 /// Refuses a resume position the stream can never reach: an epoch past the configured last
 /// one (`epochs`, 0 = unbounded; resuming at `epochs` itself means "after the end"), or
 /// `u64::MAX`, which has no next epoch.
-fn check_resume(r: handshake::Resume, epochs: u64) -> Result<(), String> {
+fn check_resume(r: &handshake::Resume, epochs: u64) -> Result<(), String> {
     if r.epoch == u64::MAX || (epochs > 0 && r.epoch > epochs) {
         let last = if epochs > 0 {
             format!("the ring serves epochs 0 to {}", epochs - 1)

@@ -479,6 +479,23 @@ impl Dataset {
         }
     }
 
+    /// Where sample `id` comes from: the tar shard's path and the member's name, or, for an
+    /// ImageFolder, no shard and the image file's path (root joined with its relative path).
+    /// `None` for an id out of range.
+    pub fn origin(&self, id: u64) -> Option<(Option<&Path>, String)> {
+        let record = self.record(id)?;
+        Some(match &self.backend {
+            Backend::Tar { shards } => (
+                Some(shards[record.shard as usize].path.as_path()),
+                self.name(record).to_owned(),
+            ),
+            Backend::Folder { root } => (
+                None,
+                root.join(self.name(record)).to_string_lossy().into_owned(),
+            ),
+        })
+    }
+
     /// Reads sample `id`'s encoded image bytes into `buf` (cleared first; its capacity is
     /// reused). Never panics: a vanished, replaced, changed or truncated file is an error
     /// naming the shard and member.
@@ -617,6 +634,32 @@ impl Dataset {
     /// shards.
     pub fn shard_starts(&self) -> &[u64] {
         &self.shard_starts
+    }
+
+    /// Feeds the dataset's identity into `digest`: each shard's file name and size (not its
+    /// directory or time: a copied dataset is the same dataset), then every indexed
+    /// sample's member name (or root-relative path), size and label, in id order. Two
+    /// datasets with the same digest give the same ids to the same samples.
+    pub fn digest_into(&self, digest: &mut crate::ring::resume::Digest) {
+        if let Backend::Tar { shards } = &self.backend {
+            digest.u64(shards.len() as u64);
+            for shard in shards {
+                let name = shard.path.file_name().unwrap_or_default();
+                digest.str(&name.to_string_lossy()).u64(shard.size);
+            }
+        }
+        digest.u64(self.samples.len() as u64);
+        for sample in &self.samples {
+            let start = sample.name_start as usize;
+            let name = self
+                .names
+                .get(start..start + sample.name_len as usize)
+                .unwrap_or("");
+            digest
+                .str(name)
+                .u64(u64::from(sample.size))
+                .u64(sample.label as u64);
+        }
     }
 
     /// The shard files of a tar dataset, in shard order (empty for an ImageFolder).

@@ -162,6 +162,18 @@ impl Mixture {
         self.len() == 0
     }
 
+    /// Digest (16 hex digits) of the datasets' identity: each stream's name and weight and its
+    /// dataset's [`Dataset::digest_into`], in stream order.
+    pub fn identity_digest(&self) -> String {
+        let mut digest = crate::ring::resume::Digest::default();
+        digest.u64(self.streams.len() as u64);
+        for stream in &self.streams {
+            digest.str(&stream.name).u64(stream.weight.to_bits());
+            stream.dataset.digest_into(&mut digest);
+        }
+        digest.hex()
+    }
+
     /// True when the configuration used `[[source.streams]]` (batches carry `source`).
     pub fn has_streams(&self) -> bool {
         self.explicit
@@ -240,6 +252,18 @@ impl Mixture {
         } else {
             stream.dataset.describe(local)
         }
+    }
+
+    /// Where sample `id` comes from (see [`Dataset::origin`]), with its stream's name in a
+    /// mixture of several streams.
+    pub fn origin(&self, id: u64) -> Option<(Option<&str>, Option<&Path>, String)> {
+        if id >= self.len() {
+            return None;
+        }
+        let (stream, local) = self.locate(id);
+        let (shard, member) = stream.dataset.origin(local)?;
+        let name = self.explicit.then_some(stream.name.as_str());
+        Some((name, shard, member))
     }
 
     /// Reads sample `id`'s encoded bytes into `buf` (see [`Dataset::read_into`]).

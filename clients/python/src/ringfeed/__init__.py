@@ -14,12 +14,16 @@ from .batch import Batch
 from .daemon import Daemon, serve
 from .errors import (
     AttachError,
+    DaemonNotRunning,
     FormatError,
     ProducerGone,
+    RankMismatch,
     ReleasedBatchError,
+    ResumeMismatch,
     RingfeedError,
     RingfeedWarning,
     RingTimeout,
+    StreamFinished,
 )
 from .layout import RingLayout, TensorSpec
 from .loader import Loader, evaluation
@@ -31,15 +35,19 @@ __all__ = [
     "AttachError",
     "Batch",
     "Daemon",
+    "DaemonNotRunning",
     "FormatError",
     "Loader",
     "ProducerGone",
+    "RankMismatch",
     "ReleasedBatchError",
+    "ResumeMismatch",
     "Ring",
     "RingLayout",
     "RingTimeout",
     "RingfeedError",
     "RingfeedWarning",
+    "StreamFinished",
     "TensorSpec",
     "evaluation",
     "info",

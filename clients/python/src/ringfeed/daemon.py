@@ -64,6 +64,28 @@ def _default_name() -> str:
     return f"job-{os.getpid()}"
 
 
+def _ring_name(config: PathLike) -> str:
+    """The ``[ring] name`` of a configuration file (``"default"`` when it sets none)."""
+    try:
+        import tomllib as toml  # type: ignore[import-not-found,unused-ignore]  # Python 3.11+
+    except ImportError:  # pragma: no cover - older Pythons
+        try:
+            import tomli as toml  # type: ignore[no-redef,import-not-found,unused-ignore]
+        except ImportError:
+            raise RingfeedError(
+                "serve() with several configurations reads their [ring] names, which needs"
+                " Python 3.11+ (tomllib) or the tomli package; or start `ringfeed serve"
+                " --config a.toml --config b.toml` yourself and attach with Loader(name)"
+            ) from None
+    try:
+        with open(config, "rb") as f:
+            ring = toml.load(f).get("ring", {})
+    except (OSError, ValueError) as err:
+        raise RingfeedError(f"cannot read the [ring] name of {os.fspath(config)}: {err}") from None
+    name = ring.get("name", "default") if isinstance(ring, dict) else "default"
+    return check_name(str(name))
+
+
 def _flags(overrides: dict[str, Any]) -> list[str]:
     """``batch_size=64`` → ``--batch-size 64``; ``True`` → the bare flag; lists → each value."""
     flags: list[str] = []
@@ -94,10 +116,14 @@ class Daemon:
         pid: int,
         process: Optional[subprocess.Popen[bytes]],
         runtime_dir: Optional[PathLike],
-        tee: Optional[threading.Thread] = None,
+        tee: Optional[_Tee] = None,
+        names: Optional[list[str]] = None,
     ) -> None:
         self.name = name
-        """The ring's name (what :class:`Loader` attaches to)."""
+        """The ring's name (what :class:`Loader` attaches to); the first ring's when the
+        daemon serves several."""
+        self.names = names if names is not None else [name]
+        """Every ring the daemon serves (one per configuration file given to :func:`serve`)."""
         self.pid = pid
         """The daemon's process id."""
         self._process = process
@@ -109,12 +135,15 @@ class Daemon:
         """True in the process that started the daemon (the one :meth:`stop` stops)."""
         return self._process is not None
 
-    def loader(self, **kwargs: Any) -> Loader:
-        """A :class:`Loader` on this ring; lane ``$LOCAL_RANK`` (else 0) unless ``lane=`` is
-        given. Keyword arguments are the Loader's."""
+    def loader(self, ring: Optional[str] = None, **kwargs: Any) -> Loader:
+        """A :class:`Loader` on ring ``ring`` (default: :attr:`name`, the first ring); lane
+        ``$LOCAL_RANK`` (else 0) unless ``lane=`` is given. Keyword arguments are the
+        Loader's."""
+        if ring is not None and ring not in self.names:
+            raise RingfeedError(f"this daemon serves rings {self.names}, not {ring!r}")
         kwargs.setdefault("runtime_dir", self._runtime_dir)
         kwargs.setdefault("wait_for_producer", 60.0)
-        return Loader(self.name, **kwargs)
+        return Loader(self.name if ring is None else ring, **kwargs)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the daemon (SIGTERM; SIGKILL after ``timeout`` seconds) and wait for it. Only
@@ -148,20 +177,59 @@ class Daemon:
         return f"<ringfeed.Daemon {self.name!r} pid {self.pid}, {role}>"
 
 
-def _tee(stream: IO[bytes], tail: collections.deque[str]) -> threading.Thread:
-    """Copies the daemon's output to our stderr as it comes, keeping the last lines."""
+class _Tee:
+    """Copies the daemon's output to our stderr, keeping the last lines. Until the daemon
+    serves (or :data:`_HOLD_S` passed) lines are held back: a daemon that fails at once is
+    reported by the exception alone, whose message carries its words, not printed twice."""
 
-    def pump() -> None:
+    def __init__(self, stream: IO[bytes], tail: collections.deque[str]) -> None:
+        self._tail = tail
+        self._lock = threading.Lock()
+        self._held: Optional[list[str]] = []  # None once released
+        self._release_at = time.monotonic() + _HOLD_S
+        self.thread = threading.Thread(
+            target=self._pump, args=(stream,), name="ringfeed-daemon-output", daemon=True
+        )
+        self.thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
         with stream:
             for raw in stream:
                 line = raw.decode("utf-8", "replace")
-                tail.append(line.rstrip("\n"))
+                self._tail.append(line.rstrip("\n"))
+                with self._lock:
+                    if self._held is not None and time.monotonic() < self._release_at:
+                        self._held.append(line)
+                        continue
+                self.release()
                 sys.stderr.write(line)
                 sys.stderr.flush()
 
-    thread = threading.Thread(target=pump, name="ringfeed-daemon-output", daemon=True)
-    thread.start()
-    return thread
+    def release(self) -> None:
+        """Echo what was held back, and everything from now on."""
+        with self._lock:
+            held, self._held = self._held, None
+        if held:
+            sys.stderr.write("".join(held))
+            sys.stderr.flush()
+
+    def release_if_due(self) -> None:
+        """Release once the hold time has passed (a daemon indexing for minutes shows its
+        progress even when it prints nothing new)."""
+        if time.monotonic() >= self._release_at:
+            self.release()
+
+    def echoed(self) -> bool:
+        """Whether any output has been (or will be) echoed already."""
+        with self._lock:
+            return self._held is None
+
+    def join(self, timeout: float) -> None:
+        """Wait for the daemon's last output."""
+        self.thread.join(timeout)
+
+
+_HOLD_S = 2.0
 
 
 def _wait_until_serving(
@@ -170,7 +238,7 @@ def _wait_until_serving(
     deadline: float,
     process: Optional[subprocess.Popen[bytes]] = None,
     tail: Optional[collections.deque[str]] = None,
-    tee: Optional[threading.Thread] = None,
+    tee: Optional[_Tee] = None,
 ) -> int:
     """Polls the ring's socket until its producer answers; returns the producer's pid. With
     ``process``, only that process counts and its early exit is an error naming why."""
@@ -180,6 +248,8 @@ def _wait_until_serving(
             if tee is not None:
                 tee.join(5.0)  # its last words may still be in the pipe
             said = "\n".join(tail or ()) or "(no output)"
+            if tee is not None and tee.echoed():
+                said = f"(its output is above; last line) {(tail or [''])[-1]}"
             raise RingfeedError(
                 f"ringfeed serve exited with status {process.returncode} before serving"
                 f" ring {name!r}:\n{said}"
@@ -188,16 +258,20 @@ def _wait_until_serving(
             reply = info(socket_path(name, runtime_dir))
             pid = int(reply.get("producer_pid", 0))
             if process is None or pid == process.pid:
+                if tee is not None:
+                    tee.release()
                 return pid
         except AttachError as err:
             last = err
+        if tee is not None:
+            tee.release_if_due()
         if time.monotonic() >= deadline:
             raise AttachError(f"ring {name!r} was not served in time; last: {last}")
         time.sleep(0.05)
 
 
 def serve(
-    config: Optional[PathLike] = None,
+    config: Optional[Union[PathLike, list[PathLike]]] = None,
     name: Optional[str] = None,
     shards: Optional[Union[PathLike, list[PathLike]]] = None,
     epochs: Optional[int] = None,
@@ -209,7 +283,10 @@ def serve(
     """Start ``ringfeed serve`` for this job and wait until it serves.
 
     Args:
-        config: TOML configuration (default: the bundled sample dataset).
+        config: TOML configuration (default: the bundled sample dataset), or a list of them:
+            one daemon then serves one ring per file (e.g. training and on-demand validation)
+            from one worker pool; the rings keep their ``[ring] name``, ``name``, ``shards``
+            and ``epochs`` must be left out, and :meth:`Daemon.loader` takes ``ring=``.
         name: ring name; default: one derived from the torchrun job (every local rank derives
             the same), else ``job-<pid>``.
         shards: tar shard paths, globs or brace ranges (replaces ``[source] shards``).
@@ -224,16 +301,34 @@ def serve(
     $LOCAL_WORLD_SIZE``; the other local ranks start nothing, wait until it serves and get a
     :class:`Daemon` whose :meth:`Daemon.loader` reads their own lane.
     """
-    name = check_name(name if name is not None else _default_name())
+    configs: list[PathLike] = (
+        list(config) if isinstance(config, (list, tuple)) else [] if config is None else [config]
+    )
+    several = len(configs) > 1
+    if several:
+        given = [k for k, v in (("name", name), ("shards", shards), ("epochs", epochs)) if v]
+        if given:
+            raise RingfeedError(
+                f"serve() with several configurations takes no {', '.join(given)}: set them in"
+                " each file (each ring keeps its [ring] name)"
+            )
+        names = [_ring_name(c) for c in configs]
+    else:
+        names = [check_name(name if name is not None else _default_name())]
+    name = names[0]
     deadline = time.monotonic() + start_timeout
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and int(local_rank) != 0:
-        pid = _wait_until_serving(name, runtime_dir, deadline)
-        return Daemon(name, pid, None, runtime_dir)
+        pid = 0
+        for each in names:
+            pid = _wait_until_serving(each, runtime_dir, deadline)
+        return Daemon(name, pid, None, runtime_dir, names=names)
 
-    args = [_binary(), "serve", "--name", name, "--parent-pid", str(os.getpid())]
-    if config is not None:
-        args += ["--config", os.fspath(config)]
+    args = [_binary(), "serve", "--parent-pid", str(os.getpid())]
+    if not several:
+        args += ["--name", name]
+    for path in configs:
+        args += ["--config", os.fspath(path)]
     if shards is not None:
         listed = [shards] if isinstance(shards, (str, os.PathLike)) else shards
         args += ["--shards", *(_text(s) for s in listed)]
@@ -250,10 +345,11 @@ def serve(
     )
     assert process.stdout is not None
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-    tee = _tee(process.stdout, tail)
+    tee = _Tee(process.stdout, tail)
     try:
-        _wait_until_serving(name, runtime_dir, deadline, process, tail, tee)
+        for each in names:
+            _wait_until_serving(each, runtime_dir, deadline, process, tail, tee)
     except BaseException:
         Daemon(name, process.pid, process, runtime_dir, tee).stop()
         raise
-    return Daemon(name, process.pid, process, runtime_dir, tee)
+    return Daemon(name, process.pid, process, runtime_dir, tee, names=names)

@@ -23,6 +23,27 @@ class AttachError(RingfeedError):
     """Connecting or attaching to a producer failed; the message carries the producer's reason."""
 
 
+class DaemonNotRunning(AttachError):
+    """No daemon listens on the ring's socket (yet): the socket or the runtime directory is
+    missing, or the connection was refused. A :class:`Loader` waits for this one (30 s by
+    default, ``wait_for_producer``); other refusals are raised at once."""
+
+
+class ResumeMismatch(AttachError):
+    """The producer refused a resume state saved for another sample order (1.3): ``fields``
+    lists ``(field, saved, serving)`` for every difference (seed, dataset, shuffle, selection,
+    world_size, …). Retrying cannot help; the message says what to change."""
+
+    def __init__(self, message: str, fields: list[tuple[str, str, str]]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+class RankMismatch(AttachError):
+    """The lane serves another global rank or world size than this trainer is (``RANK`` /
+    ``WORLD_SIZE``); the message says how to start the daemon instead."""
+
+
 class ProducerGone(RingfeedError):
     """The producer died, stopped, failed or froze while this consumer was attached."""
 
@@ -33,6 +54,13 @@ class ReleasedBatchError(RingfeedError):
 
 class RingTimeout(RingfeedError):
     """No batch arrived within the loader's ``timeout``."""
+
+
+class StreamFinished(RingfeedError, StopIteration):
+    """The producer has served its last epoch and this lane has nothing left: raised by
+    iteration (a ``for`` loop ends on it, since it is a ``StopIteration``) with the reason in
+    its message, which the loader also logs once, so an exhausted ring never passes for an
+    empty epoch. Catch it with ``next(it)`` or ``except ringfeed.StreamFinished``."""
 
 
 class RingfeedWarning(UserWarning):

@@ -39,6 +39,7 @@ SLOT_REDELIVERED = 2
 FLAG_DROP_LAST = 1
 FLAG_NHWC = 2
 FLAG_SELECTION = 4
+FLAG_ON_DEMAND = 8  # since 1.3
 
 # Header field byte offsets that are read or written while the ring is live.
 OFF_PRODUCER_STATE = 44
@@ -110,6 +111,8 @@ class RingLayout(NamedTuple):
     std: tuple[float, ...]
     name: str
     tensors: tuple[TensorSpec, ...]
+    #: Ranks in the whole job (1.3, header offset 156); 0 = unknown (a producer before 1.3).
+    world_size: int = 0
 
     @property
     def drop_last(self) -> bool:
@@ -126,6 +129,12 @@ class RingLayout(NamedTuple):
         """True when the producer selects samples per epoch (``[selection]``): each epoch's
         length is the lane's announced plan, at most ``batches_per_epoch``."""
         return bool(self.flags & FLAG_SELECTION)
+
+    @property
+    def on_demand(self) -> bool:
+        """True for an on-demand (evaluation) ring (1.3): a lane produces only the passes its
+        consumer asks for, each one the same batches in the same order."""
+        return bool(self.flags & FLAG_ON_DEMAND)
 
     def slot_entry_offset(self, lane: int, slot: int) -> int:
         """Byte offset of the slot-table entry of ``(lane, slot)``."""
@@ -171,7 +180,7 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         producer_pid, _producer_state, start_ns, _heartbeat, lane_count, slots_per_lane,
         slot_stride, data_offset, tensor_count, tensor_off, lane_off, slot_off, consumer_off,
         consumer_capacity, batch_size, flags, batches_per_epoch, epochs, seed,
-        samples_per_epoch, _release_any, _reserved,
+        samples_per_epoch, _release_any, world_size,
     ) = _HEADER.unpack_from(header, 0)  # fmt: skip
     _require(magic == MAGIC, "magic", f"{magic!r} is not {MAGIC!r}")
     _require(major == VERSION_MAJOR, "version_major", f"{major} (this client reads 1)")
@@ -239,6 +248,7 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         std=tuple(mean_std[4:]),
         name=name,
         tensors=(),
+        world_size=world_size,
     )
 
 

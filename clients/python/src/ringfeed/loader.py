@@ -8,18 +8,34 @@ one epoch, waiting is a futex sleep of at most 100 ms between liveness checks, a
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import threading
 import time
+import warnings
 import weakref
 from types import TracebackType
 from typing import Any, Optional, Union
 
+import numpy as np
+
 from . import _frameworks, _signals, feedback, protocol
 from .batch import Batch
 from .device import PendingReleases, current_stream_fence
-from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
+from .errors import (
+    AttachError,
+    DaemonNotRunning,
+    FormatError,
+    ProducerGone,
+    RankMismatch,
+    ResumeMismatch,
+    RingfeedError,
+    RingfeedWarning,
+    RingTimeout,
+    StreamFinished,
+)
 from .layout import (
     FAILED,
     FINISHED,
@@ -30,18 +46,25 @@ from .layout import (
     RingLayout,
 )
 from .ring import Ring
-from .runtime import check_name, socket_path
+from .runtime import check_name, running_rings, runtime_dir, socket_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 WAIT_SLICE_S = 0.1  # §6: futex timeout ≤ 100 ms, then liveness is re-checked
 HEARTBEAT_STALE_NS = 3_000_000_000  # §6: a heartbeat older than 3 s means a frozen producer
 REATTACH_PATIENCE_S = 2.0  # our own EOF may reach the producer after our new attach request
+START_PATIENCE_S = 30.0  # default wait for a daemon that is not listening yet (started alongside)
 _RETRY_PAUSE_S = 0.05
+
+_log = logging.getLogger("ringfeed")
 
 
 class _EndOfStream(Exception):
     pass
+
+
+# _try_take's answer when it took a stale batch of an earlier pass (and gave it back at once).
+_STALE = object()
 
 
 def evaluation(
@@ -66,6 +89,20 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _env_int(key: str, explicit: Optional[int]) -> Optional[int]:
+    """``explicit`` if given, else the environment variable ``key`` as an int (``None`` when
+    unset or empty); a value that is not an integer is an error naming it."""
+    if explicit is not None:
+        return int(explicit)
+    raw = os.environ.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise RingfeedError(f"environment variable {key}={raw!r} is not an integer") from None
+
+
 def _new_token() -> int:
     # Non-zero and unpredictable: one per attach, written into every slot the attach takes.
     return int.from_bytes(os.urandom(8), "little") | 1
@@ -76,7 +113,14 @@ class Loader:
 
     ``for batch in loader`` yields the batches of one epoch and stops after the slot flagged
     last-of-epoch; the next ``for`` continues with the next epoch (a ``break`` leaves the
-    cursor where it stopped). After the producer's last epoch, iteration yields nothing.
+    cursor where it stopped). After the producer's last epoch, iteration raises
+    :class:`StreamFinished` (a ``StopIteration``, so a ``for`` ends; the reason is logged
+    once) and ``len(loader)`` is 0.
+
+    On an **on-demand** ring (``[sampling] on-demand = true``, the validation presets) every
+    ``for batch in loader`` is one complete pass from the first batch, in the same order each
+    time: the loop asks the daemon for the pass, which produces it for this lane only then.
+    A ``break`` abandons the pass; the next ``for`` starts a new one from the first batch.
 
     Args:
         name: ring name (the daemon's ``--name``).
@@ -85,10 +129,26 @@ class Loader:
         max_held: at most this many batches held at once (:class:`RingfeedError` beyond);
             holding every slot of the lane is always refused because it would deadlock.
         pin: ``cudaHostRegister`` the data mapping once (warns and carries on without CUDA).
-        resume: ``{"epoch", "index"}`` of the next batch wanted (e.g. a saved
-            :meth:`state_dict`); the producer seeks the lane there.
+        from_epoch_start: start at the first batch of the epoch the lane is in, rather than
+            wherever the daemon has got to (see :meth:`restart_epoch`). On-demand rings
+            always start a pass at its first batch.
+        resume: a saved :meth:`state_dict` (or ``{"epoch", "index"}``): the producer seeks
+            the lane to it. A state with a ``fingerprint`` is checked by the producer: a
+            daemon whose sample order differs (seed, dataset, shuffle, world size, …) refuses
+            it with :class:`ResumeMismatch` naming the fields; one whose batch size differs
+            starts at the batch holding the saved ``sample`` position (with a warning). A
+            state without one (saved before 1.3) resumes at its batch index, with a
+            :class:`RingfeedWarning`.
         wait_for_producer: seconds to keep retrying connect/attach until a producer answers,
             also used to re-attach (resuming at the cursor) when the producer dies mid-run.
+            Default ``None``: wait up to 30 s for a daemon that is not listening yet (one
+            started at the same moment), refuse at once otherwise, and raise
+            :class:`ProducerGone` if it dies.
+        rank, world_size: the global rank and world size this trainer is; default
+            ``$RANK`` / ``$WORLD_SIZE`` (torchrun). The attach is refused
+            (:class:`RankMismatch`, saying how to start the daemon) unless the lane serves
+            exactly that rank of that world size. Producers before 1.3 do not say; then a
+            :class:`RingfeedWarning` says it could not be checked.
         timeout: raise :class:`RingTimeout` when no batch arrives within this many seconds.
         runtime_dir: override the runtime directory (§2).
         trust_uid: also accept a producer running as this uid (a daemon started with
@@ -118,10 +178,13 @@ class Loader:
         max_held: Optional[int] = None,
         pin: bool = False,
         resume: Optional[dict[str, Any]] = None,
-        wait_for_producer: float = 0.0,
+        from_epoch_start: bool = False,
+        wait_for_producer: Optional[float] = None,
         timeout: Optional[float] = None,
         runtime_dir: Optional[PathLike] = None,
         trust_uid: Optional[int] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
     ) -> None:
         """Attach to ``lane`` of the producer called ``name`` (see the class docs)."""
         self.name = check_name(name)
@@ -135,7 +198,12 @@ class Loader:
         self._release_previous = release_previous
         self._max_held = max_held
         self._pin = pin
-        self._wait_for_producer = float(wait_for_producer)
+        self._wait_for_producer = 0.0 if wait_for_producer is None else float(wait_for_producer)
+        self._start_patience = (
+            START_PATIENCE_S if wait_for_producer is None else self._wait_for_producer
+        )
+        self._expect = (_env_int("RANK", rank), _env_int("WORLD_SIZE", world_size))
+        self._fingerprint: Optional[dict[str, Any]] = None  # the producer's (attach reply)
         self._timeout = timeout
         self._runtime_dir = runtime_dir
         self._trust_uid = trust_uid
@@ -157,30 +225,80 @@ class Loader:
         self._outbox = feedback.Outbox()  # feedback frames the socket has not taken yet (§9)
         self._last_taken: Optional[tuple[int, bool]] = None  # (epoch, last of its epoch)
         self._epoch_done_sent = -1
+        self._pass = 0  # on-demand: the number of the pass asked for last (0: none yet)
+        self._pass_next: Optional[int] = None  # on-demand: next index of the pass under way
+        self._finish_logged = False
         self._taken = 0
         self._stats_start_ns = 0
         self._stats_wait_base_ns = 0
         self.generation = 0
         _LOADERS.add(self)
-        self._attach(self._resume_arg(resume), self._wait_for_producer)
+        self._attach(
+            self._resume_arg(resume, public=True),
+            self._start_patience,
+            absent_only=wait_for_producer is None,
+        )
+        if from_epoch_start and resume is None and not self.layout.on_demand:
+            self.restart_epoch()
 
     # ----- attaching --------------------------------------------------------------------------
 
     @staticmethod
-    def _resume_arg(resume: Optional[dict[str, Any]]) -> Optional[dict[str, int]]:
+    def _resume_arg(
+        resume: Optional[dict[str, Any]], *, public: bool = False
+    ) -> Optional[dict[str, Any]]:
+        """The checked ``resume`` of an attach request. A state is data from anywhere (a
+        checkpoint file): every field is type-checked here, the fingerprint by the producer.
+        ``public``: a state the user passed, warned about when it has no fingerprint."""
         if resume is None:
             return None
-        try:
-            epoch, index = int(resume["epoch"]), int(resume["index"])
-        except (KeyError, TypeError, ValueError):
-            raise RingfeedError(
-                f"resume needs integer 'epoch' and 'index', got {resume!r}"
-            ) from None
-        if epoch < 0 or index < 0:
-            raise RingfeedError(f"resume epoch/index must be >= 0, got {resume!r}")
-        return {"epoch": epoch, "index": index}
+        if not isinstance(resume, dict):
+            raise RingfeedError(f"resume must be a dict from state_dict(), got {resume!r:.200}")
 
-    def _attach(self, resume: Optional[dict[str, int]], patience_s: float) -> None:
+        def whole(key: str) -> Optional[int]:
+            value = resume.get(key)
+            if value is None and key == "sample":
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise RingfeedError(
+                    f"resume needs integer {key!r} (a dict from state_dict()), got {resume!r:.200}"
+                )
+            if not 0 <= int(value) < 2**64:
+                raise RingfeedError(f"resume {key!r} must be in 0..2**64-1, got {value!r}")
+            return int(value)
+
+        checked: dict[str, Any] = {"epoch": whole("epoch"), "index": whole("index")}
+        sample = whole("sample")
+        fingerprint = resume.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, dict):
+            raise RingfeedError(
+                "resume 'fingerprint' must be the dict state_dict() saved,"
+                f" got {fingerprint!r:.200}"
+            )
+        if fingerprint is not None:
+            try:
+                json.dumps(fingerprint, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise RingfeedError(f"resume 'fingerprint' is not JSON data: {err}") from None
+            checked["fingerprint"] = fingerprint
+            if sample is not None:
+                checked["sample"] = sample
+        elif public:
+            warnings.warn(
+                f"resume state {resume!r:.120} has no fingerprint (saved by a ringfeed client"
+                " before 1.3, or written by hand): the daemon cannot check that it serves the"
+                " same sample order, and a changed batch size would resume at another sample;"
+                " save a new state with loader.state_dict()",
+                RingfeedWarning,
+                stacklevel=3,
+            )
+        return checked
+
+    def _attach(
+        self, resume: Optional[dict[str, Any]], patience_s: float, *, absent_only: bool = False
+    ) -> None:
+        """Attach (retrying for ``patience_s``: every failure, or with ``absent_only`` only a
+        daemon that is not listening yet), map the ring and check it."""
         deadline = time.monotonic() + patience_s
         while True:
             try:
@@ -189,9 +307,13 @@ class Loader:
                     path, self.lane, resume, trust_uid=self._trust_uid
                 )
                 break
-            except AttachError:
-                if time.monotonic() >= deadline:
+            except ResumeMismatch:
+                raise  # the state itself is wrong: no retry can help
+            except AttachError as err:
+                if absent_only and not isinstance(err, DaemonNotRunning):
                     raise
+                if time.monotonic() >= deadline:
+                    raise self._not_running(err, patience_s) from None
                 time.sleep(_RETRY_PAUSE_S)
         try:
             try:
@@ -208,20 +330,79 @@ class Loader:
                 raise FormatError("lane", f"attached lane {reply.get('lane')!r} != {self.lane}")
             if reply.get("file_bytes") != layout.file_bytes:
                 raise FormatError("file_bytes", f"attach reply said {reply.get('file_bytes')!r}")
+            self._check_rank(ring)
         except BaseException:
             sock.close()
             raise
         self._sock, self._ring = sock, ring
         self._token = _new_token()  # a fresh one: batches of an earlier attach cannot match
         self.generation = layout.generation
+        fingerprint = reply.get("fingerprint")
+        self._fingerprint = fingerprint if isinstance(fingerprint, dict) else None
         self._finished = False
         if resume is not None:
             self._cursor = (resume["epoch"], resume["index"])
+            resumed_at = reply.get("resumed_at")
+            if isinstance(resumed_at, dict) and isinstance(resumed_at.get("index"), int):
+                self._cursor = (resume["epoch"], resumed_at["index"])
+        for warning in reply.get("warnings") or ():
+            warnings.warn(f"ring {self.name!r}: {warning}", RingfeedWarning, stacklevel=4)
         self._stats_start_ns = time.monotonic_ns()
         self._stats_wait_base_ns = ring.lane_stats(self.lane)["consumer_wait_ns"]
         ring.note_consumer(self.lane)
         if self._pin and _frameworks.cuda_pin(ring.data_address, ring.data_bytes):
             self._pinned_address = ring.data_address
+
+    def _not_running(self, err: AttachError, patience_s: float) -> AttachError:
+        """``err`` after the attach patience ran out; when no daemon of this name is running,
+        saying which rings are and how to start one."""
+        if not isinstance(err, DaemonNotRunning):
+            return err
+        running = running_rings(self._runtime_dir)
+        if self.name in running:
+            return err
+        where = runtime_dir(self._runtime_dir)
+        rings = ", ".join(repr(r) for r in running) if running else "none"
+        waited = f" after waiting {patience_s:g} s" if patience_s > 0 else ""
+        return DaemonNotRunning(
+            f"{err}{waited}. No daemon serves ring {self.name!r} in {where} (rings running"
+            f" there: {rings}). Start one with `ringfeed serve --name {self.name}` (or"
+            f" ringfeed.serve(name={self.name!r}) from the training script), or pass"
+            " runtime_dir= / set RINGFEED_RUNTIME_DIR to the daemon's runtime directory"
+        )
+
+    def _check_rank(self, ring: Ring) -> None:
+        """Refuse a lane that serves another global rank or world size than this trainer."""
+        rank, world = self._expect
+        if rank is None and world is None:
+            return
+        served_rank, served_world = ring.lane_rank(self.lane), ring.layout.world_size
+        if served_rank is None:
+            warnings.warn(
+                f"ring {self.name!r} was made by a producer before format 1.3, which does not"
+                f" say which rank lane {self.lane} serves: RANK={rank} WORLD_SIZE={world}"
+                " cannot be checked",
+                RingfeedWarning,
+                stacklevel=4,
+            )
+            return
+        wrong = []
+        if world is not None and world != served_world:
+            wrong.append(f"world size {world} here, {served_world} in the daemon")
+        if rank is not None and rank != served_rank:
+            wrong.append(f"rank {rank} here, lane {self.lane} serves rank {served_rank}")
+        if not wrong:
+            return
+        world = served_world if world is None else world
+        first = max(0, (served_rank if rank is None else rank) - self.lane)
+        raise RankMismatch(
+            f"ring {self.name!r} does not serve this trainer ({'; '.join(wrong)}; from RANK /"
+            f" LOCAL_RANK / WORLD_SIZE or rank= / world_size=): every rank would not get its"
+            f" own share of each epoch. Start the daemon with `--world-size {world}"
+            f" --first-rank {first}` (the global rank of this node's lane 0, with one lane"
+            " per local rank), or call ringfeed.serve() under torchrun, which reads them from"
+            " the environment"
+        )
 
     def _detach(self, *, release_held: bool) -> None:
         """Leave the lane. ``release_held`` frees held slots first (producer alive); otherwise
@@ -334,17 +515,35 @@ class Loader:
         return self._live_ring()
 
     def __len__(self) -> int:
-        """Batches of the next epoch in this lane; TypeError when the producer does not know.
+        """Batches of the next epoch in this lane (of a pass, on an on-demand ring);
+        TypeError when the producer does not know. 0 once iteration has met the end of the
+        stream (:class:`StreamFinished`), and for a loader that has taken nothing from a
+        finished ring whose lane has nothing left.
 
         With selection (``[selection]`` on the daemon) this is the epoch's real length, which
         the producer decides at the epoch's start: the call may wait for that decision.
         """
-        if self.layout.selection:
+        layout = self.layout
+        if layout.on_demand:
+            return layout.batches_per_epoch  # every pass is whole
+        if self._finished or self._nothing_left_for_fresh_loader(layout):
+            return 0  # the producer has served its last epoch: a `for` yields nothing
+        if layout.selection:
             return self.epoch_plan()["batches"]
-        count = self.layout.batches_per_epoch
+        count = layout.batches_per_epoch
         if count == 0:
             raise TypeError("the producer does not know its batches per epoch")
         return count
+
+    def _nothing_left_for_fresh_loader(self, layout: RingLayout) -> bool:
+        """A loader that has taken nothing, on a finished ring whose lane has nothing left:
+        its first ``for`` would yield nothing. (A loader that iterated learns the end when
+        it next iterates, which raises :class:`StreamFinished`.)"""
+        if self._last_taken is not None or not layout.epochs:
+            return False
+        if self._live_ring().producer_state != FINISHED:
+            return False
+        return self._next_position()["epoch"] >= layout.epochs
 
     def epoch_plan(self) -> dict[str, int]:
         """The next epoch's plan in this lane: ``{"epoch", "batches", "kept", "pruned"}``
@@ -422,6 +621,8 @@ class Loader:
         """After the last batch of an epoch: tell the producer every report of it was sent."""
         if self._last_taken is None or not self._last_taken[1]:
             return
+        if self._ring is not None and self._ring.layout.on_demand:
+            return  # passes are not epochs: nothing waits for them
         epoch = self._last_taken[0]
         if epoch > self._epoch_done_sent:
             self._epoch_done_sent = epoch
@@ -430,6 +631,8 @@ class Loader:
     # ----- iteration --------------------------------------------------------------------------
 
     def __iter__(self) -> Loader:
+        if self._ring is not None and self._ring.layout.on_demand:
+            self._start_pass()
         return self
 
     def __next__(self) -> Batch:
@@ -442,15 +645,77 @@ class Loader:
             self._send_epoch_done()
             raise StopIteration
         if self._finished:
-            raise StopIteration
+            raise self._stream_finished()
+        if self.layout.on_demand and self._pass_next is None:
+            self._start_pass()  # next(loader) without iter(): a pass all the same
         return self._next_batch(iterating=True)
+
+    def _stream_finished(self) -> StreamFinished:
+        layout = self.layout
+        reason = (
+            f"ring {self.name!r} has finished: the producer served its last epoch"
+            f" ({layout.epochs} epoch(s) of {layout.batches_per_epoch} batches per lane) and"
+            f" lane {self.lane} has nothing left. Restart the daemon with more epochs"
+            " (--epochs, or 0 for unbounded), or resume at an earlier epoch"
+            " (Loader(..., resume=...))"
+        )
+        if not self._finish_logged:
+            self._finish_logged = True
+            _log.warning("%s", reason)
+        return StreamFinished(reason)
+
+    def _start_pass(self) -> None:
+        """On an on-demand ring: give back the batch of the loop before, and ask the producer
+        for a new pass from the first batch (a ``PASS`` frame, §9). Batches still ready from
+        an earlier pass are taken and given back unread as they come (their slot ``epoch``
+        is another pass's)."""
+        self._refuse_if_inherited()
+        previous = self._previous
+        if previous is not None:
+            previous.release()
+            self._previous = None
+        ring = self._live_ring()
+        with self._lock:  # a take under way in another thread filters by these
+            self._pass = max(self._pass, ring.lane_stats(self.lane)["epoch"]) + 1
+            self._pass_next = 0
+            self._epoch_ended = False
+            self._cursor = (self._pass, 0)
+            number = self._pass
+        self._outbox.send(self._sock, feedback.pass_frame(number, 0))
+
+    def restart_epoch(self) -> None:
+        """Start again at the first batch of the epoch this lane is in (the epoch of the next
+        batch it would deliver), e.g. for a fresh loader that must see a whole epoch rather
+        than wherever the daemon has got to. Re-attaches with ``resume`` (§7): batches held
+        now are released. On an on-demand ring it abandons the pass under way, and the next
+        ``for`` starts a new one."""
+        self._refuse_if_inherited()
+        if self.layout.on_demand:
+            self._pass_next = None
+            self._epoch_ended = False
+            return
+        # The saved position (with the producer's fingerprint, so the resume is checked)
+        # moved to the epoch's first batch.
+        position = self._saved_position()
+        position["index"] = 0
+        if "sample" in position:
+            position["sample"] = 0
+        resume = self._resume_arg(position)
+        if self._sock is not None:
+            self._detach(release_held=True)
+        self._epoch_ended = False
+        self._attach(resume, max(self._wait_for_producer, REATTACH_PATIENCE_S))
 
     def next_batch(self) -> Batch:
         """Take the next batch, ignoring epoch boundaries (blocking).
 
-        Raises ``StopIteration`` at the end of the stream (the producer finished its last
-        epoch), :class:`ProducerGone` or :class:`RingTimeout`.
+        Raises :class:`StreamFinished` (a ``StopIteration``) at the end of the stream (the
+        producer finished its last epoch), :class:`ProducerGone` or :class:`RingTimeout`. On
+        an on-demand ring, passes follow each other: a new one is asked for when none is
+        under way.
         """
+        if self.layout.on_demand and self._pass_next is None:
+            self._start_pass()
         return self._next_batch(iterating=False)
 
     def _next_batch(self, *, iterating: bool) -> Batch:
@@ -472,15 +737,24 @@ class Loader:
                 return self._take_blocking(deadline, iterating)
             except _EndOfStream:
                 self._finished = True
-                raise StopIteration from None
+                raise self._stream_finished() from None
             except ProducerGone:
                 if self._wait_for_producer <= 0:
                     raise
                 # Read from the old ring's memory before leaving it (nothing taken yet: the
                 # position comes from its slots and lane counters).
-                position = self._next_position()
+                on_demand = self.layout.on_demand
+                position: Optional[dict[str, Any]] = self._saved_position()
+                if on_demand:
+                    # The pass under way continues where it stopped (a resume on an on-demand
+                    # ring asks for that pass from that batch); between passes, nothing.
+                    position = (
+                        None
+                        if self._pass_next is None
+                        else {"epoch": self._pass, "index": self._pass_next}
+                    )
                 self._detach(release_held=False)
-                self._attach(position, self._wait_for_producer)
+                self._attach(self._resume_arg(position), self._wait_for_producer)
 
     def _take_blocking(self, deadline: Optional[float], iterating: bool) -> Batch:
         lane = self.lane
@@ -489,7 +763,9 @@ class Loader:
             seen = ring.publish_seq(lane)
             state = ring.producer_state  # loaded before the scan: see _check_producer
             batch = self._try_take(ring, iterating)
-            if batch is not None:
+            if batch is _STALE:
+                continue
+            if isinstance(batch, Batch):
                 return batch
             if self._retire_pending(wait=False) or self._retire_pending(wait=True):
                 continue  # the lane ran dry: hand back a slot whose device copy is done
@@ -514,12 +790,14 @@ class Loader:
             raise RingTimeout(timeout_message)
         return min(WAIT_SLICE_S, remaining)
 
-    def _try_take(self, ring: Ring, iterating: bool) -> Optional[Batch]:
+    def _try_take(self, ring: Ring, iterating: bool) -> Any:
         """Take the next ready slot, if any, and track it: atomic with respect to other
         threads (the lock) and to Python signal handlers (held back until it is complete).
         A handler that raises at the end gives the slot back, to be delivered next.
         ``iterating``: a ``for`` loop's take, which also records the batch as the one to
-        release at the next step and notes an epoch's end."""
+        release at the next step and notes an epoch's end. On an on-demand ring a batch that
+        is not the next one of the pass under way (an earlier pass's) is given back unread:
+        the answer is then ``_STALE``."""
         lane = self.lane
         held = _signals.hold()
         try:
@@ -532,12 +810,21 @@ class Loader:
                 cursor, last_taken = self._cursor, self._last_taken
                 self._taking = found  # first: a reconcile undoes a take cut short here
                 taken = ring.take_slot(lane, found[0], self._pid, self._token)
+                if ring.layout.on_demand and (
+                    taken.epoch != self._pass or taken.index != self._pass_next
+                ):
+                    ring.release(lane, taken.slot, taken.seq, self._token)
+                    self._taking = None
+                    _signals.resume(held)
+                    return _STALE
                 batch = Batch(self, ring, lane, taken)
                 self._held[taken.slot] = batch
                 self._taking = None
                 last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
                 self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
                 self._last_taken = (taken.epoch, last)
+                if ring.layout.on_demand:
+                    self._pass_next = None if last else taken.index + 1
                 self._taken += 1
                 if iterating:
                     if self._release_previous:
@@ -554,6 +841,8 @@ class Loader:
                 self._held.pop(taken.slot, None)
                 batch._mark_released("its take was interrupted")
                 self._cursor, self._last_taken = cursor, last_taken
+                if ring.layout.on_demand:
+                    self._pass_next = taken.index
                 self._taken -= 1
                 if iterating:
                     self._previous = None
@@ -685,14 +974,31 @@ class Loader:
         """Epoch of the next batch this loader will deliver."""
         return self._next_position()["epoch"]
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "index", "lane", "generation"}``: the next unconsumed batch.
+    def _saved_position(self) -> dict[str, Any]:
+        """The next batch, its ``sample`` position and the producer's fingerprint (when the
+        producer published one): what a resume needs to be checked and mapped."""
+        position: dict[str, Any] = dict(self._next_position())
+        fingerprint = self._fingerprint
+        if fingerprint is not None:
+            batch = fingerprint.get("batch_size")
+            world = fingerprint.get("world_size")
+            if isinstance(batch, int) and isinstance(world, int):
+                position["sample"] = position["index"] * batch * max(world, 1)
+            position["fingerprint"] = dict(fingerprint)
+        return position
+
+    def state_dict(self) -> dict[str, Any]:
+        """The next unconsumed batch and what it is a position in: ``epoch``, ``index`` (batch
+        within the epoch), ``sample`` (samples of the epoch's global order, all ranks together,
+        consumed before it: ``index × batch_size × world_size``), ``fingerprint`` (what
+        defines that order and its batches, as the producer published it), ``lane`` and
+        ``generation``. Plain JSON-able values: save it in a checkpoint.
 
         A batch counts as consumed once it has been yielded. Pass the dict back as
-        ``Loader(..., resume=state)`` or to :meth:`load_state_dict`.
+        ``Loader(..., resume=state)`` or to :meth:`load_state_dict`; see ``resume`` for what
+        a daemon with another configuration does with it.
         """
-        position = self._next_position()
-        return {**position, "lane": self.lane, "generation": self.generation}
+        return {**self._saved_position(), "lane": self.lane, "generation": self.generation}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Re-attach with ``resume`` = ``state``: the producer seeks this lane to it (§7).
@@ -700,7 +1006,7 @@ class Loader:
         Batches held now are released first.
         """
         self._refuse_if_inherited()
-        resume = self._resume_arg(state)
+        resume = self._resume_arg(state, public=True)
         if self._sock is not None:
             self._detach(release_held=True)
         self._epoch_ended = False
@@ -711,6 +1017,58 @@ class Loader:
         ``reports`` counters, ``scores``, ``selection`` and per-epoch ``loss_by`` augmentation
         bucket and ``loss_by_class``. See docs/feedback.md for how to read it."""
         return evaluation(self.name, runtime_dir=self._runtime_dir, trust_uid=self._trust_uid)
+
+    def _socket_path(self) -> Any:
+        return socket_path(self.name, self._runtime_dir, trust_uid=self._trust_uid)
+
+    @property
+    def classes(self) -> Optional[list[str]]:
+        """The class names, label ``i`` being ``classes[i]`` (format 1.3): ``[source]
+        classes``, an ImageFolder's directory names (sorted, as torchvision's
+        ``ImageFolder.classes``), ``index.json`` beside the shards (``ringfeed pack``) or
+        ``classes.txt`` beside them. ``None`` when the daemon knows none (or refused a
+        malformed file: its log says why). Asked once, then cached."""
+        if not hasattr(self, "_classes"):
+            self._refuse_if_inherited()
+            reply = protocol.long_request(
+                self._socket_path(), {"op": "classes"}, trust_uid=self._trust_uid
+            )
+            names = reply.get("classes")
+            self._classes = [str(n) for n in names] if isinstance(names, list) else None
+        return self._classes
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """``len(loader.classes)``, or ``None`` when the names are unknown."""
+        classes = self.classes
+        return None if classes is None else len(classes)
+
+    def describe(self, sample_ids: Any) -> list[dict[str, Any]]:
+        """Where each sample came from (format 1.3): for every id (a batch's ``sample_ids``, a
+        list, a tensor), ``{"id", "shard", "member", "path"}``: the tar shard and member
+        (``shard`` is ``None`` for an ImageFolder), and the original file (an ImageFolder's
+        image, or the file ``ringfeed pack`` made the member from, kept in its
+        ``index.json``; ``None`` when unknown). ``"stream"`` is added in a mixture; an id
+        outside the dataset gets ``{"id", "error"}``."""
+        self._refuse_if_inherited()
+        if hasattr(sample_ids, "detach"):
+            sample_ids = sample_ids.detach().cpu().numpy()
+        ids = [int(i) for i in list(getattr(sample_ids, "tolist", lambda: sample_ids)())]
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), protocol.MAX_DESCRIBE_IDS):
+            chunk = ids[start : start + protocol.MAX_DESCRIBE_IDS]
+            if any(i < 0 for i in chunk):
+                raise ValueError(f"sample ids must be >= 0, got {min(chunk)}")
+            reply = protocol.long_request(
+                self._socket_path(), {"op": "describe", "ids": chunk}, trust_uid=self._trust_uid
+            )
+            samples = reply.get("samples")
+            if not isinstance(samples, list) or len(samples) != len(chunk):
+                raise FormatError(
+                    "describe", f"expected {len(chunk)} entries, got {samples!r:.100}"
+                )
+            out += samples
+        return out
 
     def stats(self) -> dict[str, float]:
         """Starvation figures since attach: ``wait_share`` is the fraction of wall time this

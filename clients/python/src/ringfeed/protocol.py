@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import AttachError, ProducerGone
+from .errors import AttachError, DaemonNotRunning, ProducerGone, ResumeMismatch
 
 VERSION = 1
 MAX_LINE = 4096
@@ -43,7 +43,10 @@ def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
         sock.connect(str(path))
     except OSError as err:
         sock.close()
-        raise AttachError(f"cannot connect to {path}: {err.strerror}{_connect_hint(err)}") from None
+        message = f"cannot connect to {path}: {err.strerror}{_connect_hint(err)}"
+        if isinstance(err, (FileNotFoundError, ConnectionRefusedError)):
+            raise DaemonNotRunning(message) from None
+        raise AttachError(message) from None
     _pid, uid, _gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
@@ -89,19 +92,26 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, A
 def attach(
     path: Path,
     lane: int,
-    resume: Optional[dict[str, int]] = None,
+    resume: Optional[dict[str, Any]] = None,
     *,
     trust_uid: Optional[int] = None,
 ) -> tuple[socket.socket, dict[str, Any], int]:
     """Attach to ``lane`` of the producer listening at ``path``.
 
     Returns ``(connection, reply, memfd)``; the caller owns both and must keep the connection
-    open while attached. Raises :class:`AttachError` with the producer's reason on refusal.
+    open while attached. Raises :class:`AttachError` with the producer's reason on refusal
+    (:class:`ResumeMismatch` when ``resume`` carries a fingerprint of another sample order).
+    ``resume``: ``epoch``, ``index`` and, optionally (1.3), ``sample`` and ``fingerprint``.
     """
     sock = _connect(path, trust_uid)
     request: dict[str, Any] = {"op": "attach", "version": VERSION, "lane": lane, "pid": os.getpid()}
     if resume is not None:
-        request["resume"] = {"epoch": int(resume["epoch"]), "index": int(resume["index"])}
+        wanted: dict[str, Any] = {"epoch": int(resume["epoch"]), "index": int(resume["index"])}
+        if resume.get("sample") is not None:
+            wanted["sample"] = int(resume["sample"])
+        if resume.get("fingerprint") is not None:
+            wanted["fingerprint"] = resume["fingerprint"]
+        request["resume"] = wanted
     try:
         reply, fds = _exchange(sock, request)
     except BaseException:
@@ -112,7 +122,16 @@ def attach(
             os.close(fd)
         sock.close()
         if reply.get("ok") is not True:
-            raise AttachError(f"attach to lane {lane} refused: {reply.get('error', reply)}")
+            message = f"attach to lane {lane} refused: {reply.get('error', reply)}"
+            mismatch = reply.get("mismatch")
+            if isinstance(mismatch, list):
+                fields = [
+                    (str(m.get("field")), str(m.get("saved")), str(m.get("serving")))
+                    for m in mismatch
+                    if isinstance(m, dict)
+                ]
+                raise ResumeMismatch(message, fields)
+            raise AttachError(message)
         raise AttachError(f"attach reply carried {len(fds)} file descriptors, expected 1")
     return sock, reply, fds[0]
 
@@ -138,10 +157,23 @@ def evaluation(path: Path, *, trust_uid: Optional[int] = None) -> dict[str, Any]
     """Ask the producer at ``path`` for its ``evaluation`` reply (§3): reported-loss counters,
     per-epoch mean loss by augmentation bucket and class, scores and selection state. The
     reply may be longer than a request line (up to 4 MiB)."""
+    return long_request(path, {"op": "evaluation"}, trust_uid=trust_uid)
+
+
+MAX_DESCRIBE_IDS = 128  # ids per describe request (§3, 1.3): the line stays under 4096 bytes
+
+
+def long_request(
+    path: Path, request: dict[str, Any], *, trust_uid: Optional[int] = None
+) -> dict[str, Any]:
+    """Send ``request`` to the producer at ``path`` and read its reply, which may be longer
+    than a request line (``evaluation``, ``classes``, ``describe``: up to 4 MiB)."""
+    op = request.get("op")
+    line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
     sock = _connect(path, trust_uid)
     try:
         sock.settimeout(5.0)
-        sock.sendall(b'{"op":"evaluation"}\n')
+        sock.sendall(line)
         received = bytearray()
         while not received.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
@@ -149,14 +181,14 @@ def evaluation(path: Path, *, trust_uid: Optional[int] = None) -> dict[str, Any]
                 raise AttachError("producer closed the connection without a reply")
             received += chunk
             if len(received) > MAX_EVALUATION_REPLY:
-                raise AttachError("evaluation reply longer than 4 MiB")
+                raise AttachError(f"{op} reply longer than 4 MiB")
     except OSError as err:
-        raise AttachError(f"evaluation request failed: {err}") from None
+        raise AttachError(f"{op} request failed: {err}") from None
     finally:
         sock.close()
     reply = json.loads(received)
     if not isinstance(reply, dict) or reply.get("ok") is not True:
-        raise AttachError(f"evaluation refused: {reply!r:.200}")
+        raise AttachError(f"{op} refused: {reply!r:.200}")
     return reply
 
 
