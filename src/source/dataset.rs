@@ -485,7 +485,7 @@ impl Dataset {
     pub fn origin(&self, id: u64) -> Option<(Option<&Path>, String)> {
         let record = self.record(id)?;
         Some(match &self.backend {
-            Backend::Tar { shards } => (
+            Backend::Tar { shards, .. } => (
                 Some(shards[record.shard as usize].path.as_path()),
                 self.name(record).to_owned(),
             ),
@@ -641,11 +641,27 @@ impl Dataset {
     /// sample's member name (or root-relative path), size and label, in id order. Two
     /// datasets with the same digest give the same ids to the same samples.
     pub fn digest_into(&self, digest: &mut crate::ring::resume::Digest) {
-        if let Backend::Tar { shards } = &self.backend {
+        if let Backend::Tar { shards, .. } = &self.backend {
             digest.u64(shards.len() as u64);
             for shard in shards {
-                let name = shard.path.file_name().unwrap_or_default();
-                digest.str(&name.to_string_lossy()).u64(shard.size);
+                // A remote shard is named by its key's file name, not its cached copy's
+                // (which carries the ETag).
+                let name = match &shard.remote {
+                    Some((_, object)) => object
+                        .url
+                        .key
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    None => shard
+                        .path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                };
+                digest.str(&name).u64(shard.size);
             }
         }
         digest.u64(self.samples.len() as u64);
