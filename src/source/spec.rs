@@ -200,6 +200,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn object_urls_are_not_taken_for_local_paths() {
+        // `ringfeed index` expands specs as local files: an s3:// spec must say so, not
+        // "matches no file" (or match a local folder named `s3:`).
+        let err = expand_shards(&["s3://bucket/shard-{0..3}.tar".to_owned()], Path::new("."))
+            .unwrap_err();
+        assert!(
+            matches!(&err, SourceError::BadShardSpec { spec, .. } if spec.starts_with("s3://")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("[source]"), "{err}");
+    }
+
+    #[test]
     fn ranges_keep_zero_padding() {
         assert_eq!(
             expand_braces("data/shard-{000000..000002}.tar").unwrap(),
