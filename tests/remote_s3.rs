@@ -60,6 +60,9 @@ impl S3Server {
             .arg(script)
             .args(["--upstream", &upstream, "--control"])
             .arg(&control)
+            .args(["--server-pid", &moto.id().to_string()])
+            // Held open by this process: its end, however it comes, stops proxy and server.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

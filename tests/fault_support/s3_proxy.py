@@ -13,7 +13,9 @@ counters count down as faults are injected:
   require_key   requests not signed with this access key id are answered 403
 
 GET /__faults answers the faults injected so far, by kind, as JSON.
-Prints "LISTENING <port>" once it accepts connections.
+Prints "LISTENING <port>" once it accepts connections. When its standard input closes (the
+test process ended, even by SIGKILL), it kills --server-pid (moto_server) and exits, so no
+server outlives its test.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import http.client
 import http.server
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -150,6 +153,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--control", required=True)
+    ap.add_argument("--server-pid", type=int)
     args = ap.parse_args()
     host, port = args.upstream.rsplit(":", 1)
     Proxy.upstream = (host, int(port))
@@ -157,7 +161,13 @@ def main():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
     server.daemon_threads = True
     print(f"LISTENING {server.server_address[1]}", flush=True)
-    server.serve_forever()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sys.stdin.buffer.read()  # returns at EOF: the test process is gone
+    if args.server_pid:
+        try:
+            os.kill(args.server_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":
