@@ -25,6 +25,58 @@ pub(crate) struct Resume {
     pub(crate) index: u64,
 }
 
+/// Why the producer refused a request: the machine-readable `code` of a failure reply (1.3,
+/// docs/ring-format.md §3 "Refusal codes"), which says whether asking again later can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The peer's uid/group may not attach.
+    Permission,
+    /// The request line is not a request of this format.
+    BadRequest,
+    /// The request line did not arrive within 2 s.
+    RequestTimeout,
+    /// The client implements another major version.
+    Version,
+    /// `lane ≥ lane_count`.
+    LaneRange,
+    /// Another live consumer holds the lane, or its attach is pending.
+    LaneHeld,
+    /// A resume position the stream can never reach.
+    ResumeRange,
+    /// The producer is stopping or has failed; a new producer of the name may come.
+    Stopping,
+}
+
+impl Refusal {
+    /// The `code` string.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Refusal::Permission => "permission",
+            Refusal::BadRequest => "bad_request",
+            Refusal::RequestTimeout => "request_timeout",
+            Refusal::Version => "version",
+            Refusal::LaneRange => "lane_range",
+            Refusal::LaneHeld => "lane_held",
+            Refusal::ResumeRange => "resume_range",
+            Refusal::Stopping => "stopping",
+        }
+    }
+
+    /// Whether the same request may succeed later (`retry` in the reply).
+    pub(crate) fn retryable(self) -> bool {
+        matches!(
+            self,
+            Refusal::RequestTimeout | Refusal::LaneHeld | Refusal::Stopping
+        )
+    }
+
+    /// The failure reply: `{"ok": false, "error", "code", "retry"}`.
+    pub(crate) fn reply(self, error: &str) -> serde_json::Value {
+        serde_json::json!({"ok": false, "error": error, "code": self.code(),
+                           "retry": self.retryable()})
+    }
+}
+
 /// A request line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]

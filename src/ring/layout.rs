@@ -11,7 +11,7 @@ pub const MAGIC: [u8; 8] = *b"RINGFEED";
 /// The layout major version this code implements.
 pub const VERSION_MAJOR: u16 = 1;
 /// The layout minor version this code writes.
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Size of the fixed header.
 pub const HEADER_BYTES: u32 = 512;
 /// Page size every region boundary is aligned to.

@@ -228,6 +228,13 @@ impl RuntimeDir {
     pub fn lock_path(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.lock"))
     }
+
+    /// `<dir>/<name>.finished` (1.3): left by a producer that exited after finishing its
+    /// last epoch, so a consumer that finds no socket can tell "the run ended" from "no
+    /// daemon" (docs/ring-format.md §7 "The end of a finite run").
+    pub fn finished_path(&self, name: &str) -> PathBuf {
+        self.path.join(format!("{name}.finished"))
+    }
 }
 
 /// The directory checks as a pure function of the `lstat` result: owned by `uid` or

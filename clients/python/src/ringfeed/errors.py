@@ -20,7 +20,20 @@ class FormatError(RingfeedError):
 
 
 class AttachError(RingfeedError):
-    """Connecting or attaching to a producer failed; the message carries the producer's reason."""
+    """Connecting or attaching to a producer failed; the message carries the producer's reason.
+
+    ``code`` is machine-readable (ring format §3 "Refusal codes"): the producer's refusal code
+    (``lane_held``, ``version``, ``lane_range``, ``permission``, ...), or the client's own
+    (``not_running``: no daemon serves the name yet; ``finished``: the run ended and its
+    producer exited; ``runtime_dir``, ``foreign_producer``, ``protocol``, ``client``).
+    ``retryable`` says whether the same attach may succeed later (``not_running``,
+    ``lane_held``, ``stopping``, ``request_timeout``).
+    """
+
+    def __init__(self, message: str, *, code: str = "client", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
 
 
 class ProducerGone(RingfeedError):

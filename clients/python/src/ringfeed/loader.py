@@ -30,7 +30,7 @@ from .layout import (
     RingLayout,
 )
 from .ring import Ring
-from .runtime import check_name, socket_path
+from .runtime import check_name, runtime_dir, socket_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -189,8 +189,23 @@ class Loader:
                     path, self.lane, resume, trust_uid=self._trust_uid
                 )
                 break
-            except AttachError:
-                if time.monotonic() >= deadline:
+            except AttachError as err:
+                if err.code == "not_running":
+                    finished = protocol.finished_generation(
+                        runtime_dir(self._runtime_dir), self.name
+                    )
+                    # The run this loader was reading has ended: say so at once. A marker of
+                    # some earlier run counts only once the wait is over (a new run of the
+                    # name may be starting, and its producer removes the marker).
+                    if finished is not None and (
+                        finished == self.generation != 0 or time.monotonic() >= deadline
+                    ):
+                        raise AttachError(
+                            f"ring {self.name!r}: the run has finished (generation {finished});"
+                            " its producer exited after the last epoch",
+                            code="finished",
+                        ) from None
+                if not err.retryable or time.monotonic() >= deadline:
                     raise
                 time.sleep(_RETRY_PAUSE_S)
         try:
@@ -198,7 +213,7 @@ class Loader:
                 # A --shm-dir ring file cannot carry seals (only memfds can); the reply says so.
                 ring = Ring.from_fd(
                     fd,
-                    generation=int(reply.get("generation", -1)),
+                    generation=protocol.reply_generation(reply),
                     sealed=reply.get("segment", "memfd") != "file",
                 )
             finally:
@@ -454,6 +469,8 @@ class Loader:
         return self._next_batch(iterating=False)
 
     def _next_batch(self, *, iterating: bool) -> Batch:
+        if self._finished and self._ring is None:
+            raise StopIteration  # the run ended while this loader was re-attaching
         self._retire_pending(wait=False)
         self._send_epoch_done()
         self._outbox.send(self._sock)
@@ -480,7 +497,13 @@ class Loader:
                 # position comes from its slots and lane counters).
                 position = self._next_position()
                 self._detach(release_held=False)
-                self._attach(position, self._wait_for_producer)
+                try:
+                    self._attach(position, self._wait_for_producer)
+                except AttachError as err:
+                    if err.code != "finished":
+                        raise
+                    self._finished = True  # its producer had finished the run: the end
+                    raise StopIteration from None
 
     def _take_blocking(self, deadline: Optional[float], iterating: bool) -> Batch:
         lane = self.lane

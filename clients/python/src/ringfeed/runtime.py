@@ -50,28 +50,32 @@ def check_runtime_dir(path: Path, trust_uid: Optional[int] = None) -> None:
             f"runtime directory {path} does not exist, so no daemon serves there (looked for"
             " at $RINGFEED_RUNTIME_DIR, else $XDG_RUNTIME_DIR/ringfeed, else"
             " /tmp/ringfeed-<uid>); start `ringfeed serve`, or set RINGFEED_RUNTIME_DIR to"
-            " the daemon's runtime directory"
+            " the daemon's runtime directory",
+            code="not_running",
+            retryable=True,
         ) from None
     except OSError as err:
-        raise AttachError(f"runtime directory {path}: {err.strerror}") from None
+        raise AttachError(f"runtime directory {path}: {err.strerror}", code="runtime_dir") from None
     if stat.S_ISLNK(info.st_mode):
-        raise AttachError(f"runtime directory {path} is a symlink; refusing it")
+        raise AttachError(f"runtime directory {path} is a symlink; refusing it", code="runtime_dir")
     if not stat.S_ISDIR(info.st_mode):
-        raise AttachError(f"runtime directory {path} is not a directory")
+        raise AttachError(f"runtime directory {path} is not a directory", code="runtime_dir")
     if info.st_uid != os.getuid() and info.st_uid != trust_uid:
         raise AttachError(
             f"runtime directory {path} is owned by uid {info.st_uid}, not by this user"
             f" (uid {os.getuid()}); refusing it (another user's daemon can be read only if it"
             " was started with --allow-group GROUP, a group of yours, and you pass"
             f" trust_uid={info.st_uid}; otherwise set RINGFEED_RUNTIME_DIR to a directory of"
-            " your own)"
+            " your own)",
+            code="runtime_dir",
         )
     forbidden = 0o027 if trust_uid is not None else 0o077
     if info.st_mode & forbidden:
         raise AttachError(
             f"runtime directory {path} has mode {stat.S_IMODE(info.st_mode):o};"
             " it must grant nothing to others, and to its group nothing"
-            " (or read/search only when trust_uid is given)"
+            " (or read/search only when trust_uid is given)",
+            code="runtime_dir",
         )
 
 
