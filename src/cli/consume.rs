@@ -41,6 +41,10 @@ pub(crate) struct ConsumeArgs {
     /// release before asking for the next batch (a trainer's end-of-epoch work).
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
     pause_at_epoch_end: f64,
+    /// Take N batches without releasing them, print `holding`, then wait to be killed: a
+    /// trainer that dies holding batches (the failure-mode tests).
+    #[arg(long, value_name = "N", hide = true)]
+    hold: Option<u64>,
 }
 
 /// FNV-1a, 64 bits: the conformance test's hash of a tensor's bytes (trivial in any language).
@@ -62,19 +66,31 @@ pub(crate) fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
+        // The digest form reports errors as every conformance reader does: the code first.
+        Err(e) if args.digest => {
+            eprintln!("error {}: {e}", e.code());
+            return Ok(ExitCode::FAILURE);
+        }
         other => other.with_context(|| format!("cannot attach to ring '{}'", args.name))?,
     };
     let layout = consumer.layout();
     let started = Instant::now();
     let mut waited = Duration::ZERO;
     let (mut batches, mut samples) = (0u64, 0u64);
+    let mut held = Vec::new();
     loop {
         if args.batches.is_some_and(|n| batches >= n) {
             break;
         }
         let t0 = Instant::now();
-        let Some(batch) = consumer.next()? else {
-            break;
+        let batch = match consumer.next() {
+            Ok(Some(batch)) => batch,
+            Ok(None) => break,
+            Err(e) if args.digest => {
+                eprintln!("error {}: {e}", e.code());
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(e) => return Err(e.into()),
         };
         waited += t0.elapsed();
         batches += 1;
@@ -120,6 +136,16 @@ pub(crate) fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         }
         if args.step_ms > 0.0 {
             busy_wait(Duration::from_secs_f64(args.step_ms / 1000.0));
+        }
+        if let Some(n) = args.hold {
+            held.push(batch);
+            if held.len() as u64 >= n {
+                println!("holding");
+                loop {
+                    std::thread::park();
+                }
+            }
+            continue;
         }
         let epoch_end = batch.last_of_epoch();
         if epoch_end && args.pause_at_epoch_end > 0.0 {

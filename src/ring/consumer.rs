@@ -258,6 +258,18 @@ pub enum ConsumeError {
     },
 }
 
+impl ConsumeError {
+    /// The machine-readable code, as every client names it (`producer_gone`, `timeout`,
+    /// `format`; docs/ring-format.md §3 "Refusal codes").
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConsumeError::ProducerGone { .. } => "producer_gone",
+            ConsumeError::Timeout { .. } => "timeout",
+            ConsumeError::Format { .. } => "format",
+        }
+    }
+}
+
 /// A loss report was refused before anything was sent.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]

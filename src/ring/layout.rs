@@ -367,7 +367,7 @@ pub enum FormatError {
     },
     /// A major version this reader does not implement.
     #[error(
-        "ring layout version {major}.x is not supported (this reader implements {VERSION_MAJOR}.x)"
+        "version_major: ring layout version {major}.x is not supported (this reader implements {VERSION_MAJOR}.x)"
     )]
     UnsupportedVersion {
         /// The header's major version.
