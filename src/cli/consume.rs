@@ -56,7 +56,7 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// Attaches, consumes, prints a line per batch and a summary.
 pub(crate) fn run(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
-    let dir = RuntimeDir::from_env()?;
+    let dir = RuntimeDir::from_env_for(args.trust_uid)?;
     let consumer = match attach_waiting(&dir, &args) {
         Err(e) if e.code() == "finished" => {
             // Not a failure: the run this consumer would read is over.

@@ -462,7 +462,7 @@ impl Consumer {
                 Err(e) if e.code() == "not_running" => {
                     let dir = match &opts.dir {
                         Some(d) => d.clone(),
-                        None => RuntimeDir::from_env()?,
+                        None => RuntimeDir::from_env_for(opts.trust_uid)?,
                     };
                     return match finished_marker(&dir, &opts.name) {
                         Some(generation) => Err(AttachError::Finished {
@@ -482,7 +482,7 @@ impl Consumer {
         validate_name(&name)?;
         let dir = match &opts.dir {
             Some(d) => d.clone(),
-            None => RuntimeDir::from_env()?,
+            None => RuntimeDir::from_env_for(opts.trust_uid)?,
         };
         match opts.trust_uid {
             Some(owner) => dir.check_trusting(owner)?,

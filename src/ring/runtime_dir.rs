@@ -122,6 +122,19 @@ impl RuntimeDir {
         Ok(RuntimeDir { path })
     }
 
+    /// The directory of a daemon run by `owner` (a consumer's `trust_uid`), as §2 finds it:
+    /// `$RINGFEED_RUNTIME_DIR` if set, else, for another user, `/tmp/ringfeed-<owner>` (that
+    /// user's `$XDG_RUNTIME_DIR` is private to them), else [`from_env`](Self::from_env).
+    pub fn from_env_for(owner: Option<u32>) -> Result<RuntimeDir, RuntimeDirError> {
+        let explicit = std::env::var_os("RINGFEED_RUNTIME_DIR").is_some_and(|v| !v.is_empty());
+        match owner {
+            Some(uid) if !explicit && uid != rustix::process::getuid().as_raw() => Ok(RuntimeDir {
+                path: PathBuf::from(format!("/tmp/ringfeed-{uid}")),
+            }),
+            _ => RuntimeDir::from_env(),
+        }
+    }
+
     /// A directory at an explicit path (tests, `--runtime-dir`).
     pub fn at(path: impl Into<PathBuf>) -> RuntimeDir {
         RuntimeDir { path: path.into() }

@@ -192,7 +192,7 @@ class Loader:
             except AttachError as err:
                 if err.code == "not_running":
                     finished = protocol.finished_generation(
-                        runtime_dir(self._runtime_dir), self.name
+                        runtime_dir(self._runtime_dir, self._trust_uid), self.name
                     )
                     # The run this loader was reading has ended: say so at once. A marker of
                     # some earlier run counts only once the wait is over (a new run of the

@@ -23,14 +23,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def runtime_dir(override: Optional[str | os.PathLike[str]] = None) -> Path:
-    """The runtime directory: ``override``, else ``$RINGFEED_RUNTIME_DIR``, else
-    ``$XDG_RUNTIME_DIR/ringfeed``, else ``/tmp/ringfeed-<uid>`` (§2). Not checked here."""
+def runtime_dir(
+    override: Optional[str | os.PathLike[str]] = None, trust_uid: Optional[int] = None
+) -> Path:
+    """The runtime directory: ``override``, else ``$RINGFEED_RUNTIME_DIR``, else, with a
+    ``trust_uid`` other than ours, ``/tmp/ringfeed-<trust_uid>`` (that user's
+    ``$XDG_RUNTIME_DIR`` is private to them), else ``$XDG_RUNTIME_DIR/ringfeed``, else
+    ``/tmp/ringfeed-<uid>`` (§2). Not checked here."""
     if override is not None and str(override) != "":
         return Path(override)
     explicit = os.environ.get("RINGFEED_RUNTIME_DIR", "")
     if explicit:
         return Path(explicit)
+    if trust_uid is not None and trust_uid != os.getuid():
+        return Path(f"/tmp/ringfeed-{trust_uid}")
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
     if xdg:
         return Path(xdg) / "ringfeed"
@@ -87,6 +93,6 @@ def socket_path(
 ) -> Path:
     """Checked path of ``<name>.sock`` in the (checked) runtime directory."""
     check_name(name)
-    base = runtime_dir(directory)
+    base = runtime_dir(directory, trust_uid)
     check_runtime_dir(base, trust_uid)
     return base / f"{name}.sock"
