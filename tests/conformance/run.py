@@ -17,6 +17,10 @@ Scenarios (each client in its own runtime directory, in parallel):
 4. lane held: a second client is refused with `lane_held` (retryable) at once.
 5. version mismatch: a ring whose header says major 2 is refused as `format`, naming
    `version_major`; an attach request of another major is refused with code `version`.
+6. a hostile header (a producer writing impossible values): refused as `format`, naming the
+   field, never a crash.
+7. selection (`[selection] mode = "infobatch"`): epoch 1 is decided only once every lane sent
+   `EPOCH_DONE 0` (ring format §9), so every client must send it; the batches agree.
 
 A new client adds one entry to CLIENTS (a command printing the same lines).
 
@@ -251,6 +255,64 @@ def version_mismatch(bin_path: Path, client: Command) -> str:
         env.close()
 
 
+# (struct format, offset, value, the field the error must name): ring format §5.1/§5.2 offsets;
+# the reference producer's tensor table starts at 512 (tensor 0 = images).
+HOSTILE = (
+    ("8s", 0, "RINGFEEX", "magic"),
+    ("I", 88, "17", "tensor_count"),
+    ("Q", 72, "4097", "slot_stride"),
+    ("I", 96, "514", "lane"),  # lane_table_offset not a multiple of 8
+    ("B", 512, "1", "name"),  # a control byte in a tensor name
+    ("I", 512 + 16, "99", "dtype"),
+    ("I", 512 + 20, "5", "rank"),
+)
+
+
+def hostile_header(bin_path: Path, client: Command) -> list[str]:
+    codes = []
+    for fmt, offset, value, field in HOSTILE:
+        env = Env(bin_path)
+        try:
+            writer = env.start([
+                sys.executable, str(ROOT / "clients/python/tests/ring_writer.py"), "--name",
+                NAME, "--dir", str(env.dir), "--poke", f"{fmt}:{offset}:{value}",
+            ])  # fmt: skip
+            check(read_line(writer, "fake producer").startswith("READY"), "fake producer")
+            reader = env.start(client("--wait", "0"))
+            rc, _, err = finish(reader, f"reader of a ring with {field} = {value}")
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            check(
+                rc == 1 and last.startswith("error format") and field in last,
+                f"{field} = {value}: exit {rc}, {last!r}",
+            )
+            codes.append(last.split(":")[0])
+        finally:
+            env.close()
+    return codes
+
+
+def selection(bin_path: Path, client: Command) -> list[str]:
+    env = Env(bin_path)
+    try:
+        config = env.dir.parent / f"{env.dir.name}-selection.toml"
+        config.write_text(CONFIG.read_text() + '\n[selection]\nmode = "infobatch"\n')
+        try:
+            env.start([
+                str(bin_path), "serve", "--config", str(config), "--state-dir",
+                str(env.dir / "state"), "--exit-when-done",
+            ])  # fmt: skip
+            reader = env.start(client("--wait", "30"))
+            rc, lines, err = finish(reader, "reader of a selecting ring")
+            check(rc == 0 and lines and lines[-1] == "end", f"selection: {rc} {lines[-2:]} {err}")
+            epochs = {line.split()[1] for line in lines[:-1]}
+            check(epochs == {"0", "1"}, f"selection: epochs {epochs}")
+            return lines[:-1]
+        finally:
+            config.unlink(missing_ok=True)
+    finally:
+        env.close()
+
+
 def daemon_refuses_another_major(bin_path: Path) -> None:
     env = Env(bin_path)
     try:
@@ -299,6 +361,10 @@ def main() -> int:
     parser.add_argument("--c", type=Path, default=ROOT / "clients/c/read_batches")
     parser.add_argument("--only", help="comma-separated client names")
     args = parser.parse_args()
+    for tool in (args.bin, args.c):
+        if not os.access(tool, os.X_OK):
+            print(f"FAIL {tool} is missing: build it first (cargo build; make -C clients/c)")
+            return 1
     cmds = clients(args.bin.resolve(), args.c.resolve())
     if args.only:
         cmds = {k: v for k, v in cmds.items() if k in args.only.split(",")}
@@ -342,6 +408,14 @@ def main() -> int:
         check(code == "error format", f"version mismatch: {code}")
         daemon_refuses_another_major(args.bin)
         print("ok   version mismatch: a major-2 ring is a format error; the daemon says 'version'")
+
+        same(run_each(cmds, lambda c: hostile_header(args.bin, c)), "hostile headers")
+        print(f"ok   {len(HOSTILE)} hostile headers: every client refuses each, naming the field")
+
+        lines = same(run_each(cmds, lambda c: selection(args.bin, c)), "selection")
+        print(
+            f"ok   selection: every client ends epoch 0, epoch 1 is decided ({len(lines)} batches)"
+        )  # type: ignore[arg-type]
     except Failure as err:
         print(f"FAIL {err}", file=sys.stderr)
         return 1
