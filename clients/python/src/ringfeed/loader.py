@@ -87,8 +87,10 @@ class Loader:
         pin: ``cudaHostRegister`` the data mapping once (warns and carries on without CUDA).
         resume: ``{"epoch", "index"}`` of the next batch wanted (e.g. a saved
             :meth:`state_dict`); the producer seeks the lane there.
-        wait_for_producer: seconds to keep retrying connect/attach until a producer answers,
-            also used to re-attach (resuming at the cursor) when the producer dies mid-run.
+        wait_for_producer: seconds to keep retrying connect/attach while the error is
+            retryable (:attr:`AttachError.retryable`: no producer yet, lane still held), also
+            used to re-attach (resuming at the cursor) when the producer dies mid-run. A
+            producer that finished the run and exited ends the iteration instead.
         timeout: raise :class:`RingTimeout` when no batch arrives within this many seconds.
         runtime_dir: override the runtime directory (§2).
         trust_uid: also accept a producer running as this uid (a daemon started with
