@@ -41,10 +41,26 @@ pub(crate) struct ConsumeArgs {
     /// release before asking for the next batch (a trainer's end-of-epoch work).
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
     pause_at_epoch_end: f64,
+    /// Start at batch INDEX of epoch EPOCH (the next batch wanted, as a checkpoint saves it):
+    /// the daemon seeks the lane there.
+    #[arg(long, value_name = "EPOCH:INDEX", value_parser = parse_resume)]
+    resume: Option<(u64, u64)>,
     /// Take N batches without releasing them, print `holding`, then wait to be killed: a
     /// trainer that dies holding batches (the failure-mode tests).
     #[arg(long, value_name = "N", hide = true)]
     hold: Option<u64>,
+}
+
+/// `--resume` value: `EPOCH:INDEX`.
+fn parse_resume(s: &str) -> Result<(u64, u64), String> {
+    let (e, i) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not EPOCH:INDEX"))?;
+    let num = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{v:?} in {s:?} is not a batch number"))
+    };
+    Ok((num(e)?, num(i)?))
 }
 
 /// FNV-1a, 64 bits: the conformance test's hash of a tensor's bytes (trivial in any language).
@@ -177,6 +193,7 @@ fn attach_waiting(dir: &RuntimeDir, args: &ConsumeArgs) -> Result<Consumer, Atta
     let mut opts = AttachOptions::new(&args.name, args.lane);
     opts.dir = Some(dir.clone());
     opts.trust_uid = args.trust_uid;
+    opts.resume = args.resume;
     opts.wait = Duration::from_secs_f64(args.wait.max(0.0));
     Consumer::attach_with(&opts)
 }

@@ -62,6 +62,7 @@ def main() -> int:
     parser.add_argument("--lane", type=int, default=0)
     parser.add_argument("--wait", type=float, default=0.0)
     parser.add_argument("--hold", type=int)
+    parser.add_argument("--resume", metavar="EPOCH:INDEX")
     parser.add_argument("--pause-at-epoch-end", type=float, default=0.0)
     args = parser.parse_args()
     try:
@@ -69,6 +70,9 @@ def main() -> int:
             loader = ringfeed.Loader(
                 args.name, args.lane, wait_for_producer=args.wait,
                 release_previous=args.hold is None,
+                resume=None
+                if args.resume is None
+                else dict(zip(("epoch", "index"), map(int, args.resume.split(":")))),
             )  # fmt: skip
         except ringfeed.AttachError as err:
             if err.code == "finished":  # the run this reader would read is over

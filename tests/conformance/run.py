@@ -19,7 +19,9 @@ Scenarios (each client in its own runtime directory, in parallel):
    `version_major`; an attach request of another major is refused with code `version`.
 6. a hostile header (a producer writing impossible values): refused as `format`, naming the
    field, never a crash.
-7. selection (`[selection] mode = "infobatch"`): epoch 1 is decided only once every lane sent
+7. resume: a client attaching with `resume` at (1, 2) gets that batch and the rest, the same
+   bytes as the uninterrupted run.
+8. selection (`[selection] mode = "infobatch"`): epoch 1 is decided only once every lane sent
    `EPOCH_DONE 0` (ring format §9), so every client must send it; the batches agree.
 
 A new client adds one entry to CLIENTS (a command printing the same lines).
@@ -291,6 +293,18 @@ def hostile_header(bin_path: Path, client: Command) -> list[str]:
     return codes
 
 
+def resume(bin_path: Path, client: Command) -> list[str]:
+    env = Env(bin_path)
+    try:
+        env.serve("--exit-when-done")
+        reader = env.start(client("--wait", "30", "--resume", "1:2"))
+        rc, lines, err = finish(reader, "resumed reader")
+        check(rc == 0 and lines and lines[-1] == "end", f"resume: {rc} {lines[-2:]} {err}")
+        return lines[:-1]
+    finally:
+        env.close()
+
+
 def selection(bin_path: Path, client: Command) -> list[str]:
     env = Env(bin_path)
     try:
@@ -411,6 +425,13 @@ def main() -> int:
 
         same(run_each(cmds, lambda c: hostile_header(args.bin, c)), "hostile headers")
         print(f"ok   {len(HOSTILE)} hostile headers: every client refuses each, naming the field")
+
+        lines = same(run_each(cmds, lambda c: resume(args.bin, c)), "resume")
+        tail = batches[
+            batches.index(next(x for x in batches if x.startswith("epoch 1 index 2 "))) :
+        ]
+        check(lines == tail, f"resumed at 1:2: {lines} != {tail}")
+        print(f"ok   resume at epoch 1 index 2: the same {len(tail)} batches as the whole run")
 
         lines = same(run_each(cmds, lambda c: selection(args.bin, c)), "selection")
         print(

@@ -8,7 +8,7 @@
  * tensor's bytes read in place. Prints `end` and exits 0 at the end of a finite run; on an
  * error prints `error CODE: message` to stderr and exits 1.
  *
- * Usage: read_batches NAME [--lane N] [--wait S] [--trust-uid U] [--resume EPOCH INDEX]
+ * Usage: read_batches NAME [--lane N] [--wait S] [--trust-uid U] [--resume EPOCH:INDEX]
  *                          [--timeout S] [--batches N] [--hold N] [--pause-at-epoch-end S]
  *   --batches N   stop (releasing) after N batches, exit 0
  *   --hold N      take N batches without releasing them, print `holding`, then wait to be
@@ -50,7 +50,7 @@ static int die(const rf_error *err) {
 
 static int usage(void) {
     fprintf(stderr, "usage: read_batches NAME [--lane N] [--wait S] [--trust-uid U] "
-                    "[--resume EPOCH INDEX] [--timeout S] [--batches N] [--hold N] "
+                    "[--resume EPOCH:INDEX] [--timeout S] [--batches N] [--hold N] "
                     "[--pause-at-epoch-end S]\n");
     return 2;
 }
@@ -69,10 +69,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--trust-uid") && more) {
             o.has_trust_uid = 1;
             o.trust_uid = (uint32_t)strtoul(argv[++i], NULL, 10);
-        } else if (!strcmp(a, "--resume") && i + 2 < argc) {
+        } else if (!strcmp(a, "--resume") && more) {
+            char *colon;
             o.resume = 1;
-            o.resume_epoch = strtoull(argv[++i], NULL, 10);
-            o.resume_index = strtoull(argv[++i], NULL, 10);
+            o.resume_epoch = strtoull(argv[++i], &colon, 10);
+            if (*colon != ':') return usage();
+            o.resume_index = strtoull(colon + 1, NULL, 10);
         } else if (!strcmp(a, "--timeout") && more) timeout = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--batches") && more) max_batches = strtoll(argv[++i], NULL, 10);
         else if (!strcmp(a, "--hold") && more) hold = strtoll(argv[++i], NULL, 10);
