@@ -378,6 +378,34 @@ mod tests {
     }
 
     #[test]
+    fn refusals_say_their_code_and_whether_to_retry() {
+        let all = [
+            Refusal::Permission,
+            Refusal::BadRequest,
+            Refusal::RequestTimeout,
+            Refusal::Version,
+            Refusal::LaneRange,
+            Refusal::LaneHeld,
+            Refusal::ResumeRange,
+            Refusal::Stopping,
+        ];
+        let codes: std::collections::BTreeSet<_> = all.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), all.len(), "codes are distinct");
+        let retried: Vec<_> = all
+            .iter()
+            .filter(|r| r.retryable())
+            .map(|r| r.code())
+            .collect();
+        assert_eq!(retried, ["request_timeout", "lane_held", "stopping"]);
+        let reply = Refusal::LaneHeld.reply("lane 0 is held by live consumer pid 7");
+        assert_eq!(
+            reply,
+            serde_json::json!({"ok": false, "error": "lane 0 is held by live consumer pid 7",
+                               "code": "lane_held", "retry": true})
+        );
+    }
+
+    #[test]
     fn uid_check() {
         assert_eq!(check_peer_uid(1000, 1000, None), Ok(()));
         assert_eq!(check_peer_uid(65534, 0, None), Err(65534));
