@@ -124,7 +124,8 @@ pub enum AttachError {
         lane: u32,
         /// The producer's reason.
         reason: String,
-        /// The reply's refusal `code` (§3); `"unknown"` from a producer before 1.3.
+        /// The reply's refusal `code` (§3); `"unknown"` from a producer before 1.3, which is
+        /// retryable.
         code: String,
         /// The reply's `retry`: asking again later may succeed.
         retry: bool,
@@ -175,8 +176,8 @@ pub enum AttachError {
 
 impl AttachError {
     /// The machine-readable code (§3 "Refusal codes"): the producer's for a refusal, else the
-    /// client's own (`not_running`, `finished`, `foreign_producer`, `runtime_dir`, `protocol`,
-    /// `format`, `not_sealed`, `io`).
+    /// client's own (`not_running`, `finished`, `foreign_producer`, `runtime_dir`, `connect`,
+    /// `protocol`, `format`, `not_sealed`, `io`).
     pub fn code(&self) -> &str {
         match self {
             AttachError::RuntimeDir(RuntimeDirError::Missing { .. }) => "not_running",
@@ -355,7 +356,7 @@ struct Reply {
     #[serde(default)]
     code: Option<String>,
     #[serde(default)]
-    retry: bool,
+    retry: Option<bool>,
     /// `"memfd"` (absent in older producers) or `"file"` (a `--shm-dir` ring file).
     #[serde(default)]
     segment: Option<String>,
@@ -532,8 +533,9 @@ impl Consumer {
                 name,
                 lane: opts.lane,
                 reason: reply.error.unwrap_or_else(|| "no reason given".into()),
+                // A producer before 1.3 gives neither: retried within the wait, as before (§3).
+                retry: reply.retry.unwrap_or(reply.code.is_none()),
                 code: reply.code.unwrap_or_else(|| "unknown".into()),
-                retry: reply.retry,
             });
         }
         let file =

@@ -25,7 +25,8 @@ class AttachError(RingfeedError):
     ``code`` is machine-readable (ring format §3 "Refusal codes"): the producer's refusal code
     (``lane_held``, ``version``, ``lane_range``, ``permission``, ...), or the client's own
     (``not_running``: no daemon serves the name yet; ``finished``: the run ended and its
-    producer exited; ``runtime_dir``, ``foreign_producer``, ``protocol``, ``client``).
+    producer exited; ``runtime_dir``, ``connect``, ``foreign_producer``, ``protocol``,
+    ``client`` for a bad argument).
     ``retryable`` says whether the same attach may succeed later (``not_running``,
     ``lane_held``, ``stopping``, ``request_timeout``).
     """
