@@ -235,3 +235,52 @@ class _FakeLayout:
     def _replace(self, **changes: object) -> _FakeLayout:
         fields = {"mean": self.mean, "std": self.std, "nhwc": self.nhwc, **changes}
         return _FakeLayout(**fields)  # type: ignore[arg-type]
+
+
+class _FakeCudart:
+    """torch.cuda.cudart() as far as cuda_pin uses it: registration answers and error reads."""
+
+    def __init__(self, accepted_flags: set[int]) -> None:
+        self.accepted_flags = accepted_flags
+        self.calls: list[str] = []
+
+    def cudaHostRegister(self, address: int, size: int, flags: int) -> int:  # noqa: N802
+        self.calls.append(f"register {flags}")
+        return 0 if flags in self.accepted_flags else 1  # 1 = cudaErrorInvalidValue
+
+    def cudaGetLastError(self) -> int:  # noqa: N802
+        self.calls.append("get last error")
+        return 0
+
+
+def _fake_torch(monkeypatch: pytest.MonkeyPatch, cudart: _FakeCudart) -> None:
+    import sys
+    import types
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, cudart=lambda: cudart)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+
+
+def test_pinning_a_read_only_ring_asks_for_read_only_registration_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ringfeed import _frameworks
+
+    cudart = _FakeCudart(accepted_flags={0x08})
+    _fake_torch(monkeypatch, cudart)
+    assert _frameworks.cuda_pin(4096, 8192)
+    assert cudart.calls == ["register 8"]  # no refused call, so no error left behind
+
+
+def test_a_refused_registration_clears_cudas_last_error_before_the_next_try(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A refused cudaHostRegister leaves cudaErrorInvalidValue as the last error, which torch
+    # reports at the caller's next kernel launch ("invalid argument", seen on an H200).
+    from ringfeed import _frameworks
+
+    cudart = _FakeCudart(accepted_flags=set())
+    _fake_torch(monkeypatch, cudart)
+    with pytest.warns(ringfeed.RingfeedWarning, match="cudaHostRegister of the ring failed"):
+        assert not _frameworks.cuda_pin(4096, 8192)
+    assert cudart.calls == ["register 8", "get last error", "register 0", "get last error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -62,14 +63,49 @@ def cuda_pin(address: int, size: int) -> bool:
                       RingfeedWarning, stacklevel=4)  # fmt: skip
         return False
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call,unused-ignore]
-    # The mapping is read-only: plain registration may be refused for lack of write access, so
-    # fall back to cudaHostRegisterReadOnly (CUDA 11.1+).
-    for flags in (0, _CUDA_HOST_REGISTER_READ_ONLY):
+    # The data mapping is PROT_READ, so plain registration (flags 0) is refused for lack of
+    # write access: ask for cudaHostRegisterReadOnly (CUDA 11.1+) first, plain as the fallback.
+    for flags in (_CUDA_HOST_REGISTER_READ_ONLY, 0):
         if int(cudart.cudaHostRegister(address, size, flags)) == 0:
             return True
+        _clear_last_cuda_error(cudart)
     warnings.warn("cudaHostRegister of the ring failed; batches stay unpinned",
                   RingfeedWarning, stacklevel=4)  # fmt: skip
     return False
+
+
+def _clear_last_cuda_error(cudart: Any) -> None:
+    """Read back (and so clear) CUDA's "last error" after a refused registration.
+
+    A refused ``cudaHostRegister`` leaves ``cudaErrorInvalidValue`` as the runtime's last
+    error, and torch checks that after its next kernel launch: the caller's first GPU op would
+    then fail with "invalid argument" (seen on an H200 with torch 2.11). torch's ``cudart()``
+    does not always expose ``cudaGetLastError``; the runtime library torch loaded does.
+    """
+    get_last = getattr(cudart, "cudaGetLastError", None)
+    if get_last is not None:
+        get_last()
+        return
+    library = _loaded_cudart()
+    if library is not None:
+        library.cudaGetLastError()
+
+
+def _loaded_cudart() -> Any:
+    """The CUDA runtime already mapped into this process (by torch), or None."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:  # RTLD_NOLOAD: the copy torch uses, never a second one
+            return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:
+            continue
+    return None
 
 
 def cuda_unpin(address: int) -> None:
