@@ -1,10 +1,12 @@
 """The end of a finite run against the real daemon (ring format §7 "The end of a finite
-run"), refusal codes (§3) and the exact generation (§3, 1.3). The same end-of-run scenarios
+run"), refusal codes (§3), the exact generation (§3) and a trusted uid's runtime directory
+(§2), all of format 1.3. The same end-of-run scenarios
 run through the Rust and C clients in tests/conformance/run.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +123,19 @@ def test_a_producer_before_1_3_is_read_without_codes(runtime_dir: Path) -> None:
         loader.close()
     finally:
         writer.stop()
+
+
+def test_the_runtime_directory_of_a_trusted_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # §2 (1.3): another user's $XDG_RUNTIME_DIR is private to them, so a consumer trusting
+    # that uid looks in its /tmp fallback unless RINGFEED_RUNTIME_DIR says where.
+    from ringfeed.runtime import runtime_dir
+
+    monkeypatch.delenv("RINGFEED_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/x")
+    other = os.getuid() + 1
+    assert runtime_dir() == Path("/x/ringfeed")
+    assert runtime_dir(trust_uid=os.getuid()) == Path("/x/ringfeed")
+    assert runtime_dir(trust_uid=other) == Path(f"/tmp/ringfeed-{other}")
+    monkeypatch.setenv("RINGFEED_RUNTIME_DIR", "/r")
+    assert runtime_dir(trust_uid=other) == Path("/r")
+    assert runtime_dir("/given", trust_uid=other) == Path("/given")
