@@ -368,26 +368,23 @@ mod tests {
             }
         };
         let all = env(&[("RINGFEED_RUNTIME_DIR", "/r"), ("XDG_RUNTIME_DIR", "/x")]);
-        assert_eq!(resolve(&all, 1000, None), PathBuf::from("/r"));
-        assert_eq!(resolve(&all, 1000, Some(0)), PathBuf::from("/r"));
+        assert_eq!(resolve(all, 1000, None), PathBuf::from("/r"));
+        assert_eq!(resolve(all, 1000, Some(0)), PathBuf::from("/r"));
         let xdg = env(&[("RINGFEED_RUNTIME_DIR", ""), ("XDG_RUNTIME_DIR", "/x")]);
-        assert_eq!(resolve(&xdg, 1000, None), PathBuf::from("/x/ringfeed"));
-        assert_eq!(
-            resolve(&xdg, 1000, Some(1000)),
-            PathBuf::from("/x/ringfeed")
-        );
+        assert_eq!(resolve(xdg, 1000, None), PathBuf::from("/x/ringfeed"));
+        assert_eq!(resolve(xdg, 1000, Some(1000)), PathBuf::from("/x/ringfeed"));
         // Another user's XDG directory is private to them: their /tmp fallback.
         assert_eq!(
-            resolve(&xdg, 1000, Some(0)),
+            resolve(xdg, 1000, Some(0)),
             PathBuf::from("/tmp/ringfeed-0")
         );
         let none = env(&[]);
         assert_eq!(
-            resolve(&none, 1000, None),
+            resolve(none, 1000, None),
             PathBuf::from("/tmp/ringfeed-1000")
         );
         assert_eq!(
-            resolve(&none, 1000, Some(7)),
+            resolve(none, 1000, Some(7)),
             PathBuf::from("/tmp/ringfeed-7")
         );
     }
