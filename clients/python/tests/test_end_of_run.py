@@ -1,7 +1,7 @@
 """The end of a finite run against the real daemon (ring format §7 "The end of a finite
 run"), refusal codes (§3), the exact generation (§3) and a trusted uid's runtime directory
-(§2), all of format 1.3. The same end-of-run scenarios
-run through the Rust and C clients in tests/conformance/run.py."""
+(§2), all of format 1.3. The same end-of-run scenarios run through the Rust and C clients
+in tests/conformance/run.py."""
 
 from __future__ import annotations
 
