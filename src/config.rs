@@ -209,6 +209,11 @@ pub struct Plan {
     pub threads: usize,
     /// Global rank of each lane, and the world size.
     pub ranks: RankPlan,
+    /// Several lanes and no world size from anywhere (`[distributed] world-size`,
+    /// `--world-size`, `WORLD_SIZE`): the world size was assumed to be the lane count (a
+    /// single-node job), which `serve` says loudly. On several nodes every node would then
+    /// serve the same samples.
+    pub world_size_assumed: bool,
     /// `ring.allow-group` resolved to a gid.
     pub allow_gid: Option<u32>,
     /// The checked InfoBatch parameters (`None`: `[selection] mode = "none"`).
@@ -238,7 +243,7 @@ impl ConfigFile {
     pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_owned(),
-            message: e.to_string().trim_end().replace('\n', "\n  "),
+            message: without_type_names(e.to_string().trim_end()).replace('\n', "\n  "),
         })
     }
 
@@ -256,6 +261,34 @@ impl ConfigFile {
         ConfigFile::parse(DEFAULT_CONFIG, "built-in default")
             .expect("configs/default.toml is checked by a unit test")
     }
+}
+
+/// A parser message with the Rust type names serde puts in it (`expected struct FlipConfig`,
+/// `expected enum ShuffleMode`) replaced by what a user writes: a table, one of the names.
+fn without_type_names(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("expected ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "expected ".len()..];
+        let (kind, replacement) = if after.starts_with("struct ") {
+            ("struct ", "expected a table")
+        } else if after.starts_with("enum ") {
+            ("enum ", "expected one of the documented names")
+        } else {
+            out.push_str("expected ");
+            rest = after;
+            continue;
+        };
+        let name = &after[kind.len()..];
+        let end = name
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(name.len());
+        out.push_str(replacement);
+        rest = &name[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Environment variables of torchrun that describe the rank layout.
@@ -510,6 +543,9 @@ impl Plan {
         }
 
         let ranks = resolve_ranks(&file, env)?;
+        let world_size_assumed = file.ring.lanes > 1
+            && file.distributed.world_size.is_none()
+            && env.world_size.is_none();
         let threads = if file.workers.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -520,6 +556,7 @@ impl Plan {
             base_dir: base_dir.to_owned(),
             threads,
             ranks,
+            world_size_assumed,
             allow_gid,
             infobatch,
             state_dir,
@@ -570,6 +607,47 @@ mod tests {
     fn plan(text: &str, o: &Overrides, env: &TorchrunEnv) -> Result<Plan, ConfigError> {
         let file = ConfigFile::parse(text, "test")?;
         Plan::resolve(file, o, Path::new(env!("CARGO_MANIFEST_DIR")), env)
+    }
+
+    #[test]
+    fn a_flip_takes_a_bare_probability_and_errors_name_no_rust_types() {
+        let with = |flip: &str| {
+            ConfigFile::parse(
+                &format!("[source]\nshards = [\"x.tar\"]\n[augment]\nhorizontal-flip = {flip}\n"),
+                "test",
+            )
+        };
+        for (text, p) in [
+            ("0.5", 0.5),
+            ("1", 1.0),
+            ("{ p = 0.25 }", 0.25),
+            ("{}", 0.5),
+        ] {
+            let file = with(text).unwrap();
+            assert_eq!(file.augment.horizontal_flip.unwrap().p, p, "{text}");
+        }
+        for bad in ["\"yes\"", "[0.5]", "{ q = 1 }"] {
+            let message = with(bad).unwrap_err().to_string();
+            assert!(!message.contains("FlipConfig"), "{message}");
+            assert!(
+                message.contains("horizontal-flip") || message.contains("line 4"),
+                "{message}"
+            );
+        }
+        let shuffle = ConfigFile::parse(
+            "[source]\nshards = [\"x.tar\"]\n[sampling]\nshuffle = 3\n[augment]\n",
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !shuffle.contains("ShuffleMode") && !shuffle.contains("struct "),
+            "{shuffle}"
+        );
+        assert_eq!(
+            without_type_names("invalid type: integer `3`, expected struct RotateConfig at x"),
+            "invalid type: integer `3`, expected a table at x"
+        );
     }
 
     #[test]

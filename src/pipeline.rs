@@ -402,17 +402,20 @@ impl Pipeline {
         ids: &mut Vec<u64>,
     ) -> Result<(), PipelineError> {
         self.sampler.batch(cursor.epoch, rank, cursor.index, ids)?;
-        self.fill_rows(cursor.epoch, tensors, ids, None)
+        let valid = self.sampler.valid_rows(rank, cursor.index);
+        self.fill_rows(cursor.epoch, tensors, ids, None, valid)
     }
 
-    /// Fills the rows of `ids` (samples of `epoch`) into the tensors, and `weights` into the
-    /// `weights` tensor when given.
+    /// Fills the rows of `ids` (samples of `epoch`) into the tensors, `weights` into the
+    /// `weights` tensor when given, and marks the first `valid` rows 1 in `valid` (the rest
+    /// is padding).
     fn fill_rows(
         &self,
         epoch: u64,
         tensors: &mut [&mut [u8]],
         ids: &[u64],
         weights: Option<&[f32]>,
+        valid: u32,
     ) -> Result<(), PipelineError> {
         self.failed_ids
             .lock()
@@ -464,6 +467,11 @@ impl Pipeline {
             let out = &mut *rest[at - 1];
             for (row, w) in weights.iter().enumerate() {
                 out[row * 4..row * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+        }
+        if let Some(out) = rest.get_mut(self.schema.valid_index() - 1) {
+            for (row, flag) in out.iter_mut().enumerate() {
+                *flag = u8::from(row < valid as usize);
             }
         }
         Ok(())
@@ -830,7 +838,8 @@ impl Pipeline {
                 match plans.get(&cursor.epoch) {
                     Some(plan) if selecting => {
                         plan.batch(rank, cursor.index, &mut ids, &mut weights);
-                        self.fill_rows(cursor.epoch, &mut tensors, &ids, Some(&weights))?;
+                        let valid = plan.valid_rows(rank, cursor.index);
+                        self.fill_rows(cursor.epoch, &mut tensors, &ids, Some(&weights), valid)?;
                         plan.batches()
                     }
                     _ => {

@@ -252,3 +252,21 @@ fn peek_finds_class_names_in_config_folder_and_classes_txt() {
         "{said}"
     );
 }
+
+#[test]
+fn peek_with_shards_and_no_config_renders_from_the_shards_not_a_ring() {
+    // No daemon runs in this runtime directory: before, `--shards` without `--config` fell
+    // through to live-ring mode and failed to find ring "default".
+    let data = tempfile::tempdir().unwrap();
+    let runtime = RuntimeTmp::new();
+    let spec = write_dataset(data.path(), 1, 40);
+    let shard = spec.replace("{000000..000000}", "000000");
+    let out = data.path().join("shards.png");
+    let said = peek(
+        runtime.path(),
+        &["--shards", &shard, "--out", out.to_str().unwrap()],
+    );
+    assert!(!said.contains(" seq "), "read a ring: {said}");
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert!(img.width() > 100 && img.height() > 100);
+}

@@ -126,3 +126,71 @@ fn stat_of_an_absent_ring_says_no_producer_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no producer is running"), "{err}");
 }
+
+fn stat(runtime: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+        .arg("stat")
+        .args(args)
+        .env("RINGFEED_RUNTIME_DIR", runtime)
+        .output()
+        .expect("running ringfeed stat");
+    assert!(
+        out.status.success(),
+        "stat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn stat_without_a_name_lists_the_rings_and_a_report_shows_ranks() {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = RuntimeTmp::new();
+    let spec = write_dataset(data.path(), 1, 16);
+    let config = small_config(data.path(), &spec, "listed");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--lanes",
+        "2",
+        "--world-size",
+        "6",
+        "--first-rank",
+        "2",
+        "--batch-size",
+        "2",
+    ];
+    let daemon = Daemon::start(runtime.path(), &args);
+    // A stale lock file of a dead producer is not a running ring.
+    std::fs::write(runtime.path().join("gone.lock"), "999999999").unwrap();
+
+    let list = stat(runtime.path(), &[]);
+    assert!(list.contains("listed"), "{list}");
+    assert!(list.contains("2 lane(s), world size 6"), "{list}");
+    assert!(!list.contains("gone"), "{list}");
+    let json: Value = serde_json::from_str(stat(runtime.path(), &["--json"]).trim()).unwrap();
+    assert_eq!(json[0]["name"], "listed");
+    assert_eq!(
+        (
+            json[0]["world_size"].as_u64(),
+            json[0]["first_rank"].as_u64()
+        ),
+        (Some(6), Some(2))
+    );
+
+    let text = stat(runtime.path(), &["listed", "--once"]);
+    assert!(text.contains("ranks 2-3 of world size 6"), "{text}");
+    assert!(text.contains("lane 1 (rank 3):"), "{text}");
+    // One second observed: the 60 s window says so instead of repeating the 1 s rate.
+    assert!(
+        text.contains("60 s: – (only 1 s observed so far)"),
+        "{text}"
+    );
+    let report = stat_once(runtime.path(), "listed");
+    assert_eq!(report["world_size"], 6);
+    assert_eq!(report["lane_stats"][1]["rank"], 3);
+    assert!(daemon.terminate().success());
+
+    let none = stat(runtime.path(), &[]);
+    assert!(none.contains("no ring is running"), "{none}");
+}

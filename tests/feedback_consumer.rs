@@ -39,6 +39,9 @@ fn setup_with(name: &str, options: &ProducerOptions) -> (tempfile::TempDir, Runt
         epochs: 0,
         seed: 1,
         samples_per_epoch: 100,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     };
@@ -176,6 +179,7 @@ fn a_forged_epoch_plan_is_restored_by_the_producer() {
     let options = ProducerOptions {
         shm_dir: Some(shm.clone()),
         allow_group: None,
+        fingerprint: None,
     };
     let (_t, _dir, p) = setup_with("fb-plan", &options);
     p.announce_epoch(0, 3, 7, 56, 40);

@@ -86,6 +86,9 @@ fn write_seeds() {
         epochs: 1,
         seed: 1,
         samples_per_epoch: 12,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.5; 4],
         std: [0.25; 4],
     };

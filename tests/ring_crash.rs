@@ -34,6 +34,9 @@ fn spec(name: &str, slots: u32) -> RingSpec {
         epochs: 0,
         seed: 0,
         samples_per_epoch: 0,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     }

@@ -35,6 +35,9 @@ fn spec(name: &str, lanes: u32, slots: u32) -> RingSpec {
         epochs: 1,
         seed: 1,
         samples_per_epoch: 400,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     }
@@ -401,4 +404,23 @@ fn concurrent_producer_and_consumer_never_tear_a_batch() {
         }
         assert_eq!(expect, N);
     });
+}
+
+#[test]
+fn a_ring_without_world_size_is_read_as_an_old_producers_and_not_refused() {
+    // `world_size` 0 in the header: what a producer before 1.3 wrote into reserved bytes.
+    let (_t, dir, p) = setup("oldws", 2, 2);
+    publish(&p, 1, 0);
+    let mut o = AttachOptions::new("oldws", 1);
+    o.dir = Some(dir.clone());
+    o.expect_rank = Some((5, 8)); // cannot be checked: accepted
+    let c = Consumer::attach_with(&o).unwrap();
+    assert_eq!((c.layout().world_size, c.layout().lane_rank(1)), (0, None));
+    assert_eq!(c.fingerprint(), None);
+    let b = c.next().unwrap().unwrap();
+    // No `valid` tensor either: every row counts.
+    assert_eq!((b.valid(), b.valid_count()), (None, 4));
+    // A resume state saved here has nothing to be checked against.
+    let state = c.resume_state(0, 1);
+    assert_eq!((state.sample, state.fingerprint), (None, None));
 }

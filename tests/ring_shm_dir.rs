@@ -342,6 +342,9 @@ fn spec(name: &str) -> RingSpec {
         epochs: 1,
         seed: 1,
         samples_per_epoch: 20,
+        world_size: 0,
+        first_rank: 0,
+        epoch_samples: 0,
         mean: [0.0; 4],
         std: [0.0; 4],
     }
@@ -379,6 +382,7 @@ fn allow_group_admits_members_only() {
     let options = ProducerOptions {
         shm_dir: Some(shm.clone()),
         allow_group: Some(GROUP),
+        fingerprint: None,
     };
     let p = Producer::create_with(&spec("grp"), &dir, &options).unwrap();
     let mode_gid = |path: &Path| {
@@ -450,6 +454,7 @@ fn supplementary_group_member_attaches_as_a_process() {
     let options = ProducerOptions {
         shm_dir: Some(shm),
         allow_group: Some(GROUP),
+        fingerprint: None,
     };
     let p = Producer::create_with(&spec("sgrp"), &dir, &options).unwrap();
     publish_first_batch(&p, 9);

@@ -1,7 +1,7 @@
 //! A consumer that writes where it should not (docs/security.md): attached to lane 1 through
 //! the real handshake, it writes through the descriptor it was passed (what its read-write
 //! mapping of the control region reaches) and overwrites the producer's state, the header's `lane_count`, lane 0's `next_seq` and every
-//! slot's state. The daemon takes no decision from what it wrote: it restores the header,
+//! slot's state, the header's `world_size` and lane 1's `rank`. The daemon takes no decision from what it wrote: it restores the header,
 //! frees the forged `WRITING` slots, accepts resume-attaches, numbers batches from its own
 //! counter, and an `--exit-when-done` daemon does not exit early.
 //!
@@ -28,6 +28,9 @@ const LANE_COUNT: usize = 64;
 const SLOT_TABLE: usize = 100;
 const LANE_TABLE: usize = 96;
 const SLOTS_PER_LANE: usize = 68;
+const WORLD_SIZE: usize = 156;
+const LANE_ENTRY: usize = 128;
+const LANE_RANK: usize = 104;
 const WRITING: u32 = 1;
 const SERVING: u32 = 1;
 const FINISHED: u32 = 2;
@@ -127,13 +130,22 @@ fn a_consumer_writing_producer_state_cannot_stop_resume_or_end_the_daemon() {
     let slots = raw.u32(SLOTS_PER_LANE) as usize;
     let slot_table = raw.u32(SLOT_TABLE) as usize;
     let lane0 = raw.u32(LANE_TABLE) as usize;
+    let lane1 = lane0 + LANE_ENTRY;
 
-    // STOPPED, no lanes, a wild next_seq for lane 0.
+    // STOPPED, no lanes, a wild next_seq for lane 0; (1.3) another world size and lane 1
+    // claiming another rank.
+    let (world, rank1) = (raw.u32(WORLD_SIZE), raw.u32(lane1 + LANE_RANK));
+    assert_eq!((world, rank1), (2, 1));
     raw.set_u32(STATE, STOPPED);
     raw.set_u32(LANE_COUNT, 0);
     raw.set_u64(lane0 + 16, 1 << 60);
+    raw.set_u32(WORLD_SIZE, 9);
+    raw.set_u32(lane1 + LANE_RANK, 7);
     await_cond("the header's restore", || {
-        raw.u32(LANE_COUNT) == lanes as u32 && raw.u32(STATE) == SERVING
+        raw.u32(LANE_COUNT) == lanes as u32
+            && raw.u32(STATE) == SERVING
+            && raw.u32(WORLD_SIZE) == world
+            && raw.u32(lane1 + LANE_RANK) == rank1
     });
     let mut opts = AttachOptions::new("forge", 0);
     opts.dir = Some(RuntimeDir::at(runtime.path()));

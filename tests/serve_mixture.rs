@@ -101,7 +101,7 @@ fn read_lane(runtime: &Path, name: &str, lane: u32, resume: Option<(u64, u64)>) 
         .iter()
         .map(|t| t.name.clone())
         .collect();
-    assert_eq!(names, ["images", "labels", "sample_ids", "source"]);
+    assert_eq!(names, ["images", "labels", "sample_ids", "source", "valid"]);
     let mut served = Served {
         rows: BTreeMap::new(),
         bytes: BTreeMap::new(),

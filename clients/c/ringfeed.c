@@ -41,12 +41,14 @@ enum {
     H_DATA_OFFSET = 80, H_TENSOR_COUNT = 88, H_TENSOR_TABLE = 92, H_LANE_TABLE = 96,
     H_SLOT_TABLE = 100, H_CONSUMER_TABLE = 104, H_CONSUMER_CAP = 108, H_BATCH_SIZE = 112,
     H_FLAGS = 116, H_BATCHES_PER_EPOCH = 120, H_EPOCHS = 128, H_SEED = 136,
-    H_SAMPLES_PER_EPOCH = 144, H_RELEASE_ANY = 152, H_LAST_ERROR = 192, H_NAME = 480,
+    H_SAMPLES_PER_EPOCH = 144, H_RELEASE_ANY = 152, H_WORLD_SIZE = 156, H_LAST_ERROR = 192,
+    H_NAME = 480,
 
     TENSOR_ENTRY = 64, LANE_ENTRY = 128, SLOT_ENTRY = 64, CONSUMER_ENTRY = 64,
     MAX_TENSORS = 16,
 
-    L_PUBLISH_SEQ = 0, L_RELEASE_SEQ = 4, L_RELEASED = 32, L_CONSUMER_WAIT_NS = 40,
+    L_PUBLISH_SEQ = 0, L_RELEASE_SEQ = 4, L_RELEASED = 32, L_CONSUMER_WAIT_NS = 40, L_RANK = 104,
+    L_RANK_SAMPLES = 112,
 
     S_STATE = 0, S_HOLDER_PID = 4, S_SEQ = 8, S_EPOCH = 16, S_INDEX = 24, S_COUNT = 32,
     S_FLAGS = 36, S_HOLDER_TOKEN = 48,
@@ -594,6 +596,11 @@ static int validate(rf_consumer *c, const uint8_t *h, uint64_t len, uint64_t st_
         for (int j = i + 1; j < 4; j++)
             if (t[i].start < t[j].end && t[j].start < t[i].end)
                 return FORMAT("malformed ring: %s overlaps %s", t[i].what, t[j].what);
+    /* (1.3) world_size: 0 = unknown; otherwise it covers every lane's rank. */
+    uint64_t world = rd32(h + H_WORLD_SIZE), rank0 = rd32(h + t[1].start + L_RANK);
+    if (world != 0 && world < rank0 + lanes)
+        return FORMAT("malformed ring: world_size %llu is below lane 0's rank %llu + lane_count %u",
+                      (unsigned long long)world, (unsigned long long)rank0, (unsigned)lanes);
     uint64_t data_bytes, data_end;
     if (!mul_ok(all_slots, stride, &data_bytes) || !add_ok(data_offset, data_bytes, &data_end) ||
         data_end > file_bytes)
@@ -661,6 +668,7 @@ static int validate(rf_consumer *c, const uint8_t *h, uint64_t len, uint64_t st_
     c->info.seed = rd64(h + H_SEED);
     c->info.samples_per_epoch = rd64(h + H_SAMPLES_PER_EPOCH);
     c->info.producer_pid = rd32(h + H_PRODUCER_PID);
+    c->info.world_size = (uint32_t)world;
     memcpy(c->info.name, h + H_NAME, 32);
     c->info.name[32] = '\0';
     c->slot_stride = stride;
@@ -817,6 +825,9 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
     c->data = data;
     snprintf(c->name, sizeof c->name, "%s", o->name);
     c->lane = o->lane;
+    c->info.rank = atomic_load_explicit(a32(c, lane_off(c) + L_RANK), memory_order_relaxed);
+    c->info.rank_samples =
+        atomic_load_explicit(a64(c, lane_off(c) + L_RANK_SAMPLES), memory_order_relaxed);
     c->pid = (uint32_t)getpid();
     c->token = new_token();
     c->sock = sock;

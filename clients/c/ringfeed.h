@@ -192,6 +192,13 @@ typedef struct rf_ring_info {
     uint64_t seed;
     uint64_t samples_per_epoch;
     uint32_t producer_pid;
+    /** (1.3) Ranks in the whole job; 0 = unknown (a producer before 1.3). */
+    uint32_t world_size;
+    /** (1.3) The global rank the attached lane serves (meaningful when world_size != 0). */
+    uint32_t rank;
+    /** (1.3) Distinct samples this rank receives in an epoch that keeps every sample; 0 =
+     * unknown. */
+    uint64_t rank_samples;
     char name[33];
 } rf_ring_info;
 

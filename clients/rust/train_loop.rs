@@ -6,7 +6,8 @@
 //! cargo run --release --example train_loop -- default
 //! ```
 //!
-//! The lane is `LOCAL_RANK` (0 without torchrun-style variables). `RESUME=EPOCH:INDEX` starts
+//! The lane is `LOCAL_RANK` (0 without torchrun-style variables); `RANK` / `WORLD_SIZE`, when set,
+//! must be what the lane serves. `RESUME=EPOCH:INDEX` starts
 //! at that batch: the producer seeks there (nothing is replayed), as after a checkpoint.
 
 use std::time::Instant;
@@ -54,7 +55,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("LOCAL_RANK={v:?} is not a lane number ({e})"))?,
         Err(_) => 0,
     };
-    let mut options = AttachOptions::new(&name, lane);
+    // Under torchrun, RANK and WORLD_SIZE are checked against what the lane serves.
+    let mut options = AttachOptions::new(&name, lane).with_torchrun_env();
     if let Ok(at) = std::env::var("RESUME") {
         options.resume = Some(parse_position(&at)?);
     }

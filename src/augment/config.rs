@@ -177,13 +177,48 @@ pub struct CenterCropConfig {
     pub size: Size,
 }
 
-/// `horizontal-flip` / `vertical-flip`.
+/// `horizontal-flip` / `vertical-flip`: a table `{ p = 0.5 }`, or the bare probability
+/// (`horizontal-flip = 0.5`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", remote = "Self")]
 pub struct FlipConfig {
     /// Probability of flipping (default 0.5).
     #[serde(default = "default_half")]
     pub p: f64,
+}
+
+impl Serialize for FlipConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        FlipConfig::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for FlipConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = FlipConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a probability (e.g. 0.5) or a table { p = 0.5 }")
+            }
+            fn visit_f64<E>(self, p: f64) -> Result<FlipConfig, E> {
+                Ok(FlipConfig { p })
+            }
+            fn visit_i64<E>(self, p: i64) -> Result<FlipConfig, E> {
+                Ok(FlipConfig { p: p as f64 })
+            }
+            fn visit_u64<E>(self, p: u64) -> Result<FlipConfig, E> {
+                Ok(FlipConfig { p: p as f64 })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FlipConfig, A::Error> {
+                FlipConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_any(Either)
+    }
 }
 
 /// `rotate`: rotate by a random angle (degrees, counter-clockwise) drawn from `degrees`.

@@ -15,10 +15,10 @@ pub enum AugmentConfigError {
         problem: String,
     },
     /// The geometric operations do not fix the output size.
-    #[error("augment: the output size is not fixed: configure random-resized-crop, center-crop, or resize with size = [height, width]")]
+    #[error("the output size is not fixed: configure random-resized-crop, center-crop, or resize with size = [height, width]")]
     NoFixedSize,
     /// Two operations that cannot be combined.
-    #[error("augment: {first} cannot be combined with {second}")]
+    #[error("{first} cannot be combined with {second}")]
     Conflict {
         /// One key.
         first: &'static str,

@@ -6,6 +6,9 @@
 //! datasets adds `source` (`u16 [B]`, each sample's stream), and `[selection]` on adds
 //! `weights` after it (`f32 [B]`, the factor a trainer multiplies each sample's loss by: 1, or
 //! `1 / (1 - prune-ratio)` for kept well-learned samples; see [`BatchSchema::weights_index`]).
+//! Last comes `valid` (`u8 [B]`, since format 1.3): 1 for a sample's first occurrence in the
+//! epoch on this job's ranks, 0 for a padding row that repeats the epoch's start
+//! (`drop-last = false`); see [`BatchSchema::valid_index`].
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
@@ -68,6 +71,11 @@ impl BatchSchema {
     /// The same schema with (or without) the `weights` tensor.
     pub fn with_weights(self, weights: bool) -> BatchSchema {
         BatchSchema { weights, ..self }
+    }
+
+    /// Position of the `valid` tensor: always the last one.
+    pub fn valid_index(&self) -> usize {
+        TensorIndex::SampleIds as usize + 1 + usize::from(self.source) + usize::from(self.weights)
     }
 
     /// Position of the `weights` tensor (after `source` when there is one), if any.
@@ -134,6 +142,11 @@ impl BatchSchema {
                 shape: vec![b],
             });
         }
+        tensors.push(TensorSpec {
+            name: "valid".to_owned(),
+            dtype: DType::U8,
+            shape: vec![b],
+        });
         tensors
     }
 }
@@ -165,7 +178,9 @@ mod tests {
             weights: false,
         };
         let t = s.tensors();
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 4);
+        assert_eq!(s.valid_index(), 3);
+        assert_eq!((t[3].name.as_str(), t[3].dtype), ("valid", DType::U8));
         assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
         assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
         assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
@@ -189,9 +204,11 @@ mod tests {
             let t = schema.tensors();
             assert_eq!(
                 (at, t.len()),
-                (3 + usize::from(source), 4 + usize::from(source))
+                (3 + usize::from(source), 5 + usize::from(source))
             );
             assert_eq!((t[at].name.as_str(), t[at].dtype), ("weights", DType::F32));
+            assert_eq!(t[schema.valid_index()].name, "valid");
+            assert_eq!(schema.valid_index(), t.len() - 1);
         }
         assert_eq!(s.weights_index(), None);
     }

@@ -9,6 +9,7 @@ use ringfeed::augment::Augmenter;
 use ringfeed::batch::BatchSchema;
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
 use ringfeed::pipeline::Pipeline;
+use ringfeed::ring::resume::{Digest, Fingerprint};
 use ringfeed::ring::RingSpec;
 use ringfeed::source::{bundled_sample_dir, Mixture, Sampler};
 
@@ -23,7 +24,7 @@ pub(crate) struct PlanArgs {
     name: Option<String>,
     /// Tar shards: paths, globs or brace ranges (replaces [source] shards).
     #[arg(long, num_args = 1.., value_name = "SHARD")]
-    shards: Option<Vec<String>>,
+    pub(crate) shards: Option<Vec<String>>,
     /// Lanes (one per local rank).
     #[arg(long)]
     lanes: Option<u32>,
@@ -233,8 +234,39 @@ impl Stages {
             epochs: plan.file.sampling.epochs,
             seed: plan.file.sampling.seed,
             samples_per_epoch: self.dataset.len(),
+            world_size: plan.ranks.world_size,
+            first_rank: plan.ranks.first_rank,
+            epoch_samples: self.pipeline.sampler().epoch_len(),
             mean: schema.mean,
             std: schema.std,
+        }
+    }
+}
+
+impl Stages {
+    /// What defines this plan's epoch order and batches (the ring's resume fingerprint, 1.3).
+    pub(crate) fn fingerprint(&self, plan: &Plan) -> Fingerprint {
+        let f = &plan.file;
+        let mut augment = Digest::default();
+        augment.str(&format!("{:?}", f.augment));
+        for stream in &f.source.streams {
+            augment.str(&format!("{:?}", stream.augment));
+        }
+        Fingerprint {
+            seed: f.sampling.seed,
+            dataset: self.dataset.identity_digest(),
+            samples: self.pipeline.sampler().epoch_len(),
+            shuffle: serde_json::to_string(&f.sampling.shuffle).unwrap_or_default(),
+            selection: if plan.infobatch.is_some() {
+                "infobatch"
+            } else {
+                "none"
+            }
+            .to_owned(),
+            world_size: plan.ranks.world_size,
+            batch_size: f.batch.size,
+            drop_last: f.sampling.drop_last,
+            augment: augment.hex(),
         }
     }
 }

@@ -29,7 +29,8 @@ use super::common::{build_stages, resolve_plan, PlanArgs};
 /// Flags of `ringfeed peek`.
 #[derive(Debug, Args)]
 pub(crate) struct PeekArgs {
-    /// Ring to copy a published batch from (ignored with --config).
+    /// Ring to copy a published batch from (ignored with --config or --shards, which render
+    /// a batch from that dataset instead).
     #[arg(default_value = "default")]
     ring: String,
     /// Lane to copy from (ring mode), or whose rank's batch to render (config mode).
@@ -83,7 +84,9 @@ pub(crate) struct BatchImages<'a> {
 
 /// Writes the grid of a ring's published batch, or of a batch rendered from a configuration.
 pub(crate) fn run(args: PeekArgs) -> anyhow::Result<ExitCode> {
-    let grid = if args.plan.config.is_some() {
+    // `--shards` names a dataset as `--config` does: render from it (with the built-in
+    // configuration) rather than silently reading a running ring.
+    let grid = if args.plan.config.is_some() || args.plan.shards.is_some() {
         from_config(&args)?
     } else {
         from_ring(&args)?

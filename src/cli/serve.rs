@@ -101,6 +101,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = ProducerOptions {
         shm_dir: plan.file.ring.shm_dir.clone(),
         allow_group: plan.allow_gid,
+        fingerprint: Some(stages.fingerprint(&plan)),
     };
     ring_exists.store(true, Ordering::SeqCst);
     let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
@@ -155,8 +156,17 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             MetricsServer::spawn(addr, registry, Arc::clone(&stop))
         })
         .transpose()?;
+    if plan.world_size_assumed {
+        log::warn!(
+            "WORLD SIZE ASSUMED: {lanes} lanes and no world size given (--world-size, [distributed] \
+             world-size or WORLD_SIZE): serving ranks 0..{lanes} of world size {lanes}, a \
+             single-node job. On a multi-node job every node would serve the SAME samples: give \
+             --world-size and --first-rank, or start it with ringfeed.serve() under torchrun",
+            lanes = spec.lanes
+        );
+    }
     log::info!(
-        "serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers) — attach with ringfeed.Loader({:?})",
+        "serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers; ranks {} of world size {}) — attach with ringfeed.Loader({:?})",
         spec.name,
         spec.lanes,
         spec.slots_per_lane,
@@ -164,6 +174,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         spec.batches_per_epoch,
         spec.samples_per_epoch,
         plan.threads,
+        rank_range(plan.ranks.first_rank, spec.lanes),
+        plan.ranks.world_size,
         spec.name,
     );
 
@@ -198,6 +210,14 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(300));
             Err(err.into())
         }
+    }
+}
+
+/// Ranks `first..first + lanes` as people write them: `3`, or `0-1`.
+pub(crate) fn rank_range(first: u32, lanes: u32) -> String {
+    match lanes {
+        0 | 1 => first.to_string(),
+        n => format!("{first}-{}", first + n - 1),
     }
 }
 

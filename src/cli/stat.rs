@@ -28,9 +28,8 @@ use super::status::{share, stalls, verdict};
 /// Flags of `ringfeed stat`.
 #[derive(Debug, Args)]
 pub(crate) struct StatArgs {
-    /// Ring name.
-    #[arg(default_value = "default")]
-    name: String,
+    /// Ring name; without one, lists the rings running in the runtime directory.
+    name: Option<String>,
     /// Print one report (the counters are sampled twice, 1 s apart, for the rates) and exit.
     #[arg(long)]
     once: bool,
@@ -47,6 +46,14 @@ const SHORT_WINDOW: Duration = Duration::from_secs(1);
 /// Opens the ring and prints reports until interrupted or the producer goes away.
 pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
     let dir = RuntimeDir::from_env()?;
+    let Some(name) = args.name.clone() else {
+        return list_rings(&dir, args.json);
+    };
+    let args = NamedStat {
+        name,
+        once: args.once,
+        json: args.json,
+    };
     let observer = Observer::open(&dir, &args.name)?;
     let stop = Arc::new(AtomicBool::new(false));
     if !args.once {
@@ -106,6 +113,60 @@ pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `stat` of one named ring.
+struct NamedStat {
+    name: String,
+    once: bool,
+    json: bool,
+}
+
+/// `ringfeed stat` without a name: the running rings, one per line (`--json`: one array).
+fn list_rings(dir: &RuntimeDir, json: bool) -> anyhow::Result<ExitCode> {
+    let rings: Vec<serde_json::Value> = dir
+        .running_rings()
+        .into_iter()
+        .map(|(name, pid)| {
+            let info = query_info(dir, &name, SHORT_WINDOW).ok();
+            let num = |key: &str| {
+                info.as_ref()
+                    .and_then(|i| i.get(key))
+                    .and_then(|v| v.as_u64())
+            };
+            serde_json::json!({"name": name, "producer_pid": pid,
+                "lanes": num("lane_count"), "world_size": num("world_size"),
+                "first_rank": num("first_rank")})
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::Value::Array(rings));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rings.is_empty() {
+        println!(
+            "no ring is running in {} (start one with `ringfeed serve --name NAME`)",
+            dir.path().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("rings running in {}:", dir.path().display());
+    for r in &rings {
+        let lanes = r["lanes"]
+            .as_u64()
+            .map_or("?".to_owned(), |n| n.to_string());
+        let world = match r["world_size"].as_u64() {
+            Some(w) if w > 0 => format!(", world size {w}"),
+            _ => String::new(),
+        };
+        println!(
+            "  {}  (producer pid {}, {lanes} lane(s){world})  → ringfeed stat {}",
+            r["name"].as_str().unwrap_or(""),
+            r["producer_pid"],
+            r["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -139,6 +200,8 @@ pub(crate) struct Rates {
 pub(crate) struct LaneReport {
     /// Lane number.
     pub(crate) lane: u32,
+    /// Global rank the lane serves (`null`: a producer before format 1.3 does not say).
+    pub(crate) rank: Option<u32>,
     /// Epoch of the last published batch (`null` before the first).
     pub(crate) epoch: Option<u64>,
     /// Index of the last published batch within its epoch.
@@ -204,6 +267,8 @@ pub(crate) struct StatReport {
     pub(crate) heartbeat_age_s: f64,
     /// Lanes.
     pub(crate) lanes: u32,
+    /// Ranks in the whole job (`null`: a producer before format 1.3 does not say).
+    pub(crate) world_size: Option<u32>,
     /// Slots per lane.
     pub(crate) slots_per_lane: u32,
     /// Samples per batch.
@@ -334,6 +399,7 @@ pub(crate) fn report(
             let pos = last.positions.get(i).copied().flatten();
             LaneReport {
                 lane: l.lane,
+                rank: layout.lane_rank(l.lane),
                 epoch: pos.map(|p| p.epoch),
                 index: pos.map(|p| p.index),
                 epoch_progress: pos
@@ -370,6 +436,7 @@ pub(crate) fn report(
         uptime_s: secs(unix_now_ns.saturating_sub(last.producer_start_unix_ns)),
         heartbeat_age_s: secs(last.taken_mono_ns.saturating_sub(last.heartbeat_mono_ns)),
         lanes: layout.lane_count,
+        world_size: (layout.world_size > 0).then_some(layout.world_size),
         slots_per_lane: layout.slots_per_lane,
         batch_size: layout.batch_size,
         batches_per_epoch: layout.batches_per_epoch,
@@ -428,14 +495,27 @@ pub(crate) fn render_text(r: &StatReport) -> String {
         "ring '{}'  generation {:016x}  producer pid {}  {}  up {:.0} s  heartbeat {:.1} s ago\n",
         r.name, r.generation, r.producer_pid, r.state, r.uptime_s, r.heartbeat_age_s
     );
+    let ranks = match (r.world_size, r.lane_stats.first().and_then(|l| l.rank)) {
+        (Some(w), Some(first)) => format!(
+            "ranks {} of world size {w}",
+            super::serve::rank_range(first, r.lanes)
+        ),
+        _ => "ranks unknown (producer before format 1.3)".to_owned(),
+    };
     out += &format!(
-        "{} lane(s) × {} slots × {} samples; {} batches per epoch per lane; epochs {epochs}; {} samples\n",
+        "{} lane(s) × {} slots × {} samples; {ranks}; {} batches per epoch per lane; epochs {epochs}; {} samples\n",
         r.lanes, r.slots_per_lane, r.batch_size, r.batches_per_epoch, r.samples_per_epoch
     );
+    // The long window's rate only once it covers most of the window: `--once` has seen 1 s.
+    let long = match &r.rates.long {
+        Some(l) if l.span_s < LONG_WINDOW.as_secs_f64() / 2.0 => {
+            format!("– (only {:.0} s observed so far)", l.span_s)
+        }
+        other => rate_text(other),
+    };
     out += &format!(
-        "throughput  1 s: {}\n            60 s: {}\n",
+        "throughput  1 s: {}\n            60 s: {long}\n",
         rate_text(&r.rates.short),
-        rate_text(&r.rates.long)
     );
     out += &format!(
         "samples ok {}  skipped {}  batches {}  loader waited {}\n",
@@ -468,8 +548,9 @@ pub(crate) fn render_text(r: &StatReport) -> String {
             Some(s) => format!("{consumer} | STALLED: no take or release for {s:.0} s"),
             None => consumer,
         };
+        let rank = l.rank.map_or(String::new(), |k| format!(" (rank {k})"));
         out += &format!(
-            "lane {}: {pos} | {} ready {} held {} writing {} free ({:.0} % full) | {consumer} | loader waited {}\n",
+            "lane {}{rank}: {pos} | {} ready {} held {} writing {} free ({:.0} % full) | {consumer} | loader waited {}\n",
             l.lane,
             l.ready,
             l.held,
@@ -636,6 +717,9 @@ mod tests {
             epochs: 0,
             seed: 1,
             samples_per_epoch: 40,
+            world_size: 0,
+            first_rank: 0,
+            epoch_samples: 0,
             mean: [0.0; 4],
             std: [0.0; 4],
         };

@@ -7,8 +7,9 @@
 //! live consumer has neither taken nor released a batch for [`STALL_AFTER`] — a trainer that
 //! hangs, or a process stopped with SIGSTOP. The ring never takes slots back from a live
 //! process (it may still read them: reclaiming would hand it torn data), so the lane waits;
-//! the status line marks it `STALLED`, and a warning names the consumer when the stall
-//! starts and when the lane flows again.
+//! the status line marks it `STALLED`, and a warning names the consumer (at once when it is
+//! stopped by a signal, after [`STALL_WARN_AFTER`] when it runs: a trainer holding a batch
+//! through a validation pass is no stall) and says when the lane flows again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +27,12 @@ use super::logging;
 /// How long a consumer of a full lane may go without taking or releasing a batch before the
 /// lane is reported as stalled. Longer than any sane training step's pause between batches.
 pub(crate) const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a *running* consumer of a full lane may stay silent before the stall is logged as
+/// a warning: a trainer that holds a batch through a validation pass or a checkpoint save is
+/// normal, a minute without a take or release is not. A consumer stopped by a signal is
+/// warned about after [`STALL_AFTER`].
+pub(crate) const STALL_WARN_AFTER: Duration = Duration::from_secs(60);
 
 /// A thread printing a status line every interval.
 pub(crate) struct StatusReporter {
@@ -285,7 +292,14 @@ pub(crate) fn proc_stat_state(stat: &str) -> &'static str {
 /// Remembers which lanes are stalled, to warn once when a stall starts and once when it ends.
 #[derive(Debug, Default)]
 struct StallWatch {
-    stalled: Vec<u32>,
+    /// Lanes whose stall was logged.
+    warned: Vec<u32>,
+}
+
+/// Whether a stall deserves a warning: its consumer is stopped by a signal, or has been
+/// silent for [`STALL_WARN_AFTER`].
+fn stall_warrants_warning(silent: Duration, process: &str) -> bool {
+    process == "stopped by a signal" || silent >= STALL_WARN_AFTER
 }
 
 impl StallWatch {
@@ -293,7 +307,10 @@ impl StallWatch {
     fn update(&mut self, snap: &RingSnapshot) -> Vec<Stall> {
         let now = stalls(snap);
         for s in &now {
-            if !self.stalled.contains(&s.lane) {
+            if !self.warned.contains(&s.lane)
+                && stall_warrants_warning(s.silent, process_state(s.pid))
+            {
+                self.warned.push(s.lane);
                 log::warn!(
                     "lane {} stalled: consumer pid {} ({}) has neither taken nor released a batch for {:.0} s and holds {}; the lane has no free slot and waits (slots of a live consumer are never reclaimed)",
                     s.lane,
@@ -304,12 +321,13 @@ impl StallWatch {
                 );
             }
         }
-        for lane in &self.stalled {
-            if !now.iter().any(|s| s.lane == *lane) {
+        self.warned.retain(|lane| {
+            let still = now.iter().any(|s| s.lane == *lane);
+            if !still {
                 log::warn!("lane {lane} flowing again");
             }
-        }
-        self.stalled = now.iter().map(|s| s.lane).collect();
+            still
+        });
         now
     }
 }
@@ -407,6 +425,19 @@ pub(crate) fn verdict(trainer_waits: &[f64], loader_wait: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_batch_is_no_warning_until_a_real_stall() {
+        // A trainer holding a batch through a 10 s validation pass: no warning.
+        assert!(!stall_warrants_warning(Duration::from_secs(10), "running"));
+        assert!(!stall_warrants_warning(
+            STALL_WARN_AFTER - Duration::from_secs(1),
+            "running"
+        ));
+        assert!(stall_warrants_warning(STALL_WARN_AFTER, "running"));
+        // A SIGSTOPped consumer is a stall as soon as it is seen.
+        assert!(stall_warrants_warning(STALL_AFTER, "stopped by a signal"));
+    }
 
     #[test]
     fn verdict_names_the_bottleneck() {

@@ -22,6 +22,7 @@ use super::layout::{
 };
 use super::memory::{self, Control, Data};
 use super::producer::ProducerState;
+use super::resume::{Fingerprint, ResumeState};
 use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
 use super::slot::{self, Slot};
 
@@ -43,7 +44,12 @@ pub struct AttachOptions {
     /// Lane to attach to.
     pub lane: u32,
     /// `(epoch, index)` of the next batch wanted; `None` takes whatever is ready next.
+    /// [`resume_state`](Self::resume_state), when set, replaces it.
     pub resume: Option<(u64, u64)>,
+    /// A saved [`ResumeState`] (1.3): the producer refuses it ([`AttachError::Refused`]
+    /// naming the fields) when its sample order differs, and maps it by sample position when
+    /// only the batch size differs ([`Consumer::resumed_at`], [`Consumer::resume_warnings`]).
+    pub resume_state: Option<ResumeState>,
     /// How long to wait for the producer's reply (a resume waits for the pipeline to seek).
     /// Default 30 s.
     pub reply_timeout: Duration,
@@ -56,6 +62,11 @@ pub struct AttachOptions {
     /// code is retryable (`lane_held`, `stopping`, `request_timeout`), every 100 ms. Default 0:
     /// one try.
     pub wait: Duration,
+    /// `(rank, world_size)` this trainer is (1.3): the attach is refused
+    /// ([`AttachError::RankMismatch`]) unless the producer serves exactly that global rank on
+    /// the lane and that world size. Default `None`: no check;
+    /// [`with_torchrun_env`](Self::with_torchrun_env) fills it from `RANK` / `WORLD_SIZE`.
+    pub expect_rank: Option<(u32, u32)>,
 }
 
 impl AttachOptions {
@@ -66,11 +77,44 @@ impl AttachOptions {
             name: name.to_owned(),
             lane,
             resume: None,
+            resume_state: None,
             reply_timeout: Duration::from_secs(30),
             trust_uid: None,
             wait: Duration::ZERO,
+            expect_rank: None,
         }
     }
+
+    /// Sets [`expect_rank`](Self::expect_rank) from torchrun's `RANK` and `WORLD_SIZE` when
+    /// both are set to integers (otherwise leaves it as it is).
+    pub fn with_torchrun_env(mut self) -> AttachOptions {
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        if let (Some(rank), Some(world)) = (var("RANK"), var("WORLD_SIZE")) {
+            self.expect_rank = Some((rank, world));
+        }
+        self
+    }
+}
+
+/// The refusal of a trainer whose rank or world size differs from what the lane serves,
+/// with how to start the daemon instead.
+fn rank_mismatch(layout: &Layout, lane: u32, rank: u32, world: u32) -> Option<String> {
+    let served = layout.lane_rank(lane)?;
+    if served == rank && layout.world_size == world {
+        return None;
+    }
+    let first = rank.saturating_sub(lane);
+    Some(format!(
+        "this trainer is rank {rank} of world size {world} (RANK / WORLD_SIZE), but lane {lane} \
+         serves rank {served} of world size {}: start the daemon with `--world-size {world} \
+         --first-rank {first}` (the global rank of this node's lane 0), or call \
+         ringfeed.serve() under torchrun, which reads them from the environment",
+        layout.world_size
+    ))
 }
 
 /// What to do about a failed connect, by its cause.
@@ -140,6 +184,14 @@ pub enum AttachError {
         /// The finished run's generation, from the marker (0 if unreadable).
         generation: u64,
     },
+    /// The lane serves another global rank or world size than this trainer is (1.3).
+    #[error("ring {name:?}: {detail}")]
+    RankMismatch {
+        /// Ring name.
+        name: String,
+        /// What differs and how to start the daemon instead.
+        detail: String,
+    },
     /// The handshake broke (I/O error, timeout, malformed reply, missing fd).
     #[error("ring {name:?}: handshake failed: {detail}")]
     Protocol {
@@ -177,7 +229,7 @@ pub enum AttachError {
 impl AttachError {
     /// The machine-readable code (§3 "Refusal codes"): the producer's for a refusal, else the
     /// client's own (`not_running`, `finished`, `foreign_producer`, `runtime_dir`, `connect`,
-    /// `protocol`, `format`, `not_sealed`, `io`).
+    /// `rank_mismatch`, `protocol`, `format`, `not_sealed`, `io`).
     pub fn code(&self) -> &str {
         match self {
             AttachError::RuntimeDir(RuntimeDirError::Missing { .. }) => "not_running",
@@ -187,6 +239,7 @@ impl AttachError {
             AttachError::ForeignProducer { .. } => "foreign_producer",
             AttachError::Refused { code, .. } => code,
             AttachError::Finished { .. } => "finished",
+            AttachError::RankMismatch { .. } => "rank_mismatch",
             AttachError::Protocol { .. } => "protocol",
             AttachError::Format { .. } => "format",
             AttachError::NotSealed { .. } => "not_sealed",
@@ -360,6 +413,21 @@ struct Reply {
     /// `"memfd"` (absent in older producers) or `"file"` (a `--shm-dir` ring file).
     #[serde(default)]
     segment: Option<String>,
+    /// What defines the epoch order (1.3; absent from older producers, ignored if malformed).
+    #[serde(default)]
+    fingerprint: Option<serde_json::Value>,
+    /// Where a resume with a fingerprint started (1.3).
+    #[serde(default)]
+    resumed_at: Option<ResumedAt>,
+    /// What the producer wants the consumer to know about its resume (1.3).
+    #[serde(default)]
+    warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ResumedAt {
+    epoch: u64,
+    index: u64,
 }
 
 /// A consumer attached to one lane. Not `Sync`: one thread takes batches (it may hold
@@ -381,6 +449,11 @@ pub struct Consumer {
     last_taken: Cell<Option<(u64, bool)>>,
     /// The last epoch an `EPOCH_DONE` frame was queued for.
     epoch_done_sent: Cell<Option<u64>>,
+    /// The producer's fingerprint from the attach reply (1.3).
+    fingerprint: Option<Fingerprint>,
+    /// Where a checked resume started, and the producer's warnings about it.
+    resumed_at: Option<(u64, u64)>,
+    resume_warnings: Vec<String>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -514,7 +587,20 @@ impl Consumer {
             version: u32::from(VERSION_MAJOR),
             lane: opts.lane,
             pid,
-            resume: opts.resume.map(|(epoch, index)| Resume { epoch, index }),
+            resume: match &opts.resume_state {
+                Some(state) => Some(Resume {
+                    epoch: state.epoch,
+                    index: state.index,
+                    sample: state.sample,
+                    fingerprint: state.fingerprint.clone(),
+                }),
+                None => opts.resume.map(|(epoch, index)| Resume {
+                    epoch,
+                    index,
+                    sample: None,
+                    fingerprint: None,
+                }),
+            },
         };
         let mut line = serde_json::to_vec(&request).map_err(|e| protocol(e.to_string()))?;
         line.push(b'\n');
@@ -574,6 +660,11 @@ impl Consumer {
                 opts.lane, layout.lane_count
             )));
         }
+        if let Some((rank, world)) = opts.expect_rank {
+            if let Some(detail) = rank_mismatch(&layout, opts.lane, rank, world) {
+                return Err(AttachError::RankMismatch { name, detail });
+            }
+        }
         let control =
             Control::map(&file, layout.data_offset).map_err(io("mapping the control region"))?;
         let data = Data::map(
@@ -599,6 +690,11 @@ impl Consumer {
             outbox: RefCell::new(Vec::new()),
             last_taken: Cell::new(None),
             epoch_done_sent: Cell::new(None),
+            fingerprint: reply
+                .fingerprint
+                .and_then(|v| serde_json::from_value(v).ok()),
+            resumed_at: reply.resumed_at.map(|r| (r.epoch, r.index)),
+            resume_warnings: reply.warnings,
             _not_sync: PhantomData,
         })
     }
@@ -663,6 +759,30 @@ impl Consumer {
             }
         }
         true
+    }
+
+    /// The producer's fingerprint (1.3): what defines its epoch order and batches; `None`
+    /// from an older producer.
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
+        self.fingerprint.as_ref()
+    }
+
+    /// The state to save so that a later attach resumes at batch `(epoch, index)` of this
+    /// lane (the next batch wanted), checked against the producer's configuration then.
+    pub fn resume_state(&self, epoch: u64, index: u64) -> ResumeState {
+        ResumeState::at(epoch, index, self.fingerprint.as_ref())
+    }
+
+    /// `(epoch, index)` where a resume with a fingerprint started (the batch holding the
+    /// saved sample when the batch size changed); `None` without one.
+    pub fn resumed_at(&self) -> Option<(u64, u64)> {
+        self.resumed_at
+    }
+
+    /// What the producer said about this attach's resume (a remapped batch size, a changed
+    /// augmentation); empty when nothing differed.
+    pub fn resume_warnings(&self) -> &[String] {
+        &self.resume_warnings
     }
 
     /// The ring's validated layout.
@@ -894,6 +1014,21 @@ impl Batch<'_> {
     /// `CLOCK_MONOTONIC` ns at publish (see [`mono_ns`](super::mono_ns)).
     pub fn published_mono_ns(&self) -> u64 {
         self.meta.published_mono_ns
+    }
+
+    /// The `valid` tensor (1.3): 1 for a sample's first occurrence in the epoch, 0 for a
+    /// padding row; `None` from a producer before 1.3.
+    pub fn valid(&self) -> Option<&[u8]> {
+        self.tensor::<u8>("valid").ok()
+    }
+
+    /// Rows that are not padding: the number of 1s in `valid`, or [`count`](Self::count)
+    /// when the producer writes no `valid` tensor.
+    pub fn valid_count(&self) -> u32 {
+        match self.valid() {
+            Some(v) => v.iter().filter(|&&f| f != 0).count() as u32,
+            None => self.count(),
+        }
     }
 
     /// Tensor `index`'s bytes, in place.

@@ -18,11 +18,19 @@ use super::access::Peer;
 /// Longest request or reply line, newline included.
 pub(crate) const MAX_LINE: usize = 4096;
 
-/// The `resume` object of an attach request: the next batch the consumer wants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The `resume` object of an attach request: the next batch the consumer wants and (1.3)
+/// what that position is a position in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Resume {
     pub(crate) epoch: u64,
     pub(crate) index: u64,
+    /// Samples of the epoch's global order consumed before that batch (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) sample: Option<u64>,
+    /// The producer fingerprint the position was saved under (1.3); kept as raw JSON, since a
+    /// saved state may come from anywhere ([`super::resume::plan_resume`] checks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fingerprint: Option<serde_json::Value>,
 }
 
 /// Why the producer refused a request: the machine-readable `code` of a failure reply (1.3,
@@ -43,6 +51,8 @@ pub(crate) enum Refusal {
     LaneHeld,
     /// A resume position the stream can never reach.
     ResumeRange,
+    /// A resume whose saved fingerprint names an order this producer does not serve.
+    ResumeMismatch,
     /// The producer is stopping or has failed; a new producer of the name may come.
     Stopping,
 }
@@ -58,6 +68,7 @@ impl Refusal {
             Refusal::LaneRange => "lane_range",
             Refusal::LaneHeld => "lane_held",
             Refusal::ResumeRange => "resume_range",
+            Refusal::ResumeMismatch => "resume_mismatch",
             Refusal::Stopping => "stopping",
         }
     }
@@ -355,10 +366,26 @@ mod tests {
                 pid: 1234,
                 resume: Some(Resume {
                     epoch: 2,
-                    index: 17
+                    index: 17,
+                    sample: None,
+                    fingerprint: None,
                 })
             }
         );
+        // 1.3: the position in samples and the fingerprint it was saved under.
+        let r: Request = serde_json::from_str(
+            r#"{"op": "attach", "version": 1, "lane": 0, "pid": 1, "resume": {"epoch": 1, "index": 9, "sample": 576, "fingerprint": {"seed": 3}}}"#,
+        )
+        .unwrap();
+        let Request::Attach {
+            resume: Some(resume),
+            ..
+        } = r
+        else {
+            panic!("not an attach with resume: {r:?}");
+        };
+        assert_eq!(resume.sample, Some(576));
+        assert_eq!(resume.fingerprint, Some(serde_json::json!({"seed": 3})));
         let r: Request =
             serde_json::from_str(r#"{"op":"attach","version":1,"lane":3,"pid":9,"resume":null}"#)
                 .unwrap();
@@ -387,6 +414,7 @@ mod tests {
             Refusal::LaneRange,
             Refusal::LaneHeld,
             Refusal::ResumeRange,
+            Refusal::ResumeMismatch,
             Refusal::Stopping,
         ];
         let codes: std::collections::BTreeSet<_> = all.iter().map(|r| r.code()).collect();

@@ -70,6 +70,7 @@ pub(crate) mod hdr {
     pub(crate) const SEED: usize = 136;
     pub(crate) const SAMPLES_PER_EPOCH: usize = 144;
     pub(crate) const RELEASE_ANY: usize = 152;
+    pub(crate) const WORLD_SIZE: usize = 156;
     pub(crate) const SAMPLES_OK: usize = 160;
     pub(crate) const SAMPLES_SKIPPED: usize = 168;
     pub(crate) const PRODUCER_WAIT_NS: usize = 176;
@@ -106,6 +107,8 @@ pub(crate) mod lane {
     pub(crate) const PLAN_BATCHES: u64 = 80;
     pub(crate) const PLAN_KEPT: u64 = 88;
     pub(crate) const PLAN_PRUNED: u64 = 96;
+    pub(crate) const RANK: u64 = 104;
+    pub(crate) const RANK_SAMPLES: u64 = 112;
 }
 
 /// Byte offsets inside a slot table entry (§5.4).
@@ -227,6 +230,13 @@ pub struct RingSpec {
     pub seed: u64,
     /// Dataset size; 0 when unknown.
     pub samples_per_epoch: u64,
+    /// Ranks in the whole job (1.3); 0 when unknown.
+    pub world_size: u32,
+    /// Global rank of lane 0 (1.3): lane `l` serves rank `first_rank + l`.
+    pub first_rank: u32,
+    /// Samples in one epoch's order (the dataset, or a mixture's `samples-per-epoch`), for
+    /// each lane's `rank_samples`; 0 when unknown.
+    pub epoch_samples: u64,
     /// Normalisation mean per channel.
     pub mean: [f32; 4],
     /// Normalisation std per channel (all 0 = not normalised).
@@ -290,6 +300,12 @@ pub struct Layout {
     pub seed: u64,
     /// Dataset size (0 = unknown).
     pub samples_per_epoch: u64,
+    /// Ranks in the whole job (1.3; 0 = unknown, e.g. a producer before 1.3).
+    pub world_size: u32,
+    /// Global rank of lane 0 (1.3; meaningful only when `world_size` is not 0).
+    pub first_rank: u32,
+    /// Each lane's `rank_samples` (1.3; see [`rank_share`]); 0 = unknown.
+    pub lane_samples: Vec<u64>,
     /// Normalisation mean.
     pub mean: [f32; 4],
     /// Normalisation std.
@@ -343,6 +359,36 @@ impl Layout {
     pub fn drop_last(&self) -> bool {
         self.flags & FLAG_DROP_LAST != 0
     }
+
+    /// Global rank lane `lane` serves (1.3); `None` when the producer did not say
+    /// (`world_size` 0: a producer before 1.3).
+    pub fn lane_rank(&self, lane: u32) -> Option<u32> {
+        (self.world_size > 0).then(|| self.first_rank.saturating_add(lane))
+    }
+}
+
+/// Distinct (non-padding) samples global rank `rank` receives in an epoch of `epoch_len`
+/// samples that keeps every one (the lane table's `rank_samples`, 1.3): the epoch's order is
+/// dealt `batch_size` at a time to the ranks in turn, so every rank has `q × batch_size` from
+/// the `q` whole global batches plus its part of the last, partial one (none with
+/// `drop_last`). 0 when the epoch length or world size is unknown (0).
+pub fn rank_share(
+    epoch_len: u64,
+    batch_size: u32,
+    world_size: u32,
+    rank: u32,
+    drop_last: bool,
+) -> u64 {
+    let (n, b, w) = (epoch_len, u64::from(batch_size), u64::from(world_size));
+    if n == 0 || w == 0 || b == 0 || u64::from(rank) >= w {
+        return 0;
+    }
+    let global = b * w;
+    let whole = n / global * b;
+    if drop_last {
+        return whole;
+    }
+    whole + (n % global).saturating_sub(u64::from(rank) * b).min(b)
 }
 
 /// A header or control region that does not describe a ring this reader can safely map.
@@ -560,6 +606,19 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
         epochs: spec.epochs,
         seed: spec.seed,
         samples_per_epoch: spec.samples_per_epoch,
+        world_size: spec.world_size,
+        first_rank: spec.first_rank,
+        lane_samples: (0..spec.lanes)
+            .map(|l| {
+                rank_share(
+                    spec.epoch_samples,
+                    spec.batch_size,
+                    spec.world_size,
+                    spec.first_rank.saturating_add(l),
+                    spec.drop_last,
+                )
+            })
+            .collect(),
         mean: spec.mean,
         std: spec.std,
         tensors,
@@ -667,9 +726,21 @@ pub fn encode_control(layout: &Layout, producer_pid: u32, start_unix_ns: u64) ->
         }
         put(&mut b, e + tensor_entry::OFFSET, &t.offset.to_le_bytes());
     }
+    put(&mut b, hdr::WORLD_SIZE, &layout.world_size.to_le_bytes());
     for l in 0..layout.lane_count {
         let at = (layout.lane_entry(l) + lane::NEXT_SEQ) as usize;
         put(&mut b, at, &1u64.to_le_bytes());
+        if layout.world_size > 0 {
+            let entry = layout.lane_entry(l) as usize;
+            let rank = layout.first_rank + l;
+            put(&mut b, entry + lane::RANK as usize, &rank.to_le_bytes());
+            let share = layout.lane_samples.get(l as usize).copied().unwrap_or(0);
+            put(
+                &mut b,
+                entry + lane::RANK_SAMPLES as usize,
+                &share.to_le_bytes(),
+            );
+        }
     }
     b
 }
@@ -991,6 +1062,27 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
     }
     let name = padded_name(&bytes[hdr::NAME..hdr::NAME + 32])
         .ok_or_else(|| field_err("name", 0, "must be NUL-padded UTF-8"))?;
+    // 1.3: 0 = unknown (an older producer wrote the reserved bytes as zero).
+    let world_size = r.u32(hdr::WORLD_SIZE);
+    let first_rank = if world_size == 0 {
+        0
+    } else {
+        // The tables were checked to lie within `bytes` above.
+        r.u32((u64::from(tables[1].1) + lane::RANK) as usize)
+    };
+    if world_size > 0 && u64::from(first_rank) + u64::from(lane_count) > u64::from(world_size) {
+        return Err(field_err(
+            "world_size",
+            world_size.into(),
+            format!("lanes serve ranks {first_rank}.. (lane_count {lane_count}) beyond it"),
+        ));
+    }
+    let lane_samples = (0..u64::from(lane_count))
+        .map(|l| {
+            let entry = u64::from(tables[1].1) + l * LANE_ENTRY_BYTES;
+            r.u64((entry + lane::RANK_SAMPLES) as usize)
+        })
+        .collect();
     let f4 = |at: usize| [r.f32(at), r.f32(at + 4), r.f32(at + 8), r.f32(at + 12)];
     Ok(Layout {
         name,
@@ -1012,6 +1104,9 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
         epochs: r.u64(hdr::EPOCHS),
         seed: r.u64(hdr::SEED),
         samples_per_epoch: r.u64(hdr::SAMPLES_PER_EPOCH),
+        world_size,
+        first_rank,
+        lane_samples,
         mean: f4(hdr::MEAN),
         std: f4(hdr::STD),
         tensors,
@@ -1053,6 +1148,9 @@ mod tests {
             epochs: 2,
             seed: 7,
             samples_per_epoch: 40,
+            world_size: 0,
+            first_rank: 0,
+            epoch_samples: 0,
             mean: [0.5, 0.4, 0.3, 0.0],
             std: [0.2, 0.2, 0.2, 0.0],
         }
@@ -1062,6 +1160,51 @@ mod tests {
         let layout = plan(&image_spec(4), 99).unwrap();
         let bytes = encode_control(&layout, 1234, 5);
         (layout, bytes)
+    }
+
+    #[test]
+    fn ranks_round_trip_and_a_zero_world_size_means_unknown() {
+        let spec = RingSpec {
+            world_size: 4,
+            first_rank: 2,
+            epoch_samples: 41,
+            drop_last: false,
+            ..image_spec(4)
+        };
+        let planned = plan(&spec, 9).unwrap();
+        let bytes = encode_control(&planned, 1, 1);
+        let v = validate_header(&bytes, planned.file_bytes).unwrap();
+        assert_eq!(
+            (v.world_size, v.lane_rank(0), v.lane_rank(1)),
+            (4, Some(2), Some(3))
+        );
+        // 41 samples, global batch 16: two whole ones (8 each), then 9 left: rank 2 gets
+        // positions 8..12 of the rest → 1 sample, rank 3 none.
+        assert_eq!(v.lane_samples, vec![9, 8]);
+        assert_eq!(rank_share(41, 4, 4, 0, false), 12);
+        assert_eq!(rank_share(41, 4, 4, 0, true), 8);
+        assert_eq!(
+            (0..4).map(|r| rank_share(41, 4, 4, r, false)).sum::<u64>(),
+            41
+        );
+        // An old producer wrote zeros: no rank is claimed.
+        let (layout, old) = encoded();
+        let v = validate_header(&old, layout.file_bytes).unwrap();
+        assert_eq!((v.world_size, v.lane_rank(0)), (0, None));
+        // A hostile header: lanes serving ranks past the world size.
+        let mut forged = bytes.clone();
+        forged[hdr::WORLD_SIZE..hdr::WORLD_SIZE + 4].copy_from_slice(&3u32.to_le_bytes());
+        let e = validate_header(&forged, planned.file_bytes).map(|_| ());
+        assert!(
+            matches!(
+                e,
+                Err(FormatError::Field {
+                    field: "world_size",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod layout;
 mod memory;
 mod observer;
 mod producer;
+pub mod resume;
 mod runtime_dir;
 mod segment;
 mod sigbus;

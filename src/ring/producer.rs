@@ -33,6 +33,7 @@ use super::futex::{self, mono_ns, unix_ns};
 use super::handshake::{self, Refusal, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
 use super::memory::{Control, Data};
+use super::resume::{self, Fingerprint};
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
 use super::segment::{self, FileAccess, Segment, SegmentError, ShmDirError};
 use super::sigbus;
@@ -198,6 +199,9 @@ pub struct ProducerOptions {
     /// A gid whose members may attach too: the runtime directory becomes 0750, the socket
     /// 0660 and the named file 0640, all given to this group.
     pub allow_group: Option<u32>,
+    /// What defines the epoch order and batches (1.3), in place before the socket is bound,
+    /// so that no `resume` is ever served unchecked; see [`Producer::set_fingerprint`].
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// What a batch's slot records besides its tensors.
@@ -387,6 +391,9 @@ struct Shared {
     /// `plan_pruned`): the producer's own copy of fields consumers can write, restored by the
     /// heartbeat.
     plans: Mutex<Vec<[u64; 4]>>,
+    /// What defines the epoch order and batches (1.3), published in the `attach` and `info`
+    /// replies and checked against a `resume`'s; `None` until the pipeline sets it.
+    fingerprint: Mutex<Option<Fingerprint>>,
 }
 
 /// Produces extra members for the `info` reply: a JSON object whose keys are added to it.
@@ -525,6 +532,7 @@ impl Shared {
             (0, hdr::PRODUCER_STATE),
             (hdr::START_UNIX_NS, hdr::HEARTBEAT_MONO_NS),
             (hdr::LANE_COUNT, hdr::RELEASE_ANY),
+            (hdr::WORLD_SIZE, hdr::WORLD_SIZE + 4),
             (hdr::MEAN, layout::HEADER_BYTES as usize),
             (self.layout.tensor_table_offset as usize, self.image.len()),
         ];
@@ -551,6 +559,24 @@ impl Shared {
             }
         }
         drop(plans);
+        for l in 0..self.layout.lane_count {
+            // The lane's rank and share (1.3) never change either. Relaxed: no other field is
+            // published with them; consumers read them once, at attach.
+            let rank = self.layout.lane_rank(l).unwrap_or(0);
+            let share = self
+                .layout
+                .lane_samples
+                .get(l as usize)
+                .copied()
+                .unwrap_or(0);
+            if self.lane_u32(l, lentry::RANK).load(Relaxed) != rank
+                || self.lane_u64(l, lentry::RANK_SAMPLES).load(Relaxed) != share
+            {
+                self.lane_u32(l, lentry::RANK).store(rank, Relaxed);
+                self.lane_u64(l, lentry::RANK_SAMPLES).store(share, Relaxed);
+                repaired.push(format!("lane {l} rank"));
+            }
+        }
         for l in 0..self.layout.lane_count {
             for s in 0..self.layout.slots_per_lane {
                 let slot = self.slot(l, s);
@@ -601,22 +627,29 @@ impl Shared {
             .collect()
     }
 
-    fn attach_reply(&self, lane: u32) -> serde_json::Value {
-        json!({"ok": true, "generation": self.layout.generation,
+    fn attach_reply(&self, lane: u32, extra: ReplyExtra) -> serde_json::Value {
+        let mut reply = json!({"ok": true, "generation": self.layout.generation,
                "generation_str": self.layout.generation.to_string(), "lane": lane,
                "file_bytes": self.layout.file_bytes, "producer_pid": self.pid,
-               "segment": self.segment.kind()})
+               "segment": self.segment.kind()});
+        if let Some(fields) = reply.as_object_mut() {
+            if let Some(fp) = &*lock(&self.fingerprint) {
+                fields.insert("fingerprint".to_owned(), json!(fp));
+            }
+            fields.extend(extra);
+        }
+        reply
     }
 
-    /// Registers the consumer and sends the attach reply with the memfd; on failure the lane
-    /// is left vacant again. From the registration on, the lane table holds the connection,
-    /// and the service thread watches it.
-    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream) {
+    /// Registers the consumer and sends the attach reply (with `extra` members) and the
+    /// memfd; on failure the lane is left vacant again. From the registration on, the lane
+    /// table holds the connection, and the service thread watches it.
+    fn complete_attach(&self, lane: u32, pid: u32, stream: UnixStream, extra: ReplyExtra) {
         let stream = Arc::new(stream);
         let conn = self.register(&mut lock(&self.lanes), lane, pid, stream.clone());
         let sent = handshake::send_line(
             &stream,
-            &self.attach_reply(lane),
+            &self.attach_reply(lane, extra),
             Some(self.segment.file().as_fd()),
         );
         if sent.is_err() {
@@ -624,6 +657,9 @@ impl Shared {
         }
     }
 }
+
+/// Members added to an attach reply (a resume's `resumed_at` and `warnings`).
+type ReplyExtra = serde_json::Map<String, serde_json::Value>;
 
 /// A consumer asked to resume lane `lane` at `(epoch, index)`. The pipeline repositions the
 /// lane's stream there and calls [`apply`](SeekRequest::apply) between batches; dropping the
@@ -638,6 +674,7 @@ pub struct SeekRequest {
     pid: u32,
     stream: Option<UnixStream>,
     shared: Arc<Shared>,
+    extra: ReplyExtra,
 }
 
 impl std::fmt::Debug for SeekRequest {
@@ -683,7 +720,7 @@ impl SeekRequest {
                 sh.set_state(ProducerState::Serving);
             }
         }
-        sh.complete_attach(self.lane, self.pid, stream);
+        sh.complete_attach(self.lane, self.pid, stream, std::mem::take(&mut self.extra));
     }
 }
 
@@ -893,6 +930,7 @@ impl Producer {
             info_extra: Mutex::new(None),
             feedback: Mutex::new(Vec::new()),
             evaluation: Mutex::new(json!({})),
+            fingerprint: Mutex::new(options.fingerprint.clone()),
             plans,
         });
         shared.set_state(ProducerState::Serving);
@@ -1008,6 +1046,12 @@ impl Producer {
             *plan = [epoch + 1, batches, kept, pruned];
             sh.store_plan(lane, plan);
         }
+    }
+
+    /// Publishes what defines the epoch order and batches (1.3): sent in the `attach` and
+    /// `info` replies, and the reference a `resume`'s saved fingerprint is checked against.
+    pub fn set_fingerprint(&self, fingerprint: Fingerprint) {
+        *lock(&self.shared.fingerprint) = Some(fingerprint);
     }
 
     /// Resume requests that arrived with attach. See [`SeekRequest::apply`].
@@ -1376,7 +1420,11 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             drop(lanes);
             let mut reply = json!({"ok": true, "generation": sh.layout.generation,
                 "generation_str": sh.layout.generation.to_string(), "producer_pid": sh.pid,
-                "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list});
+                "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list,
+                "world_size": sh.layout.world_size, "first_rank": sh.layout.first_rank});
+            if let (Some(fp), Some(fields)) = (&*lock(&sh.fingerprint), reply.as_object_mut()) {
+                fields.insert("fingerprint".to_owned(), json!(fp));
+            }
             if let (Some(extra), Some(fields)) = (&*lock(&sh.info_extra), reply.as_object_mut()) {
                 if let serde_json::Value::Object(more) = extra() {
                     for (key, value) in more {
@@ -1414,9 +1462,43 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     ),
                 );
             }
-            if let Some(r) = resume {
+            let mut extra = ReplyExtra::new();
+            let mut resume = resume;
+            if let Some(r) = &mut resume {
                 if let Err(why) = check_resume(r, sh.layout.epochs) {
                     return refuse(&stream, Refusal::ResumeRange, &why);
+                }
+                if let (Some(saved), Some(ours)) = (&r.fingerprint, &*lock(&sh.fingerprint)) {
+                    match resume::plan_resume(ours, saved, r.sample, r.index) {
+                        Ok(plan) => {
+                            r.index = plan.index;
+                            extra.insert(
+                                "resumed_at".to_owned(),
+                                json!({"epoch": r.epoch, "index": plan.index, "sample": plan.sample}),
+                            );
+                            if !plan.warnings.is_empty() {
+                                for w in &plan.warnings {
+                                    log::warn!("lane {lane} resume: {w}");
+                                }
+                                extra.insert("warnings".to_owned(), json!(plan.warnings));
+                            }
+                        }
+                        Err(mismatch) => {
+                            let fields: Vec<_> = mismatch
+                                .fields
+                                .iter()
+                                .map(|(f, saved, serving)| {
+                                    json!({"field": f, "saved": saved, "serving": serving})
+                                })
+                                .collect();
+                            let mut reply = Refusal::ResumeMismatch.reply(&mismatch.message);
+                            if let Some(members) = reply.as_object_mut() {
+                                members.insert("mismatch".to_owned(), json!(fields));
+                            }
+                            let _ = handshake::send_line(&stream, &reply, None);
+                            return;
+                        }
+                    }
                 }
             }
             let mut lanes = lock(&sh.lanes);
@@ -1472,11 +1554,12 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     pid,
                     stream: Some(stream),
                     shared: sh.clone(),
+                    extra,
                 });
                 return;
             }
             drop(lanes);
-            sh.complete_attach(lane, pid, stream);
+            sh.complete_attach(lane, pid, stream, extra);
         }
     }
 }
@@ -1484,7 +1567,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
 /// Refuses a resume position the stream can never reach: an epoch past the configured last
 /// one (`epochs`, 0 = unbounded; resuming at `epochs` itself means "after the end"), or
 /// `u64::MAX`, which has no next epoch.
-fn check_resume(r: handshake::Resume, epochs: u64) -> Result<(), String> {
+fn check_resume(r: &handshake::Resume, epochs: u64) -> Result<(), String> {
     if r.epoch == u64::MAX || (epochs > 0 && r.epoch > epochs) {
         let last = if epochs > 0 {
             format!("the ring serves epochs 0 to {}", epochs - 1)

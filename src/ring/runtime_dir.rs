@@ -234,6 +234,32 @@ impl RuntimeDir {
     pub fn finished_path(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.finished"))
     }
+
+    /// The rings running here, sorted by name, with their producer pids: every
+    /// `<name>.lock` with a valid name whose pid (§2) is a live process and whose
+    /// `<name>.sock` exists. Stale files of a killed producer are not listed. An unreadable
+    /// directory lists nothing.
+    pub fn running_rings(&self) -> Vec<(String, u32)> {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return Vec::new();
+        };
+        let mut rings: Vec<(String, u32)> = entries
+            .filter_map(|entry| {
+                let file = entry.ok()?.file_name();
+                let name = file.to_str()?.strip_suffix(".lock")?.to_owned();
+                validate_name(&name).ok()?;
+                let pid: u32 = std::fs::read_to_string(self.lock_path(&name))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let alive = pid != 0 && Path::new(&format!("/proc/{pid}")).exists();
+                (alive && self.socket_path(&name).exists()).then_some((name, pid))
+            })
+            .collect();
+        rings.sort();
+        rings
+    }
 }
 
 /// §2's search order as a pure function of the environment (`var`), our uid and the uid of

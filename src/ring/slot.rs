@@ -196,6 +196,9 @@ mod tests {
             epochs: 0,
             seed: 0,
             samples_per_epoch: 0,
+            world_size: 0,
+            first_rank: 0,
+            epoch_samples: 0,
             mean: [0.0; 4],
             std: [0.0; 4],
         };

@@ -469,6 +469,32 @@ impl Dataset {
         &self.shard_starts
     }
 
+    /// Feeds the dataset's identity into `digest`: each shard's file name and size (not its
+    /// directory or time: a copied dataset is the same dataset), then every indexed
+    /// sample's member name (or root-relative path), size and label, in id order. Two
+    /// datasets with the same digest give the same ids to the same samples.
+    pub fn digest_into(&self, digest: &mut crate::ring::resume::Digest) {
+        if let Backend::Tar { shards } = &self.backend {
+            digest.u64(shards.len() as u64);
+            for shard in shards {
+                let name = shard.path.file_name().unwrap_or_default();
+                digest.str(&name.to_string_lossy()).u64(shard.size);
+            }
+        }
+        digest.u64(self.samples.len() as u64);
+        for sample in &self.samples {
+            let start = sample.name_start as usize;
+            let name = self
+                .names
+                .get(start..start + sample.name_len as usize)
+                .unwrap_or("");
+            digest
+                .str(name)
+                .u64(u64::from(sample.size))
+                .u64(sample.label as u64);
+        }
+    }
+
     /// The shard files of a tar dataset, in shard order (empty for an ImageFolder).
     pub fn shard_paths(&self) -> Vec<&Path> {
         match &self.backend {

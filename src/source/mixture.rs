@@ -162,6 +162,18 @@ impl Mixture {
         self.len() == 0
     }
 
+    /// Digest (16 hex digits) of the datasets' identity: each stream's name and weight and its
+    /// dataset's [`Dataset::digest_into`], in stream order.
+    pub fn identity_digest(&self) -> String {
+        let mut digest = crate::ring::resume::Digest::default();
+        digest.u64(self.streams.len() as u64);
+        for stream in &self.streams {
+            digest.str(&stream.name).u64(stream.weight.to_bits());
+            stream.dataset.digest_into(&mut digest);
+        }
+        digest.hex()
+    }
+
     /// True when the configuration used `[[source.streams]]` (batches carry `source`).
     pub fn has_streams(&self) -> bool {
         self.explicit

@@ -261,6 +261,20 @@ impl Sampler {
         Ok(())
     }
 
+    /// How many leading rows of batch `index` for global `rank` are first occurrences in the
+    /// epoch; the rest (only in the last batch with `drop-last = false`) are padding that
+    /// repeats the start of the epoch's order. Positions ascend within a batch, so the valid
+    /// rows are always a prefix.
+    pub fn valid_rows(&self, rank: u32, index: u64) -> u32 {
+        valid_prefix(
+            self.n_samples,
+            self.batch_size,
+            self.world_size,
+            rank,
+            index,
+        )
+    }
+
     /// The epoch's full order of all ids (what [`batch`](Self::batch) deals out), for a
     /// selection that removes some of them ([`super::selection`]).
     pub fn full_order(&self, epoch: u64) -> Vec<u64> {
@@ -300,6 +314,17 @@ impl Sampler {
         cache.push_back((epoch, Arc::clone(&order)));
         Some(order)
     }
+}
+
+/// Rows of batch `index` of `rank` whose order position is below `n` (not padding).
+pub(crate) fn valid_prefix(n: u64, batch_size: u32, world_size: u32, rank: u32, index: u64) -> u32 {
+    let b = u64::from(batch_size);
+    let first = index
+        .saturating_mul(u64::from(world_size))
+        .saturating_add(u64::from(rank))
+        .saturating_mul(b);
+    // At most `batch_size`, so it fits a u32.
+    n.saturating_sub(first).min(b) as u32
 }
 
 /// The order of ids `0..n` in `epoch`: a pure function of its arguments.
@@ -636,6 +661,37 @@ mod tests {
                     "{mode:?} world={world}: duplicates"
                 );
                 assert!(n - s.samples_per_epoch() < 7 * u64::from(world));
+            }
+        }
+    }
+
+    #[test]
+    fn valid_rows_mark_exactly_the_padding() {
+        for (n, batch, world) in [(10u64, 3u32, 2u32), (12, 3, 2), (13, 4, 3), (5, 2, 1)] {
+            for drop_last in [false, true] {
+                let s = Sampler::new(n, batch, world, &sampling(ShuffleMode::Global, drop_last))
+                    .unwrap();
+                let mut seen = std::collections::HashSet::new();
+                let mut valid_total = 0u64;
+                for rank in 0..world {
+                    let mut first_seen = Vec::new();
+                    for index in 0..s.batches_per_epoch() {
+                        let mut ids = Vec::new();
+                        s.batch(3, rank, index, &mut ids).unwrap();
+                        let valid = s.valid_rows(rank, index) as usize;
+                        for (row, id) in ids.iter().enumerate() {
+                            if row < valid {
+                                first_seen.push(*id);
+                            }
+                        }
+                        valid_total += valid as u64;
+                    }
+                    for id in first_seen {
+                        assert!(seen.insert(id), "id {id} valid twice (n={n})");
+                    }
+                }
+                let expected = if drop_last { s.samples_per_epoch() } else { n };
+                assert_eq!(valid_total, expected, "n={n} b={batch} w={world}");
             }
         }
     }

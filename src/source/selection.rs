@@ -190,6 +190,18 @@ impl EpochPlan {
         self.pruned
     }
 
+    /// How many leading rows of batch `index` for `rank` are first occurrences in the epoch
+    /// (the rest is padding that wraps to the start of the kept order).
+    pub fn valid_rows(&self, rank: u32, index: u64) -> u32 {
+        super::sampler::valid_prefix(
+            self.order.len() as u64,
+            self.batch_size,
+            self.world_size,
+            rank,
+            index,
+        )
+    }
+
     /// Writes the ids and weights of batch `index` for `rank` into `ids` and `weights`
     /// (cleared first). Positions past the kept samples wrap to the start (padding, only in
     /// an epoch that prunes nothing). `rank`/`index` must be in range.

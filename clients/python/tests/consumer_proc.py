@@ -5,7 +5,8 @@ Modes: ``hold N`` takes N batches, reports them and sleeps holding them until ki
 ``interrupt`` blocks waiting for a batch, expects Ctrl-C, and reports the lane's held slots;
 ``hold-fenced N`` takes N batches, releases each behind a device fence that never completes,
 reports the slots and sleeps until killed; ``torch-write`` writes in place through
-``batch.torch()``, which must kill it with SIGSEGV; ``storm`` iterates (releasing each batch)
+``batch.torch()``, which must kill it with SIGSEGV (``torch-copy`` writes into
+``batch.torch(copy=True)`` instead, which must work); ``storm`` iterates (releasing each batch)
 under a storm of SIGINTs until a line arrives on stdin, then reports the slots the ring says
 are held next to the batches the loader tracks.
 Reports are JSON lines on stdout.
@@ -94,6 +95,12 @@ def main() -> None:
             report(writing=True)
             images.add_(1.0)  # the mapping is read-only: this must fault
             report(error="the write went through")
+    elif mode == "torch-copy":
+        with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
+            batch = loader.next_batch()
+            images, _labels = batch.torch(copy=True)
+            images.add_(1.0)  # a copy in ordinary memory: allowed
+            report(copy=float(images.flatten()[0]), ring=float(batch.images.flatten()[0]))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -291,7 +291,7 @@ def test_a_mixture_of_two_datasets_serves_a_u16_source_tensor_by_weight(
     daemon = serve("--config", config, "--batch-size", 8, "--epochs", 2, "--workers", 2)
     with daemon.loader() as loader:
         assert [t.name for t in loader.layout.tensors] == [
-            "images", "labels", "sample_ids", "source",
+            "images", "labels", "sample_ids", "source", "valid",
         ]  # fmt: skip
         assert len(loader) == 8
         for _ in range(2):

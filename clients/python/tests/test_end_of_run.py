@@ -55,7 +55,7 @@ def test_the_end_of_a_finite_run_is_not_a_crash(
     assert int(marker["generation_str"]) == loader.generation
     # Coming back later: told the run finished, not "cannot connect".
     with pytest.raises(ringfeed.AttachError) as err:
-        ringfeed.Loader("e2e", runtime_dir=runtime_dir)
+        ringfeed.Loader("e2e", runtime_dir=runtime_dir, wait_for_producer=0)
     assert (err.value.code, err.value.retryable) == ("finished", False)
 
 
@@ -92,7 +92,7 @@ def test_refusals_carry_codes(serve: type[Daemon], runtime_dir: Path) -> None:
     holder.close()
     daemon.close()
     with pytest.raises(ringfeed.AttachError) as gone:
-        ringfeed.Loader("e2e", 0, runtime_dir=runtime_dir)
+        ringfeed.Loader("e2e", 0, runtime_dir=runtime_dir, wait_for_producer=0)
     assert (gone.value.code, gone.value.retryable) == ("not_running", True)
 
 

@@ -198,11 +198,15 @@ def test_state_dict_and_resume(make_writer: MakeWriter, runtime_dir: Path) -> No
     assert state == {"epoch": 0, "index": 3, "lane": 0, "generation": writer.generation}
     loader.close()
     writer.wait_detached(0)
-    with ringfeed.Loader("t", runtime_dir=runtime_dir, resume=state) as resumed:
+    # This producer publishes no fingerprint (like one before 1.3): the state resumes by
+    # batch index, and says that it could not be checked.
+    no_fingerprint = pytest.warns(ringfeed.RingfeedWarning, match="has no fingerprint")
+    with no_fingerprint, ringfeed.Loader("t", runtime_dir=runtime_dir, resume=state) as resumed:
         batch = resumed.next_batch()
         assert (batch.epoch, batch.index) == (0, 3)
         assert batch.last_of_epoch
-        resumed.load_state_dict({"epoch": 2, "index": 1})
+        with pytest.warns(ringfeed.RingfeedWarning, match="has no fingerprint"):
+            resumed.load_state_dict({"epoch": 2, "index": 1})
         assert [(b.epoch, b.index) for b in resumed] == [(2, 1), (2, 2), (2, 3)]
         assert resumed.state_dict()["epoch"] == 3
 
@@ -217,7 +221,7 @@ def test_attach_errors_carry_the_reason(make_writer: MakeWriter, runtime_dir: Pa
     ):
         ringfeed.Loader("t", 1, runtime_dir=runtime_dir)
     with pytest.raises(ringfeed.AttachError, match="cannot connect"):
-        ringfeed.Loader("absent", runtime_dir=runtime_dir)
+        ringfeed.Loader("absent", runtime_dir=runtime_dir, wait_for_producer=0)
     for bad in ("", ".hidden", "a/b", "x" * 33, "sp ace", "nul\0"):
         with pytest.raises(ringfeed.AttachError, match="invalid ring name"):
             ringfeed.Loader(bad, runtime_dir=runtime_dir)
@@ -353,3 +357,28 @@ def test_torch_bf16_is_a_zero_copy_bfloat16_view(
         assert x.dtype == torch.bfloat16
         assert x.data_ptr() == batch.images.ctypes.data
         assert batch.torch("images")[0] is not x  # fresh aliases, not the cached tensor
+
+
+def test_a_producer_before_1_3_cannot_be_rank_checked_and_marks_no_padding(
+    make_writer: MakeWriter, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reference writer leaves header offset 156 (world_size) and the lane ranks zero, as a
+    # producer before 1.3 did, and writes no `valid` tensor.
+    writer = make_writer()
+    writer.publish(0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.warns(ringfeed.RingfeedWarning, match="cannot be checked"):
+        loader = ringfeed.Loader("t", runtime_dir=runtime_dir)
+    with loader:
+        assert loader.layout.world_size == 0
+        assert loader.ring.lane_rank(0) is None
+        batch = loader.next_batch()
+        assert batch.valid.tolist() == [1] * batch.count
+        assert batch.valid_count == batch.count
+        state = loader.state_dict()
+        assert "fingerprint" not in state
+        assert "sample" not in state
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    with pytest.raises(ringfeed.RingfeedError, match="WORLD_SIZE='eight'"):
+        ringfeed.Loader("t", runtime_dir=runtime_dir)

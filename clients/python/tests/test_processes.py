@@ -3,8 +3,11 @@ and a producer restart."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,8 @@ import ringfeed
 from conftest import MakeWriter, Spawn
 from helpers import in_futex_syscall, in_futex_syscall_of, read_line, read_report, wait_until
 from ring_writer import HELD, READY
+
+HERE = Path(__file__).parent
 
 
 def start_writer(spawn: Spawn, name: str, directory: Path, *args: object) -> subprocess.Popen[str]:
@@ -134,7 +139,41 @@ def test_a_consumer_refuses_to_attach_to_a_dead_producers_socket(
     producer.kill()
     producer.wait()  # every thread gone, so the listening socket is closed
     with pytest.raises(ringfeed.AttachError, match="cannot connect"):
-        ringfeed.Loader("d", runtime_dir=runtime_dir)
+        ringfeed.Loader("d", runtime_dir=runtime_dir, wait_for_producer=0)
+
+
+def test_the_in_place_fault_prints_a_python_traceback_and_copy_true_is_writable(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    pytest.importorskip("torch")
+    writer = make_writer(lanes=2)
+    writer.publish(0)
+    writer.publish(1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    script = [sys.executable, str(HERE / "consumer_proc.py")]
+    crashed = subprocess.run(
+        [*script, "torch-write", "t", str(runtime_dir), "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert crashed.returncode == -signal.SIGSEGV
+    # faulthandler, turned on by the first zero-copy torch(): the line that wrote is named.
+    assert "Segmentation fault" in crashed.stderr, crashed.stderr
+    assert 'consumer_proc.py", line' in crashed.stderr, crashed.stderr
+    copied = subprocess.run(
+        [*script, "torch-copy", "t", str(runtime_dir), "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert copied.returncode == 0, copied.stderr
+    report = json.loads(copied.stdout.splitlines()[-1])
+    assert report == {"copy": report["ring"] + 1.0, "ring": report["ring"]}
 
 
 def test_an_in_place_torch_write_faults_instead_of_corrupting(

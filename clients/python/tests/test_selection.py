@@ -186,6 +186,7 @@ def test_infobatch_prunes_half_the_well_learned_and_anneals(nodes: Any, tmp_path
             "labels",
             "sample_ids",
             "weights",
+            "valid",
         ]
         served = run_epochs(loader, range(8), even_odd)
         assert next(iter(loader), None) is None, "the run ends after 8 epochs"

@@ -150,3 +150,18 @@ def test_two_torchrun_ranks_read_their_own_lanes_of_one_daemon(
     assert by_rank[1]["ids"]
     assert not set(by_rank[0]["ids"]) & set(by_rank[1]["ids"]), "the ranks' samples overlap"
     assert wait_gone(by_rank[0]["pid"], 10)
+
+
+def test_a_config_error_is_reported_once(
+    env: dict[str, str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[source]\nshards = ["x.tar"]\n[augment]\n'
+        "random-resized-crop = { size = 32 }\nresize = { size = 40 }\n"
+    )
+    with pytest.raises(ringfeed.RingfeedError, match="cannot be combined with resize") as err:
+        ringfeed.serve(config=config, name="sv-once")
+    assert str(err.value).count("cannot be combined") == 1
+    assert "augment: random" not in str(err.value)  # "[augment]: augment:" said it twice
+    assert "cannot be combined" not in capfd.readouterr().err  # not echoed as well

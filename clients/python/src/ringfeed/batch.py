@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Optional, Protocol
@@ -15,6 +17,17 @@ from .layout import SLOT_LAST_OF_EPOCH, SLOT_REDELIVERED
 
 if TYPE_CHECKING:
     from .ring import Ring, TakenSlot
+
+
+def _traceback_on_segfault() -> None:
+    """Turn ``faulthandler`` on (unless the program chose otherwise already): an in-place
+    write into a zero-copy tensor then dies with the Python traceback of the line that wrote,
+    not a bare SIGSEGV. Once per process; ``faulthandler`` only adds signal handlers for
+    fatal signals, which Python would not handle anyway."""
+    if not faulthandler.is_enabled():
+        # No usable stderr (closed, or not a file): nothing to print the traceback to.
+        with contextlib.suppress(RuntimeError, ValueError, OSError):
+            faulthandler.enable()
 
 
 class _Owner(Protocol):
@@ -132,25 +145,57 @@ class Batch:
         sample's loss by it (1.0, or ``1 / (1 - prune_ratio)`` for kept well-learned samples)."""
         return self["weights"]
 
+    @property
+    def valid(self) -> np.ndarray:
+        """The ``valid`` tensor (``uint8 [B]``, format 1.3): 1 for a sample's first occurrence
+        in the epoch on this job's ranks, 0 for a padding row (``drop-last = false`` repeats
+        the epoch's start to fill the last batches). All ones from a producer before 1.3,
+        which does not mark padding."""
+        tensors = self.tensors
+        if "valid" in tensors:
+            return tensors["valid"]
+        ones = np.ones(self.count, dtype=np.uint8)
+        ones.flags.writeable = False
+        return ones
+
+    @property
+    def valid_count(self) -> int:
+        """Rows of this batch that are not padding (the number of ones in :attr:`valid`)."""
+        return int(np.count_nonzero(self.valid))
+
     def torch(
         self,
         *names: str,
         device: Any = None,
         non_blocking: bool = True,
         normalize: bool = False,
+        copy: bool = False,
     ) -> tuple[Any, ...]:
         """Torch tensors of the batch, by default ``(images, labels)``.
 
-        Without ``device``: tensors sharing the ring's memory (no copy). They view a read-only
-        mapping: an in-place operation on them crashes the process with SIGSEGV instead of
-        corrupting a batch. bf16 tensors come out as ``torch.bfloat16``. With ``device``: the
-        same as :meth:`to` (copies, and the release waits for them).
+        Without ``device`` and ``copy``: tensors sharing the ring's memory (no copy).
+
+        .. warning:: They view a **read-only** mapping. An in-place operation on them
+           (``x.mul_(0.7)``, ``x += 1``, ``x[:, 0] = 0``, ``torch.nn.functional.relu(x,
+           inplace=True)``, mixup written in place) crashes the process with SIGSEGV: torch
+           has no read-only tensors, so it cannot raise an error first. The client turns
+           Python's ``faulthandler`` on at the first such view, so the crash prints the
+           Python traceback of the offending line. Use ``copy=True`` (or an out-of-place op,
+           ``x = x * 0.7``) for tensors you modify.
+
+        ``copy=True``: writable copies in ordinary memory, safe to modify and to keep after
+        the release. bf16 tensors come out as ``torch.bfloat16``. With ``device``: the same
+        as :meth:`to` (copies, and the release waits for them).
         """
         if device is not None:
             return self.to(device, *names, non_blocking=non_blocking, normalize=normalize)
         if normalize:
             raise TypeError("normalize=True makes a copy: pass device= (or use batch.to/cuda)")
-        return tuple(cache.detach() for cache in self._torch_views(names or ("images", "labels")))
+        views = self._torch_views(names or ("images", "labels"))
+        if copy:
+            return tuple(view.clone() for view in views)
+        _traceback_on_segfault()
+        return tuple(view.detach() for view in views)
 
     def _torch_views(self, names: tuple[str, ...]) -> list[Any]:
         self.tensors  # noqa: B018 - raises ReleasedBatchError after release

@@ -94,7 +94,7 @@ class Daemon:
         pid: int,
         process: Optional[subprocess.Popen[bytes]],
         runtime_dir: Optional[PathLike],
-        tee: Optional[threading.Thread] = None,
+        tee: Optional[_Tee] = None,
     ) -> None:
         self.name = name
         """The ring's name (what :class:`Loader` attaches to)."""
@@ -148,20 +148,59 @@ class Daemon:
         return f"<ringfeed.Daemon {self.name!r} pid {self.pid}, {role}>"
 
 
-def _tee(stream: IO[bytes], tail: collections.deque[str]) -> threading.Thread:
-    """Copies the daemon's output to our stderr as it comes, keeping the last lines."""
+class _Tee:
+    """Copies the daemon's output to our stderr, keeping the last lines. Until the daemon
+    serves (or :data:`_HOLD_S` passed) lines are held back: a daemon that fails at once is
+    reported by the exception alone, whose message carries its words, not printed twice."""
 
-    def pump() -> None:
+    def __init__(self, stream: IO[bytes], tail: collections.deque[str]) -> None:
+        self._tail = tail
+        self._lock = threading.Lock()
+        self._held: Optional[list[str]] = []  # None once released
+        self._release_at = time.monotonic() + _HOLD_S
+        self.thread = threading.Thread(
+            target=self._pump, args=(stream,), name="ringfeed-daemon-output", daemon=True
+        )
+        self.thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
         with stream:
             for raw in stream:
                 line = raw.decode("utf-8", "replace")
-                tail.append(line.rstrip("\n"))
+                self._tail.append(line.rstrip("\n"))
+                with self._lock:
+                    if self._held is not None and time.monotonic() < self._release_at:
+                        self._held.append(line)
+                        continue
+                self.release()
                 sys.stderr.write(line)
                 sys.stderr.flush()
 
-    thread = threading.Thread(target=pump, name="ringfeed-daemon-output", daemon=True)
-    thread.start()
-    return thread
+    def release(self) -> None:
+        """Echo what was held back, and everything from now on."""
+        with self._lock:
+            held, self._held = self._held, None
+        if held:
+            sys.stderr.write("".join(held))
+            sys.stderr.flush()
+
+    def release_if_due(self) -> None:
+        """Release once the hold time has passed (a daemon indexing for minutes shows its
+        progress even when it prints nothing new)."""
+        if time.monotonic() >= self._release_at:
+            self.release()
+
+    def echoed(self) -> bool:
+        """Whether any output has been (or will be) echoed already."""
+        with self._lock:
+            return self._held is None
+
+    def join(self, timeout: float) -> None:
+        """Wait for the daemon's last output."""
+        self.thread.join(timeout)
+
+
+_HOLD_S = 2.0
 
 
 def _wait_until_serving(
@@ -170,7 +209,7 @@ def _wait_until_serving(
     deadline: float,
     process: Optional[subprocess.Popen[bytes]] = None,
     tail: Optional[collections.deque[str]] = None,
-    tee: Optional[threading.Thread] = None,
+    tee: Optional[_Tee] = None,
 ) -> int:
     """Polls the ring's socket until its producer answers; returns the producer's pid. With
     ``process``, only that process counts and its early exit is an error naming why."""
@@ -180,6 +219,8 @@ def _wait_until_serving(
             if tee is not None:
                 tee.join(5.0)  # its last words may still be in the pipe
             said = "\n".join(tail or ()) or "(no output)"
+            if tee is not None and tee.echoed():
+                said = f"(its output is above; last line) {(tail or [''])[-1]}"
             raise RingfeedError(
                 f"ringfeed serve exited with status {process.returncode} before serving"
                 f" ring {name!r}:\n{said}"
@@ -188,9 +229,13 @@ def _wait_until_serving(
             reply = info(socket_path(name, runtime_dir))
             pid = int(reply.get("producer_pid", 0))
             if process is None or pid == process.pid:
+                if tee is not None:
+                    tee.release()
                 return pid
         except AttachError as err:
             last = err
+        if tee is not None:
+            tee.release_if_due()
         if time.monotonic() >= deadline:
             raise AttachError(f"ring {name!r} was not served in time; last: {last}")
         time.sleep(0.05)
@@ -250,7 +295,7 @@ def serve(
     )
     assert process.stdout is not None
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-    tee = _tee(process.stdout, tail)
+    tee = _Tee(process.stdout, tail)
     try:
         _wait_until_serving(name, runtime_dir, deadline, process, tail, tee)
     except BaseException:

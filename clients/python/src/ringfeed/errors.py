@@ -37,6 +37,35 @@ class AttachError(RingfeedError):
         self.retryable = retryable
 
 
+class DaemonNotRunning(AttachError):
+    """No daemon listens on the ring's socket (yet): the socket or the runtime directory is
+    missing, or the connection was refused. A :class:`Loader` waits for this one (30 s by
+    default, ``wait_for_producer``); other refusals are raised at once. Code ``not_running``,
+    retryable."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="not_running", retryable=True)
+
+
+class ResumeMismatch(AttachError):
+    """The producer refused a resume state saved for another sample order (1.3): ``fields``
+    lists ``(field, saved, serving)`` for every difference (seed, dataset, shuffle, selection,
+    world_size, …). Retrying cannot help; the message says what to change."""
+
+    def __init__(self, message: str, fields: list[tuple[str, str, str]]) -> None:
+        super().__init__(message, code="resume_mismatch")
+        self.fields = fields
+
+
+class RankMismatch(AttachError):
+    """The lane serves another global rank or world size than this trainer is (``RANK`` /
+    ``WORLD_SIZE``); the message says how to start the daemon instead. Code
+    ``rank_mismatch``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="rank_mismatch")
+
+
 class ProducerGone(RingfeedError):
     """The producer died, stopped, failed or froze while this consumer was attached."""
 

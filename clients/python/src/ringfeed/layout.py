@@ -110,6 +110,8 @@ class RingLayout(NamedTuple):
     std: tuple[float, ...]
     name: str
     tensors: tuple[TensorSpec, ...]
+    #: Ranks in the whole job (1.3, header offset 156); 0 = unknown (a producer before 1.3).
+    world_size: int = 0
 
     @property
     def drop_last(self) -> bool:
@@ -171,7 +173,7 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         producer_pid, _producer_state, start_ns, _heartbeat, lane_count, slots_per_lane,
         slot_stride, data_offset, tensor_count, tensor_off, lane_off, slot_off, consumer_off,
         consumer_capacity, batch_size, flags, batches_per_epoch, epochs, seed,
-        samples_per_epoch, _release_any, _reserved,
+        samples_per_epoch, _release_any, world_size,
     ) = _HEADER.unpack_from(header, 0)  # fmt: skip
     _require(magic == MAGIC, "magic", f"{magic!r} is not {MAGIC!r}")
     _require(major == VERSION_MAJOR, "version_major", f"{major} (this client reads 1)")
@@ -239,6 +241,7 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         std=tuple(mean_std[4:]),
         name=name,
         tensors=(),
+        world_size=world_size,
     )
 
 

@@ -8,18 +8,32 @@ one epoch, waiting is a futex sleep of at most 100 ms between liveness checks, a
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
+import warnings
 import weakref
 from types import TracebackType
 from typing import Any, Optional, Union
 
+import numpy as np
+
 from . import _frameworks, _signals, feedback, protocol
 from .batch import Batch
 from .device import PendingReleases, current_stream_fence
-from .errors import AttachError, FormatError, ProducerGone, RingfeedError, RingTimeout
+from .errors import (
+    AttachError,
+    DaemonNotRunning,
+    FormatError,
+    ProducerGone,
+    RankMismatch,
+    ResumeMismatch,
+    RingfeedError,
+    RingfeedWarning,
+    RingTimeout,
+)
 from .layout import (
     FAILED,
     FINISHED,
@@ -30,13 +44,14 @@ from .layout import (
     RingLayout,
 )
 from .ring import Ring
-from .runtime import check_name, runtime_dir, socket_path
+from .runtime import check_name, running_rings, runtime_dir, socket_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 WAIT_SLICE_S = 0.1  # §6: futex timeout ≤ 100 ms, then liveness is re-checked
 HEARTBEAT_STALE_NS = 3_000_000_000  # §6: a heartbeat older than 3 s means a frozen producer
 REATTACH_PATIENCE_S = 2.0  # our own EOF may reach the producer after our new attach request
+START_PATIENCE_S = 30.0  # default wait for a daemon that is not listening yet (started alongside)
 _RETRY_PAUSE_S = 0.05
 
 
@@ -66,6 +81,20 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _env_int(key: str, explicit: Optional[int]) -> Optional[int]:
+    """``explicit`` if given, else the environment variable ``key`` as an int (``None`` when
+    unset or empty); a value that is not an integer is an error naming it."""
+    if explicit is not None:
+        return int(explicit)
+    raw = os.environ.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise RingfeedError(f"environment variable {key}={raw!r} is not an integer") from None
+
+
 def _new_token() -> int:
     # Non-zero and unpredictable: one per attach, written into every slot the attach takes.
     return int.from_bytes(os.urandom(8), "little") | 1
@@ -85,12 +114,25 @@ class Loader:
         max_held: at most this many batches held at once (:class:`RingfeedError` beyond);
             holding every slot of the lane is always refused because it would deadlock.
         pin: ``cudaHostRegister`` the data mapping once (warns and carries on without CUDA).
-        resume: ``{"epoch", "index"}`` of the next batch wanted (e.g. a saved
-            :meth:`state_dict`); the producer seeks the lane there.
+        resume: a saved :meth:`state_dict` (or ``{"epoch", "index"}``): the producer seeks
+            the lane to it. A state with a ``fingerprint`` is checked by the producer: a
+            daemon whose sample order differs (seed, dataset, shuffle, world size, …) refuses
+            it with :class:`ResumeMismatch` naming the fields; one whose batch size differs
+            starts at the batch holding the saved ``sample`` position (with a warning). A
+            state without one (saved before 1.3) resumes at its batch index, with a
+            :class:`RingfeedWarning`.
         wait_for_producer: seconds to keep retrying connect/attach while the error is
             retryable (:attr:`AttachError.retryable`: no producer yet, lane still held), also
-            used to re-attach (resuming at the cursor) when the producer dies mid-run. A
+            used to re-attach (resuming at the cursor) when the producer dies mid-run; a
             producer that finished the run and exited ends the iteration instead.
+            Default ``None``: wait up to 30 s for a daemon that is not listening yet (one
+            started at the same moment), refuse at once otherwise, and raise
+            :class:`ProducerGone` if it dies.
+        rank, world_size: the global rank and world size this trainer is; default
+            ``$RANK`` / ``$WORLD_SIZE`` (torchrun). The attach is refused
+            (:class:`RankMismatch`, saying how to start the daemon) unless the lane serves
+            exactly that rank of that world size. Producers before 1.3 do not say; then a
+            :class:`RingfeedWarning` says it could not be checked.
         timeout: raise :class:`RingTimeout` when no batch arrives within this many seconds.
         runtime_dir: override the runtime directory (§2).
         trust_uid: also accept a producer running as this uid (a daemon started with
@@ -120,10 +162,12 @@ class Loader:
         max_held: Optional[int] = None,
         pin: bool = False,
         resume: Optional[dict[str, Any]] = None,
-        wait_for_producer: float = 0.0,
+        wait_for_producer: Optional[float] = None,
         timeout: Optional[float] = None,
         runtime_dir: Optional[PathLike] = None,
         trust_uid: Optional[int] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
     ) -> None:
         """Attach to ``lane`` of the producer called ``name`` (see the class docs)."""
         self.name = check_name(name)
@@ -137,7 +181,12 @@ class Loader:
         self._release_previous = release_previous
         self._max_held = max_held
         self._pin = pin
-        self._wait_for_producer = float(wait_for_producer)
+        self._wait_for_producer = 0.0 if wait_for_producer is None else float(wait_for_producer)
+        self._start_patience = (
+            START_PATIENCE_S if wait_for_producer is None else self._wait_for_producer
+        )
+        self._expect = (_env_int("RANK", rank), _env_int("WORLD_SIZE", world_size))
+        self._fingerprint: Optional[dict[str, Any]] = None  # the producer's (attach reply)
         self._timeout = timeout
         self._runtime_dir = runtime_dir
         self._trust_uid = trust_uid
@@ -164,25 +213,70 @@ class Loader:
         self._stats_wait_base_ns = 0
         self.generation = 0
         _LOADERS.add(self)
-        self._attach(self._resume_arg(resume), self._wait_for_producer)
+        self._attach(
+            self._resume_arg(resume, public=True),
+            self._start_patience,
+            absent_only=wait_for_producer is None,
+        )
 
     # ----- attaching --------------------------------------------------------------------------
 
     @staticmethod
-    def _resume_arg(resume: Optional[dict[str, Any]]) -> Optional[dict[str, int]]:
+    def _resume_arg(
+        resume: Optional[dict[str, Any]], *, public: bool = False
+    ) -> Optional[dict[str, Any]]:
+        """The checked ``resume`` of an attach request. A state is data from anywhere (a
+        checkpoint file): every field is type-checked here, the fingerprint by the producer.
+        ``public``: a state the user passed, warned about when it has no fingerprint."""
         if resume is None:
             return None
-        try:
-            epoch, index = int(resume["epoch"]), int(resume["index"])
-        except (KeyError, TypeError, ValueError):
-            raise RingfeedError(
-                f"resume needs integer 'epoch' and 'index', got {resume!r}"
-            ) from None
-        if epoch < 0 or index < 0:
-            raise RingfeedError(f"resume epoch/index must be >= 0, got {resume!r}")
-        return {"epoch": epoch, "index": index}
+        if not isinstance(resume, dict):
+            raise RingfeedError(f"resume must be a dict from state_dict(), got {resume!r:.200}")
 
-    def _attach(self, resume: Optional[dict[str, int]], patience_s: float) -> None:
+        def whole(key: str) -> Optional[int]:
+            value = resume.get(key)
+            if value is None and key == "sample":
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise RingfeedError(
+                    f"resume needs integer {key!r} (a dict from state_dict()), got {resume!r:.200}"
+                )
+            if not 0 <= int(value) < 2**64:
+                raise RingfeedError(f"resume {key!r} must be in 0..2**64-1, got {value!r}")
+            return int(value)
+
+        checked: dict[str, Any] = {"epoch": whole("epoch"), "index": whole("index")}
+        sample = whole("sample")
+        fingerprint = resume.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, dict):
+            raise RingfeedError(
+                "resume 'fingerprint' must be the dict state_dict() saved,"
+                f" got {fingerprint!r:.200}"
+            )
+        if fingerprint is not None:
+            try:
+                json.dumps(fingerprint, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise RingfeedError(f"resume 'fingerprint' is not JSON data: {err}") from None
+            checked["fingerprint"] = fingerprint
+            if sample is not None:
+                checked["sample"] = sample
+        elif public:
+            warnings.warn(
+                f"resume state {resume!r:.120} has no fingerprint (saved by a ringfeed client"
+                " before 1.3, or written by hand): the daemon cannot check that it serves the"
+                " same sample order, and a changed batch size would resume at another sample;"
+                " save a new state with loader.state_dict()",
+                RingfeedWarning,
+                stacklevel=3,
+            )
+        return checked
+
+    def _attach(
+        self, resume: Optional[dict[str, Any]], patience_s: float, *, absent_only: bool = False
+    ) -> None:
+        """Attach (retrying for ``patience_s``: every failure, or with ``absent_only`` only a
+        daemon that is not listening yet), map the ring and check it."""
         deadline = time.monotonic() + patience_s
         while True:
             try:
@@ -191,6 +285,8 @@ class Loader:
                     path, self.lane, resume, trust_uid=self._trust_uid
                 )
                 break
+            except ResumeMismatch:
+                raise  # the state itself is wrong: no retry can help
             except AttachError as err:
                 if err.code == "not_running":
                     finished = protocol.finished_generation(
@@ -207,8 +303,10 @@ class Loader:
                             " its producer exited after the last epoch",
                             code="finished",
                         ) from None
-                if not err.retryable or time.monotonic() >= deadline:
+                if not err.retryable or (absent_only and not isinstance(err, DaemonNotRunning)):
                     raise
+                if time.monotonic() >= deadline:
+                    raise self._not_running(err, patience_s) from None
                 time.sleep(_RETRY_PAUSE_S)
         try:
             try:
@@ -225,20 +323,79 @@ class Loader:
                 raise FormatError("lane", f"attached lane {reply.get('lane')!r} != {self.lane}")
             if reply.get("file_bytes") != layout.file_bytes:
                 raise FormatError("file_bytes", f"attach reply said {reply.get('file_bytes')!r}")
+            self._check_rank(ring)
         except BaseException:
             sock.close()
             raise
         self._sock, self._ring = sock, ring
         self._token = _new_token()  # a fresh one: batches of an earlier attach cannot match
         self.generation = layout.generation
+        fingerprint = reply.get("fingerprint")
+        self._fingerprint = fingerprint if isinstance(fingerprint, dict) else None
         self._finished = False
         if resume is not None:
             self._cursor = (resume["epoch"], resume["index"])
+            resumed_at = reply.get("resumed_at")
+            if isinstance(resumed_at, dict) and isinstance(resumed_at.get("index"), int):
+                self._cursor = (resume["epoch"], resumed_at["index"])
+        for warning in reply.get("warnings") or ():
+            warnings.warn(f"ring {self.name!r}: {warning}", RingfeedWarning, stacklevel=4)
         self._stats_start_ns = time.monotonic_ns()
         self._stats_wait_base_ns = ring.lane_stats(self.lane)["consumer_wait_ns"]
         ring.note_consumer(self.lane)
         if self._pin and _frameworks.cuda_pin(ring.data_address, ring.data_bytes):
             self._pinned_address = ring.data_address
+
+    def _not_running(self, err: AttachError, patience_s: float) -> AttachError:
+        """``err`` after the attach patience ran out; when no daemon of this name is running,
+        saying which rings are and how to start one."""
+        if not isinstance(err, DaemonNotRunning):
+            return err
+        running = running_rings(self._runtime_dir)
+        if self.name in running:
+            return err
+        where = runtime_dir(self._runtime_dir)
+        rings = ", ".join(repr(r) for r in running) if running else "none"
+        waited = f" after waiting {patience_s:g} s" if patience_s > 0 else ""
+        return DaemonNotRunning(
+            f"{err}{waited}. No daemon serves ring {self.name!r} in {where} (rings running"
+            f" there: {rings}). Start one with `ringfeed serve --name {self.name}` (or"
+            f" ringfeed.serve(name={self.name!r}) from the training script), or pass"
+            " runtime_dir= / set RINGFEED_RUNTIME_DIR to the daemon's runtime directory"
+        )
+
+    def _check_rank(self, ring: Ring) -> None:
+        """Refuse a lane that serves another global rank or world size than this trainer."""
+        rank, world = self._expect
+        if rank is None and world is None:
+            return
+        served_rank, served_world = ring.lane_rank(self.lane), ring.layout.world_size
+        if served_rank is None:
+            warnings.warn(
+                f"ring {self.name!r} was made by a producer before format 1.3, which does not"
+                f" say which rank lane {self.lane} serves: RANK={rank} WORLD_SIZE={world}"
+                " cannot be checked",
+                RingfeedWarning,
+                stacklevel=4,
+            )
+            return
+        wrong = []
+        if world is not None and world != served_world:
+            wrong.append(f"world size {world} here, {served_world} in the daemon")
+        if rank is not None and rank != served_rank:
+            wrong.append(f"rank {rank} here, lane {self.lane} serves rank {served_rank}")
+        if not wrong:
+            return
+        world = served_world if world is None else world
+        first = max(0, (served_rank if rank is None else rank) - self.lane)
+        raise RankMismatch(
+            f"ring {self.name!r} does not serve this trainer ({'; '.join(wrong)}; from RANK /"
+            f" LOCAL_RANK / WORLD_SIZE or rank= / world_size=): every rank would not get its"
+            f" own share of each epoch. Start the daemon with `--world-size {world}"
+            f" --first-rank {first}` (the global rank of this node's lane 0, with one lane"
+            " per local rank), or call ringfeed.serve() under torchrun, which reads them from"
+            " the environment"
+        )
 
     def _detach(self, *, release_held: bool) -> None:
         """Leave the lane. ``release_held`` frees held slots first (producer alive); otherwise
@@ -497,10 +654,10 @@ class Loader:
                     raise
                 # Read from the old ring's memory before leaving it (nothing taken yet: the
                 # position comes from its slots and lane counters).
-                position = self._next_position()
+                position = self._saved_position()
                 self._detach(release_held=False)
                 try:
-                    self._attach(position, self._wait_for_producer)
+                    self._attach(self._resume_arg(position), self._wait_for_producer)
                 except AttachError as err:
                     if err.code != "finished":
                         raise
@@ -710,14 +867,31 @@ class Loader:
         """Epoch of the next batch this loader will deliver."""
         return self._next_position()["epoch"]
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "index", "lane", "generation"}``: the next unconsumed batch.
+    def _saved_position(self) -> dict[str, Any]:
+        """The next batch, its ``sample`` position and the producer's fingerprint (when the
+        producer published one): what a resume needs to be checked and mapped."""
+        position: dict[str, Any] = dict(self._next_position())
+        fingerprint = self._fingerprint
+        if fingerprint is not None:
+            batch = fingerprint.get("batch_size")
+            world = fingerprint.get("world_size")
+            if isinstance(batch, int) and isinstance(world, int):
+                position["sample"] = position["index"] * batch * max(world, 1)
+            position["fingerprint"] = dict(fingerprint)
+        return position
+
+    def state_dict(self) -> dict[str, Any]:
+        """The next unconsumed batch and what it is a position in: ``epoch``, ``index`` (batch
+        within the epoch), ``sample`` (samples of the epoch's global order, all ranks together,
+        consumed before it: ``index × batch_size × world_size``), ``fingerprint`` (what
+        defines that order and its batches, as the producer published it), ``lane`` and
+        ``generation``. Plain JSON-able values: save it in a checkpoint.
 
         A batch counts as consumed once it has been yielded. Pass the dict back as
-        ``Loader(..., resume=state)`` or to :meth:`load_state_dict`.
+        ``Loader(..., resume=state)`` or to :meth:`load_state_dict`; see ``resume`` for what
+        a daemon with another configuration does with it.
         """
-        position = self._next_position()
-        return {**position, "lane": self.lane, "generation": self.generation}
+        return {**self._saved_position(), "lane": self.lane, "generation": self.generation}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Re-attach with ``resume`` = ``state``: the producer seeks this lane to it (§7).
@@ -725,7 +899,7 @@ class Loader:
         Batches held now are released first.
         """
         self._refuse_if_inherited()
-        resume = self._resume_arg(state)
+        resume = self._resume_arg(state, public=True)
         if self._sock is not None:
             self._detach(release_held=True)
         self._epoch_ended = False

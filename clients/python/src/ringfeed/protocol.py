@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import AttachError, ProducerGone
+from .errors import AttachError, DaemonNotRunning, ProducerGone, ResumeMismatch
 
 VERSION = 1
 MAX_LINE = 4096
@@ -43,12 +43,10 @@ def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
         sock.connect(str(path))
     except OSError as err:
         sock.close()
-        missing = isinstance(err, (FileNotFoundError, ConnectionRefusedError))
-        raise AttachError(
-            f"cannot connect to {path}: {err.strerror}{_connect_hint(err)}",
-            code="not_running" if missing else "connect",
-            retryable=missing,
-        ) from None
+        message = f"cannot connect to {path}: {err.strerror}{_connect_hint(err)}"
+        if isinstance(err, (FileNotFoundError, ConnectionRefusedError)):
+            raise DaemonNotRunning(message) from None
+        raise AttachError(message, code="connect") from None
     _pid, uid, _gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
@@ -95,19 +93,26 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, A
 def attach(
     path: Path,
     lane: int,
-    resume: Optional[dict[str, int]] = None,
+    resume: Optional[dict[str, Any]] = None,
     *,
     trust_uid: Optional[int] = None,
 ) -> tuple[socket.socket, dict[str, Any], int]:
     """Attach to ``lane`` of the producer listening at ``path``.
 
     Returns ``(connection, reply, memfd)``; the caller owns both and must keep the connection
-    open while attached. Raises :class:`AttachError` with the producer's reason on refusal.
+    open while attached. Raises :class:`AttachError` with the producer's reason on refusal
+    (:class:`ResumeMismatch` when ``resume`` carries a fingerprint of another sample order).
+    ``resume``: ``epoch``, ``index`` and, optionally (1.3), ``sample`` and ``fingerprint``.
     """
     sock = _connect(path, trust_uid)
     request: dict[str, Any] = {"op": "attach", "version": VERSION, "lane": lane, "pid": os.getpid()}
     if resume is not None:
-        request["resume"] = {"epoch": int(resume["epoch"]), "index": int(resume["index"])}
+        wanted: dict[str, Any] = {"epoch": int(resume["epoch"]), "index": int(resume["index"])}
+        if resume.get("sample") is not None:
+            wanted["sample"] = int(resume["sample"])
+        if resume.get("fingerprint") is not None:
+            wanted["fingerprint"] = resume["fingerprint"]
+        request["resume"] = wanted
     try:
         reply, fds = _exchange(sock, request)
     except BaseException:
@@ -118,6 +123,16 @@ def attach(
             os.close(fd)
         sock.close()
         if reply.get("ok") is not True:
+            mismatch = reply.get("mismatch")
+            if isinstance(mismatch, list):
+                fields = [
+                    (str(m.get("field")), str(m.get("saved")), str(m.get("serving")))
+                    for m in mismatch
+                    if isinstance(m, dict)
+                ]
+                raise ResumeMismatch(
+                    f"attach to lane {lane} refused: {reply.get('error', reply)}", fields
+                )
             raise refusal(f"attach to lane {lane} refused", reply)
         raise AttachError(
             f"attach reply carried {len(fds)} file descriptors, expected 1", code="protocol"

@@ -65,6 +65,9 @@ class _LaneEntry(ctypes.LittleEndianStructure):
         ("plan_batches", _u64),
         ("plan_kept", _u64),
         ("plan_pruned", _u64),
+        ("rank", _u32),  # 1.3: the global rank this lane serves (valid when world_size > 0)
+        ("_reserved_108", _u32),
+        ("rank_samples", _u64),  # 1.3: distinct samples this rank gets per full epoch
     )
 
 
@@ -239,7 +242,11 @@ class Ring:
     def lane_stats(self, lane: int) -> dict[str, int]:
         """A snapshot of lane ``lane``'s table entry (§5.3)."""
         entry = self._lanes[lane]
-        return {name: int(getattr(entry, name)) for name, _ in _LaneEntry._fields_}
+        return {
+            name: int(getattr(entry, name))
+            for name, _ in _LaneEntry._fields_
+            if not name.startswith("_")
+        }
 
     def lane_plan(self, lane: int) -> Optional[dict[str, int]]:
         """Lane ``lane``'s announced epoch plan (§5.3 ``plan_*``): ``{"epoch", "batches",
@@ -256,6 +263,13 @@ class Ring:
         }
         # A new announcement while reading would mix two epochs: read the tag again.
         return plan if int(entry.plan_epoch) == tagged else None
+
+    def lane_rank(self, lane: int) -> Optional[int]:
+        """The global rank lane ``lane`` serves (1.3, §5.3), or ``None`` when the producer
+        does not say (``world_size`` 0: a producer before 1.3)."""
+        if self.layout.world_size == 0:
+            return None
+        return int(self._lanes[lane].rank)
 
     def publish_seq(self, lane: int) -> int:
         """Load ``publish_seq`` of ``lane`` (the value to pass to :meth:`wait`)."""

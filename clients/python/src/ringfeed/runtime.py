@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from .errors import AttachError
+from .errors import AttachError, DaemonNotRunning
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")  # must fit the header's 32-byte name field
 
@@ -52,13 +52,11 @@ def check_runtime_dir(path: Path, trust_uid: Optional[int] = None) -> None:
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        raise AttachError(
+        raise DaemonNotRunning(
             f"runtime directory {path} does not exist, so no daemon serves there (looked for"
             " at $RINGFEED_RUNTIME_DIR, else $XDG_RUNTIME_DIR/ringfeed, else"
             " /tmp/ringfeed-<uid>); start `ringfeed serve`, or set RINGFEED_RUNTIME_DIR to"
-            " the daemon's runtime directory",
-            code="not_running",
-            retryable=True,
+            " the daemon's runtime directory"
         ) from None
     except OSError as err:
         raise AttachError(f"runtime directory {path}: {err.strerror}", code="runtime_dir") from None
@@ -96,3 +94,28 @@ def socket_path(
     base = runtime_dir(directory, trust_uid)
     check_runtime_dir(base, trust_uid)
     return base / f"{name}.sock"
+
+
+def running_rings(directory: Optional[str | os.PathLike[str]] = None) -> list[str]:
+    """Names of the rings running in the runtime directory (sorted): each ``<name>.lock``
+    whose producer pid is a live process and whose ``<name>.sock`` exists (§2). Stale files
+    of a killed producer are not listed; an unreadable directory lists nothing."""
+    path = runtime_dir(directory)
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return []
+    names = []
+    for entry in entries:
+        if not entry.endswith(".lock"):
+            continue
+        name = entry[: -len(".lock")]
+        if not _NAME.fullmatch(name) or name.startswith("."):
+            continue
+        try:
+            pid = int((path / entry).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and os.path.exists(f"/proc/{pid}") and (path / f"{name}.sock").exists():
+            names.append(name)
+    return sorted(names)
