@@ -257,35 +257,36 @@ def version_mismatch(bin_path: Path, client: Command) -> str:
         env.close()
 
 
-# (struct format, offset, value, the field the error must name): ring format §5.1/§5.2 offsets;
-# the reference producer's tensor table starts at 512 (tensor 0 = images).
+# (pokes "FMT:OFFSET:VALUE", the field the error must name): ring format §5 offsets; the
+# reference producer's tensor table starts at 512 (tensor 0 = images), its lane table at 704.
 HOSTILE = (
-    ("8s", 0, "RINGFEEX", "magic"),
-    ("I", 88, "17", "tensor_count"),
-    ("Q", 72, "4097", "slot_stride"),
-    ("I", 96, "514", "lane"),  # lane_table_offset not a multiple of 8
-    ("B", 512, "1", "name"),  # a control byte in a tensor name
-    ("I", 512 + 16, "99", "dtype"),
-    ("I", 512 + 20, "5", "rank"),
+    (["8s:0:RINGFEEX"], "magic"),
+    (["I:88:17"], "tensor_count"),
+    (["Q:72:4097"], "slot_stride"),
+    (["I:96:514"], "lane"),  # lane_table_offset not a multiple of 8
+    (["B:512:1"], "name"),  # a control byte in a tensor name
+    ([f"I:{512 + 16}:99"], "dtype"),
+    ([f"I:{512 + 20}:5"], "rank"),
+    (["I:156:2", f"I:{704 + 104}:5"], "world_size"),  # lane 0 serves rank 5 of 2
 )
 
 
 def hostile_header(bin_path: Path, client: Command) -> list[str]:
     codes = []
-    for fmt, offset, value, field in HOSTILE:
+    for pokes, field in HOSTILE:
         env = Env(bin_path)
         try:
             writer = env.start([
                 sys.executable, str(ROOT / "clients/python/tests/ring_writer.py"), "--name",
-                NAME, "--dir", str(env.dir), "--poke", f"{fmt}:{offset}:{value}",
+                NAME, "--dir", str(env.dir), *(arg for poke in pokes for arg in ("--poke", poke)),
             ])  # fmt: skip
             check(read_line(writer, "fake producer").startswith("READY"), "fake producer")
             reader = env.start(client("--wait", "0"))
-            rc, _, err = finish(reader, f"reader of a ring with {field} = {value}")
+            rc, _, err = finish(reader, f"reader of a ring with {pokes}")
             last = err.strip().splitlines()[-1] if err.strip() else ""
             check(
                 rc == 1 and last.startswith("error format") and field in last,
-                f"{field} = {value}: exit {rc}, {last!r}",
+                f"{pokes}: exit {rc}, {last!r}",
             )
             codes.append(last.split(":")[0])
         finally:
