@@ -43,6 +43,7 @@ fn spec(name: &str, batch: u32, side: u64, slots: u32) -> RingSpec {
         drop_last: true,
         nhwc: false,
         selection: false,
+        on_demand: false,
         batches_per_epoch: 0,
         epochs: 0,
         seed: 0,

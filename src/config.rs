@@ -542,6 +542,24 @@ impl Plan {
             ));
         }
 
+        if file.sampling.on_demand {
+            if file.sampling.epochs != 0 {
+                return Err(invalid(
+                    "sampling.epochs",
+                    file.sampling.epochs,
+                    "0 with [sampling] on-demand = true (a trainer asks for as many passes as it \
+                     wants; leave epochs out)",
+                ));
+            }
+            if infobatch.is_some() {
+                return Err(invalid(
+                    "selection.mode",
+                    "\"infobatch\"",
+                    "\"none\" with [sampling] on-demand = true (an evaluation pass serves every \
+                     sample)",
+                ));
+            }
+        }
         let ranks = resolve_ranks(&file, env)?;
         let world_size_assumed = file.ring.lanes > 1
             && file.distributed.world_size.is_none()

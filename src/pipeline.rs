@@ -217,6 +217,110 @@ impl PipelineCounters {
     }
 }
 
+/// The longest a low-priority (on-demand) ring waits for its turn at the shared pool while a
+/// training ring has slots to fill: after it, the batch is filled anyway, so an evaluation
+/// pass progresses (about a batch per this interval) even under a trainer that never waits.
+pub const LOW_PRIORITY_MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// One worker pool shared by every ring of a daemon (`serve --config a.toml --config b.toml`),
+/// and the turn-taking between them: a training ring that has a free slot to fill is
+/// *hungry*; an on-demand (evaluation) ring starts a batch only when no training ring is
+/// hungry (or after [`LOW_PRIORITY_MAX_WAIT`]). Rings take turns at batch boundaries; a batch
+/// once started is filled by every thread that is free.
+pub struct SharedPool {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    /// Training rings with a free slot to fill right now.
+    hungry: Mutex<u32>,
+    changed: std::sync::Condvar,
+}
+
+impl std::fmt::Debug for SharedPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPool")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl SharedPool {
+    /// Starts `threads` worker threads.
+    pub fn new(threads: usize) -> Result<Arc<SharedPool>, PipelineError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("ringfeed-worker-{i}"))
+            .build()
+            .map_err(|e| PipelineError::Threads {
+                threads,
+                message: e.to_string(),
+            })?;
+        Ok(Arc::new(SharedPool {
+            pool,
+            threads,
+            hungry: Mutex::new(0),
+            changed: std::sync::Condvar::new(),
+        }))
+    }
+
+    /// Worker threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Records whether a training ring has a free slot to fill; `was` is that ring's own
+    /// flag, so each ring counts once.
+    fn set_hungry(&self, was: &mut bool, now: bool) {
+        if *was == now {
+            return;
+        }
+        *was = now;
+        let mut hungry = self.hungry.lock().unwrap_or_else(PoisonError::into_inner);
+        if now {
+            *hungry += 1;
+        } else {
+            *hungry = hungry.saturating_sub(1);
+        }
+        drop(hungry);
+        self.changed.notify_all();
+    }
+
+    /// Waits until no training ring is hungry, or at most `max`.
+    fn wait_for_turn(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        let mut hungry = self.hungry.lock().unwrap_or_else(PoisonError::into_inner);
+        while *hungry > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            hungry = self
+                .changed
+                .wait_timeout(hungry, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// A training ring's hungry flag at its [`SharedPool`], cleared when the serve loop ends,
+/// however it ends.
+struct Hunger<'a> {
+    pool: &'a SharedPool,
+    hungry: bool,
+}
+
+impl Hunger<'_> {
+    fn set(&mut self, now: bool) {
+        self.pool.set_hungry(&mut self.hungry, now);
+    }
+}
+
+impl Drop for Hunger<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// A worker thread's reusable buffers: no per-sample allocation after warm-up.
 struct WorkerBuffers {
     encoded: Vec<u8>,
@@ -234,7 +338,7 @@ pub struct Pipeline {
     stream_augmenter: Vec<usize>,
     schema: BatchSchema,
     plan: Plan,
-    pool: rayon::ThreadPool,
+    pool: Arc<SharedPool>,
     workers: Vec<Mutex<WorkerBuffers>>,
     counters: Arc<PipelineCounters>,
     /// Ids of the samples that failed while filling the last batch (first choices and
@@ -244,10 +348,14 @@ pub struct Pipeline {
     selector: Mutex<Selector>,
     /// The parameters each served sample was generated with (written by the workers).
     params: Arc<ParamLog>,
+    /// A `PASS` frame reached this ring, which is not on-demand: warned once (a consumer
+    /// sending them in a loop must not flood the log).
+    pass_warned: AtomicBool,
 }
 
 impl Pipeline {
-    /// Builds the stages; `dataset` and `sampler` come from the plan's source section.
+    /// Builds the stages; `dataset` and `sampler` come from the plan's source section. The
+    /// pipeline has a worker pool of its own, of the plan's `threads`.
     pub fn new(
         plan: Plan,
         dataset: Arc<Mixture>,
@@ -255,15 +363,22 @@ impl Pipeline {
         augmenter: Augmenter,
         schema: BatchSchema,
     ) -> Result<Pipeline, PipelineError> {
-        let threads = plan.threads;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("ringfeed-worker-{i}"))
-            .build()
-            .map_err(|e| PipelineError::Threads {
-                threads,
-                message: e.to_string(),
-            })?;
+        let pool = SharedPool::new(plan.threads)?;
+        Pipeline::with_pool(plan, dataset, sampler, augmenter, schema, pool)
+    }
+
+    /// Like [`new`](Self::new), on a worker pool shared with other pipelines (one daemon
+    /// serving several rings): an on-demand ring then gives way to the others (see
+    /// [`SharedPool`]).
+    pub fn with_pool(
+        plan: Plan,
+        dataset: Arc<Mixture>,
+        sampler: Sampler,
+        augmenter: Augmenter,
+        schema: BatchSchema,
+        pool: Arc<SharedPool>,
+    ) -> Result<Pipeline, PipelineError> {
+        let threads = pool.threads();
         let workers = (0..threads)
             .map(|_| {
                 Mutex::new(WorkerBuffers {
@@ -341,6 +456,7 @@ impl Pipeline {
             failed_ids: Mutex::new(Vec::new()),
             selector: Mutex::new(selector),
             params,
+            pass_warned: AtomicBool::new(false),
         })
     }
 
@@ -426,7 +542,7 @@ impl Pipeline {
         let sample_bytes = self.schema.sample_bytes();
         let seed = self.plan.file.sampling.seed;
 
-        let used: Vec<Result<(u64, i64), PipelineError>> = self.pool.install(|| {
+        let used: Vec<Result<(u64, i64), PipelineError>> = self.pool.pool.install(|| {
             images
                 .par_chunks_mut(sample_bytes)
                 .zip(ids.par_iter())
@@ -574,11 +690,13 @@ impl Pipeline {
     }
 
     /// Applies the feedback frames the producer received: losses to scores and statistics,
-    /// end-of-epoch marks to the selection barrier.
-    fn apply_feedback(&self, producer: &Producer) {
+    /// end-of-epoch marks to the selection barrier. Returns the passes asked for (on an
+    /// on-demand ring), as `(lane, cursor)`, oldest first.
+    fn apply_feedback(&self, producer: &Producer) -> Vec<(u32, Cursor)> {
         let frames = producer.take_feedback();
+        let mut passes = Vec::new();
         if frames.is_empty() {
-            return;
+            return passes;
         }
         let mut selector = self.selector();
         for (lane, frame) in frames {
@@ -608,8 +726,25 @@ impl Pipeline {
                     }
                 }
                 Feedback::EpochDone { epoch } => selector.epoch_done(lane, epoch),
+                Feedback::Pass { pass, index } => {
+                    if self.on_demand() {
+                        passes.push((lane, Cursor { epoch: pass, index }));
+                    } else if !self.pass_warned.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "lane {lane}: a pass was asked for, but this ring is not on-demand \
+                             ([sampling] on-demand = true); ignored (said once)"
+                        );
+                    }
+                }
             }
         }
+        passes
+    }
+
+    /// Whether this is an on-demand (evaluation) ring: lanes produce only the passes their
+    /// consumers ask for.
+    pub fn on_demand(&self) -> bool {
+        self.plan.file.sampling.on_demand
     }
 
     /// What `ringfeed stat` and the metrics endpoint show about reported losses.
@@ -742,6 +877,15 @@ impl Pipeline {
         );
         let mut rechecked_epoch = None;
         let mut evaluation_at: Option<Instant> = None;
+        let on_demand = self.on_demand();
+        // On an on-demand ring: whether each lane's pass (its cursor) is still to be served.
+        let mut in_pass = vec![false; lanes as usize];
+        // Whether this (training) ring counts as hungry at the shared pool.
+        let mut hungry = Hunger {
+            pool: &self.pool,
+            hungry: false,
+        };
+        let clamp = |index: u64| index.min(full_epoch.saturating_sub(1));
         // Since when every active lane waits for an epoch decision, for the stall warning.
         let mut waiting_since: Option<Instant> = None;
 
@@ -765,13 +909,23 @@ impl Pipeline {
                     };
                     announced[lane] = None;
                     self.selector().resumed(request.lane, request.epoch);
+                    // On an on-demand ring a resume is a pass asked for at attach.
+                    in_pass[lane] = on_demand;
                 }
                 request.apply();
                 // A seek makes a finished ring serve again (even one to the end of the last
                 // epoch, where nothing is left to publish), so it must be finished anew.
                 finished = false;
             }
-            self.apply_feedback(producer);
+            for (lane, pass) in self.apply_feedback(producer) {
+                if let Some(c) = cursors.get_mut(lane as usize) {
+                    *c = Cursor {
+                        epoch: pass.epoch,
+                        index: clamp(pass.index),
+                    };
+                    in_pass[lane as usize] = true;
+                }
+            }
             if evaluation_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 evaluation_at = Some(Instant::now());
                 producer.set_evaluation(self.evaluation_json());
@@ -781,13 +935,31 @@ impl Pipeline {
                 self.plan_epochs(producer, &mut cursors, &mut plans, &mut announced)?;
             }
             let all_done = epochs > 0 && cursors.iter().all(|c| c.epoch >= epochs);
+            if on_demand {
+                // Only while asked: a pass whose consumer left is dropped (the next consumer
+                // asks for its own).
+                for (l, asked) in in_pass.iter_mut().enumerate() {
+                    if *asked && !producer.lane_attached(l as u32) {
+                        *asked = false;
+                    }
+                }
+            }
             let active: Vec<u32> = (0..lanes)
                 .filter(|&l| {
+                    if on_demand {
+                        return in_pass[l as usize];
+                    }
                     let e = cursors[l as usize].epoch;
                     (epochs == 0 || e < epochs) && (!selecting || plans.contains_key(&e))
                 })
                 .collect();
             if active.is_empty() {
+                hungry.set(false);
+                if on_demand {
+                    // Nothing asked for: poll for PASS frames often, a trainer waits for them.
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
                 if all_done {
                     if !finished {
                         producer.finish();
@@ -814,9 +986,21 @@ impl Pipeline {
             }
             waiting_since = None;
             finished = false;
-            let Some(mut slot) = producer.claim_any(&active, Duration::from_millis(100)) else {
+            let claimed = match producer.claim_any(&active, Duration::ZERO) {
+                Some(slot) => Some(slot),
+                None => {
+                    hungry.set(false);
+                    producer.claim_any(&active, Duration::from_millis(100))
+                }
+            };
+            let Some(mut slot) = claimed else {
                 continue;
             };
+            if on_demand {
+                self.pool.wait_for_turn(LOW_PRIORITY_MAX_WAIT);
+            } else {
+                hungry.set(true);
+            }
             let lane = slot.lane();
             let cursor = cursors[lane as usize];
             if cursor.index == 0 && rechecked_epoch.is_none_or(|e| cursor.epoch > e) {
@@ -841,6 +1025,15 @@ impl Pipeline {
                         let valid = plan.valid_rows(rank, cursor.index);
                         self.fill_rows(cursor.epoch, &mut tensors, &ids, Some(&weights), valid)?;
                         plan.batches()
+                    }
+                    // Every pass of an on-demand ring is epoch 0's batches, whatever its number.
+                    _ if on_demand => {
+                        let batch = Cursor {
+                            epoch: 0,
+                            index: cursor.index,
+                        };
+                        self.fill_batch(batch, rank, &mut tensors, &mut ids)?;
+                        full_epoch
                     }
                     _ => {
                         self.fill_batch(cursor, rank, &mut tensors, &mut ids)?;
@@ -876,7 +1069,11 @@ impl Pipeline {
                     .lane0_batches_done
                     .store(cursor.index + 1, Ordering::Relaxed);
             }
-            cursors[lane as usize] = cursor.advance(per_epoch);
+            if on_demand && cursor.index + 1 >= per_epoch {
+                in_pass[lane as usize] = false; // the pass is complete: wait for the next
+            } else {
+                cursors[lane as usize] = cursor.advance(per_epoch);
+            }
         }
         Ok(())
     }

@@ -35,6 +35,7 @@ fn setup_with(name: &str, options: &ProducerOptions) -> (tempfile::TempDir, Runt
         drop_last: false,
         nhwc: false,
         selection: true,
+        on_demand: false,
         batches_per_epoch: 2,
         epochs: 0,
         seed: 1,

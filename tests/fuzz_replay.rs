@@ -82,6 +82,7 @@ fn write_seeds() {
         drop_last: true,
         nhwc: true,
         selection: false,
+        on_demand: false,
         batches_per_epoch: 3,
         epochs: 1,
         seed: 1,

@@ -30,6 +30,7 @@ fn spec(name: &str, slots: u32) -> RingSpec {
         drop_last: false,
         nhwc: false,
         selection: false,
+        on_demand: false,
         batches_per_epoch: 0,
         epochs: 0,
         seed: 0,

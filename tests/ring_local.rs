@@ -31,6 +31,7 @@ fn spec(name: &str, lanes: u32, slots: u32) -> RingSpec {
         drop_last: false,
         nhwc: false,
         selection: false,
+        on_demand: false,
         batches_per_epoch: 100,
         epochs: 1,
         seed: 1,

@@ -338,6 +338,7 @@ fn spec(name: &str) -> RingSpec {
         drop_last: false,
         nhwc: false,
         selection: false,
+        on_demand: false,
         batches_per_epoch: 10,
         epochs: 1,
         seed: 1,

@@ -8,7 +8,7 @@ use clap::Args;
 use ringfeed::augment::Augmenter;
 use ringfeed::batch::BatchSchema;
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
-use ringfeed::pipeline::Pipeline;
+use ringfeed::pipeline::{Pipeline, SharedPool};
 use ringfeed::ring::resume::{Digest, Fingerprint};
 use ringfeed::ring::RingSpec;
 use ringfeed::source::{bundled_sample_dir, Mixture, Sampler};
@@ -16,9 +16,11 @@ use ringfeed::source::{bundled_sample_dir, Mixture, Sampler};
 /// The configuration file and the flags that override it.
 #[derive(Debug, Args)]
 pub(crate) struct PlanArgs {
-    /// TOML configuration (see configs/). Default: the bundled sample dataset.
+    /// TOML configuration (see configs/). Default: the bundled sample dataset. `serve` takes
+    /// it several times to serve several rings (e.g. training and validation) from one
+    /// worker pool.
     #[arg(long, short = 'c', value_name = "FILE")]
-    pub(crate) config: Option<PathBuf>,
+    pub(crate) config: Vec<PathBuf>,
     /// Ring name consumers attach to.
     #[arg(long)]
     name: Option<String>,
@@ -103,8 +105,59 @@ impl PlanArgs {
 }
 
 /// Reads the configuration, applies flags and the torchrun environment, validates once.
+/// Refuses more than one `--config` (only `serve` hosts several rings).
 pub(crate) fn resolve_plan(args: &PlanArgs) -> anyhow::Result<Plan> {
-    let (file, base_dir) = match &args.config {
+    anyhow::ensure!(
+        args.config.len() <= 1,
+        "--config is given {} times: only `ringfeed serve` serves several rings",
+        args.config.len()
+    );
+    resolve_one(args, args.config.first())
+}
+
+/// One plan per `--config` (`serve`): with several, flags that shape one ring (its name,
+/// shards, batch, epochs, seed…) are refused, since they would apply to every ring; the rest
+/// describe the node and apply to all (lanes — one per local rank —, workers, world size,
+/// first rank, status interval, shm-dir, allow-group, key file, state dir,
+/// max-skip-fraction). Ring names must differ.
+pub(crate) fn resolve_plans(args: &PlanArgs) -> anyhow::Result<Vec<Plan>> {
+    if args.config.len() <= 1 {
+        return Ok(vec![resolve_one(args, args.config.first())?]);
+    }
+    let per_ring = [
+        ("--name", args.name.is_some()),
+        ("--shards", args.shards.is_some()),
+        ("--slots-per-lane", args.slots_per_lane.is_some()),
+        ("--batch-size", args.batch_size.is_some()),
+        ("--epochs", args.epochs.is_some()),
+        ("--seed", args.seed.is_some()),
+    ];
+    if let Some((flag, _)) = per_ring.iter().find(|(_, given)| *given) {
+        anyhow::bail!(
+            "{flag} shapes one ring, but {} --config files are given: set it in the ring's \
+             configuration file instead",
+            args.config.len()
+        );
+    }
+    let mut plans: Vec<Plan> = Vec::with_capacity(args.config.len());
+    for path in &args.config {
+        let plan =
+            resolve_one(args, Some(path)).with_context(|| format!("in {}", display(path)))?;
+        if let Some(other) = plans.iter().find(|p| p.name() == plan.name()) {
+            anyhow::bail!(
+                "two --config files name the ring '{}' ({} and another): give each [ring] a name \
+                 of its own",
+                other.name(),
+                display(path)
+            );
+        }
+        plans.push(plan);
+    }
+    Ok(plans)
+}
+
+fn resolve_one(args: &PlanArgs, config: Option<&PathBuf>) -> anyhow::Result<Plan> {
+    let (file, base_dir) = match config {
         Some(path) => {
             let file = ConfigFile::load(path)?;
             // Relative shard paths in a config file resolve against the current directory,
@@ -131,8 +184,17 @@ pub(crate) struct Stages {
     pub(crate) dataset: Arc<Mixture>,
 }
 
-/// Opens the dataset, reports what indexing skipped, and builds the pipeline.
+/// Opens the dataset, reports what indexing skipped, and builds the pipeline (with a worker
+/// pool of its own).
 pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
+    build_stages_in(plan, None)
+}
+
+/// Like [`build_stages`], on `pool` when given (one daemon serving several rings).
+pub(crate) fn build_stages_in(
+    plan: &Plan,
+    pool: Option<Arc<SharedPool>>,
+) -> anyhow::Result<Stages> {
     if plan.file.source.key_file.is_some() {
         // A core dump of a process holding a key would write the key and decrypted images to
         // disk: none from here on (the hard limit too, so nothing in-process can undo it).
@@ -202,12 +264,17 @@ pub(crate) fn build_stages(plan: &Plan) -> anyhow::Result<Stages> {
         schema = schema.with_source();
     }
     let dataset = Arc::new(dataset);
-    let mut pipeline = Pipeline::new(
+    let pool = match pool {
+        Some(pool) => pool,
+        None => SharedPool::new(plan.threads)?,
+    };
+    let mut pipeline = Pipeline::with_pool(
         plan.clone(),
         Arc::clone(&dataset),
         sampler,
         augmenter,
         schema,
+        pool,
     )?;
     for (i, stream) in plan.file.source.streams.iter().enumerate() {
         if let Some(augment) = &stream.augment {
@@ -230,6 +297,7 @@ impl Stages {
             drop_last: plan.file.sampling.drop_last,
             nhwc: schema.nhwc,
             selection: plan.infobatch.is_some(),
+            on_demand: plan.file.sampling.on_demand,
             batches_per_epoch: self.pipeline.batches_per_epoch(),
             epochs: plan.file.sampling.epochs,
             seed: plan.file.sampling.seed,

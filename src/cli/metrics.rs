@@ -65,6 +65,56 @@ pub(crate) fn render(registry: &Registry) -> String {
     out
 }
 
+/// The metrics of several registries (one per ring of the daemon) as one exposition: each
+/// metric family once (its `# HELP`/`# TYPE` lines from the first registry that has it), with
+/// the rows of every registry, which differ by their `ring` label.
+pub(crate) fn render_all(registries: &[Registry]) -> String {
+    if let [one] = registries {
+        return render(one);
+    }
+    // (family name, its header lines, its rows) in first-seen order.
+    let mut families: Vec<(String, String, String)> = Vec::new();
+    for registry in registries {
+        let text = render(registry);
+        let mut current: Option<usize> = None;
+        for line in text.lines() {
+            if line == "# EOF" {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap_or_default().to_owned();
+                let at = match families.iter().position(|(n, _, _)| *n == name) {
+                    Some(at) => at,
+                    None => {
+                        families.push((name, format!("{line}\n"), String::new()));
+                        families.len() - 1
+                    }
+                };
+                current = Some(at);
+                continue;
+            }
+            let Some(at) = current else { continue };
+            let family = &mut families[at];
+            if line.starts_with('#') {
+                if !family.1.contains(line) {
+                    family.1 += line;
+                    family.1.push('\n');
+                }
+            } else {
+                family.2 += line;
+                family.2.push('\n');
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, header, rows) in families {
+        out += &header;
+        out += &rows;
+    }
+    out += "# EOF\n";
+    out
+}
+
 /// A counter's value: a count, or seconds.
 #[derive(Debug, Clone, Copy)]
 enum Value {

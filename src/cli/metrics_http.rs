@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 
-use super::metrics::{render, CONTENT_TYPE};
+use super::metrics::{render_all, CONTENT_TYPE};
 
 /// Largest request (line and headers) read; a scrape's is a few hundred bytes.
 pub(crate) const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -51,10 +51,10 @@ pub(crate) struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `addr` and serves `registry` until `stop` is set.
+    /// Binds `addr` and serves `registries` (one per ring of the daemon) until `stop` is set.
     pub(crate) fn spawn(
         addr: SocketAddr,
-        registry: Registry,
+        registry: Vec<Registry>,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<MetricsServer> {
         let listener =
@@ -102,7 +102,7 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) {
 }
 
 /// Hands `stream` to a connection thread, or closes it when [`MAX_CONNECTIONS`] are busy.
-fn admit(stream: TcpStream, registry: &Arc<Registry>, active: &Arc<AtomicUsize>) {
+fn admit(stream: TcpStream, registry: &Arc<Vec<Registry>>, active: &Arc<AtomicUsize>) {
     // Only this thread increments, so the check and the increment cannot race past the cap.
     if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
         log::debug!("metrics: {MAX_CONNECTIONS} connections busy; closing a new one");
@@ -140,7 +140,7 @@ enum Request {
 /// Reads one request under `deadline` and answers it.
 fn serve_connection(
     stream: &TcpStream,
-    registry: &Registry,
+    registry: &[Registry],
     deadline: Instant,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -157,7 +157,7 @@ fn serve_connection(
     };
     match request {
         Request::Metrics => {
-            let body = render(registry);
+            let body = render_all(registry);
             respond(stream, deadline, "200 OK", &body)
         }
         Request::Other => respond(

@@ -16,6 +16,7 @@ mod metrics_http;
 mod pack;
 mod parent_watch;
 mod peek;
+mod provenance;
 mod serve;
 mod stat;
 mod status;

@@ -286,6 +286,11 @@ struct PackIndex {
     shards: Vec<ShardEntry>,
     samples: u64,
     classes: Option<Vec<String>>,
+    /// Where each sample came from, in pack order: the shard, the member and the original
+    /// file's path (relative to the packed folder or list file's directory). Left out with
+    /// --hide-names, whose point is not to reveal them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    originals: Option<Vec<PackedSample>>,
     /// Encrypted shards: the key id (never the key) and whether names are hidden.
     #[serde(skip_serializing_if = "Option::is_none")]
     encryption: Option<PackEncryption>,
@@ -297,6 +302,14 @@ struct PackEncryption {
     algorithm: &'static str,
     key_id: String,
     hidden_names: bool,
+}
+
+/// One entry of `index.json`'s `originals`.
+#[derive(Debug, Serialize)]
+struct PackedSample {
+    shard: String,
+    member: String,
+    path: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -330,6 +343,12 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let progress = progress_bar(files.len() as u64);
     let mut shards: Vec<ShardEntry> = Vec::new();
+    let mut originals: Vec<PackedSample> = Vec::new();
+    let src_dir = if args.src.is_dir() {
+        args.src.clone()
+    } else {
+        args.src.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
     let mut current: Option<ShardWriter> = None;
     let total = files.len();
     for (i, input) in files.iter().enumerate() {
@@ -363,7 +382,18 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
         if args.hide_names {
             w.sample(&ShardSealer::opaque_key()?, "img", &data, input.label)?;
         } else {
-            w.sample(&format!("{i:09}"), &ext, &data, input.label)?;
+            let key = format!("{i:09}");
+            w.sample(&key, &ext, &data, input.label)?;
+            originals.push(PackedSample {
+                shard: format!("shard-{:06}.tar", shards.len()),
+                member: format!("{key}.{ext}"),
+                path: input
+                    .path
+                    .strip_prefix(&src_dir)
+                    .unwrap_or(&input.path)
+                    .to_string_lossy()
+                    .into_owned(),
+            });
         }
         progress.set_message((shards.len() + 1).to_string());
         progress.inc(1);
@@ -380,6 +410,7 @@ pub(crate) fn run(args: PackArgs) -> anyhow::Result<ExitCode> {
         samples: total as u64,
         shards,
         classes,
+        originals: (!args.hide_names).then_some(originals),
         encryption: key.as_ref().map(|k| PackEncryption {
             algorithm: crypt::ALGORITHM,
             key_id: k.id().to_owned(),

@@ -86,7 +86,7 @@ pub(crate) struct BatchImages<'a> {
 pub(crate) fn run(args: PeekArgs) -> anyhow::Result<ExitCode> {
     // `--shards` names a dataset as `--config` does: render from it (with the built-in
     // configuration) rather than silently reading a running ring.
-    let grid = if args.plan.config.is_some() || args.plan.shards.is_some() {
+    let grid = if !args.plan.config.is_empty() || args.plan.shards.is_some() {
         from_config(&args)?
     } else {
         from_ring(&args)?

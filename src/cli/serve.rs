@@ -10,7 +10,9 @@ use clap::Args;
 use ringfeed::pipeline::Cursor;
 use ringfeed::ring::{Producer, ProducerOptions, RuntimeDir};
 
-use super::common::{build_stages, resolve_plan, PlanArgs};
+use ringfeed::pipeline::SharedPool;
+
+use super::common::{build_stages_in, resolve_plans, PlanArgs};
 use super::metrics::RingCollector;
 use super::metrics_http::MetricsServer;
 use super::status::{EpochShape, StatusReporter};
@@ -58,13 +60,39 @@ fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|_| format!("{s:?} is neither a port (binds 127.0.0.1) nor IP:PORT"))
 }
 
+/// One ring of the daemon: its stages, its producer and its own stop flag.
+struct Ring {
+    plan: ringfeed::config::Plan,
+    stages: super::common::Stages,
+    spec: ringfeed::ring::RingSpec,
+    producer: Arc<Producer>,
+    /// Set to stop this ring's pipeline (by the daemon's stop, or, with --exit-when-done, by
+    /// its status reporter once every epoch is served and released).
+    stop: Arc<AtomicBool>,
+}
+
 /// Runs the daemon until SIGINT/SIGTERM (or, with --exit-when-done, the end of the data).
+///
+/// Several `--config` files make one daemon serve several rings (a training ring and an
+/// on-demand validation ring, typically) from one worker pool, sized for the largest
+/// `[workers] threads`; on-demand rings give way to the others at batch boundaries (see
+/// [`ringfeed::pipeline::SharedPool`]).
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let plan = resolve_plan(&args.plan)?;
-    anyhow::ensure!(
-        !args.exit_when_done || plan.file.sampling.epochs > 0,
-        "--exit-when-done needs a bounded number of epochs (--epochs N or [sampling] epochs)"
-    );
+    let plans = resolve_plans(&args.plan)?;
+    if args.exit_when_done {
+        anyhow::ensure!(
+            plans.iter().any(|p| !p.file.sampling.on_demand),
+            "--exit-when-done needs a ring that ends: an on-demand ring serves passes until stopped"
+        );
+        for plan in plans.iter().filter(|p| !p.file.sampling.on_demand) {
+            anyhow::ensure!(
+                plan.file.sampling.epochs > 0,
+                "--exit-when-done needs a bounded number of epochs (--epochs N or [sampling] epochs) \
+                 for ring '{}'",
+                plan.name()
+            );
+        }
+    }
     // Installed first. Until the ring is about to be created there is nothing to clean up, so
     // a SIGINT/SIGTERM ends the process at once (indexing a large dataset must not make
     // Ctrl-C wait); from then on it only asks for a stop, so the ring is always removed by
@@ -94,25 +122,210 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         })?;
     }
-    let stages = build_stages(&plan)?;
-    let pipeline = &stages.pipeline;
-    let spec = stages.ring_spec(&plan);
+    let threads = plans.iter().map(|p| p.threads).max().unwrap_or(1);
+    let pool = SharedPool::new(threads)?;
+    let mut stages = Vec::with_capacity(plans.len());
+    for plan in &plans {
+        stages.push(build_stages_in(plan, Some(Arc::clone(&pool)))?);
+    }
     let dir = RuntimeDir::from_env()?;
-    let options = ProducerOptions {
-        shm_dir: plan.file.ring.shm_dir.clone(),
-        allow_group: plan.allow_gid,
-        fingerprint: Some(stages.fingerprint(&plan)),
-    };
     ring_exists.store(true, Ordering::SeqCst);
-    let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
-    // Samples skipped while indexing (bad or out-of-range labels, …) never reach the pipeline:
-    // count them once in the ring's skip counter and name the first in its last error, so
-    // `stat`, the metrics and the status line show them with the log.
+    let mut rings = Vec::with_capacity(plans.len());
+    for (plan, stages) in plans.into_iter().zip(stages) {
+        let spec = stages.ring_spec(&plan);
+        let options = ProducerOptions {
+            shm_dir: plan.file.ring.shm_dir.clone(),
+            allow_group: plan.allow_gid,
+            fingerprint: Some(stages.fingerprint(&plan)),
+        };
+        let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
+        note_index_skips(&stages, &producer);
+        producer.set_catalog(super::provenance::catalog(
+            &plan,
+            Arc::clone(&stages.dataset),
+        ));
+        set_info_extra(&stages, &producer);
+        rings.push(Ring {
+            plan,
+            stages,
+            spec,
+            producer,
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+    }
+    let together: Vec<String> = rings.iter().map(|r| r.spec.name.clone()).collect();
+    if together.len() > 1 {
+        for ring in &rings {
+            let together = together.clone();
+            let extra = ring.producer.take_info_extra();
+            ring.producer.set_info_extra(Box::new(move || {
+                let mut v = extra.as_ref().map_or(serde_json::json!({}), |f| f());
+                v["daemon_rings"] = serde_json::json!(together);
+                v
+            }));
+        }
+    }
+    // Bind the metrics listener before announcing the rings, so a scraper that waits for the
+    // announcement finds them.
+    let metrics = args
+        .metrics
+        .map(|addr| {
+            let registries = rings
+                .iter()
+                .map(|r| {
+                    RingCollector::new(Arc::clone(&r.producer), r.stages.pipeline.counters())
+                        .into_registry()
+                })
+                .collect();
+            MetricsServer::spawn(addr, registries, Arc::clone(&stop))
+        })
+        .transpose()?;
+    for ring in &rings {
+        let spec = &ring.spec;
+        if ring.plan.world_size_assumed {
+            log::warn!(
+                "WORLD SIZE ASSUMED: {lanes} lanes and no world size given (--world-size, [distributed] \
+                 world-size or WORLD_SIZE): serving ranks 0..{lanes} of world size {lanes}, a \
+                 single-node job. On a multi-node job every node would serve the SAME samples: give \
+                 --world-size and --first-rank, or start it with ringfeed.serve() under torchrun",
+                lanes = spec.lanes
+            );
+        }
+        let kind = if spec.on_demand {
+            format!(
+                "on-demand: {} batches per pass per lane, produced when a consumer asks",
+                spec.batches_per_epoch
+            )
+        } else {
+            format!("{} batches per epoch per lane", spec.batches_per_epoch)
+        };
+        log::info!(
+            "serving ring '{}' ({} lane(s) × {} slots of {} samples, {kind}, {} samples, {} workers{}; ranks {} of world size {}) — attach with ringfeed.Loader({:?})",
+            spec.name,
+            spec.lanes,
+            spec.slots_per_lane,
+            spec.batch_size,
+            spec.samples_per_epoch,
+            pool.threads(),
+            if together.len() > 1 {
+                format!(" shared by rings {}", together.join(", "))
+            } else {
+                String::new()
+            },
+            rank_range(ring.plan.ranks.first_rank, spec.lanes),
+            ring.plan.ranks.world_size,
+            spec.name,
+        );
+    }
+    let reporters: Vec<StatusReporter> = rings
+        .iter()
+        .map(|ring| {
+            StatusReporter::spawn(
+                Arc::clone(&ring.producer),
+                ring.stages.pipeline.counters(),
+                Duration::from_secs_f64(ring.plan.file.workers.status_interval_s),
+                Arc::clone(&ring.stop),
+                (args.exit_when_done && !ring.spec.on_demand)
+                    .then(|| Duration::from_secs_f64(args.linger)),
+                EpochShape {
+                    batches_per_epoch: ring.spec.batches_per_epoch,
+                    epochs: ring.spec.epochs,
+                },
+                if together.len() > 1 {
+                    format!("[{}] ", ring.spec.name)
+                } else {
+                    String::new()
+                },
+            )
+        })
+        .collect();
+    let results: Vec<Result<(), ringfeed::pipeline::PipelineError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rings
+            .iter()
+            .map(|ring| {
+                scope.spawn(|| {
+                    let result = ring.stages.pipeline.serve(
+                        &ring.producer,
+                        &ring.stop,
+                        Cursor { epoch: 0, index: 0 },
+                    );
+                    // A ring that fails stops the daemon (its other rings with it).
+                    if result.is_err() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    result
+                })
+            })
+            .collect();
+        supervise(&rings, &stop, args.exit_when_done);
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Ok(())))
+            .collect()
+    });
+    stop.store(true, Ordering::Relaxed);
+    for reporter in reporters {
+        reporter.join();
+    }
+    if let Some(m) = metrics {
+        m.join();
+    }
+    let mut first_error = None;
+    for (ring, result) in rings.iter().zip(results) {
+        if let Err(err) = result {
+            ring.producer.fail(&err.to_string());
+            first_error.get_or_insert(err);
+        }
+    }
+    match first_error {
+        None => {
+            for ring in rings {
+                log::info!("stopped; ring '{}' removed", ring.spec.name);
+                drop(ring);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(err) => {
+            // Give attached consumers a moment to read FAILED and the reason before the ring
+            // disappears with this process.
+            std::thread::sleep(Duration::from_millis(300));
+            Err(err.into())
+        }
+    }
+}
+
+/// Waits until the daemon is told to stop, a ring fails, or (with --exit-when-done) every
+/// ring that ends has been served and released; then stops every ring.
+fn supervise(rings: &[Ring], stop: &AtomicBool, exit_when_done: bool) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if exit_when_done
+            && rings
+                .iter()
+                .filter(|r| !r.spec.on_demand)
+                .all(|r| r.stop.load(Ordering::SeqCst))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for ring in rings {
+        ring.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Samples skipped while indexing (bad or out-of-range labels, …) never reach the pipeline:
+/// counts them once in the ring's skip counter and names the first in its last error, so
+/// `stat`, the metrics and the status line show them with the log.
+fn note_index_skips(stages: &super::common::Stages, producer: &Producer) {
     let issues = stages.dataset.skipped_at_index();
     if let Some(first) = issues.first() {
         let n = issues.len() as u64;
         producer.add_samples(0, n);
-        pipeline
+        stages
+            .pipeline
             .counters()
             .samples_skipped
             .fetch_add(n, Ordering::Relaxed);
@@ -123,94 +336,34 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         producer.record_error(&format!("skipped while indexing: {first}{more}"));
     }
-    if stages.dataset.has_streams() {
-        // `ringfeed stat` reads the streams' served counts from the info reply.
-        let counters = pipeline.counters();
-        let fixed: Vec<(f64, u64)> = stages
-            .dataset
-            .streams()
-            .iter()
-            .zip(pipeline.sampler().stream_draws())
-            .map(|(s, draws)| (s.weight(), draws))
-            .collect();
-        producer.set_info_extra(Box::new(move || {
-            let streams: Vec<_> = counters
-                .stream_counts()
-                .into_iter()
-                .zip(&fixed)
-                .map(|((name, served), (weight, per_epoch))| {
-                    serde_json::json!({"name": name, "weight": weight,
-                        "samples_per_epoch": per_epoch, "served": served})
-                })
-                .collect();
-            serde_json::json!({ "streams": streams })
-        }));
-    }
-    // Bind the metrics listener before announcing the ring, so a scraper that waits for the
-    // announcement finds it.
-    let metrics = args
-        .metrics
-        .map(|addr| {
-            let registry =
-                RingCollector::new(Arc::clone(&producer), pipeline.counters()).into_registry();
-            MetricsServer::spawn(addr, registry, Arc::clone(&stop))
-        })
-        .transpose()?;
-    if plan.world_size_assumed {
-        log::warn!(
-            "WORLD SIZE ASSUMED: {lanes} lanes and no world size given (--world-size, [distributed] \
-             world-size or WORLD_SIZE): serving ranks 0..{lanes} of world size {lanes}, a \
-             single-node job. On a multi-node job every node would serve the SAME samples: give \
-             --world-size and --first-rank, or start it with ringfeed.serve() under torchrun",
-            lanes = spec.lanes
-        );
-    }
-    log::info!(
-        "serving ring '{}' ({} lane(s) × {} slots of {} samples, {} batches per epoch per lane, {} samples, {} workers; ranks {} of world size {}) — attach with ringfeed.Loader({:?})",
-        spec.name,
-        spec.lanes,
-        spec.slots_per_lane,
-        spec.batch_size,
-        spec.batches_per_epoch,
-        spec.samples_per_epoch,
-        plan.threads,
-        rank_range(plan.ranks.first_rank, spec.lanes),
-        plan.ranks.world_size,
-        spec.name,
-    );
+}
 
-    let reporter = StatusReporter::spawn(
-        Arc::clone(&producer),
-        pipeline.counters(),
-        Duration::from_secs_f64(plan.file.workers.status_interval_s),
-        Arc::clone(&stop),
-        args.exit_when_done
-            .then(|| Duration::from_secs_f64(args.linger)),
-        EpochShape {
-            batches_per_epoch: spec.batches_per_epoch,
-            epochs: spec.epochs,
-        },
-    );
-    let result = pipeline.serve(&producer, &stop, Cursor { epoch: 0, index: 0 });
-    stop.store(true, Ordering::Relaxed);
-    reporter.join();
-    if let Some(m) = metrics {
-        m.join();
+/// A mixture's streams in the `info` reply: `ringfeed stat` reads their served counts there.
+fn set_info_extra(stages: &super::common::Stages, producer: &Producer) {
+    if !stages.dataset.has_streams() {
+        return;
     }
-    match result {
-        Ok(()) => {
-            log::info!("stopped; ring '{}' removed", spec.name);
-            drop(producer);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(err) => {
-            producer.fail(&err.to_string());
-            // Give attached consumers a moment to read FAILED and the reason before the ring
-            // disappears with this process.
-            std::thread::sleep(Duration::from_millis(300));
-            Err(err.into())
-        }
-    }
+    let pipeline = &stages.pipeline;
+    let counters = pipeline.counters();
+    let fixed: Vec<(f64, u64)> = stages
+        .dataset
+        .streams()
+        .iter()
+        .zip(pipeline.sampler().stream_draws())
+        .map(|(s, draws)| (s.weight(), draws))
+        .collect();
+    producer.set_info_extra(Box::new(move || {
+        let streams: Vec<_> = counters
+            .stream_counts()
+            .into_iter()
+            .zip(&fixed)
+            .map(|((name, served), (weight, per_epoch))| {
+                serde_json::json!({"name": name, "weight": weight,
+                    "samples_per_epoch": per_epoch, "served": served})
+            })
+            .collect();
+        serde_json::json!({ "streams": streams })
+    }));
 }
 
 /// Ranks `first..first + lanes` as people write them: `3`, or `0-1`.

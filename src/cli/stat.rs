@@ -83,6 +83,11 @@ pub(crate) fn run(args: StatArgs) -> anyhow::Result<ExitCode> {
         // Per-stream counts live in the producer, not the ring: ask it (best effort).
         if let Ok(info) = query_info(&dir, &args.name, SHORT_WINDOW) {
             rep.streams = streams_of(&info);
+            rep.daemon_rings = info
+                .get("daemon_rings")
+                .cloned()
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
         }
         rep.feedback = query_evaluation(&dir, &args.name).ok().map(|mut v| {
             if let Some(o) = v.as_object_mut() {
@@ -303,6 +308,12 @@ pub(crate) struct StatReport {
     /// The streams of a mixture (`[[source.streams]]`), from the producer's info reply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) streams: Vec<StreamReport>,
+    /// An on-demand (evaluation) ring: lanes produce passes when their consumer asks.
+    pub(crate) on_demand: bool,
+    /// Every ring of the producer's daemon when it serves several (`serve --config a --config
+    /// b`), from its info reply; empty for a daemon of one ring.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) daemon_rings: Vec<String>,
 }
 
 /// One stream of a mixture, as the producer reports it.
@@ -466,6 +477,8 @@ pub(crate) fn report(
             .collect(),
         feedback: None,
         streams: Vec::new(),
+        on_demand: layout.on_demand(),
+        daemon_rings: Vec::new(),
     }
 }
 
@@ -502,10 +515,23 @@ pub(crate) fn render_text(r: &StatReport) -> String {
         ),
         _ => "ranks unknown (producer before format 1.3)".to_owned(),
     };
-    out += &format!(
-        "{} lane(s) × {} slots × {} samples; {ranks}; {} batches per epoch per lane; epochs {epochs}; {} samples\n",
-        r.lanes, r.slots_per_lane, r.batch_size, r.batches_per_epoch, r.samples_per_epoch
-    );
+    if r.on_demand {
+        out += &format!(
+            "{} lane(s) × {} slots × {} samples; {ranks}; on-demand: {} batches per pass per lane, produced when a consumer asks; {} samples\n",
+            r.lanes, r.slots_per_lane, r.batch_size, r.batches_per_epoch, r.samples_per_epoch
+        );
+    } else {
+        out += &format!(
+            "{} lane(s) × {} slots × {} samples; {ranks}; {} batches per epoch per lane; epochs {epochs}; {} samples\n",
+            r.lanes, r.slots_per_lane, r.batch_size, r.batches_per_epoch, r.samples_per_epoch
+        );
+    }
+    if !r.daemon_rings.is_empty() {
+        out += &format!(
+            "daemon serves rings: {} (one worker pool)\n",
+            r.daemon_rings.join(", ")
+        );
+    }
     // The long window's rate only once it covers most of the window: `--once` has seen 1 s.
     let long = match &r.rates.long {
         Some(l) if l.span_s < LONG_WINDOW.as_secs_f64() / 2.0 => {
@@ -713,6 +739,7 @@ mod tests {
             drop_last: true,
             nhwc: false,
             selection: false,
+            on_demand: false,
             batches_per_epoch: 10,
             epochs: 0,
             seed: 1,

@@ -43,7 +43,8 @@ impl StatusReporter {
     /// Starts the reporter. With `stop_when_drained = Some(linger)`, it also sets `stop` once
     /// the ring is finished, every batch has been released and every consumer has detached,
     /// or `linger` after the last release if a consumer stays attached (the end of a finite
-    /// run, docs/ring-format.md §7).
+    /// run, docs/ring-format.md §7). `label` starts each status line and the progress bar (a
+    /// daemon of several rings names the ring there; empty otherwise).
     pub(crate) fn spawn(
         producer: Arc<Producer>,
         counters: Arc<PipelineCounters>,
@@ -51,6 +52,7 @@ impl StatusReporter {
         stop: Arc<AtomicBool>,
         stop_when_drained: Option<Duration>,
         epoch_shape: EpochShape,
+        label: String,
     ) -> StatusReporter {
         let handle = std::thread::Builder::new()
             .name("ringfeed-status".into())
@@ -66,6 +68,7 @@ impl StatusReporter {
                     .and_then(|dir| Observer::open(&dir, &producer.layout().name).ok());
                 let mut stalls = StallWatch::default();
                 let mut bar = EpochBar::new(epoch_shape);
+                bar.label.clone_from(&label);
                 let mut drained_since: Option<Instant> = None;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -80,9 +83,9 @@ impl StatusReporter {
                             let attached = producer.consumers_attached();
                             if attached == 0 || since.elapsed() >= linger {
                                 if attached == 0 {
-                                    log::info!("every epoch served and released, every consumer detached; exiting");
+                                    log::info!("{label}every epoch served and released, every consumer detached; exiting");
                                 } else {
-                                    log::info!("every epoch served and released; {attached} consumer(s) still attached after the {linger:?} linger; exiting (the ring stays FINISHED for them)");
+                                    log::info!("{label}every epoch served and released; {attached} consumer(s) still attached after the {linger:?} linger; exiting (the ring stays FINISHED for them)");
                                 }
                                 stop.store(true, Ordering::Relaxed);
                                 break;
@@ -95,7 +98,7 @@ impl StatusReporter {
                             .as_ref()
                             .map(|o| stalls.update(&o.snapshot()))
                             .unwrap_or_default();
-                        log::info!("{}", status_line(&last, &now, &counters, &stalled));
+                        log::info!("{label}{}", status_line(&last, &now, &counters, &stalled));
                         last = now;
                         next_line += interval;
                     }
@@ -168,6 +171,8 @@ impl RateWindow {
 pub(crate) struct EpochBar {
     bar: ProgressBar,
     shape: EpochShape,
+    /// Starts the bar's prefix (the ring's name in a daemon of several rings).
+    pub(crate) label: String,
 }
 
 impl EpochBar {
@@ -185,7 +190,11 @@ impl EpochBar {
         .expect("a valid template")
         .progress_chars("#>-");
         bar.set_style(style);
-        EpochBar { bar, shape }
+        EpochBar {
+            bar,
+            shape,
+            label: String::new(),
+        }
     }
 
     /// Shows epoch `epoch` (0-based) with `done` batches of it served, at `rate` images/s.
@@ -195,7 +204,8 @@ impl EpochBar {
         } else {
             self.shape.epochs.to_string()
         };
-        self.bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+        self.bar
+            .set_prefix(format!("{}epoch {}/{epochs}", self.label, epoch + 1));
         self.bar.set_message(format!("{rate:.0} img/s"));
         self.bar
             .set_position(done.min(self.shape.batches_per_epoch.max(1)));

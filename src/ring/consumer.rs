@@ -449,6 +449,9 @@ pub struct Consumer {
     last_taken: Cell<Option<(u64, bool)>>,
     /// The last epoch an `EPOCH_DONE` frame was queued for.
     epoch_done_sent: Cell<Option<u64>>,
+    /// On an on-demand ring: the number of the last pass asked for, and the index of the
+    /// next batch of the pass under way (`None` between passes).
+    pass: Cell<(u64, Option<u64>)>,
     /// The producer's fingerprint from the attach reply (1.3).
     fingerprint: Option<Fingerprint>,
     /// Where a checked resume started, and the producer's warnings about it.
@@ -690,6 +693,7 @@ impl Consumer {
             outbox: RefCell::new(Vec::new()),
             last_taken: Cell::new(None),
             epoch_done_sent: Cell::new(None),
+            pass: Cell::new((0, None)),
             fingerprint: reply
                 .fingerprint
                 .and_then(|v| serde_json::from_value(v).ok()),
@@ -761,6 +765,24 @@ impl Consumer {
         true
     }
 
+    /// On an on-demand ring (header flag bit 3): asks the producer for one complete pass
+    /// over this lane's share of the data, from its first batch, in the same order as every
+    /// other pass (a `PASS` frame, §9). [`next`](Self::next) then returns the pass's batches
+    /// and `Ok(None)` after its last one; batches of an earlier pass still in the ring are
+    /// given back unread. Asking again during a pass abandons it. Returns the pass's number
+    /// (the `epoch` of its batches). On another ring it does nothing and returns 0.
+    pub fn start_pass(&self) -> u64 {
+        if !self.layout.on_demand() {
+            return 0;
+        }
+        let published = self.lane_u64(lentry::EPOCH).load(Acquire);
+        let pass = self.pass.get().0.max(published) + 1;
+        self.pass.set((pass, Some(0)));
+        feedback::encode_pass(&mut self.outbox.borrow_mut(), pass, 0);
+        let _ = self.flush_outbox();
+        pass
+    }
+
     /// The producer's fingerprint (1.3): what defines its epoch order and batches; `None`
     /// from an older producer.
     pub fn fingerprint(&self) -> Option<&Fingerprint> {
@@ -806,8 +828,10 @@ impl Consumer {
     }
 
     /// The next batch of the lane in `seq` order, blocking until one is ready. `Ok(None)`: the
-    /// stream has ended (producer `FINISHED`, nothing left). A dead producer is reported as
-    /// [`ConsumeError::ProducerGone`] within about 100 ms.
+    /// stream has ended (producer `FINISHED`, nothing left), or, on an on-demand ring, the
+    /// pass asked for with [`start_pass`](Self::start_pass) is complete (or none was asked
+    /// for). A dead producer is reported as [`ConsumeError::ProducerGone`] within about
+    /// 100 ms.
     pub fn next(&self) -> Result<Option<Batch<'_>>, ConsumeError> {
         self.next_until(None)
     }
@@ -846,6 +870,9 @@ impl Consumer {
             self.end_epoch(epoch);
         }
         let _ = self.flush_outbox();
+        if self.layout.on_demand() && self.pass.get().1.is_none() {
+            return Ok(None);
+        }
         let publish_seq = self.lane_u32(lentry::PUBLISH_SEQ);
         let mut wait_started: Option<Instant> = None;
         let result = loop {
@@ -925,10 +952,23 @@ impl Consumer {
                 }
             }
         }
-        let Some((s, _)) = best else { return Ok(None) };
+        let Some((s, seq)) = best else {
+            return Ok(None);
+        };
         let slot = Slot::new(&self.control, &self.layout, self.lane, s);
         slot.take(self.pid, self.token);
         let meta = slot.meta();
+        if self.layout.on_demand() {
+            let (pass, next) = self.pass.get();
+            if meta.epoch != pass || Some(meta.index) != next {
+                // An earlier pass's batch: give it back unread and look again.
+                self.release(s, seq);
+                return self.try_take();
+            }
+            let last = meta.flags & 1 != 0;
+            self.pass
+                .set((pass, if last { None } else { Some(meta.index + 1) }));
+        }
         self.last_taken.set(Some((meta.epoch, meta.flags & 1 != 0)));
         self.control
             .u64(self.layout.consumer_entry(self.lane) + centry::TAKEN)

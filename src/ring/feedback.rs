@@ -1,6 +1,6 @@
 //! The feedback frames a consumer sends to the producer on its attach connection
-//! (docs/ring-format.md §9): per-sample losses (`REPORT`) and "this lane has finished epoch e"
-//! (`EPOCH_DONE`).
+//! (docs/ring-format.md §9): per-sample losses (`REPORT`), "this lane has finished epoch e"
+//! (`EPOCH_DONE`) and, on an on-demand ring (1.3), "serve me pass p from batch i" (`PASS`).
 //!
 //! Brief overview: [`encode_report`] / [`encode_epoch_done`] build a frame (consumer side);
 //! [`FrameReader`] cuts a byte stream into [`Feedback`] messages (producer side), refusing a
@@ -16,6 +16,11 @@ pub const MAX_REPORT_SAMPLES: u32 = 1 << 16;
 pub const KIND_REPORT: u16 = 1;
 /// Frame kind 2: the lane has finished an epoch (every report of it was sent before).
 pub const KIND_EPOCH_DONE: u16 = 2;
+
+/// Frame kind 3 (since 1.3): start a pass over an on-demand ring (header flag bit 3).
+pub const KIND_PASS: u16 = 3;
+/// Bytes of a `PASS` frame: the header and the u64 index of its first batch.
+pub const PASS_FRAME_BYTES: usize = FRAME_HEADER_BYTES + 8;
 
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +38,14 @@ pub enum Feedback {
     EpochDone {
         /// The finished epoch.
         epoch: u64,
+    },
+    /// On an on-demand ring: serve one pass over the lane's share of the data, its batches
+    /// published with slot `epoch = pass`, from batch `index` on (0 for a whole pass).
+    Pass {
+        /// The pass's number, chosen by the consumer (slot `epoch` of its batches).
+        pass: u64,
+        /// First batch of the pass to serve.
+        index: u64,
     },
 }
 
@@ -83,6 +96,12 @@ pub fn encode_report(out: &mut Vec<u8>, epoch: u64, ids: &[u64], losses: &[f32])
 /// Appends an `EPOCH_DONE` frame to `out`.
 pub fn encode_epoch_done(out: &mut Vec<u8>, epoch: u64) {
     out.extend_from_slice(&header(KIND_EPOCH_DONE, 0, epoch));
+}
+
+/// Appends a `PASS` frame (kind 3, since 1.3) to `out`: serve pass `pass` from batch `index`.
+pub fn encode_pass(out: &mut Vec<u8>, pass: u64, index: u64) {
+    out.extend_from_slice(&header(KIND_PASS, 0, pass));
+    out.extend_from_slice(&index.to_le_bytes());
 }
 
 /// Cuts a byte stream into frames: feed it what the socket gave, take the complete frames.
@@ -149,6 +168,20 @@ impl FrameReader {
                 }
                 (FRAME_HEADER_BYTES, Feedback::EpochDone { epoch })
             }
+            KIND_PASS => {
+                if count != 0 {
+                    return Err(FrameError::Count { kind, count });
+                }
+                if b.len() < PASS_FRAME_BYTES {
+                    return Ok(None);
+                }
+                let index = u64::from_le_bytes(
+                    b[FRAME_HEADER_BYTES..PASS_FRAME_BYTES]
+                        .try_into()
+                        .unwrap_or_default(),
+                );
+                (PASS_FRAME_BYTES, Feedback::Pass { pass: epoch, index })
+            }
             other => return Err(FrameError::Kind(other)),
         };
         self.start += frame_len;
@@ -165,6 +198,7 @@ mod tests {
         let mut bytes = Vec::new();
         encode_report(&mut bytes, 3, &[1, 7, u64::MAX], &[0.5, f32::NAN, -1.0]);
         encode_epoch_done(&mut bytes, 3);
+        encode_pass(&mut bytes, 9, u64::MAX);
         for cut in 0..bytes.len() {
             let mut r = FrameReader::default();
             r.push(&bytes[..cut]);
@@ -176,7 +210,7 @@ mod tests {
             while let Some(f) = r.next_frame().unwrap() {
                 got.push(f);
             }
-            assert_eq!(got.len(), 2, "cut at {cut}");
+            assert_eq!(got.len(), 3, "cut at {cut}");
             match &got[0] {
                 Feedback::Report { epoch, ids, losses } => {
                     assert_eq!((*epoch, ids.as_slice()), (3, &[1, 7, u64::MAX][..]));
@@ -186,6 +220,13 @@ mod tests {
                 other => panic!("{other:?}"),
             }
             assert_eq!(got[1], Feedback::EpochDone { epoch: 3 });
+            assert_eq!(
+                got[2],
+                Feedback::Pass {
+                    pass: 9,
+                    index: u64::MAX
+                }
+            );
             assert_eq!(r.pending(), 0);
         }
     }
@@ -212,5 +253,23 @@ mod tests {
             r.next_frame(),
             Err(FrameError::Count { count: 0, .. })
         ));
+        // A PASS frame with a count is refused; one cut before its index waits for it.
+        let mut r = FrameReader::default();
+        r.push(&header(KIND_PASS, 3, 1));
+        r.push(&[0; 8]);
+        assert!(matches!(
+            r.next_frame(),
+            Err(FrameError::Count { count: 3, .. })
+        ));
+        let mut bytes = Vec::new();
+        encode_pass(&mut bytes, 7, 2);
+        let mut r = FrameReader::default();
+        r.push(&bytes[..FRAME_HEADER_BYTES + 4]);
+        assert_eq!(r.next_frame(), Ok(None));
+        r.push(&bytes[FRAME_HEADER_BYTES + 4..]);
+        assert_eq!(
+            r.next_frame(),
+            Ok(Some(Feedback::Pass { pass: 7, index: 2 }))
+        );
     }
 }

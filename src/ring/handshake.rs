@@ -55,6 +55,8 @@ pub(crate) enum Refusal {
     ResumeMismatch,
     /// The producer is stopping or has failed; a new producer of the name may come.
     Stopping,
+    /// A request this producer cannot answer (`describe` without a sample catalogue).
+    Unsupported,
 }
 
 impl Refusal {
@@ -70,6 +72,7 @@ impl Refusal {
             Refusal::ResumeRange => "resume_range",
             Refusal::ResumeMismatch => "resume_mismatch",
             Refusal::Stopping => "stopping",
+            Refusal::Unsupported => "unsupported",
         }
     }
 
@@ -105,7 +108,18 @@ pub(crate) enum Request {
     /// The daemon's evaluation of reported losses (`ringfeed stat`); the reply may be longer
     /// than [`MAX_LINE`].
     Evaluation,
+    /// The class names (1.3); the reply may be longer than [`MAX_LINE`].
+    Classes,
+    /// Where samples come from (1.3): shard, member and original path of each id.
+    Describe {
+        /// Sample ids (as in `sample_ids`), at most [`MAX_DESCRIBE_IDS`].
+        ids: Vec<u64>,
+    },
 }
+
+/// Most ids one `describe` request may ask about: 128 ids of 20 digits keep the request line
+/// under [`MAX_LINE`].
+pub(crate) const MAX_DESCRIBE_IDS: usize = 128;
 
 /// The consumer's uid check: `Err(peer)` when the producer runs as neither this user nor the
 /// one it was told to trust.
@@ -416,6 +430,7 @@ mod tests {
             Refusal::ResumeRange,
             Refusal::ResumeMismatch,
             Refusal::Stopping,
+            Refusal::Unsupported,
         ];
         let codes: std::collections::BTreeSet<_> = all.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), all.len(), "codes are distinct");

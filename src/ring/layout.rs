@@ -35,6 +35,10 @@ pub const FLAG_NHWC: u32 = 2;
 /// Header flag bit 2: the daemon selects samples per epoch (`[selection]`): epochs may be
 /// shorter than `batches_per_epoch`; the lane table's `plan_*` fields give each one's length.
 pub const FLAG_SELECTION: u32 = 4;
+/// Header flag bit 3 (since 1.3): an on-demand (evaluation) ring. A lane produces only while
+/// its consumer has asked for a pass (a `PASS` feedback frame, or an attach with `resume`);
+/// every pass is the same batches in the same order, published with slot `epoch` = the pass.
+pub const FLAG_ON_DEMAND: u32 = 8;
 /// Longest ring name (it must fit the header's 32-byte `name` field).
 pub const MAX_NAME_LEN: usize = 32;
 /// Bytes of the `last_error` header field.
@@ -222,6 +226,9 @@ pub struct RingSpec {
     pub nhwc: bool,
     /// The daemon selects samples per epoch ([`FLAG_SELECTION`]).
     pub selection: bool,
+    /// An on-demand (evaluation) ring ([`FLAG_ON_DEMAND`]): lanes produce passes only when
+    /// asked.
+    pub on_demand: bool,
     /// Batches per epoch per lane; 0 when unknown.
     pub batches_per_epoch: u64,
     /// Epochs to produce; 0 = unbounded.
@@ -353,6 +360,11 @@ impl Layout {
     /// Whether the daemon selects samples per epoch ([`FLAG_SELECTION`]).
     pub fn selection(&self) -> bool {
         self.flags & FLAG_SELECTION != 0
+    }
+
+    /// Whether this is an on-demand (evaluation) ring ([`FLAG_ON_DEMAND`]).
+    pub fn on_demand(&self) -> bool {
+        self.flags & FLAG_ON_DEMAND != 0
     }
 
     /// Whether incomplete last batches are dropped.
@@ -601,7 +613,8 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
         batch_size: spec.batch_size,
         flags: (u32::from(spec.drop_last) * FLAG_DROP_LAST)
             | (u32::from(spec.nhwc) * FLAG_NHWC)
-            | (u32::from(spec.selection) * FLAG_SELECTION),
+            | (u32::from(spec.selection) * FLAG_SELECTION)
+            | (u32::from(spec.on_demand) * FLAG_ON_DEMAND),
         batches_per_epoch: spec.batches_per_epoch,
         epochs: spec.epochs,
         seed: spec.seed,
@@ -1144,6 +1157,7 @@ mod tests {
             drop_last: true,
             nhwc: false,
             selection: false,
+            on_demand: false,
             batches_per_epoch: 10,
             epochs: 2,
             seed: 7,

@@ -60,8 +60,8 @@ pub use observer::{
     RingSnapshot,
 };
 pub use producer::{
-    BatchMeta, InfoExtra, LaneStats, Producer, ProducerOptions, ProducerState, RingCreateError,
-    RingStats, SeekRequest, SlotWriter,
+    BatchMeta, Catalog, InfoExtra, LaneStats, Producer, ProducerOptions, ProducerState,
+    RingCreateError, RingStats, SeekRequest, SlotWriter,
 };
 pub use runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
 pub use segment::ShmDirError;

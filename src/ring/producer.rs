@@ -387,6 +387,8 @@ struct Shared {
     feedback: Mutex<Vec<(u32, Feedback)>>,
     /// The reply to an `evaluation` request, kept current by the pipeline.
     evaluation: Mutex<serde_json::Value>,
+    /// Answers `classes` and `describe` (set by the daemon; absent: "unknown").
+    catalog: Mutex<Option<Arc<Catalog>>>,
     /// Per lane, the announced plan (`plan_epoch`, `plan_batches`, `plan_kept`,
     /// `plan_pruned`): the producer's own copy of fields consumers can write, restored by the
     /// heartbeat.
@@ -394,6 +396,16 @@ struct Shared {
     /// What defines the epoch order and batches (1.3), published in the `attach` and `info`
     /// replies and checked against a `resume`'s; `None` until the pipeline sets it.
     fingerprint: Mutex<Option<Fingerprint>>,
+}
+
+/// What a daemon knows about its samples, for the `classes` and `describe` requests (1.3).
+pub struct Catalog {
+    /// The `classes` reply's members: `classes` (a list of names, or null when unknown) and
+    /// `source` (where they were found).
+    pub classes: serde_json::Value,
+    /// One `describe` entry: `{"id", "shard", "member", "path"}` (and `stream` in a mixture),
+    /// or `{"id", "error"}` for an id outside the dataset.
+    pub describe: Box<dyn Fn(u64) -> serde_json::Value + Send + Sync>,
 }
 
 /// Produces extra members for the `info` reply: a JSON object whose keys are added to it.
@@ -930,6 +942,7 @@ impl Producer {
             info_extra: Mutex::new(None),
             feedback: Mutex::new(Vec::new()),
             evaluation: Mutex::new(json!({})),
+            catalog: Mutex::new(None),
             fingerprint: Mutex::new(options.fingerprint.clone()),
             plans,
         });
@@ -1019,6 +1032,16 @@ impl Producer {
         *lock(&self.shared.info_extra) = Some(extra);
     }
 
+    /// Sets what `classes` and `describe` requests are answered with (§3, 1.3).
+    pub fn set_catalog(&self, catalog: Catalog) {
+        *lock(&self.shared.catalog) = Some(Arc::new(catalog));
+    }
+
+    /// Takes back what [`set_info_extra`](Self::set_info_extra) set (to wrap it).
+    pub fn take_info_extra(&self) -> Option<InfoExtra> {
+        lock(&self.shared.info_extra).take()
+    }
+
     /// Feedback frames (§9) received since the last call, oldest first, each with the lane
     /// whose consumer sent it. Frames of one connection keep their order.
     pub fn take_feedback(&self) -> Vec<(u32, Feedback)> {
@@ -1046,6 +1069,15 @@ impl Producer {
             *plan = [epoch + 1, batches, kept, pruned];
             sh.store_plan(lane, plan);
         }
+    }
+
+    /// Whether a consumer is attached to `lane` now (an on-demand ring serves a lane's pass
+    /// only while its consumer is there).
+    pub fn lane_attached(&self, lane: u32) -> bool {
+        matches!(
+            lock(&self.shared.lanes).get(lane as usize),
+            Some(LaneConn::Attached { .. })
+        )
     }
 
     /// Publishes what defines the epoch order and batches (1.3): sent in the `attach` and
@@ -1400,16 +1432,42 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             if let Some(obj) = reply.as_object_mut() {
                 obj.insert("ok".to_owned(), json!(true));
             }
-            // The reply may exceed a socket buffer: a short-lived thread writes it, so a
-            // client that reads slowly never holds up the service thread.
+            send_long_reply(stream, reply);
+        }
+        Request::Classes => {
+            let catalog = lock(&sh.catalog).clone();
+            let mut reply = catalog.map_or_else(
+                || json!({"classes": null, "source": "unknown"}),
+                |c| c.classes.clone(),
+            );
+            reply["ok"] = json!(true);
+            send_long_reply(stream, reply);
+        }
+        Request::Describe { ids } => {
+            if ids.len() > handshake::MAX_DESCRIBE_IDS {
+                return refuse(
+                    &stream,
+                    Refusal::BadRequest,
+                    &format!(
+                        "bad request: describe asks about {} ids; at most {} per request",
+                        ids.len(),
+                        handshake::MAX_DESCRIBE_IDS
+                    ),
+                );
+            }
+            let Some(catalog) = lock(&sh.catalog).clone() else {
+                return refuse(
+                    &stream,
+                    Refusal::Unsupported,
+                    "this producer does not describe its samples",
+                );
+            };
+            // Looking samples up and writing the reply happen off the service thread.
             let _ = std::thread::Builder::new()
-                .name("ringfeed-evaluation".into())
+                .name("ringfeed-describe".into())
                 .spawn(move || {
-                    if stream.set_nonblocking(false).is_ok()
-                        && stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_ok()
-                    {
-                        let _ = handshake::send_line(&stream, &reply, None);
-                    }
+                    let samples: Vec<_> = ids.iter().map(|&id| (catalog.describe)(id)).collect();
+                    write_long_reply(&stream, &json!({"ok": true, "samples": samples}));
                 });
         }
         Request::Info => {
@@ -1561,6 +1619,23 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             drop(lanes);
             sh.complete_attach(lane, pid, stream, extra);
         }
+    }
+}
+
+/// Sends a reply that may exceed a socket buffer (up to 4 MiB, §3) from a short-lived
+/// thread, so a client that reads slowly never holds up the service thread.
+fn send_long_reply(stream: UnixStream, reply: serde_json::Value) {
+    let _ = std::thread::Builder::new()
+        .name("ringfeed-reply".into())
+        .spawn(move || write_long_reply(&stream, &reply));
+}
+
+/// Writes `reply` with blocking sends under the request timeout (off the service thread).
+fn write_long_reply(stream: &UnixStream, reply: &serde_json::Value) {
+    if stream.set_nonblocking(false).is_ok()
+        && stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_ok()
+    {
+        let _ = handshake::send_line(stream, reply, None);
     }
 }
 

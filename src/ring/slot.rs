@@ -192,6 +192,7 @@ mod tests {
             drop_last: false,
             nhwc: false,
             selection: false,
+            on_demand: false,
             batches_per_epoch: 0,
             epochs: 0,
             seed: 0,

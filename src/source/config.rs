@@ -233,6 +233,11 @@ pub struct SamplingConfig {
     /// larger repeats samples. See `docs/sampling.md`, "Mixing several datasets".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples_per_epoch: Option<u64>,
+    /// An evaluation ring (default `false`): nothing is produced until a consumer asks for a
+    /// pass, and every pass is one complete epoch from the first sample, in the same order
+    /// (epoch 0's). `epochs` must then be 0: the trainer decides how many passes it wants.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
 }
 
 impl Default for SamplingConfig {
@@ -243,6 +248,7 @@ impl Default for SamplingConfig {
             drop_last: false,
             epochs: 0,
             samples_per_epoch: None,
+            on_demand: false,
         }
     }
 }
@@ -381,6 +387,7 @@ mod tests {
                 drop_last: true,
                 epochs: 3,
                 samples_per_epoch: None,
+                on_demand: false,
             }
         );
         // Round trip through TOML.

@@ -337,6 +337,23 @@ impl Dataset {
         }
     }
 
+    /// Where sample `id` comes from: the tar shard's path and the member's name, or, for an
+    /// ImageFolder, no shard and the image file's path (root joined with its relative path).
+    /// `None` for an id out of range.
+    pub fn origin(&self, id: u64) -> Option<(Option<&Path>, String)> {
+        let record = self.record(id)?;
+        Some(match &self.backend {
+            Backend::Tar { shards } => (
+                Some(shards[record.shard as usize].path.as_path()),
+                self.name(record).to_owned(),
+            ),
+            Backend::Folder { root } => (
+                None,
+                root.join(self.name(record)).to_string_lossy().into_owned(),
+            ),
+        })
+    }
+
     /// Reads sample `id`'s encoded image bytes into `buf` (cleared first; its capacity is
     /// reused). Never panics: a vanished, replaced, changed or truncated file is an error
     /// naming the shard and member.

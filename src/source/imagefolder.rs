@@ -1,8 +1,15 @@
 //! ImageFolder trees: `<root>/<class>/<file>`, the torchvision layout.
 //!
 //! Classes are the root's subdirectories sorted by name; a class's position in that order is
-//! its label. Files under a class directory (searched recursively, in name order) with an
-//! image extension are samples; other files are skipped and reported.
+//! its label. Files under a class directory (searched recursively) with an image extension
+//! are samples; other files are skipped and reported.
+//!
+//! The order is torchvision's `ImageFolder.samples` order, so sample ids are the indices a
+//! torchvision user knows: class by class, the class's directories sorted by their path
+//! (torchvision sorts `os.walk`'s directory paths as strings), each directory's files sorted
+//! by name. It differs only where ringfeed reads fewer files: hidden files (`.name`) are
+//! skipped and reported, and only `jpg`, `jpeg`, `png` and `webp` are images (torchvision
+//! also takes `ppm`, `bmp`, `pgm`, `tif`, `tiff`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -49,6 +56,9 @@ pub fn scan(root: &Path) -> Result<FolderScan, SourceError> {
     Ok(scan)
 }
 
+/// Adds the samples of class `label` (directory `dir`, named `rel` below the root), in
+/// torchvision's order: every directory below the class, sorted by its path as a string, then
+/// each one's files by name.
 fn walk_class(
     root: &Path,
     dir: &Path,
@@ -57,48 +67,93 @@ fn walk_class(
     depth: usize,
     scan: &mut FolderScan,
 ) -> Result<(), SourceError> {
+    let mut dirs: Vec<(String, Vec<(String, PathBuf)>)> = Vec::new();
+    collect_dirs(root, dir, rel, depth, scan, &mut dirs)?;
+    dirs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (dir_rel, files) in dirs {
+        for (name, path) in files {
+            add_file(
+                root,
+                &path,
+                &format!("{dir_rel}/{name}"),
+                &name,
+                label,
+                scan,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Lists `dir` (named `rel`) and, recursively, its subdirectories: `(rel, files sorted by
+/// name)` of each. Non-UTF-8 names are reported and skipped.
+fn collect_dirs(
+    root: &Path,
+    dir: &Path,
+    rel: &str,
+    depth: usize,
+    scan: &mut FolderScan,
+    out: &mut Vec<(String, Vec<(String, PathBuf)>)>,
+) -> Result<(), SourceError> {
+    let mut files = Vec::new();
+    let mut subdirs = Vec::new();
     for (name, path, is_dir) in sorted_entries(dir)? {
         let Some(name) = name else {
             scan.issues
                 .push(issue(root, &path, IssueReason::NonUtf8Name));
             continue;
         };
-        let rel_path = format!("{rel}/{name}");
         if is_dir {
             if depth < MAX_DEPTH {
-                walk_class(root, &path, &rel_path, label, depth + 1, scan)?;
+                subdirs.push((format!("{rel}/{name}"), path));
             }
-            continue;
+        } else {
+            files.push((name, path));
         }
-        if name.starts_with('.') {
-            scan.issues.push(issue(root, &path, IssueReason::Hidden));
-            continue;
-        }
-        let ext = name.rsplit_once('.').map_or("", |(_, ext)| ext);
-        if !is_image_ext(ext) {
-            scan.issues.push(issue(
-                root,
-                &path,
-                IssueReason::UnknownExt {
-                    exts: ext.to_owned(),
-                },
-            ));
-            continue;
-        }
-        // A FIFO, device or socket named like an image is no sample: opening a FIFO would
-        // block a worker. A dangling symlink counts as a file, and fails when it is read.
-        let size = match fs::metadata(&path) {
-            Ok(meta) if !meta.is_file() => {
-                scan.issues
-                    .push(issue(root, &path, IssueReason::NotRegularFile));
-                continue;
-            }
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        };
-        scan.files.push((rel_path, label, size));
+    }
+    out.push((rel.to_owned(), files));
+    for (sub_rel, path) in subdirs {
+        collect_dirs(root, &path, &sub_rel, depth + 1, scan, out)?;
     }
     Ok(())
+}
+
+/// Adds one file of a class as a sample, or reports why it is not one.
+fn add_file(
+    root: &Path,
+    path: &Path,
+    rel_path: &str,
+    name: &str,
+    label: i64,
+    scan: &mut FolderScan,
+) {
+    if name.starts_with('.') {
+        scan.issues.push(issue(root, path, IssueReason::Hidden));
+        return;
+    }
+    let ext = name.rsplit_once('.').map_or("", |(_, ext)| ext);
+    if !is_image_ext(ext) {
+        scan.issues.push(issue(
+            root,
+            path,
+            IssueReason::UnknownExt {
+                exts: ext.to_owned(),
+            },
+        ));
+        return;
+    }
+    // A FIFO, device or socket named like an image is no sample: opening a FIFO would
+    // block a worker. A dangling symlink counts as a file, and fails when it is read.
+    let size = match fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            scan.issues
+                .push(issue(root, path, IssueReason::NotRegularFile));
+            return;
+        }
+        Ok(meta) => meta.len(),
+        Err(_) => 0,
+    };
+    scan.files.push((rel_path.to_owned(), label, size));
 }
 
 fn issue(root: &Path, path: &Path, reason: IssueReason) -> IndexIssue {
@@ -145,6 +200,8 @@ mod tests {
             ("dog/a.PNG", b"a"),
             ("dog/notes.txt", b"x"),
             ("cat/sub/z.webp", b"zzz"),
+            ("cat/sub-x/w.jpg", b"w"),
+            ("cat/sub/deeper/v.jpg", b"v"),
             ("cat/y.jpeg", b"y"),
             ("cat/.hidden.jpg", b"h"),
             ("README", b"r"),
@@ -158,9 +215,13 @@ mod tests {
         assert_eq!(scan.classes, ["cat", "dog", "empty"]);
         assert_eq!(
             scan.files,
+            // torchvision's order: a directory's files before its subdirectories', and
+            // directories by their path as a string ("sub-x" < "sub/…", as '-' < '/').
             [
-                ("cat/sub/z.webp".to_owned(), 0, 3),
                 ("cat/y.jpeg".to_owned(), 0, 1),
+                ("cat/sub/z.webp".to_owned(), 0, 3),
+                ("cat/sub-x/w.jpg".to_owned(), 0, 1),
+                ("cat/sub/deeper/v.jpg".to_owned(), 0, 1),
                 ("dog/a.PNG".to_owned(), 1, 1),
                 ("dog/b.jpg".to_owned(), 1, 2),
             ]

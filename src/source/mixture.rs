@@ -254,6 +254,18 @@ impl Mixture {
         }
     }
 
+    /// Where sample `id` comes from (see [`Dataset::origin`]), with its stream's name in a
+    /// mixture of several streams.
+    pub fn origin(&self, id: u64) -> Option<(Option<&str>, Option<&Path>, String)> {
+        if id >= self.len() {
+            return None;
+        }
+        let (stream, local) = self.locate(id);
+        let (shard, member) = stream.dataset.origin(local)?;
+        let name = self.explicit.then_some(stream.name.as_str());
+        Some((name, shard, member))
+    }
+
     /// Reads sample `id`'s encoded bytes into `buf` (see [`Dataset::read_into`]).
     pub fn read_into(&self, id: u64, buf: &mut Vec<u8>) -> Result<(), SampleReadError> {
         let (stream, local) = self.locate(id);

@@ -584,6 +584,7 @@ mod tests {
             drop_last,
             epochs: 0,
             samples_per_epoch: None,
+            on_demand: false,
         }
     }
 

@@ -23,6 +23,7 @@ from .errors import (
     RingfeedError,
     RingfeedWarning,
     RingTimeout,
+    StreamFinished,
 )
 from .layout import RingLayout, TensorSpec
 from .loader import Loader, evaluation
@@ -46,6 +47,7 @@ __all__ = [
     "RingTimeout",
     "RingfeedError",
     "RingfeedWarning",
+    "StreamFinished",
     "TensorSpec",
     "evaluation",
     "info",

@@ -64,6 +64,28 @@ def _default_name() -> str:
     return f"job-{os.getpid()}"
 
 
+def _ring_name(config: PathLike) -> str:
+    """The ``[ring] name`` of a configuration file (``"default"`` when it sets none)."""
+    try:
+        import tomllib as toml  # type: ignore[import-not-found,unused-ignore]  # Python 3.11+
+    except ImportError:  # pragma: no cover - older Pythons
+        try:
+            import tomli as toml  # type: ignore[no-redef,import-not-found,unused-ignore]
+        except ImportError:
+            raise RingfeedError(
+                "serve() with several configurations reads their [ring] names, which needs"
+                " Python 3.11+ (tomllib) or the tomli package; or start `ringfeed serve"
+                " --config a.toml --config b.toml` yourself and attach with Loader(name)"
+            ) from None
+    try:
+        with open(config, "rb") as f:
+            ring = toml.load(f).get("ring", {})
+    except (OSError, ValueError) as err:
+        raise RingfeedError(f"cannot read the [ring] name of {os.fspath(config)}: {err}") from None
+    name = ring.get("name", "default") if isinstance(ring, dict) else "default"
+    return check_name(str(name))
+
+
 def _flags(overrides: dict[str, Any]) -> list[str]:
     """``batch_size=64`` → ``--batch-size 64``; ``True`` → the bare flag; lists → each value."""
     flags: list[str] = []
@@ -95,9 +117,13 @@ class Daemon:
         process: Optional[subprocess.Popen[bytes]],
         runtime_dir: Optional[PathLike],
         tee: Optional[_Tee] = None,
+        names: Optional[list[str]] = None,
     ) -> None:
         self.name = name
-        """The ring's name (what :class:`Loader` attaches to)."""
+        """The ring's name (what :class:`Loader` attaches to); the first ring's when the
+        daemon serves several."""
+        self.names = names if names is not None else [name]
+        """Every ring the daemon serves (one per configuration file given to :func:`serve`)."""
         self.pid = pid
         """The daemon's process id."""
         self._process = process
@@ -109,12 +135,15 @@ class Daemon:
         """True in the process that started the daemon (the one :meth:`stop` stops)."""
         return self._process is not None
 
-    def loader(self, **kwargs: Any) -> Loader:
-        """A :class:`Loader` on this ring; lane ``$LOCAL_RANK`` (else 0) unless ``lane=`` is
-        given. Keyword arguments are the Loader's."""
+    def loader(self, ring: Optional[str] = None, **kwargs: Any) -> Loader:
+        """A :class:`Loader` on ring ``ring`` (default: :attr:`name`, the first ring); lane
+        ``$LOCAL_RANK`` (else 0) unless ``lane=`` is given. Keyword arguments are the
+        Loader's."""
+        if ring is not None and ring not in self.names:
+            raise RingfeedError(f"this daemon serves rings {self.names}, not {ring!r}")
         kwargs.setdefault("runtime_dir", self._runtime_dir)
         kwargs.setdefault("wait_for_producer", 60.0)
-        return Loader(self.name, **kwargs)
+        return Loader(self.name if ring is None else ring, **kwargs)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the daemon (SIGTERM; SIGKILL after ``timeout`` seconds) and wait for it. Only
@@ -242,7 +271,7 @@ def _wait_until_serving(
 
 
 def serve(
-    config: Optional[PathLike] = None,
+    config: Optional[Union[PathLike, list[PathLike]]] = None,
     name: Optional[str] = None,
     shards: Optional[Union[PathLike, list[PathLike]]] = None,
     epochs: Optional[int] = None,
@@ -254,7 +283,10 @@ def serve(
     """Start ``ringfeed serve`` for this job and wait until it serves.
 
     Args:
-        config: TOML configuration (default: the bundled sample dataset).
+        config: TOML configuration (default: the bundled sample dataset), or a list of them:
+            one daemon then serves one ring per file (e.g. training and on-demand validation)
+            from one worker pool; the rings keep their ``[ring] name``, ``name``, ``shards``
+            and ``epochs`` must be left out, and :meth:`Daemon.loader` takes ``ring=``.
         name: ring name; default: one derived from the torchrun job (every local rank derives
             the same), else ``job-<pid>``.
         shards: tar shard paths, globs or brace ranges (replaces ``[source] shards``).
@@ -269,16 +301,34 @@ def serve(
     $LOCAL_WORLD_SIZE``; the other local ranks start nothing, wait until it serves and get a
     :class:`Daemon` whose :meth:`Daemon.loader` reads their own lane.
     """
-    name = check_name(name if name is not None else _default_name())
+    configs: list[PathLike] = (
+        list(config) if isinstance(config, (list, tuple)) else [] if config is None else [config]
+    )
+    several = len(configs) > 1
+    if several:
+        given = [k for k, v in (("name", name), ("shards", shards), ("epochs", epochs)) if v]
+        if given:
+            raise RingfeedError(
+                f"serve() with several configurations takes no {', '.join(given)}: set them in"
+                " each file (each ring keeps its [ring] name)"
+            )
+        names = [_ring_name(c) for c in configs]
+    else:
+        names = [check_name(name if name is not None else _default_name())]
+    name = names[0]
     deadline = time.monotonic() + start_timeout
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and int(local_rank) != 0:
-        pid = _wait_until_serving(name, runtime_dir, deadline)
-        return Daemon(name, pid, None, runtime_dir)
+        pid = 0
+        for each in names:
+            pid = _wait_until_serving(each, runtime_dir, deadline)
+        return Daemon(name, pid, None, runtime_dir, names=names)
 
-    args = [_binary(), "serve", "--name", name, "--parent-pid", str(os.getpid())]
-    if config is not None:
-        args += ["--config", os.fspath(config)]
+    args = [_binary(), "serve", "--parent-pid", str(os.getpid())]
+    if not several:
+        args += ["--name", name]
+    for path in configs:
+        args += ["--config", os.fspath(path)]
     if shards is not None:
         listed = [shards] if isinstance(shards, (str, os.PathLike)) else shards
         args += ["--shards", *(_text(s) for s in listed)]
@@ -297,8 +347,9 @@ def serve(
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     tee = _Tee(process.stdout, tail)
     try:
-        _wait_until_serving(name, runtime_dir, deadline, process, tail, tee)
+        for each in names:
+            _wait_until_serving(each, runtime_dir, deadline, process, tail, tee)
     except BaseException:
         Daemon(name, process.pid, process, runtime_dir, tee).stop()
         raise
-    return Daemon(name, process.pid, process, runtime_dir, tee)
+    return Daemon(name, process.pid, process, runtime_dir, tee, names=names)

@@ -78,5 +78,12 @@ class RingTimeout(RingfeedError):
     """No batch arrived within the loader's ``timeout``."""
 
 
+class StreamFinished(RingfeedError, StopIteration):
+    """The producer has served its last epoch and this lane has nothing left: raised by
+    iteration (a ``for`` loop ends on it, since it is a ``StopIteration``) with the reason in
+    its message, which the loader also logs once, so an exhausted ring never passes for an
+    empty epoch. Catch it with ``next(it)`` or ``except ringfeed.StreamFinished``."""
+
+
 class RingfeedWarning(UserWarning):
     """Something degraded but the client carries on (for example ``pin=True`` without CUDA)."""

@@ -21,6 +21,7 @@ import numpy as np
 MAGIC = b"RFBK"
 KIND_REPORT = 1
 KIND_EPOCH_DONE = 2
+KIND_PASS = 3  # since 1.3: a pass over an on-demand ring
 MAX_REPORT_SAMPLES = 1 << 16
 _HEADER = struct.Struct("<4sHHIIQ")  # magic, kind, reserved, count, reserved, epoch: 24 bytes
 
@@ -95,6 +96,12 @@ def report_frame(epoch: int, ids: np.ndarray, losses: np.ndarray) -> bytes:
 def epoch_done_frame(epoch: int) -> bytes:
     """An ``EPOCH_DONE`` frame: every report of ``epoch`` was sent before it."""
     return _HEADER.pack(MAGIC, KIND_EPOCH_DONE, 0, 0, 0, epoch)
+
+
+def pass_frame(pass_number: int, index: int = 0) -> bytes:
+    """A ``PASS`` frame (1.3, on-demand rings): serve pass ``pass_number`` from batch
+    ``index``; its batches carry slot ``epoch = pass_number``."""
+    return _HEADER.pack(MAGIC, KIND_PASS, 0, 0, 0, pass_number) + struct.pack("<Q", index)
 
 
 def distributed() -> Any:

@@ -39,6 +39,7 @@ SLOT_REDELIVERED = 2
 FLAG_DROP_LAST = 1
 FLAG_NHWC = 2
 FLAG_SELECTION = 4
+FLAG_ON_DEMAND = 8  # since 1.3
 
 # Header field byte offsets that are read or written while the ring is live.
 OFF_PRODUCER_STATE = 44
@@ -128,6 +129,12 @@ class RingLayout(NamedTuple):
         """True when the producer selects samples per epoch (``[selection]``): each epoch's
         length is the lane's announced plan, at most ``batches_per_epoch``."""
         return bool(self.flags & FLAG_SELECTION)
+
+    @property
+    def on_demand(self) -> bool:
+        """True for an on-demand (evaluation) ring (1.3): a lane produces only the passes its
+        consumer asks for, each one the same batches in the same order."""
+        return bool(self.flags & FLAG_ON_DEMAND)
 
     def slot_entry_offset(self, lane: int, slot: int) -> int:
         """Byte offset of the slot-table entry of ``(lane, slot)``."""

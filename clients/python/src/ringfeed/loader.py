@@ -9,6 +9,7 @@ one epoch, waiting is a futex sleep of at most 100 ms between liveness checks, a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ from .errors import (
     RingfeedError,
     RingfeedWarning,
     RingTimeout,
+    StreamFinished,
 )
 from .layout import (
     FAILED,
@@ -54,9 +56,15 @@ REATTACH_PATIENCE_S = 2.0  # our own EOF may reach the producer after our new at
 START_PATIENCE_S = 30.0  # default wait for a daemon that is not listening yet (started alongside)
 _RETRY_PAUSE_S = 0.05
 
+_log = logging.getLogger("ringfeed")
+
 
 class _EndOfStream(Exception):
     pass
+
+
+# _try_take's answer when it took a stale batch of an earlier pass (and gave it back at once).
+_STALE = object()
 
 
 def evaluation(
@@ -105,7 +113,14 @@ class Loader:
 
     ``for batch in loader`` yields the batches of one epoch and stops after the slot flagged
     last-of-epoch; the next ``for`` continues with the next epoch (a ``break`` leaves the
-    cursor where it stopped). After the producer's last epoch, iteration yields nothing.
+    cursor where it stopped). After the producer's last epoch, iteration raises
+    :class:`StreamFinished` (a ``StopIteration``, so a ``for`` ends; the reason is logged
+    once) and ``len(loader)`` is 0.
+
+    On an **on-demand** ring (``[sampling] on-demand = true``, the validation presets) every
+    ``for batch in loader`` is one complete pass from the first batch, in the same order each
+    time: the loop asks the daemon for the pass, which produces it for this lane only then.
+    A ``break`` abandons the pass; the next ``for`` starts a new one from the first batch.
 
     Args:
         name: ring name (the daemon's ``--name``).
@@ -114,6 +129,9 @@ class Loader:
         max_held: at most this many batches held at once (:class:`RingfeedError` beyond);
             holding every slot of the lane is always refused because it would deadlock.
         pin: ``cudaHostRegister`` the data mapping once (warns and carries on without CUDA).
+        from_epoch_start: start at the first batch of the epoch the lane is in, rather than
+            wherever the daemon has got to (see :meth:`restart_epoch`). On-demand rings
+            always start a pass at its first batch.
         resume: a saved :meth:`state_dict` (or ``{"epoch", "index"}``): the producer seeks
             the lane to it. A state with a ``fingerprint`` is checked by the producer: a
             daemon whose sample order differs (seed, dataset, shuffle, world size, …) refuses
@@ -162,6 +180,7 @@ class Loader:
         max_held: Optional[int] = None,
         pin: bool = False,
         resume: Optional[dict[str, Any]] = None,
+        from_epoch_start: bool = False,
         wait_for_producer: Optional[float] = None,
         timeout: Optional[float] = None,
         runtime_dir: Optional[PathLike] = None,
@@ -208,6 +227,9 @@ class Loader:
         self._outbox = feedback.Outbox()  # feedback frames the socket has not taken yet (§9)
         self._last_taken: Optional[tuple[int, bool]] = None  # (epoch, last of its epoch)
         self._epoch_done_sent = -1
+        self._pass = 0  # on-demand: the number of the pass asked for last (0: none yet)
+        self._pass_next: Optional[int] = None  # on-demand: next index of the pass under way
+        self._finish_logged = False
         self._taken = 0
         self._stats_start_ns = 0
         self._stats_wait_base_ns = 0
@@ -218,6 +240,8 @@ class Loader:
             self._start_patience,
             absent_only=wait_for_producer is None,
         )
+        if from_epoch_start and resume is None and not self.layout.on_demand:
+            self.restart_epoch()
 
     # ----- attaching --------------------------------------------------------------------------
 
@@ -508,17 +532,35 @@ class Loader:
         return self._live_ring()
 
     def __len__(self) -> int:
-        """Batches of the next epoch in this lane; TypeError when the producer does not know.
+        """Batches of the next epoch in this lane (of a pass, on an on-demand ring);
+        TypeError when the producer does not know. 0 once iteration has met the end of the
+        stream (:class:`StreamFinished`), and for a loader that has taken nothing from a
+        finished ring whose lane has nothing left.
 
         With selection (``[selection]`` on the daemon) this is the epoch's real length, which
         the producer decides at the epoch's start: the call may wait for that decision.
         """
-        if self.layout.selection:
+        layout = self.layout
+        if layout.on_demand:
+            return layout.batches_per_epoch  # every pass is whole
+        if self._finished or self._nothing_left_for_fresh_loader(layout):
+            return 0  # the producer has served its last epoch: a `for` yields nothing
+        if layout.selection:
             return self.epoch_plan()["batches"]
-        count = self.layout.batches_per_epoch
+        count = layout.batches_per_epoch
         if count == 0:
             raise TypeError("the producer does not know its batches per epoch")
         return count
+
+    def _nothing_left_for_fresh_loader(self, layout: RingLayout) -> bool:
+        """A loader that has taken nothing, on a finished ring whose lane has nothing left:
+        its first ``for`` would yield nothing. (A loader that iterated learns the end when
+        it next iterates, which raises :class:`StreamFinished`.)"""
+        if self._last_taken is not None or not layout.epochs:
+            return False
+        if self._live_ring().producer_state != FINISHED:
+            return False
+        return self._next_position()["epoch"] >= layout.epochs
 
     def epoch_plan(self) -> dict[str, int]:
         """The next epoch's plan in this lane: ``{"epoch", "batches", "kept", "pruned"}``
@@ -596,6 +638,8 @@ class Loader:
         """After the last batch of an epoch: tell the producer every report of it was sent."""
         if self._last_taken is None or not self._last_taken[1]:
             return
+        if self._ring is not None and self._ring.layout.on_demand:
+            return  # passes are not epochs: nothing waits for them
         epoch = self._last_taken[0]
         if epoch > self._epoch_done_sent:
             self._epoch_done_sent = epoch
@@ -604,6 +648,8 @@ class Loader:
     # ----- iteration --------------------------------------------------------------------------
 
     def __iter__(self) -> Loader:
+        if self._ring is not None and self._ring.layout.on_demand:
+            self._start_pass()
         return self
 
     def __next__(self) -> Batch:
@@ -616,15 +662,77 @@ class Loader:
             self._send_epoch_done()
             raise StopIteration
         if self._finished:
-            raise StopIteration
+            raise self._stream_finished()
+        if self.layout.on_demand and self._pass_next is None:
+            self._start_pass()  # next(loader) without iter(): a pass all the same
         return self._next_batch(iterating=True)
+
+    def _stream_finished(self) -> StreamFinished:
+        layout = self.layout
+        reason = (
+            f"ring {self.name!r} has finished: the producer served its last epoch"
+            f" ({layout.epochs} epoch(s) of {layout.batches_per_epoch} batches per lane) and"
+            f" lane {self.lane} has nothing left. Restart the daemon with more epochs"
+            " (--epochs, or 0 for unbounded), or resume at an earlier epoch"
+            " (Loader(..., resume=...))"
+        )
+        if not self._finish_logged:
+            self._finish_logged = True
+            _log.warning("%s", reason)
+        return StreamFinished(reason)
+
+    def _start_pass(self) -> None:
+        """On an on-demand ring: give back the batch of the loop before, and ask the producer
+        for a new pass from the first batch (a ``PASS`` frame, §9). Batches still ready from
+        an earlier pass are taken and given back unread as they come (their slot ``epoch``
+        is another pass's)."""
+        self._refuse_if_inherited()
+        previous = self._previous
+        if previous is not None:
+            previous.release()
+            self._previous = None
+        ring = self._live_ring()
+        with self._lock:  # a take under way in another thread filters by these
+            self._pass = max(self._pass, ring.lane_stats(self.lane)["epoch"]) + 1
+            self._pass_next = 0
+            self._epoch_ended = False
+            self._cursor = (self._pass, 0)
+            number = self._pass
+        self._outbox.send(self._sock, feedback.pass_frame(number, 0))
+
+    def restart_epoch(self) -> None:
+        """Start again at the first batch of the epoch this lane is in (the epoch of the next
+        batch it would deliver), e.g. for a fresh loader that must see a whole epoch rather
+        than wherever the daemon has got to. Re-attaches with ``resume`` (§7): batches held
+        now are released. On an on-demand ring it abandons the pass under way, and the next
+        ``for`` starts a new one."""
+        self._refuse_if_inherited()
+        if self.layout.on_demand:
+            self._pass_next = None
+            self._epoch_ended = False
+            return
+        # The saved position (with the producer's fingerprint, so the resume is checked)
+        # moved to the epoch's first batch.
+        position = self._saved_position()
+        position["index"] = 0
+        if "sample" in position:
+            position["sample"] = 0
+        resume = self._resume_arg(position)
+        if self._sock is not None:
+            self._detach(release_held=True)
+        self._epoch_ended = False
+        self._attach(resume, max(self._wait_for_producer, REATTACH_PATIENCE_S))
 
     def next_batch(self) -> Batch:
         """Take the next batch, ignoring epoch boundaries (blocking).
 
-        Raises ``StopIteration`` at the end of the stream (the producer finished its last
-        epoch), :class:`ProducerGone` or :class:`RingTimeout`.
+        Raises :class:`StreamFinished` (a ``StopIteration``) at the end of the stream (the
+        producer finished its last epoch), :class:`ProducerGone` or :class:`RingTimeout`. On
+        an on-demand ring, passes follow each other: a new one is asked for when none is
+        under way.
         """
+        if self.layout.on_demand and self._pass_next is None:
+            self._start_pass()
         return self._next_batch(iterating=False)
 
     def _next_batch(self, *, iterating: bool) -> Batch:
@@ -648,13 +756,22 @@ class Loader:
                 return self._take_blocking(deadline, iterating)
             except _EndOfStream:
                 self._finished = True
-                raise StopIteration from None
+                raise self._stream_finished() from None
             except ProducerGone:
                 if self._wait_for_producer <= 0:
                     raise
                 # Read from the old ring's memory before leaving it (nothing taken yet: the
                 # position comes from its slots and lane counters).
-                position = self._saved_position()
+                on_demand = self.layout.on_demand
+                position: Optional[dict[str, Any]] = self._saved_position()
+                if on_demand:
+                    # The pass under way continues where it stopped (a resume on an on-demand
+                    # ring asks for that pass from that batch); between passes, nothing.
+                    position = (
+                        None
+                        if self._pass_next is None
+                        else {"epoch": self._pass, "index": self._pass_next}
+                    )
                 self._detach(release_held=False)
                 try:
                     self._attach(self._resume_arg(position), self._wait_for_producer)
@@ -671,7 +788,9 @@ class Loader:
             seen = ring.publish_seq(lane)
             state = ring.producer_state  # loaded before the scan: see _check_producer
             batch = self._try_take(ring, iterating)
-            if batch is not None:
+            if batch is _STALE:
+                continue
+            if isinstance(batch, Batch):
                 return batch
             if self._retire_pending(wait=False) or self._retire_pending(wait=True):
                 continue  # the lane ran dry: hand back a slot whose device copy is done
@@ -696,12 +815,14 @@ class Loader:
             raise RingTimeout(timeout_message)
         return min(WAIT_SLICE_S, remaining)
 
-    def _try_take(self, ring: Ring, iterating: bool) -> Optional[Batch]:
+    def _try_take(self, ring: Ring, iterating: bool) -> Any:
         """Take the next ready slot, if any, and track it: atomic with respect to other
         threads (the lock) and to Python signal handlers (held back until it is complete).
         A handler that raises at the end gives the slot back, to be delivered next.
         ``iterating``: a ``for`` loop's take, which also records the batch as the one to
-        release at the next step and notes an epoch's end."""
+        release at the next step and notes an epoch's end. On an on-demand ring a batch that
+        is not the next one of the pass under way (an earlier pass's) is given back unread:
+        the answer is then ``_STALE``."""
         lane = self.lane
         held = _signals.hold()
         try:
@@ -714,12 +835,21 @@ class Loader:
                 cursor, last_taken = self._cursor, self._last_taken
                 self._taking = found  # first: a reconcile undoes a take cut short here
                 taken = ring.take_slot(lane, found[0], self._pid, self._token)
+                if ring.layout.on_demand and (
+                    taken.epoch != self._pass or taken.index != self._pass_next
+                ):
+                    ring.release(lane, taken.slot, taken.seq, self._token)
+                    self._taking = None
+                    _signals.resume(held)
+                    return _STALE
                 batch = Batch(self, ring, lane, taken)
                 self._held[taken.slot] = batch
                 self._taking = None
                 last = bool(taken.flags & SLOT_LAST_OF_EPOCH)
                 self._cursor = (taken.epoch + 1, 0) if last else (taken.epoch, taken.index + 1)
                 self._last_taken = (taken.epoch, last)
+                if ring.layout.on_demand:
+                    self._pass_next = None if last else taken.index + 1
                 self._taken += 1
                 if iterating:
                     if self._release_previous:
@@ -736,6 +866,8 @@ class Loader:
                 self._held.pop(taken.slot, None)
                 batch._mark_released("its take was interrupted")
                 self._cursor, self._last_taken = cursor, last_taken
+                if ring.layout.on_demand:
+                    self._pass_next = taken.index
                 self._taken -= 1
                 if iterating:
                     self._previous = None
@@ -910,6 +1042,58 @@ class Loader:
         ``reports`` counters, ``scores``, ``selection`` and per-epoch ``loss_by`` augmentation
         bucket and ``loss_by_class``. See docs/feedback.md for how to read it."""
         return evaluation(self.name, runtime_dir=self._runtime_dir, trust_uid=self._trust_uid)
+
+    def _socket_path(self) -> Any:
+        return socket_path(self.name, self._runtime_dir, trust_uid=self._trust_uid)
+
+    @property
+    def classes(self) -> Optional[list[str]]:
+        """The class names, label ``i`` being ``classes[i]`` (format 1.3): ``[source]
+        classes``, an ImageFolder's directory names (sorted, as torchvision's
+        ``ImageFolder.classes``), ``index.json`` beside the shards (``ringfeed pack``) or
+        ``classes.txt`` beside them. ``None`` when the daemon knows none (or refused a
+        malformed file: its log says why). Asked once, then cached."""
+        if not hasattr(self, "_classes"):
+            self._refuse_if_inherited()
+            reply = protocol.long_request(
+                self._socket_path(), {"op": "classes"}, trust_uid=self._trust_uid
+            )
+            names = reply.get("classes")
+            self._classes = [str(n) for n in names] if isinstance(names, list) else None
+        return self._classes
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """``len(loader.classes)``, or ``None`` when the names are unknown."""
+        classes = self.classes
+        return None if classes is None else len(classes)
+
+    def describe(self, sample_ids: Any) -> list[dict[str, Any]]:
+        """Where each sample came from (format 1.3): for every id (a batch's ``sample_ids``, a
+        list, a tensor), ``{"id", "shard", "member", "path"}``: the tar shard and member
+        (``shard`` is ``None`` for an ImageFolder), and the original file (an ImageFolder's
+        image, or the file ``ringfeed pack`` made the member from, kept in its
+        ``index.json``; ``None`` when unknown). ``"stream"`` is added in a mixture; an id
+        outside the dataset gets ``{"id", "error"}``."""
+        self._refuse_if_inherited()
+        if hasattr(sample_ids, "detach"):
+            sample_ids = sample_ids.detach().cpu().numpy()
+        ids = [int(i) for i in list(getattr(sample_ids, "tolist", lambda: sample_ids)())]
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), protocol.MAX_DESCRIBE_IDS):
+            chunk = ids[start : start + protocol.MAX_DESCRIBE_IDS]
+            if any(i < 0 for i in chunk):
+                raise ValueError(f"sample ids must be >= 0, got {min(chunk)}")
+            reply = protocol.long_request(
+                self._socket_path(), {"op": "describe", "ids": chunk}, trust_uid=self._trust_uid
+            )
+            samples = reply.get("samples")
+            if not isinstance(samples, list) or len(samples) != len(chunk):
+                raise FormatError(
+                    "describe", f"expected {len(chunk)} entries, got {samples!r:.100}"
+                )
+            out += samples
+        return out
 
     def stats(self) -> dict[str, float]:
         """Starvation figures since attach: ``wait_share`` is the fraction of wall time this

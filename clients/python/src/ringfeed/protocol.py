@@ -198,10 +198,23 @@ def evaluation(path: Path, *, trust_uid: Optional[int] = None) -> dict[str, Any]
     """Ask the producer at ``path`` for its ``evaluation`` reply (§3): reported-loss counters,
     per-epoch mean loss by augmentation bucket and class, scores and selection state. The
     reply may be longer than a request line (up to 4 MiB)."""
+    return long_request(path, {"op": "evaluation"}, trust_uid=trust_uid)
+
+
+MAX_DESCRIBE_IDS = 128  # ids per describe request (§3, 1.3): the line stays under 4096 bytes
+
+
+def long_request(
+    path: Path, request: dict[str, Any], *, trust_uid: Optional[int] = None
+) -> dict[str, Any]:
+    """Send ``request`` to the producer at ``path`` and read its reply, which may be longer
+    than a request line (``evaluation``, ``classes``, ``describe``: up to 4 MiB)."""
+    op = request.get("op")
+    line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
     sock = _connect(path, trust_uid)
     try:
         sock.settimeout(5.0)
-        sock.sendall(b'{"op":"evaluation"}\n')
+        sock.sendall(line)
         received = bytearray()
         while not received.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
@@ -209,14 +222,14 @@ def evaluation(path: Path, *, trust_uid: Optional[int] = None) -> dict[str, Any]
                 raise AttachError("producer closed the connection without a reply")
             received += chunk
             if len(received) > MAX_EVALUATION_REPLY:
-                raise AttachError("evaluation reply longer than 4 MiB")
+                raise AttachError(f"{op} reply longer than 4 MiB")
     except OSError as err:
-        raise AttachError(f"evaluation request failed: {err}") from None
+        raise AttachError(f"{op} request failed: {err}") from None
     finally:
         sock.close()
     reply = json.loads(received)
     if not isinstance(reply, dict) or reply.get("ok") is not True:
-        raise AttachError(f"evaluation refused: {reply!r:.200}")
+        raise AttachError(f"{op} refused: {reply!r:.200}")
     return reply
 
 
