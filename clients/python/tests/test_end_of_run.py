@@ -37,6 +37,7 @@ def test_the_end_of_a_finite_run_is_not_a_crash(
     # --linger 0 the daemon exits right after the last release, while the loader pauses.
     daemon = serve(*FINITE, "--exit-when-done", "--linger", linger)
     loader = daemon.loader(0, timeout=60)
+    batches = len(loader)  # per epoch (0 once the stream has ended)
     per_epoch = []
     while True:
         n = 0
@@ -48,7 +49,7 @@ def test_the_end_of_a_finite_run_is_not_a_crash(
         if n == 0:
             break
         time.sleep(pause)  # before asking for the next epoch
-    assert per_epoch == [len(loader), len(loader), 0]
+    assert per_epoch == [batches, batches, 0]
     loader.close()
     assert daemon.process.wait(timeout=30) == 0, daemon.stderr()
     marker = json.loads((runtime_dir / "e2e.finished").read_text())
@@ -66,8 +67,9 @@ def test_a_loader_that_loses_a_finished_producer_ends_its_iteration(
     # it was reading finished its run and exited, that is the end, not a wait for another.
     daemon = serve(*FINITE, "--exit-when-done", "--linger", "0")
     loader = daemon.loader(0, timeout=60, wait_for_producer=30)
-    assert len(list(loader)) == len(loader)
-    assert len(list(loader)) == len(loader)
+    batches = len(loader)
+    assert len(list(loader)) == batches
+    assert len(list(loader)) == batches
     assert daemon.process.wait(timeout=30) == 0, daemon.stderr()
     started = time.monotonic()
     assert list(loader) == []
