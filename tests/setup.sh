@@ -31,3 +31,5 @@ python3 -m pip install -q --disable-pip-version-check numpy pytest
 python3 -m pip install -q --disable-pip-version-check torch
 # scikit-learn: its bundled digits are the real data of benches/infobatch/digits.py (smoke in CI).
 python3 -m pip install -q --disable-pip-version-check scikit-learn
+# moto[server]: the local S3-compatible server tests/remote_s3.rs serves s3:// shards from.
+python3 -m pip install -q --disable-pip-version-check 'moto[server]'

@@ -61,6 +61,20 @@ pub struct SourceConfig {
     /// described by the keys above. See `docs/sampling.md`, "Mixing several datasets".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<StreamConfig>,
+    /// Tar only, `s3://` shards: the local directory remote shards are fetched into (relative
+    /// to the configuration's directory). Default: `remote-shards` in the index cache
+    /// directory (`$XDG_CACHE_HOME/ringfeed`, else `~/.cache/ringfeed`). Several daemons on
+    /// one node may share it (see [`crate::source::remote`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// Tar only, `s3://` shards: the most bytes of shards kept in `cache-dir`; least recently
+    /// used shards that no daemon has open are evicted past it. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_limit: Option<u64>,
+    /// Tar only, `s3://` shards: allow a plain-HTTP endpoint (`AWS_ENDPOINT_URL=http://…`, a
+    /// local S3-compatible server). Default false; `AWS_ALLOW_HTTP=true` allows it too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
 }
 
 /// Default of [`SourceConfig::max_sample_bytes`]: 64 MiB, far above any real encoded image.
@@ -153,6 +167,9 @@ impl StreamConfig {
             max_sample_bytes: top.max_sample_bytes,
             classes: None,
             streams: Vec::new(),
+            cache_dir: top.cache_dir.clone(),
+            cache_limit: top.cache_limit,
+            allow_http: top.allow_http,
         }
     }
 }
@@ -170,6 +187,9 @@ impl SourceConfig {
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),
+            cache_dir: None,
+            cache_limit: None,
+            allow_http: false,
         }
     }
 
@@ -185,6 +205,9 @@ impl SourceConfig {
             max_sample_bytes: DEFAULT_MAX_SAMPLE_BYTES,
             classes: None,
             streams: Vec::new(),
+            cache_dir: None,
+            cache_limit: None,
+            allow_http: false,
         }
     }
 }

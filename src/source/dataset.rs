@@ -10,7 +10,14 @@
 //! or replaced; [`Dataset::recheck_shards`] (called by the pipeline at each epoch's start)
 //! closes the descriptors whose path no longer names that same, unchanged file, so from then
 //! on the shard's samples fail to open and are skipped (docs/failure-modes.md).
+//!
+//! Remote (`s3://`) shards are listed at open; each one's index is read from (or built into)
+//! the local index directory, and its bytes come from the shard cache ([`super::remote`]):
+//! a shard is fetched when a sample of it is first read, and at most half of `cache-limit`
+//! of open copies is held by one dataset (the least recently opened is closed first), so
+//! copies this daemon no longer reads can be evicted.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -22,7 +29,11 @@ use super::crypt::{unseal_index, CryptError, ShardCipher, ShardKey};
 use super::error::{IndexIssue, IssueReason, SampleReadError, SourceError};
 use super::file::open_regular;
 use super::imagefolder;
-use super::index::{fingerprint, load_or_build_index};
+use super::index::{
+    build_index_from, default_cache_dir, fingerprint, index_path_in, load_or_build_index,
+    read_fresh_index_for, write_index, LoadedIndex,
+};
+use super::remote::{self, RemoteObject, ShardCache, Store};
 use super::spec::expand_shards;
 
 /// A dataset opened from a [`SourceConfig`]. Cheap to share between threads (`&Dataset` is
@@ -42,8 +53,16 @@ pub struct Dataset {
 
 #[derive(Debug)]
 enum Backend {
-    Tar { shards: Vec<Shard> },
-    Folder { root: PathBuf },
+    Tar {
+        shards: Vec<Shard>,
+        /// Remote shards whose copy this dataset holds open, least recently opened first.
+        remote_open: Mutex<VecDeque<u32>>,
+        /// Most bytes of open remote copies (half of `cache-limit`; unbounded without one).
+        remote_budget: u64,
+    },
+    Folder {
+        root: PathBuf,
+    },
 }
 
 #[derive(Debug)]
@@ -65,6 +84,8 @@ struct Shard {
     file: Mutex<Option<Arc<File>>>,
     /// Opens the members of an encrypted shard; `None` for a plaintext one.
     cipher: Option<ShardCipher>,
+    /// For an `s3://` shard: the object, and the cache its copy (at `path`) comes from.
+    remote: Option<(Arc<ShardCache>, RemoteObject)>,
 }
 
 /// A label a classifier can train on: not negative and, with `num_classes`, below it.
@@ -106,6 +127,18 @@ impl Dataset {
                     .map(|path| ShardKey::load(&base_dir.join(path)).map(Arc::new))
                     .transpose()
                     .map_err(CryptError::from)?;
+                let remote = cfg.shards.iter().filter(|s| remote::is_remote(s)).count();
+                let cache = match remote {
+                    0 => None,
+                    n if n == cfg.shards.len() => Some(Arc::new(Self::shard_cache(cfg, base_dir)?)),
+                    _ => {
+                        return Err(SourceError::Config(
+                            "`shards` mixes s3:// objects and local files; use one \
+                             [[source.streams]] for each"
+                                .to_owned(),
+                        ))
+                    }
+                };
                 Self::open_tar(
                     &cfg.shards,
                     base_dir,
@@ -113,6 +146,7 @@ impl Dataset {
                     key.as_ref(),
                     limit,
                     cfg.num_classes,
+                    cache,
                 )
             }
             SourceKind::Imagefolder => match &cfg.path {
@@ -132,6 +166,75 @@ impl Dataset {
         }
     }
 
+    /// The shard cache of remote shards: `cache-dir` (default `<index cache>/remote-shards`)
+    /// with `cache-limit`, fetching through a client configured from the AWS variables.
+    fn shard_cache(cfg: &SourceConfig, base_dir: &Path) -> Result<ShardCache, SourceError> {
+        let dir = match &cfg.cache_dir {
+            Some(dir) => base_dir.join(dir),
+            None => default_cache_dir(|k| std::env::var(k).ok())
+                .map(|d| d.join("remote-shards"))
+                .ok_or_else(|| {
+                    SourceError::Config(
+                        "s3:// shards need `[source] cache-dir` (no $XDG_CACHE_HOME or $HOME \
+                         to default to)"
+                            .to_owned(),
+                    )
+                })?,
+        };
+        let store = Arc::new(Store::new(cfg.allow_http)?);
+        Ok(ShardCache::new(&dir, cfg.cache_limit, store)?)
+    }
+
+    /// The index of a remote shard: a fresh one in the local index directory is used without
+    /// fetching the shard; otherwise the shard is fetched into the cache and indexed there.
+    fn remote_index(
+        cache: &ShardCache,
+        object: &RemoteObject,
+        index_dir: Option<&Path>,
+    ) -> Result<(PathBuf, LoadedIndex), SourceError> {
+        let copy = cache.path_of(object);
+        let dir = index_dir
+            .map(Path::to_path_buf)
+            .or_else(|| default_cache_dir(|k| std::env::var(k).ok()))
+            .ok_or_else(|| {
+                SourceError::Config(
+                    "s3:// shards need `[source] index-dir` (no $XDG_CACHE_HOME or $HOME to \
+                     default to)"
+                        .to_owned(),
+                )
+            })?;
+        let path = index_path_in(&dir, &copy);
+        match read_fresh_index_for(&path, (object.size, object.mtime_ns)) {
+            Ok(Some(index)) => {
+                return Ok((
+                    copy,
+                    LoadedIndex {
+                        index,
+                        path,
+                        reused: true,
+                    },
+                ))
+            }
+            Ok(None) => {}
+            Err(reason) => log::warn!("{}: rebuilding the index: {reason}", path.display()),
+        }
+        let file = cache.open(object)?;
+        let index = build_index_from(&file, &copy)?;
+        write_index(&index, &path).map_err(|source| SourceError::IndexWrite {
+            shard: copy.clone(),
+            tried: path.display().to_string(),
+            source,
+        })?;
+        Ok((
+            copy,
+            LoadedIndex {
+                index,
+                path,
+                reused: false,
+            },
+        ))
+    }
+
     fn open_tar(
         specs: &[String],
         base_dir: &Path,
@@ -139,18 +242,51 @@ impl Dataset {
         key: Option<&Arc<ShardKey>>,
         limit: u64,
         num_classes: Option<u64>,
+        cache: Option<Arc<ShardCache>>,
     ) -> Result<Dataset, SourceError> {
-        let paths = expand_shards(specs, base_dir)?;
-        if u32::try_from(paths.len()).is_err() {
+        let objects = match &cache {
+            Some(cache) => remote::expand_remote(specs, cache.store())?,
+            None => Vec::new(),
+        };
+        let paths = match &cache {
+            Some(_) => Vec::new(),
+            None => expand_shards(specs, base_dir)?,
+        };
+        let count = paths.len().max(objects.len());
+        let remote_budget = cache
+            .as_ref()
+            .and_then(|c| c.limit())
+            .map_or(u64::MAX, |l| l / 2);
+        if u32::try_from(count).is_err() {
             return Err(SourceError::TooLarge {
                 path: base_dir.to_path_buf(),
-                reason: format!("{} shards (limit {})", paths.len(), u32::MAX),
+                reason: format!("{count} shards (limit {})", u32::MAX),
             });
         }
-        let mut dataset = Dataset::empty(Backend::Tar { shards: Vec::new() }, limit);
-        let mut shards = Vec::with_capacity(paths.len());
-        for (shard_no, path) in paths.into_iter().enumerate() {
-            let mut loaded = load_or_build_index(&path, index_dir)?;
+        let mut dataset = Dataset::empty(
+            Backend::Tar {
+                shards: Vec::new(),
+                remote_open: Mutex::new(VecDeque::new()),
+                remote_budget,
+            },
+            limit,
+        );
+        let mut shards = Vec::with_capacity(count);
+        let sources = paths
+            .into_iter()
+            .map(|p| (p, None))
+            .chain(objects.into_iter().map(Some).map(|o| (PathBuf::new(), o)));
+        for (shard_no, (path, object)) in sources.enumerate() {
+            let (path, mut loaded, remote) = match (object, &cache) {
+                (Some(object), Some(cache)) => {
+                    let (copy, loaded) = Self::remote_index(cache, &object, index_dir)?;
+                    (copy, loaded, Some((Arc::clone(cache), object)))
+                }
+                _ => {
+                    let loaded = load_or_build_index(&path, index_dir)?;
+                    (path, loaded, None)
+                }
+            };
             let cipher = unseal_index(&mut loaded.index, &path, key)?;
             dataset.shard_starts.push(dataset.samples.len() as u64);
             for sample in &loaded.index.samples {
@@ -194,18 +330,24 @@ impl Dataset {
                     reason: issue.reason,
                 }));
             shards.push(Shard {
-                display: path.file_name().map_or_else(
-                    || path.display().to_string(),
-                    |n| n.to_string_lossy().into_owned(),
-                ),
+                display: match &remote {
+                    Some((_, object)) => object.url.to_string(),
+                    None => path.file_name().map_or_else(
+                        || path.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    ),
+                },
                 path,
                 size: loaded.index.shard_size,
                 mtime_ns: loaded.index.shard_mtime_ns,
                 file: Mutex::new(None),
                 cipher,
+                remote,
             });
         }
-        dataset.backend = Backend::Tar { shards };
+        if let Backend::Tar { shards: slot, .. } = &mut dataset.backend {
+            *slot = shards;
+        }
         dataset.finish(&specs.join(", "))
     }
 
@@ -326,7 +468,7 @@ impl Dataset {
             return format!("<sample {id} out of range>");
         };
         match &self.backend {
-            Backend::Tar { shards } => {
+            Backend::Tar { shards, .. } => {
                 format!(
                     "{}:{}",
                     shards[record.shard as usize].display,
@@ -343,7 +485,7 @@ impl Dataset {
     pub fn origin(&self, id: u64) -> Option<(Option<&Path>, String)> {
         let record = self.record(id)?;
         Some(match &self.backend {
-            Backend::Tar { shards } => (
+            Backend::Tar { shards, .. } => (
                 Some(shards[record.shard as usize].path.as_path()),
                 self.name(record).to_owned(),
             ),
@@ -368,10 +510,18 @@ impl Dataset {
             len: self.len(),
         })?;
         match &self.backend {
-            Backend::Tar { shards } => {
+            Backend::Tar {
+                shards,
+                remote_open,
+                remote_budget,
+            } => {
                 let shard = &shards[record.shard as usize];
                 let location = || self.describe(id);
+                let was_open = shard.is_open();
                 let file = shard.file(&location)?;
+                if shard.remote.is_some() && !was_open {
+                    hold_within_budget(shards, remote_open, *remote_budget, record.shard);
+                }
                 // An encrypted member is read behind room for its associated data.
                 let name = self.name(record);
                 let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(name));
@@ -464,7 +614,7 @@ impl Dataset {
     /// shard: cheap enough to run once per epoch even on a network filesystem.
     pub fn recheck_shards(&self) -> Vec<SampleReadError> {
         match &self.backend {
-            Backend::Tar { shards } => shards.iter().filter_map(Shard::recheck).collect(),
+            Backend::Tar { shards, .. } => shards.iter().filter_map(Shard::recheck).collect(),
             Backend::Folder { .. } => Vec::new(),
         }
     }
@@ -491,11 +641,27 @@ impl Dataset {
     /// sample's member name (or root-relative path), size and label, in id order. Two
     /// datasets with the same digest give the same ids to the same samples.
     pub fn digest_into(&self, digest: &mut crate::ring::resume::Digest) {
-        if let Backend::Tar { shards } = &self.backend {
+        if let Backend::Tar { shards, .. } = &self.backend {
             digest.u64(shards.len() as u64);
             for shard in shards {
-                let name = shard.path.file_name().unwrap_or_default();
-                digest.str(&name.to_string_lossy()).u64(shard.size);
+                // A remote shard is named by its key's file name, not its cached copy's
+                // (which carries the ETag).
+                let name = match &shard.remote {
+                    Some((_, object)) => object
+                        .url
+                        .key
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    None => shard
+                        .path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                };
+                digest.str(&name).u64(shard.size);
             }
         }
         digest.u64(self.samples.len() as u64);
@@ -515,14 +681,38 @@ impl Dataset {
     /// The shard files of a tar dataset, in shard order (empty for an ImageFolder).
     pub fn shard_paths(&self) -> Vec<&Path> {
         match &self.backend {
-            Backend::Tar { shards } => shards.iter().map(|s| s.path.as_path()).collect(),
+            Backend::Tar { shards, .. } => shards.iter().map(|s| s.path.as_path()).collect(),
             Backend::Folder { .. } => Vec::new(),
         }
     }
 }
 
+/// Notes that remote shard `opened` was just opened, and closes the least recently opened
+/// others while the open copies exceed `budget` bytes (the newest always stays open).
+fn hold_within_budget(shards: &[Shard], open: &Mutex<VecDeque<u32>>, budget: u64, opened: u32) {
+    let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
+    open.retain(|&s| s != opened);
+    open.push_back(opened);
+    let mut held: u64 = open.iter().map(|&s| shards[s as usize].size).sum();
+    while held > budget && open.len() > 1 {
+        if let Some(oldest) = open.pop_front() {
+            let shard = &shards[oldest as usize];
+            held -= shard.size;
+            *shard.file.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+}
+
 impl Shard {
-    /// The shard's open file, opening (and checking) it if needed.
+    fn is_open(&self) -> bool {
+        self.file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The shard's open file, opening (and checking) it if needed; a remote shard's copy is
+    /// fetched into the cache first when it is not there.
     fn file(&self, location: &dyn Fn() -> String) -> Result<Arc<File>, SampleReadError> {
         let mut slot = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(file) = slot.as_ref() {
@@ -533,7 +723,18 @@ impl Shard {
             path: self.path.clone(),
             source,
         };
-        let file = open_regular(&self.path).map_err(open_err)?;
+        let file = match &self.remote {
+            Some((cache, object)) => {
+                // Other shards' readers wait on this lock only for this shard's fetch.
+                cache
+                    .open(object)
+                    .map_err(|source| SampleReadError::Fetch {
+                        location: location(),
+                        source,
+                    })?
+            }
+            None => open_regular(&self.path).map_err(open_err)?,
+        };
         let meta = file.metadata().map_err(open_err)?;
         let (size, mtime_ns) = fingerprint(&meta);
         if size != self.size || mtime_ns != self.mtime_ns {
@@ -551,8 +752,13 @@ impl Shard {
         Ok(file)
     }
 
-    /// See [`Dataset::recheck_shards`].
+    /// See [`Dataset::recheck_shards`]. A remote shard's copy is named by the object's
+    /// ETag and only ever renamed into place complete, so there is nothing to recheck: a
+    /// changed object is refused by its fetch (`If-Match`).
     fn recheck(&self) -> Option<SampleReadError> {
+        if self.remote.is_some() {
+            return None;
+        }
         let cached = self
             .file
             .lock()

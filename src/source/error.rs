@@ -68,6 +68,9 @@ pub enum SourceError {
     /// An encrypted dataset cannot be opened with the key given (or without one).
     #[error(transparent)]
     Crypt(#[from] super::crypt::CryptError),
+    /// Remote (`s3://`) shards could not be listed, reached or cached.
+    #[error(transparent)]
+    Remote(#[from] super::remote::RemoteError),
     /// The dataset has no usable sample.
     #[error("{what} holds no usable sample ({skipped} members skipped while indexing{first})")]
     Empty {
@@ -150,6 +153,14 @@ pub enum SampleReadError {
         size: u64,
         /// The underlying error.
         source: io::Error,
+    },
+    /// The sample's remote shard could not be fetched into the cache (after retries).
+    #[error("{location}: cannot fetch its shard: {source}")]
+    Fetch {
+        /// `shard:member` of the sample.
+        location: String,
+        /// Why (names the bucket and key, or the cache file).
+        source: super::remote::RemoteError,
     },
 }
 

@@ -262,9 +262,18 @@ pub fn build_index(shard: &Path) -> Result<ShardIndex, SourceError> {
         source,
     };
     let file = open_regular(shard).map_err(io_err)?;
+    build_index_from(&file, shard)
+}
+
+/// [`build_index`] of an open shard (`shard` names it in errors).
+pub(crate) fn build_index_from(file: &File, shard: &Path) -> Result<ShardIndex, SourceError> {
+    let io_err = |source| SourceError::Io {
+        path: shard.to_path_buf(),
+        source,
+    };
     let meta = file.metadata().map_err(io_err)?;
     let (shard_size, shard_mtime_ns) = fingerprint(&meta);
-    let sealed = crypt::index_sealed(&file, shard_size).map_err(|reason| {
+    let sealed = crypt::index_sealed(file, shard_size).map_err(|reason| {
         SourceError::Crypt(crypt::CryptError::BadHeader {
             shard: shard.to_path_buf(),
             reason,
@@ -273,7 +282,7 @@ pub fn build_index(shard: &Path) -> Result<ShardIndex, SourceError> {
     let (samples, issues, sealed) = match sealed {
         Some((samples, issues, info)) => (samples, issues, Some(info)),
         None => {
-            let (samples, issues) = index_archive(&file, shard_size);
+            let (samples, issues) = index_archive(file, shard_size);
             (samples, issues, None)
         }
     };
@@ -351,6 +360,15 @@ pub fn max_index_bytes(shard_size: u64) -> u64 {
 /// device, larger than [`max_index_bytes`], not an index, or an entry that lies outside the
 /// shard ([`check_entries`]).
 fn read_fresh_index(path: &Path, meta: &fs::Metadata) -> Result<Option<ShardIndex>, String> {
+    read_fresh_index_for(path, fingerprint(meta))
+}
+
+/// [`read_fresh_index`] for a shard known by its (size, mtime ns) alone: a remote shard
+/// whose copy may not be fetched yet.
+pub(crate) fn read_fresh_index_for(
+    path: &Path,
+    (size, mtime_ns): (u64, i64),
+) -> Result<Option<ShardIndex>, String> {
     let file = match open_regular_nofollow(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -359,7 +377,6 @@ fn read_fresh_index(path: &Path, meta: &fs::Metadata) -> Result<Option<ShardInde
         }
         Err(e) => return Err(e.to_string()),
     };
-    let (size, mtime_ns) = fingerprint(meta);
     let limit = max_index_bytes(size);
     let bytes = read_capped(file, limit)
         .map_err(|e| e.to_string())?

@@ -14,6 +14,8 @@
 //!   as one id space, with per-stream label rules.
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order (also of a
 //!   weighted mixture of streams).
+//! - [`remote`]: `s3://` shards: object storage through a local shard cache, read as local
+//!   tar shards.
 //! - [`bundled`]: the sample dataset embedded in the binary (what `serve` runs by default).
 //! - [`selection`]: `[selection]` and the InfoBatch epoch plan: which samples an epoch leaves
 //!   out (from a snapshot of reported-loss scores) and the weight each kept one carries.
@@ -30,6 +32,7 @@ mod file;
 pub mod imagefolder;
 pub mod index;
 pub mod mixture;
+pub mod remote;
 pub mod sampler;
 pub mod selection;
 pub mod spec;

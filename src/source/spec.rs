@@ -17,6 +17,14 @@ pub const MAX_EXPANSION: usize = 1_000_000;
 pub fn expand_shards(specs: &[String], base_dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let mut shards = Vec::new();
     for spec in specs {
+        if super::remote::is_remote(spec) {
+            return Err(SourceError::BadShardSpec {
+                spec: spec.clone(),
+                reason: "s3:// objects are read through a configuration's [source] \
+                         (serve, stat, peek), not as local files"
+                    .to_owned(),
+            });
+        }
         let patterns = expand_braces(spec).map_err(|reason| SourceError::BadShardSpec {
             spec: spec.clone(),
             reason,
@@ -190,6 +198,19 @@ fn parse_range(body: &str) -> Result<Option<Vec<String>>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_urls_are_not_taken_for_local_paths() {
+        // `ringfeed index` expands specs as local files: an s3:// spec must say so, not
+        // "matches no file" (or match a local folder named `s3:`).
+        let err = expand_shards(&["s3://bucket/shard-{0..3}.tar".to_owned()], Path::new("."))
+            .unwrap_err();
+        assert!(
+            matches!(&err, SourceError::BadShardSpec { spec, .. } if spec.starts_with("s3://")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("[source]"), "{err}");
+    }
 
     #[test]
     fn ranges_keep_zero_padding() {

@@ -155,6 +155,11 @@ impl Daemon {
     /// set, names the binary to run instead of this build's (to check that a test fails
     /// against an older build).
     pub fn spawn(runtime: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_env(runtime, args, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (an S3 endpoint, credentials).
+    pub fn spawn_env(runtime: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let bin = std::env::var_os("RINGFEED_BIN").map_or_else(
             || PathBuf::from(env!("CARGO_BIN_EXE_ringfeed")),
             PathBuf::from,
@@ -163,6 +168,7 @@ impl Daemon {
             .arg("serve")
             .args(args)
             .env("RINGFEED_RUNTIME_DIR", runtime)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,92 @@
+//! Errors of remote (`s3://`) shards: each names the bucket and key, or the cache file.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Listing, fetching or caching a remote shard failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// An `s3://` URL or pattern is malformed.
+    #[error("bad object URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as written.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The endpoint is plain HTTP and nothing allowed it.
+    #[error(
+        "the S3 endpoint {endpoint} is plain HTTP: set `[source] allow-http = true` or \
+         AWS_ALLOW_HTTP=true to allow it"
+    )]
+    HttpNotAllowed {
+        /// `AWS_ENDPOINT_URL` as set.
+        endpoint: String,
+    },
+    /// The client for a bucket could not be built (bad region, endpoint, …).
+    #[error("s3://{bucket}: cannot configure the S3 client: {message}")]
+    Client {
+        /// The bucket.
+        bucket: String,
+        /// The client's explanation.
+        message: String,
+    },
+    /// The store refused the credentials (or has none): checked once at start.
+    #[error(
+        "s3://{bucket}/{key}: access denied ({message}); check AWS_ACCESS_KEY_ID, \
+         AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION and AWS_ENDPOINT_URL"
+    )]
+    Credentials {
+        /// The bucket.
+        bucket: String,
+        /// The key (or prefix) of the request that was refused.
+        key: String,
+        /// The store's answer.
+        message: String,
+    },
+    /// The object does not exist.
+    #[error("s3://{bucket}/{key}: no such object")]
+    NotFound {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// A pattern matched no object.
+    #[error("shard spec {spec:?} matches no object")]
+    NoMatch {
+        /// The spec as written.
+        spec: String,
+    },
+    /// The object changed since it was listed (another ETag or size), or arrived short.
+    #[error("s3://{bucket}/{key}: {what}")]
+    Changed {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// What differs.
+        what: String,
+    },
+    /// A request failed after every retry.
+    #[error("s3://{bucket}/{key}: {message} (after {attempts} attempts)")]
+    Request {
+        /// The bucket.
+        bucket: String,
+        /// The key (or listing prefix).
+        key: String,
+        /// The last error.
+        message: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The local cache directory or one of its files failed.
+    #[error("shard cache {path}: {source}")]
+    Cache {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}

@@ -1,0 +1,336 @@
+//! [`Store`]: the blocking face of `object_store`'s S3 client. It owns a small tokio runtime
+//! (two worker threads) so the async client stays inside this file; decode workers call its
+//! blocking methods from their own threads.
+//!
+//! Requests are retried by the client (5xx such as 503 SlowDown, timeouts, refused
+//! connections: exponential backoff with jitter, [`RETRIES`] times, within
+//! [`RETRY_TIMEOUT`]); a body cut off mid-object is resumed here with a ranged GET pinned to
+//! the listed ETag (`If-Match`), after a jittered backoff of its own.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt,
+    RetryConfig,
+};
+use rand::Rng;
+
+use super::error::RemoteError;
+use super::url::ObjectUrl;
+
+/// Retries of one request (the client's), and of one object's body (ours).
+pub const RETRIES: u32 = 6;
+/// Longest a request is retried for.
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one request may take (headers and body of one shard) unless
+/// `RINGFEED_S3_TIMEOUT_S` says otherwise; slower is a failed attempt, retried.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// [`REQUEST_TIMEOUT`], or `RINGFEED_S3_TIMEOUT_S` (seconds, fractions allowed) when set.
+fn request_timeout() -> Duration {
+    std::env::var("RINGFEED_S3_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(REQUEST_TIMEOUT, Duration::from_secs_f64)
+}
+/// First backoff before retrying a cut-off body; doubles per attempt, with full jitter.
+const BODY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a listing or a HEAD says about one object: enough to fetch it and to check that the
+/// copy is the object that was indexed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteObject {
+    /// Where it is.
+    pub url: ObjectUrl,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its ETag as the store gives it (quotes included), if any.
+    pub etag: Option<String>,
+    /// Its last-modified time, ns since the Unix epoch (the cached copy's mtime).
+    pub mtime_ns: i64,
+}
+
+impl RemoteObject {
+    fn from_meta(bucket: &str, meta: ObjectMeta) -> RemoteObject {
+        RemoteObject {
+            url: ObjectUrl {
+                bucket: bucket.to_owned(),
+                key: meta.location.to_string(),
+            },
+            size: meta.size,
+            etag: meta.e_tag,
+            mtime_ns: meta
+                .last_modified
+                .timestamp_nanos_opt()
+                .unwrap_or_else(|| meta.last_modified.timestamp().saturating_mul(1_000_000_000)),
+        }
+    }
+
+    /// The object's mtime as a [`std::time::SystemTime`], for the cached copy.
+    pub fn modified(&self) -> std::time::SystemTime {
+        if self.mtime_ns >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(self.mtime_ns as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_nanos(self.mtime_ns.unsigned_abs())
+        }
+    }
+}
+
+/// A blocking S3 client over every bucket a dataset names, configured from the standard AWS
+/// variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_DEFAULT_REGION`, web identity and instance
+/// credentials as `object_store` reads them).
+#[derive(Debug)]
+pub struct Store {
+    runtime: tokio::runtime::Runtime,
+    buckets: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    allow_http: bool,
+}
+
+impl Store {
+    /// A client; `allow_http` (or `AWS_ALLOW_HTTP=true`) permits a plain-HTTP endpoint.
+    pub fn new(allow_http: bool) -> Result<Store, RemoteError> {
+        // reqwest's rustls is built without a crypto provider (see Cargo.toml): use ring's.
+        // An error means one is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let env_allows = std::env::var("AWS_ALLOW_HTTP")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        let allow_http = allow_http || env_allows;
+        if let Some(endpoint) = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        {
+            if endpoint.to_ascii_lowercase().starts_with("http://") && !allow_http {
+                return Err(RemoteError::HttpNotAllowed { endpoint });
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ringfeed-s3")
+            .enable_all()
+            .build()
+            .map_err(|source| RemoteError::Cache {
+                path: "<tokio runtime>".into(),
+                source,
+            })?;
+        Ok(Store {
+            runtime,
+            buckets: Mutex::new(HashMap::new()),
+            allow_http,
+        })
+    }
+
+    fn bucket(&self, bucket: &str) -> Result<Arc<dyn ObjectStore>, RemoteError> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(store) = buckets.get(bucket) {
+            return Ok(Arc::clone(store));
+        }
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: RETRIES as usize,
+            retry_timeout: RETRY_TIMEOUT,
+        };
+        let options = ClientOptions::new()
+            .with_allow_http(self.allow_http)
+            .with_timeout(request_timeout())
+            .with_connect_timeout(Duration::from_secs(10));
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry)
+            .with_client_options(options);
+        // A custom endpoint (MinIO, moto, Ceph) serves buckets by path, not by host name.
+        if std::env::var_os("AWS_ENDPOINT_URL").is_some()
+            || std::env::var_os("AWS_ENDPOINT").is_some()
+        {
+            builder = builder.with_virtual_hosted_style_request(false);
+        }
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(builder.build().map_err(|e| RemoteError::Client {
+                bucket: bucket.to_owned(),
+                message: e.to_string(),
+            })?);
+        buckets.insert(bucket.to_owned(), Arc::clone(&store));
+        Ok(store)
+    }
+
+    /// The object at `url` (a HEAD request).
+    pub fn head(&self, url: &ObjectUrl) -> Result<RemoteObject, RemoteError> {
+        let store = self.bucket(&url.bucket)?;
+        let meta = self
+            .runtime
+            .block_on(store.head(&ObjectPath::from(url.key.as_str())))
+            .map_err(|e| classify(&url.bucket, &url.key, e))?;
+        Ok(RemoteObject::from_meta(&url.bucket, meta))
+    }
+
+    /// Every object of `bucket` whose key starts with `prefix` (a directory, `/`-terminated,
+    /// or empty for the whole bucket).
+    pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<RemoteObject>, RemoteError> {
+        let store = self.bucket(bucket)?;
+        let prefix_path = ObjectPath::from(prefix.trim_end_matches('/'));
+        let listed: Vec<ObjectMeta> = self
+            .runtime
+            .block_on(
+                store
+                    .list((!prefix.is_empty()).then_some(&prefix_path))
+                    .try_collect(),
+            )
+            .map_err(|e| classify(bucket, prefix, e))?;
+        Ok(listed
+            .into_iter()
+            .map(|meta| RemoteObject::from_meta(bucket, meta))
+            .collect())
+    }
+
+    /// Writes `object`'s bytes to `out` (from its start). A body cut off mid-way is resumed
+    /// where it stopped, pinned to the listed ETag; a changed object, or one whose bytes do
+    /// not add up to the listed size, is [`RemoteError::Changed`].
+    pub fn fetch(&self, object: &RemoteObject, out: &mut File) -> Result<(), RemoteError> {
+        let url = &object.url;
+        let store = self.bucket(&url.bucket)?;
+        let path = ObjectPath::from(url.key.as_str());
+        let cache_err = |source| RemoteError::Cache {
+            path: format!("<copy of {url}>").into(),
+            source,
+        };
+        let mut written = 0u64;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let options = GetOptions {
+                if_match: object.etag.clone(),
+                range: (written > 0).then_some(GetRange::Offset(written)),
+                ..GetOptions::default()
+            };
+            let result: Result<(), object_store::Error> = self.runtime.block_on(async {
+                let got = store.get_opts(&path, options).await?;
+                if got.meta.size != object.size {
+                    return Err(object_store::Error::Precondition {
+                        path: url.key.clone(),
+                        source: format!("size {} (listed {})", got.meta.size, object.size).into(),
+                    });
+                }
+                let mut body = got.into_stream();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk?;
+                    if written + chunk.len() as u64 > object.size {
+                        return Err(object_store::Error::Precondition {
+                            path: url.key.clone(),
+                            source: "more bytes than its listed size".into(),
+                        });
+                    }
+                    out.write_all(&chunk)
+                        .map_err(|e| object_store::Error::Generic {
+                            store: "local cache",
+                            source: Box::new(e),
+                        })?;
+                    written += chunk.len() as u64;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) if written == object.size => return out.flush().map_err(cache_err),
+                Ok(()) if attempt <= RETRIES => {
+                    log::warn!(
+                        "{url}: body ended at byte {written} of {}; resuming",
+                        object.size
+                    );
+                }
+                Ok(()) => {
+                    return Err(RemoteError::Changed {
+                        bucket: url.bucket.clone(),
+                        key: url.key.clone(),
+                        what: format!("arrived truncated: {written} of {} bytes", object.size),
+                    })
+                }
+                Err(object_store::Error::Generic {
+                    store: "local cache",
+                    source,
+                }) => {
+                    return Err(RemoteError::Cache {
+                        path: format!("<copy of {url}>").into(),
+                        source: std::io::Error::other(source),
+                    })
+                }
+                Err(e) => {
+                    let e = classify(&url.bucket, &url.key, e);
+                    let retryable = matches!(e, RemoteError::Request { .. });
+                    if !retryable || attempt > RETRIES {
+                        return Err(match e {
+                            RemoteError::Request {
+                                bucket,
+                                key,
+                                message,
+                                ..
+                            } => RemoteError::Request {
+                                bucket,
+                                key,
+                                message,
+                                attempts: attempt,
+                            },
+                            other => other,
+                        });
+                    }
+                    log::warn!("{url}: {e}; retrying from byte {written}");
+                }
+            }
+            // Full jitter: a random wait up to the doubled backoff, so daemons retrying
+            // together spread out.
+            let cap = BODY_BACKOFF.saturating_mul(1 << attempt.min(6));
+            let wait = rand::rng().random_range(Duration::ZERO..=cap);
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Turns a client error into ours, naming the bucket and key.
+fn classify(bucket: &str, key: &str, e: object_store::Error) -> RemoteError {
+    let (bucket, key) = (bucket.to_owned(), key.to_owned());
+    match e {
+        object_store::Error::NotFound { .. } => RemoteError::NotFound { bucket, key },
+        object_store::Error::PermissionDenied { source, .. }
+        | object_store::Error::Unauthenticated { source, .. } => RemoteError::Credentials {
+            bucket,
+            key,
+            message: source.to_string(),
+        },
+        object_store::Error::Precondition { source, .. } => RemoteError::Changed {
+            bucket,
+            key,
+            what: format!("changed since it was listed ({source})"),
+        },
+        other => {
+            // The client folds 403s it did not classify into its generic error.
+            let message = other.to_string();
+            if message.contains("403")
+                || message.contains("InvalidAccessKeyId")
+                || message.contains("SignatureDoesNotMatch")
+            {
+                RemoteError::Credentials {
+                    bucket,
+                    key,
+                    message,
+                }
+            } else {
+                RemoteError::Request {
+                    bucket,
+                    key,
+                    message,
+                    attempts: 1,
+                }
+            }
+        }
+    }
+}
