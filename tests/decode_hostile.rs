@@ -297,6 +297,9 @@ fn daemon_skips_hostile_images_with_the_reason() {
         let labels = batch.tensor::<i64>("labels").unwrap();
         assert!(labels.iter().all(|&l| l == 5), "a refused image was served");
     }
+    // Detach, as a trainer does at its end: the daemon exits at once (it would otherwise
+    // linger for an attached consumer, ring-format §7).
+    drop(consumer);
     let status = daemon.wait(Duration::from_secs(60));
     let log = daemon.log.join("\n");
     assert!(status.success(), "{status}\n{log}");

@@ -23,6 +23,9 @@ cargo test --lib --bins --tests --examples
 test -x target/debug/ringfeed
 echo "== pytest clients/python"
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 -m pytest -q clients/python/tests
+echo "== C client (make -C clients/c, warnings are errors); one contract, three clients (tests/conformance/run.py)"
+make -C clients/c
+python3 tests/conformance/run.py --bin "$PWD/target/debug/ringfeed" --c clients/c/read_batches
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 benches/compare/compare.py --smoke  # CI smoke of the head-to-head (ringfeed alone, tiny data)
 RINGFEED_BIN="$PWD/target/debug/ringfeed" python3 benches/compare/compare.py --smoke --policy  # the same with the DeiT-style policy pipeline
 python3 benches/gpu/check.py --out "$(mktemp -d)/gpu-check.json"  # GPU check: its dry path without a GPU

@@ -90,6 +90,9 @@ fn corrupt_samples_are_skipped_counted_and_named_and_serving_goes_on() {
             "{labels:?}"
         );
     }
+    // Detach, as a trainer does at its end: the daemon exits at once (it would otherwise
+    // linger for an attached consumer, ring-format §7).
+    drop(consumer);
     let status = daemon.wait(Duration::from_secs(60));
     let log = daemon.log.join("\n");
     assert!(status.success(), "{status}\n{log}");
@@ -233,6 +236,9 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
     }
     served.sort_unstable();
     assert_eq!(served, (0..16).collect::<Vec<i64>>());
+    // Detach, as a trainer does at its end: the daemon exits at once (it would otherwise
+    // linger for an attached consumer, ring-format §7).
+    drop(consumer);
     let status = daemon.wait(Duration::from_secs(60));
     let log = daemon.log.join("\n");
     assert!(status.success(), "{status}\n{log}");

@@ -8,6 +8,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # when missing (scripts/with-build-tools.sh); run_all.sh puts that folder on the PATH.
 scripts/with-build-tools.sh >/dev/null
 
+# The C client (clients/c, built by run_all.sh): a C11 compiler and make. cc is there wherever
+# cargo links; make is not on a minimal Debian.
+if ! command -v make >/dev/null || ! command -v cc >/dev/null; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q >/dev/null
+    $sudo apt-get install -y -q --no-install-recommends make gcc libc6-dev >/dev/null
+fi
+
 # Rust components the checks use.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --version >/dev/null

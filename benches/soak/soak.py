@@ -27,8 +27,8 @@ At the end it prints PASS/FAIL/INCONCLUSIVE against:
   run is INCONCLUSIVE rather than FAIL (the machine moved too), unless the daemon moved by more
   than the machine's spread plus 10 points, which is a FAIL whatever the machine did. The trend,
   CPU time per image, and the daemon's rate relative to its baseline are printed beside it;
-* zero lost and zero duplicated samples in every epoch; the daemon exits 0 and leaves its
-  runtime directory empty.
+* zero lost and zero duplicated samples in every epoch; the daemon exits 0 and leaves in its
+  runtime directory only the finished run's marker (`<name>.finished`, ring format §7).
 
 The shards are linked `--repeat` times under distinct names (the sample ids stay distinct), so
 that an epoch of the 600 photos lasts about 15 s rather than a third of a second.
@@ -301,7 +301,9 @@ def main() -> int:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-    leftovers = sorted(p.name for p in runtime.iterdir()) if runtime.exists() else []
+    # A finished run leaves exactly its marker (ring format §7): no socket, no lock file.
+    marker = runtime / f"{RING}.finished"
+    leftovers = sorted(p.name for p in runtime.iterdir() if p != marker) if runtime.exists() else []
 
     checks = []
     base = rows[1] if len(rows) >= 2 else rows[0]
@@ -368,8 +370,8 @@ def main() -> int:
     full = all(r["batches"] == per_epoch_batches for r in rows)
     checks.append((f"samples: {lost} lost, {dup} duplicated, {bad} out of range/redelivered, every epoch complete: {full}",
                    lost == 0 and dup == 0 and bad == 0 and full))  # fmt: skip
-    checks.append((f"daemon exit {code}, batches after the last epoch {extra}, runtime dir left: {leftovers}",
-                   code == 0 and extra == 0 and not leftovers))  # fmt: skip
+    checks.append((f"daemon exit {code}, batches after the last epoch {extra}, runtime dir left: {leftovers}, finished marker: {marker.exists()}",
+                   code == 0 and extra == 0 and not leftovers and marker.exists()))  # fmt: skip
     labels = {None: "INFO", True: "PASS", False: "FAIL", INCONCLUSIVE: INCONCLUSIVE}
     for text, ok in checks:
         print(f"{labels[ok]}  {text}")

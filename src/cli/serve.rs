@@ -22,9 +22,16 @@ use super::status::{EpochShape, StatusReporter};
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     plan: PlanArgs,
-    /// Exit once every epoch has been served and every batch released (needs --epochs).
+    /// Exit once every epoch has been served, every batch released and every consumer
+    /// detached (needs --epochs); consumers still attached are waited for at most --linger.
     #[arg(long)]
     exit_when_done: bool,
+    /// With --exit-when-done: seconds to wait, after the last batch is released, for attached
+    /// consumers to detach before exiting. Until then the socket answers (a re-attach is
+    /// told the ring is finished); the ring stays FINISHED for those still attached.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
+          value_parser = parse_linger)]
+    linger: f64,
     /// Serve Prometheus metrics (GET /metrics) on ADDR: a port alone (9108) binds loopback
     /// 127.0.0.1, reachable by every local user; IP:PORT binds that address (0.0.0.0:9108:
     /// the network). Read-only. Off by default: no listener at all.
@@ -34,6 +41,14 @@ pub(crate) struct ServeArgs {
     /// a daemon started from a training script never outlives it (see parent_watch.rs).
     #[arg(long, value_name = "PID", hide = true)]
     parent_pid: Option<u32>,
+}
+
+/// `--linger` value: finite, ≥ 0 seconds.
+fn parse_linger(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds ≥ 0")),
+    }
 }
 
 /// `--metrics` value: `PORT` (loopback) or `IP:PORT`.
@@ -210,7 +225,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 ring.stages.pipeline.counters(),
                 Duration::from_secs_f64(ring.plan.file.workers.status_interval_s),
                 Arc::clone(&ring.stop),
-                args.exit_when_done && !ring.spec.on_demand,
+                (args.exit_when_done && !ring.spec.on_demand)
+                    .then(|| Duration::from_secs_f64(args.linger)),
                 EpochShape {
                     batches_per_epoch: ring.spec.batches_per_epoch,
                     epochs: ring.spec.epochs,

@@ -40,15 +40,17 @@ pub(crate) struct StatusReporter {
 }
 
 impl StatusReporter {
-    /// Starts the reporter. With `stop_when_drained`, it also sets `stop` once the ring is
-    /// finished and every batch has been released. `label` starts each status line and the
-    /// progress bar (a daemon of several rings names the ring there; empty otherwise).
+    /// Starts the reporter. With `stop_when_drained = Some(linger)`, it also sets `stop` once
+    /// the ring is finished, every batch has been released and every consumer has detached,
+    /// or `linger` after the last release if a consumer stays attached (the end of a finite
+    /// run, docs/ring-format.md §7). `label` starts each status line and the progress bar (a
+    /// daemon of several rings names the ring there; empty otherwise).
     pub(crate) fn spawn(
         producer: Arc<Producer>,
         counters: Arc<PipelineCounters>,
         interval: Duration,
         stop: Arc<AtomicBool>,
-        stop_when_drained: bool,
+        stop_when_drained: Option<Duration>,
         epoch_shape: EpochShape,
         label: String,
     ) -> StatusReporter {
@@ -67,16 +69,27 @@ impl StatusReporter {
                 let mut stalls = StallWatch::default();
                 let mut bar = EpochBar::new(epoch_shape);
                 bar.label.clone_from(&label);
+                let mut drained_since: Option<Instant> = None;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
-                    if stop_when_drained {
+                    if let Some(linger) = stop_when_drained {
                         let s = producer.stats();
-                        if s.state == Some(ProducerState::Finished)
-                            && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0)
-                        {
-                            log::info!("every epoch served and released; exiting");
-                            stop.store(true, Ordering::Relaxed);
-                            break;
+                        let drained = s.state == Some(ProducerState::Finished)
+                            && s.lanes.iter().all(|l| l.ready == 0 && l.held == 0);
+                        if !drained {
+                            drained_since = None; // a resume made the ring serve again
+                        } else {
+                            let since = *drained_since.get_or_insert_with(Instant::now);
+                            let attached = producer.consumers_attached();
+                            if attached == 0 || since.elapsed() >= linger {
+                                if attached == 0 {
+                                    log::info!("{label}every epoch served and released, every consumer detached; exiting");
+                                } else {
+                                    log::info!("{label}every epoch served and released; {attached} consumer(s) still attached after the {linger:?} linger; exiting (the ring stays FINISHED for them)");
+                                }
+                                stop.store(true, Ordering::Relaxed);
+                                break;
+                            }
                         }
                     }
                     if Instant::now() >= next_line {

@@ -57,6 +57,11 @@ pub struct AttachOptions {
     /// `--allow-group`). Its runtime directory must then be owned by that uid and may grant its
     /// group read/search (0750). Default `None`: only a producer of our own uid.
     pub trust_uid: Option<u32>,
+    /// How long to keep trying while the attach can succeed later (§3 "Waiting for the
+    /// daemon"): no runtime directory or socket yet, nobody listening, or a refusal whose
+    /// code is retryable (`lane_held`, `stopping`, `request_timeout`), every 100 ms. Default 0:
+    /// one try.
+    pub wait: Duration,
     /// `(rank, world_size)` this trainer is (1.3): the attach is refused
     /// ([`AttachError::RankMismatch`]) unless the producer serves exactly that global rank on
     /// the lane and that world size. Default `None`: no check;
@@ -75,6 +80,7 @@ impl AttachOptions {
             resume_state: None,
             reply_timeout: Duration::from_secs(30),
             trust_uid: None,
+            wait: Duration::ZERO,
             expect_rank: None,
         }
     }
@@ -154,7 +160,7 @@ pub enum AttachError {
         ours: u32,
     },
     /// The producer refused the attach.
-    #[error("ring {name:?} lane {lane}: producer refused: {reason}")]
+    #[error("ring {name:?} lane {lane}: producer refused ({code}): {reason}")]
     Refused {
         /// Ring name.
         name: String,
@@ -162,6 +168,21 @@ pub enum AttachError {
         lane: u32,
         /// The producer's reason.
         reason: String,
+        /// The reply's refusal `code` (§3); `"unknown"` from a producer before 1.3, which is
+        /// retryable.
+        code: String,
+        /// The reply's `retry`: asking again later may succeed.
+        retry: bool,
+    },
+    /// No producer serves the ring any more because its run ended: it finished its last epoch
+    /// and exited, leaving `<name>.finished` (§7). Not an error for a consumer that was
+    /// reading that run: its stream has ended.
+    #[error("ring {name:?}: the run has finished (generation {generation}); its producer exited after the last epoch")]
+    Finished {
+        /// Ring name.
+        name: String,
+        /// The finished run's generation, from the marker (0 if unreadable).
+        generation: u64,
     },
     /// The lane serves another global rank or world size than this trainer is (1.3).
     #[error("ring {name:?}: {detail}")]
@@ -205,6 +226,58 @@ pub enum AttachError {
     },
 }
 
+impl AttachError {
+    /// The machine-readable code (§3 "Refusal codes"): the producer's for a refusal, else the
+    /// client's own (`not_running`, `finished`, `foreign_producer`, `runtime_dir`, `connect`,
+    /// `rank_mismatch`, `protocol`, `format`, `not_sealed`, `io`).
+    pub fn code(&self) -> &str {
+        match self {
+            AttachError::RuntimeDir(RuntimeDirError::Missing { .. }) => "not_running",
+            AttachError::RuntimeDir(_) => "runtime_dir",
+            AttachError::Connect { source, .. } if not_running(source) => "not_running",
+            AttachError::Connect { .. } => "connect",
+            AttachError::ForeignProducer { .. } => "foreign_producer",
+            AttachError::Refused { code, .. } => code,
+            AttachError::Finished { .. } => "finished",
+            AttachError::RankMismatch { .. } => "rank_mismatch",
+            AttachError::Protocol { .. } => "protocol",
+            AttachError::Format { .. } => "format",
+            AttachError::NotSealed { .. } => "not_sealed",
+            AttachError::Io { .. } => "io",
+        }
+    }
+
+    /// Whether attaching again later may succeed: no daemon yet, or a retryable refusal.
+    pub fn retryable(&self) -> bool {
+        match self {
+            AttachError::Refused { retry, .. } => *retry,
+            _ => self.code() == "not_running",
+        }
+    }
+}
+
+/// A connect error that means "nobody serves this socket (yet)".
+fn not_running(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// The generation named by `<name>.finished` (§7), if the marker exists; 0 when it exists
+/// but cannot be read.
+fn finished_marker(dir: &RuntimeDir, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.finished_path(name)).ok()?;
+    let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+    Some(
+        value
+            .get("generation_str")
+            .and_then(|g| g.as_str())
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
 /// Why `next` returned no batch.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -237,6 +310,18 @@ pub enum ConsumeError {
         /// What is wrong.
         source: FormatError,
     },
+}
+
+impl ConsumeError {
+    /// The machine-readable code, as every client names it (`producer_gone`, `timeout`,
+    /// `format`; docs/ring-format.md §3 "Refusal codes").
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConsumeError::ProducerGone { .. } => "producer_gone",
+            ConsumeError::Timeout { .. } => "timeout",
+            ConsumeError::Format { .. } => "format",
+        }
+    }
 }
 
 /// A loss report was refused before anything was sent.
@@ -315,8 +400,16 @@ struct Reply {
     error: Option<String>,
     #[serde(default)]
     generation: u64,
+    /// (1.3) `generation` as a decimal string: exact for every JSON parser.
+    #[serde(default)]
+    generation_str: Option<String>,
     #[serde(default)]
     producer_pid: u32,
+    /// (1.3) refusal code and whether to retry.
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    retry: Option<bool>,
     /// `"memfd"` (absent in older producers) or `"file"` (a `--shm-dir` ring file).
     #[serde(default)]
     segment: Option<String>,
@@ -431,13 +524,42 @@ impl Consumer {
         Consumer::attach_with(&AttachOptions::new(name, lane))
     }
 
-    /// Attaches as `opts` says: handshake, checks, validation, then the two mappings.
+    /// Attaches as `opts` says: handshake, checks, validation, then the two mappings. While
+    /// the error is [`retryable`](AttachError::retryable) it tries again every 100 ms for
+    /// `opts.wait`. A ring whose run has finished and whose producer has exited is
+    /// [`AttachError::Finished`] (with a `wait`, only once the wait is over: a new run of the
+    /// same name may be starting).
     pub fn attach_with(opts: &AttachOptions) -> Result<Consumer, AttachError> {
+        let deadline = Instant::now() + opts.wait;
+        loop {
+            match Consumer::attach_once(opts) {
+                Err(e) if e.retryable() && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) if e.code() == "not_running" => {
+                    let dir = match &opts.dir {
+                        Some(d) => d.clone(),
+                        None => RuntimeDir::from_env_for(opts.trust_uid)?,
+                    };
+                    return match finished_marker(&dir, &opts.name) {
+                        Some(generation) => Err(AttachError::Finished {
+                            name: opts.name.clone(),
+                            generation,
+                        }),
+                        None => Err(e),
+                    };
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn attach_once(opts: &AttachOptions) -> Result<Consumer, AttachError> {
         let name = opts.name.clone();
         validate_name(&name)?;
         let dir = match &opts.dir {
             Some(d) => d.clone(),
-            None => RuntimeDir::from_env()?,
+            None => RuntimeDir::from_env_for(opts.trust_uid)?,
         };
         match opts.trust_uid {
             Some(owner) => dir.check_trusting(owner)?,
@@ -500,6 +622,9 @@ impl Consumer {
                 name,
                 lane: opts.lane,
                 reason: reply.error.unwrap_or_else(|| "no reason given".into()),
+                // A producer before 1.3 gives neither: retried within the wait, as before (§3).
+                retry: reply.retry.unwrap_or(reply.code.is_none()),
+                code: reply.code.unwrap_or_else(|| "unknown".into()),
             });
         }
         let file =
@@ -519,14 +644,17 @@ impl Consumer {
             source,
         };
         let layout = read_layout(&file, file_len).map_err(format)?;
-        if layout.generation != reply.generation {
+        // 1.3 producers send the exact decimal string; older ones only the number.
+        let replied = match reply.generation_str.as_deref().map(str::parse::<u64>) {
+            Some(Ok(g)) => g,
+            Some(Err(e)) => return Err(protocol(format!("malformed generation_str: {e}"))),
+            None => reply.generation,
+        };
+        if layout.generation != replied {
             return Err(format(FormatError::Field {
                 field: "generation",
                 value: layout.generation,
-                reason: format!(
-                    "differs from the attach reply's generation {}",
-                    reply.generation
-                ),
+                reason: format!("differs from the attach reply's generation {}", replied),
             }));
         }
         if opts.lane >= layout.lane_count {

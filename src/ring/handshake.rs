@@ -33,6 +33,64 @@ pub(crate) struct Resume {
     pub(crate) fingerprint: Option<serde_json::Value>,
 }
 
+/// Why the producer refused a request: the machine-readable `code` of a failure reply (1.3,
+/// docs/ring-format.md §3 "Refusal codes"), which says whether asking again later can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The peer's uid/group may not attach.
+    Permission,
+    /// The request line is not a request of this format.
+    BadRequest,
+    /// The request line did not arrive within 2 s.
+    RequestTimeout,
+    /// The client implements another major version.
+    Version,
+    /// `lane ≥ lane_count`.
+    LaneRange,
+    /// Another live consumer holds the lane, or its attach is pending.
+    LaneHeld,
+    /// A resume position the stream can never reach.
+    ResumeRange,
+    /// A resume whose saved fingerprint names an order this producer does not serve.
+    ResumeMismatch,
+    /// The producer is stopping or has failed; a new producer of the name may come.
+    Stopping,
+    /// A request this producer cannot answer (`describe` without a sample catalogue).
+    Unsupported,
+}
+
+impl Refusal {
+    /// The `code` string.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Refusal::Permission => "permission",
+            Refusal::BadRequest => "bad_request",
+            Refusal::RequestTimeout => "request_timeout",
+            Refusal::Version => "version",
+            Refusal::LaneRange => "lane_range",
+            Refusal::LaneHeld => "lane_held",
+            Refusal::ResumeRange => "resume_range",
+            Refusal::ResumeMismatch => "resume_mismatch",
+            Refusal::Stopping => "stopping",
+            Refusal::Unsupported => "unsupported",
+        }
+    }
+
+    /// Whether the same request may succeed later (`retry` in the reply).
+    pub(crate) fn retryable(self) -> bool {
+        matches!(
+            self,
+            Refusal::RequestTimeout | Refusal::LaneHeld | Refusal::Stopping
+        )
+    }
+
+    /// The failure reply: `{"ok": false, "error", "code", "retry"}`.
+    pub(crate) fn reply(self, error: &str) -> serde_json::Value {
+        serde_json::json!({"ok": false, "error": error, "code": self.code(),
+                           "retry": self.retryable()})
+    }
+}
+
 /// A request line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -358,6 +416,36 @@ mod tests {
             Request::Info
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"detach"}"#).is_err());
+    }
+
+    #[test]
+    fn refusals_say_their_code_and_whether_to_retry() {
+        let all = [
+            Refusal::Permission,
+            Refusal::BadRequest,
+            Refusal::RequestTimeout,
+            Refusal::Version,
+            Refusal::LaneRange,
+            Refusal::LaneHeld,
+            Refusal::ResumeRange,
+            Refusal::ResumeMismatch,
+            Refusal::Stopping,
+            Refusal::Unsupported,
+        ];
+        let codes: std::collections::BTreeSet<_> = all.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), all.len(), "codes are distinct");
+        let retried: Vec<_> = all
+            .iter()
+            .filter(|r| r.retryable())
+            .map(|r| r.code())
+            .collect();
+        assert_eq!(retried, ["request_timeout", "lane_held", "stopping"]);
+        let reply = Refusal::LaneHeld.reply("lane 0 is held by live consumer pid 7");
+        assert_eq!(
+            reply,
+            serde_json::json!({"ok": false, "error": "lane 0 is held by live consumer pid 7",
+                               "code": "lane_held", "retry": true})
+        );
     }
 
     #[test]

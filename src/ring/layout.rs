@@ -425,7 +425,7 @@ pub enum FormatError {
     },
     /// A major version this reader does not implement.
     #[error(
-        "ring layout version {major}.x is not supported (this reader implements {VERSION_MAJOR}.x)"
+        "version_major: ring layout version {major}.x is not supported (this reader implements {VERSION_MAJOR}.x)"
     )]
     UnsupportedVersion {
         /// The header's major version.
@@ -535,8 +535,10 @@ pub fn plan(spec: &RingSpec, generation: u64) -> Result<Layout, SpecError> {
             name: t.name.clone(),
             reason,
         };
-        if t.name.is_empty() || t.name.len() > 16 || !t.name.is_ascii() || t.name.contains('\0') {
-            return Err(bad("name must be 1–16 ASCII bytes without NUL".into()));
+        if t.name.is_empty() || t.name.len() > 16 || !t.name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad(
+                "name must be 1–16 printable ASCII bytes (0x21–0x7E)".into()
+            ));
         }
         if spec.tensors.iter().filter(|o| o.name == t.name).count() > 1 {
             return Err(bad("name is not unique".into()));
@@ -1004,8 +1006,14 @@ pub fn validate_header(bytes: &[u8], file_len: u64) -> Result<Layout, FormatErro
             reason,
         };
         let name = match padded_name(raw_name) {
-            Some(n) if !n.is_empty() && n.is_ascii() => n,
-            _ => return Err(bad("name", "must be non-empty NUL-padded ASCII".into())),
+            // Printable ASCII without spaces (1.3: names are shown in errors and logs).
+            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic()) => n,
+            _ => {
+                return Err(bad(
+                    "name",
+                    "must be non-empty NUL-padded printable ASCII (0x21–0x7E)".into(),
+                ))
+            }
         };
         if tensors.iter().any(|t| t.name == name) {
             return Err(bad("name", "duplicates an earlier tensor".into()));

@@ -30,7 +30,7 @@ use thiserror::Error;
 use super::access;
 use super::feedback::{Feedback, FrameError, FrameReader};
 use super::futex::{self, mono_ns, unix_ns};
-use super::handshake::{self, Request};
+use super::handshake::{self, Refusal, Request};
 use super::layout::{self, consumer as centry, hdr, lane as lentry, Layout, RingSpec, SpecError};
 use super::memory::{Control, Data};
 use super::resume::{self, Fingerprint};
@@ -640,7 +640,8 @@ impl Shared {
     }
 
     fn attach_reply(&self, lane: u32, extra: ReplyExtra) -> serde_json::Value {
-        let mut reply = json!({"ok": true, "generation": self.layout.generation, "lane": lane,
+        let mut reply = json!({"ok": true, "generation": self.layout.generation,
+               "generation_str": self.layout.generation.to_string(), "lane": lane,
                "file_bytes": self.layout.file_bytes, "producer_pid": self.pid,
                "segment": self.segment.kind()});
         if let Some(fields) = reply.as_object_mut() {
@@ -742,10 +743,11 @@ impl Drop for SeekRequest {
             if lanes[self.lane as usize].is_pending_for(self.pid) {
                 lanes[self.lane as usize] = LaneConn::Vacant;
             }
-            let _ = handshake::send_line(
+            // Only at shutdown: the pipeline applies every seek while it runs.
+            refuse(
                 &stream,
-                &json!({"ok": false, "error": "seek request was dropped by the producer"}),
-                None,
+                Refusal::Stopping,
+                "seek request was dropped by the producer (it is stopping)",
             );
         }
     }
@@ -756,6 +758,8 @@ pub struct Producer {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     socket_path: PathBuf,
+    finished_path: PathBuf,
+    allow_group: Option<u32>,
     _lock: ProducerLock,
 }
 
@@ -891,11 +895,18 @@ impl Producer {
             .store(mono_ns(), Release);
 
         let socket_path = dir.socket_path(&name);
-        // We hold the lock, so any socket file here is a dead producer's.
+        // We hold the lock, so any socket file here is a dead producer's, and a finished
+        // marker belongs to an earlier run.
         match std::fs::remove_file(&socket_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("removing the stale socket")(e)),
+        }
+        let finished_path = dir.finished_path(&name);
+        match std::fs::remove_file(&finished_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing an earlier run's finished marker")(e)),
         }
         let listener = UnixListener::bind(&socket_path).map_err(io_err("binding the socket"))?;
         restrict_socket(&socket_path, options.allow_group)
@@ -940,6 +951,8 @@ impl Producer {
             shared: shared.clone(),
             threads: Vec::new(),
             socket_path,
+            finished_path,
+            allow_group: options.allow_group,
             _lock: lock,
         };
         let sh = shared.clone();
@@ -1131,9 +1144,37 @@ impl Producer {
     }
 }
 
+impl Producer {
+    /// Consumers attached now (a pending resume counts: its reply is about to go out).
+    pub fn consumers_attached(&self) -> usize {
+        lock(&self.shared.lanes)
+            .iter()
+            .filter(|c| !matches!(c, LaneConn::Vacant))
+            .count()
+    }
+
+    /// Writes `<name>.finished` (§7, 1.3): one JSON line naming this generation, for consumers
+    /// that look for the ring after this process is gone. Same mode and group as the socket.
+    fn write_finished_marker(&self) -> io::Result<()> {
+        let line = json!({"name": self.shared.layout.name,
+            "generation_str": self.shared.layout.generation.to_string(),
+            "producer_pid": self.shared.pid, "finished_unix_ns": unix_ns()});
+        let tmp = self.finished_path.with_extension("finished.tmp");
+        std::fs::write(&tmp, format!("{line}\n"))?;
+        restrict_socket(&tmp, self.allow_group)?;
+        std::fs::rename(&tmp, &self.finished_path)
+    }
+}
+
 impl Drop for Producer {
     fn drop(&mut self) {
-        self.shared.set_state(ProducerState::Stopped);
+        // A finished stream stays FINISHED: its consumers take what is still ready and then
+        // see the end of the stream, not a crash (§7 "The end of a finite run"). Anything else
+        // is a stop.
+        let finished = self.shared.state() == Some(ProducerState::Finished);
+        if !finished {
+            self.shared.set_state(ProducerState::Stopped);
+        }
         self.shared.stop.store(true, Release);
         for t in self.threads.drain(..) {
             t.thread().unpark();
@@ -1141,6 +1182,14 @@ impl Drop for Producer {
         }
         // Unapplied seeks get their refusal now rather than when the pipeline lets go.
         drop(self.take_seek_requests());
+        if finished {
+            if let Err(e) = self.write_finished_marker() {
+                log::warn!(
+                    "cannot write {}: {e}; consumers that look for the ring later are told it is not running",
+                    self.finished_path.display()
+                );
+            }
+        }
         let _ = std::fs::remove_file(&self.socket_path);
         // Consumers still mapping a named file keep its memory until they detach.
         self.shared.segment.remove_name();
@@ -1246,6 +1295,7 @@ fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
             if late {
                 refuse(
                     &c.stream,
+                    Refusal::RequestTimeout,
                     "request timed out: send the whole request line within 2 s of connecting",
                 );
             }
@@ -1341,8 +1391,9 @@ fn service_loop(sh: &Arc<Shared>, listener: UnixListener) {
     }
 }
 
-fn refuse(stream: &UnixStream, error: &str) {
-    let _ = handshake::send_line(stream, &json!({"ok": false, "error": error}), None);
+/// Sends a failure reply with its code (§3 "Refusal codes").
+fn refuse(stream: &UnixStream, why: Refusal, error: &str) {
+    let _ = handshake::send_line(stream, &why.reply(error), None);
 }
 
 /// Answers one request whose line has arrived (or failed to): uid check, request, reply.
@@ -1357,12 +1408,13 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     None => format!("permission denied: consumer uid {} differs from the producer's uid {ours}", peer.uid),
                     Some(g) => format!("permission denied: consumer uid {} differs from the producer's uid {ours} and is not in the allowed group {g}", peer.uid),
                 };
-                return refuse(&stream, &msg);
+                return refuse(&stream, Refusal::Permission, &msg);
             }
         }
         Err(e) => {
             return refuse(
                 &stream,
+                Refusal::Permission,
                 &format!("permission denied: cannot read peer credentials: {e}"),
             )
         }
@@ -1372,7 +1424,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
         .and_then(|line| serde_json::from_slice::<Request>(&line).map_err(|e| e.to_string()))
     {
         Ok(r) => r,
-        Err(e) => return refuse(&stream, &format!("bad request: {e}")),
+        Err(e) => return refuse(&stream, Refusal::BadRequest, &format!("bad request: {e}")),
     };
     match request {
         Request::Evaluation => {
@@ -1395,6 +1447,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             if ids.len() > handshake::MAX_DESCRIBE_IDS {
                 return refuse(
                     &stream,
+                    Refusal::BadRequest,
                     &format!(
                         "bad request: describe asks about {} ids; at most {} per request",
                         ids.len(),
@@ -1403,7 +1456,11 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                 );
             }
             let Some(catalog) = lock(&sh.catalog).clone() else {
-                return refuse(&stream, "this producer does not describe its samples");
+                return refuse(
+                    &stream,
+                    Refusal::Unsupported,
+                    "this producer does not describe its samples",
+                );
             };
             // Looking samples up and writing the reply happen off the service thread.
             let _ = std::thread::Builder::new()
@@ -1419,7 +1476,8 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                 .map(|l| json!({"lane": l, "consumer_pid": match lanes[l as usize] { LaneConn::Attached { pid, .. } => pid, _ => 0 }}))
                 .collect();
             drop(lanes);
-            let mut reply = json!({"ok": true, "generation": sh.layout.generation, "producer_pid": sh.pid,
+            let mut reply = json!({"ok": true, "generation": sh.layout.generation,
+                "generation_str": sh.layout.generation.to_string(), "producer_pid": sh.pid,
                 "name": sh.layout.name, "lane_count": sh.layout.lane_count, "lanes": list,
                 "world_size": sh.layout.world_size, "first_rank": sh.layout.first_rank});
             if let (Some(fp), Some(fields)) = (&*lock(&sh.fingerprint), reply.as_object_mut()) {
@@ -1445,6 +1503,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             if version != u32::from(layout::VERSION_MAJOR) {
                 return refuse(
                     &stream,
+                    Refusal::Version,
                     &format!(
                         "version mismatch: client implements {version}, producer {}",
                         layout::VERSION_MAJOR
@@ -1454,6 +1513,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             if lane >= sh.layout.lane_count {
                 return refuse(
                     &stream,
+                    Refusal::LaneRange,
                     &format!(
                         "lane {lane} out of range (lane_count {})",
                         sh.layout.lane_count
@@ -1464,7 +1524,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
             let mut resume = resume;
             if let Some(r) = &mut resume {
                 if let Err(why) = check_resume(r, sh.layout.epochs) {
-                    return refuse(&stream, &why);
+                    return refuse(&stream, Refusal::ResumeRange, &why);
                 }
                 if let (Some(saved), Some(ours)) = (&r.fingerprint, &*lock(&sh.fingerprint)) {
                     match resume::plan_resume(ours, saved, r.sample, r.index) {
@@ -1489,11 +1549,11 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                                     json!({"field": f, "saved": saved, "serving": serving})
                                 })
                                 .collect();
-                            let _ = handshake::send_line(
-                                &stream,
-                                &json!({"ok": false, "error": mismatch.message, "mismatch": fields}),
-                                None,
-                            );
+                            let mut reply = Refusal::ResumeMismatch.reply(&mismatch.message);
+                            if let Some(members) = reply.as_object_mut() {
+                                members.insert("mismatch".to_owned(), json!(fields));
+                            }
+                            let _ = handshake::send_line(&stream, &reply, None);
                             return;
                         }
                     }
@@ -1505,6 +1565,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                 LaneConn::Pending { pid: other } => {
                     return refuse(
                         &stream,
+                        Refusal::LaneHeld,
                         &format!("lane {lane} has an attach pending from pid {other}"),
                     );
                 }
@@ -1523,6 +1584,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                     } else {
                         return refuse(
                             &stream,
+                            Refusal::LaneHeld,
                             &format!("lane {lane} is held by live consumer pid {other}"),
                         );
                     }
@@ -1537,6 +1599,7 @@ fn serve_request(sh: &Arc<Shared>, stream: UnixStream, line: io::Result<Vec<u8>>
                 ) {
                     return refuse(
                         &stream,
+                        Refusal::Stopping,
                         "cannot resume: the producer is stopping or has failed",
                     );
                 }

@@ -108,18 +108,17 @@ impl RuntimeDir {
     /// `$XDG_RUNTIME_DIR/ringfeed`, else `/tmp/ringfeed-<uid>`. Nothing is created or checked
     /// yet; the producer and consumer check it when they use it.
     pub fn from_env() -> Result<RuntimeDir, RuntimeDirError> {
-        let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
-        let path = if let Some(p) = var("RINGFEED_RUNTIME_DIR") {
-            PathBuf::from(p)
-        } else if let Some(p) = var("XDG_RUNTIME_DIR") {
-            PathBuf::from(p).join("ringfeed")
-        } else {
-            PathBuf::from(format!(
-                "/tmp/ringfeed-{}",
-                rustix::process::getuid().as_raw()
-            ))
-        };
-        Ok(RuntimeDir { path })
+        RuntimeDir::from_env_for(None)
+    }
+
+    /// The directory of a daemon run by `owner` (a consumer's `trust_uid`), as §2 finds it:
+    /// `$RINGFEED_RUNTIME_DIR` if set, else, for another user, `/tmp/ringfeed-<owner>` (that
+    /// user's `$XDG_RUNTIME_DIR` is private to them), else as [`from_env`](Self::from_env).
+    pub fn from_env_for(owner: Option<u32>) -> Result<RuntimeDir, RuntimeDirError> {
+        let var = |k: &str| std::env::var_os(k);
+        Ok(RuntimeDir {
+            path: resolve(var, rustix::process::getuid().as_raw(), owner),
+        })
     }
 
     /// A directory at an explicit path (tests, `--runtime-dir`).
@@ -229,6 +228,13 @@ impl RuntimeDir {
         self.path.join(format!("{name}.lock"))
     }
 
+    /// `<dir>/<name>.finished` (1.3): left by a producer that exited after finishing its
+    /// last epoch, so a consumer that finds no socket can tell "the run ended" from "no
+    /// daemon" (docs/ring-format.md §7 "The end of a finite run").
+    pub fn finished_path(&self, name: &str) -> PathBuf {
+        self.path.join(format!("{name}.finished"))
+    }
+
     /// The rings running here, sorted by name, with their producer pids: every
     /// `<name>.lock` with a valid name whose pid (§2) is a live process and whose
     /// `<name>.sock` exists. Stale files of a killed producer are not listed. An unreadable
@@ -253,6 +259,26 @@ impl RuntimeDir {
             .collect();
         rings.sort();
         rings
+    }
+}
+
+/// §2's search order as a pure function of the environment (`var`), our uid and the uid of
+/// the daemon's owner when we were told to trust one.
+fn resolve(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    uid: u32,
+    owner: Option<u32>,
+) -> PathBuf {
+    let var = |k| var(k).filter(|v| !v.is_empty());
+    if let Some(p) = var("RINGFEED_RUNTIME_DIR") {
+        return PathBuf::from(p);
+    }
+    match owner {
+        Some(other) if other != uid => PathBuf::from(format!("/tmp/ringfeed-{other}")),
+        _ => match var("XDG_RUNTIME_DIR") {
+            Some(p) => PathBuf::from(p).join("ringfeed"),
+            None => PathBuf::from(format!("/tmp/ringfeed-{uid}")),
+        },
     }
 }
 
@@ -356,6 +382,38 @@ impl Drop for ProducerLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_search_order_of_section_2() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let all = env(&[("RINGFEED_RUNTIME_DIR", "/r"), ("XDG_RUNTIME_DIR", "/x")]);
+        assert_eq!(resolve(all, 1000, None), PathBuf::from("/r"));
+        assert_eq!(resolve(all, 1000, Some(0)), PathBuf::from("/r"));
+        let xdg = env(&[("RINGFEED_RUNTIME_DIR", ""), ("XDG_RUNTIME_DIR", "/x")]);
+        assert_eq!(resolve(xdg, 1000, None), PathBuf::from("/x/ringfeed"));
+        assert_eq!(resolve(xdg, 1000, Some(1000)), PathBuf::from("/x/ringfeed"));
+        // Another user's XDG directory is private to them: their /tmp fallback.
+        assert_eq!(
+            resolve(xdg, 1000, Some(0)),
+            PathBuf::from("/tmp/ringfeed-0")
+        );
+        let none = env(&[]);
+        assert_eq!(
+            resolve(none, 1000, None),
+            PathBuf::from("/tmp/ringfeed-1000")
+        );
+        assert_eq!(
+            resolve(none, 1000, Some(7)),
+            PathBuf::from("/tmp/ringfeed-7")
+        );
+    }
 
     #[test]
     fn names() {

@@ -89,14 +89,17 @@ class RingWriter:
         epochs: int = 2,
         seed: int = 7,
         fill: bool = True,
+        version_major: int = 1,
+        generation: Optional[int] = None,
     ) -> None:
         self.name = name
         self.dir = Path(runtime_dir)
         self.lanes, self.slots, self.batch_size = lanes, slots, batch_size
         self.batches_per_epoch, self.epochs, self.seed = batches_per_epoch, epochs, seed
         self.fill = fill
+        self.version_major = version_major  # another major: a ring no 1.x client may read
         self.samples = lanes * batches_per_epoch * batch_size
-        self.generation = int.from_bytes(os.urandom(8), "little") | 1
+        self.generation = generation or int.from_bytes(os.urandom(8), "little") | 1
         self.tensors: list[tuple[str, int, str, tuple[int, ...], int]] = []
         offset = 0
         for tname, dtype, shape in (
@@ -153,9 +156,9 @@ class RingWriter:
         futex_wake(self._base + offset)
 
     def _write_header(self) -> None:
-        self.put("8sHHIQQQIIQQ", 0, b"RINGFEED", 1, 0, HEADER_BYTES, self.data_offset,
-                 self.file_bytes, self.generation, os.getpid(), STARTING, time.time_ns(),
-                 time.monotonic_ns())  # fmt: skip
+        self.put("8sHHIQQQIIQQ", 0, b"RINGFEED", self.version_major, 0, HEADER_BYTES,
+                 self.data_offset, self.file_bytes, self.generation, os.getpid(), STARTING,
+                 time.time_ns(), time.monotonic_ns())  # fmt: skip
         self.put("IIQQIIIIIIIIQQQQ", 64, self.lanes, self.slots, self.slot_stride,
                  self.data_offset, len(self.tensors), self.tensor_table, self.lane_table,
                  self.slot_table, self.consumer_table, self.lanes, self.batch_size, 1,
@@ -442,10 +445,22 @@ def main() -> None:
     parser.add_argument("--batches-per-epoch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--no-produce", action="store_true")
+    parser.add_argument("--version-major", type=int, default=1)
+    parser.add_argument(
+        "--poke",
+        action="append",
+        default=[],
+        metavar="FMT:OFFSET:VALUE",
+        help="after writing the header, store VALUE at OFFSET with struct format FMT (a"
+        " hostile producer; e.g. I:88:17 sets tensor_count to 17)",
+    )
     args = parser.parse_args()
     writer = RingWriter(args.name, args.dir, lanes=args.lanes, slots=args.slots,
                         batch_size=args.batch_size, batches_per_epoch=args.batches_per_epoch,
-                        epochs=args.epochs)  # fmt: skip
+                        epochs=args.epochs, version_major=args.version_major)  # fmt: skip
+    for poke in args.poke:
+        fmt, offset, value = poke.split(":", 2)
+        writer.put(fmt, int(offset, 0), value.encode() if fmt.endswith("s") else int(value, 0))
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     writer.serve()

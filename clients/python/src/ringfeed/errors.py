@@ -20,13 +20,31 @@ class FormatError(RingfeedError):
 
 
 class AttachError(RingfeedError):
-    """Connecting or attaching to a producer failed; the message carries the producer's reason."""
+    """Connecting or attaching to a producer failed; the message carries the producer's reason.
+
+    ``code`` is machine-readable (ring format §3 "Refusal codes"): the producer's refusal code
+    (``lane_held``, ``version``, ``lane_range``, ``permission``, ...), or the client's own
+    (``not_running``: no daemon serves the name yet; ``finished``: the run ended and its
+    producer exited; ``runtime_dir``, ``connect``, ``foreign_producer``, ``protocol``,
+    ``client`` for a bad argument).
+    ``retryable`` says whether the same attach may succeed later (``not_running``,
+    ``lane_held``, ``stopping``, ``request_timeout``).
+    """
+
+    def __init__(self, message: str, *, code: str = "client", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
 
 
 class DaemonNotRunning(AttachError):
     """No daemon listens on the ring's socket (yet): the socket or the runtime directory is
     missing, or the connection was refused. A :class:`Loader` waits for this one (30 s by
-    default, ``wait_for_producer``); other refusals are raised at once."""
+    default, ``wait_for_producer``); other refusals are raised at once. Code ``not_running``,
+    retryable."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="not_running", retryable=True)
 
 
 class ResumeMismatch(AttachError):
@@ -35,13 +53,17 @@ class ResumeMismatch(AttachError):
     world_size, …). Retrying cannot help; the message says what to change."""
 
     def __init__(self, message: str, fields: list[tuple[str, str, str]]) -> None:
-        super().__init__(message)
+        super().__init__(message, code="resume_mismatch")
         self.fields = fields
 
 
 class RankMismatch(AttachError):
     """The lane serves another global rank or world size than this trainer is (``RANK`` /
-    ``WORLD_SIZE``); the message says how to start the daemon instead."""
+    ``WORLD_SIZE``); the message says how to start the daemon instead. Code
+    ``rank_mismatch``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="rank_mismatch")
 
 
 class ProducerGone(RingfeedError):

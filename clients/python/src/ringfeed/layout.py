@@ -272,6 +272,11 @@ def parse_tensor_table(layout: RingLayout, table: bytes, tensor_count: int) -> R
         field = f"tensor[{i}]"
         name = _nul_padded_text(raw_name, f"{field}.name", ascii_only=True)
         _require(name != "", f"{field}.name", "is empty")
+        _require(
+            all(0x21 <= ord(ch) <= 0x7E for ch in name),
+            f"{field}.name",
+            "must be printable ASCII without spaces (0x21-0x7E)",
+        )
         field = f"tensor[{i}] {name!r}"
         _require(code in DTYPES, f"{field}.dtype", f"unknown dtype code {code}")
         _require(1 <= rank <= MAX_RANK, f"{field}.rank", f"{rank} not in 1..4")

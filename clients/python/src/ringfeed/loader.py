@@ -139,8 +139,10 @@ class Loader:
             starts at the batch holding the saved ``sample`` position (with a warning). A
             state without one (saved before 1.3) resumes at its batch index, with a
             :class:`RingfeedWarning`.
-        wait_for_producer: seconds to keep retrying connect/attach until a producer answers,
-            also used to re-attach (resuming at the cursor) when the producer dies mid-run.
+        wait_for_producer: seconds to keep retrying connect/attach while the error is
+            retryable (:attr:`AttachError.retryable`: no producer yet, lane still held), also
+            used to re-attach (resuming at the cursor) when the producer dies mid-run; a
+            producer that finished the run and exited ends the iteration instead.
             Default ``None``: wait up to 30 s for a daemon that is not listening yet (one
             started at the same moment), refuse at once otherwise, and raise
             :class:`ProducerGone` if it dies.
@@ -310,7 +312,22 @@ class Loader:
             except ResumeMismatch:
                 raise  # the state itself is wrong: no retry can help
             except AttachError as err:
-                if absent_only and not isinstance(err, DaemonNotRunning):
+                if err.code == "not_running":
+                    finished = protocol.finished_generation(
+                        runtime_dir(self._runtime_dir, self._trust_uid), self.name
+                    )
+                    # The run this loader was reading has ended: say so at once. A marker of
+                    # some earlier run counts only once the wait is over (a new run of the
+                    # name may be starting, and its producer removes the marker).
+                    if finished is not None and (
+                        finished == self.generation != 0 or time.monotonic() >= deadline
+                    ):
+                        raise AttachError(
+                            f"ring {self.name!r}: the run has finished (generation {finished});"
+                            " its producer exited after the last epoch",
+                            code="finished",
+                        ) from None
+                if not err.retryable or (absent_only and not isinstance(err, DaemonNotRunning)):
                     raise
                 if time.monotonic() >= deadline:
                     raise self._not_running(err, patience_s) from None
@@ -320,7 +337,7 @@ class Loader:
                 # A --shm-dir ring file cannot carry seals (only memfds can); the reply says so.
                 ring = Ring.from_fd(
                     fd,
-                    generation=int(reply.get("generation", -1)),
+                    generation=protocol.reply_generation(reply),
                     sealed=reply.get("segment", "memfd") != "file",
                 )
             finally:
@@ -719,6 +736,8 @@ class Loader:
         return self._next_batch(iterating=False)
 
     def _next_batch(self, *, iterating: bool) -> Batch:
+        if self._finished and self._ring is None:
+            raise StopIteration  # the run ended while this loader was re-attaching
         self._retire_pending(wait=False)
         self._send_epoch_done()
         self._outbox.send(self._sock)
@@ -754,7 +773,13 @@ class Loader:
                         else {"epoch": self._pass, "index": self._pass_next}
                     )
                 self._detach(release_held=False)
-                self._attach(self._resume_arg(position), self._wait_for_producer)
+                try:
+                    self._attach(self._resume_arg(position), self._wait_for_producer)
+                except AttachError as err:
+                    if err.code != "finished":
+                        raise
+                    self._finished = True  # its producer had finished the run: the end
+                    raise StopIteration from None
 
     def _take_blocking(self, deadline: Optional[float], iterating: bool) -> Batch:
         lane = self.lane

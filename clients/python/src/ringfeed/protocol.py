@@ -46,7 +46,7 @@ def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
         message = f"cannot connect to {path}: {err.strerror}{_connect_hint(err)}"
         if isinstance(err, (FileNotFoundError, ConnectionRefusedError)):
             raise DaemonNotRunning(message) from None
-        raise AttachError(message) from None
+        raise AttachError(message, code="connect") from None
     _pid, uid, _gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
@@ -54,7 +54,8 @@ def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
         sock.close()
         raise AttachError(
             f"producer at {path} runs as uid {uid}, not as this user; refusing it (pass"
-            f" trust_uid={uid} if that daemon was started with --allow-group for you)"
+            f" trust_uid={uid} if that daemon was started with --allow-group for you)",
+            code="foreign_producer",
         )
     return sock
 
@@ -81,7 +82,7 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, A
     except (ValueError, OSError) as err:
         for fd in fds:
             os.close(fd)
-        raise AttachError(f"bad reply from producer: {err}") from None
+        raise AttachError(f"bad reply from producer: {err}", code="protocol") from None
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -122,7 +123,6 @@ def attach(
             os.close(fd)
         sock.close()
         if reply.get("ok") is not True:
-            message = f"attach to lane {lane} refused: {reply.get('error', reply)}"
             mismatch = reply.get("mismatch")
             if isinstance(mismatch, list):
                 fields = [
@@ -130,10 +130,51 @@ def attach(
                     for m in mismatch
                     if isinstance(m, dict)
                 ]
-                raise ResumeMismatch(message, fields)
-            raise AttachError(message)
-        raise AttachError(f"attach reply carried {len(fds)} file descriptors, expected 1")
+                raise ResumeMismatch(
+                    f"attach to lane {lane} refused: {reply.get('error', reply)}", fields
+                )
+            raise refusal(f"attach to lane {lane} refused", reply)
+        raise AttachError(
+            f"attach reply carried {len(fds)} file descriptors, expected 1", code="protocol"
+        )
     return sock, reply, fds[0]
+
+
+def refusal(what: str, reply: dict[str, Any]) -> AttachError:
+    """The :class:`AttachError` for a failure reply, with its code (§3 "Refusal codes"). A
+    producer before 1.3 sends no code: ``unknown``, retryable (the client's old behaviour of
+    retrying every refusal within its patience)."""
+    code = reply.get("code")
+    if not isinstance(code, str):
+        return AttachError(f"{what}: {reply.get('error', reply)}", code="unknown", retryable=True)
+    return AttachError(
+        f"{what} ({code}): {reply.get('error', reply)}",
+        code=code,
+        retryable=reply.get("retry") is True,
+    )
+
+
+def reply_generation(reply: dict[str, Any]) -> int:
+    """The reply's generation, exactly: ``generation_str`` (1.3, a decimal string), else the
+    number of an older producer (Python's ``json`` reads integers exactly)."""
+    text = reply.get("generation_str")
+    if isinstance(text, str) and text.isdigit():
+        return int(text)
+    return int(reply.get("generation", -1))
+
+
+def finished_generation(directory: Path, name: str) -> Optional[int]:
+    """The generation named by ``<name>.finished`` (§7, 1.3): the marker a producer leaves
+    when it exits after its last epoch. ``None`` without a marker, 0 if it is unreadable."""
+    try:
+        text = (directory / f"{name}.finished").read_text()
+    except OSError:
+        return None
+    try:
+        value = json.loads(text)
+        return int(value["generation_str"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def info(path: Path) -> dict[str, Any]:
@@ -146,7 +187,7 @@ def info(path: Path) -> dict[str, Any]:
     for fd in fds:
         os.close(fd)
     if reply.get("ok") is not True:
-        raise AttachError(f"info refused: {reply.get('error', reply)}")
+        raise refusal("info refused", reply)
     return reply
 
 

@@ -14,6 +14,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import struct
 import time
 from typing import Optional
 
@@ -189,6 +190,15 @@ class Ring:
             raise FormatError(
                 "generation", f"header has {layout.generation}, attach reply said {generation}"
             )
+        if layout.world_size:
+            # §5.1 (1.3): a known world size covers every lane's rank.
+            first_rank = struct.unpack("<I", os.pread(fd, 4, layout.lane_table_offset + 104))[0]
+            if first_rank + layout.lane_count > layout.world_size:
+                raise FormatError(
+                    "world_size",
+                    f"{layout.world_size}, but the lanes serve ranks {first_rank}.."
+                    f" (lane_count {layout.lane_count}) beyond it",
+                )
         control = mmap.mmap(
             fd,
             layout.data_offset,

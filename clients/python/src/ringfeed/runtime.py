@@ -23,14 +23,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def runtime_dir(override: Optional[str | os.PathLike[str]] = None) -> Path:
-    """The runtime directory: ``override``, else ``$RINGFEED_RUNTIME_DIR``, else
-    ``$XDG_RUNTIME_DIR/ringfeed``, else ``/tmp/ringfeed-<uid>`` (§2). Not checked here."""
+def runtime_dir(
+    override: Optional[str | os.PathLike[str]] = None, trust_uid: Optional[int] = None
+) -> Path:
+    """The runtime directory: ``override``, else ``$RINGFEED_RUNTIME_DIR``, else, with a
+    ``trust_uid`` other than ours, ``/tmp/ringfeed-<trust_uid>`` (that user's
+    ``$XDG_RUNTIME_DIR`` is private to them), else ``$XDG_RUNTIME_DIR/ringfeed``, else
+    ``/tmp/ringfeed-<uid>`` (§2). Not checked here."""
     if override is not None and str(override) != "":
         return Path(override)
     explicit = os.environ.get("RINGFEED_RUNTIME_DIR", "")
     if explicit:
         return Path(explicit)
+    if trust_uid is not None and trust_uid != os.getuid():
+        return Path(f"/tmp/ringfeed-{trust_uid}")
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
     if xdg:
         return Path(xdg) / "ringfeed"
@@ -53,25 +59,27 @@ def check_runtime_dir(path: Path, trust_uid: Optional[int] = None) -> None:
             " the daemon's runtime directory"
         ) from None
     except OSError as err:
-        raise AttachError(f"runtime directory {path}: {err.strerror}") from None
+        raise AttachError(f"runtime directory {path}: {err.strerror}", code="runtime_dir") from None
     if stat.S_ISLNK(info.st_mode):
-        raise AttachError(f"runtime directory {path} is a symlink; refusing it")
+        raise AttachError(f"runtime directory {path} is a symlink; refusing it", code="runtime_dir")
     if not stat.S_ISDIR(info.st_mode):
-        raise AttachError(f"runtime directory {path} is not a directory")
+        raise AttachError(f"runtime directory {path} is not a directory", code="runtime_dir")
     if info.st_uid != os.getuid() and info.st_uid != trust_uid:
         raise AttachError(
             f"runtime directory {path} is owned by uid {info.st_uid}, not by this user"
             f" (uid {os.getuid()}); refusing it (another user's daemon can be read only if it"
             " was started with --allow-group GROUP, a group of yours, and you pass"
             f" trust_uid={info.st_uid}; otherwise set RINGFEED_RUNTIME_DIR to a directory of"
-            " your own)"
+            " your own)",
+            code="runtime_dir",
         )
     forbidden = 0o027 if trust_uid is not None else 0o077
     if info.st_mode & forbidden:
         raise AttachError(
             f"runtime directory {path} has mode {stat.S_IMODE(info.st_mode):o};"
             " it must grant nothing to others, and to its group nothing"
-            " (or read/search only when trust_uid is given)"
+            " (or read/search only when trust_uid is given)",
+            code="runtime_dir",
         )
 
 
@@ -83,7 +91,7 @@ def socket_path(
 ) -> Path:
     """Checked path of ``<name>.sock`` in the (checked) runtime directory."""
     check_name(name)
-    base = runtime_dir(directory)
+    base = runtime_dir(directory, trust_uid)
     check_runtime_dir(base, trust_uid)
     return base / f"{name}.sock"
 
