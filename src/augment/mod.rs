@@ -174,14 +174,16 @@ impl Scratch {
     }
 }
 
-fn invalid(key: &'static str, problem: impl Into<String>) -> AugmentConfigError {
+/// An `[augment]` key's value refused for `problem` (shared by the batch-level mixing checks).
+pub(crate) fn invalid(key: &'static str, problem: impl Into<String>) -> AugmentConfigError {
     AugmentConfigError::Invalid {
         key,
         problem: problem.into(),
     }
 }
 
-fn check_p(key: &'static str, p: f64) -> Result<f64, AugmentConfigError> {
+/// `p` when it is a probability, else an error naming `key`.
+pub(crate) fn check_p(key: &'static str, p: f64) -> Result<f64, AugmentConfigError> {
     if (0.0..=1.0).contains(&p) {
         Ok(p)
     } else {

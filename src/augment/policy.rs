@@ -18,7 +18,7 @@ enum Space {
 }
 
 /// RandAugment's and TrivialAugmentWide's operations, in torchvision's order.
-const RAND_OPS: [Op; 14] = [
+pub(super) const RAND_OPS: [Op; 14] = [
     Op::Identity,
     Op::ShearX,
     Op::ShearY,

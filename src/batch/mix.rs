@@ -18,7 +18,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use crate::augment::key::{batch_rng, below, normal, uniform};
-use crate::augment::{AugmentConfig, AugmentConfigError};
+use crate::augment::{check_p, invalid, AugmentConfig, AugmentConfigError};
 use crate::ring::DType;
 
 /// A checked mixing plan.
@@ -52,26 +52,6 @@ pub struct ImageGeometry {
     pub nhwc: bool,
 }
 
-fn invalid(key: &'static str, problem: impl Into<String>) -> AugmentConfigError {
-    AugmentConfigError::Invalid {
-        key,
-        problem: problem.into(),
-    }
-}
-
-fn check_p(key: &'static str, p: f64) -> Result<f64, AugmentConfigError> {
-    if (0.0..=1.0).contains(&p) {
-        Ok(p)
-    } else {
-        Err(invalid(
-            key,
-            format!("probability must be in [0, 1], got {p}"),
-        ))
-    }
-}
-
-/// Gamma(`shape`, 1) by Marsaglia and Tsang (boosted below 1), written out so the numbers do
-/// not depend on a distribution crate's version.
 fn gamma(rng: &mut ChaCha8Rng, shape: f64) -> f64 {
     if shape < 1.0 {
         let u = uniform(rng, f64::MIN_POSITIVE, 1.0);
