@@ -49,27 +49,33 @@ class Daemon:
     def __init__(
         self, name: str, runtime_dir: Path, log: Path, *args: object, prefix: tuple[str, ...] = ()
     ) -> None:
-        self.name, self.runtime_dir, self.log_path = name, runtime_dir, log
+        self.name = name
+        self._spawn(
+            runtime_dir, log, [*prefix, str(BINARY), "serve", "--name", name, *map(str, args)]
+        )
+
+    def _spawn(self, runtime_dir: Path, log: Path, argv: list[str]) -> None:
+        self.runtime_dir, self.log_path = runtime_dir, log
         self.log = log.open("wb")
         env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
         try:
             self.process = subprocess.Popen(
-                [*prefix, str(BINARY), "serve", "--name", name, *map(str, args)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=self.log,
+                argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.log
             )
         except BaseException:
             self.log.close()
             raise
 
-    def loader(self, lane: int = 0, **options: object) -> ringfeed.Loader:
-        """Attach once the daemon serves; fail at once, with its stderr, if it exits first."""
+    def loader(
+        self, lane: int = 0, *, ring: str | None = None, **options: object
+    ) -> ringfeed.Loader:
+        """Attach to ``ring`` (default: this daemon's name) once the daemon serves; fail at
+        once, with its stderr, if it exits first."""
         deadline = time.monotonic() + 60
+        name = self.name if ring is None else ring
         while True:
             try:
-                return ringfeed.Loader(self.name, lane, runtime_dir=self.runtime_dir, **options)  # type: ignore[arg-type]
+                return ringfeed.Loader(name, lane, runtime_dir=self.runtime_dir, **options)  # type: ignore[arg-type]
             except ringfeed.AttachError as err:
                 exited = self.process.poll()
                 if exited is not None or time.monotonic() > deadline:
@@ -81,7 +87,7 @@ class Daemon:
 
     def stderr(self) -> str:
         self.log.flush()
-        return self.log_path.read_text(errors="replace")[-3000:]
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def close(self) -> None:
         if self.process.poll() is None:

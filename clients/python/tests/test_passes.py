@@ -56,39 +56,18 @@ def ring_config(
     return path
 
 
-class MultiDaemon:
+class MultiDaemon(Daemon):
     """``ringfeed serve --config a.toml --config b.toml …``: one daemon, several rings."""
 
     def __init__(self, runtime_dir: Path, log: Path, *configs: Path, extra: tuple[str, ...] = ()):
-        self.runtime_dir, self.log_path = runtime_dir, log
-        self.log = log.open("wb")
         args: list[str] = [str(BINARY), "serve", *extra]
         for config in configs:
             args += ["--config", str(config)]
-        env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
-        self.process = subprocess.Popen(
-            args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.log
-        )
+        self.name = ""  # several rings: loader() names the one it attaches to
+        self._spawn(runtime_dir, log, args)
 
-    def loader(self, name: str, lane: int = 0, **options: Any) -> ringfeed.Loader:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return ringfeed.Loader(name, lane, runtime_dir=self.runtime_dir, **options)
-            except ringfeed.AttachError as err:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"{err}\nstderr:\n{self.stderr()}") from err
-                time.sleep(0.05)
-
-    def stderr(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.log.close()
+    def loader(self, name: str, lane: int = 0, **options: Any) -> ringfeed.Loader:  # type: ignore[override]
+        return super().loader(lane, ring=name, **options)
 
 
 @pytest.fixture
