@@ -1,15 +1,29 @@
 //! Configuration: the TOML file (serde data mirroring `configs/*.toml`), flag overrides, and
 //! the one validation step that turns both into a checked [`Plan`].
 //!
-//! Everything downstream takes a [`Plan`] and never re-validates: if a `Plan` exists, its
-//! values are in range.
+//! # Brief overview
+//!
+//! Two stages, as in ripgrep's `LowArgs → HiArgs`:
+//!
+//! - [`ConfigFile`] (with [`Overrides`] from flags and [`TorchrunEnv`] from the environment)
+//!   is what a user wrote: plain serde data, unchecked.
+//! - [`Plan::resolve`] checks every value once and builds what can be built without touching
+//!   the data: the [`Augmenter`]s (the main one and each stream's own) and the [`Mixer`].
+//!   A [`Plan`] has private fields and typed sub-plans ([`RingPlan`], [`WorkerPlan`],
+//!   [`RankPlan`], [`SelectionPlan`]): if a `Plan` exists, its values are in range, and
+//!   nothing downstream re-validates or rebuilds a stage.
+//!
+//! [`crate::pipeline::Pipeline::from_plan`] then opens the dataset and wires the threads: the
+//! path `ringfeed serve` takes, and the one an embedder of the library takes.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::augment::{AugmentConfig, Augmenter};
-use crate::source::selection::{InfoBatch, SelectionConfig, SelectionMode};
+use crate::batch::Mixer;
+use crate::source::selection::{InfoBatch, ScoreRule, SelectionConfig, SelectionMode};
 use crate::source::{SamplingConfig, SourceConfig, SourceKind};
 
 /// The built-in configuration `ringfeed serve` uses when no `--config` is given: the bundled
@@ -198,43 +212,157 @@ pub enum ConfigError {
     Augment(#[from] crate::augment::AugmentConfigError),
 }
 
-/// The validated configuration every other part is built from.
+/// The checked configuration, and the stages built from it: everything a
+/// [`Pipeline`](crate::pipeline::Pipeline) is made of except the opened dataset.
+///
+/// Made only by [`Plan::resolve`], read through its accessors: a `Plan`'s values are in
+/// range, and its augmenters and mixer are the ones validation built.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The file as resolved, overrides applied.
-    pub file: ConfigFile,
-    /// Directory relative paths in the file resolve against.
-    pub base_dir: PathBuf,
+    source: SourceConfig,
+    base_dir: PathBuf,
+    sampling: SamplingConfig,
+    batch_size: u32,
+    augment: AugmentConfig,
+    ring: RingPlan,
+    workers: WorkerPlan,
+    ranks: RankPlan,
+    selection: SelectionPlan,
+    /// The main augmenter first, then each stream's own, in stream order.
+    augmenters: Vec<Augmenter>,
+    /// Index into `augmenters` of each stream's augmenter (0: the main one).
+    stream_augmenter: Vec<usize>,
+    mixer: Option<Mixer>,
+}
+
+/// The checked `[ring]`: name, shape, memory and access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingPlan {
+    name: String,
+    lanes: u32,
+    slots_per_lane: u32,
+    shm_dir: Option<PathBuf>,
+    allow_gid: Option<u32>,
+}
+
+impl RingPlan {
+    /// The name consumers attach to (checked by [`crate::ring::validate_name`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Lanes, one per local rank (1 to 64).
+    pub fn lanes(&self) -> u32 {
+        self.lanes
+    }
+
+    /// Slots per lane (1 to 64).
+    pub fn slots_per_lane(&self) -> u32 {
+        self.slots_per_lane
+    }
+
+    /// Directory of a named ring file instead of the sealed memfd (never empty).
+    pub fn shm_dir(&self) -> Option<&Path> {
+        self.shm_dir.as_deref()
+    }
+
+    /// `allow-group` resolved to a gid.
+    pub fn allow_gid(&self) -> Option<u32> {
+        self.allow_gid
+    }
+}
+
+/// The checked `[workers]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerPlan {
+    threads: usize,
+    max_skip_fraction: f64,
+    status_interval: Duration,
+}
+
+impl WorkerPlan {
     /// Worker threads (resolved: never 0).
-    pub threads: usize,
-    /// Global rank of each lane, and the world size.
-    pub ranks: RankPlan,
-    /// Several lanes and no world size from anywhere (`[distributed] world-size`,
-    /// `--world-size`, `WORLD_SIZE`): the world size was assumed to be the lane count (a
-    /// single-node job), which `serve` says loudly. On several nodes every node would then
-    /// serve the same samples.
-    pub world_size_assumed: bool,
-    /// `ring.allow-group` resolved to a gid.
-    pub allow_gid: Option<u32>,
-    /// The checked InfoBatch parameters (`None`: `[selection] mode = "none"`).
-    pub infobatch: Option<InfoBatch>,
-    /// Where selection state is persisted (`None`: nowhere, no cache directory known).
-    pub state_dir: Option<PathBuf>,
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Largest share of an epoch's samples that may fail (0.0 to 1.0).
+    pub fn max_skip_fraction(&self) -> f64 {
+        self.max_skip_fraction
+    }
+
+    /// Time between status lines (positive).
+    pub fn status_interval(&self) -> Duration {
+        self.status_interval
+    }
 }
 
 /// Which global rank each lane serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankPlan {
-    /// Ranks in the whole job.
-    pub world_size: u32,
-    /// Global rank of lane 0; lane `l` serves `first_rank + l`.
-    pub first_rank: u32,
+    world_size: u32,
+    first_rank: u32,
+    world_size_assumed: bool,
 }
 
 impl RankPlan {
+    /// Ranks in the whole job (at least 1, at least `first_rank + lanes`).
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// Global rank of lane 0; lane `l` serves `first_rank + l`.
+    pub fn first_rank(&self) -> u32 {
+        self.first_rank
+    }
+
     /// The global rank lane `lane` serves.
     pub fn rank(&self, lane: u32) -> u32 {
         self.first_rank + lane
+    }
+
+    /// Several lanes and no world size from anywhere (`[distributed] world-size`,
+    /// `--world-size`, `WORLD_SIZE`): the world size was assumed to be the lane count (a
+    /// single-node job), which `serve` says loudly. On several nodes every node would then
+    /// serve the same samples.
+    pub fn world_size_assumed(&self) -> bool {
+        self.world_size_assumed
+    }
+}
+
+/// The checked `[selection]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectionPlan {
+    infobatch: Option<InfoBatch>,
+    state_dir: Option<PathBuf>,
+    score: ScoreRule,
+    ema_factor: f64,
+}
+
+impl SelectionPlan {
+    /// The InfoBatch parameters (`None`: `mode = "none"`).
+    pub fn infobatch(&self) -> Option<&InfoBatch> {
+        self.infobatch.as_ref()
+    }
+
+    /// Whether epochs are selected from reported losses.
+    pub fn selecting(&self) -> bool {
+        self.infobatch.is_some()
+    }
+
+    /// Where selection state is persisted (`None`: nowhere, no cache directory known).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
+    }
+
+    /// How reported losses become a sample's score.
+    pub fn score(&self) -> ScoreRule {
+        self.score
+    }
+
+    /// The score's moving-average factor (0.0 to below 1.0).
+    pub fn ema_factor(&self) -> f64 {
+        self.ema_factor
     }
 }
 
@@ -492,7 +620,7 @@ impl Plan {
             return Err(invalid("workers.max-skip-fraction", f, "0.0 to 1.0"));
         }
         let s = file.workers.status_interval_s;
-        if !(s.is_finite() && s > 0.0) {
+        if !(s.is_finite() && s > 0.0) || Duration::try_from_secs_f64(s).is_err() {
             return Err(invalid(
                 "workers.status-interval-s",
                 s,
@@ -527,9 +655,11 @@ impl Plan {
             crate::source::index::default_cache_dir(|k| std::env::var(k).ok())
                 .map(|d| d.join("state").join(&file.ring.name))
         });
-        // Building the augmenter checks the whole [augment] table.
+        // Building the augmenters checks the whole [augment] table; the plan keeps them.
         let main = Augmenter::new(&file.augment)?;
-        crate::batch::Mixer::new(&file.augment, file.source.num_classes)?;
+        let mixer = Mixer::new(&file.augment, file.source.num_classes)?;
+        let mut augmenters = vec![main];
+        let mut stream_augmenter = vec![0; file.source.streams.len()];
         for (i, stream) in file.source.streams.iter().enumerate() {
             if let Some(augment) = &stream.augment {
                 if augment.repeated_augment.is_some() {
@@ -539,7 +669,7 @@ impl Plan {
                         "repeated augmentation shapes the whole epoch: configure it in [augment]",
                     ));
                 }
-                if crate::batch::Mixer::new(augment, Some(2)).map_or(true, |m| m.is_some()) {
+                if Mixer::new(augment, Some(2)).map_or(true, |m| m.is_some()) {
                     return Err(invalid(
                         "source.streams.augment",
                         format!(
@@ -550,7 +680,7 @@ impl Plan {
                     ));
                 }
                 let own = Augmenter::new(augment)?;
-                if let Err(difference) = main.same_output(&own) {
+                if let Err(difference) = augmenters[0].same_output(&own) {
                     return Err(invalid(
                         "source.streams.augment",
                         format!("stream {i}: {difference}"),
@@ -558,6 +688,8 @@ impl Plan {
                          (size, dtype, layout, channels, normalize): one ring holds one shape",
                     ));
                 }
+                stream_augmenter[i] = augmenters.len();
+                augmenters.push(own);
             }
         }
         if file.sampling.samples_per_epoch == Some(0) {
@@ -587,29 +719,130 @@ impl Plan {
             }
         }
         let ranks = resolve_ranks(&file, env)?;
-        let world_size_assumed = file.ring.lanes > 1
-            && file.distributed.world_size.is_none()
-            && env.world_size.is_none();
         let threads = if file.workers.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             file.workers.threads
         };
+        let ConfigFile {
+            source,
+            sampling,
+            batch,
+            augment,
+            ring,
+            workers,
+            distributed: _,
+            selection,
+        } = file;
         Ok(Plan {
-            file,
+            source,
             base_dir: base_dir.to_owned(),
-            threads,
+            sampling,
+            batch_size: batch.size,
+            augment,
+            ring: RingPlan {
+                name: ring.name,
+                lanes: ring.lanes,
+                slots_per_lane: ring.slots_per_lane,
+                shm_dir: ring.shm_dir,
+                allow_gid,
+            },
+            workers: WorkerPlan {
+                threads,
+                max_skip_fraction: workers.max_skip_fraction,
+                status_interval: Duration::from_secs_f64(workers.status_interval_s),
+            },
             ranks,
-            world_size_assumed,
-            allow_gid,
-            infobatch,
-            state_dir,
+            selection: SelectionPlan {
+                infobatch,
+                state_dir,
+                score: selection.score,
+                ema_factor: selection.ema_factor,
+            },
+            augmenters,
+            stream_augmenter,
+            mixer,
         })
     }
 
     /// The ring's name.
     pub fn name(&self) -> &str {
-        &self.file.ring.name
+        &self.ring.name
+    }
+
+    /// `[source]`: where samples come from (relative paths resolve against
+    /// [`base_dir`](Self::base_dir)).
+    pub fn source(&self) -> &SourceConfig {
+        &self.source
+    }
+
+    /// Directory relative paths of the configuration resolve against.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    /// `[sampling]`: order, shuffling, epochs, seed.
+    pub fn sampling(&self) -> &SamplingConfig {
+        &self.sampling
+    }
+
+    /// Samples per batch (1 to 65536).
+    pub fn batch_size(&self) -> u32 {
+        self.batch_size
+    }
+
+    /// `[augment]` as written (the built stage is [`augmenter`](Self::augmenter)): what
+    /// fingerprints and limits such as `max-pixels` read.
+    pub fn augment(&self) -> &AugmentConfig {
+        &self.augment
+    }
+
+    /// The checked `[ring]`.
+    pub fn ring(&self) -> &RingPlan {
+        &self.ring
+    }
+
+    /// The checked `[workers]`.
+    pub fn workers(&self) -> &WorkerPlan {
+        &self.workers
+    }
+
+    /// The rank each lane serves.
+    pub fn ranks(&self) -> &RankPlan {
+        &self.ranks
+    }
+
+    /// The checked `[selection]`.
+    pub fn selection(&self) -> &SelectionPlan {
+        &self.selection
+    }
+
+    /// The per-sample stage of `[augment]`, built once by validation.
+    pub fn augmenter(&self) -> &Augmenter {
+        &self.augmenters[0]
+    }
+
+    /// Stream `stream`'s own augmenter (`[[source.streams]] augment`), if it has one.
+    pub fn stream_augmenter(&self, stream: usize) -> Option<&Augmenter> {
+        match self.stream_augmenter.get(stream) {
+            Some(&at) if at > 0 => Some(&self.augmenters[at]),
+            _ => None,
+        }
+    }
+
+    /// Every augmenter: the main one first, then the streams' own.
+    pub(crate) fn augmenters(&self) -> &[Augmenter] {
+        &self.augmenters
+    }
+
+    /// Index into [`augmenters`](Self::augmenters) of stream `stream`'s augmenter.
+    pub(crate) fn augmenter_index(&self, stream: usize) -> usize {
+        self.stream_augmenter.get(stream).copied().unwrap_or(0)
+    }
+
+    /// Batch-level mixing (`mixup` / `cutmix`), when configured.
+    pub fn mixer(&self) -> Option<&Mixer> {
+        self.mixer.as_ref()
     }
 }
 
@@ -641,6 +874,9 @@ fn resolve_ranks(file: &ConfigFile, env: &TorchrunEnv) -> Result<RankPlan, Confi
     Ok(RankPlan {
         world_size,
         first_rank,
+        world_size_assumed: lanes > 1
+            && file.distributed.world_size.is_none()
+            && env.world_size.is_none(),
     })
 }
 
@@ -703,14 +939,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.name(), "default");
+        assert_eq!((p.ranks().world_size(), p.ranks().first_rank()), (1, 0));
+        assert!(!p.ranks().world_size_assumed());
+        assert!(p.workers().threads() >= 1);
+        assert_eq!(p.batch_size(), 32);
+        assert!(p.mixer().is_none() && p.stream_augmenter(0).is_none());
         assert_eq!(
-            p.ranks,
-            RankPlan {
-                world_size: 1,
-                first_rank: 0
-            }
+            p.augmenter().output_shape(),
+            Augmenter::new(p.augment()).unwrap().output_shape(),
+            "the plan keeps the augmenter validation built"
         );
-        assert!(p.threads >= 1);
     }
 
     #[test]
@@ -746,14 +984,14 @@ mod tests {
             &TorchrunEnv::default(),
         )
         .unwrap();
-        assert!(p.infobatch.is_none(), "mode none by default");
+        assert!(p.selection().infobatch().is_none(), "mode none by default");
         let err = with("mode = \"infobatch\"", "epochs = 0").unwrap_err();
         assert!(err.to_string().contains("selection.epochs"), "{err}");
         let p = with("mode = \"infobatch\"\nepochs = 90", "epochs = 0").unwrap();
-        assert_eq!(p.infobatch.unwrap().epochs, 90);
+        assert_eq!(p.selection().infobatch().unwrap().epochs, 90);
         let p = with("mode = \"infobatch\"\nepochs = 90", "epochs = 8").unwrap();
         assert_eq!(
-            p.infobatch.unwrap().epochs,
+            p.selection().infobatch().unwrap().epochs,
             8,
             "[sampling] epochs wins when bounded"
         );
@@ -790,6 +1028,17 @@ mod tests {
             "{msg}"
         );
 
+        // Positive and finite, yet no Duration: refused here, not a panic in the status thread.
+        let o = Overrides {
+            status_interval_s: Some(1e300),
+            ..Overrides::default()
+        };
+        let err = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("workers.status-interval-s"),
+            "{err}"
+        );
+
         let o = Overrides {
             name: Some("../etc".into()),
             ..Overrides::default()
@@ -812,14 +1061,14 @@ mod tests {
             "[ring]\nshm-dir = \"/dev/shm\"\nallow-group = \"4242\"",
         );
         let p = plan(&text, &Overrides::default(), &TorchrunEnv::default()).unwrap();
-        assert_eq!(p.file.ring.shm_dir.as_deref(), Some(Path::new("/dev/shm")));
-        assert_eq!(p.allow_gid, Some(4242));
+        assert_eq!(p.ring().shm_dir(), Some(Path::new("/dev/shm")));
+        assert_eq!(p.ring().allow_gid(), Some(4242));
         let o = Overrides {
             shm_dir: Some("/tmp".into()),
             ..Overrides::default()
         };
         let p = plan(&text, &o, &TorchrunEnv::default()).unwrap();
-        assert_eq!(p.file.ring.shm_dir.as_deref(), Some(Path::new("/tmp")));
+        assert_eq!(p.ring().shm_dir(), Some(Path::new("/tmp")));
     }
 
     #[test]
@@ -831,9 +1080,9 @@ mod tests {
             ..Overrides::default()
         };
         let p = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap();
-        assert_eq!(p.file.batch.size, 7);
-        assert_eq!(p.file.sampling.seed, 99);
-        assert_eq!(p.file.sampling.epochs, 3);
+        assert_eq!(p.batch_size(), 7);
+        assert_eq!(p.sampling().seed, 99);
+        assert_eq!(p.sampling().epochs, 3);
     }
 
     #[test]
@@ -849,14 +1098,16 @@ mod tests {
             ..Overrides::default()
         };
         let p = plan(DEFAULT_CONFIG, &o, &env).unwrap();
+        assert_eq!((p.ranks().world_size(), p.ranks().first_rank()), (8, 4));
+        assert!(!p.ranks().world_size_assumed(), "WORLD_SIZE was given");
+        assert_eq!(p.ranks().rank(3), 7);
+        let alone = plan(DEFAULT_CONFIG, &o, &TorchrunEnv::default()).unwrap();
         assert_eq!(
-            p.ranks,
-            RankPlan {
-                world_size: 8,
-                first_rank: 4
-            }
+            (alone.ranks().world_size(), alone.ranks().first_rank()),
+            (4, 0),
+            "no world size anywhere: the lanes are the whole job"
         );
-        assert_eq!(p.ranks.rank(3), 7);
+        assert!(alone.ranks().world_size_assumed());
 
         let o = Overrides {
             lanes: Some(4),
@@ -886,8 +1137,14 @@ random-resized-crop = { size = 32 }
     #[test]
     fn a_mixture_with_matching_stream_augmentation_validates() {
         let p = plan(MIXTURE, &Overrides::default(), &TorchrunEnv::default()).unwrap();
-        assert_eq!(p.file.source.streams.len(), 2);
-        assert_eq!(p.file.sampling.samples_per_epoch, Some(100));
+        assert_eq!(p.source().streams.len(), 2);
+        assert_eq!(p.sampling().samples_per_epoch, Some(100));
+        assert!(p.stream_augmenter(0).is_none(), "stream 0 uses [augment]");
+        let own = p
+            .stream_augmenter(1)
+            .expect("stream 1 has its own [augment]");
+        assert!(p.augmenter().same_output(own).is_ok());
+        assert_eq!((p.augmenter_index(0), p.augmenter_index(1)), (0, 1));
     }
 
     #[test]

@@ -2,8 +2,33 @@
 //! lets the worker pool read, decode and augment every sample straight into the slot.
 //!
 //! No stage logic lives here: reading is [`crate::source`], pixels are [`crate::augment`], the
-//! memory is [`crate::ring`]. This module decides only *which* batch goes into *which* slot,
-//! *when*, and what happens when a sample fails.
+//! tensors are [`crate::batch`], the memory is [`crate::ring`]. This module decides only
+//! *which* batch goes into *which* slot, *when*, and what happens when a sample fails.
+//!
+//! # Brief overview
+//!
+//! [`Pipeline::from_plan`] takes a checked [`Plan`], opens its dataset, deals the epochs
+//! ([`Sampler`]) and lays out the batch ([`BatchSchema`]); the stages themselves (augmenters,
+//! mixer) come built in the plan. This is the whole path of `ringfeed serve`, `bench` and
+//! `peek`, and of a program embedding the library:
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
+//! use ringfeed::pipeline::{BatchBuffers, Cursor, Pipeline};
+//!
+//! let file = ConfigFile::load("configs/default.toml".as_ref())?;
+//! let plan = Plan::resolve(file, &Overrides::default(), ".".as_ref(), &TorchrunEnv::default())?;
+//! let pipeline = Pipeline::from_plan(plan)?;
+//! // Either fill batches into memory…
+//! let mut batch = BatchBuffers::new(pipeline.schema());
+//! let report = pipeline.fill_batch(Cursor { epoch: 0, index: 0 }, 0, &mut batch.tensors(), &mut Vec::new())?;
+//! assert_eq!(report.skipped(), 0);
+//! // …or serve them into a ring: `Producer::create_with(&pipeline.ring_spec(), &dir,
+//! // &pipeline.producer_options())`, then `pipeline.serve(&producer, &stop, start)`.
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Determinism
 //! The bytes of batch `(lane, epoch, index)` depend only on the configuration: the sampler's
@@ -23,14 +48,18 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::augment::{Augmenter, SampleKey, Scratch};
-use crate::batch::{BatchSchema, ImageGeometry, Mixer, TensorIndex};
+use crate::augment::{SampleKey, Scratch};
+use crate::batch::{
+    BatchReport, BatchSchema, BatchTensors, ImageGeometry, Mixer, SampleFailure, SkipReason,
+    TensorIndex,
+};
 use crate::config::Plan;
 use crate::feedback::{ParamLog, Scores, Selector, StateStore};
 use crate::ring::feedback::Feedback;
-use crate::ring::{BatchMeta, Producer};
+use crate::ring::resume::{Digest, Fingerprint};
+use crate::ring::{BatchMeta, Producer, ProducerOptions, RingSpec};
 use crate::source::selection::EpochPlan;
-use crate::source::{Mixture, Sampler};
+use crate::source::{Mixture, Sampler, SourceError};
 
 /// How many other samples are tried, in a fixed order, before a failed sample's row is given
 /// up on (and the batch with it).
@@ -89,6 +118,41 @@ pub enum PipelineError {
         threads: usize,
         /// The reason.
         message: String,
+    },
+    /// Core dumps could not be turned off before a key is read (encrypted shards).
+    #[error("cannot disable core dumps before reading the key: {source}")]
+    CoreDumps {
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The dataset of `[source]` could not be opened.
+    #[error("cannot open the dataset of [source] (relative paths resolve against {})", base_dir.display())]
+    Dataset {
+        /// The directory relative paths resolved against.
+        base_dir: std::path::PathBuf,
+        /// Why.
+        source: SourceError,
+    },
+    /// Indexing found no usable sample.
+    #[error("the dataset has no usable samples (relative paths resolve against {})", base_dir.display())]
+    EmptyDataset {
+        /// The directory relative paths resolved against.
+        base_dir: std::path::PathBuf,
+    },
+    /// Indexing found more unusable samples than `workers.max-skip-fraction` allows.
+    #[error(
+        "{unusable} of {total} samples were unusable while indexing, more than \
+         workers.max-skip-fraction = {allowed}; first: {first}"
+    )]
+    UnusableAtIndex {
+        /// Samples skipped while indexing.
+        unusable: u64,
+        /// Samples found, usable or not.
+        total: u64,
+        /// The limit (a fraction).
+        allowed: f64,
+        /// The first skipped sample, and why.
+        first: String,
     },
 }
 
@@ -328,24 +392,77 @@ struct WorkerBuffers {
     scratch: Vec<Scratch>,
 }
 
-/// Everything the filler loop needs, built once from a [`Plan`].
+/// One batch's tensors in memory, laid out by a [`BatchSchema`]: what `bench`, `peek` and an
+/// embedder fill with [`Pipeline::fill_batch`] when no ring is involved.
+#[derive(Debug, Clone)]
+pub struct BatchBuffers {
+    /// `(name, bytes)` of each tensor, in the schema's order.
+    tensors: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl BatchBuffers {
+    /// Zeroed buffers for one batch of `schema`.
+    pub fn new(schema: &BatchSchema) -> BatchBuffers {
+        BatchBuffers {
+            tensors: TensorIndex::ALL
+                .into_iter()
+                .filter(|&t| schema.has(t))
+                .zip(schema.tensors())
+                .map(|(t, spec)| {
+                    let bytes = spec.shape.iter().product::<u64>() as usize * spec.dtype.size();
+                    (t.name(), vec![0u8; bytes])
+                })
+                .collect(),
+        }
+    }
+
+    /// The tensors, to fill.
+    pub fn tensors(&mut self) -> BatchTensors<'_> {
+        BatchTensors::from_named(
+            self.tensors
+                .iter_mut()
+                .map(|(name, bytes)| (*name, bytes.as_mut_slice())),
+        )
+    }
+
+    /// Tensor `t`'s bytes; `None` when the schema has no such tensor.
+    pub fn get(&self, t: TensorIndex) -> Option<&[u8]> {
+        self.tensors
+            .iter()
+            .find(|(name, _)| *name == t.name())
+            .map(|(_, bytes)| bytes.as_slice())
+    }
+}
+
+/// One row's result: the sample written (after any fallbacks) and the samples skipped on the
+/// way.
+struct Row {
+    id: u64,
+    label: i64,
+    failures: Vec<SampleFailure>,
+}
+
+/// A skipped sample, logged as it happens (the daemon keeps serving; the batch's report and
+/// the epoch's failure share count it).
+fn skipped(sample_id: u64, reason: SkipReason, message: String) -> SampleFailure {
+    log::warn!("skipped sample {message}");
+    SampleFailure {
+        sample_id,
+        reason,
+        message,
+    }
+}
+
+/// Everything the filler loop needs, built once from a [`Plan`] ([`Pipeline::from_plan`]).
 pub struct Pipeline {
     dataset: Arc<Mixture>,
     sampler: Sampler,
-    /// The main augmenter first, then the streams' own (`[[source.streams]] augment`).
-    augmenters: Vec<Augmenter>,
-    /// Batch-level mixing (`mixup` / `cutmix`), when configured.
-    mixer: Option<Mixer>,
-    /// Index into `augmenters` for each stream.
-    stream_augmenter: Vec<usize>,
     schema: BatchSchema,
+    /// The checked plan, with the built augmenters and mixer.
     plan: Plan,
     pool: Arc<SharedPool>,
     workers: Vec<Mutex<WorkerBuffers>>,
     counters: Arc<PipelineCounters>,
-    /// Ids of the samples that failed while filling the last batch (first choices and
-    /// fallbacks alike), for the per-epoch failure share.
-    failed_ids: Mutex<Vec<u64>>,
     /// Scores, loss statistics and the per-epoch decision (only the filler loop locks it).
     selector: Mutex<Selector>,
     /// The parameters each served sample was generated with (written by the workers).
@@ -356,27 +473,114 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Builds the stages; `dataset` and `sampler` come from the plan's source section. The
-    /// pipeline has a worker pool of its own, of the plan's `threads`.
-    pub fn new(
-        plan: Plan,
-        dataset: Arc<Mixture>,
-        sampler: Sampler,
-        augmenter: Augmenter,
-        schema: BatchSchema,
-    ) -> Result<Pipeline, PipelineError> {
-        let pool = SharedPool::new(plan.threads)?;
-        Pipeline::with_pool(plan, dataset, sampler, augmenter, schema, pool)
+    /// Opens `plan`'s dataset, reports what indexing skipped, deals the epochs and lays out
+    /// the batch: the checked path of `ringfeed serve`. The pipeline gets a worker pool of
+    /// its own, of the plan's threads.
+    ///
+    /// With encrypted shards (`[source] key-file`), core dumps of the whole process are
+    /// turned off first (soft and hard limit): a dump would write the key and decrypted
+    /// images to disk.
+    pub fn from_plan(plan: Plan) -> Result<Pipeline, PipelineError> {
+        Pipeline::build(plan, None)
     }
 
-    /// Like [`new`](Self::new), on a worker pool shared with other pipelines (one daemon
-    /// serving several rings): an on-demand ring then gives way to the others (see
+    /// Like [`from_plan`](Self::from_plan), on a worker pool shared with other pipelines (one
+    /// daemon serving several rings): an on-demand ring then gives way to the others (see
     /// [`SharedPool`]).
-    pub fn with_pool(
+    pub fn from_plan_in(plan: Plan, pool: Arc<SharedPool>) -> Result<Pipeline, PipelineError> {
+        Pipeline::build(plan, Some(pool))
+    }
+
+    fn build(plan: Plan, pool: Option<Arc<SharedPool>>) -> Result<Pipeline, PipelineError> {
+        if plan.source().key_file.is_some() {
+            // A core dump of a process holding a key would write the key and decrypted images
+            // to disk: none from here on (the hard limit too, so nothing in-process can undo
+            // it).
+            let none = rustix::process::Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            };
+            rustix::process::setrlimit(rustix::process::Resource::Core, none)
+                .map_err(|e| PipelineError::CoreDumps { source: e.into() })?;
+        }
+        let dataset = Mixture::open(plan.source(), plan.base_dir()).map_err(|source| {
+            PipelineError::Dataset {
+                base_dir: plan.base_dir().to_owned(),
+                source,
+            }
+        })?;
+        let issues = dataset.skipped_at_index();
+        if !issues.is_empty() {
+            for issue in issues.iter().take(10) {
+                log::warn!("skipped while indexing: {issue}");
+            }
+            if issues.len() > 10 {
+                log::warn!("… and {} more skipped while indexing", issues.len() - 10);
+            }
+        }
+        let n = dataset.len();
+        if n == 0 {
+            return Err(PipelineError::EmptyDataset {
+                base_dir: plan.base_dir().to_owned(),
+            });
+        }
+        let total = n + issues.len() as u64;
+        let max = plan.workers().max_skip_fraction();
+        if issues.len() as f64 > max * total as f64 {
+            return Err(PipelineError::UnusableAtIndex {
+                unusable: issues.len() as u64,
+                total,
+                allowed: max,
+                first: issues.first().map(|i| i.to_string()).unwrap_or_default(),
+            });
+        }
+        let sampling = plan.sampling();
+        let (batch, world) = (plan.batch_size(), plan.ranks().world_size());
+        let sampler = if dataset.has_streams() || sampling.samples_per_epoch.is_some_and(|s| s != n)
+        {
+            Sampler::mixture(
+                &dataset.shares(),
+                sampling.samples_per_epoch,
+                batch,
+                world,
+                sampling,
+            )?
+        } else {
+            Sampler::new(n, batch, world, sampling)?.with_shard_starts(&dataset.shard_starts())?
+        };
+        let sampler = match &plan.augment().repeated_augment {
+            Some(r) => sampler.with_repeats(r.count)?,
+            None => sampler,
+        };
+        if dataset.has_streams() {
+            let draws = sampler.stream_draws();
+            for (stream, draws) in dataset.streams().iter().zip(draws) {
+                log::info!(
+                    "stream {}: {} samples, weight {}, {draws} per epoch",
+                    stream.name(),
+                    stream.len(),
+                    stream.weight()
+                );
+            }
+        }
+        let mut schema = BatchSchema::new(batch, plan.augmenter())
+            .with_weights(plan.selection().selecting())
+            .with_targets(plan.mixer().map(Mixer::num_classes));
+        if dataset.has_streams() {
+            schema = schema.with_source();
+        }
+        let pool = match pool {
+            Some(pool) => pool,
+            None => SharedPool::new(plan.workers().threads())?,
+        };
+        Pipeline::assemble(plan, Arc::new(dataset), sampler, schema, pool)
+    }
+
+    /// The pipeline of a plan whose dataset is open, sampler dealt and schema laid out.
+    fn assemble(
         plan: Plan,
         dataset: Arc<Mixture>,
         sampler: Sampler,
-        augmenter: Augmenter,
         schema: BatchSchema,
         pool: Arc<SharedPool>,
     ) -> Result<Pipeline, PipelineError> {
@@ -385,26 +589,26 @@ impl Pipeline {
             .map(|_| {
                 Mutex::new(WorkerBuffers {
                     encoded: Vec::new(),
-                    scratch: vec![augmenter.scratch()],
+                    scratch: plan.augmenters().iter().map(|a| a.scratch()).collect(),
                 })
             })
             .collect();
         let n = dataset.len();
-        let sel = &plan.file.selection;
-        let store = match (&plan.infobatch, &plan.state_dir) {
+        let sel = plan.selection();
+        let store = match (sel.infobatch(), sel.state_dir()) {
             (Some(ib), Some(dir)) => {
                 let fingerprint = format!(
                     "n={n} seed={} batch={} world={} shuffle={:?} drop-last={} r={} anneal={} epochs={} score={:?} ema={}",
-                    plan.file.sampling.seed,
-                    plan.file.batch.size,
-                    plan.ranks.world_size,
-                    plan.file.sampling.shuffle,
-                    plan.file.sampling.drop_last,
+                    plan.sampling().seed,
+                    plan.batch_size(),
+                    plan.ranks().world_size(),
+                    plan.sampling().shuffle,
+                    plan.sampling().drop_last,
                     ib.prune_ratio,
                     ib.anneal,
                     ib.epochs,
-                    sel.score,
-                    sel.ema_factor
+                    sel.score(),
+                    sel.ema_factor()
                 );
                 match StateStore::open(dir, fingerprint) {
                     Ok(store) => Some(store),
@@ -421,9 +625,9 @@ impl Pipeline {
         };
         let selector = Selector::new(
             n,
-            plan.file.ring.lanes,
-            Scores::new(n, sel.score, sel.ema_factor),
-            plan.infobatch,
+            plan.ring().lanes(),
+            Scores::new(n, sel.score(), sel.ema_factor()),
+            sel.infobatch().copied(),
             store,
         );
         let params = selector.param_log();
@@ -448,42 +652,15 @@ impl Pipeline {
         Ok(Pipeline {
             dataset,
             sampler,
-            augmenters: vec![augmenter],
-            mixer: None,
-            stream_augmenter: vec![0; streams],
             schema,
             plan,
             pool,
             workers,
             counters: Arc::new(counters),
-            failed_ids: Mutex::new(Vec::new()),
             selector: Mutex::new(selector),
             params,
             pass_warned: AtomicBool::new(false),
         })
-    }
-
-    /// Mixes every batch with `mixer` (the schema must carry its `targets` tensor).
-    pub fn with_mixer(mut self, mixer: Mixer) -> Pipeline {
-        self.mixer = Some(mixer);
-        self
-    }
-
-    /// Gives stream `stream` its own augmenter (`[[source.streams]] augment`), whose output
-    /// has the main augmenter's shape, dtype, layout and normalisation (the plan checked it).
-    pub fn with_stream_augmenter(mut self, stream: usize, augmenter: Augmenter) -> Pipeline {
-        if let Some(slot) = self.stream_augmenter.get_mut(stream) {
-            *slot = self.augmenters.len();
-            for worker in &self.workers {
-                worker
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .scratch
-                    .push(augmenter.scratch());
-            }
-            self.augmenters.push(augmenter);
-        }
-        self
     }
 
     /// Shared counters, for status lines and benchmarks.
@@ -496,14 +673,19 @@ impl Pipeline {
         self.sampler.batches_per_epoch()
     }
 
-    /// The per-sample stage every worker runs (the main one; streams may have their own).
-    pub fn augmenter(&self) -> &Augmenter {
-        &self.augmenters[0]
+    /// The checked plan this pipeline was built from (with its augmenters and mixer).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     /// The datasets served.
     pub fn dataset(&self) -> &Mixture {
         &self.dataset
+    }
+
+    /// The datasets served, shared (for catalogs and tools that outlive a borrow).
+    pub fn shared_dataset(&self) -> Arc<Mixture> {
+        Arc::clone(&self.dataset)
     }
 
     /// The sampler dealing the epochs.
@@ -516,16 +698,91 @@ impl Pipeline {
         &self.schema
     }
 
-    /// Fills one batch into caller-provided tensor buffers (`images`, `labels`, `sample_ids` as
-    /// raw bytes of the schema's dtypes). This is the whole per-batch work, used by the ring
-    /// loop and by `bench`.
+    /// The ring that serves this pipeline's batches: the plan's name, lanes and epochs.
+    pub fn ring_spec(&self) -> RingSpec {
+        let (plan, schema) = (&self.plan, &self.schema);
+        RingSpec {
+            name: plan.name().to_owned(),
+            lanes: plan.ring().lanes(),
+            slots_per_lane: plan.ring().slots_per_lane(),
+            batch_size: plan.batch_size(),
+            tensors: schema.tensors(),
+            drop_last: plan.sampling().drop_last,
+            nhwc: schema.nhwc,
+            selection: plan.selection().selecting(),
+            on_demand: plan.sampling().on_demand,
+            batches_per_epoch: self.batches_per_epoch(),
+            epochs: plan.sampling().epochs,
+            seed: plan.sampling().seed,
+            samples_per_epoch: self.dataset.len(),
+            world_size: plan.ranks().world_size(),
+            first_rank: plan.ranks().first_rank(),
+            epoch_samples: self.sampler.epoch_len(),
+            mean: schema.mean,
+            std: schema.std,
+        }
+    }
+
+    /// How the plan's ring is created beyond its [`RingSpec`]: memory, access, and the resume
+    /// [`fingerprint`](Self::fingerprint).
+    pub fn producer_options(&self) -> ProducerOptions {
+        ProducerOptions {
+            shm_dir: self.plan.ring().shm_dir().map(Into::into),
+            allow_group: self.plan.ring().allow_gid(),
+            fingerprint: Some(self.fingerprint()),
+        }
+    }
+
+    /// What defines this pipeline's epoch order and batches (the ring's resume fingerprint,
+    /// format 1.3).
+    pub fn fingerprint(&self) -> Fingerprint {
+        let plan = &self.plan;
+        let mut augment = Digest::default();
+        augment.str(&format!("{:?}", plan.augment()));
+        for stream in &plan.source().streams {
+            augment.str(&format!("{:?}", stream.augment));
+        }
+        Fingerprint {
+            seed: plan.sampling().seed,
+            dataset: self.dataset.identity_digest(),
+            samples: self.sampler.epoch_len(),
+            shuffle: {
+                let shuffle = serde_json::to_string(&plan.sampling().shuffle).unwrap_or_default();
+                // Repeated augmentation deals the order in chunks of the batch size: a resume
+                // across another count or batch size would be another order, so both belong
+                // to the order's fields here.
+                match &plan.augment().repeated_augment {
+                    Some(r) if r.count > 1 => format!(
+                        "{shuffle} with repeated-augment {} in chunks of {}",
+                        r.count,
+                        plan.batch_size()
+                    ),
+                    _ => shuffle,
+                }
+            },
+            selection: if plan.selection().selecting() {
+                "infobatch"
+            } else {
+                "none"
+            }
+            .to_owned(),
+            world_size: plan.ranks().world_size(),
+            batch_size: plan.batch_size(),
+            drop_last: plan.sampling().drop_last,
+            augment: augment.hex(),
+        }
+    }
+
+    /// Fills one batch (`rank`'s batch at `cursor`) into `tensors` (a ring slot's, or
+    /// [`BatchBuffers`]) and says what happened to it. This is the whole per-batch work, used
+    /// by the ring loop, `bench` and `peek`.
     pub fn fill_batch(
         &self,
         cursor: Cursor,
         rank: u32,
-        tensors: &mut [&mut [u8]],
+        tensors: &mut BatchTensors<'_>,
         ids: &mut Vec<u64>,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<BatchReport, PipelineError> {
         let mut views = Vec::with_capacity(ids.capacity());
         self.sampler
             .batch_views(cursor.epoch, rank, cursor.index, ids, &mut views)?;
@@ -548,21 +805,16 @@ impl Pipeline {
         &self,
         epoch: u64,
         (rank, index): (u32, u64),
-        tensors: &mut [&mut [u8]],
+        tensors: &mut BatchTensors<'_>,
         (ids, views): (&[u64], &[u32]),
         weights: Option<&[f32]>,
         valid: u32,
-    ) -> Result<(), PipelineError> {
-        self.failed_ids
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clear();
-        let (images, rest) = tensors.split_at_mut(1);
-        let images = &mut *images[0];
+    ) -> Result<BatchReport, PipelineError> {
         let sample_bytes = self.schema.sample_bytes();
-        let seed = self.plan.file.sampling.seed;
+        let seed = self.plan.sampling().seed;
 
-        let used: Vec<Result<(u64, i64), PipelineError>> = self.pool.pool.install(|| {
+        let images = tensors.images_mut();
+        let rows: Vec<Result<Row, PipelineError>> = self.pool.pool.install(|| {
             images
                 .par_chunks_mut(sample_bytes)
                 .zip(ids.par_iter())
@@ -579,42 +831,44 @@ impl Pipeline {
                 .collect()
         });
 
-        let labels = &mut *rest[TensorIndex::Labels as usize - 1];
-        let mut sample_ids = Vec::with_capacity(used.len());
-        let mut label_values = Vec::with_capacity(used.len());
-        for (row, result) in used.into_iter().enumerate() {
-            let (id, label) = result?;
-            sample_ids.push(id);
-            label_values.push(label);
-            labels[row * 8..row * 8 + 8].copy_from_slice(&label.to_le_bytes());
+        let mut report = BatchReport::default();
+        let mut sample_ids = Vec::with_capacity(rows.len());
+        let mut labels = Vec::with_capacity(rows.len());
+        for row in rows {
+            let row = row?;
+            sample_ids.push(row.id);
+            labels.push(row.label);
+            report.failures.extend(row.failures);
         }
-        let id_bytes = &mut *rest[TensorIndex::SampleIds as usize - 1];
-        for (row, id) in sample_ids.iter().enumerate() {
-            id_bytes[row * 8..row * 8 + 8].copy_from_slice(&(*id as i64).to_le_bytes());
-        }
-        if self.schema.source {
-            let source = &mut *rest[TensorIndex::Source as usize - 1];
-            for (row, &id) in sample_ids.iter().enumerate() {
-                let stream = self.dataset.stream_of(id);
-                // At most u16::MAX streams: Mixture::open refuses more.
-                source[row * 2..row * 2 + 2].copy_from_slice(&(stream as u16).to_le_bytes());
+        report.written = sample_ids.len() as u64;
+        self.count(&report);
+        tensors.write_rows(TensorIndex::Labels, labels.iter().copied());
+        tensors.write_rows(
+            TensorIndex::SampleIds,
+            sample_ids.iter().map(|&id| id as i64),
+        );
+        if self.schema.has(TensorIndex::Source) {
+            // At most u16::MAX streams: Mixture::open refuses more.
+            let streams: Vec<usize> = sample_ids
+                .iter()
+                .map(|&id| self.dataset.stream_of(id))
+                .collect();
+            tensors.write_rows(TensorIndex::Source, streams.iter().map(|&s| s as u16));
+            for &stream in &streams {
                 if let Some(counter) = self.counters.stream_samples.get(stream) {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        if let (Some(weights), Some(at)) = (weights, self.schema.weights_index()) {
-            let out = &mut *rest[at - 1];
-            for (row, w) in weights.iter().enumerate() {
-                out[row * 4..row * 4 + 4].copy_from_slice(&w.to_le_bytes());
-            }
+        if let Some(weights) = weights {
+            tensors.write_rows(TensorIndex::Weights, weights.iter().copied());
         }
-        if let Some(out) = rest.get_mut(self.schema.valid_index() - 1) {
-            for (row, flag) in out.iter_mut().enumerate() {
-                *flag = u8::from(row < valid as usize);
-            }
-        }
-        if let (Some(mixer), Some(at)) = (&self.mixer, self.schema.targets_index()) {
+        let batch_size = self.schema.batch_size as usize;
+        tensors.write_rows(
+            TensorIndex::Valid,
+            (0..batch_size).map(|row| u8::from(row < valid as usize)),
+        );
+        if let Some(mixer) = self.plan.mixer() {
             let (c, h, w) = self.schema.chw;
             let params = mixer.draw(seed, epoch, rank, index, h as usize, w as usize);
             let geometry = ImageGeometry {
@@ -622,16 +876,29 @@ impl Pipeline {
                 chw: (c as usize, h as usize, w as usize),
                 nhwc: self.schema.nhwc,
             };
-            let rows = label_values.len() * sample_bytes;
-            mixer.apply(&params, &mut images[..rows], geometry);
-            mixer.targets(&params, &label_values, &mut *rest[at - 1]);
+            let rows = labels.len() * sample_bytes;
+            mixer.apply(&params, &mut tensors.images_mut()[..rows], geometry);
+            if let Some(targets) = tensors.tensor_mut(TensorIndex::Targets) {
+                mixer.targets(&params, &labels, targets);
+            }
         }
-        Ok(())
+        Ok(report)
+    }
+
+    /// Adds a filled batch's report to the shared counters the status line reads.
+    fn count(&self, report: &BatchReport) {
+        let c = &self.counters;
+        c.samples_ok.fetch_add(report.written, Ordering::Relaxed);
+        c.samples_skipped
+            .fetch_add(report.skipped(), Ordering::Relaxed);
+        if let (Some(message), Ok(mut last)) = (report.last_error(), c.last_error.lock()) {
+            message.clone_into(&mut last);
+        }
     }
 
     /// Reads and processes `first`, or — if it fails — the next samples of its fixed fallback
     /// chain, which stays within `first`'s stream so a mixture's shares stay exact. Returns
-    /// the id actually written and its label.
+    /// the row: the id actually written, its label, and the samples skipped before it.
     fn fill_sample(
         &self,
         seed: u64,
@@ -639,11 +906,12 @@ impl Pipeline {
         (first, view): (u64, u32),
         out: &mut [u8],
         buffers: &mut WorkerBuffers,
-    ) -> Result<(u64, i64), PipelineError> {
+    ) -> Result<Row, PipelineError> {
         let range = self.dataset.stream_range(first);
         let n = range.end - range.start;
-        let augmenter = self.stream_augmenter[self.dataset.stream_of(first)];
-        let mut last_error = String::new();
+        let at = self.plan.augmenter_index(self.dataset.stream_of(first));
+        let augmenter = &self.plan.augmenters()[at];
+        let mut failures = Vec::new();
         for attempt in 0..FALLBACK_TRIES.min(n) {
             // A stride coprime to nothing in particular: neighbours in the fallback chain are
             // spread over the stream, yet the chain is fixed for a given (first, stream).
@@ -651,8 +919,8 @@ impl Pipeline {
             let label = match self.dataset.label(id) {
                 Ok(label) => label,
                 Err(e) => {
-                    last_error = format!("{}: {e}", self.dataset.describe(id));
-                    self.note_failure(id, &last_error);
+                    let message = format!("{}: {e}", self.dataset.describe(id));
+                    failures.push(skipped(id, SkipReason::Label, message));
                     continue;
                 }
             };
@@ -670,56 +938,47 @@ impl Pipeline {
                         sample_id: id,
                     }
                     .view(view);
-                    let r = self.augmenters[augmenter].process_traced(
+                    let r = augmenter.process_traced(
                         &buffers.encoded,
                         key,
                         out,
-                        &mut buffers.scratch[augmenter],
+                        &mut buffers.scratch[at],
                     );
                     let ns = t1.elapsed().as_nanos() as u64;
                     self.counters.process_ns.fetch_add(ns, Ordering::Relaxed);
                     self.counters.sample_times.record(ns);
                     r.map(|params| self.params.record(id, epoch, &params))
-                        .map_err(|e| format!("{}: {e}", self.dataset.describe(id)))
+                        .map_err(|e| {
+                            (
+                                SkipReason::Process,
+                                format!("{}: {e}", self.dataset.describe(id)),
+                            )
+                        })
                 }
                 // Read errors already name the shard and member.
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err((SkipReason::Read, e.to_string())),
             };
             match result {
                 Ok(()) => {
-                    self.counters.samples_ok.fetch_add(1, Ordering::Relaxed);
-                    return Ok((id, label));
+                    return Ok(Row {
+                        id,
+                        label,
+                        failures,
+                    })
                 }
-                Err(e) => {
-                    last_error = e;
-                    self.note_failure(id, &last_error);
-                }
+                Err((reason, message)) => failures.push(skipped(id, reason, message)),
             }
         }
         Err(PipelineError::NoUsableSample {
             sample_id: first,
             tries: FALLBACK_TRIES.min(n),
-            last_error,
+            last_error: failures.pop().map(|f| f.message).unwrap_or_default(),
         })
-    }
-
-    fn note_failure(&self, id: u64, message: &str) {
-        self.counters
-            .samples_skipped
-            .fetch_add(1, Ordering::Relaxed);
-        self.failed_ids
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(id);
-        log::warn!("skipped sample {message}");
-        if let Ok(mut last) = self.counters.last_error.lock() {
-            message.clone_into(&mut last);
-        }
     }
 
     /// Whether epochs are selected from reported losses (`[selection] mode = "infobatch"`).
     pub fn selecting(&self) -> bool {
-        self.plan.infobatch.is_some()
+        self.plan.selection().selecting()
     }
 
     fn selector(&self) -> std::sync::MutexGuard<'_, Selector> {
@@ -781,7 +1040,7 @@ impl Pipeline {
     /// Whether this is an on-demand (evaluation) ring: lanes produce only the passes their
     /// consumers ask for.
     pub fn on_demand(&self) -> bool {
-        self.plan.file.sampling.on_demand
+        self.plan.sampling().on_demand
     }
 
     /// What `ringfeed stat` and the metrics endpoint show about reported losses.
@@ -817,7 +1076,7 @@ impl Pipeline {
         plans: &mut BTreeMap<u64, Arc<EpochPlan>>,
         announced: &mut [Option<u64>],
     ) -> Result<(), PipelineError> {
-        let epochs = self.plan.file.sampling.epochs;
+        let epochs = self.plan.sampling().epochs;
         for cursor in cursors.iter() {
             let e = cursor.epoch;
             if (epochs > 0 && e >= epochs) || plans.contains_key(&e) {
@@ -831,7 +1090,7 @@ impl Pipeline {
                 .decide(
                     e,
                     self.sampler.full_order(e),
-                    self.plan.file.sampling.seed,
+                    self.plan.sampling().seed,
                     self.sampler.batch_size(),
                     self.sampler.world_size(),
                     self.sampler.drop_last(),
@@ -898,8 +1157,8 @@ impl Pipeline {
         stop: &AtomicBool,
         start: Cursor,
     ) -> Result<(), PipelineError> {
-        let lanes = self.plan.file.ring.lanes;
-        let epochs = self.plan.file.sampling.epochs;
+        let lanes = self.plan.ring().lanes();
+        let epochs = self.plan.sampling().epochs;
         let selecting = self.selecting();
         let full_epoch = self.sampler.batches_per_epoch();
         let mut cursors = vec![start; lanes as usize];
@@ -909,7 +1168,7 @@ impl Pipeline {
         let mut weights = Vec::new();
         let mut finished = false;
         let mut epoch_skips = EpochSkips::new(
-            self.plan.file.workers.max_skip_fraction,
+            self.plan.workers().max_skip_fraction(),
             self.sampler.epoch_len(),
         );
         let mut rechecked_epoch = None;
@@ -1051,16 +1310,14 @@ impl Pipeline {
                 }
                 rechecked_epoch = Some(cursor.epoch);
             }
-            let skipped_before = self.counters.samples_skipped.load(Ordering::Relaxed);
-            let ok_before = self.counters.samples_ok.load(Ordering::Relaxed);
-            let rank = self.plan.ranks.rank(lane);
-            let per_epoch = {
-                let mut tensors = slot.tensors_mut();
+            let rank = self.plan.ranks().rank(lane);
+            let (per_epoch, report) = {
+                let mut tensors = slot.batch_tensors();
                 match plans.get(&cursor.epoch) {
                     Some(plan) if selecting => {
                         plan.batch(rank, cursor.index, &mut ids, &mut weights);
                         let valid = plan.valid_rows(rank, cursor.index);
-                        self.fill_rows(
+                        let report = self.fill_rows(
                             cursor.epoch,
                             (rank, cursor.index),
                             &mut tensors,
@@ -1068,7 +1325,7 @@ impl Pipeline {
                             Some(&weights),
                             valid,
                         )?;
-                        plan.batches()
+                        (plan.batches(), report)
                     }
                     // Every pass of an on-demand ring is epoch 0's batches, whatever its number.
                     _ if on_demand => {
@@ -1076,32 +1333,25 @@ impl Pipeline {
                             epoch: 0,
                             index: cursor.index,
                         };
-                        self.fill_batch(batch, rank, &mut tensors, &mut ids)?;
-                        full_epoch
+                        let report = self.fill_batch(batch, rank, &mut tensors, &mut ids)?;
+                        (full_epoch, report)
                     }
                     _ => {
-                        self.fill_batch(cursor, rank, &mut tensors, &mut ids)?;
-                        full_epoch
+                        let report = self.fill_batch(cursor, rank, &mut tensors, &mut ids)?;
+                        (full_epoch, report)
                     }
                 }
             };
-            let skipped = self.counters.samples_skipped.load(Ordering::Relaxed) - skipped_before;
-            let ok = self.counters.samples_ok.load(Ordering::Relaxed) - ok_before;
-            producer.add_samples(ok, skipped);
-            if skipped > 0 {
-                producer.record_error(&self.counters.last_error());
+            producer.add_samples(report.written, report.skipped());
+            if let Some(message) = report.last_error() {
+                producer.record_error(message);
             }
-            let failed = std::mem::take(
-                &mut *self
-                    .failed_ids
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
+            let failed: Vec<u64> = report.failed_ids().collect();
             epoch_skips.add(cursor.epoch, &failed, &self.counters.last_error())?;
             slot.publish(BatchMeta {
                 epoch: cursor.epoch,
                 index: cursor.index,
-                count: self.plan.file.batch.size,
+                count: self.plan.batch_size(),
                 last_of_epoch: cursor.index + 1 == per_epoch,
             });
             self.counters.batches.fetch_add(1, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Layout, OutDType};
-use super::key::{below, chance, uniform, SampleKey, Stream};
+use super::key::{below_one_draw, chance, uniform, SampleKey, Stream};
 
 /// What erased elements become.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,8 +45,8 @@ impl Eraser {
             if !(eh < h && ew < w) {
                 continue;
             }
-            let top = below(rng, (h - eh + 1) as u64) as usize;
-            let left = below(rng, (w - ew + 1) as u64) as usize;
+            let top = below_one_draw(rng, (h - eh + 1) as u64) as usize;
+            let left = below_one_draw(rng, (w - ew + 1) as u64) as usize;
             return Some((top, left, eh, ew));
         }
         None

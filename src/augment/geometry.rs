@@ -4,7 +4,7 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use super::key::{below, uniform};
+use super::key::{below_one_draw, uniform};
 use crate::decode::Rect;
 
 /// How the shorter side or the whole size is set by `resize`.
@@ -107,8 +107,8 @@ pub(crate) fn random_resized_crop(
         let h = (target_area / aspect).sqrt().round_ties_even();
         if w > 0.0 && h > 0.0 && w <= w_f && h <= h_f {
             let (w, h) = (w as u32, h as u32);
-            let y = below(rng, u64::from(height - h) + 1) as u32;
-            let x = below(rng, u64::from(width - w) + 1) as u32;
+            let y = below_one_draw(rng, u64::from(height - h) + 1) as u32;
+            let x = below_one_draw(rng, u64::from(width - w) + 1) as u32;
             return Rect {
                 x,
                 y,

@@ -98,8 +98,14 @@ pub(crate) fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * u
 }
 
-/// Uniform integer in `[0, n)` (`n ≥ 1`), by 128-bit multiply (bias < 2^-64 · n).
-pub(crate) fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+/// Uniform integer in `[0, n)` (`n ≥ 1`) from **exactly one draw**, by 128-bit multiply and no
+/// rejection (bias below `n / 2^64`): every call advances the operation's stream by one
+/// `u64`, which keeps the later draws of a sample where they are.
+///
+/// Frozen into the output (every augmented pixel): never change it, nor swap it for its
+/// exactly-uniform sibling [`crate::source::sampler::below_rejecting`] (the sampler's), which
+/// may take more than one draw (see "Frozen random numbers" in `docs/sampling.md`).
+pub(crate) fn below_one_draw(rng: &mut ChaCha8Rng, n: u64) -> u64 {
     use rand::Rng;
     ((u128::from(rng.random::<u64>()) * u128::from(n)) >> 64) as u64
 }
@@ -166,8 +172,8 @@ mod tests {
         for _ in 0..10_000 {
             let u = uniform(&mut rng, -2.0, 3.0);
             assert!((-2.0..3.0).contains(&u));
-            assert!(below(&mut rng, 7) < 7);
+            assert!(below_one_draw(&mut rng, 7) < 7);
         }
-        assert_eq!(below(&mut rng, 1), 0);
+        assert_eq!(below_one_draw(&mut rng, 1), 0);
     }
 }

@@ -5,7 +5,7 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use super::key::{below, normal, uniform, SampleKey, Stream};
+use super::key::{below_one_draw, normal, uniform, SampleKey, Stream};
 use super::ops::{self, linspace, Op, OpScratch};
 
 /// Which magnitude table an operation reads (torchvision's `_AUGMENTATION_SPACE`s).
@@ -192,7 +192,7 @@ impl Policy {
                 fill,
             } => {
                 for _ in 0..n {
-                    let op = RAND_OPS[below(&mut rng, RAND_OPS.len() as u64) as usize];
+                    let op = RAND_OPS[below_one_draw(&mut rng, RAND_OPS.len() as u64) as usize];
                     let bin = if m_std > 0.0 {
                         (f64::from(m) + m_std * normal(&mut rng)).clamp(0.0, f64::from(bins - 1))
                     } else {
@@ -214,8 +214,8 @@ impl Policy {
                 }
             }
             Policy::TrivialWide { bins, fill } => {
-                let op = RAND_OPS[below(&mut rng, RAND_OPS.len() as u64) as usize];
-                let bin = below(&mut rng, u64::from(bins)) as f64;
+                let op = RAND_OPS[below_one_draw(&mut rng, RAND_OPS.len() as u64) as usize];
+                let bin = below_one_draw(&mut rng, u64::from(bins)) as f64;
                 run(
                     op,
                     Space::Wide,
@@ -231,7 +231,7 @@ impl Policy {
                 );
             }
             Policy::AutoImagenet { fill } => {
-                let sub = &IMAGENET[below(&mut rng, IMAGENET.len() as u64) as usize];
+                let sub = &IMAGENET[below_one_draw(&mut rng, IMAGENET.len() as u64) as usize];
                 for &(op, p, bin) in sub {
                     if uniform(&mut rng, 0.0, 1.0) < p {
                         run(

@@ -17,7 +17,7 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use crate::augment::key::{batch_rng, below, normal, uniform};
+use crate::augment::key::{batch_rng, below_one_draw, normal, uniform};
 use crate::augment::{check_p, invalid, AugmentConfig, AugmentConfigError};
 use crate::ring::DType;
 
@@ -191,8 +191,8 @@ impl Mixer {
         }
         let ratio = (1.0 - lam).sqrt();
         let (cut_h, cut_w) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
-        let cy = below(&mut rng, h as u64) as usize;
-        let cx = below(&mut rng, w as u64) as usize;
+        let cy = below_one_draw(&mut rng, h as u64) as usize;
+        let cx = below_one_draw(&mut rng, w as u64) as usize;
         let y0 = cy.saturating_sub(cut_h / 2);
         let y1 = (cy + cut_h / 2).min(h);
         let x0 = cx.saturating_sub(cut_w / 2);

@@ -5,32 +5,33 @@
 //! (`i64 [B]`) and `sample_ids` (`i64 [B]`, the sample's position in the dataset); a mixture of
 //! datasets adds `source` (`u16 [B]`, each sample's stream), and `[selection]` on adds
 //! `weights` after it (`f32 [B]`, the factor a trainer multiplies each sample's loss by: 1, or
-//! `1 / (1 - prune-ratio)` for kept well-learned samples; see [`BatchSchema::weights_index`]).
+//! `1 / (1 - prune-ratio)` for kept well-learned samples).
 //! Then comes `valid` (`u8 [B]`, since format 1.3): 1 for a sample's first occurrence in the
 //! epoch on this job's ranks, 0 for a padding row that repeats the epoch's start
-//! (`drop-last = false`); see [`BatchSchema::valid_index`]. Batch mixing (`mixup` / `cutmix`,
-//! `mix.rs`) adds `targets` after it, last (`f32 [B, num_classes]`, rows summing to 1; see
-//! [`BatchSchema::targets_index`]).
+//! (`drop-last = false`). Batch mixing (`mixup` / `cutmix`, `mix.rs`) adds `targets` after it,
+//! last (`f32 [B, num_classes]`, rows summing to 1).
+//!
+//! # Brief overview
+//!
+//! - [`TensorIndex`] (`tensors.rs`) names every tensor a batch may hold, with its ring name and
+//!   dtype; [`BatchSchema`] says which of them a batch holds ([`BatchSchema::has`]) and so
+//!   where each sits ([`BatchSchema::position`]).
+//! - [`BatchTensors`] are one batch's tensors by name, written through typed row views
+//!   ([`BatchTensors::write_rows`]): no tensor is found by position arithmetic.
+//! - Filling a batch returns a [`BatchReport`] (`report.rs`): rows written, samples skipped
+//!   and why.
+//! - [`Mixer`] (`mix.rs`) mixes a filled batch (mixup / cutmix) and writes its `targets`.
 
 mod mix;
+mod report;
+mod tensors;
 
 pub use mix::{ImageGeometry, MixParams, Mixer};
+pub use report::{BatchReport, SampleFailure, SkipReason};
+pub use tensors::{BatchTensors, Element, Rows, TensorIndex};
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};
-
-/// Position of each tensor in the schema (and in the ring's tensor table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorIndex {
-    /// `images`
-    Images = 0,
-    /// `labels`
-    Labels = 1,
-    /// `sample_ids`
-    SampleIds = 2,
-    /// `source` (mixtures only)
-    Source = 3,
-}
 
 /// The shape of one batch, derived from the batch size and the augmenter's output.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,25 +86,34 @@ impl BatchSchema {
         }
     }
 
-    /// Position of the `targets` tensor (last, after `valid`), if any.
-    pub fn targets_index(&self) -> Option<usize> {
-        self.targets.map(|_| self.valid_index() + 1)
-    }
-
     /// The same schema with (or without) the `weights` tensor.
     pub fn with_weights(self, weights: bool) -> BatchSchema {
         BatchSchema { weights, ..self }
     }
 
-    /// Position of the `valid` tensor: the last one, or the one before `targets`.
-    pub fn valid_index(&self) -> usize {
-        TensorIndex::SampleIds as usize + 1 + usize::from(self.source) + usize::from(self.weights)
+    /// Whether this schema's batches carry tensor `t`.
+    pub fn has(&self, t: TensorIndex) -> bool {
+        match t {
+            TensorIndex::Images
+            | TensorIndex::Labels
+            | TensorIndex::SampleIds
+            | TensorIndex::Valid => true,
+            TensorIndex::Source => self.source,
+            TensorIndex::Weights => self.weights,
+            TensorIndex::Targets => self.targets.is_some(),
+        }
     }
 
-    /// Position of the `weights` tensor (after `source` when there is one), if any.
-    pub fn weights_index(&self) -> Option<usize> {
-        self.weights
-            .then_some(TensorIndex::SampleIds as usize + 1 + usize::from(self.source))
+    /// Tensor `t`'s position in the slot (and in the ring's tensor table), if the batch
+    /// carries it: the tensors it carries, in [`TensorIndex::ALL`]'s order.
+    pub fn position(&self, t: TensorIndex) -> Option<usize> {
+        self.has(t).then(|| {
+            TensorIndex::ALL
+                .iter()
+                .take_while(|&&other| other != t)
+                .filter(|&&other| self.has(other))
+                .count()
+        })
     }
 
     /// The same schema with a `source` tensor (a mixture of datasets).
@@ -122,61 +132,31 @@ impl BatchSchema {
 
     /// The ring's tensor table for this schema.
     pub fn tensors(&self) -> Vec<TensorSpec> {
+        TensorIndex::ALL
+            .into_iter()
+            .filter(|&t| self.has(t))
+            .map(|t| TensorSpec {
+                name: t.name().to_owned(),
+                dtype: t.dtype().unwrap_or(self.image_dtype),
+                shape: self.shape(t),
+            })
+            .collect()
+    }
+
+    /// Tensor `t`'s shape, batch dimension first.
+    fn shape(&self, t: TensorIndex) -> Vec<u64> {
         let b = u64::from(self.batch_size);
         let (c, h, w) = (
             u64::from(self.chw.0),
             u64::from(self.chw.1),
             u64::from(self.chw.2),
         );
-        let image_shape = if self.nhwc {
-            vec![b, h, w, c]
-        } else {
-            vec![b, c, h, w]
-        };
-        let mut tensors = vec![
-            TensorSpec {
-                name: "images".to_owned(),
-                dtype: self.image_dtype,
-                shape: image_shape,
-            },
-            TensorSpec {
-                name: "labels".to_owned(),
-                dtype: DType::I64,
-                shape: vec![b],
-            },
-            TensorSpec {
-                name: "sample_ids".to_owned(),
-                dtype: DType::I64,
-                shape: vec![b],
-            },
-        ];
-        if self.source {
-            tensors.push(TensorSpec {
-                name: "source".to_owned(),
-                dtype: DType::U16,
-                shape: vec![b],
-            });
+        match t {
+            TensorIndex::Images if self.nhwc => vec![b, h, w, c],
+            TensorIndex::Images => vec![b, c, h, w],
+            TensorIndex::Targets => vec![b, u64::from(self.targets.unwrap_or(0))],
+            _ => vec![b],
         }
-        if self.weights {
-            tensors.push(TensorSpec {
-                name: "weights".to_owned(),
-                dtype: DType::F32,
-                shape: vec![b],
-            });
-        }
-        tensors.push(TensorSpec {
-            name: "valid".to_owned(),
-            dtype: DType::U8,
-            shape: vec![b],
-        });
-        if let Some(classes) = self.targets {
-            tensors.push(TensorSpec {
-                name: "targets".to_owned(),
-                dtype: DType::F32,
-                shape: vec![b, u64::from(classes)],
-            });
-        }
-        tensors
     }
 }
 
@@ -207,52 +187,69 @@ mod tests {
             weights: false,
             targets: None,
         };
+        let at = |schema: &BatchSchema, t| schema.position(t).unwrap();
         let t = s.tensors();
         assert_eq!(t.len(), 4);
-        assert_eq!(s.valid_index(), 3);
+        assert_eq!(at(&s, TensorIndex::Valid), 3);
         assert_eq!((t[3].name.as_str(), t[3].dtype), ("valid", DType::U8));
-        assert_eq!(t[TensorIndex::Images as usize].shape, vec![4, 3, 8, 6]);
-        assert_eq!(t[TensorIndex::Labels as usize].name, "labels");
-        assert_eq!(t[TensorIndex::SampleIds as usize].dtype, DType::I64);
+        assert_eq!(at(&s, TensorIndex::Images), 0);
+        assert_eq!(t[0].shape, vec![4, 3, 8, 6]);
+        assert_eq!(t[at(&s, TensorIndex::Labels)].name, "labels");
+        assert_eq!(at(&s, TensorIndex::SampleIds), 2);
+        assert_eq!(t[2].dtype, DType::I64);
         assert_eq!(s.sample_bytes(), 3 * 8 * 6 * 4);
         let nhwc = BatchSchema {
             nhwc: true,
             ..s.clone()
         };
         assert_eq!(nhwc.tensors()[0].shape, vec![4, 8, 6, 3]);
-        let mixed = nhwc.with_source().tensors();
-        assert_eq!(mixed[TensorIndex::Source as usize].name, "source");
-        assert_eq!(mixed[TensorIndex::Source as usize].dtype, DType::U16);
-        assert_eq!(mixed[TensorIndex::Source as usize].shape, vec![4]);
+        let mixed = nhwc.with_source();
+        let source = at(&mixed, TensorIndex::Source);
+        assert_eq!(source, 3);
+        let t = mixed.tensors();
+        assert_eq!(t[source].name, "source");
+        assert_eq!(t[source].dtype, DType::U16);
+        assert_eq!(t[source].shape, vec![4]);
         for source in [false, true] {
             let schema = BatchSchema {
                 source,
                 ..s.clone()
             }
             .with_weights(true);
-            let at = schema.weights_index().unwrap();
+            let w = at(&schema, TensorIndex::Weights);
             let t = schema.tensors();
             assert_eq!(
-                (at, t.len()),
+                (w, t.len()),
                 (3 + usize::from(source), 5 + usize::from(source))
             );
-            assert_eq!((t[at].name.as_str(), t[at].dtype), ("weights", DType::F32));
-            assert_eq!(t[schema.valid_index()].name, "valid");
-            assert_eq!(schema.valid_index(), t.len() - 1);
+            assert_eq!((t[w].name.as_str(), t[w].dtype), ("weights", DType::F32));
+            assert_eq!(t[at(&schema, TensorIndex::Valid)].name, "valid");
+            assert_eq!(at(&schema, TensorIndex::Valid), t.len() - 1);
         }
-        assert_eq!(s.weights_index(), None);
+        assert_eq!(s.position(TensorIndex::Weights), None);
+        assert_eq!(s.position(TensorIndex::Source), None);
         let all = s
             .clone()
             .with_source()
             .with_weights(true)
             .with_targets(Some(7));
-        let at = all.targets_index().unwrap();
+        let targets = at(&all, TensorIndex::Targets);
         let t = all.tensors();
-        assert_eq!((at, t.len(), all.valid_index()), (6, 7, 5));
+        assert_eq!((targets, t.len(), at(&all, TensorIndex::Valid)), (6, 7, 5));
         assert_eq!(
-            (t[at].name.as_str(), t[at].dtype, t[at].shape.clone()),
+            (
+                t[targets].name.as_str(),
+                t[targets].dtype,
+                t[targets].shape.clone()
+            ),
             ("targets", DType::F32, vec![4, 7])
         );
-        assert_eq!(s.targets_index(), None);
+        assert_eq!(s.position(TensorIndex::Targets), None);
+        // Every position names its tensor in the table.
+        for t in TensorIndex::ALL {
+            if let Some(p) = all.position(t) {
+                assert_eq!(all.tensors()[p].name, t.name());
+            }
+        }
     }
 }

@@ -14,11 +14,11 @@ use anyhow::Context as _;
 use clap::Args;
 use ringfeed::augment::SampleKey;
 use ringfeed::decode::{DecodeRequest, Decoder};
-use ringfeed::pipeline::Cursor;
+use ringfeed::pipeline::{Cursor, Pipeline};
 use ringfeed::ring::{AttachOptions, Consumer, Producer, RingSpec, RuntimeDir};
 use ringfeed::source::{Mixture, SourceKind};
 
-use super::common::{build_stages, resolve_plan, PlanArgs};
+use super::common::{resolve_plan, PlanArgs};
 
 /// Flags of `ringfeed bench`.
 #[derive(Debug, Args)]
@@ -50,20 +50,21 @@ pub(crate) struct BenchArgs {
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.repeats >= 1, "--repeats must be at least 1");
     anyhow::ensure!(args.batches >= 2, "--batches must be at least 2");
-    let plan = resolve_plan(&args.plan)?;
-    let stages = build_stages(&plan)?;
-    let dataset = &stages.dataset;
-    let augmenter = stages.pipeline.augmenter();
+    let pipeline = Pipeline::from_plan(resolve_plan(&args.plan)?)?;
+    let plan = pipeline.plan();
+    let dataset = pipeline.dataset();
+    let augmenter = plan.augmenter();
+    let threads = plan.workers().threads();
     let ids: Vec<u64> = (0..dataset.len().min(args.samples as u64)).collect();
-    let seed = plan.file.sampling.seed;
+    let seed = plan.sampling().seed;
 
     println!(
         "ringfeed bench: {} samples in the dataset, {} used for stage timings, {} repeats, {} workers, batch {}",
         dataset.len(),
         ids.len(),
         args.repeats,
-        plan.threads,
-        plan.file.batch.size
+        threads,
+        plan.batch_size()
     );
 
     // Stage timings, one core (this thread), warm page cache.
@@ -76,7 +77,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         encoded.push(buf);
     }
     let read = median_rate(args.repeats, ids.len(), || read_all(dataset, &ids));
-    let mut decoder = Decoder::new(plan.file.augment.max_pixels);
+    let mut decoder = Decoder::new(plan.augment().max_pixels);
     let (decode, decode_cpu) = wall_and_cpu_rates(args.repeats, ids.len(), || {
         for bytes in &encoded {
             if let Ok(info) = decoder.probe(bytes) {
@@ -110,21 +111,21 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("| {name} | {rate:.0} | {:.1} |", 1e6 / rate);
     }
     if let Some(specs) = &args.baseline_shards {
-        compare_with_baseline(&plan, &stages, specs, args.samples as u64, args.repeats)?;
+        compare_with_baseline(&pipeline, specs, args.samples as u64, args.repeats)?;
     }
     if args.stages_only {
         return Ok(ExitCode::SUCCESS);
     }
-    let end_to_end = end_to_end(&plan, &stages, args.batches, args.repeats)?;
-    let floor = decode * plan.threads as f64;
+    let end_to_end = end_to_end(&pipeline, args.batches, args.repeats)?;
+    let floor = decode * threads as f64;
     println!();
     println!(
         "end to end through the ring, {} workers: {:.0} images/s (median of {})",
-        plan.threads, end_to_end, args.repeats
+        threads, end_to_end, args.repeats
     );
     println!(
         "decode floor (full decode × {} workers): {floor:.0} images/s → ringfeed reaches {:.0} % of it",
-        plan.threads,
+        threads,
         end_to_end / floor * 100.0
     );
     Ok(ExitCode::SUCCESS)
@@ -133,21 +134,21 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 /// Prints the per-sample CPU time of the whole per-sample work on this dataset and on the
 /// `specs` shards (plaintext, no key), interleaved in every repetition, and their difference.
 fn compare_with_baseline(
-    plan: &ringfeed::config::Plan,
-    stages: &super::common::Stages,
+    pipeline: &Pipeline,
     specs: &[String],
     samples: u64,
     repeats: usize,
 ) -> anyhow::Result<()> {
-    let mut cfg = plan.file.source.clone();
+    let plan = pipeline.plan();
+    let mut cfg = plan.source().clone();
     cfg.kind = SourceKind::Tar;
     cfg.shards = specs.to_vec();
     cfg.key_file = None;
     cfg.streams = Vec::new();
-    let baseline = Mixture::open(&cfg, &plan.base_dir)
+    let baseline = Mixture::open(&cfg, plan.base_dir())
         .with_context(|| format!("cannot open --baseline-shards {}", specs.join(" ")))?;
-    let dataset = &stages.dataset;
-    let augmenter = stages.pipeline.augmenter();
+    let dataset = pipeline.dataset();
+    let augmenter = plan.augmenter();
     let ids = |d: &Mixture| (0..d.len().min(samples)).collect::<Vec<u64>>();
     let (ids_a, ids_b) = (ids(dataset), ids(&baseline));
     if ids_a.len() != ids_b.len() {
@@ -160,7 +161,7 @@ fn compare_with_baseline(
     let mut scratch = augmenter.scratch();
     let mut out = vec![0u8; augmenter.sample_bytes()];
     let mut buf = Vec::new();
-    let seed = plan.file.sampling.seed;
+    let seed = plan.sampling().seed;
     let mut per_sample = |d: &Mixture, ids: &[u64]| {
         let before = thread_cpu_seconds();
         for &id in ids {
@@ -244,13 +245,7 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// Serves into a private ring while a consumer thread takes and releases batches; returns the
 /// median images/s over `repeats` windows of `batches` batches each (after one warm-up batch).
-fn end_to_end(
-    plan: &ringfeed::config::Plan,
-    stages: &super::common::Stages,
-    batches: u64,
-    repeats: usize,
-) -> anyhow::Result<f64> {
-    let pipeline = &stages.pipeline;
+fn end_to_end(pipeline: &Pipeline, batches: u64, repeats: usize) -> anyhow::Result<f64> {
     let dir = RuntimeDir::from_env()?;
     let name = format!("bench-{}", std::process::id());
     // A private, unbounded single-lane ring: the consumer below stops the run.
@@ -258,7 +253,7 @@ fn end_to_end(
         name: name.clone(),
         lanes: 1,
         epochs: 0,
-        ..stages.ring_spec(plan)
+        ..pipeline.ring_spec()
     };
     let producer = Producer::create(&spec, &dir)?;
     let stop = Arc::new(AtomicBool::new(false));

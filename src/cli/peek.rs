@@ -18,13 +18,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use image::{Rgb, RgbImage};
-use ringfeed::pipeline::Cursor;
+use ringfeed::batch::TensorIndex;
+use ringfeed::pipeline::{BatchBuffers, Cursor, Pipeline};
 use ringfeed::ring::{DType, Observer, RuntimeDir};
 
 use super::caption::{
     dataset_classes, draw_text, label_text, read_classes, text_width, Classes, LINE_H,
 };
-use super::common::{build_stages, resolve_plan, PlanArgs};
+use super::common::{resolve_plan, PlanArgs};
 
 /// Flags of `ringfeed peek`.
 #[derive(Debug, Args)]
@@ -167,41 +168,37 @@ fn say_classes(classes: Option<&Classes>) {
 }
 
 fn from_config(args: &PeekArgs) -> anyhow::Result<RgbImage> {
-    let plan = resolve_plan(&args.plan)?;
-    let stages = build_stages(&plan)?;
+    let pipeline = Pipeline::from_plan(resolve_plan(&args.plan)?)?;
+    let plan = pipeline.plan();
     let classes = match &args.classes {
         Some(path) => Some((read_classes(path)?, path.display().to_string())),
-        None => dataset_classes(&plan.file.source, &plan.base_dir, &stages.dataset)?,
+        None => dataset_classes(plan.source(), plan.base_dir(), pipeline.dataset())?,
     };
     say_classes(classes.as_ref());
-    let pipeline = &stages.pipeline;
     let schema = pipeline.schema();
-    let mut buffers: Vec<Vec<u8>> = schema
-        .tensors()
-        .iter()
-        .map(|t| vec![0u8; t.shape.iter().product::<u64>() as usize * t.dtype.size()])
-        .collect();
-    let mut slices: Vec<&mut [u8]> = buffers.iter_mut().map(|b| b.as_mut_slice()).collect();
+    let mut batch = BatchBuffers::new(schema);
     let mut ids = Vec::new();
     let cursor = Cursor {
         epoch: args.epoch,
         index: args.index,
     };
-    pipeline.fill_batch(cursor, plan.ranks.rank(args.lane), &mut slices, &mut ids)?;
+    let rank = plan.ranks().rank(args.lane);
+    pipeline.fill_batch(cursor, rank, &mut batch.tensors(), &mut ids)?;
+    let tensor = |t| batch.get(t).unwrap_or_default();
     render_grid(&BatchImages {
-        images: &buffers[0],
+        images: tensor(TensorIndex::Images),
         dtype: schema.image_dtype,
         chw: schema.chw,
         nhwc: schema.nhwc,
         mean: schema.mean,
         std: schema.std,
-        labels: &buffers[1],
-        ids: &buffers[2],
+        labels: tensor(TensorIndex::Labels),
+        ids: tensor(TensorIndex::SampleIds),
         classes: classes.as_ref().map(|(names, _)| names.as_slice()),
-        targets: schema
-            .targets_index()
+        targets: batch
+            .get(TensorIndex::Targets)
             .zip(schema.targets)
-            .map(|(at, n)| (&buffers[at][..], n as usize)),
+            .map(|(bytes, n)| (bytes, n as usize)),
     })
 }
 

@@ -170,7 +170,7 @@ fn class_names(
     shard_dir: Option<&Path>,
     index: &PackIndex,
 ) -> anyhow::Result<Option<(Vec<String>, String)>> {
-    match &plan.file.source.classes {
+    match &plan.source().classes {
         Some(ClassNames::List(names)) => {
             return Ok(Some((
                 check_names(names.clone(), "[source] classes")?,
@@ -178,7 +178,7 @@ fn class_names(
             )))
         }
         Some(ClassNames::File(path)) => {
-            let path = plan.base_dir.join(path);
+            let path = plan.base_dir().join(path);
             return Ok(Some((
                 read_classes_file(&path)?,
                 path.display().to_string(),

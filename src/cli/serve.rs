@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use ringfeed::pipeline::Cursor;
-use ringfeed::ring::{Producer, ProducerOptions, RuntimeDir};
+use ringfeed::pipeline::{Cursor, Pipeline, SharedPool};
+use ringfeed::ring::{Producer, RuntimeDir};
 
-use ringfeed::pipeline::SharedPool;
-
-use super::common::{build_stages_in, resolve_plans, PlanArgs};
+use super::common::{resolve_plans, PlanArgs};
 use super::metrics::RingCollector;
 use super::metrics_http::MetricsServer;
 use super::status::{EpochShape, StatusReporter};
@@ -60,10 +58,10 @@ fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|_| format!("{s:?} is neither a port (binds 127.0.0.1) nor IP:PORT"))
 }
 
-/// One ring of the daemon: its stages, its producer and its own stop flag.
+/// One ring of the daemon: its pipeline (with the plan it was built from), its producer and
+/// its own stop flag.
 struct Ring {
-    plan: ringfeed::config::Plan,
-    stages: super::common::Stages,
+    pipeline: Pipeline,
     spec: ringfeed::ring::RingSpec,
     producer: Arc<Producer>,
     /// Set to stop this ring's pipeline (by the daemon's stop, or, with --exit-when-done, by
@@ -81,12 +79,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let plans = resolve_plans(&args.plan)?;
     if args.exit_when_done {
         anyhow::ensure!(
-            plans.iter().any(|p| !p.file.sampling.on_demand),
+            plans.iter().any(|p| !p.sampling().on_demand),
             "--exit-when-done needs a ring that ends: an on-demand ring serves passes until stopped"
         );
-        for plan in plans.iter().filter(|p| !p.file.sampling.on_demand) {
+        for plan in plans.iter().filter(|p| !p.sampling().on_demand) {
             anyhow::ensure!(
-                plan.file.sampling.epochs > 0,
+                plan.sampling().epochs > 0,
                 "--exit-when-done needs a bounded number of epochs (--epochs N or [sampling] epochs) \
                  for ring '{}'",
                 plan.name()
@@ -122,32 +120,34 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         })?;
     }
-    let threads = plans.iter().map(|p| p.threads).max().unwrap_or(1);
+    let threads = plans
+        .iter()
+        .map(|p| p.workers().threads())
+        .max()
+        .unwrap_or(1);
     let pool = SharedPool::new(threads)?;
-    let mut stages = Vec::with_capacity(plans.len());
-    for plan in &plans {
-        stages.push(build_stages_in(plan, Some(Arc::clone(&pool)))?);
+    let mut pipelines = Vec::with_capacity(plans.len());
+    for plan in plans {
+        pipelines.push(Pipeline::from_plan_in(plan, Arc::clone(&pool))?);
     }
     let dir = RuntimeDir::from_env()?;
     ring_exists.store(true, Ordering::SeqCst);
-    let mut rings = Vec::with_capacity(plans.len());
-    for (plan, stages) in plans.into_iter().zip(stages) {
-        let spec = stages.ring_spec(&plan);
-        let options = ProducerOptions {
-            shm_dir: plan.file.ring.shm_dir.clone(),
-            allow_group: plan.allow_gid,
-            fingerprint: Some(stages.fingerprint(&plan)),
-        };
-        let producer = Arc::new(Producer::create_with(&spec, &dir, &options)?);
-        note_index_skips(&stages, &producer);
+    let mut rings = Vec::with_capacity(pipelines.len());
+    for pipeline in pipelines {
+        let spec = pipeline.ring_spec();
+        let producer = Arc::new(Producer::create_with(
+            &spec,
+            &dir,
+            &pipeline.producer_options(),
+        )?);
+        note_index_skips(&pipeline, &producer);
         producer.set_catalog(super::provenance::catalog(
-            &plan,
-            Arc::clone(&stages.dataset),
+            pipeline.plan(),
+            pipeline.shared_dataset(),
         ));
-        set_info_extra(&stages, &producer);
+        set_info_extra(&pipeline, &producer);
         rings.push(Ring {
-            plan,
-            stages,
+            pipeline,
             spec,
             producer,
             stop: Arc::new(AtomicBool::new(false)),
@@ -173,7 +173,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let registries = rings
                 .iter()
                 .map(|r| {
-                    RingCollector::new(Arc::clone(&r.producer), r.stages.pipeline.counters())
+                    RingCollector::new(Arc::clone(&r.producer), r.pipeline.counters())
                         .into_registry()
                 })
                 .collect();
@@ -182,7 +182,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     for ring in &rings {
         let spec = &ring.spec;
-        if ring.plan.world_size_assumed {
+        if ring.pipeline.plan().ranks().world_size_assumed() {
             log::warn!(
                 "WORLD SIZE ASSUMED: {lanes} lanes and no world size given (--world-size, [distributed] \
                  world-size or WORLD_SIZE): serving ranks 0..{lanes} of world size {lanes}, a \
@@ -212,8 +212,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             } else {
                 String::new()
             },
-            rank_range(ring.plan.ranks.first_rank, spec.lanes),
-            ring.plan.ranks.world_size,
+            rank_range(ring.pipeline.plan().ranks().first_rank(), spec.lanes),
+            ring.pipeline.plan().ranks().world_size(),
             spec.name,
         );
     }
@@ -222,8 +222,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .map(|ring| {
             StatusReporter::spawn(
                 Arc::clone(&ring.producer),
-                ring.stages.pipeline.counters(),
-                Duration::from_secs_f64(ring.plan.file.workers.status_interval_s),
+                ring.pipeline.counters(),
+                ring.pipeline.plan().workers().status_interval(),
                 Arc::clone(&ring.stop),
                 (args.exit_when_done && !ring.spec.on_demand)
                     .then(|| Duration::from_secs_f64(args.linger)),
@@ -244,7 +244,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|ring| {
                 scope.spawn(|| {
-                    let result = ring.stages.pipeline.serve(
+                    let result = ring.pipeline.serve(
                         &ring.producer,
                         &ring.stop,
                         Cursor { epoch: 0, index: 0 },
@@ -319,13 +319,12 @@ fn supervise(rings: &[Ring], stop: &AtomicBool, exit_when_done: bool) {
 /// Samples skipped while indexing (bad or out-of-range labels, …) never reach the pipeline:
 /// counts them once in the ring's skip counter and names the first in its last error, so
 /// `stat`, the metrics and the status line show them with the log.
-fn note_index_skips(stages: &super::common::Stages, producer: &Producer) {
-    let issues = stages.dataset.skipped_at_index();
+fn note_index_skips(pipeline: &Pipeline, producer: &Producer) {
+    let issues = pipeline.dataset().skipped_at_index();
     if let Some(first) = issues.first() {
         let n = issues.len() as u64;
         producer.add_samples(0, n);
-        stages
-            .pipeline
+        pipeline
             .counters()
             .samples_skipped
             .fetch_add(n, Ordering::Relaxed);
@@ -339,14 +338,13 @@ fn note_index_skips(stages: &super::common::Stages, producer: &Producer) {
 }
 
 /// A mixture's streams in the `info` reply: `ringfeed stat` reads their served counts there.
-fn set_info_extra(stages: &super::common::Stages, producer: &Producer) {
-    if !stages.dataset.has_streams() {
+fn set_info_extra(pipeline: &Pipeline, producer: &Producer) {
+    if !pipeline.dataset().has_streams() {
         return;
     }
-    let pipeline = &stages.pipeline;
     let counters = pipeline.counters();
-    let fixed: Vec<(f64, u64)> = stages
-        .dataset
+    let fixed: Vec<(f64, u64)> = pipeline
+        .dataset()
         .streams()
         .iter()
         .zip(pipeline.sampler().stream_draws())

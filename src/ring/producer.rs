@@ -1269,6 +1269,24 @@ impl SlotWriter<'_> {
     }
 }
 
+/// The slot's tensors by name, as the batch side writes them ([`crate::batch::BatchTensors`]):
+/// a tensor is found by its name in the ring's tensor table, never by its position.
+impl SlotWriter<'_> {
+    /// Tensor `t`'s bytes in the slot (zero copy); `None` when this ring's batches do not
+    /// carry it.
+    pub fn tensor_mut(&mut self, t: crate::batch::TensorIndex) -> Option<&mut [u8]> {
+        let at = self.shared.layout.tensor_index(t.name())?;
+        Some(self.tensor_bytes_mut(at))
+    }
+
+    /// Every tensor of the slot at once, by name, with typed row writers.
+    pub fn batch_tensors(&mut self) -> crate::batch::BatchTensors<'_> {
+        let shared = self.shared;
+        let names = shared.layout.tensors.iter().map(|t| t.name.as_str());
+        crate::batch::BatchTensors::from_named(names.zip(self.tensors_mut()))
+    }
+}
+
 impl Drop for SlotWriter<'_> {
     fn drop(&mut self) {
         if !self.done {

@@ -322,7 +322,4 @@ pub enum SamplerError {
         /// Batches per epoch and rank.
         batches: u64,
     },
-    /// A rank variable (env or flag) is malformed or inconsistent.
-    #[error("rank layout: {0}")]
-    Layout(String),
 }

@@ -48,5 +48,5 @@ pub use dataset::Dataset;
 pub use error::{IndexIssue, IssueReason, SampleReadError, SamplerError, SourceError};
 pub use index::{build_index, load_or_build_index, write_index, LoadedIndex, ShardIndex};
 pub use mixture::{Mixture, Stream};
-pub use sampler::{RankFlags, RankLayout, Sampler, StreamShare};
+pub use sampler::{Sampler, StreamShare};
 pub use spec::expand_shards;

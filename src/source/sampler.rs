@@ -435,7 +435,7 @@ pub fn epoch_order(
                 if buffer.len() < capacity {
                     buffer.push(id);
                 } else {
-                    let k = below(&mut rng, capacity as u64) as usize;
+                    let k = below_rejecting(&mut rng, capacity as u64) as usize;
                     order.push(std::mem::replace(&mut buffer[k], id));
                 }
             }
@@ -535,104 +535,26 @@ fn epoch_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
 /// change when `rand`'s range-sampling algorithms change.
 fn shuffle_slice<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
     for i in (1..items.len()).rev() {
-        let j = below(rng, i as u64 + 1) as usize;
+        let j = below_rejecting(rng, i as u64 + 1) as usize;
         items.swap(i, j);
     }
 }
 
-/// A uniform integer in `0..bound` (`bound > 0`): Lemire's multiply-shift with rejection.
-fn below(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
+/// A uniform integer in `0..bound` (`bound > 0`): Lemire's multiply-shift **with rejection**,
+/// so exactly uniform, at the cost of a variable number of draws (a rejected draw takes
+/// another `next_u64`). The sampler's shuffles and the selection's draws use it.
+///
+/// Frozen into the output (the order of every epoch): never change how many draws it takes or
+/// what it returns. Its single-draw sibling, [`crate::augment::key::below_one_draw`], drives
+/// augmentation and is frozen too; the two differ on purpose and must not be merged (see
+/// "Frozen random numbers" in `docs/sampling.md`).
+pub(crate) fn below_rejecting(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
     let threshold = bound.wrapping_neg() % bound;
     loop {
         let wide = u128::from(rng.next_u64()) * u128::from(bound);
         if (wide as u64) >= threshold {
             return (wide >> 64) as u64;
         }
-    }
-}
-
-/// Where this process sits among the training ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RankLayout {
-    /// Global rank (`RANK`).
-    pub rank: u32,
-    /// Number of ranks (`WORLD_SIZE`).
-    pub world_size: u32,
-    /// Rank within this node (`LOCAL_RANK`).
-    pub local_rank: u32,
-    /// Ranks on this node (`LOCAL_WORLD_SIZE`).
-    pub local_world_size: u32,
-}
-
-/// Command-line values that override the rank environment variables.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RankFlags {
-    /// Overrides `RANK`.
-    pub rank: Option<u32>,
-    /// Overrides `WORLD_SIZE`.
-    pub world_size: Option<u32>,
-    /// Overrides `LOCAL_RANK`.
-    pub local_rank: Option<u32>,
-    /// Overrides `LOCAL_WORLD_SIZE`.
-    pub local_world_size: Option<u32>,
-}
-
-impl RankLayout {
-    /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK` and `LOCAL_WORLD_SIZE` (as set by torchrun),
-    /// each overridden by its flag; see [`RankLayout::resolve`] for defaults and checks.
-    pub fn from_env_or(flags: &RankFlags) -> Result<RankLayout, SamplerError> {
-        Self::resolve(flags, |k| std::env::var(k).ok())
-    }
-
-    /// Resolves the layout from `flags`, then `env`, then defaults: world size 1, rank 0, local
-    /// world size = world size (one node), local rank = rank modulo local world size.
-    pub fn resolve(
-        flags: &RankFlags,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<RankLayout, SamplerError> {
-        let get = |flag: Option<u32>, var: &str| -> Result<Option<u32>, SamplerError> {
-            if flag.is_some() {
-                return Ok(flag);
-            }
-            match env(var).filter(|v| !v.trim().is_empty()) {
-                None => Ok(None),
-                Some(v) => v.trim().parse().map(Some).map_err(|_| {
-                    SamplerError::Layout(format!("{var}={v:?} is not a non-negative integer"))
-                }),
-            }
-        };
-        let world_size = get(flags.world_size, "WORLD_SIZE")?.unwrap_or(1);
-        let rank = get(flags.rank, "RANK")?.unwrap_or(0);
-        let local_world_size =
-            get(flags.local_world_size, "LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
-        if world_size == 0 || local_world_size == 0 {
-            return Err(SamplerError::Layout(
-                "world sizes must be at least 1".to_owned(),
-            ));
-        }
-        let local_rank = get(flags.local_rank, "LOCAL_RANK")?.unwrap_or(rank % local_world_size);
-        let layout = RankLayout {
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
-        };
-        let consistent = rank < world_size
-            && local_rank < local_world_size
-            && local_rank <= rank
-            && u64::from(rank - local_rank) + u64::from(local_world_size) <= u64::from(world_size);
-        if !consistent {
-            return Err(SamplerError::Layout(format!(
-                "inconsistent ranks: rank {rank} of {world_size}, local rank {local_rank} of {local_world_size}"
-            )));
-        }
-        Ok(layout)
-    }
-
-    /// The global ranks on this node, whose lanes a node-local daemon serves.
-    pub fn node_ranks(&self) -> Range<u32> {
-        let first = self.rank - self.local_rank;
-        first..first + self.local_world_size
     }
 }
 
@@ -970,62 +892,6 @@ mod tests {
         let shard = |id: u64| starts.iter().rposition(|&st| st <= id).unwrap();
         let first = shard(ids[0]);
         assert!(ids[..40].iter().all(|&id| shard(id) == first));
-    }
-
-    #[test]
-    fn rank_layout_from_env_and_flags() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
-        let torchrun = env(&[
-            ("RANK", "5"),
-            ("WORLD_SIZE", "8"),
-            ("LOCAL_RANK", "1"),
-            ("LOCAL_WORLD_SIZE", "4"),
-        ]);
-        let layout = RankLayout::resolve(&RankFlags::default(), torchrun).unwrap();
-        assert_eq!(
-            (layout.rank, layout.world_size, layout.local_rank),
-            (5, 8, 1)
-        );
-        assert_eq!(layout.node_ranks(), 4..8);
-
-        let alone = RankLayout::resolve(&RankFlags::default(), env(&[])).unwrap();
-        assert_eq!(
-            alone,
-            RankLayout {
-                rank: 0,
-                world_size: 1,
-                local_rank: 0,
-                local_world_size: 1
-            }
-        );
-
-        let flags = RankFlags {
-            world_size: Some(2),
-            ..RankFlags::default()
-        };
-        let layout = RankLayout::resolve(&flags, env(&[("WORLD_SIZE", "16")])).unwrap();
-        assert_eq!(layout.node_ranks(), 0..2);
-
-        assert!(RankLayout::resolve(&RankFlags::default(), env(&[("RANK", "x")])).is_err());
-        assert!(RankLayout::resolve(
-            &RankFlags::default(),
-            env(&[("RANK", "3"), ("WORLD_SIZE", "2")])
-        )
-        .is_err());
-        let bad_local = env(&[
-            ("RANK", "1"),
-            ("WORLD_SIZE", "4"),
-            ("LOCAL_RANK", "2"),
-            ("LOCAL_WORLD_SIZE", "2"),
-        ]);
-        assert!(RankLayout::resolve(&RankFlags::default(), bad_local).is_err());
     }
 
     fn two_streams(len: u64, weights: [f64; 2], shards: u64) -> Vec<StreamShare> {

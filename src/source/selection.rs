@@ -16,9 +16,11 @@
 //! taking back pruned samples (each id stays at most once in the epoch); only an epoch that
 //! prunes nothing is padded or cut as `drop-last` says.
 
-use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+use super::sampler::below_rejecting;
 
 /// `[selection] mode`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,7 +255,7 @@ pub fn infobatch_plan(
         .collect();
     let mut rng = selection_rng(seed, epoch);
     for i in (1..below.len()).rev() {
-        let j = below_bound(&mut rng, i as u64 + 1) as usize;
+        let j = below_rejecting(&mut rng, i as u64 + 1) as usize;
         below.swap(i, j);
     }
     let keep = ((1.0 - params.prune_ratio) * below.len() as f64).floor() as usize;
@@ -312,17 +314,6 @@ fn selection_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
     key[8..16].copy_from_slice(&epoch.to_le_bytes());
     key[16..].copy_from_slice(b"ringfeed-select!");
     ChaCha8Rng::from_seed(key)
-}
-
-/// A uniform integer in `0..bound` from raw 64-bit outputs (stable across `rand` releases).
-fn below_bound(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
-    let threshold = bound.wrapping_neg() % bound;
-    loop {
-        let wide = u128::from(rng.next_u64()) * u128::from(bound);
-        if (wide as u64) >= threshold {
-            return (wide >> 64) as u64;
-        }
-    }
 }
 
 #[cfg(test)]
