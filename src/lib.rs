@@ -11,13 +11,21 @@
 //!   decoding, PNG, WebP), with EXIF orientation and decompression-bomb limits.
 //! - [`augment`]: pixels → the final tensor values (fused crop/resize/flip/normalise and the
 //!   colour operations), randomness keyed by (seed, epoch, sample id).
-//! - [`batch`]: the batch schema (which tensors a slot holds) derived from the configuration.
+//! - [`batch`]: the batch schema (which tensors a slot holds) derived from the configuration,
+//!   the tensors named and written through typed views ([`batch::BatchTensors`]), batch
+//!   mixing, and the [`batch::BatchReport`] a filled batch returns.
 //! - [`ring`]: the shared-memory ring (layout, slots, waiting, handshake), its producer and
 //!   its Rust consumer. The only module with `unsafe` code.
 //! - [`feedback`]: what trainers report back (per-sample losses): scores, loss statistics by
 //!   augmentation bucket and class, and the per-epoch selection decision.
 //! - [`pipeline`]: threads and channels that connect the stages; no stage logic.
-//! - [`config`]: the TOML configuration, validated once into a checked [`config::Plan`].
+//!   [`pipeline::Pipeline::from_plan`] builds everything from a plan.
+//! - [`config`]: the TOML configuration, validated once into a checked [`config::Plan`] that
+//!   owns the built stages (augmenters, mixer) and typed sub-plans.
+//!
+//! `ringfeed serve`, `bench` and `peek` take the path an embedder takes: configuration →
+//! [`config::Plan::resolve`] → [`pipeline::Pipeline::from_plan`] → batches (into a ring with
+//! [`pipeline::Pipeline::serve`], or into memory with [`pipeline::Pipeline::fill_batch`]).
 #![deny(missing_docs)]
 
 pub mod augment;

@@ -14,8 +14,9 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use ringfeed::batch::BatchBuffers;
 //! use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
-//! use ringfeed::pipeline::{BatchBuffers, Cursor, Pipeline};
+//! use ringfeed::pipeline::{Cursor, Pipeline};
 //!
 //! let file = ConfigFile::load("configs/default.toml".as_ref())?;
 //! let plan = Plan::resolve(file, &Overrides::default(), ".".as_ref(), &TorchrunEnv::default())?;
@@ -392,48 +393,6 @@ struct WorkerBuffers {
     scratch: Vec<Scratch>,
 }
 
-/// One batch's tensors in memory, laid out by a [`BatchSchema`]: what `bench`, `peek` and an
-/// embedder fill with [`Pipeline::fill_batch`] when no ring is involved.
-#[derive(Debug, Clone)]
-pub struct BatchBuffers {
-    /// `(name, bytes)` of each tensor, in the schema's order.
-    tensors: Vec<(&'static str, Vec<u8>)>,
-}
-
-impl BatchBuffers {
-    /// Zeroed buffers for one batch of `schema`.
-    pub fn new(schema: &BatchSchema) -> BatchBuffers {
-        BatchBuffers {
-            tensors: TensorIndex::ALL
-                .into_iter()
-                .filter(|&t| schema.has(t))
-                .zip(schema.tensors())
-                .map(|(t, spec)| {
-                    let bytes = spec.shape.iter().product::<u64>() as usize * spec.dtype.size();
-                    (t.name(), vec![0u8; bytes])
-                })
-                .collect(),
-        }
-    }
-
-    /// The tensors, to fill.
-    pub fn tensors(&mut self) -> BatchTensors<'_> {
-        BatchTensors::from_named(
-            self.tensors
-                .iter_mut()
-                .map(|(name, bytes)| (*name, bytes.as_mut_slice())),
-        )
-    }
-
-    /// Tensor `t`'s bytes; `None` when the schema has no such tensor.
-    pub fn get(&self, t: TensorIndex) -> Option<&[u8]> {
-        self.tensors
-            .iter()
-            .find(|(name, _)| *name == t.name())
-            .map(|(_, bytes)| bytes.as_slice())
-    }
-}
-
 /// One row's result: the sample written (after any fallbacks) and the samples skipped on the
 /// way.
 struct Row {
@@ -774,8 +733,8 @@ impl Pipeline {
     }
 
     /// Fills one batch (`rank`'s batch at `cursor`) into `tensors` (a ring slot's, or
-    /// [`BatchBuffers`]) and says what happened to it. This is the whole per-batch work, used
-    /// by the ring loop, `bench` and `peek`.
+    /// [`BatchBuffers`](crate::batch::BatchBuffers)) and says what happened to it. This is
+    /// the whole per-batch work, used by the ring loop, `bench` and `peek`.
     pub fn fill_batch(
         &self,
         cursor: Cursor,
@@ -1346,8 +1305,11 @@ impl Pipeline {
             if let Some(message) = report.last_error() {
                 producer.record_error(message);
             }
-            let failed: Vec<u64> = report.failed_ids().collect();
-            epoch_skips.add(cursor.epoch, &failed, &self.counters.last_error())?;
+            epoch_skips.add(
+                cursor.epoch,
+                report.failed_ids(),
+                &self.counters.last_error(),
+            )?;
             slot.publish(BatchMeta {
                 epoch: cursor.epoch,
                 index: cursor.index,
@@ -1393,7 +1355,12 @@ impl EpochSkips {
         }
     }
 
-    fn add(&mut self, epoch: u64, failed: &[u64], last_error: &str) -> Result<(), PipelineError> {
+    fn add(
+        &mut self,
+        epoch: u64,
+        failed: impl IntoIterator<Item = u64>,
+        last_error: &str,
+    ) -> Result<(), PipelineError> {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.failed.clear();
@@ -1443,12 +1410,16 @@ mod tests {
     fn skip_limit_is_per_epoch_and_counts_each_sample_once() {
         let ten: Vec<u64> = (0..10).collect();
         let mut s = EpochSkips::new(0.1, 100);
-        s.add(0, &ten, "x").unwrap();
-        s.add(0, &ten[..5], "the same samples failing again as fallbacks")
-            .unwrap();
-        assert!(s.add(0, &[10], "bad jpeg").is_err());
+        s.add(0, ten.clone(), "x").unwrap();
+        s.add(
+            0,
+            ten[..5].to_vec(),
+            "the same samples failing again as fallbacks",
+        )
+        .unwrap();
+        assert!(s.add(0, [10], "bad jpeg").is_err());
         let mut s = EpochSkips::new(0.1, 100);
-        s.add(0, &ten, "x").unwrap();
-        s.add(1, &ten, "x").unwrap();
+        s.add(0, ten.clone(), "x").unwrap();
+        s.add(1, ten, "x").unwrap();
     }
 }

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{small_config, write_dataset, Daemon};
-use ringfeed::batch::{BatchSchema, SkipReason, TensorIndex};
+use ringfeed::batch::{BatchBuffers, BatchSchema, SkipReason, TensorIndex};
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
-use ringfeed::pipeline::{BatchBuffers, Cursor, Pipeline};
+use ringfeed::pipeline::{Cursor, Pipeline};
 use ringfeed::ring::{AttachOptions, BatchMeta, Consumer, DType, Producer, RingSpec, RuntimeDir};
 
 /// One batch: images bytes, labels, sample ids.

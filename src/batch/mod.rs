@@ -16,8 +16,9 @@
 //! - [`TensorIndex`] (`tensors.rs`) names every tensor a batch may hold, with its ring name and
 //!   dtype; [`BatchSchema`] says which of them a batch holds ([`BatchSchema::has`]) and so
 //!   where each sits ([`BatchSchema::position`]).
-//! - [`BatchTensors`] are one batch's tensors by name, written through typed row views
-//!   ([`BatchTensors::write_rows`]): no tensor is found by position arithmetic.
+//! - [`BatchTensors`] are one batch's tensors by name (a ring slot's, or [`BatchBuffers`] in
+//!   memory), written through typed row views ([`BatchTensors::write_rows`]): no tensor is
+//!   found by position arithmetic.
 //! - Filling a batch returns a [`BatchReport`] (`report.rs`): rows written, samples skipped
 //!   and why.
 //! - [`Mixer`] (`mix.rs`) mixes a filled batch (mixup / cutmix) and writes its `targets`.
@@ -28,7 +29,7 @@ mod tensors;
 
 pub use mix::{ImageGeometry, MixParams, Mixer};
 pub use report::{BatchReport, SampleFailure, SkipReason};
-pub use tensors::{BatchTensors, Element, Rows, TensorIndex};
+pub use tensors::{BatchBuffers, BatchTensors, Element, Rows, TensorIndex};
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};

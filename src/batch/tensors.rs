@@ -7,6 +7,7 @@
 
 use std::marker::PhantomData;
 
+use super::BatchSchema;
 use crate::ring::DType;
 
 /// Every tensor a batch may hold, in the order they sit in a slot (`docs/ring-format.md`
@@ -95,8 +96,9 @@ macro_rules! element {
 
 element!(i64 => DType::I64, u16 => DType::U16, f32 => DType::F32, u8 => DType::U8);
 
-/// One batch's tensors, by name: a ring slot's (`SlotWriter::batch_tensors`) or buffers
-/// laid out by [`BatchSchema::tensors`](super::BatchSchema::tensors) (`bench`, `peek`).
+/// One batch's tensors, by name: a ring slot's (`SlotWriter::batch_tensors`) or
+/// [`BatchBuffers`] laid out by [`BatchSchema::tensors`](super::BatchSchema::tensors)
+/// (`bench`, `peek`, embedders).
 #[derive(Debug, Default)]
 pub struct BatchTensors<'a> {
     /// Indexed by `TensorIndex as usize`; `None` where the batch has no such tensor.
@@ -185,6 +187,48 @@ impl<T: Element> Rows<'_, T> {
         for (out, value) in self.bytes.chunks_exact_mut(T::DTYPE.size()).zip(values) {
             value.write_le(out);
         }
+    }
+}
+
+/// One batch's tensors in memory, laid out by a [`BatchSchema`]: what `bench`, `peek` and an
+/// embedder fill with `Pipeline::fill_batch` when no ring is involved.
+#[derive(Debug, Clone)]
+pub struct BatchBuffers {
+    /// `(name, bytes)` of each tensor, in the schema's order.
+    tensors: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl BatchBuffers {
+    /// Zeroed buffers for one batch of `schema`.
+    pub fn new(schema: &BatchSchema) -> BatchBuffers {
+        BatchBuffers {
+            tensors: TensorIndex::ALL
+                .into_iter()
+                .filter(|&t| schema.has(t))
+                .zip(schema.tensors())
+                .map(|(t, spec)| {
+                    let bytes = spec.shape.iter().product::<u64>() as usize * spec.dtype.size();
+                    (t.name(), vec![0u8; bytes])
+                })
+                .collect(),
+        }
+    }
+
+    /// The tensors, to fill.
+    pub fn tensors(&mut self) -> BatchTensors<'_> {
+        BatchTensors::from_named(
+            self.tensors
+                .iter_mut()
+                .map(|(name, bytes)| (*name, bytes.as_mut_slice())),
+        )
+    }
+
+    /// Tensor `t`'s bytes; `None` when the schema has no such tensor.
+    pub fn get(&self, t: TensorIndex) -> Option<&[u8]> {
+        self.tensors
+            .iter()
+            .find(|(name, _)| *name == t.name())
+            .map(|(_, bytes)| bytes.as_slice())
     }
 }
 

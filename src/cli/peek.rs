@@ -18,8 +18,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use image::{Rgb, RgbImage};
-use ringfeed::batch::TensorIndex;
-use ringfeed::pipeline::{BatchBuffers, Cursor, Pipeline};
+use ringfeed::batch::{BatchBuffers, TensorIndex};
+use ringfeed::pipeline::{Cursor, Pipeline};
 use ringfeed::ring::{DType, Observer, RuntimeDir};
 
 use super::caption::{
