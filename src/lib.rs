@@ -13,11 +13,19 @@
 //!   colour operations), randomness keyed by (seed, epoch, sample id).
 //! - [`batch`]: the batch schema (which tensors a slot holds) derived from the configuration.
 //! - [`ring`]: the shared-memory ring (layout, slots, waiting, handshake), its producer and
-//!   its Rust consumer. The only module with `unsafe` code.
+//!   its Rust consumer.
 //! - [`feedback`]: what trainers report back (per-sample losses): scores, loss statistics by
 //!   augmentation bucket and class, and the per-epoch selection decision.
 //! - [`pipeline`]: threads and channels that connect the stages; no stage logic.
 //! - [`config`]: the TOML configuration, validated once into a checked [`config::Plan`].
+//!
+//! # Where `unsafe` lives
+//!
+//! Only in [`ring`] (mapping the shared memory and viewing it as atomics, bytes and typed
+//! tensors, a `SIGBUS` guard for `--shm-dir` files, `getsockopt(SO_PEERCRED)`; see its module
+//! doc) and in `decode/turbo.rs` (the libjpeg-turbo FFI), each block with a `// SAFETY:` line.
+//! [`decode`] denies `unsafe_code` outside that file; [`source`], [`augment`], [`batch`],
+//! [`feedback`], [`pipeline`], [`config`] and the binary's `cli` forbid it.
 #![deny(missing_docs)]
 
 pub mod augment;
