@@ -21,12 +21,16 @@
 //!
 //! # Where `unsafe` lives
 //!
-//! Only in [`ring`] (mapping the shared memory and viewing it as atomics, bytes and typed
-//! tensors, a `SIGBUS` guard for `--shm-dir` files, `getsockopt(SO_PEERCRED)`; see its module
-//! doc) and in `decode/turbo.rs` (the libjpeg-turbo FFI), each block with a `// SAFETY:` line.
-//! [`decode`] denies `unsafe_code` outside that file; [`source`], [`augment`], [`batch`],
-//! [`feedback`], [`pipeline`], [`config`] and the binary's `cli` forbid it.
+//! The crate denies `unsafe_code`; six files allow it, each for one reason, each block with a
+//! `// SAFETY:` line: in [`ring`], `memory.rs` (mapping the shared memory and viewing it as
+//! atomics, bytes and typed tensors), `sigbus.rs` (the `SIGBUS` guard of `--shm-dir` files),
+//! `protocol.rs` (`getsockopt(SO_PEERCRED)`), `producer/writer.rs` and `consumer/batch.rs`
+//! (slices of a slot the caller owns under the slot protocol); and `decode/turbo.rs` (the
+//! libjpeg-turbo FFI). [`source`], [`augment`], [`batch`], [`feedback`], [`pipeline`],
+//! [`config`] and the binary (`main.rs`, `cli`) go further and forbid it, so no `allow` can
+//! bring it back there.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod augment;
 pub mod batch;

@@ -14,8 +14,6 @@
 //!   coordinates through it.
 //! - JPEG goes through libjpeg-turbo (`turbo.rs`, the decoder's only FFI and its only `unsafe`); PNG and WebP through
 //!   the `image` crate (`codecs.rs`); EXIF orientation is parsed in `exif.rs`.
-// `unsafe` is denied here and allowed only in `turbo.rs` (the libjpeg-turbo FFI).
-#![deny(unsafe_code)]
 
 mod codecs;
 mod error;

@@ -5,6 +5,9 @@
 //! elements). Every accessor checks bounds
 //! and alignment against the mapping, so a wrong offset is a panic (a bug), never UB; the
 //! offsets themselves come from a validated [`Layout`](super::Layout).
+//!
+//! The crate denies `unsafe_code`; this file allows it: it is the door to the shared memory.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;

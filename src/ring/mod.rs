@@ -50,13 +50,13 @@
 //!
 //! # Where `unsafe` lives
 //!
-//! `memory.rs` (mapping the memfd, turning offsets into atomics and byte slices, viewing
-//! tensor bytes as typed elements), `sigbus.rs` (a `SIGBUS` handler that replaces a truncated
-//! file's pages with zero pages) and `protocol.rs` (`getsockopt(SO_PEERCRED)`, whose pid 0
-//! rustix cannot represent), plus the slot writer's (`producer/writer.rs`) and the batch's
-//! (`consumer/batch.rs`) calls into `memory.rs`, each with the slot ownership that makes it
-//! sound. Each block has a `// SAFETY:` line. Outside `src/ring/`, only `src/decode/turbo.rs` (the
-//! libjpeg-turbo FFI) has `unsafe`; every other module is `#![forbid(unsafe_code)]`.
+//! The crate denies `unsafe_code`; these files of the ring allow it, each block with a
+//! `// SAFETY:` line: `memory.rs` (mapping the memfd, turning offsets into atomics and byte
+//! slices, viewing tensor bytes as typed elements), `producer/writer.rs` and
+//! `consumer/batch.rs` (slices of a slot the caller owns: `WRITING` by the writer, `HELD` by the
+//! batch), `sigbus.rs` (a `SIGBUS` handler that replaces a truncated file's pages with zero
+//! pages) and `protocol.rs` (`getsockopt(SO_PEERCRED)`, whose pid 0 rustix cannot represent).
+//! Outside the ring, only `src/decode/turbo.rs` (the libjpeg-turbo FFI) allows it.
 
 mod access;
 mod consumer;

@@ -1,6 +1,9 @@
 //! The attach protocol (docs/ring-format.md §3), both sides of it: one JSON request line, one
 //! JSON reply line sent in a single `sendmsg` (with the memfd in `SCM_RIGHTS` on success), peer
 //! uid checks with `SO_PEERCRED`. The Python client's `protocol.py` is the same room.
+//!
+//! The crate denies `unsafe_code`; this file allows it for one `getsockopt(SO_PEERCRED)`.
+#![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;

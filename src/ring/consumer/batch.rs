@@ -1,4 +1,8 @@
 //! A batch held by the consumer: metadata and tensors viewed in place in the shared memory.
+//!
+//! The crate denies `unsafe_code`; this file allows it to view a held slot's bytes
+//! (`memory::Data::bytes`), which only the slot's holder may do.
+#![allow(unsafe_code)]
 
 use super::{Consumer, TensorError};
 use crate::ring::layout::Element;

@@ -1,4 +1,8 @@
 //! One claimed slot being filled by the pipeline, then published to its lane's consumer.
+//!
+//! The crate denies `unsafe_code`; this file allows it to hand out the claimed slot's bytes
+//! (`memory::Data::bytes_mut`), which only the `WRITING` owner may do.
+#![allow(unsafe_code)]
 
 use std::sync::atomic::Ordering::Relaxed;
 
