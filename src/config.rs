@@ -15,6 +15,7 @@
 //!
 //! [`crate::pipeline::Pipeline::from_plan`] then opens the dataset and wires the threads: the
 //! path `ringfeed serve` takes, and the one an embedder of the library takes.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -22,6 +22,7 @@
 //! - Filling a batch returns a [`BatchReport`] (`report.rs`): rows written, samples skipped
 //!   and why.
 //! - [`Mixer`] (`mix.rs`) mixes a filled batch (mixup / cutmix) and writes its `targets`.
+#![forbid(unsafe_code)]
 
 mod mix;
 mod report;
@@ -29,7 +30,7 @@ mod tensors;
 
 pub use mix::{ImageGeometry, MixParams, Mixer};
 pub use report::{BatchReport, SampleFailure, SkipReason};
-pub use tensors::{BatchBuffers, BatchTensors, Element, Rows, TensorIndex};
+pub use tensors::{BatchBuffers, BatchTensors, RowValue, Rows, TensorIndex};
 
 use crate::augment::{Augmenter, OutDType};
 use crate::ring::{DType, TensorSpec};

@@ -76,7 +76,7 @@ impl TensorIndex {
 
 /// An element type a row of a one-dimensional tensor is written as (little-endian, as the
 /// ring format stores every value).
-pub trait Element: Copy {
+pub trait RowValue: Copy {
     /// The ring's dtype of this element.
     const DTYPE: DType;
     /// Writes the value's little-endian bytes into `out` (exactly its size).
@@ -85,7 +85,7 @@ pub trait Element: Copy {
 
 macro_rules! element {
     ($($t:ty => $dtype:expr),* $(,)?) => {$(
-        impl Element for $t {
+        impl RowValue for $t {
             const DTYPE: DType = $dtype;
             fn write_le(self, out: &mut [u8]) {
                 out.copy_from_slice(&self.to_le_bytes());
@@ -132,7 +132,7 @@ impl<'a> BatchTensors<'a> {
     ///
     /// # Panics
     /// If `T` is not `t`'s element type (a programming error, not a data error).
-    pub fn rows_mut<T: Element>(&mut self, t: TensorIndex) -> Option<Rows<'_, T>> {
+    pub fn rows_mut<T: RowValue>(&mut self, t: TensorIndex) -> Option<Rows<'_, T>> {
         assert_eq!(
             t.dtype(),
             Some(T::DTYPE),
@@ -148,7 +148,7 @@ impl<'a> BatchTensors<'a> {
 
     /// Writes `values` into tensor `t`'s rows, first row first; a tensor the batch does not
     /// carry is skipped. Rows beyond `values` keep their bytes.
-    pub fn write_rows<T: Element>(&mut self, t: TensorIndex, values: impl IntoIterator<Item = T>) {
+    pub fn write_rows<T: RowValue>(&mut self, t: TensorIndex, values: impl IntoIterator<Item = T>) {
         if let Some(mut rows) = self.rows_mut::<T>(t) {
             rows.write(values);
         }
@@ -162,7 +162,7 @@ pub struct Rows<'t, T> {
     element: PhantomData<T>,
 }
 
-impl<T: Element> Rows<'_, T> {
+impl<T: RowValue> Rows<'_, T> {
     /// Rows in the tensor.
     pub fn len(&self) -> usize {
         self.bytes.len() / T::DTYPE.size()
@@ -242,10 +242,10 @@ mod tests {
             assert_eq!(TensorIndex::from_name(t.name()), Some(t));
         }
         assert_eq!(TensorIndex::from_name("bogus"), None);
-        assert_eq!(TensorIndex::Labels.dtype(), Some(<i64 as Element>::DTYPE));
-        assert_eq!(TensorIndex::Source.dtype(), Some(<u16 as Element>::DTYPE));
-        assert_eq!(TensorIndex::Weights.dtype(), Some(<f32 as Element>::DTYPE));
-        assert_eq!(TensorIndex::Valid.dtype(), Some(<u8 as Element>::DTYPE));
+        assert_eq!(TensorIndex::Labels.dtype(), Some(<i64 as RowValue>::DTYPE));
+        assert_eq!(TensorIndex::Source.dtype(), Some(<u16 as RowValue>::DTYPE));
+        assert_eq!(TensorIndex::Weights.dtype(), Some(<f32 as RowValue>::DTYPE));
+        assert_eq!(TensorIndex::Valid.dtype(), Some(<u8 as RowValue>::DTYPE));
     }
 
     #[test]
