@@ -6,7 +6,10 @@ all of them; the subclasses say what went wrong.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+#: Why a :class:`ProducerGone` was raised.
+GoneReason = Literal["stopped", "failed", "died", "frozen"]
 
 
 class RingfeedError(Exception):
@@ -15,8 +18,8 @@ class RingfeedError(Exception):
 
 class ArgumentError(RingfeedError, ValueError):
     """An argument (or the environment variable standing in for one) is out of range or
-    malformed: a ``max_held`` below 1, a resume state missing its counters, a sample id outside
-    the dataset. Also a :class:`ValueError`, so ``except ValueError`` catches it as it would
+    malformed: a ``max_held`` below 1, a resume counter out of range, a sample id outside the
+    dataset. Also a :class:`ValueError`, so ``except ValueError`` catches it as it would
     for any Python API."""
 
 
@@ -41,7 +44,7 @@ class AttachError(RingfeedError):
     (``lane_held``, ``version``, ``lane_range``, ``permission``, ...), or the client's own
     (``not_running``: no daemon serves the name yet; ``finished``: the run ended and its
     producer exited; ``runtime_dir``, ``connect``, ``foreign_producer``, ``protocol``,
-    ``client`` for a bad argument).
+    ``client`` for a bad argument: an :class:`AttachArgumentError`, also a ``ValueError``).
     ``retryable`` says whether the same attach may succeed later (``not_running``,
     ``lane_held``, ``stopping``, ``request_timeout``).
     """
@@ -99,9 +102,9 @@ class ProducerGone(RingfeedError):
     header records it (in the producer's pid namespace; 0 when unknown).
     """
 
-    def __init__(self, message: str, *, reason: str, pid: int) -> None:
+    def __init__(self, message: str, *, reason: GoneReason, pid: int) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason: GoneReason = reason
         self.pid = pid
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -129,6 +132,6 @@ class RingfeedWarning(UserWarning):
     """Something degraded but the client carries on (for example ``pin=True`` without CUDA)."""
 
 
-def _producer_gone(message: str, reason: str, pid: int) -> ProducerGone:
+def _producer_gone(message: str, reason: GoneReason, pid: int) -> ProducerGone:
     """Unpickles a :class:`ProducerGone` (keyword-only arguments need a helper)."""
     return ProducerGone(message, reason=reason, pid=pid)
