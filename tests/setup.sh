@@ -20,6 +20,10 @@ fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --version >/dev/null
 cargo clippy --version >/dev/null
+# The declared minimum Rust (Cargo.toml `rust-version`), which run_all.sh checks still builds.
+msrv="$(sed -n 's/^rust-version = "\([^"]*\)".*/\1/p' Cargo.toml)"
+rustup run "$msrv" rustc --version >/dev/null 2>&1 \
+    || rustup toolchain install "$msrv" --profile minimal --no-self-update >/dev/null
 
 # cargo-fuzz for the fuzz smoke run (scripts/fuzz.sh).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
