@@ -7,11 +7,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{small_config, write_dataset, Daemon};
+use common::{small_config, write_dataset};
 use ringfeed::batch::{BatchBuffers, BatchSchema, SkipReason, TensorIndex};
 use ringfeed::config::{ConfigFile, Overrides, Plan, TorchrunEnv};
 use ringfeed::pipeline::{Cursor, Pipeline};
-use ringfeed::ring::{AttachOptions, BatchMeta, Consumer, DType, Producer, RingSpec, RuntimeDir};
+use ringfeed::ring::{BatchMeta, Consumer, DType, Producer, RingSpec, RuntimeDir};
 
 /// One batch: images bytes, labels, sample ids.
 type Batch = (Vec<u8>, Vec<i64>, Vec<i64>);
@@ -70,31 +70,18 @@ fn an_embedder_gets_the_batches_ringfeed_serve_serves() {
     }
     assert_eq!(embedded.len(), 5, "40 samples in batches of 8");
 
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--exit-when-done",
-        ],
-    );
-    let mut opts = AttachOptions::new("embed", 0);
-    opts.dir = Some(RuntimeDir::at(runtime.path()));
-    let consumer = Consumer::attach_with(&opts).expect("attach");
+    let mut daemon = common::serve_finite(runtime.path(), &config, "1", &[]);
+    let consumer =
+        Consumer::attach_with(&common::lane_options(runtime.path(), "embed", 0)).expect("attach");
     let mut served: Vec<Batch> = Vec::new();
-    while let Some(batch) = consumer
-        .next_timeout(Duration::from_secs(60))
-        .expect("next batch")
-    {
+    common::drain(&consumer, |batch| {
         assert_eq!(batch.index(), served.len() as u64, "batches in order");
         served.push((
             batch.tensor_bytes(0).to_vec(),
             batch.tensor::<i64>("labels").unwrap().to_vec(),
             batch.tensor::<i64>("sample_ids").unwrap().to_vec(),
         ));
-    }
+    });
     drop(consumer);
     let status = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "daemon failed: {}", daemon.log.join("\n"));
@@ -209,9 +196,12 @@ fn a_slot_is_written_by_tensor_name() {
         count: 3,
         last_of_epoch: true,
     });
-    let mut opts = AttachOptions::new("named", 0);
-    opts.dir = Some(dir.clone());
-    let consumer = Consumer::attach_with(&opts).unwrap();
+    let consumer = Consumer::attach_with(&common::lane_options(
+        tmp.path().join("rt").as_path(),
+        "named",
+        0,
+    ))
+    .unwrap();
     let batch = consumer.next().unwrap().unwrap();
     assert_eq!(batch.tensor::<i64>("labels").unwrap(), &[4, 5, 6]);
     let source = batch.tensor_bytes(schema.position(TensorIndex::Source).unwrap());
