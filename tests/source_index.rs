@@ -57,7 +57,7 @@ fn index_is_written_beside_the_shard_and_reused() {
     let first = load_or_build_index(&shard, Some(&cache)).unwrap();
     assert!(!first.reused);
     assert_eq!(first.path, index_path_beside(&shard));
-    assert!(dir.path().join("shard-000000.tar.idx.json").is_file());
+    assert!(dir.path().join("shard-000000.tar.idx").is_file());
     assert!(
         !cache.exists(),
         "nothing goes to the cache when the shard dir is writable"
