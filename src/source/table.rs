@@ -46,9 +46,16 @@ enum Offsets {
 struct Labels {
     values: Vec<i64>,
     ids: LabelIds,
-    /// Label → its index in `values`, while the table is built (dropped by `finish`).
+    /// Label → its index in `values`, while the table is built (dropped by `finish`), for
+    /// labels outside `0..DENSE_LABELS`.
     lookup: HashMap<i64, u32>,
+    /// The same for labels in `0..DENSE_LABELS`, by label (`u32::MAX`: not seen): class
+    /// indices, the usual labels, skip the hashing.
+    dense: Vec<u32>,
 }
+
+/// Labels below this are looked up in [`Labels::dense`] while building.
+const DENSE_LABELS: usize = 1 << 16;
 
 /// Per-sample label indices: `u16` while there are at most 65,536 distinct labels.
 #[derive(Debug)]
@@ -106,6 +113,7 @@ impl SampleTable {
         }
         self.sizes.shrink_to_fit();
         self.labels.lookup = HashMap::new();
+        self.labels.dense = Vec::new();
         self.labels.values.shrink_to_fit();
         match &mut self.labels.ids {
             LabelIds::Small(v) => v.shrink_to_fit(),
@@ -193,12 +201,24 @@ impl Offsets {
 
 impl Labels {
     fn push(&mut self, label: i64) {
-        let next = self.values.len();
-        let index = *self.lookup.entry(label).or_insert_with(|| {
-            self.values.push(label);
-            // More than 2^32 distinct labels cannot occur: ids are counted in u32 shards.
-            u32::try_from(next).unwrap_or(u32::MAX)
-        });
+        // 2^32 distinct labels would take over 4 billion samples: beyond what this supports.
+        let next = u32::try_from(self.values.len()).unwrap_or(u32::MAX);
+        let index = match usize::try_from(label).ok().filter(|&l| l < DENSE_LABELS) {
+            Some(dense) => {
+                if self.dense.len() <= dense {
+                    self.dense.resize(dense + 1, u32::MAX);
+                }
+                if self.dense[dense] == u32::MAX {
+                    self.dense[dense] = next;
+                    self.values.push(label);
+                }
+                self.dense[dense]
+            }
+            None => *self.lookup.entry(label).or_insert_with(|| {
+                self.values.push(label);
+                next
+            }),
+        };
         if let LabelIds::Small(small) = &mut self.ids {
             match u16::try_from(index) {
                 Ok(index) => return small.push(index),
