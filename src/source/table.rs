@@ -188,7 +188,7 @@ impl Offsets {
     fn push(&mut self, offset: u64) {
         if let Offsets::Blocks(blocks) = self {
             match u32::try_from(offset / BLOCK) {
-                Ok(block) if offset % BLOCK == 0 => return blocks.push(block),
+                Ok(block) if offset.is_multiple_of(BLOCK) => return blocks.push(block),
                 // Widen once, for good: every offset as bytes.
                 _ => *self = Offsets::Bytes(blocks.iter().map(|&b| u64::from(b) * BLOCK).collect()),
             }
@@ -257,7 +257,7 @@ fn get_varint(bytes: &[u8], pos: &mut usize) -> usize {
 impl NameTable {
     /// Appends `name`.
     pub(crate) fn push(&mut self, name: &[u8]) {
-        let (prefix, suffix) = if self.count % RESTART == 0 {
+        let (prefix, suffix) = if self.count.is_multiple_of(RESTART) {
             self.restarts.push(self.bytes.len() as u64);
             (0, 0)
         } else {

@@ -153,7 +153,7 @@ def test_hostile_states_are_refused_before_anything_is_sent(serve: StartDaemon) 
 
 
 def test_a_world_size_change_with_the_same_global_batch_resumes_where_it_stopped(
-    serve: type[Daemon],
+    serve: StartDaemon,
 ) -> None:
     # World 2 × batch 4 (global 8): each rank takes 3 batches, then the job stops.
     first = serve("--lanes", 2, "--world-size", 2, "--batch-size", 4, *COMMON)
