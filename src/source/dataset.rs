@@ -2,9 +2,10 @@
 //! position, with positioned reads of each sample's encoded image bytes.
 //!
 //! A tar dataset keeps, per sample, only its offset, size, label and member name, in compact
-//! columns ([`super::table`]: about 15 bytes a sample), and one open file per shard, opened
-//! on first use and reopened after a failed read. Each (re)open checks that the shard still has the size and modification time
-//! it was indexed with, so a shard rewritten under a running daemon is reported, not misread.
+//! columns (`table.rs`: about 15 bytes a sample), and one open file per shard, opened on
+//! first use and reopened after a failed read. Each (re)open checks that the shard still has
+//! the size and modification time it was indexed with, so a shard rewritten under a running
+//! daemon is reported, not misread.
 //!
 //! An open descriptor keeps reading the file it was opened on, even after the path is deleted
 //! or replaced; [`Dataset::recheck_shards`] (called by the pipeline at each epoch's start)
