@@ -482,6 +482,8 @@ fn geometric(
     let (wf32, hf32) = (w as f32, h as f32);
     let (x_max, y_max) = (wf32 - 1.0, hf32 - 1.0);
     let [hflip, vflip] = std::mem::take(&mut scratch.flip);
+    // Rows that read rows: consecutive output pixels read consecutive source pixels.
+    let runs = !hflip && matches!(op, Op::ShearX | Op::TranslateX | Op::TranslateY);
     // The pixel grid's x coordinates, once (torch's `linspace`); the same values per row.
     scratch.grid.clear();
     scratch.grid.extend((0..w).map(|x| {
@@ -519,7 +521,7 @@ fn geometric(
                 -1
             };
         }
-        gather(img, &scratch.index, lut.as_deref(), fill, out_row);
+        gather(img, &scratch.index, lut.as_deref(), fill, runs, out_row);
     }
     std::mem::swap(img, dst);
 }
@@ -540,20 +542,50 @@ fn round_ties_even(x: f32) -> (f32, i32) {
 }
 
 /// One output row of a warp: pixel `index[i]` of `img` (read through `lut`), or `fill` where
-/// the index is negative.
-fn gather(img: &[u8], index: &[i32], lut: Option<&Lut>, fill: [u8; 3], out_row: &mut [u8]) {
-    let pixels = out_row.chunks_exact_mut(3).zip(index);
+/// the index is negative. `runs`: the indices mostly count up by one (copied a run at a time).
+fn gather(
+    img: &[u8],
+    index: &[i32],
+    lut: Option<&Lut>,
+    fill: [u8; 3],
+    runs: bool,
+    out_row: &mut [u8],
+) {
     match lut {
-        None => {
-            for (out, &i) in pixels {
+        None if !runs => {
+            for (out, &i) in out_row.chunks_exact_mut(3).zip(index) {
                 match usize::try_from(i) {
                     Ok(i) => out.copy_from_slice(&img[i * 3..i * 3 + 3]),
                     Err(_) => out.copy_from_slice(&fill),
                 }
             }
         }
+        None => {
+            // Runs of consecutive source pixels (a translation's or horizontal shear's rows)
+            // are copied at once.
+            let mut x = 0;
+            while x < index.len() {
+                let first = index[x];
+                let mut end = x + 1;
+                if first < 0 {
+                    while end < index.len() && index[end] < 0 {
+                        end += 1;
+                    }
+                    for out in out_row[x * 3..end * 3].chunks_exact_mut(3) {
+                        out.copy_from_slice(&fill);
+                    }
+                } else {
+                    while end < index.len() && index[end] == first + (end - x) as i32 {
+                        end += 1;
+                    }
+                    let s = first as usize * 3;
+                    out_row[x * 3..end * 3].copy_from_slice(&img[s..s + (end - x) * 3]);
+                }
+                x = end;
+            }
+        }
         Some(t) => {
-            for (out, &i) in pixels {
+            for (out, &i) in out_row.chunks_exact_mut(3).zip(index) {
                 match usize::try_from(i) {
                     Ok(i) => {
                         let s = &img[i * 3..i * 3 + 3];
@@ -595,7 +627,7 @@ fn rot90(img: &mut Vec<u8>, w: usize, h: usize, k: u32, scratch: &mut OpScratch)
             }
             *index = (sy * w + sx) as i32;
         }
-        gather(img, &scratch.index, lut.as_deref(), [0; 3], out_row);
+        gather(img, &scratch.index, lut.as_deref(), [0; 3], false, out_row);
     }
     std::mem::swap(img, dst);
 }
