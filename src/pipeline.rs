@@ -118,6 +118,10 @@ impl Cursor {
     }
 }
 
+/// Batches of the next epoch whose shards a remote dataset fetches ahead at the end of an
+/// epoch (the prefetcher keeps the first `fetch-ahead` shards of them).
+const NEXT_EPOCH_BATCHES: u64 = 64;
+
 /// How long every lane may wait for an epoch decision before the daemon says which lanes it
 /// waits for.
 const DECISION_WAIT_WARNING: Duration = Duration::from_secs(30);
@@ -892,6 +896,44 @@ impl Pipeline {
         result
     }
 
+    /// Tells a remote dataset what this node reads in `epoch` from the lanes' cursors on, in
+    /// serving order (batch by batch, lane by lane), and what the next epoch reads first, so
+    /// its shards are fetched ahead in that order.
+    fn plan_reads(&self, epoch: u64, cursors: &[Cursor]) {
+        let full = self.sampler.batches_per_epoch();
+        let ranks = |at: u64| -> Vec<(u32, u64)> {
+            cursors
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.epoch == at)
+                .map(|(lane, c)| (self.plan.ranks.rank(lane as u32), c.index))
+                .collect()
+        };
+        let mut ids = Vec::new();
+        let mut reads = |epoch: u64, lanes: &[(u32, u64)], batches: u64| {
+            let mut out = Vec::new();
+            for index in 0..batches {
+                for &(rank, from) in lanes {
+                    if index >= from && self.sampler.batch(epoch, rank, index, &mut ids).is_ok() {
+                        out.extend_from_slice(&ids);
+                    }
+                }
+            }
+            out
+        };
+        let current = reads(epoch, &ranks(epoch), full);
+        let epochs = self.plan.file.sampling.epochs;
+        let next = if epochs == 0 || epoch + 1 < epochs {
+            let lanes: Vec<(u32, u64)> = (0..cursors.len() as u32)
+                .map(|lane| (self.plan.ranks.rank(lane), 0))
+                .collect();
+            reads(epoch + 1, &lanes, full.min(NEXT_EPOCH_BATCHES))
+        } else {
+            Vec::new()
+        };
+        self.dataset.plan_reads(&current, &next);
+    }
+
     fn serve_loop(
         &self,
         producer: &Producer,
@@ -913,6 +955,8 @@ impl Pipeline {
             self.sampler.epoch_len(),
         );
         let mut rechecked_epoch = None;
+        // The epoch whose reads a remote dataset was last told of (for fetching ahead).
+        let mut planned_epoch = None;
         let mut evaluation_at: Option<Instant> = None;
         let on_demand = self.on_demand();
         // On an on-demand ring: whether each lane's pass (its cursor) is still to be served.
@@ -1023,6 +1067,15 @@ impl Pipeline {
             }
             waiting_since = None;
             finished = false;
+            if !selecting && !on_demand && self.dataset.is_remote() {
+                let epoch = active.iter().map(|&l| cursors[l as usize].epoch).min();
+                if planned_epoch != epoch {
+                    planned_epoch = epoch;
+                    if let Some(epoch) = epoch {
+                        self.plan_reads(epoch, &cursors);
+                    }
+                }
+            }
             let claimed = match producer.claim_any(&active, Duration::ZERO) {
                 Some(slot) => Some(slot),
                 None => {

@@ -235,6 +235,14 @@ pub(crate) fn build_stages_in(
         issues.first().map(|i| i.to_string()).unwrap_or_default()
     );
     let sampling = &plan.file.sampling;
+    if dataset.is_remote() && sampling.shuffle == ringfeed::source::ShuffleMode::Global {
+        log::warn!(
+            "shuffle = \"global\" on s3:// shards reads each sample with its own ranged GET \
+             unless its shard's copy is in the cache (fetched ahead within half of \
+             cache-limit); shuffle = \"block\" or \"buffer\" read shards in order and fetch \
+             each whole, once (README, \"Object storage\")"
+        );
+    }
     let (batch, world) = (plan.file.batch.size, plan.ranks.world_size);
     let sampler = if dataset.has_streams() || sampling.samples_per_epoch.is_some_and(|s| s != n) {
         Sampler::mixture(

@@ -18,7 +18,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt,
-    RetryConfig,
+    PutPayload, RetryConfig,
 };
 use rand::Rng;
 
@@ -292,6 +292,80 @@ impl Store {
             let wait = rand::rng().random_range(Duration::ZERO..=cap);
             std::thread::sleep(wait);
         }
+    }
+}
+
+impl Store {
+    /// Reads `buf.len()` bytes of `object` from `offset` with one ranged GET pinned to the
+    /// listed ETag (`If-Match`): how a sample is served before its shard's copy is in the
+    /// cache. Retried by the client like any request; a short answer is
+    /// [`RemoteError::Changed`].
+    pub fn read_range(
+        &self,
+        object: &RemoteObject,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), RemoteError> {
+        let url = &object.url;
+        let store = self.bucket(&url.bucket)?;
+        let end = offset + buf.len() as u64;
+        let options = GetOptions {
+            if_match: object.etag.clone(),
+            range: Some(GetRange::Bounded(offset..end)),
+            ..GetOptions::default()
+        };
+        let bytes = self
+            .runtime
+            .block_on(async {
+                store
+                    .get_opts(&ObjectPath::from(url.key.as_str()), options)
+                    .await?
+                    .bytes()
+                    .await
+            })
+            .map_err(|e| classify(&url.bucket, &url.key, e))?;
+        if bytes.len() != buf.len() {
+            return Err(RemoteError::Changed {
+                bucket: url.bucket.clone(),
+                key: url.key.clone(),
+                what: format!("bytes {offset}..{end} arrived as {} bytes", bytes.len()),
+            });
+        }
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// The whole of a small object (a sidecar index), or `None` when there is no such object;
+    /// one larger than `limit` bytes is [`RemoteError::Changed`] (never read into memory).
+    pub fn get_small(&self, url: &ObjectUrl, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
+        let store = self.bucket(&url.bucket)?;
+        let path = ObjectPath::from(url.key.as_str());
+        let result: Result<Option<Vec<u8>>, object_store::Error> = self.runtime.block_on(async {
+            let got = match store.get_opts(&path, GetOptions::default()).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if got.meta.size > limit {
+                return Err(object_store::Error::Precondition {
+                    path: url.key.clone(),
+                    source: format!("{} bytes, over the limit of {limit}", got.meta.size).into(),
+                });
+            }
+            Ok(Some(got.bytes().await?.to_vec()))
+        });
+        result.map_err(|e| classify(&url.bucket, &url.key, e))
+    }
+
+    /// Writes `bytes` as the object at `url` (a sidecar index beside its shard). A bucket this
+    /// client may not write is [`RemoteError::Credentials`].
+    pub fn put(&self, url: &ObjectUrl, bytes: Vec<u8>) -> Result<(), RemoteError> {
+        let store = self.bucket(&url.bucket)?;
+        let path = ObjectPath::from(url.key.as_str());
+        self.runtime
+            .block_on(store.put(&path, PutPayload::from(bytes)))
+            .map(drop)
+            .map_err(|e| classify(&url.bucket, &url.key, e))
     }
 }
 
