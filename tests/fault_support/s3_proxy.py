@@ -12,12 +12,13 @@ counters count down as faults are injected:
   missing       keys containing one of these strings are answered 404 NoSuchKey
   require_key   requests not signed with this access key id are answered 403
   read_only     when true, every PUT is answered 403 AccessDenied (a read-only bucket)
-  delay_whole_ms  whole-object GETs (no Range header) wait this long before their answer
+  hold_whole    while true, whole-shard GETs (of a .tar key, no Range header) wait before
+                being forwarded
 
 GET /__faults answers the faults injected so far, by kind, as JSON.
 GET /__requests answers what was asked of the server, as JSON: "ranged" (GETs of a byte
-range), "whole" (keys of whole-object GETs, in arrival order), "whole_done" (those answered),
-"max_whole_at_once" (most whole-object GETs in progress at once) and "put" (keys put).
+range), "whole" (keys of whole-shard GETs, in arrival order), "whole_done" (those answered),
+"max_whole_at_once" (most whole-shard GETs in progress at once) and "put" (keys put).
 Prints "LISTENING <port>" once it accepts connections. When its standard input closes (the
 test process ended, even by SIGKILL), it kills --server-pid (moto_server) and exits, so no
 server outlives its test.
@@ -129,8 +130,8 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         if self.command == "PUT" and rule("read_only"):
             s3_error(self, 403, "AccessDenied", "Access Denied")
             return
-        whole = object_get and not self.headers.get("Range")
         key = self.path.split("?")[0]
+        whole = object_get and not self.headers.get("Range") and key.endswith(".tar")
         with LOCK:
             if whole:
                 REQUESTS["whole"].append(key)
@@ -141,8 +142,8 @@ class Proxy(http.server.BaseHTTPRequestHandler):
             elif self.command == "PUT":
                 REQUESTS["put"].append(key)
         try:
-            if whole and rule("delay_whole_ms", 0):
-                time.sleep(rule("delay_whole_ms", 0) / 1000)
+            while whole and rule("hold_whole"):
+                time.sleep(0.01)
             self.forward(body, object_get)
         finally:
             if whole:
