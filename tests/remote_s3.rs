@@ -556,7 +556,12 @@ fn serve_one_epoch(s3: &S3Server, cfg: &Path, name: &str, dog: &Watchdog) -> Dae
         "{}",
         daemon.log.join("\n")
     );
-    assert_every_sample_once(&per_epoch(&lanes), 1, lanes[0].len() as i64 * 8, &daemon.log);
+    assert_every_sample_once(
+        &per_epoch(&lanes),
+        1,
+        lanes[0].len() as i64 * 8,
+        &daemon.log,
+    );
     daemon
 }
 
@@ -628,8 +633,7 @@ fn the_index_goes_beside_the_shard_in_a_writable_bucket_and_stays_local_for_a_re
 }
 
 #[test]
-fn fetching_runs_ahead_in_the_epochs_order_bounded_and_the_first_batches_wait_for_no_whole_shard(
-) {
+fn fetching_runs_ahead_in_the_epochs_order_bounded_and_the_first_batches_wait_for_no_whole_shard() {
     let dog = Watchdog::arm("s3 fetch ahead", Duration::from_secs(300));
     let s3 = S3Server::start();
     let shards = 6;

@@ -258,8 +258,8 @@ impl Dataset {
                 Ok(()) => log::debug!("index of {} put at {in_bucket}", object.url),
                 Err(e @ remote::RemoteError::Credentials { .. }) => {
                     log::info!(
-                        "s3://{}: cannot write indexes beside the shards ({e}); they stay in {}",
-                        object.url.bucket,
+                        "{}: cannot write indexes beside the shards ({e}); they stay in {}",
+                        object.url.bucket_url(),
                         path.parent().unwrap_or(&path).display()
                     );
                     *bucket_writable = false;

@@ -27,6 +27,7 @@ use rustix::fs::{flock, FlockOperation};
 
 use super::error::RemoteError;
 use super::store::{RemoteObject, Store};
+use super::url::Scheme;
 
 /// Suffix of the per-copy lock files.
 const LOCK_SUFFIX: &str = ".lock";
@@ -81,8 +82,13 @@ impl ShardCache {
             .filter(char::is_ascii_alphanumeric)
             .take(64)
             .collect();
+        // S3 copies directly under the bucket's name; other stores' under `gs+` / `az+`.
+        let bucket = match object.url.scheme {
+            Scheme::S3 => object.url.bucket.clone(),
+            other => format!("{}+{}", &other.prefix()[..2], object.url.bucket),
+        };
         self.dir
-            .join(&object.url.bucket)
+            .join(bucket)
             .join(format!("{}@{tag}", object.url.key))
     }
 
@@ -313,6 +319,7 @@ mod tests {
     fn object(key: &str, size: u64) -> RemoteObject {
         RemoteObject {
             url: ObjectUrl {
+                scheme: Default::default(),
                 bucket: "b".to_owned(),
                 key: key.to_owned(),
             },

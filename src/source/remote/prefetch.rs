@@ -354,6 +354,7 @@ mod tests {
         let objects: Vec<RemoteObject> = (0..n)
             .map(|i| RemoteObject {
                 url: ObjectUrl {
+                    scheme: Default::default(),
                     bucket: "b".to_owned(),
                     key: format!("s-{i}.tar"),
                 },

@@ -20,6 +20,7 @@ use crate::source::index::{index_path_beside, max_index_bytes};
 /// suffix (as a local shard's index lies beside it).
 pub fn index_url(object: &RemoteObject) -> ObjectUrl {
     ObjectUrl {
+        scheme: object.url.scheme,
         bucket: object.url.bucket.clone(),
         key: index_path_beside(Path::new(&object.url.key))
             .to_string_lossy()
