@@ -11,11 +11,14 @@
 //! closes the descriptors whose path no longer names that same, unchanged file, so from then
 //! on the shard's samples fail to open and are skipped (docs/failure-modes.md).
 //!
-//! Remote (`s3://`) shards are listed at open; each one's index is read from (or built into)
-//! the local index directory, and its bytes come from the shard cache ([`super::remote`]):
-//! a shard is fetched when a sample of it is first read, and at most half of `cache-limit`
-//! of open copies is held by one dataset (the least recently opened is closed first), so
-//! copies this daemon no longer reads can be evicted.
+//! Remote (`s3://`) shards are listed at open; each one's index is read from the local index
+//! directory or the bucket (or built and written to both), and its bytes come from the shard
+//! cache ([`super::remote`]): once the pipeline has told the dataset what an epoch reads
+//! ([`Dataset::plan_reads`]), shards are fetched ahead of their reads and a sample whose
+//! shard is not cached yet is read with one ranged GET; without a plan (or with
+//! `fetch-ahead = 0`) a shard is fetched whole when a sample of it is first read. At most
+//! half of `cache-limit` of open copies is held by one dataset (the least recently opened is
+//! closed first), so copies this daemon no longer reads can be evicted.
 
 use std::collections::VecDeque;
 use std::fs::File;
