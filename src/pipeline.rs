@@ -959,6 +959,8 @@ impl Pipeline {
         let mut planned_epoch = None;
         let mut evaluation_at: Option<Instant> = None;
         let on_demand = self.on_demand();
+        // Fetching ahead needs the epoch's order up front: not with a selection or passes.
+        let remote = !selecting && !on_demand && self.dataset.is_remote();
         // On an on-demand ring: whether each lane's pass (its cursor) is still to be served.
         let mut in_pass = vec![false; lanes as usize];
         // Whether this (training) ring counts as hungry at the shared pool.
@@ -1067,7 +1069,7 @@ impl Pipeline {
             }
             waiting_since = None;
             finished = false;
-            if !selecting && !on_demand && self.dataset.is_remote() {
+            if remote {
                 let epoch = active.iter().map(|&l| cursors[l as usize].epoch).min();
                 if planned_epoch != epoch {
                     planned_epoch = epoch;

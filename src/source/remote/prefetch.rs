@@ -206,16 +206,18 @@ impl Prefetcher {
         self.shared.wake.notify_all();
     }
 
-    /// One read of `shard` is done; its last read of the epoch lets its copy go (unless the
-    /// next epoch's window needs it).
+    /// One read of `shard` is done (its first read has come, then); its last read of the
+    /// epoch lets its copy go (unless the next epoch's window needs it).
     pub fn consumed(&self, shard: u32) {
         let mut state = self.shared.lock();
-        let Some(left) = state.left.get_mut(&shard) else {
-            return;
-        };
-        *left = left.saturating_sub(1);
-        if *left == 0 && !state.next.contains(&shard) && state.held.remove(&shard).is_some() {
-            drop(state);
+        let mut wake = state.started.insert(shard);
+        if let Some(left) = state.left.get_mut(&shard) {
+            *left = left.saturating_sub(1);
+            let done = *left == 0;
+            wake |= done && !state.next.contains(&shard) && state.held.remove(&shard).is_some();
+        }
+        drop(state);
+        if wake {
             self.shared.wake.notify_all();
         }
     }
