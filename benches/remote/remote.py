@@ -3,10 +3,13 @@
 same shards read from a local directory and from a local S3 server (moto_server) behind the
 fault proxy adding a fixed latency to every request (20 ms by default).
 
-Per repetition (median of --repeats, local and remote interleaved):
+Per repetition (median of --repeats, the runs interleaved):
   start-up   daemon spawned -> first batch taken, cold shard cache, indexes cached locally
   cold       images/s of epoch 0, the shard cache empty at start (first batch -> epoch end)
   warm       images/s of the later epochs of the same run (every shard in the cache)
+and two more remote runs of one epoch, for start-up only: `fetch-ahead = 0` (the first batch
+waits for whole shards instead of ranged reads of its members), and a new node (empty index
+directory: the indexes come from the bucket).
 The ratios remote/local are what to compare: the machine is shared and noisy.
 
 Shards: /work/shared/data/photos-dev/shards when present, else the bundled sample; their
@@ -246,18 +249,22 @@ def main():
 
         def config(kind, rep):
             name = f"bench-{kind}-{rep}"
+            index = os.path.join(work, "index-local" if kind == "local" else "index-remote")
+            if kind == "newnode":
+                index = os.path.join(work, f"index-{name}")
             if kind == "local":
                 spec = os.path.join(shard_dir, f"shard-{{000000..{last}}}.tar")
                 extra = ""
             else:
                 spec = f"s3://{BUCKET}/train/shard-{{000000..{last}}}.tar"
-                extra = f'cache-dir = "{os.path.join(work, "cache", name)}"\nallow-http = true\n{fetch}'
+                ahead = "fetch-ahead = 0" if kind == "whole" else fetch
+                extra = f'cache-dir = "{os.path.join(work, "cache", name)}"\nallow-http = true\n{ahead}'
             path = os.path.join(work, f"{name}.toml")
             with open(path, "w") as f:
                 f.write(
                     CONFIG.format(
                         spec=spec,
-                        index=os.path.join(work, f"index-{kind}"),
+                        index=index,
                         extra=extra,
                         shuffle=args.shuffle,
                         batch=args.batch,
@@ -266,26 +273,27 @@ def main():
                 )
             return path, name
 
-        env = {"local": dict(os.environ), "remote": s3.env()}
+        env = {"local": dict(os.environ), "remote": s3.env(), "whole": s3.env(), "newnode": s3.env()}
         # Index once (and put the indexes into the bucket); not measured.
         for kind in ("local", "remote"):
             cfg, name = config(kind, "index")
             run(binary, cfg, name, 1, env[kind], args.workers)
-        results = {"local": [], "remote": []}
+        results = {"local": [], "remote": [], "whole": [], "newnode": []}
         for rep in range(args.repeats):
-            for kind in ("local", "remote"):
+            for kind in ("local", "remote", "whole", "newnode"):
                 cfg, name = config(kind, rep)
-                startup, seen, images, log = run(binary, cfg, name, args.epochs, env[kind], args.workers)
+                epochs = args.epochs if kind in ("local", "remote") else 1
+                startup, seen, images, log = run(binary, cfg, name, epochs, env[kind], args.workers)
                 # The first batch is the clock's start: its images are not counted.
                 cold = (images[0] - args.batch) / (seen[0][1] - seen[0][0])
                 warm = (
-                    sum(images[e] for e in range(1, args.epochs)) / (seen[args.epochs - 1][1] - seen[0][1])
-                    if args.epochs > 1
+                    sum(images[e] for e in range(1, epochs)) / (seen[epochs - 1][1] - seen[0][1])
+                    if epochs > 1
                     else float("nan")
                 )
                 results[kind].append({"startup_s": startup, "cold": cold, "warm": warm})
                 print(
-                    f"  {kind:6s} rep {rep}: start-up {startup:.2f} s, epoch 0 {cold:.0f} images/s, "
+                    f"  {kind:7s} rep {rep}: start-up {startup:.2f} s, epoch 0 {cold:.0f} images/s, "
                     f"later epochs {warm:.0f} images/s",
                     flush=True,
                 )
@@ -304,6 +312,8 @@ def main():
             print(f"{label:28s}{lo:10.0f}{re_:10.0f}{re_ / lo:8.2f}")
         lo, re_ = med("local", "startup_s"), med("remote", "startup_s")
         print(f"{'start-up to 1st batch, s':28s}{lo:10.2f}{re_:10.2f}")
+        print(f"{'  s3://, fetch-ahead = 0':28s}{'':10s}{med('whole', 'startup_s'):10.2f}")
+        print(f"{'  s3://, indexes in bucket':28s}{'':10s}{med('newnode', 'startup_s'):10.2f}")
     finally:
         if s3:
             s3.close()
