@@ -24,6 +24,7 @@ into the repository). Needs moto_server (pip install 'moto[server]') and a built
 import argparse
 import glob
 import http.client
+import io
 import json
 import os
 import shutil
@@ -76,7 +77,7 @@ def regroup(inputs, count, out_dir):
             for members in samples[s * per : (s + 1) * per]:
                 for info, data in members:
                     info.mtime = 0
-                    t.addfile(info, __import__("io").BytesIO(data))
+                    t.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths, len(samples)
 
@@ -283,7 +284,7 @@ def main():
             for kind in ("local", "remote", "whole", "newnode"):
                 cfg, name = config(kind, rep)
                 epochs = args.epochs if kind in ("local", "remote") else 1
-                startup, seen, images, log = run(binary, cfg, name, epochs, env[kind], args.workers)
+                startup, seen, images, _log = run(binary, cfg, name, epochs, env[kind], args.workers)
                 # The first batch is the clock's start: its images are not counted.
                 cold = (images[0] - args.batch) / (seen[0][1] - seen[0][0])
                 warm = (
