@@ -3,6 +3,7 @@
 //!
 //! Everything downstream takes a [`Plan`] and never re-validates: if a `Plan` exists, its
 //! values are in range.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

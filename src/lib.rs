@@ -13,12 +13,24 @@
 //!   colour operations), randomness keyed by (seed, epoch, sample id).
 //! - [`batch`]: the batch schema (which tensors a slot holds) derived from the configuration.
 //! - [`ring`]: the shared-memory ring (layout, slots, waiting, handshake), its producer and
-//!   its Rust consumer. The only module with `unsafe` code.
+//!   its Rust consumer.
 //! - [`feedback`]: what trainers report back (per-sample losses): scores, loss statistics by
 //!   augmentation bucket and class, and the per-epoch selection decision.
 //! - [`pipeline`]: threads and channels that connect the stages; no stage logic.
 //! - [`config`]: the TOML configuration, validated once into a checked [`config::Plan`].
+//!
+//! # Where `unsafe` lives
+//!
+//! The crate denies `unsafe_code`; six files allow it, each for one reason, each block with a
+//! `// SAFETY:` line: in [`ring`], `memory.rs` (mapping the shared memory and viewing it as
+//! atomics, bytes and typed tensors), `sigbus.rs` (the `SIGBUS` guard of `--shm-dir` files),
+//! `protocol.rs` (`getsockopt(SO_PEERCRED)`), `producer/writer.rs` and `consumer/batch.rs`
+//! (slices of a slot the caller owns under the slot protocol); and `decode/turbo.rs` (the
+//! libjpeg-turbo FFI). [`source`], [`augment`], [`batch`], [`feedback`], [`pipeline`],
+//! [`config`] and the binary (`main.rs`, `cli`) go further and forbid it, so no `allow` can
+//! bring it back there.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod augment;
 pub mod batch;

@@ -1,5 +1,6 @@
 //! The `ringfeed` command line: parses flags, calls the library, renders errors for humans and
 //! returns an exit code. One file per subcommand under `cli/`.
+#![forbid(unsafe_code)]
 
 mod cli;
 

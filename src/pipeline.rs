@@ -15,6 +15,7 @@
 //! once every lane has reported that it finished epoch `e − 1` (its feedback frames arrive
 //! in order on its connection, so every loss of that epoch is in): the plan is then a function
 //! of (seed, epoch, scores), not of timing. Until it is decided, the lanes at epoch `e` wait.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{small_config, write_dataset, Daemon, RuntimeTmp};
 use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
 
-/// The daemon's total time for one request line (src/ring/producer.rs `REQUEST_TIMEOUT`).
+/// The daemon's total time for one request line (src/ring/producer/service.rs `REQUEST_TIMEOUT`).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// What "SIGTERM exits at once" means here.
 const EXIT_WITHIN: Duration = Duration::from_secs(2);

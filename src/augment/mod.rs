@@ -41,6 +41,7 @@
 //!   outputs from `scripts/policy_reference.py`; differences listed in `ops.rs`).
 //! - Normalised values are computed like torchvision's, in f32: `(v / 255 - mean) / std`,
 //!   then rounded to nearest-even for f16/bf16.
+#![forbid(unsafe_code)]
 
 mod blur;
 mod color;

@@ -11,6 +11,7 @@
 //! (`drop-last = false`); see [`BatchSchema::valid_index`]. Batch mixing (`mixup` / `cutmix`,
 //! `mix.rs`) adds `targets` after it, last (`f32 [B, num_classes]`, rows summing to 1; see
 //! [`BatchSchema::targets_index`]).
+#![forbid(unsafe_code)]
 
 mod mix;
 

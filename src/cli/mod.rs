@@ -1,5 +1,6 @@
 //! Flag definitions and dispatch. Flags are parsed by clap into raw structs here, then resolved
 //! once into a checked [`ringfeed::config::Plan`] (see [`common::resolve_plan`]).
+#![forbid(unsafe_code)]
 
 mod bench;
 mod caption;

@@ -12,7 +12,7 @@
 //!   region is mapped onto stored pixels, decoded, then turned upright. The returned
 //!   [`Pixels`] says which part of which scaled, upright image it holds, so callers map their
 //!   coordinates through it.
-//! - JPEG goes through libjpeg-turbo (`turbo.rs`, the crate's only FFI); PNG and WebP through
+//! - JPEG goes through libjpeg-turbo (`turbo.rs`, the decoder's only FFI and its only `unsafe`); PNG and WebP through
 //!   the `image` crate (`codecs.rs`); EXIF orientation is parsed in `exif.rs`.
 
 mod codecs;

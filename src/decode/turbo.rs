@@ -3,6 +3,9 @@
 //!
 //! Every `unsafe` block here is an FFI call whose pointer arguments are derived from live Rust
 //! slices whose lengths were checked against what the C function will touch.
+//!
+//! The crate denies `unsafe_code`; this file allows it, for these FFI calls.
+#![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_ulong, CStr};
 use std::ptr::NonNull;

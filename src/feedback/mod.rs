@@ -24,6 +24,7 @@
 //!   two nodes deciding byte-identical snapshots (also through real `torch.distributed`), bad
 //!   and late reports, and `ringfeed stat`'s loss by bucket and class.
 //! - With `mode = "none"` batches are byte for byte those of a daemon without this module.
+#![forbid(unsafe_code)]
 
 mod evaluation;
 mod scores;

@@ -1,15 +1,21 @@
 //! The ring's memory: a sealed, fully allocated memfd and its two mappings (control region
 //! read-write, data region read-write for the producer / read-only for consumers).
 //!
-//! This is the only file that turns addresses into references. Every accessor checks bounds
+//! This is the only file that turns addresses into references (and bytes into typed
+//! elements). Every accessor checks bounds
 //! and alignment against the mapping, so a wrong offset is a panic (a bug), never UB; the
 //! offsets themselves come from a validated [`Layout`](super::Layout).
+//!
+//! The crate denies `unsafe_code`; this file allows it: it is the door to the shared memory.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 
 use memmap2::{MmapOptions, MmapRaw};
+
+use super::layout::Element;
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 
 /// Creates the ring's memfd: `bytes` long, fully allocated (so lack of memory fails now, not
@@ -188,6 +194,26 @@ impl Data {
         let start = self.map.as_ptr() as usize;
         start..start + self.map.len()
     }
+}
+
+/// `bytes` viewed as elements of `T` (a batch tensor's typed view, §5.2), without a copy.
+///
+/// # Panics
+/// If `bytes` does not start aligned for `T` or is not a whole number of elements. Neither
+/// happens for a tensor of a validated layout: tensors start 64-byte aligned inside
+/// page-aligned slots, and their length is the product of their shape and the dtype's size.
+pub(crate) fn elements<T: Element>(bytes: &[u8]) -> &[T] {
+    let size = std::mem::size_of::<T>();
+    assert!(
+        bytes.as_ptr().cast::<T>().is_aligned() && bytes.len().is_multiple_of(size),
+        "{} bytes at {:p} are not a whole, aligned number of {size}-byte elements",
+        bytes.len(),
+        bytes.as_ptr()
+    );
+    // SAFETY: `T` is a sealed plain-data type (`Element`) valid for every bit pattern; the
+    // pointer is aligned for `T` and the length is a whole number of elements (both checked
+    // above); the result borrows `bytes`, so it cannot outlive them.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) }
 }
 
 // SAFETY: the mappings are plain shared memory; all shared mutable state in them is accessed

@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::consumer::read_layout;
 use super::futex::{self, mono_ns};
-use super::layout::{consumer as centry, hdr, lane as lentry, FormatError, Layout};
+use super::layout::{
+    consumer as centry, decode_last_error, hdr, io_step, lane as lentry, read_layout, read_state,
+    read_stats, FormatError, IoStep, Layout, ProducerState, RingStats,
+};
 use super::memory::{self, Control};
-use super::producer::{LaneStats, ProducerState, RingStats};
 use super::runtime_dir::{validate_name, RuntimeDir, RuntimeDirError};
 use super::slot::{self, Slot, SlotMeta};
 
@@ -89,6 +90,12 @@ pub enum ObserveError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+impl IoStep for ObserveError {
+    fn io(name: String, what: &'static str, source: io::Error) -> Self {
+        ObserveError::Io { name, what, source }
+    }
 }
 
 /// Why [`Observer::peek`] returned no batch.
@@ -260,10 +267,7 @@ impl Observer {
                 found.push((entry.path(), false));
             }
         }
-        let io = |what| {
-            let name = name.clone();
-            move |source| ObserveError::Io { name, what, source }
-        };
+        let io = |what| io_step::<ObserveError>(&name, what);
         let mut last_err = None;
         for (path, memfd) in &found {
             let file = File::open(path).map_err(io("opening the memfd read-only"))?;
@@ -318,7 +322,7 @@ impl Observer {
     }
 
     fn snapshot_state(&self) -> Option<ProducerState> {
-        ProducerState::from_code(self.control.u32(hdr::PRODUCER_STATE as u64).load(Acquire))
+        read_state(&self.control)
     }
 
     /// Reads every counter, the lane positions and the consumer table.
@@ -347,14 +351,12 @@ impl Observer {
                 })
             })
             .collect();
-        let raw = c.load_bytes(hdr::LAST_ERROR as u64, super::layout::LAST_ERROR_BYTES);
-        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
         RingSnapshot {
             taken_mono_ns: mono_ns(),
             stats: read_stats(c, l),
             producer_start_unix_ns: c.u64(hdr::START_UNIX_NS as u64).load(Relaxed),
             heartbeat_mono_ns: c.u64(hdr::HEARTBEAT_MONO_NS as u64).load(Acquire),
-            last_error: String::from_utf8_lossy(&raw[..end]).into_owned(),
+            last_error: decode_last_error(c),
             positions,
             consumers,
         }
@@ -477,44 +479,6 @@ impl Observer {
     }
 }
 
-/// The counters of the status line, read from a control region (the producer's own mapping
-/// or an observer's read-only one).
-pub(super) fn read_stats(c: &Control, layout: &Layout) -> RingStats {
-    let lanes = (0..layout.lane_count)
-        .map(|l| {
-            let mut st = LaneStats {
-                lane: l,
-                ..LaneStats::default()
-            };
-            for s in 0..layout.slots_per_lane {
-                match Slot::new(c, layout, l, s).state() {
-                    slot::FREE => st.free += 1,
-                    slot::WRITING => st.writing += 1,
-                    slot::READY => st.ready += 1,
-                    _ => st.held += 1,
-                }
-            }
-            let e = layout.lane_entry(l);
-            st.consumer_pid = c.u32(e + lentry::CONSUMER_PID).load(Relaxed);
-            st.consumer_wait_ns = c.u64(e + lentry::CONSUMER_WAIT_NS).load(Relaxed);
-            st.producer_wait_ns = c.u64(e + lentry::PRODUCER_WAIT_NS).load(Relaxed);
-            st.published = c.u64(e + lentry::PUBLISHED).load(Relaxed);
-            st.released = c.u64(e + lentry::RELEASED).load(Relaxed);
-            st.stream = c.u32(e + lentry::STREAM).load(Relaxed);
-            st
-        })
-        .collect();
-    RingStats {
-        generation: layout.generation,
-        state: ProducerState::from_code(c.u32(hdr::PRODUCER_STATE as u64).load(Acquire)),
-        samples_ok: c.u64(hdr::SAMPLES_OK as u64).load(Relaxed),
-        samples_skipped: c.u64(hdr::SAMPLES_SKIPPED as u64).load(Relaxed),
-        producer_wait_ns: c.u64(hdr::PRODUCER_WAIT_NS as u64).load(Relaxed),
-        batches_published: c.u64(hdr::BATCHES_PUBLISHED as u64).load(Relaxed),
-        lanes,
-    }
-}
-
 /// Asks the producer of ring `name` to describe itself: the `info` reply of §3 (lanes and
 /// their consumers, and, for a mixture, the `streams` with their served counts). Waits at most
 /// `timeout` for the answer.
@@ -531,7 +495,7 @@ pub fn query_info(
     let mut line = Vec::new();
     let mut chunk = [0u8; 1024];
     while !line.contains(&b'\n') {
-        if line.len() > super::handshake::MAX_LINE {
+        if line.len() > super::protocol::MAX_LINE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "info reply longer than 4096 bytes",

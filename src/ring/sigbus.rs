@@ -13,6 +13,10 @@
 //! sees [`Guard::lost`] and stops with an error, through its normal clean exit. A fault
 //! anywhere else is handed to the handler that was installed before (Rust's stack-overflow
 //! reporter), or to the default action.
+//!
+//! The crate denies `unsafe_code`; this file allows it for the signal handler and its
+//! `mmap` of zero pages.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::sync::atomic::AtomicBool;

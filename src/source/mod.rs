@@ -22,6 +22,7 @@
 //! - [`error`]: the errors of this stage and the members skipped while indexing.
 //! - `file`: opening the files a dataset's author controls (no FIFO, device or planted link
 //!   is ever read, and sizes are capped).
+#![forbid(unsafe_code)]
 
 pub mod bundled;
 pub mod config;

@@ -1,6 +1,9 @@
-//! The attach handshake (docs/ring-format.md §3): one JSON request line, one JSON reply line
-//! sent in a single `sendmsg` (with the memfd in `SCM_RIGHTS` on success), peer uid checks
-//! with `SO_PEERCRED`.
+//! The attach protocol (docs/ring-format.md §3), both sides of it: one JSON request line, one
+//! JSON reply line sent in a single `sendmsg` (with the memfd in `SCM_RIGHTS` on success), peer
+//! uid checks with `SO_PEERCRED`. The Python client's `protocol.py` is the same room.
+//!
+//! The crate denies `unsafe_code`; this file allows it for one `getsockopt(SO_PEERCRED)`.
+#![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;
@@ -243,6 +246,12 @@ pub(crate) fn send_line(
         )?;
     }
     Ok(())
+}
+
+/// Sends a failure reply with its code (§3 "Refusal codes"); a client that is gone is not an
+/// error.
+pub(crate) fn refuse(stream: &UnixStream, why: Refusal, error: &str) {
+    let _ = send_line(stream, &why.reply(error), None);
 }
 
 /// Receives one reply line and the file descriptor that came with it, if any.
