@@ -235,15 +235,22 @@ fn assert_every_sample_once(
     }
 }
 
-/// Serves `cfg` (ring `name`, one lane) for two epochs with `--exit-when-done` under `dog`,
-/// consumes it to the end, and asserts that the daemon exits cleanly and that each of the
-/// `sample_count` ids came exactly once per epoch.
-fn serve_to_end(s3: &S3Server, dog: &Watchdog, cfg: &Path, name: &str, sample_count: i64) {
+/// Serves `cfg` (ring `name`, one lane) for `epochs` epochs with `--exit-when-done` under
+/// `dog`, consumes it to the end, and asserts that the daemon exits cleanly and that each of
+/// the `sample_count` ids came exactly once per epoch; the daemon, for its log.
+fn serve_to_end(
+    s3: &S3Server,
+    dog: &Watchdog,
+    (cfg, name): (&Path, &str),
+    epochs: u64,
+    sample_count: i64,
+) -> Daemon {
     let runtime = RuntimeTmp::new();
+    let epochs_arg = epochs.to_string();
     let mut daemon = spawn(
         runtime.path(),
         cfg,
-        &["--epochs", "2", "--exit-when-done", "--lanes", "1"],
+        &["--epochs", &epochs_arg, "--exit-when-done", "--lanes", "1"],
         &s3.env("test"),
     );
     dog.guard(daemon.child.id());
@@ -251,7 +258,8 @@ fn serve_to_end(s3: &S3Server, dog: &Watchdog, cfg: &Path, name: &str, sample_co
     let lanes = consume(runtime.path(), name, 1);
     let status = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{status}\n{}", daemon.log.join("\n"));
-    assert_every_sample_once(&per_epoch(&lanes), 2, sample_count, &daemon.log);
+    assert_every_sample_once(&per_epoch(&lanes), epochs, sample_count, &daemon.log);
+    daemon
 }
 
 /// Bytes of complete shard copies in the cache.
@@ -293,7 +301,7 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     s3.faults(
         r#"{"latency_ms": 2, "slowdown": 3, "refuse": 2, "drop_body": 2, "hang": 1, "hang_s": 3}"#,
     );
-    serve_to_end(&s3, &dog, &cfg, "s3epochs", 64);
+    serve_to_end(&s3, &dog, (&cfg, "s3epochs"), 2, 64);
     let injected = s3.injected();
     for kind in ["SlowDown", "refuse", "drop_body", "hang"] {
         assert!(
@@ -307,7 +315,7 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     // A second run reuses the local indexes (no fetch before serving) and survives faults
     // injected while it serves.
     s3.faults(r#"{"slowdown": 2, "refuse": 2, "drop_body": 2}"#);
-    serve_to_end(&s3, &dog, &cfg, "s3epochs", 64);
+    serve_to_end(&s3, &dog, (&cfg, "s3epochs"), 2, 64);
 }
 
 #[test]
@@ -530,32 +538,6 @@ fn s3_config_in_order(dir: &Path, spec: &str, name: &str, extra: &str) -> PathBu
     cfg
 }
 
-/// Serves one epoch of `cfg` on one lane to its end; the batches' (epoch, ids).
-fn serve_one_epoch(s3: &S3Server, cfg: &Path, name: &str, dog: &Watchdog) -> Daemon {
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
-        cfg,
-        &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
-        &s3.env("test"),
-    );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
-    let lanes = consume(runtime.path(), name, 1);
-    assert!(
-        daemon.wait(Duration::from_secs(120)).success(),
-        "{}",
-        daemon.log.join("\n")
-    );
-    assert_every_sample_once(
-        &per_epoch(&lanes),
-        1,
-        lanes[0].len() as i64 * 8,
-        &daemon.log,
-    );
-    daemon
-}
-
 /// Index files under `dir`.
 fn index_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.flatten().count())
@@ -571,7 +553,7 @@ fn the_index_goes_beside_the_shard_in_a_writable_bucket_and_stays_local_for_a_re
     s3.faults(r#"{"read_only": true}"#);
     let tmp = tempfile::tempdir().unwrap();
     let cfg = s3_config(tmp.path(), &spec, "s3ro", "allow-http = true");
-    let daemon = serve_one_epoch(&s3, &cfg, "s3ro", &dog);
+    let daemon = serve_to_end(&s3, &dog, (&cfg, "s3ro"), 1, 16);
     let said: Vec<&String> = daemon
         .log
         .iter()
@@ -586,7 +568,7 @@ fn the_index_goes_beside_the_shard_in_a_writable_bucket_and_stays_local_for_a_re
     s3.faults("{}");
     let tmp = tempfile::tempdir().unwrap();
     let cfg = s3_config(tmp.path(), &spec, "s3rw", "allow-http = true");
-    serve_one_epoch(&s3, &cfg, "s3rw", &dog);
+    serve_to_end(&s3, &dog, (&cfg, "s3rw"), 1, 16);
     let put: Vec<String> = s3.requests()["put"]
         .as_array()
         .unwrap()
@@ -633,7 +615,7 @@ fn fetching_runs_ahead_in_the_epochs_order_bounded_and_the_first_batches_wait_fo
     // Index once (the indexes go into the bucket), then start over with empty directories.
     let tmp = tempfile::tempdir().unwrap();
     let cfg = s3_config(tmp.path(), &spec, "s3index", "allow-http = true");
-    serve_one_epoch(&s3, &cfg, "s3index", &dog);
+    serve_to_end(&s3, &dog, (&cfg, "s3index"), 1, 16 * i64::from(shards));
     let before = s3.whole_gets().len();
 
     // Whole-object GETs are held back until the first batch is taken; one fetch is cut off
@@ -711,7 +693,7 @@ fn a_daemon_killed_mid_fetch_leaves_a_temporary_copy_that_the_next_one_removes()
     let tmp = tempfile::tempdir().unwrap();
     let cfg = s3_config(tmp.path(), &spec, "s3kill", "allow-http = true");
     // The indexes come from a first run; its copies are then thrown away.
-    serve_one_epoch(&s3, &cfg, "s3kill", &dog);
+    serve_to_end(&s3, &dog, (&cfg, "s3kill"), 1, 16);
     std::fs::remove_dir_all(tmp.path().join("cache")).unwrap();
     let parts = || -> Vec<PathBuf> {
         let mut found = Vec::new();
@@ -747,7 +729,7 @@ fn a_daemon_killed_mid_fetch_leaves_a_temporary_copy_that_the_next_one_removes()
     assert!(!left.is_empty());
     s3.faults("{}");
     // The next daemon on the cache removes them, fetches, and serves every sample.
-    serve_one_epoch(&s3, &cfg, "s3kill", &dog);
+    serve_to_end(&s3, &dog, (&cfg, "s3kill"), 1, 16);
     assert!(parts().is_empty(), "left behind: {:?}", parts());
     assert_eq!(cached_bytes(&tmp.path().join("cache")).1, 2);
 }
