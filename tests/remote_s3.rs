@@ -301,7 +301,16 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     s3.faults(
         r#"{"latency_ms": 2, "slowdown": 3, "refuse": 2, "drop_body": 2, "hang": 1, "hang_s": 3}"#,
     );
-    serve_to_end(&s3, &dog, (&cfg, "s3epochs"), 2, 64);
+    let daemon = serve_to_end(&s3, &dog, (&cfg, "s3epochs"), 2, 64);
+    // The default shuffle is global: its cost on remote shards is said at start.
+    assert!(
+        daemon
+            .log
+            .iter()
+            .any(|l| l.contains("shuffle = \"global\" on s3:// shards reads each sample")),
+        "{}",
+        daemon.log.join("\n")
+    );
     let injected = s3.injected();
     for kind in ["SlowDown", "refuse", "drop_body", "hang"] {
         assert!(
