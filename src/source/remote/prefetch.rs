@@ -260,12 +260,18 @@ impl Prefetcher {
 }
 
 impl Drop for Prefetcher {
+    /// Lets every held copy go and stops the fetch threads without waiting for them: one in
+    /// the middle of a fetch may take up to the request timeout to return, and a daemon told to
+    /// stop must not wait for that (a fetch cut off by the exit leaves a temporary copy that
+    /// the next daemon removes).
     fn drop(&mut self) {
-        self.shared.lock().stop = true;
+        let mut state = self.shared.lock();
+        state.stop = true;
+        state.held.clear();
+        state.queue.clear();
+        drop(state);
         self.shared.wake.notify_all();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        self.threads.clear();
     }
 }
 
