@@ -1,10 +1,11 @@
 //! [`Dataset`]: the fixed, ordered list of samples of a source, where each sample's id is its
 //! position, with positioned reads of each sample's encoded image bytes.
 //!
-//! A tar dataset keeps, per sample, only offsets, sizes and a label (about 40 bytes plus its
-//! member name), and one open file per shard, opened on first use and reopened after a
-//! failed read. Each (re)open checks that the shard still has the size and modification time
-//! it was indexed with, so a shard rewritten under a running daemon is reported, not misread.
+//! A tar dataset keeps, per sample, only its offset, size, label and member name, in compact
+//! columns (`table.rs`: about 15 bytes a sample), and one open file per shard, opened on
+//! first use and reopened after a failed read. Each (re)open checks that the shard still has
+//! the size and modification time it was indexed with, so a shard rewritten under a running
+//! daemon is reported, not misread.
 //!
 //! An open descriptor keeps reading the file it was opened on, even after the path is deleted
 //! or replaced; [`Dataset::recheck_shards`] (called by the pipeline at each epoch's start)
@@ -38,15 +39,16 @@ use super::index::{
 };
 use super::remote::{self, sidecar, Prefetcher, ReadPlan, RemoteObject, ShardCache, Store};
 use super::spec::expand_shards;
+use super::table::SampleTable;
 
 /// A dataset opened from a [`SourceConfig`]. Cheap to share between threads (`&Dataset` is
 /// all reads need).
 #[derive(Debug)]
 pub struct Dataset {
     backend: Backend,
-    samples: Vec<SampleRecord>,
-    /// Member names (tar) or root-relative paths (ImageFolder), concatenated.
-    names: String,
+    /// Offset, size, label and member name (tar) or root-relative path (ImageFolder) of
+    /// every sample, by id.
+    samples: SampleTable,
     issues: Vec<IndexIssue>,
     class_names: Option<Vec<String>>,
     shard_starts: Vec<u64>,
@@ -70,14 +72,11 @@ enum Backend {
     },
 }
 
-#[derive(Debug)]
-struct SampleRecord {
-    offset: u64,
-    name_start: u64,
-    label: i64,
-    shard: u32,
-    size: u32,
-    name_len: u32,
+/// A sample id resolved: its position in the columns and its shard (0 for an ImageFolder).
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    id: usize,
+    shard: usize,
 }
 
 #[derive(Debug)]
@@ -327,7 +326,7 @@ impl Dataset {
             .into_iter()
             .map(|p| (p, None))
             .chain(objects.into_iter().map(Some).map(|o| (PathBuf::new(), o)));
-        for (shard_no, (path, object)) in sources.enumerate() {
+        for (path, object) in sources {
             let (path, mut loaded, remote) = match (object, &cache) {
                 (Some(object), Some(cache)) => {
                     let (copy, loaded) =
@@ -340,13 +339,18 @@ impl Dataset {
                 }
             };
             let cipher = unseal_index(&mut loaded.index, &path, key)?;
-            dataset.shard_starts.push(dataset.samples.len() as u64);
+            dataset.shard_starts.push(dataset.samples.len());
+            // One buffer for every member name: a million samples open in well under a second.
+            let mut name = String::new();
             for sample in &loaded.index.samples {
-                let name = sample.member();
+                name.clear();
+                name.push_str(&sample.key);
+                name.push('.');
+                name.push_str(&sample.ext);
                 if let Err(reason) = check_label(sample.label, num_classes) {
                     dataset.issues.push(IndexIssue {
                         shard: path.clone(),
-                        member: name,
+                        member: name.clone(),
                         reason,
                     });
                     continue;
@@ -358,7 +362,7 @@ impl Dataset {
                 else {
                     dataset.issues.push(IndexIssue {
                         shard: path.clone(),
-                        member: name,
+                        member: name.clone(),
                         reason: IssueReason::OverLimit {
                             size: sample.size,
                             limit,
@@ -366,13 +370,7 @@ impl Dataset {
                     });
                     continue;
                 };
-                dataset.push(
-                    name.as_str(),
-                    sample.offset,
-                    size,
-                    sample.label,
-                    shard_no as u32,
-                );
+                dataset.push(name.as_str(), sample.offset, size, sample.label);
             }
             dataset
                 .issues
@@ -445,7 +443,7 @@ impl Dataset {
                 continue;
             }
             match u32::try_from(*size).ok().filter(|_| *size <= limit) {
-                Some(size) => dataset.push(rel, 0, size, *label, 0),
+                Some(size) => dataset.push(rel, 0, size, *label),
                 None => dataset.issues.push(IndexIssue {
                     shard: root.join(rel).parent().unwrap_or(root).to_path_buf(),
                     member: rel.clone(),
@@ -461,29 +459,19 @@ impl Dataset {
         Dataset {
             backend,
             max_sample_bytes,
-            samples: Vec::new(),
-            names: String::new(),
+            samples: SampleTable::default(),
             issues: Vec::new(),
             class_names: None,
             shard_starts: Vec::new(),
         }
     }
 
-    fn push(&mut self, name: &str, offset: u64, size: u32, label: i64, shard: u32) {
-        self.samples.push(SampleRecord {
-            offset,
-            name_start: self.names.len() as u64,
-            label,
-            shard,
-            size,
-            // Member names come from tar headers (≤ 1 MiB) or file names.
-            name_len: u32::try_from(name.len()).unwrap_or(u32::MAX),
-        });
-        self.names.push_str(name);
+    fn push(&mut self, name: &str, offset: u64, size: u32, label: i64) {
+        self.samples.push(name, offset, size, label);
     }
 
     fn finish(mut self, what: &str) -> Result<Dataset, SourceError> {
-        if self.samples.is_empty() {
+        if self.samples.len() == 0 {
             return Err(SourceError::Empty {
                 what: what.to_owned(),
                 skipped: self.issues.len(),
@@ -493,23 +481,32 @@ impl Dataset {
                     .map_or_else(String::new, |i| format!("; first: {i}")),
             });
         }
-        self.samples.shrink_to_fit();
-        self.names.shrink_to_fit();
+        self.samples.finish();
+        self.shard_starts.shrink_to_fit();
         Ok(self)
     }
 
     /// Number of samples; ids are `0..len()`.
     pub fn len(&self) -> u64 {
-        self.samples.len() as u64
+        self.samples.len()
     }
 
     /// True if the dataset has no sample (never the case for an opened dataset).
     pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
+        self.samples.len() == 0
     }
 
-    fn record(&self, id: u64) -> Option<&SampleRecord> {
-        usize::try_from(id).ok().and_then(|i| self.samples.get(i))
+    /// Sample `id` as an index into the columns, `None` out of range.
+    fn record(&self, id: u64) -> Option<Record> {
+        (id < self.samples.len()).then(|| {
+            // The last shard whose first id is at most `id` (empty shards share their
+            // successor's start and are passed over).
+            let shard = self.shard_starts.partition_point(|&start| start <= id);
+            Record {
+                id: id as usize,
+                shard: shard.saturating_sub(1),
+            }
+        })
     }
 
     /// The label of sample `id`.
@@ -518,7 +515,7 @@ impl Dataset {
     /// If `id >= len()` (ids come from the [`Sampler`](super::Sampler), which never yields one).
     pub fn label(&self, id: u64) -> i64 {
         match self.record(id) {
-            Some(record) => record.label,
+            Some(record) => self.samples.label(record.id),
             None => panic!(
                 "sample id {id} out of range (dataset has {} samples)",
                 self.len()
@@ -526,9 +523,8 @@ impl Dataset {
         }
     }
 
-    fn name(&self, record: &SampleRecord) -> &str {
-        let start = record.name_start as usize;
-        &self.names[start..start + record.name_len as usize]
+    fn name(&self, record: &Record) -> String {
+        self.samples.name(record.id)
     }
 
     /// A human-readable location of sample `id` for log lines: `shard-000001.tar:img_0042.jpg`
@@ -539,13 +535,9 @@ impl Dataset {
         };
         match &self.backend {
             Backend::Tar { shards, .. } => {
-                format!(
-                    "{}:{}",
-                    shards[record.shard as usize].display,
-                    self.name(record)
-                )
+                format!("{}:{}", shards[record.shard].display, self.name(&record))
             }
-            Backend::Folder { .. } => self.name(record).to_owned(),
+            Backend::Folder { .. } => self.name(&record),
         }
     }
 
@@ -556,12 +548,12 @@ impl Dataset {
         let record = self.record(id)?;
         Some(match &self.backend {
             Backend::Tar { shards, .. } => (
-                Some(shards[record.shard as usize].path.as_path()),
-                self.name(record).to_owned(),
+                Some(shards[record.shard].path.as_path()),
+                self.name(&record),
             ),
             Backend::Folder { root } => (
                 None,
-                root.join(self.name(record)).to_string_lossy().into_owned(),
+                root.join(self.name(&record)).to_string_lossy().into_owned(),
             ),
         })
     }
@@ -586,16 +578,22 @@ impl Dataset {
                 remote_budget,
                 prefetch,
             } => {
-                let shard = &shards[record.shard as usize];
+                let shard = &shards[record.shard];
+                let (offset, size) = (self.samples.offset(record.id), self.samples.size(record.id));
                 let location = || self.describe(id);
                 // An encrypted member is read behind room for its associated data.
-                let name = self.name(record);
-                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(name));
+                let name = match &shard.cipher {
+                    Some(_) => self.name(&record),
+                    None => String::new(),
+                };
+                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(&name));
+                // Shard numbers fit a u32 (open_tar refuses more shards).
+                let shard_no = record.shard as u32;
                 let was_open = shard.is_open();
                 let file = match (&shard.remote, prefetch) {
                     (Some((cache, object)), Some(prefetch)) if !was_open => {
-                        let ready = prefetch.copy(record.shard);
-                        prefetch.consumed(record.shard);
+                        let ready = prefetch.copy(shard_no);
+                        prefetch.consumed(shard_no);
                         let ready = match ready {
                             Some(file) => Some(file),
                             None => cache
@@ -611,13 +609,12 @@ impl Dataset {
                             None if prefetch.planned() => {
                                 // Not in the cache yet: this member alone, with one ranged
                                 // GET, while the prefetcher brings the shard next.
-                                prefetch.urgent(record.shard);
-                                buf.resize(aad_len + record.size as usize, 0);
-                                let read = cache.store().read_range(
-                                    object,
-                                    record.offset,
-                                    &mut buf[aad_len..],
-                                );
+                                prefetch.urgent(shard_no);
+                                buf.resize(aad_len + size as usize, 0);
+                                let read =
+                                    cache
+                                        .store()
+                                        .read_range(object, offset, &mut buf[aad_len..]);
                                 if let Err(source) = read {
                                     buf.clear();
                                     return Err(SampleReadError::Fetch {
@@ -625,47 +622,44 @@ impl Dataset {
                                         source,
                                     });
                                 }
-                                return open_member(shard, name, buf, aad_len, &location);
+                                return open_member(shard, &name, buf, aad_len, &location);
                             }
                             None => shard.file(&location)?,
                         }
                     }
                     (Some(_), prefetch) => {
                         if let Some(prefetch) = prefetch {
-                            prefetch.consumed(record.shard);
+                            prefetch.consumed(shard_no);
                         }
                         shard.file(&location)?
                     }
                     (None, _) => shard.file(&location)?,
                 };
                 if shard.remote.is_some() && !was_open {
-                    hold_within_budget(shards, remote_open, *remote_budget, record.shard);
+                    hold_within_budget(shards, remote_open, *remote_budget, shard_no);
                 }
-                buf.resize(aad_len + record.size as usize, 0);
-                if file
-                    .read_exact_at(&mut buf[aad_len..], record.offset)
-                    .is_err()
-                {
+                buf.resize(aad_len + size as usize, 0);
+                if file.read_exact_at(&mut buf[aad_len..], offset).is_err() {
                     // The descriptor may have gone bad (network filesystem, replaced file):
                     // retry once on a fresh one, which also re-checks the shard's identity.
                     shard.forget(&file);
                     let file = shard.file(&location).inspect_err(|_| buf.clear())?;
-                    file.read_exact_at(&mut buf[aad_len..], record.offset)
+                    file.read_exact_at(&mut buf[aad_len..], offset)
                         .map_err(|source| {
                             buf.clear();
                             SampleReadError::Read {
                                 location: location(),
                                 path: shard.path.clone(),
-                                offset: record.offset,
-                                size: u64::from(record.size),
+                                offset,
+                                size: u64::from(size),
                                 source,
                             }
                         })?;
                 }
-                open_member(shard, name, buf, aad_len, &location)
+                open_member(shard, &name, buf, aad_len, &location)
             }
             Backend::Folder { root } => {
-                let path = root.join(self.name(record));
+                let path = root.join(self.name(&record));
                 let open_err = |source| SampleReadError::Open {
                     location: self.describe(id),
                     path: path.clone(),
@@ -767,18 +761,10 @@ impl Dataset {
                 digest.str(&name).u64(shard.size);
             }
         }
-        digest.u64(self.samples.len() as u64);
-        for sample in &self.samples {
-            let start = sample.name_start as usize;
-            let name = self
-                .names
-                .get(start..start + sample.name_len as usize)
-                .unwrap_or("");
-            digest
-                .str(name)
-                .u64(u64::from(sample.size))
-                .u64(sample.label as u64);
-        }
+        digest.u64(self.samples.len());
+        self.samples.for_each(|name, size, label| {
+            digest.str(name).u64(u64::from(size)).u64(label as u64);
+        });
     }
 
     /// True when the shards are `s3://` objects.
@@ -799,7 +785,7 @@ impl Dataset {
         };
         let shard_of = |ids: &[u64]| -> Vec<u32> {
             ids.iter()
-                .filter_map(|&id| self.record(id).map(|r| r.shard))
+                .filter_map(|&id| self.record(id).map(|r| r.shard as u32))
                 .collect()
         };
         prefetch.plan(&ReadPlan {
