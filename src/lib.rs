@@ -22,7 +22,7 @@
 //! # Where `unsafe` lives
 //!
 //! The crate denies `unsafe_code`; six files allow it, each for one reason, each block with a
-//! `// SAFETY:` line: in [`ring`], `memory.rs` (mapping the shared memory and viewing it as
+//! `// SAFETY:` line (clippy's `undocumented_unsafe_blocks` is denied too): in [`ring`], `memory.rs` (mapping the shared memory and viewing it as
 //! atomics, bytes and typed tensors), `sigbus.rs` (the `SIGBUS` guard of `--shm-dir` files),
 //! `protocol.rs` (`getsockopt(SO_PEERCRED)`), `producer/writer.rs` and `consumer/batch.rs`
 //! (slices of a slot the caller owns under the slot protocol); and `decode/turbo.rs` (the
@@ -31,6 +31,7 @@
 //! bring it back there.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod augment;
 pub mod batch;

@@ -1,5 +1,6 @@
 //! `ringfeed bench` on the bundled sample: the stage table, the end-to-end line with its ratio
-//! to the decode floor, and `--stages-only` (the quick baseline the soak script takes).
+//! to the decode floor, and `--stages-only` (the quick baseline the soak script takes);
+//! the DeiT policy preset through the same.
 
 mod common;
 
@@ -66,4 +67,24 @@ fn stages_only_skips_the_ring() {
         "{out}"
     );
     assert!(!out.contains("end to end"), "{out}");
+}
+
+/// The DeiT preset — RandAugment, random erasing, mixup/CutMix with `targets`, repeated
+/// augmentation — runs through the stage timings and the ring like the plain pipeline.
+#[test]
+fn bench_runs_the_deit_policy_preset() {
+    let out = bench(&[
+        "--config",
+        "configs/imagenet-train-deit.toml",
+        "--shards",
+        "data/sample/shard-{000000..000001}.tar",
+    ]);
+    assert!(
+        rate(&out, "decode + augment + write (ROI decode)") > 0.0,
+        "{out}"
+    );
+    assert!(
+        out.contains("end to end through the ring, 1 workers:"),
+        "{out}"
+    );
 }

@@ -32,12 +32,9 @@ FLIP_P = 0.5
 # The policy pipeline (compare.py --policy): RandAugment as policy.toml configures it.
 RA_OPS, RA_MAGNITUDE, RA_BINS = 2, 9, 11
 ERASE_P = 0.25
+DALI_FILL = 124  # DALI's rand_augment takes one fill value for all channels (ringfeed: 124 116 104)
 MIXUP_ALPHA, CUTMIX_ALPHA, SMOOTHING = 0.8, 1.0, 0.1
 RINGFEED_PLAIN = "ringfeed, plain pipeline"
-DALI_POLICY = (
-    "the policy pipeline is not written for DALI here (its nvidia.dali.auto_aug policies and "
-    "batch mixing were not ported to this harness's CPU pipeline)"
-)
 
 FULL_DECODE = "full decode, one core"
 FULL_DECODE_CPU = "full decode, per CPU second"
@@ -238,15 +235,29 @@ def dali_version() -> dict[str, str]:
     return {"dali": str(dali.__version__)}
 
 
-def run_dali(data: Dataset, work: Workload, threads: int, seed: int) -> Timing:
+def run_dali(
+    data: Dataset, work: Workload, threads: int, seed: int, policy: bool = False
+) -> Timing:
     """DALI's ImageNet training pipeline on the CPU (``device_id=None``): file reader,
-    ROI decode of the random crop, resize, flip + normalise to float CHW."""
+    ROI decode of the random crop, resize, flip + normalise to float CHW. With ``policy``:
+    flip, then ``nvidia.dali.auto_aug.rand_augment`` on the uint8 crop, normalise, random
+    erasing (a DALI conditional; per-pixel normal values) in the pipeline, and MixUp or CutMix
+    with label smoothing on each batch in the training loop, as for the DataLoader."""
+    import math
+
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     if data.imagefolder is None:
         raise UnavailableError("no ImageFolder tree beside the shards")
 
-    @pipeline_def(batch_size=data.batch_size, num_threads=threads, device_id=None, seed=seed)
+    @pipeline_def(
+        batch_size=data.batch_size,
+        num_threads=threads,
+        device_id=None,
+        seed=seed,
+        enable_conditionals=policy,
+    )
     def train() -> Any:
         jpegs, labels = fn.readers.file(
             file_root=str(data.imagefolder), random_shuffle=True, name="Reader"
@@ -260,14 +271,46 @@ def run_dali(data: Dataset, work: Workload, threads: int, seed: int) -> Timing:
             num_attempts=10,
         )
         images = fn.resize(images, resize_x=CROP, resize_y=CROP, interp_type=types.INTERP_LINEAR)
+        mirror = fn.random.coin_flip(probability=FLIP_P)
+        if policy:
+            from nvidia.dali.auto_aug import rand_augment
+
+            # The flip comes before the policy (its shears do not commute with it), as in
+            # torchvision's recipe. DALI's fill is one value for all channels.
+            images = fn.flip(images, horizontal=mirror)
+            images = rand_augment.rand_augment(
+                images, n=RA_OPS, m=RA_MAGNITUDE, num_magnitude_bins=RA_BINS, fill_value=DALI_FILL
+            )
+            mirror = 0
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
             output_layout="CHW",
             mean=[m * 255 for m in MEAN],
             std=[s * 255 for s in STD],
-            mirror=fn.random.coin_flip(probability=FLIP_P),
+            mirror=mirror,
         )
+        if policy and fn.random.coin_flip(probability=ERASE_P):
+            # torchvision's RandomErasing rectangle (area share and log-uniform aspect ratio),
+            # clipped to the image instead of redrawn; standard normal values inside it.
+            area = fn.random.uniform(range=[0.02, 0.33])
+            aspect = dmath.exp(fn.random.uniform(range=[math.log(0.3), math.log(3.3)]))
+            h = dmath.min(dmath.sqrt(area * aspect), 0.99)
+            w = dmath.min(dmath.sqrt(area / aspect), 0.99)
+            anchor = fn.stack(
+                fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h),
+                fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w),
+            )
+            keep = fn.erase(
+                images * 0.0 + 1.0,
+                anchor=anchor,
+                shape=fn.stack(h, w),
+                axis_names="HW",
+                normalized_anchor=True,
+                normalized_shape=True,
+                fill_value=0.0,
+            )
+            images = images * keep + fn.random.normal(images) * (1.0 - keep)
         return images, labels
 
     started = time.perf_counter()
@@ -280,7 +323,30 @@ def run_dali(data: Dataset, work: Workload, threads: int, seed: int) -> Timing:
         for _ in range(data.batches_per_epoch):
             yield pipe.run()
 
-    return consume(open_epoch, _touch_dali, work, started)
+    touch = _dali_mixing_touch(_classes(data.imagefolder)) if policy else _touch_dali
+    return consume(open_epoch, touch, work, started)
+
+
+def _classes(imagefolder: Path) -> int:
+    """Classes of an ImageFolder tree (its sub-folders)."""
+    return sum(1 for d in imagefolder.iterdir() if d.is_dir())
+
+
+def _dali_mixing_touch(classes: int) -> Any:
+    """The DataLoader's training-loop mixing (:func:`_mixing_touch`) on DALI's batches, viewed
+    as torch tensors without a copy."""
+    import numpy as np
+    import torch
+
+    mix = _mixing_touch(classes)
+
+    def touch(batch: Any) -> int:
+        images, labels = batch
+        images = torch.from_numpy(np.asarray(images.as_tensor()))
+        labels = torch.from_numpy(np.asarray(labels.as_tensor())).reshape(-1).long()
+        return int(mix((images, labels)))
+
+    return touch
 
 
 def _touch_dali(batch: Any) -> int:

@@ -20,8 +20,9 @@
 //!
 //! Flips are applied last, where they cost nothing: every later operation commutes with a
 //! flip except rotation, whose angle is mirrored instead. With a policy (whose shears and
-//! translations do not commute with flips) the flips are applied to the small image before
-//! it, where torchvision's recipes apply them. Randomness comes only from the
+//! translations do not commute with flips) the flips come before it, where torchvision's
+//! recipes apply them: left pending, the policy's warps read through them and the write
+//! applies them when no warp did (`ops.rs`). Randomness comes only from the
 //! [`SampleKey`], one stream per operation (`key.rs`). Buffers live in a per-worker
 //! [`Scratch`], so JPEG samples allocate nothing once it has warmed up.
 //!
@@ -664,9 +665,12 @@ impl Augmenter {
         let vflip = self
             .vertical_flip
             .is_some_and(|p| chance(&mut key.rng(Stream::VerticalFlip), p));
-        // A policy's shears and translations do not commute with flips: flip first.
+        // A policy's shears and translations do not commute with flips: the policy sees the
+        // flipped image. Its operations read through pending flips (`ops::OpScratch::flip`),
+        // so the flips cost a pass only before a rotation or zoom.
         let early_flip = self.policy.is_some() && (hflip || vflip);
-        if early_flip {
+        let pending = early_flip && self.rotate.is_none() && self.random_scale.is_none();
+        if early_flip && !pending {
             flip_in_place(
                 &mut scratch.small[..len],
                 w as usize,
@@ -675,25 +679,28 @@ impl Augmenter {
                 vflip,
             );
         }
+        scratch.ops.flip = [pending && hflip, pending && vflip];
         let mut params = self.post_geometry(key, !early_flip && hflip != vflip, scratch);
-        let late = !early_flip;
+        // Flips still to apply: the late ones, or those the policy left pending.
+        let [hflip_out, vflip_out] = if early_flip {
+            std::mem::take(&mut scratch.ops.flip)
+        } else {
+            [hflip, vflip]
+        };
         match scratch.ops.lut.take() {
             Some(map) => self.writer.write_mapped(
                 &mut scratch.small[..len],
                 w,
                 h,
+                hflip_out,
+                vflip_out,
                 &map,
                 &mut scratch.write_table,
                 out,
             ),
-            None => self.writer.write(
-                &scratch.small[..len],
-                w,
-                h,
-                late && hflip,
-                late && vflip,
-                out,
-            ),
+            None => self
+                .writer
+                .write(&scratch.small[..len], w, h, hflip_out, vflip_out, out),
         }
         if let Some(e) = &self.eraser {
             let (c, _, _) = self.output_shape();
@@ -744,9 +751,10 @@ impl Augmenter {
         }
     }
 
-    /// Rotation/zoom, colour jitter, grayscale and blur on the output-size image in
+    /// Rotation/zoom, the policy, colour jitter, grayscale and blur on the output-size image in
     /// `scratch.small`. `mirrored`: exactly one flip will be applied afterwards, so the
-    /// rotation turns the other way.
+    /// rotation turns the other way. The policy may leave a table and flips pending in
+    /// `scratch.ops` (for the write) when nothing after it reads pixels.
     fn post_geometry(&self, key: SampleKey, mirrored: bool, scratch: &mut Scratch) -> SampleParams {
         let mut params = SampleParams::default();
         let (w, h) = (self.width, self.height);
@@ -794,9 +802,18 @@ impl Augmenter {
                 h as usize,
                 &mut scratch.ops,
             );
-            // Later operations read real pixels; else the pending table rides on the write.
+            // Later operations read real pixels; else the pending table and flips ride on the
+            // write.
             if self.jitter.is_some() || self.grayscale.is_some() || self.blur.is_some() {
                 scratch.ops.materialise(&mut scratch.small[..len]);
+                let [hflip, vflip] = std::mem::take(&mut scratch.ops.flip);
+                flip_in_place(
+                    &mut scratch.small[..len],
+                    w as usize,
+                    h as usize,
+                    hflip,
+                    vflip,
+                );
             }
         }
         let img = &mut scratch.small[..len];

@@ -12,7 +12,15 @@
 //!
 //! Geometric operations (shear, translate, rotate) are one nearest-neighbour affine warp with
 //! torchvision's inverse matrix, pixel grid (`_affine_grid`) and `grid_sample` rounding
-//! (half to even), constant fill outside the source.
+//! (half to even), constant fill outside the source. The flips before the policy are pending
+//! too ([`OpScratch::flip`]): every other operation commutes with them, so the warp reads
+//! through them and the write applies any left, and a flipped sample costs no extra pass.
+//!
+//! Speed without changing a value: the hot loops avoid float-to-integer casts and
+//! `round`/`floor`, which on baseline x86-64 are library calls or NaN-checking branches that
+//! keep the compiler from vectorising (rounding is an add-and-subtract of 1.5 · 2^23,
+//! [`to_u8`] a compare); sums of floored lumas are integers and add up exactly in integers;
+//! products known to be exact are tabulated per value (luma terms) or per luma (colour).
 //!
 //! # Against torchvision (`tests::operations_match_torchvision`)
 //!
@@ -89,6 +97,15 @@ pub(crate) struct OpScratch {
     pub(crate) other: Vec<u8>,
     /// Pending table, `None` while identity.
     pub(crate) lut: Option<Box<Lut>>,
+    /// Pending flips `[horizontal, vertical]`: the image the operations mean is the stored one
+    /// flipped so. Only the geometric operations read pixels by position; they read through the
+    /// flips (and leave none pending), every other operation commutes with them.
+    pub(crate) flip: [bool; 2],
+    /// A warp's per-column grid terms, then one row's source indices (reused).
+    grid: Vec<[f32; 2]>,
+    index: Vec<i32>,
+    /// One row's lumas, one per value (colour).
+    lumas: Vec<f32>,
 }
 
 impl OpScratch {
@@ -118,9 +135,15 @@ impl OpScratch {
     }
 }
 
-/// `clamp(0, 255).to(uint8)`: truncation toward zero.
+/// `clamp(0, 255).to(uint8)`: truncation toward zero (NaN gives 0, as `as u8` does). Written
+/// without a float-to-integer conversion, whose NaN and overflow checks keep the compiler from
+/// vectorising the loops that call it: rounded to nearest ([`round_ties_even`]), then one down
+/// where that rounded up.
+#[allow(clippy::manual_clamp)] // `clamp` keeps NaN, which `max` turns into 0 as the cast did
 fn to_u8(x: f32) -> u8 {
-    x.clamp(0.0, 255.0) as u8
+    let x = x.max(0.0).min(255.0);
+    let (rounded, i) = round_ties_even(x);
+    (if rounded > x { i - 1 } else { i }) as u8
 }
 
 /// torch's `linspace(start, end, steps)[i]` in f32 (its CPU kernel's two halves).
@@ -158,7 +181,7 @@ pub(crate) fn apply(
             let f = 1.0 + magnitude;
             scratch.then(|_, v| to_u8(f32::from(v) * f));
         }
-        Op::Color => color(img, magnitude, scratch),
+        Op::Color => color(img, w, magnitude, scratch),
         Op::Contrast => {
             let mean = mean_luma(img, scratch.lut.as_deref());
             let (ratio, alpha) = blend_weights(magnitude);
@@ -255,10 +278,27 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 
 /// Per-channel histograms of `img` read through `lut`.
 fn histograms(img: &[u8], lut: Option<&Lut>) -> [[u32; 256]; 3] {
-    let mut raw = [[0u32; 256]; 3];
-    for p in img.chunks_exact(3) {
+    // Two sets of counters, alternating pixels: neighbouring pixels often share a value, and
+    // incrementing one counter twice in a row waits for the first store.
+    let mut two = [[[0u32; 256]; 3]; 2];
+    let mut pairs = img.chunks_exact(6);
+    for p in &mut pairs {
+        two[0][0][usize::from(p[0])] += 1;
+        two[0][1][usize::from(p[1])] += 1;
+        two[0][2][usize::from(p[2])] += 1;
+        two[1][0][usize::from(p[3])] += 1;
+        two[1][1][usize::from(p[4])] += 1;
+        two[1][2][usize::from(p[5])] += 1;
+    }
+    for p in pairs.remainder().chunks_exact(3) {
         for c in 0..3 {
-            raw[c][usize::from(p[c])] += 1;
+            two[0][c][usize::from(p[c])] += 1;
+        }
+    }
+    let [mut raw, second] = two;
+    for (r, s) in raw.iter_mut().zip(&second) {
+        for (a, b) in r.iter_mut().zip(s) {
+            *a += b;
         }
     }
     let Some(lut) = lut else { return raw };
@@ -271,44 +311,54 @@ fn histograms(img: &[u8], lut: Option<&Lut>) -> [[u32; 256]; 3] {
     mapped
 }
 
-/// torchvision's luma in f32 (`rgb_to_grayscale`), floored as for uint8 images.
-fn luma_floor(r: u8, g: u8, b: u8) -> f32 {
-    (0.2989 * f32::from(r) + 0.587 * f32::from(g) + 0.114 * f32::from(b)).floor()
+/// torchvision's luma in f32 (`rgb_to_grayscale`: `0.2989 r + 0.587 g + 0.114 b`, summed in
+/// that order) of pixels read through `lut`, as per-channel tables of the rounded products:
+/// `luma(p) = floor(t[0][r] + t[1][g] + t[2][b])`.
+fn luma_terms(lut: Option<&Lut>) -> [[f32; 256]; 3] {
+    let weights = [0.2989f32, 0.587, 0.114];
+    std::array::from_fn(|c| {
+        std::array::from_fn(|v| {
+            let x = lut.map_or(v as u8, |t| t[c][v]);
+            weights[c] * f32::from(x)
+        })
+    })
+}
+
+/// The floored luma of one pixel from [`luma_terms`]. The sum is ≥ 0, where truncation is
+/// `floor` (and, unlike `floor`, needs no library call on baseline x86-64).
+fn luma_floor(terms: &[[f32; 256]; 3], p: &[u8]) -> u8 {
+    (terms[0][usize::from(p[0])] + terms[1][usize::from(p[1])] + terms[2][usize::from(p[2])]) as u8
 }
 
 /// Mean of the floored luma of `img` read through `lut` (contrast's blend target).
 fn mean_luma(img: &[u8], lut: Option<&Lut>) -> f32 {
-    let id = identity_lut();
-    let t = lut.unwrap_or(&id);
-    let sum: f64 = img
+    let terms = luma_terms(lut);
+    // The floored lumas are integers: their sum is exact in u64, as it was in f64.
+    let sum: u64 = img
         .chunks_exact(3)
-        .map(|p| {
-            f64::from(luma_floor(
-                t[0][usize::from(p[0])],
-                t[1][usize::from(p[1])],
-                t[2][usize::from(p[2])],
-            ))
-        })
+        .map(|p| u64::from(luma_floor(&terms, p)))
         .sum();
-    (sum / (img.len() / 3).max(1) as f64) as f32
+    (sum as f64 / (img.len() / 3).max(1) as f64) as f32
 }
 
-/// Saturation blend with each pixel's luma (`adjust_saturation`), reading through the pending
-/// table in the same pass.
-fn color(img: &mut [u8], magnitude: f32, scratch: &mut OpScratch) {
-    let lut = scratch.lut.take();
-    let id = identity_lut();
-    let t = lut.as_deref().unwrap_or(&id);
+/// Saturation blend with each pixel's luma (`adjust_saturation`). Row by row: the lumas first
+/// (one per value, so the blend is a flat loop the compiler vectorises), then the blend.
+fn color(img: &mut [u8], w: usize, magnitude: f32, scratch: &mut OpScratch) {
+    // A pending table is applied first (a colour blend right after a per-value operation).
+    scratch.materialise(img);
+    let terms = luma_terms(None);
     let (ratio, alpha) = blend_weights(magnitude);
-    for p in img.chunks_exact_mut(3) {
-        let (r, g, b) = (
-            t[0][usize::from(p[0])],
-            t[1][usize::from(p[1])],
-            t[2][usize::from(p[2])],
-        );
-        let l = luma_floor(r, g, b);
-        for (v, x) in p.iter_mut().zip([r, g, b]) {
-            *v = to_u8(blend(f32::from(x), ratio, l, alpha));
+    let alpha = f64::from(alpha);
+    let lumas = &mut scratch.lumas;
+    for row in img.chunks_exact_mut(w * 3) {
+        lumas.clear();
+        lumas.extend(row.chunks_exact(3).flat_map(|p| {
+            let l = f32::from(luma_floor(&terms, p));
+            [l, l, l]
+        }));
+        for (v, &l) in row.iter_mut().zip(lumas.iter()) {
+            // `blend(x, ratio, l, alpha)`, spelled out: `alpha · l` is exact in f64.
+            *v = to_u8((alpha * f64::from(l) + f64::from(f32::from(*v) * ratio)) as f32);
         }
     }
 }
@@ -322,31 +372,35 @@ fn sharpness(img: &mut [u8], w: usize, h: usize, magnitude: f32, tmp: &mut Vec<u
     tmp.clear();
     tmp.extend_from_slice(img);
     let (_, alpha) = blend_weights(magnitude);
+    let alpha = f64::from(alpha);
     let row = w * 3;
+    // The interior values of a row: `n` of them from byte 3, each with its eight neighbours
+    // at ±3 (a pixel left/right) in the rows above, here and below.
+    let n = row - 6;
     for y in 1..h - 1 {
-        let (above, here, below) = (
-            &tmp[(y - 1) * row..y * row],
-            &tmp[y * row..(y + 1) * row],
-            &tmp[(y + 1) * row..(y + 2) * row],
-        );
-        let out = &mut img[y * row..(y + 1) * row];
-        for i in 3..row - 3 {
+        let taps = |r: usize, dx: usize| &tmp[r * row + dx..r * row + dx + n];
+        let (a0, a1, a2) = (taps(y - 1, 0), taps(y - 1, 3), taps(y - 1, 6));
+        let (h0, h1, h2) = (taps(y, 0), taps(y, 3), taps(y, 6));
+        let (b0, b1, b2) = (taps(y + 1, 0), taps(y + 1, 3), taps(y + 1, 6));
+        let out = &mut img[y * row + 3..y * row + 3 + n];
+        for i in 0..n {
             // torch sums the nine taps (1/13, centre 5/13) in f32 and rounds. Exactly:
             // S/13 with S an integer, which is never within 1/26 of a half (13 is odd), far
             // more than f32's rounding error: the integer sum rounds the same.
-            let s = u32::from(above[i - 3])
-                + u32::from(above[i])
-                + u32::from(above[i + 3])
-                + u32::from(here[i - 3])
-                + 5 * u32::from(here[i])
-                + u32::from(here[i + 3])
-                + u32::from(below[i - 3])
-                + u32::from(below[i])
-                + u32::from(below[i + 3]);
-            let blurred = ((2 * s + 13) / 26) as f32;
-            let v = f32::from(here[i]);
-            // `view.add_(blurred.sub_(view), alpha)`: a fused multiply-add.
-            out[i] = to_u8(fma(blurred - v, alpha, v));
+            let s = u32::from(a0[i])
+                + u32::from(a1[i])
+                + u32::from(a2[i])
+                + u32::from(h0[i])
+                + 5 * u32::from(h1[i])
+                + u32::from(h2[i])
+                + u32::from(b0[i])
+                + u32::from(b1[i])
+                + u32::from(b2[i]);
+            let blurred = (2 * s + 13) / 26;
+            let v = i32::from(h1[i]);
+            // `view.add_(blurred.sub_(view), alpha)`: a fused multiply-add (see `fma`; the
+            // difference is a small integer, exact in every type).
+            out[i] = to_u8((f64::from(blurred as i32 - v) * alpha + f64::from(v)) as f32);
         }
     }
 }
@@ -415,9 +469,6 @@ fn geometric(
             inverse_affine([0.0, 0.0], -angle, [0.0, 0.0], [0.0, 0.0])
         }
     };
-    let lut = scratch.lut.take();
-    let id = identity_lut();
-    let t = lut.as_deref().unwrap_or(&id);
     let theta = matrix.map(|x| x as f32);
     let (sx, sy) = ((0.5 * wf) as f32, (0.5 * hf) as f32);
     let r = [
@@ -429,55 +480,154 @@ fn geometric(
         theta[5] / sy,
     ];
     let (wf32, hf32) = (w as f32, h as f32);
+    let (x_max, y_max) = (wf32 - 1.0, hf32 - 1.0);
+    let [hflip, vflip] = std::mem::take(&mut scratch.flip);
+    // Rows that read rows: consecutive output pixels read consecutive source pixels.
+    let runs = !hflip && matches!(op, Op::ShearX | Op::TranslateX | Op::TranslateY);
     // The pixel grid's x coordinates, once (torch's `linspace`); the same values per row.
-    let xs: Vec<[f32; 2]> = (0..w)
-        .map(|x| {
-            let bx = linspace((1.0 - wf32) * 0.5, (wf32 - 1.0) * 0.5, w as u32, x as u32);
-            [bx * r[0], bx * r[3]]
-        })
-        .collect();
+    scratch.grid.clear();
+    scratch.grid.extend((0..w).map(|x| {
+        let bx = linspace((1.0 - wf32) * 0.5, (wf32 - 1.0) * 0.5, w as u32, x as u32);
+        [bx * r[0], bx * r[3]]
+    }));
+    scratch.index.resize(w, 0);
+    let (last_x, last_y) = (w as i32 - 1, h as i32 - 1);
+    let lut = scratch.lut.take();
     let dst = &mut scratch.other;
-    dst.clear();
     dst.resize(w * h * 3, 0);
     for (y, out_row) in dst.chunks_exact_mut(w * 3).enumerate() {
         let by = linspace((1.0 - hf32) * 0.5, (hf32 - 1.0) * 0.5, h as u32, y as u32);
         let (row_x, row_y) = (by * r[1], by * r[4]);
-        for (out, &[px, py]) in out_row.chunks_exact_mut(3).zip(&xs) {
+        // Source positions first (a loop of plain arithmetic the compiler vectorises), then
+        // the reads.
+        let stride = w as i32;
+        for (index, &[px, py]) in scratch.index.iter_mut().zip(&scratch.grid) {
             // Same operations and order as `_affine_grid` + `grid_sample`'s unnormalisation.
             let gx = px + row_x + r[2];
             let gy = py + row_y + r[5];
-            let ix = (((gx + 1.0) * wf32 - 1.0) * 0.5).round_ties_even();
-            let iy = (((gy + 1.0) * hf32 - 1.0) * 0.5).round_ties_even();
-            if ix >= 0.0 && iy >= 0.0 && ix <= wf32 - 1.0 && iy <= hf32 - 1.0 {
-                let s = (iy as usize * w + ix as usize) * 3;
-                out[0] = t[0][usize::from(img[s])];
-                out[1] = t[1][usize::from(img[s + 1])];
-                out[2] = t[2][usize::from(img[s + 2])];
-            } else {
-                out.copy_from_slice(&fill);
+            let (ix, mut col) = round_ties_even(((gx + 1.0) * wf32 - 1.0) * 0.5);
+            let (iy, mut row) = round_ties_even(((gy + 1.0) * hf32 - 1.0) * 0.5);
+            let inside = ix >= 0.0 && iy >= 0.0 && ix <= x_max && iy <= y_max;
+            // Outside, the integers are meaningless: wrapping arithmetic, then dropped.
+            if hflip {
+                col = last_x.wrapping_sub(col);
             }
+            if vflip {
+                row = last_y.wrapping_sub(row);
+            }
+            *index = if inside {
+                row.wrapping_mul(stride).wrapping_add(col)
+            } else {
+                -1
+            };
         }
+        gather(img, &scratch.index, lut.as_deref(), fill, runs, out_row);
     }
     std::mem::swap(img, dst);
 }
 
-/// torch's `rot90(k)` fast path of `F.rotate` (counter-clockwise quarter turns).
+/// `x` rounded to the nearest integer, ties to even, as `f32::round_ties_even` (which on
+/// baseline x86-64 is a library call per value), and that integer as an `i32`. Adding
+/// 1.5 · 2^23 rounds in the default rounding mode and is exact for |x| < 2^22, where the sum's
+/// low mantissa bits are the integer (read without a conversion, which would branch on NaN and
+/// overflow). Beyond, the float stays beyond ±2^22 − 2 (or is the same infinity or NaN), so a
+/// warp still finds it outside any image (at most 16384 pixels a side) and ignores the integer.
+fn round_ties_even(x: f32) -> (f32, i32) {
+    const MAGIC: f32 = 12_582_912.0;
+    let shifted = x + MAGIC;
+    (
+        shifted - MAGIC,
+        (shifted.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32),
+    )
+}
+
+/// One output row of a warp: pixel `index[i]` of `img` (read through `lut`), or `fill` where
+/// the index is negative. `runs`: the indices mostly count up by one (copied a run at a time).
+fn gather(
+    img: &[u8],
+    index: &[i32],
+    lut: Option<&Lut>,
+    fill: [u8; 3],
+    runs: bool,
+    out_row: &mut [u8],
+) {
+    match lut {
+        None if !runs => {
+            for (out, &i) in out_row.chunks_exact_mut(3).zip(index) {
+                match usize::try_from(i) {
+                    Ok(i) => out.copy_from_slice(&img[i * 3..i * 3 + 3]),
+                    Err(_) => out.copy_from_slice(&fill),
+                }
+            }
+        }
+        None => {
+            // Runs of consecutive source pixels (a translation's or horizontal shear's rows)
+            // are copied at once.
+            let mut x = 0;
+            while x < index.len() {
+                let first = index[x];
+                let mut end = x + 1;
+                if first < 0 {
+                    while end < index.len() && index[end] < 0 {
+                        end += 1;
+                    }
+                    for out in out_row[x * 3..end * 3].chunks_exact_mut(3) {
+                        out.copy_from_slice(&fill);
+                    }
+                } else {
+                    while end < index.len() && index[end] == first + (end - x) as i32 {
+                        end += 1;
+                    }
+                    let s = first as usize * 3;
+                    out_row[x * 3..end * 3].copy_from_slice(&img[s..s + (end - x) * 3]);
+                }
+                x = end;
+            }
+        }
+        Some(t) => {
+            for (out, &i) in out_row.chunks_exact_mut(3).zip(index) {
+                match usize::try_from(i) {
+                    Ok(i) => {
+                        let s = &img[i * 3..i * 3 + 3];
+                        out[0] = t[0][usize::from(s[0])];
+                        out[1] = t[1][usize::from(s[1])];
+                        out[2] = t[2][usize::from(s[2])];
+                    }
+                    Err(_) => out.copy_from_slice(&fill),
+                }
+            }
+        }
+    }
+}
+
+/// torch's `rot90(k)` fast path of `F.rotate` (counter-clockwise quarter turns), reading
+/// through the pending flips and table.
 fn rot90(img: &mut Vec<u8>, w: usize, h: usize, k: u32, scratch: &mut OpScratch) {
-    if k == 0 {
+    let [hflip, vflip] = std::mem::take(&mut scratch.flip);
+    if k == 0 && !hflip && !vflip {
         return;
     }
+    let lut = scratch.lut.take();
     let dst = &mut scratch.other;
-    dst.clear();
     dst.resize(w * h * 3, 0);
-    for y in 0..h {
-        for x in 0..w {
-            let (sx, sy) = match k {
+    scratch.index.resize(w, 0);
+    for (y, out_row) in dst.chunks_exact_mut(w * 3).enumerate() {
+        for (x, index) in scratch.index.iter_mut().enumerate() {
+            let (mut sx, mut sy) = match k {
+                0 => (x, y),
                 1 => (w - 1 - y, x),
                 2 => (w - 1 - x, h - 1 - y),
                 _ => (y, h - 1 - x),
             };
-            dst[(y * w + x) * 3..][..3].copy_from_slice(&img[(sy * w + sx) * 3..][..3]);
+            if hflip {
+                sx = w - 1 - sx;
+            }
+            if vflip {
+                sy = h - 1 - sy;
+            }
+            *index = (sy * w + sx) as i32;
         }
+        gather(img, &scratch.index, lut.as_deref(), [0; 3], false, out_row);
     }
     std::mem::swap(img, dst);
 }
@@ -569,6 +719,98 @@ mod tests {
             s.materialise(&mut stepped);
         }
         assert_eq!(fused, stepped);
+    }
+
+    /// Each operation on an image with flips pending (and a table) gives the image it gives
+    /// on the flipped image: the flips ride along until a warp reads through them.
+    #[test]
+    fn operations_read_through_pending_flips() {
+        use crate::augment::flip_in_place;
+        let cases = [
+            (Op::Identity, 0.0),
+            (Op::ShearX, 0.3),
+            (Op::ShearY, -0.2),
+            (Op::TranslateX, 5.0),
+            (Op::TranslateY, -3.0),
+            (Op::Rotate, 25.0),
+            (Op::Rotate, 90.0),
+            (Op::Rotate, 180.0),
+            (Op::Rotate, 0.0),
+            (Op::Brightness, 0.4),
+            (Op::Color, -0.5),
+            (Op::Contrast, 0.6),
+            (Op::Sharpness, 0.9),
+            (Op::Posterize, 3.0),
+            (Op::Solarize, 0.4),
+            (Op::AutoContrast, 0.0),
+            (Op::Equalize, 0.0),
+            (Op::Invert, 0.0),
+        ];
+        for (w, h) in [(23, 17), (16, 16)] {
+            let img: Vec<u8> = (0..w * h * 3).map(|i| (i * 71 % 253) as u8).collect();
+            for (op, m) in cases {
+                for flip in [[true, false], [false, true], [true, true]] {
+                    let mut want = img.clone();
+                    flip_in_place(&mut want, w, h, flip[0], flip[1]);
+                    let mut s = OpScratch::default();
+                    apply(Op::Brightness, 0.2, &mut want, w, h, [1, 2, 3], &mut s);
+                    apply(op, m, &mut want, w, h, [1, 2, 3], &mut s);
+                    s.materialise(&mut want);
+
+                    let mut got = img.clone();
+                    let mut s = OpScratch {
+                        flip,
+                        ..OpScratch::default()
+                    };
+                    apply(Op::Brightness, 0.2, &mut got, w, h, [1, 2, 3], &mut s);
+                    apply(op, m, &mut got, w, h, [1, 2, 3], &mut s);
+                    s.materialise(&mut got);
+                    flip_in_place(&mut got, w, h, s.flip[0], s.flip[1]);
+                    assert_eq!(got, want, "{op:?} {m} {w}x{h} flips {flip:?}");
+                }
+            }
+        }
+    }
+
+    /// The add-and-subtract rounding equals `round_ties_even` on halves, near-halves and
+    /// integers across the range a warp meets, and stays outside any image beyond it.
+    #[test]
+    fn fast_rounding_is_ties_to_even() {
+        let mut x = -40000.0f32;
+        while x < 40000.0 {
+            for v in [
+                x,
+                x + 0.5,
+                x - 0.5,
+                x + 0.49999997,
+                x + 0.50000006,
+                x + 0.25,
+            ] {
+                let want = v.round_ties_even();
+                assert_eq!(round_ties_even(v), (want, want as i32), "{v}");
+            }
+            x += 0.75;
+        }
+        for v in [4194304.0f32, 1e9, f32::MAX, f32::INFINITY] {
+            assert!(round_ties_even(v).0 > 16384.0, "{v}");
+            assert!(round_ties_even(-v).0 < 0.0, "{v}");
+        }
+        assert!(round_ties_even(f32::NAN).0.is_nan());
+    }
+
+    /// The branch-free conversion equals `clamp(0, 255) as u8` everywhere it can be called.
+    #[test]
+    fn to_u8_truncates_like_a_cast() {
+        let mut x = -3.0f32;
+        while x < 260.0 {
+            for v in [x, x.next_up(), x.next_down(), x + 0.5] {
+                assert_eq!(to_u8(v), v.clamp(0.0, 255.0) as u8, "{v}");
+            }
+            x += 0.125;
+        }
+        for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30] {
+            assert_eq!(to_u8(v), v.clamp(0.0, 255.0) as u8, "{v}");
+        }
     }
 
     #[test]

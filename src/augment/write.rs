@@ -87,6 +87,8 @@ impl Writer {
         rgb: &mut [u8],
         width: u32,
         height: u32,
+        hflip: bool,
+        vflip: bool,
         map: &[[u8; 256]; 3],
         table: &mut Vec<[u8; 4]>,
         out: &mut [u8],
@@ -97,13 +99,13 @@ impl Writer {
                     p[c] = map[c][usize::from(p[c])];
                 }
             }
-            return self.write(rgb, width, height, false, false, out);
+            return self.write(rgb, width, height, hflip, vflip, out);
         }
         table.clear();
         for (c, row) in map.iter().enumerate().take(self.channels) {
             table.extend(row.iter().map(|&v| self.lut[c * 256 + usize::from(v)]));
         }
-        self.write_with(table, rgb, width, height, false, false, out)
+        self.write_with(table, rgb, width, height, hflip, vflip, out)
     }
 
     #[allow(clippy::too_many_arguments)]
