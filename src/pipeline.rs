@@ -184,6 +184,10 @@ impl Cursor {
     }
 }
 
+/// Batches of the next epoch whose shards a remote dataset fetches ahead at the end of an
+/// epoch (the prefetcher keeps the first `fetch-ahead` shards of them).
+const NEXT_EPOCH_BATCHES: u64 = 64;
+
 /// How long every lane may wait for an epoch decision before the daemon says which lanes it
 /// waits for.
 const DECISION_WAIT_WARNING: Duration = Duration::from_secs(30);
@@ -495,6 +499,14 @@ impl Pipeline {
             });
         }
         let sampling = plan.sampling();
+        if dataset.is_remote() && sampling.shuffle == crate::source::ShuffleMode::Global {
+            log::warn!(
+                "shuffle = \"global\" on s3:// shards reads each sample with its own ranged GET \
+                 unless its shard's copy is in the cache (fetched ahead within half of \
+                 cache-limit); shuffle = \"block\" or \"buffer\" read shards in order and fetch \
+                 each whole, once (README, \"Object storage\")"
+            );
+        }
         let (batch, world) = (plan.batch_size(), plan.ranks().world_size());
         let sampler = if dataset.has_streams() || sampling.samples_per_epoch.is_some_and(|s| s != n)
         {
@@ -1111,6 +1123,44 @@ impl Pipeline {
         result
     }
 
+    /// Tells a remote dataset what this node reads in `epoch` from the lanes' cursors on, in
+    /// serving order (batch by batch, lane by lane), and what the next epoch reads first, so
+    /// its shards are fetched ahead in that order.
+    fn plan_reads(&self, epoch: u64, cursors: &[Cursor]) {
+        let full = self.sampler.batches_per_epoch();
+        let ranks = |at: u64| -> Vec<(u32, u64)> {
+            cursors
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.epoch == at)
+                .map(|(lane, c)| (self.plan.ranks().rank(lane as u32), c.index))
+                .collect()
+        };
+        let mut ids = Vec::new();
+        let mut reads = |epoch: u64, lanes: &[(u32, u64)], batches: u64| {
+            let mut out = Vec::new();
+            for index in 0..batches {
+                for &(rank, from) in lanes {
+                    if index >= from && self.sampler.batch(epoch, rank, index, &mut ids).is_ok() {
+                        out.extend_from_slice(&ids);
+                    }
+                }
+            }
+            out
+        };
+        let current = reads(epoch, &ranks(epoch), full);
+        let epochs = self.plan.sampling().epochs;
+        let next = if epochs == 0 || epoch + 1 < epochs {
+            let lanes: Vec<(u32, u64)> = (0..cursors.len() as u32)
+                .map(|lane| (self.plan.ranks().rank(lane), 0))
+                .collect();
+            reads(epoch + 1, &lanes, full.min(NEXT_EPOCH_BATCHES))
+        } else {
+            Vec::new()
+        };
+        self.dataset.plan_reads(&current, &next);
+    }
+
     fn serve_loop(
         &self,
         producer: &Producer,
@@ -1132,8 +1182,12 @@ impl Pipeline {
             self.sampler.epoch_len(),
         );
         let mut rechecked_epoch = None;
+        // The epoch whose reads a remote dataset was last told of (for fetching ahead).
+        let mut planned_epoch = None;
         let mut evaluation_at: Option<Instant> = None;
         let on_demand = self.on_demand();
+        // Fetching ahead needs the epoch's order up front: not with a selection or passes.
+        let remote = !selecting && !on_demand && self.dataset.is_remote();
         // On an on-demand ring: whether each lane's pass (its cursor) is still to be served.
         let mut in_pass = vec![false; lanes as usize];
         // Whether this (training) ring counts as hungry at the shared pool.
@@ -1242,6 +1296,15 @@ impl Pipeline {
             }
             waiting_since = None;
             finished = false;
+            if remote {
+                let epoch = active.iter().map(|&l| cursors[l as usize].epoch).min();
+                if planned_epoch != epoch {
+                    planned_epoch = epoch;
+                    if let Some(epoch) = epoch {
+                        self.plan_reads(epoch, &cursors);
+                    }
+                }
+            }
             let claimed = match producer.claim_any(&active, Duration::ZERO) {
                 Some(slot) => Some(slot),
                 None => {

@@ -235,15 +235,22 @@ fn assert_every_sample_once(
     }
 }
 
-/// Serves `cfg` (ring `name`, one lane) for two epochs with `--exit-when-done` under `dog`,
-/// consumes it to the end, and asserts that the daemon exits cleanly and that each of the
-/// `sample_count` ids came exactly once per epoch.
-fn serve_to_end(s3: &S3Server, dog: &Watchdog, cfg: &Path, name: &str, sample_count: i64) {
+/// Serves `cfg` (ring `name`, one lane) for `epochs` epochs with `--exit-when-done` under
+/// `dog`, consumes it to the end, and asserts that the daemon exits cleanly and that each of
+/// the `sample_count` ids came exactly once per epoch; the daemon, for its log.
+fn serve_to_end(
+    s3: &S3Server,
+    dog: &Watchdog,
+    (cfg, name): (&Path, &str),
+    epochs: u64,
+    sample_count: i64,
+) -> Daemon {
     let runtime = RuntimeTmp::new();
+    let epochs_arg = epochs.to_string();
     let mut daemon = spawn(
         runtime.path(),
         cfg,
-        &["--epochs", "2", "--exit-when-done", "--lanes", "1"],
+        &["--epochs", &epochs_arg, "--exit-when-done", "--lanes", "1"],
         &s3.env("test"),
     );
     dog.guard(daemon.child.id());
@@ -251,7 +258,8 @@ fn serve_to_end(s3: &S3Server, dog: &Watchdog, cfg: &Path, name: &str, sample_co
     let lanes = consume(runtime.path(), name, 1);
     let status = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{status}\n{}", daemon.log.join("\n"));
-    assert_every_sample_once(&per_epoch(&lanes), 2, sample_count, &daemon.log);
+    assert_every_sample_once(&per_epoch(&lanes), epochs, sample_count, &daemon.log);
+    daemon
 }
 
 /// Bytes of complete shard copies in the cache.
@@ -293,7 +301,16 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     s3.faults(
         r#"{"latency_ms": 2, "slowdown": 3, "refuse": 2, "drop_body": 2, "hang": 1, "hang_s": 3}"#,
     );
-    serve_to_end(&s3, &dog, &cfg, "s3epochs", 64);
+    let daemon = serve_to_end(&s3, &dog, (&cfg, "s3epochs"), 2, 64);
+    // The default shuffle is global: its cost on remote shards is said at start.
+    assert!(
+        daemon
+            .log
+            .iter()
+            .any(|l| l.contains("shuffle = \"global\" on s3:// shards reads each sample")),
+        "{}",
+        daemon.log.join("\n")
+    );
     let injected = s3.injected();
     for kind in ["SlowDown", "refuse", "drop_body", "hang"] {
         assert!(
@@ -307,7 +324,7 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     // A second run reuses the local indexes (no fetch before serving) and survives faults
     // injected while it serves.
     s3.faults(r#"{"slowdown": 2, "refuse": 2, "drop_body": 2}"#);
-    serve_to_end(&s3, &dog, &cfg, "s3epochs", 64);
+    serve_to_end(&s3, &dog, (&cfg, "s3epochs"), 2, 64);
 }
 
 #[test]
@@ -496,4 +513,232 @@ fn two_daemons_as_two_nodes_on_the_same_s3_shards_split_every_epoch_exactly() {
         batches.iter().all(|&b| b == batches[0] && b > 0),
         "{batches:?}"
     );
+}
+
+impl S3Server {
+    /// What was asked of the server so far (see s3_proxy.py, `/__requests`).
+    fn requests(&self) -> serde_json::Value {
+        let reply = http_get(&self.endpoint, "/__requests");
+        let body = reply.split("\r\n\r\n").nth(1).unwrap_or("{}");
+        serde_json::from_str(body).expect(&reply)
+    }
+
+    /// Keys of the whole-object GETs so far, in arrival order.
+    fn whole_gets(&self) -> Vec<String> {
+        self.requests()["whole"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// A config as [`s3_config`] makes, with `[sampling] shuffle = "none"`: one lane reads the
+/// shards in order.
+fn s3_config_in_order(dir: &Path, spec: &str, name: &str, extra: &str) -> PathBuf {
+    let cfg = s3_config(dir, spec, name, extra);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[sampling]\n", "[sampling]\nshuffle = \"none\"\n"),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Index files under `dir`.
+fn index_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.flatten().count())
+}
+
+#[test]
+fn the_index_goes_beside_the_shard_in_a_writable_bucket_and_stays_local_for_a_read_only_one() {
+    let dog = Watchdog::arm("s3 sidecar indexes", Duration::from_secs(300));
+    let s3 = S3Server::start();
+    s3.upload(2, 8);
+    let spec = format!("s3://{BUCKET}/train/shard-{{000000..000001}}.tar");
+    // A read-only bucket: the indexes stay in the local index directory, said once.
+    s3.faults(r#"{"read_only": true}"#);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = s3_config(tmp.path(), &spec, "s3ro", "allow-http = true");
+    let daemon = serve_to_end(&s3, &dog, (&cfg, "s3ro"), 1, 16);
+    let said: Vec<&String> = daemon
+        .log
+        .iter()
+        .filter(|l| l.contains("cannot write indexes beside the shards"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", daemon.log.join("\n"));
+    assert!(said[0].contains("s3://data"), "{}", said[0]);
+    assert_eq!(index_files(&tmp.path().join("index")), 2);
+    assert!(s3.requests()["put"].as_array().unwrap().is_empty());
+
+    // A writable bucket: each index is also put beside its shard...
+    s3.faults("{}");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = s3_config(tmp.path(), &spec, "s3rw", "allow-http = true");
+    serve_to_end(&s3, &dog, (&cfg, "s3rw"), 1, 16);
+    let put: Vec<String> = s3.requests()["put"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    let beside = |s: u32| {
+        ringfeed::source::index::index_path_beside(Path::new(&format!(
+            "/{BUCKET}/train/shard-{s:06}.tar"
+        )))
+        .display()
+        .to_string()
+    };
+    assert_eq!(put, [beside(0), beside(1)]);
+
+    // ... where a node with empty cache and index directories reads it: it starts serving
+    // while every whole-object GET is held back, so it fetched no shard to index it.
+    s3.faults(r#"{"hold_whole": true}"#);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = s3_config(tmp.path(), &spec, "s3new", "allow-http = true");
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(
+        runtime.path(),
+        &cfg,
+        &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
+        &s3.env("test"),
+    );
+    dog.guard(daemon.child.id());
+    daemon.wait_for_line("serving ring", Duration::from_secs(120));
+    assert_eq!(index_files(&tmp.path().join("index")), 2);
+    s3.faults("{}");
+    let lanes = consume(runtime.path(), "s3new", 1);
+    assert!(daemon.wait(Duration::from_secs(120)).success());
+    assert_every_sample_once(&per_epoch(&lanes), 1, 16, &daemon.log);
+}
+
+#[test]
+fn fetching_runs_ahead_in_the_epochs_order_bounded_and_the_first_batches_wait_for_no_whole_shard() {
+    let dog = Watchdog::arm("s3 fetch ahead", Duration::from_secs(300));
+    let s3 = S3Server::start();
+    let shards = 6;
+    s3.upload(shards, 16);
+    let spec = format!("s3://{BUCKET}/train/shard-{{000000..000005}}.tar");
+    // Index once (the indexes go into the bucket), then start over with empty directories.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = s3_config(tmp.path(), &spec, "s3index", "allow-http = true");
+    serve_to_end(&s3, &dog, (&cfg, "s3index"), 1, 16 * i64::from(shards));
+    let before = s3.whole_gets().len();
+
+    // Whole-object GETs are held back until the first batch is taken; one fetch is cut off
+    // mid-way (and resumed).
+    s3.faults(r#"{"hold_whole": true, "drop_body": 1}"#);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = s3_config_in_order(
+        tmp.path(),
+        &spec,
+        "s3ahead",
+        "allow-http = true\nfetch-ahead = 2",
+    );
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(
+        runtime.path(),
+        &cfg,
+        &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
+        &s3.env("test"),
+    );
+    dog.guard(daemon.child.id());
+    daemon.wait_for_line("serving ring", Duration::from_secs(120));
+    let mut opts = AttachOptions::new("s3ahead", 0);
+    opts.dir = Some(RuntimeDir::at(runtime.path()));
+    let consumer = Consumer::attach_with(&opts).unwrap();
+    let mut served: Vec<(u64, Vec<i64>)> = Vec::new();
+    let first = consumer
+        .next_timeout(Duration::from_secs(120))
+        .unwrap()
+        .unwrap();
+    served.push((
+        first.epoch(),
+        first.tensor::<i64>("sample_ids").unwrap().to_vec(),
+    ));
+    drop(first);
+    let asked = s3.requests();
+    assert_eq!(
+        asked["whole_done"].as_u64().unwrap() as usize,
+        before,
+        "the first batch waited for a whole shard: {asked}"
+    );
+    assert!(asked["ranged"].as_u64().unwrap() >= 8, "{asked}");
+    // Both fetch threads wait on the first two shards of the epoch's order.
+    fault_support::wait_until("two fetches in flight", Duration::from_secs(60), || {
+        s3.whole_gets().len() == before + 2
+    });
+    s3.faults(r#"{"drop_body": 1}"#);
+    while let Some(b) = consumer.next_timeout(Duration::from_secs(120)).unwrap() {
+        served.push((b.epoch(), b.tensor::<i64>("sample_ids").unwrap().to_vec()));
+    }
+    drop(consumer);
+    assert!(daemon.wait(Duration::from_secs(120)).success());
+    assert_every_sample_once(&per_epoch(&[served]), 1, 16 * shards as i64, &daemon.log);
+    let asked = s3.requests();
+    assert_eq!(asked["max_whole_at_once"].as_u64(), Some(2), "{asked}");
+    assert!(s3.injected().get("drop_body").is_some_and(|&n| n > 0));
+    // Each shard fetched whole once, in the epoch's order give or take the two fetch threads.
+    let order: Vec<u32> = s3.whole_gets()[before..]
+        .iter()
+        .map(|k| k.trim_end_matches(".tar")[k.len() - 10..].parse().unwrap())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..shards).collect::<Vec<_>>(), "{order:?}");
+    for (at, &shard) in order.iter().enumerate() {
+        assert!(at.abs_diff(shard as usize) < 2, "fetch order {order:?}");
+    }
+}
+
+#[test]
+fn a_daemon_killed_mid_fetch_leaves_a_temporary_copy_that_the_next_one_removes() {
+    let dog = Watchdog::arm("s3 killed mid-fetch", Duration::from_secs(300));
+    let s3 = S3Server::start();
+    s3.upload(2, 8);
+    let spec = format!("s3://{BUCKET}/train/shard-{{000000..000001}}.tar");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = s3_config(tmp.path(), &spec, "s3kill", "allow-http = true");
+    // The indexes come from a first run; its copies are then thrown away.
+    serve_to_end(&s3, &dog, (&cfg, "s3kill"), 1, 16);
+    std::fs::remove_dir_all(tmp.path().join("cache")).unwrap();
+    let parts = || -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![tmp.path().join("cache")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.path().is_dir() {
+                    stack.push(entry.path());
+                } else if entry.file_name().to_string_lossy().contains(".part-") {
+                    found.push(entry.path());
+                }
+            }
+        }
+        found
+    };
+    // Fetches hang (held back) until the daemon is killed in the middle of them.
+    s3.faults(r#"{"hold_whole": true}"#);
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(
+        runtime.path(),
+        &cfg,
+        &["--epochs", "1", "--lanes", "1"],
+        &s3.env("test"),
+    );
+    dog.guard(daemon.child.id());
+    daemon.wait_for_line("serving ring", Duration::from_secs(120));
+    fault_support::wait_until("a temporary copy", Duration::from_secs(60), || {
+        !parts().is_empty()
+    });
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let left = parts();
+    assert!(!left.is_empty());
+    s3.faults("{}");
+    // The next daemon on the cache removes them, fetches, and serves every sample.
+    serve_to_end(&s3, &dog, (&cfg, "s3kill"), 1, 16);
+    assert!(parts().is_empty(), "left behind: {:?}", parts());
+    assert_eq!(cached_bytes(&tmp.path().join("cache")).1, 2);
 }

@@ -75,6 +75,12 @@ pub struct SourceConfig {
     /// local S3-compatible server). Default false; `AWS_ALLOW_HTTP=true` allows it too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_http: bool,
+    /// Tar only, `s3://` shards: how many shards are fetched ahead of the decode workers in
+    /// the epoch's order (and fetches in flight at most); 0 fetches each shard only when a
+    /// sample of it is first read, whole, before that sample is served. Default
+    /// [`crate::source::remote::DEFAULT_FETCH_AHEAD`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_ahead: Option<u32>,
 }
 
 /// Default of [`SourceConfig::max_sample_bytes`]: 64 MiB, far above any real encoded image.
@@ -170,6 +176,7 @@ impl StreamConfig {
             cache_dir: top.cache_dir.clone(),
             cache_limit: top.cache_limit,
             allow_http: top.allow_http,
+            fetch_ahead: top.fetch_ahead,
         }
     }
 }
@@ -190,6 +197,7 @@ impl SourceConfig {
             cache_dir: None,
             cache_limit: None,
             allow_http: false,
+            fetch_ahead: None,
         }
     }
 
@@ -208,6 +216,7 @@ impl SourceConfig {
             cache_dir: None,
             cache_limit: None,
             allow_http: false,
+            fetch_ahead: None,
         }
     }
 }

@@ -12,11 +12,14 @@
 //! closes the descriptors whose path no longer names that same, unchanged file, so from then
 //! on the shard's samples fail to open and are skipped (docs/failure-modes.md).
 //!
-//! Remote (`s3://`) shards are listed at open; each one's index is read from (or built into)
-//! the local index directory, and its bytes come from the shard cache ([`super::remote`]):
-//! a shard is fetched when a sample of it is first read, and at most half of `cache-limit`
-//! of open copies is held by one dataset (the least recently opened is closed first), so
-//! copies this daemon no longer reads can be evicted.
+//! Remote (`s3://`) shards are listed at open; each one's index is read from the local index
+//! directory or the bucket (or built and written to both), and its bytes come from the shard
+//! cache ([`super::remote`]): once the pipeline has told the dataset what an epoch reads
+//! ([`Dataset::plan_reads`]), shards are fetched ahead of their reads and a sample whose
+//! shard is not cached yet is read with one ranged GET; without a plan (or with
+//! `fetch-ahead = 0`) a shard is fetched whole when a sample of it is first read. At most
+//! half of `cache-limit` of open copies is held by one dataset (the least recently opened is
+//! closed first), so copies this daemon no longer reads can be evicted.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -34,7 +37,7 @@ use super::index::{
     build_index_from, default_cache_dir, fingerprint, index_path_in, load_or_build_index,
     read_fresh_index_for, write_index, LoadedIndex,
 };
-use super::remote::{self, RemoteObject, ShardCache, Store};
+use super::remote::{self, sidecar, Prefetcher, ReadPlan, RemoteObject, ShardCache, Store};
 use super::spec::expand_shards;
 use super::table::SampleTable;
 
@@ -61,6 +64,8 @@ enum Backend {
         remote_open: Mutex<VecDeque<u32>>,
         /// Most bytes of open remote copies (half of `cache-limit`; unbounded without one).
         remote_budget: u64,
+        /// Fetches remote shards ahead of the reads (`fetch-ahead` > 0).
+        prefetch: Option<Prefetcher>,
     },
     Folder {
         root: PathBuf,
@@ -129,7 +134,10 @@ impl Dataset {
                 let remote = cfg.shards.iter().filter(|s| remote::is_remote(s)).count();
                 let cache = match remote {
                     0 => None,
-                    n if n == cfg.shards.len() => Some(Arc::new(Self::shard_cache(cfg, base_dir)?)),
+                    n if n == cfg.shards.len() => Some((
+                        Arc::new(Self::shard_cache(cfg, base_dir)?),
+                        cfg.fetch_ahead.unwrap_or(remote::DEFAULT_FETCH_AHEAD),
+                    )),
                     _ => {
                         return Err(SourceError::Config(
                             "`shards` mixes s3:// objects and local files; use one \
@@ -184,12 +192,15 @@ impl Dataset {
         Ok(ShardCache::new(&dir, cfg.cache_limit, store)?)
     }
 
-    /// The index of a remote shard: a fresh one in the local index directory is used without
-    /// fetching the shard; otherwise the shard is fetched into the cache and indexed there.
+    /// The index of a remote shard: a fresh one in the local index directory, else the one
+    /// beside the shard in the bucket ([`sidecar`]), is used without fetching the shard;
+    /// otherwise the shard is fetched into the cache and indexed there, and the index is put
+    /// beside the shard in the bucket while `bucket_writable` (cleared by the first refusal).
     fn remote_index(
         cache: &ShardCache,
         object: &RemoteObject,
         index_dir: Option<&Path>,
+        bucket_writable: &mut bool,
     ) -> Result<(PathBuf, LoadedIndex), SourceError> {
         let copy = cache.path_of(object);
         let dir = index_dir
@@ -217,6 +228,26 @@ impl Dataset {
             Ok(None) => {}
             Err(reason) => log::warn!("{}: rebuilding the index: {reason}", path.display()),
         }
+        let in_bucket = sidecar::index_url(object);
+        match sidecar::download(cache.store(), object, &path) {
+            Ok(true) => match read_fresh_index_for(&path, (object.size, object.mtime_ns)) {
+                Ok(Some(index)) => {
+                    log::debug!("{object}: index read from {in_bucket}", object = object.url);
+                    return Ok((
+                        copy,
+                        LoadedIndex {
+                            index,
+                            path,
+                            reused: true,
+                        },
+                    ));
+                }
+                Ok(None) => log::info!("{in_bucket} is stale; rebuilding it"),
+                Err(reason) => log::warn!("{in_bucket} not used: {reason}; rebuilding it"),
+            },
+            Ok(false) => {}
+            Err(e) => log::warn!("{in_bucket} not read: {e}; building the index locally"),
+        }
         let file = cache.open(object)?;
         let index = build_index_from(&file, &copy)?;
         write_index(&index, &path).map_err(|source| SourceError::IndexWrite {
@@ -224,6 +255,20 @@ impl Dataset {
             tried: path.display().to_string(),
             source,
         })?;
+        if *bucket_writable {
+            match sidecar::upload(cache.store(), object, &path) {
+                Ok(()) => log::debug!("index of {} put at {in_bucket}", object.url),
+                Err(e @ remote::RemoteError::Credentials { .. }) => {
+                    log::info!(
+                        "{}: cannot write indexes beside the shards ({e}); they stay in {}",
+                        object.url.bucket_url(),
+                        path.parent().unwrap_or(&path).display()
+                    );
+                    *bucket_writable = false;
+                }
+                Err(e) => log::warn!("index not put at {in_bucket}: {e}"),
+            }
+        }
         Ok((
             copy,
             LoadedIndex {
@@ -241,8 +286,12 @@ impl Dataset {
         key: Option<&Arc<ShardKey>>,
         limit: u64,
         num_classes: Option<u64>,
-        cache: Option<Arc<ShardCache>>,
+        remote: Option<(Arc<ShardCache>, u32)>,
     ) -> Result<Dataset, SourceError> {
+        let (cache, fetch_ahead) = match remote {
+            Some((cache, ahead)) => (Some(cache), ahead),
+            None => (None, 0),
+        };
         let objects = match &cache {
             Some(cache) => remote::expand_remote(specs, cache.store())?,
             None => Vec::new(),
@@ -267,9 +316,11 @@ impl Dataset {
                 shards: Vec::new(),
                 remote_open: Mutex::new(VecDeque::new()),
                 remote_budget,
+                prefetch: None,
             },
             limit,
         );
+        let mut bucket_writable = true;
         let mut shards = Vec::with_capacity(count);
         let sources = paths
             .into_iter()
@@ -278,7 +329,8 @@ impl Dataset {
         for (path, object) in sources {
             let (path, mut loaded, remote) = match (object, &cache) {
                 (Some(object), Some(cache)) => {
-                    let (copy, loaded) = Self::remote_index(cache, &object, index_dir)?;
+                    let (copy, loaded) =
+                        Self::remote_index(cache, &object, index_dir, &mut bucket_writable)?;
                     (copy, loaded, Some((Arc::clone(cache), object)))
                 }
                 _ => {
@@ -343,8 +395,26 @@ impl Dataset {
                 remote,
             });
         }
-        if let Backend::Tar { shards: slot, .. } = &mut dataset.backend {
+        let prefetcher = match &cache {
+            Some(cache) if fetch_ahead > 0 => Some(Prefetcher::new(
+                Arc::clone(cache),
+                shards
+                    .iter()
+                    .filter_map(|s| s.remote.as_ref().map(|(_, o)| o.clone()))
+                    .collect(),
+                fetch_ahead,
+                remote_budget,
+            )),
+            _ => None,
+        };
+        if let Backend::Tar {
+            shards: slot,
+            prefetch,
+            ..
+        } = &mut dataset.backend
+        {
             *slot = shards;
+            *prefetch = prefetcher;
         }
         dataset.finish(&specs.join(", "))
     }
@@ -506,21 +576,68 @@ impl Dataset {
                 shards,
                 remote_open,
                 remote_budget,
+                prefetch,
             } => {
                 let shard = &shards[record.shard];
                 let (offset, size) = (self.samples.offset(record.id), self.samples.size(record.id));
                 let location = || self.describe(id);
-                let was_open = shard.is_open();
-                let file = shard.file(&location)?;
-                if shard.remote.is_some() && !was_open {
-                    hold_within_budget(shards, remote_open, *remote_budget, record.shard as u32);
-                }
                 // An encrypted member is read behind room for its associated data.
                 let name = match &shard.cipher {
                     Some(_) => self.name(&record),
                     None => String::new(),
                 };
                 let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(&name));
+                // Shard numbers fit a u32 (open_tar refuses more shards).
+                let shard_no = record.shard as u32;
+                let was_open = shard.is_open();
+                let file = match (&shard.remote, prefetch) {
+                    (Some((cache, object)), Some(prefetch)) if !was_open => {
+                        let ready = prefetch.copy(shard_no);
+                        prefetch.consumed(shard_no);
+                        let ready = match ready {
+                            Some(file) => Some(file),
+                            None => cache
+                                .open_cached(object)
+                                .map_err(|source| SampleReadError::Fetch {
+                                    location: location(),
+                                    source,
+                                })?
+                                .map(Arc::new),
+                        };
+                        match ready {
+                            Some(file) => shard.install(file, &location)?,
+                            None if prefetch.planned() => {
+                                // Not in the cache yet: this member alone, with one ranged
+                                // GET, while the prefetcher brings the shard next.
+                                prefetch.urgent(shard_no);
+                                buf.resize(aad_len + size as usize, 0);
+                                let read =
+                                    cache
+                                        .store()
+                                        .read_range(object, offset, &mut buf[aad_len..]);
+                                if let Err(source) = read {
+                                    buf.clear();
+                                    return Err(SampleReadError::Fetch {
+                                        location: location(),
+                                        source,
+                                    });
+                                }
+                                return open_member(shard, &name, buf, aad_len, &location);
+                            }
+                            None => shard.file(&location)?,
+                        }
+                    }
+                    (Some(_), prefetch) => {
+                        if let Some(prefetch) = prefetch {
+                            prefetch.consumed(shard_no);
+                        }
+                        shard.file(&location)?
+                    }
+                    (None, _) => shard.file(&location)?,
+                };
+                if shard.remote.is_some() && !was_open {
+                    hold_within_budget(shards, remote_open, *remote_budget, shard_no);
+                }
                 buf.resize(aad_len + size as usize, 0);
                 if file.read_exact_at(&mut buf[aad_len..], offset).is_err() {
                     // The descriptor may have gone bad (network filesystem, replaced file):
@@ -539,20 +656,7 @@ impl Dataset {
                             }
                         })?;
                 }
-                match &shard.cipher {
-                    None => Ok(()),
-                    Some(cipher) => {
-                        cipher.write_aad(&name, &mut buf[..aad_len]);
-                        if cipher.open_in_place(buf, aad_len) {
-                            Ok(())
-                        } else {
-                            Err(SampleReadError::Unauthentic {
-                                location: location(),
-                                path: shard.path.clone(),
-                            })
-                        }
-                    }
-                }
+                open_member(shard, &name, buf, aad_len, &location)
             }
             Backend::Folder { root } => {
                 let path = root.join(self.name(&record));
@@ -663,11 +767,71 @@ impl Dataset {
         });
     }
 
+    /// True when the shards are `s3://` objects.
+    pub fn is_remote(&self) -> bool {
+        matches!(&self.backend, Backend::Tar { shards, .. } if shards.iter().any(|s| s.remote.is_some()))
+    }
+
+    /// Tells the prefetcher what this node will read: `current`, the ids of the current
+    /// epoch's remaining reads in order, and `next`, the next epoch's first reads. Nothing
+    /// for local shards or with `fetch-ahead = 0`.
+    pub fn plan_reads(&self, current: &[u64], next: &[u64]) {
+        let Backend::Tar {
+            prefetch: Some(prefetch),
+            ..
+        } = &self.backend
+        else {
+            return;
+        };
+        let shard_of = |ids: &[u64]| -> Vec<u32> {
+            ids.iter()
+                .filter_map(|&id| self.record(id).map(|r| r.shard as u32))
+                .collect()
+        };
+        prefetch.plan(&ReadPlan {
+            current: shard_of(current),
+            next: ReadPlan::first_needs(shard_of(next)),
+        });
+    }
+
+    /// The prefetcher of a remote dataset, for tests and benchmarks.
+    pub fn prefetcher(&self) -> Option<&Prefetcher> {
+        match &self.backend {
+            Backend::Tar { prefetch, .. } => prefetch.as_ref(),
+            Backend::Folder { .. } => None,
+        }
+    }
+
     /// The shard files of a tar dataset, in shard order (empty for an ImageFolder).
     pub fn shard_paths(&self) -> Vec<&Path> {
         match &self.backend {
             Backend::Tar { shards, .. } => shards.iter().map(|s| s.path.as_path()).collect(),
             Backend::Folder { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Finishes a member read into `buf[aad_len..]`: opens an encrypted one in place (its
+/// associated data written into `buf[..aad_len]`); a plaintext one is ready as it is.
+fn open_member(
+    shard: &Shard,
+    name: &str,
+    buf: &mut Vec<u8>,
+    aad_len: usize,
+    location: &dyn Fn() -> String,
+) -> Result<(), SampleReadError> {
+    match &shard.cipher {
+        None => Ok(()),
+        Some(cipher) => {
+            cipher.write_aad(name, &mut buf[..aad_len]);
+            if cipher.open_in_place(buf, aad_len) {
+                Ok(())
+            } else {
+                Err(SampleReadError::Unauthentic {
+                    location: location(),
+                    path: shard.path.clone(),
+                })
+            }
         }
     }
 }
@@ -720,6 +884,37 @@ impl Shard {
             }
             None => open_regular(&self.path).map_err(open_err)?,
         };
+        self.check_and_keep(&mut slot, Arc::new(file), location)
+    }
+
+    /// Keeps `file` (a remote shard's copy, fetched ahead or found in the cache) as the
+    /// shard's open file, after the same check as [`file`](Self::file); a file opened
+    /// meanwhile by another reader wins.
+    fn install(
+        &self,
+        file: Arc<File>,
+        location: &dyn Fn() -> String,
+    ) -> Result<Arc<File>, SampleReadError> {
+        let mut slot = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = slot.as_ref() {
+            return Ok(Arc::clone(open));
+        }
+        self.check_and_keep(&mut slot, file, location)
+    }
+
+    /// Checks `file` against the size and mtime the shard was indexed with, and keeps it in
+    /// `slot`.
+    fn check_and_keep(
+        &self,
+        slot: &mut Option<Arc<File>>,
+        file: Arc<File>,
+        location: &dyn Fn() -> String,
+    ) -> Result<Arc<File>, SampleReadError> {
+        let open_err = |source| SampleReadError::Open {
+            location: location(),
+            path: self.path.clone(),
+            source,
+        };
         let meta = file.metadata().map_err(open_err)?;
         let (size, mtime_ns) = fingerprint(&meta);
         if size != self.size || mtime_ns != self.mtime_ns {
@@ -732,7 +927,6 @@ impl Shard {
                 ),
             });
         }
-        let file = Arc::new(file);
         *slot = Some(Arc::clone(&file));
         Ok(file)
     }

@@ -272,6 +272,25 @@ impl Mixture {
         stream.dataset.read_into(local, buf)
     }
 
+    /// True when any stream's shards are `s3://` objects.
+    pub fn is_remote(&self) -> bool {
+        self.streams.iter().any(|s| s.dataset.is_remote())
+    }
+
+    /// [`Dataset::plan_reads`] of every stream, with the ids of each one's own.
+    pub fn plan_reads(&self, current: &[u64], next: &[u64]) {
+        for stream in self.streams.iter().filter(|s| s.dataset.is_remote()) {
+            let range = stream.start..stream.start + stream.len();
+            let local = |ids: &[u64]| -> Vec<u64> {
+                ids.iter()
+                    .filter(|id| range.contains(id))
+                    .map(|id| id - stream.start)
+                    .collect()
+            };
+            stream.dataset.plan_reads(&local(current), &local(next));
+        }
+    }
+
     /// [`Dataset::recheck_shards`] of every stream.
     pub fn recheck_shards(&self) -> Vec<SampleReadError> {
         self.streams

@@ -11,8 +11,14 @@ counters count down as faults are injected:
   hang_s, hang  the next N object GETs wait hang_s seconds, then close (a timeout)
   missing       keys containing one of these strings are answered 404 NoSuchKey
   require_key   requests not signed with this access key id are answered 403
+  read_only     when true, every PUT is answered 403 AccessDenied (a read-only bucket)
+  hold_whole    while true, whole-shard GETs (of a .tar key, no Range header) wait before
+                being forwarded
 
 GET /__faults answers the faults injected so far, by kind, as JSON.
+GET /__requests answers what was asked of the server, as JSON: "ranged" (GETs of a byte
+range), "whole" (keys of whole-shard GETs, in arrival order), "whole_done" (those answered),
+"max_whole_at_once" (most whole-shard GETs in progress at once) and "put" (keys put).
 Prints "LISTENING <port>" once it accepts connections. When its standard input closes (the
 test process ended, even by SIGKILL), it kills --server-pid (moto_server) and exits, so no
 server outlives its test.
@@ -33,6 +39,8 @@ LOCK = threading.Lock()
 RULES = {}
 INJECTED = {}
 CONTROL = {"path": None, "mtime": None}
+REQUESTS = {"ranged": 0, "whole": [], "whole_done": 0, "max_whole_at_once": 0, "put": []}
+WHOLE_NOW = [0]
 
 
 def reload_rules():
@@ -88,8 +96,9 @@ class Proxy(http.server.BaseHTTPRequestHandler):
     def handle_any(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        if self.path == "/__faults":
-            data = json.dumps(INJECTED).encode()
+        if self.path in ("/__faults", "/__requests"):
+            with LOCK:
+                data = json.dumps(INJECTED if self.path == "/__faults" else REQUESTS).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Connection", "close")
@@ -118,6 +127,31 @@ class Proxy(http.server.BaseHTTPRequestHandler):
             time.sleep(rule("hang_s", 5))
             self.close_abruptly()
             return
+        if self.command == "PUT" and rule("read_only"):
+            s3_error(self, 403, "AccessDenied", "Access Denied")
+            return
+        key = self.path.split("?")[0]
+        whole = object_get and not self.headers.get("Range") and key.endswith(".tar")
+        with LOCK:
+            if whole:
+                REQUESTS["whole"].append(key)
+                WHOLE_NOW[0] += 1
+                REQUESTS["max_whole_at_once"] = max(REQUESTS["max_whole_at_once"], WHOLE_NOW[0])
+            elif object_get:
+                REQUESTS["ranged"] += 1
+            elif self.command == "PUT":
+                REQUESTS["put"].append(key)
+        try:
+            while whole and rule("hold_whole"):
+                time.sleep(0.01)
+            self.forward(body, object_get)
+        finally:
+            if whole:
+                with LOCK:
+                    WHOLE_NOW[0] -= 1
+                    REQUESTS["whole_done"] += 1
+
+    def forward(self, body, object_get):
         conn = http.client.HTTPConnection(*self.upstream, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         conn.request(self.command, self.path, body=body, headers=headers)

@@ -13,6 +13,9 @@
 //!    exclusive lock on it can be had at once: a copy any daemon has open stays. A reader
 //!    that opened a copy just before it was evicted keeps reading the complete (unlinked)
 //!    file, so eviction never corrupts a read; the next open fetches again.
+//! 4. A daemon killed mid-fetch leaves its temporary copy, but its lock dies with it: the
+//!    next fetch of that copy, and every daemon opening the cache, removes the temporary
+//!    copies whose fetch lock is free.
 
 use std::fs::{self, File, FileTimes, OpenOptions};
 use std::io;
@@ -24,6 +27,7 @@ use rustix::fs::{flock, FlockOperation};
 
 use super::error::RemoteError;
 use super::store::{RemoteObject, Store};
+use super::url::Scheme;
 
 /// Suffix of the per-copy lock files.
 const LOCK_SUFFIX: &str = ".lock";
@@ -50,6 +54,7 @@ impl ShardCache {
             path: dir.to_path_buf(),
             source,
         })?;
+        sweep_stale_parts(dir);
         Ok(ShardCache {
             dir: dir.to_path_buf(),
             limit,
@@ -77,9 +82,20 @@ impl ShardCache {
             .filter(char::is_ascii_alphanumeric)
             .take(64)
             .collect();
+        // S3 copies directly under the bucket's name; other stores' under `gs+` / `az+`.
+        let bucket = match object.url.scheme {
+            Scheme::S3 => object.url.bucket.clone(),
+            other => format!("{}+{}", &other.prefix()[..2], object.url.bucket),
+        };
         self.dir
-            .join(&object.url.bucket)
+            .join(bucket)
             .join(format!("{}@{tag}", object.url.key))
+    }
+
+    /// Opens the complete copy of `object` under a shared lock if the cache has one, without
+    /// fetching: `None` when it is not there (yet).
+    pub fn open_cached(&self, object: &RemoteObject) -> Result<Option<File>, RemoteError> {
+        open_copy(&self.path_of(object), object)
     }
 
     /// Opens the copy of `object`, fetching it first if no complete copy is there, and holds a
@@ -110,6 +126,9 @@ impl ShardCache {
         if let Some(file) = open_copy(&path, object)? {
             return Ok(file);
         }
+        // Holding the lock, no one else is writing this copy: any temporary copy of it is
+        // left by a fetch that died (a daemon killed mid-fetch).
+        remove_stale_parts(&path);
         let part = with_suffix(&path, &format!("{PART_MARK}{}", std::process::id()));
         let fetched = (|| {
             let mut out = OpenOptions::new()
@@ -203,6 +222,65 @@ fn open_copy(path: &Path, object: &RemoteObject) -> Result<Option<File>, RemoteE
     Ok(Some(file))
 }
 
+/// Removes the temporary copies of the copy at `path` (`<path>.part-<pid>`); the caller holds
+/// its fetch lock, so none of them is being written.
+fn remove_stale_parts(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(PART_MARK);
+    let prefix = prefix.to_string_lossy().into_owned();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            log::info!(
+                "shard cache: removing {}, left by a fetch that did not finish",
+                entry.path().display()
+            );
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes, under `dir`, the temporary copies no daemon is writing: those whose copy's fetch
+/// lock can be taken at once. A daemon killed mid-fetch leaves its `.part-<pid>` file behind;
+/// its lock went with the process.
+fn sweep_stale_parts(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            sweep_stale_parts(&path);
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(at) = name.find(PART_MARK) else {
+            continue;
+        };
+        let copy = path.with_file_name(&name[..at]);
+        let lock_path = with_suffix(&copy, LOCK_SUFFIX);
+        let Ok(lock) = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+        else {
+            continue;
+        };
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            remove_stale_parts(&copy);
+        }
+    }
+}
+
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
@@ -241,6 +319,7 @@ mod tests {
     fn object(key: &str, size: u64) -> RemoteObject {
         RemoteObject {
             url: ObjectUrl {
+                scheme: Default::default(),
                 bucket: "b".to_owned(),
                 key: key.to_owned(),
             },
@@ -297,6 +376,29 @@ mod tests {
         let newest = plant(&cache, &newest, Duration::ZERO);
         assert_eq!(cache.evict(&newest), 100);
         assert!(paths[0].exists() && !paths[3].exists() && newest.exists());
+    }
+
+    #[test]
+    fn temporary_copies_of_dead_fetches_are_swept_but_not_one_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::new(false).unwrap());
+        let cache = ShardCache::new(dir.path(), None, Arc::clone(&store)).unwrap();
+        let (dead, live) = (object("p/dead.tar", 10), object("p/live.tar", 10));
+        let dead_part = with_suffix(&cache.path_of(&dead), ".part-4000001");
+        let live_part = with_suffix(&cache.path_of(&live), ".part-4000002");
+        fs::create_dir_all(dead_part.parent().unwrap()).unwrap();
+        fs::write(&dead_part, [0u8; 5]).unwrap();
+        fs::write(&live_part, [0u8; 5]).unwrap();
+        // Another daemon is fetching `live`: it holds the fetch lock.
+        let lock = File::create(with_suffix(&cache.path_of(&live), LOCK_SUFFIX)).unwrap();
+        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        // A daemon starting on the cache sweeps what no one is writing.
+        ShardCache::new(dir.path(), None, Arc::clone(&store)).unwrap();
+        assert!(!dead_part.exists(), "left by a killed fetch: removed");
+        assert!(live_part.exists(), "being written: kept");
+        drop(lock);
+        ShardCache::new(dir.path(), None, store).unwrap();
+        assert!(!live_part.exists(), "its writer gone: removed");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Errors of remote (`s3://`) shards: each names the bucket and key, or the cache file.
+//! Errors of remote (`s3://`, `gs://`, `az://`) shards: each names the bucket and key, or
+//! the cache file. A `bucket` field holds the bucket as a URL (`s3://bucket`).
 
 use std::io;
 use std::path::PathBuf;
@@ -25,20 +26,22 @@ pub enum RemoteError {
         endpoint: String,
     },
     /// The client for a bucket could not be built (bad region, endpoint, …).
-    #[error("s3://{bucket}: cannot configure the S3 client: {message}")]
+    #[error("{bucket}: cannot configure the object store client: {message}")]
     Client {
-        /// The bucket.
+        /// The bucket, as a URL (`s3://bucket`).
         bucket: String,
         /// The client's explanation.
         message: String,
     },
     /// The store refused the credentials (or has none): checked once at start.
     #[error(
-        "s3://{bucket}/{key}: access denied ({message}); check AWS_ACCESS_KEY_ID, \
-         AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION and AWS_ENDPOINT_URL"
+        "{bucket}/{key}: access denied ({message}); check AWS_ACCESS_KEY_ID, \
+         AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION and AWS_ENDPOINT_URL for \
+         s3://, GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS for gs://, \
+         AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY for az://"
     )]
     Credentials {
-        /// The bucket.
+        /// The bucket, as a URL (`s3://bucket`).
         bucket: String,
         /// The key (or prefix) of the request that was refused.
         key: String,
@@ -46,9 +49,9 @@ pub enum RemoteError {
         message: String,
     },
     /// The object does not exist.
-    #[error("s3://{bucket}/{key}: no such object")]
+    #[error("{bucket}/{key}: no such object")]
     NotFound {
-        /// The bucket.
+        /// The bucket, as a URL (`s3://bucket`).
         bucket: String,
         /// The key.
         key: String,
@@ -60,9 +63,9 @@ pub enum RemoteError {
         spec: String,
     },
     /// The object changed since it was listed (another ETag or size), or arrived short.
-    #[error("s3://{bucket}/{key}: {what}")]
+    #[error("{bucket}/{key}: {what}")]
     Changed {
-        /// The bucket.
+        /// The bucket, as a URL (`s3://bucket`).
         bucket: String,
         /// The key.
         key: String,
@@ -70,9 +73,9 @@ pub enum RemoteError {
         what: String,
     },
     /// A request failed after every retry.
-    #[error("s3://{bucket}/{key}: {message} (after {attempts} attempts)")]
+    #[error("{bucket}/{key}: {message} (after {attempts} attempts)")]
     Request {
-        /// The bucket.
+        /// The bucket, as a URL (`s3://bucket`).
         bucket: String,
         /// The key (or listing prefix).
         key: String,

@@ -10,19 +10,29 @@
 //! - [`cache`]: [`ShardCache`], whole shards as local files, verified (size, ETag), renamed into
 //!   place when complete, evicted least recently used past `cache-limit` unless a daemon has
 //!   them open; safe for several daemons on one node.
+//! - [`prefetch`]: [`Prefetcher`], fetching shards into the cache ahead of the decode workers
+//!   in the epoch's order, a bounded number at once, holding the read window's copies so no
+//!   eviction takes them.
+//! - [`sidecar`]: each shard's index kept in the bucket beside it when the bucket is
+//!   writable, so another node reads the index instead of fetching the shard.
 //! - [`error`]: [`RemoteError`], naming the bucket and key.
 //!
 //! The dataset ([`super::Dataset`]) lists the objects once at start (wrong credentials fail
-//! there), reads or builds each shard's index in the local index directory (the index of
-//! an unchanged object is reused without fetching it), and fetches a shard into the cache when
-//! a sample of it is first read.
+//! there) and reads each shard's index from the local index directory, else from the bucket,
+//! else builds it from a fetched copy (and puts it in the bucket when it may). While serving,
+//! the pipeline tells the dataset what each epoch will read; the prefetcher fetches ahead of
+//! it, and a sample whose shard is not in the cache yet is read with one ranged GET instead
+//! of waiting for the whole shard.
 
 pub mod cache;
 pub mod error;
+pub mod prefetch;
+pub mod sidecar;
 pub mod store;
 pub mod url;
 
 pub use cache::ShardCache;
 pub use error::RemoteError;
+pub use prefetch::{Prefetcher, ReadPlan, DEFAULT_FETCH_AHEAD};
 pub use store::{RemoteObject, Store};
 pub use url::{expand_remote, is_remote, ObjectUrl};

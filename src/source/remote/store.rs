@@ -15,15 +15,17 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt,
-    RetryConfig,
+    PutPayload, RetryConfig,
 };
 use rand::Rng;
 
 use super::error::RemoteError;
-use super::url::ObjectUrl;
+use super::url::{ObjectUrl, Scheme};
 
 /// Retries of one request (the client's), and of one object's body (ours).
 pub const RETRIES: u32 = 6;
@@ -59,9 +61,10 @@ pub struct RemoteObject {
 }
 
 impl RemoteObject {
-    fn from_meta(bucket: &str, meta: ObjectMeta) -> RemoteObject {
+    fn from_meta(scheme: Scheme, bucket: &str, meta: ObjectMeta) -> RemoteObject {
         RemoteObject {
             url: ObjectUrl {
+                scheme,
                 bucket: bucket.to_owned(),
                 key: meta.location.to_string(),
             },
@@ -91,7 +94,7 @@ impl RemoteObject {
 #[derive(Debug)]
 pub struct Store {
     runtime: tokio::runtime::Runtime,
-    buckets: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    buckets: Mutex<HashMap<(Scheme, String), Arc<dyn ObjectStore>>>,
     allow_http: bool,
 }
 
@@ -128,9 +131,14 @@ impl Store {
         })
     }
 
-    fn bucket(&self, bucket: &str) -> Result<Arc<dyn ObjectStore>, RemoteError> {
+    fn bucket(&self, url: &ObjectUrl) -> Result<Arc<dyn ObjectStore>, RemoteError> {
+        self.bucket_of(url.scheme, &url.bucket)
+    }
+
+    fn bucket_of(&self, scheme: Scheme, bucket: &str) -> Result<Arc<dyn ObjectStore>, RemoteError> {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(store) = buckets.get(bucket) {
+        let id = (scheme, bucket.to_owned());
+        if let Some(store) = buckets.get(&id) {
             return Ok(Arc::clone(store));
         }
         let retry = RetryConfig {
@@ -146,39 +154,68 @@ impl Store {
             .with_allow_http(self.allow_http)
             .with_timeout(request_timeout())
             .with_connect_timeout(Duration::from_secs(10));
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_retry(retry)
-            .with_client_options(options);
-        // A custom endpoint (MinIO, moto, Ceph) serves buckets by path, not by host name.
-        if std::env::var_os("AWS_ENDPOINT_URL").is_some()
-            || std::env::var_os("AWS_ENDPOINT").is_some()
-        {
-            builder = builder.with_virtual_hosted_style_request(false);
-        }
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(builder.build().map_err(|e| RemoteError::Client {
-                bucket: bucket.to_owned(),
-                message: e.to_string(),
-            })?);
-        buckets.insert(bucket.to_owned(), Arc::clone(&store));
+        let client_err = |e: object_store::Error| RemoteError::Client {
+            bucket: format!("{}{bucket}", scheme.prefix()),
+            message: e.to_string(),
+        };
+        let store: Arc<dyn ObjectStore> = match scheme {
+            Scheme::S3 => {
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .with_client_options(options);
+                // A custom endpoint (MinIO, moto, Ceph) serves buckets by path, not by host
+                // name.
+                if std::env::var_os("AWS_ENDPOINT_URL").is_some()
+                    || std::env::var_os("AWS_ENDPOINT").is_some()
+                {
+                    builder = builder.with_virtual_hosted_style_request(false);
+                }
+                Arc::new(builder.build().map_err(client_err)?)
+            }
+            // The GOOGLE_* variables (service account, application credentials) as the crate
+            // reads them.
+            Scheme::Gcs => Arc::new(
+                GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .with_client_options(options)
+                    .build()
+                    .map_err(client_err)?,
+            ),
+            // The AZURE_* variables (account, key, SAS, client secret) likewise.
+            Scheme::Azure => Arc::new(
+                MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .with_retry(retry)
+                    .with_client_options(options)
+                    .build()
+                    .map_err(client_err)?,
+            ),
+        };
+        buckets.insert(id, Arc::clone(&store));
         Ok(store)
     }
 
     /// The object at `url` (a HEAD request).
     pub fn head(&self, url: &ObjectUrl) -> Result<RemoteObject, RemoteError> {
-        let store = self.bucket(&url.bucket)?;
+        let store = self.bucket(url)?;
         let meta = self
             .runtime
             .block_on(store.head(&ObjectPath::from(url.key.as_str())))
-            .map_err(|e| classify(&url.bucket, &url.key, e))?;
-        Ok(RemoteObject::from_meta(&url.bucket, meta))
+            .map_err(|e| classify(&url.bucket_url(), &url.key, e))?;
+        Ok(RemoteObject::from_meta(url.scheme, &url.bucket, meta))
     }
 
     /// Every object of `bucket` whose key starts with `prefix` (a directory, `/`-terminated,
     /// or empty for the whole bucket).
-    pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<RemoteObject>, RemoteError> {
-        let store = self.bucket(bucket)?;
+    pub fn list(
+        &self,
+        scheme: Scheme,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<RemoteObject>, RemoteError> {
+        let store = self.bucket_of(scheme, bucket)?;
         let prefix_path = ObjectPath::from(prefix.trim_end_matches('/'));
         let listed: Vec<ObjectMeta> = self
             .runtime
@@ -187,10 +224,10 @@ impl Store {
                     .list((!prefix.is_empty()).then_some(&prefix_path))
                     .try_collect(),
             )
-            .map_err(|e| classify(bucket, prefix, e))?;
+            .map_err(|e| classify(&format!("{}{bucket}", scheme.prefix()), prefix, e))?;
         Ok(listed
             .into_iter()
-            .map(|meta| RemoteObject::from_meta(bucket, meta))
+            .map(|meta| RemoteObject::from_meta(scheme, bucket, meta))
             .collect())
     }
 
@@ -199,7 +236,7 @@ impl Store {
     /// not add up to the listed size, is [`RemoteError::Changed`].
     pub fn fetch(&self, object: &RemoteObject, out: &mut File) -> Result<(), RemoteError> {
         let url = &object.url;
-        let store = self.bucket(&url.bucket)?;
+        let store = self.bucket(url)?;
         let path = ObjectPath::from(url.key.as_str());
         let cache_err = |source| RemoteError::Cache {
             path: format!("<copy of {url}>").into(),
@@ -250,7 +287,7 @@ impl Store {
                 }
                 Ok(()) => {
                     return Err(RemoteError::Changed {
-                        bucket: url.bucket.clone(),
+                        bucket: url.bucket_url(),
                         key: url.key.clone(),
                         what: format!("arrived truncated: {written} of {} bytes", object.size),
                     })
@@ -265,7 +302,7 @@ impl Store {
                     })
                 }
                 Err(e) => {
-                    let e = classify(&url.bucket, &url.key, e);
+                    let e = classify(&url.bucket_url(), &url.key, e);
                     let retryable = matches!(e, RemoteError::Request { .. });
                     if !retryable || attempt > RETRIES {
                         return Err(match e {
@@ -292,6 +329,80 @@ impl Store {
             let wait = rand::rng().random_range(Duration::ZERO..=cap);
             std::thread::sleep(wait);
         }
+    }
+}
+
+impl Store {
+    /// Reads `buf.len()` bytes of `object` from `offset` with one ranged GET pinned to the
+    /// listed ETag (`If-Match`): how a sample is served before its shard's copy is in the
+    /// cache. Retried by the client like any request; a short answer is
+    /// [`RemoteError::Changed`].
+    pub fn read_range(
+        &self,
+        object: &RemoteObject,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), RemoteError> {
+        let url = &object.url;
+        let store = self.bucket(url)?;
+        let end = offset + buf.len() as u64;
+        let options = GetOptions {
+            if_match: object.etag.clone(),
+            range: Some(GetRange::Bounded(offset..end)),
+            ..GetOptions::default()
+        };
+        let bytes = self
+            .runtime
+            .block_on(async {
+                store
+                    .get_opts(&ObjectPath::from(url.key.as_str()), options)
+                    .await?
+                    .bytes()
+                    .await
+            })
+            .map_err(|e| classify(&url.bucket_url(), &url.key, e))?;
+        if bytes.len() != buf.len() {
+            return Err(RemoteError::Changed {
+                bucket: url.bucket_url(),
+                key: url.key.clone(),
+                what: format!("bytes {offset}..{end} arrived as {} bytes", bytes.len()),
+            });
+        }
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// The whole of a small object (a sidecar index), or `None` when there is no such object;
+    /// one larger than `limit` bytes is [`RemoteError::Changed`] (never read into memory).
+    pub fn get_small(&self, url: &ObjectUrl, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
+        let store = self.bucket(url)?;
+        let path = ObjectPath::from(url.key.as_str());
+        let result: Result<Option<Vec<u8>>, object_store::Error> = self.runtime.block_on(async {
+            let got = match store.get_opts(&path, GetOptions::default()).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if got.meta.size > limit {
+                return Err(object_store::Error::Precondition {
+                    path: url.key.clone(),
+                    source: format!("{} bytes, over the limit of {limit}", got.meta.size).into(),
+                });
+            }
+            Ok(Some(got.bytes().await?.to_vec()))
+        });
+        result.map_err(|e| classify(&url.bucket_url(), &url.key, e))
+    }
+
+    /// Writes `bytes` as the object at `url` (a sidecar index beside its shard). A bucket this
+    /// client may not write is [`RemoteError::Credentials`].
+    pub fn put(&self, url: &ObjectUrl, bytes: Vec<u8>) -> Result<(), RemoteError> {
+        let store = self.bucket(url)?;
+        let path = ObjectPath::from(url.key.as_str());
+        self.runtime
+            .block_on(store.put(&path, PutPayload::from(bytes)))
+            .map(drop)
+            .map_err(|e| classify(&url.bucket_url(), &url.key, e))
     }
 }
 

@@ -1,6 +1,6 @@
-//! `s3://bucket/key` URLs, and shard specs over them (brace ranges and globs, as for local
-//! shards: braces expand here, globs are matched against a listing of the key's literal
-//! prefix).
+//! `s3://bucket/key` URLs (and `gs://bucket/key`, `az://container/key`), and shard specs over
+//! them (brace ranges and globs, as for local shards: braces expand here, globs are matched
+//! against a listing of the key's literal prefix).
 
 use std::fmt;
 
@@ -8,17 +8,52 @@ use super::error::RemoteError;
 use super::store::{RemoteObject, Store};
 use crate::source::spec::expand_braces;
 
-/// The scheme of remote shards.
+/// The scheme of S3 shards.
 pub const S3_SCHEME: &str = "s3://";
 
-/// True for a shard spec naming objects (`s3://…`) rather than local files.
-pub fn is_remote(spec: &str) -> bool {
-    spec.starts_with(S3_SCHEME)
+/// The object store a URL names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scheme {
+    /// `s3://`: AWS S3 and S3-compatible stores (tested against moto_server).
+    #[default]
+    S3,
+    /// `gs://`: Google Cloud Storage (untested: no emulator in the test suite).
+    Gcs,
+    /// `az://`: Azure Blob Storage, the bucket being the container (untested likewise).
+    Azure,
 }
 
-/// One object's address: a bucket and a key.
+impl Scheme {
+    const ALL: [Scheme; 3] = [Scheme::S3, Scheme::Gcs, Scheme::Azure];
+
+    /// The URL prefix, `s3://`, `gs://` or `az://`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Scheme::S3 => S3_SCHEME,
+            Scheme::Gcs => "gs://",
+            Scheme::Azure => "az://",
+        }
+    }
+
+    /// The scheme `url` starts with, if any.
+    pub fn of(url: &str) -> Option<Scheme> {
+        Scheme::ALL
+            .into_iter()
+            .find(|s| url.starts_with(s.prefix()))
+    }
+}
+
+/// True for a shard spec naming objects (`s3://…`, `gs://…`, `az://…`) rather than local
+/// files.
+pub fn is_remote(spec: &str) -> bool {
+    Scheme::of(spec).is_some()
+}
+
+/// One object's address: a store, a bucket and a key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectUrl {
+    /// The store (`s3://` unless said otherwise).
+    pub scheme: Scheme,
     /// The bucket.
     pub bucket: String,
     /// The key inside the bucket (no leading `/`).
@@ -26,15 +61,15 @@ pub struct ObjectUrl {
 }
 
 impl ObjectUrl {
-    /// Parses `s3://bucket/key`; the key must not be empty.
+    /// Parses `s3://bucket/key` (or `gs://`, `az://`); the key must not be empty.
     pub fn parse(url: &str) -> Result<ObjectUrl, RemoteError> {
         let bad = |reason: &str| RemoteError::BadUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let rest = url
-            .strip_prefix(S3_SCHEME)
-            .ok_or_else(|| bad("does not start with s3://"))?;
+        let scheme =
+            Scheme::of(url).ok_or_else(|| bad("does not start with s3://, gs:// or az://"))?;
+        let rest = &url[scheme.prefix().len()..];
         let (bucket, key) = rest
             .split_once('/')
             .ok_or_else(|| bad("names no key after the bucket"))?;
@@ -51,15 +86,23 @@ impl ObjectUrl {
             return Err(bad("the key is empty or starts with '/'"));
         }
         Ok(ObjectUrl {
+            scheme,
             bucket: bucket.to_owned(),
             key: key.to_owned(),
         })
     }
 }
 
+impl ObjectUrl {
+    /// The bucket as a URL, `s3://bucket`: how errors name it.
+    pub fn bucket_url(&self) -> String {
+        format!("{}{}", self.scheme.prefix(), self.bucket)
+    }
+}
+
 impl fmt::Display for ObjectUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{S3_SCHEME}{}/{}", self.bucket, self.key)
+        write!(f, "{}{}/{}", self.scheme.prefix(), self.bucket, self.key)
     }
 }
 
@@ -97,7 +140,7 @@ pub fn expand_remote(specs: &[String], store: &Store) -> Result<Vec<RemoteObject
             };
             objects.extend(
                 store
-                    .list(&url.bucket, dir)?
+                    .list(url.scheme, &url.bucket, dir)?
                     .into_iter()
                     .filter(|o| glob.matches_with(&o.url.key, options)),
             );
@@ -128,12 +171,18 @@ mod tests {
             "s3://bucket",
             "s3://bucket/",
             "s3:///key",
-            "gs://b/k",
+            "http://b/k",
             "s3://b b/k",
         ] {
             let err = ObjectUrl::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }
         assert!(is_remote("s3://b/k") && !is_remote("data/s3://x"));
+        let gs = ObjectUrl::parse("gs://b/k.tar").unwrap();
+        assert_eq!(
+            (gs.scheme, gs.to_string().as_str()),
+            (Scheme::Gcs, "gs://b/k.tar")
+        );
+        assert_eq!(ObjectUrl::parse("az://c/k").unwrap().scheme, Scheme::Azure);
     }
 }
