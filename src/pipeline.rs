@@ -849,7 +849,10 @@ impl Pipeline {
                 nhwc: self.schema.nhwc,
             };
             let rows = labels.len() * sample_bytes;
-            mixer.apply(&params, &mut tensors.images_mut()[..rows], geometry);
+            let images = &mut tensors.images_mut()[..rows];
+            self.pool
+                .pool
+                .install(|| mixer.apply(&params, images, geometry));
             if let Some(targets) = tensors.tensor_mut(TensorIndex::Targets) {
                 mixer.targets(&params, &labels, targets);
             }

@@ -16,6 +16,7 @@
 //! so mixing before it equals mixing after, up to that rounding.
 
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::augment::key::{batch_rng, below_one_draw, normal, uniform};
 use crate::augment::{check_p, invalid, AugmentConfig, AugmentConfigError};
@@ -204,7 +205,9 @@ impl Mixer {
         }
     }
 
-    /// Mixes the filled `images` tensor of `batch` rows in place.
+    /// Mixes the filled `images` tensor of `batch` rows in place. Row `i` pairs with row
+    /// `batch - 1 - i`; the pairs are independent, so they are mixed in parallel on the
+    /// current rayon pool (the bytes do not depend on how many threads it has).
     pub fn apply(&self, params: &MixParams, images: &mut [u8], geometry: ImageGeometry) {
         let (c, h, w) = geometry.chw;
         let size = geometry.dtype.size();
@@ -213,12 +216,13 @@ impl Mixer {
         if params.lam >= 1.0 || batch < 2 {
             return;
         }
-        for i in 0..batch / 2 {
-            let j = batch - 1 - i;
-            let (head, tail) = images.split_at_mut(j * sample);
-            let a = &mut head[i * sample..(i + 1) * sample];
-            let b = &mut tail[..sample];
-            match params.cut {
+        let pairs = batch / 2;
+        let (head, rest) = images.split_at_mut(pairs * sample);
+        let tail_start = (batch - 2 * pairs) * sample; // past the middle row of an odd batch
+        let tail = &mut rest[tail_start..tail_start + pairs * sample];
+        head.par_chunks_mut(sample)
+            .zip(tail.par_chunks_mut(sample).rev())
+            .for_each(|(a, b)| match params.cut {
                 Some([y0, y1, x0, x1]) => {
                     // Pasting each other's box = swapping the boxes.
                     let (planes, row, px) = if geometry.nhwc {
@@ -235,8 +239,7 @@ impl Mixer {
                     }
                 }
                 None => mix_values(a, b, params.lam, geometry.dtype),
-            }
-        }
+            });
     }
 
     /// Writes `targets` (`f32 [B, num_classes]`, little-endian) for `labels` under `params`:
