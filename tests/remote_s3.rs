@@ -386,6 +386,76 @@ fn wrong_credentials_plain_http_and_missing_objects_stop_the_daemon_at_start_nam
 }
 
 #[test]
+fn keys_region_and_endpoint_come_from_the_aws_profile_when_no_variable_sets_them() {
+    let dog = Watchdog::arm("s3 AWS profile", Duration::from_secs(240));
+    let s3 = S3Server::start();
+    s3.upload(2, 8);
+    s3.faults(r#"{"require_key": "FROMFILE"}"#);
+    let tmp = tempfile::tempdir().unwrap();
+    let aws = tmp.path().join("aws");
+    std::fs::create_dir(&aws).unwrap();
+    // The key only in the credentials file, region and endpoint only in the config file, under
+    // a named profile; [default] holds a key the server refuses.
+    std::fs::write(
+        aws.join("credentials"),
+        "[default]\naws_access_key_id = WRONG\naws_secret_access_key = x\n\n\
+         [train]\naws_access_key_id = FROMFILE\naws_secret_access_key = secret\n",
+    )
+    .unwrap();
+    std::fs::write(
+        aws.join("config"),
+        format!(
+            "[profile train]\nregion = us-east-1\nendpoint_url = http://{}\n",
+            s3.endpoint
+        ),
+    )
+    .unwrap();
+    let files = |profile: &str| {
+        vec![
+            ("AWS_PROFILE", profile.to_owned()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                aws.join("credentials").display().to_string(),
+            ),
+            ("AWS_CONFIG_FILE", aws.join("config").display().to_string()),
+            ("RINGFEED_S3_TIMEOUT_S", "1.5".to_owned()),
+        ]
+    };
+    let spec = format!("s3://{BUCKET}/train/shard-{{000000..000001}}.tar");
+    let cfg = s3_config(tmp.path(), &spec, "profile", "allow-http = true");
+
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(
+        runtime.path(),
+        &cfg,
+        &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
+        &files("train"),
+    );
+    dog.guard(daemon.child.id());
+    daemon.wait_for_line("serving ring", Duration::from_secs(120));
+    let lanes = consume(runtime.path(), "profile", 1);
+    let status = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{status}\n{}", daemon.log.join("\n"));
+    assert_every_sample_once(&per_epoch(&lanes), 1, 16, &daemon.log);
+
+    // A profile in neither file stops the daemon at start, naming it and both files.
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(
+        runtime.path(),
+        &cfg,
+        &["--epochs", "1", "--exit-when-done"],
+        &files("nosuch"),
+    );
+    let status = daemon.wait(Duration::from_secs(60));
+    let log = daemon.log.join("\n");
+    assert!(!status.success(), "served anyway:\n{log}");
+    assert!(
+        log.contains("AWS_PROFILE=nosuch") && log.contains("credentials") && log.contains("config"),
+        "{log}"
+    );
+}
+
+#[test]
 fn an_object_that_vanishes_while_serving_is_skipped_counted_and_named() {
     let dog = Watchdog::arm("s3 vanished object", Duration::from_secs(240));
     let s3 = S3Server::start();

@@ -36,8 +36,9 @@ pub enum RemoteError {
     /// The store refused the credentials (or has none): checked once at start.
     #[error(
         "{bucket}/{key}: access denied ({message}); check AWS_ACCESS_KEY_ID, \
-         AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION and AWS_ENDPOINT_URL for \
-         s3://, GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS for gs://, \
+         AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION and AWS_ENDPOINT_URL (or \
+         the AWS_PROFILE profile in ~/.aws/credentials and ~/.aws/config) for s3://, \
+         GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS for gs://, \
          AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY for az://"
     )]
     Credentials {
@@ -46,6 +47,14 @@ pub enum RemoteError {
         /// The key (or prefix) of the request that was refused.
         key: String,
         /// The store's answer.
+        message: String,
+    },
+    /// The AWS profile the environment names cannot be used (missing, or run-time credentials).
+    #[error("AWS profile {profile:?}: {message}")]
+    Profile {
+        /// The profile's name.
+        profile: String,
+        /// What is wrong, naming the file and key.
         message: String,
     },
     /// The object does not exist.

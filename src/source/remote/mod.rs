@@ -13,6 +13,8 @@
 //! - [`prefetch`]: [`Prefetcher`], fetching shards into the cache ahead of the decode workers
 //!   in the epoch's order, a bounded number at once, holding the read window's copies so no
 //!   eviction takes them.
+//! - [`profile`]: the AWS shared files (`~/.aws/credentials`, `~/.aws/config`) for the
+//!   profile `AWS_PROFILE` names, which `object_store` does not read.
 //! - [`sidecar`]: each shard's index kept in the bucket beside it when the bucket is
 //!   writable, so another node reads the index instead of fetching the shard.
 //! - [`error`]: [`RemoteError`], naming the bucket and key.
@@ -27,6 +29,7 @@
 pub mod cache;
 pub mod error;
 pub mod prefetch;
+pub mod profile;
 pub mod sidecar;
 pub mod store;
 pub mod url;

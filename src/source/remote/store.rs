@@ -25,6 +25,7 @@ use object_store::{
 use rand::Rng;
 
 use super::error::RemoteError;
+use super::profile::{Profile, ProfileFiles};
 use super::url::{ObjectUrl, Scheme};
 
 /// Retries of one request (the client's), and of one object's body (ours).
@@ -90,12 +91,15 @@ impl RemoteObject {
 /// A blocking S3 client over every bucket a dataset names, configured from the standard AWS
 /// variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 /// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_DEFAULT_REGION`, web identity and instance
-/// credentials as `object_store` reads them).
+/// credentials as `object_store` reads them), then the `AWS_PROFILE` profile of the AWS
+/// shared files for what no variable sets ([`super::profile`]).
 #[derive(Debug)]
 pub struct Store {
     runtime: tokio::runtime::Runtime,
     buckets: Mutex<HashMap<(Scheme, String), Arc<dyn ObjectStore>>>,
     allow_http: bool,
+    /// The AWS shared files' profile, read once at start (s3:// only).
+    profile: Option<Profile>,
 }
 
 impl Store {
@@ -107,9 +111,11 @@ impl Store {
         let env_allows = std::env::var("AWS_ALLOW_HTTP")
             .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         let allow_http = allow_http || env_allows;
+        let profile = ProfileFiles::from_env().read()?;
         if let Some(endpoint) = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
             .iter()
             .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+            .or_else(|| profile.as_ref().and_then(|p| p.endpoint_url.clone()))
         {
             if endpoint.to_ascii_lowercase().starts_with("http://") && !allow_http {
                 return Err(RemoteError::HttpNotAllowed { endpoint });
@@ -128,6 +134,7 @@ impl Store {
             runtime,
             buckets: Mutex::new(HashMap::new()),
             allow_http,
+            profile,
         })
     }
 
@@ -164,10 +171,17 @@ impl Store {
                     .with_bucket_name(bucket)
                     .with_retry(retry)
                     .with_client_options(options);
+                if let Some(profile) = &self.profile {
+                    builder = with_profile(builder, profile);
+                }
                 // A custom endpoint (MinIO, moto, Ceph) serves buckets by path, not by host
                 // name.
                 if std::env::var_os("AWS_ENDPOINT_URL").is_some()
                     || std::env::var_os("AWS_ENDPOINT").is_some()
+                    || self
+                        .profile
+                        .as_ref()
+                        .is_some_and(|p| p.endpoint_url.is_some())
                 {
                     builder = builder.with_virtual_hosted_style_request(false);
                 }
@@ -444,4 +458,35 @@ fn classify(bucket: &str, key: &str, e: object_store::Error) -> RemoteError {
             }
         }
     }
+}
+
+/// `builder` (configured from the `AWS_*` variables) with what `profile` sets and no variable
+/// does: a variable always wins, as in the AWS CLI.
+fn with_profile(mut builder: AmazonS3Builder, profile: &Profile) -> AmazonS3Builder {
+    let unset = |keys: &[&str]| {
+        keys.iter()
+            .all(|k| std::env::var(k).map_or(true, |v| v.is_empty()))
+    };
+    // Keys come as a pair: a variable key id with a file secret would be a mix-up.
+    if unset(&["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]) {
+        if let (Some(id), Some(secret)) = (&profile.access_key_id, &profile.secret_access_key) {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+            if let Some(token) = &profile.session_token {
+                builder = builder.with_token(token);
+            }
+        }
+    }
+    if unset(&["AWS_REGION", "AWS_DEFAULT_REGION"]) {
+        if let Some(region) = &profile.region {
+            builder = builder.with_region(region);
+        }
+    }
+    if unset(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]) {
+        if let Some(endpoint) = &profile.endpoint_url {
+            builder = builder.with_endpoint(endpoint);
+        }
+    }
+    builder
 }
