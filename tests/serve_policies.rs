@@ -1,6 +1,7 @@
 //! `ringfeed serve` with the automatic policies, random erasing, repeated augmentation and batch
 //! mixing: every batch's bytes — images, labels, ids and `targets` — are the same with 1, 2 and 8
-//! worker threads, and the `targets` rows are soft labels summing to 1.
+//! worker threads, the `targets` rows are soft labels summing to 1, and each sample's
+//! per-sample augmentation (policy, erasing) is the same at world size 1, 2 and 4.
 
 mod common;
 
@@ -131,6 +132,94 @@ fn policies_and_mixing_are_identical_with_1_2_and_8_workers() {
             }
             assert_eq!(counts.len(), 40, "{policy} epoch {epoch}");
             assert!(counts.values().all(|&n| n == 2), "{policy} epoch {epoch}");
+        }
+    }
+}
+
+/// (epoch, sample id) → the sample's image bytes, over every lane of a daemon with `lanes`
+/// lanes (one rank each).
+fn serve_per_sample(policy: &str, lanes: u32) -> BTreeMap<(u64, i64), Vec<u8>> {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = common::RuntimeTmp::new();
+    let spec = write_dataset(data.path(), 2, 20);
+    let name = "worlds";
+    let cfg = config(data.path(), &spec, name, policy);
+    // Per-sample augmentation only: mixing pairs rows of one rank's batch and repeated
+    // augmentation deals views per rank, so both depend on the world size by design.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| {
+            !["mixup", "cutmix", "repeated-augment"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cfg, text).unwrap();
+    let lanes_arg = lanes.to_string();
+    let mut daemon = Daemon::start(
+        runtime.path(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--exit-when-done",
+            "--lanes",
+            &lanes_arg,
+        ],
+    );
+    let handles: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let mut opts = AttachOptions::new(name, lane);
+            opts.dir = Some(RuntimeDir::at(runtime.path()));
+            std::thread::spawn(move || {
+                let consumer = Consumer::attach_with(&opts).expect("attach");
+                let mut got = Vec::new();
+                while let Some(batch) = consumer
+                    .next_timeout(Duration::from_secs(60))
+                    .expect("next batch")
+                {
+                    let images = batch.tensor_bytes(0);
+                    let ids = batch.tensor::<i64>("sample_ids").unwrap().to_vec();
+                    let row = images.len() / ids.len();
+                    for (i, id) in ids.iter().enumerate() {
+                        got.push((
+                            (batch.epoch(), *id),
+                            images[i * row..(i + 1) * row].to_vec(),
+                        ));
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all = BTreeMap::new();
+    for handle in handles {
+        for (key, bytes) in handle.join().unwrap() {
+            assert!(all.insert(key, bytes).is_none(), "{key:?} served twice");
+        }
+    }
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "daemon failed: {}", daemon.log.join("\n"));
+    all
+}
+
+#[test]
+fn each_samples_policy_augmentation_is_the_same_at_world_size_1_2_and_4() {
+    let policy = "rand-augment = { n = 2, m = 9, m-std = 0.5, bins = 11 }";
+    let reference = serve_per_sample(policy, 1);
+    assert_eq!(reference.len(), 80, "40 samples × 2 epochs");
+    for lanes in [2, 4] {
+        let other = serve_per_sample(policy, lanes);
+        // drop-last: whole global batches of 8 × lanes, 32 of the 40 samples per epoch.
+        assert_eq!(other.len(), 64, "world size {lanes}");
+        for (key, bytes) in &other {
+            assert!(
+                reference.get(key) == Some(bytes),
+                "world size {lanes}: sample {key:?} augmented differently"
+            );
         }
     }
 }
