@@ -172,6 +172,21 @@ fn spawn(runtime: &Path, cfg: &Path, args: &[&str], env: &[(&str, String)]) -> D
     Daemon::spawn_env(runtime, &all, &env)
 }
 
+/// Starts a daemon on `cfg` in a runtime directory of its own, guarded by `dog`, and waits
+/// until it serves.
+fn start_serving(
+    dog: &Watchdog,
+    cfg: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> (RuntimeTmp, Daemon) {
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(runtime.path(), cfg, args, env);
+    dog.guard(daemon.child.id());
+    daemon.wait_for_line("serving ring", Duration::from_secs(120));
+    (runtime, daemon)
+}
+
 /// Consumes lanes `0..lanes` of ring `name` to the end: per lane, (epoch, sample ids) of
 /// each batch.
 fn consume(runtime: &Path, name: &str, lanes: u32) -> Vec<Vec<(u64, Vec<i64>)>> {
@@ -245,16 +260,13 @@ fn serve_to_end(
     epochs: u64,
     sample_count: i64,
 ) -> Daemon {
-    let runtime = RuntimeTmp::new();
     let epochs_arg = epochs.to_string();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (runtime, mut daemon) = start_serving(
+        dog,
         cfg,
         &["--epochs", &epochs_arg, "--exit-when-done", "--lanes", "1"],
         &s3.env("test"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     let lanes = consume(runtime.path(), name, 1);
     let status = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{status}\n{}", daemon.log.join("\n"));
@@ -424,15 +436,12 @@ fn keys_region_and_endpoint_come_from_the_aws_profile_when_no_variable_sets_them
     let spec = format!("s3://{BUCKET}/train/shard-{{000000..000001}}.tar");
     let cfg = s3_config(tmp.path(), &spec, "profile", "allow-http = true");
 
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (runtime, mut daemon) = start_serving(
+        &dog,
         &cfg,
         &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
         &files("train"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     let lanes = consume(runtime.path(), "profile", 1);
     let status = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{status}\n{}", daemon.log.join("\n"));
@@ -468,24 +477,20 @@ fn an_object_that_vanishes_while_serving_is_skipped_counted_and_named() {
         "vanish",
         "allow-http = true\ncache-limit = 1",
     );
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (runtime, mut daemon) = start_serving(
+        &dog,
         &cfg,
         &["--epochs", "1", "--exit-when-done"],
         &s3.env("test"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     let lanes = consume(runtime.path(), "vanish", 1);
     assert!(daemon.wait(Duration::from_secs(60)).success());
     assert_every_sample_once(&per_epoch(&lanes), 1, 24, &daemon.log);
     std::fs::remove_dir_all(tmp.path().join("cache")).unwrap();
 
     s3.faults(r#"{"missing": ["shard-000001"]}"#);
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (runtime, mut daemon) = start_serving(
+        &dog,
         &cfg,
         &[
             "--epochs",
@@ -496,8 +501,6 @@ fn an_object_that_vanishes_while_serving_is_skipped_counted_and_named() {
         ],
         &s3.env("test"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     let lanes = consume(runtime.path(), "vanish", 1);
     assert!(
         daemon.wait(Duration::from_secs(60)).success(),
@@ -668,15 +671,12 @@ fn the_index_goes_beside_the_shard_in_a_writable_bucket_and_stays_local_for_a_re
     s3.faults(r#"{"hold_whole": true}"#);
     let tmp = tempfile::tempdir().unwrap();
     let cfg = s3_config(tmp.path(), &spec, "s3new", "allow-http = true");
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (runtime, mut daemon) = start_serving(
+        &dog,
         &cfg,
         &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
         &s3.env("test"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     assert_eq!(index_files(&tmp.path().join("index")), 2);
     s3.faults("{}");
     let lanes = consume(runtime.path(), "s3new", 1);
@@ -707,15 +707,12 @@ fn fetching_runs_ahead_in_the_epochs_order_bounded_and_the_first_batches_wait_fo
         "s3ahead",
         "allow-http = true\nfetch-ahead = 2",
     );
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (runtime, mut daemon) = start_serving(
+        &dog,
         &cfg,
         &["--epochs", "1", "--exit-when-done", "--lanes", "1"],
         &s3.env("test"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     let mut opts = AttachOptions::new("s3ahead", 0);
     opts.dir = Some(RuntimeDir::at(runtime.path()));
     let consumer = Consumer::attach_with(&opts).unwrap();
@@ -790,15 +787,12 @@ fn a_daemon_killed_mid_fetch_leaves_a_temporary_copy_that_the_next_one_removes()
     };
     // Fetches hang (held back) until the daemon is killed in the middle of them.
     s3.faults(r#"{"hold_whole": true}"#);
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
+    let (_runtime, mut daemon) = start_serving(
+        &dog,
         &cfg,
         &["--epochs", "1", "--lanes", "1"],
         &s3.env("test"),
     );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
     fault_support::wait_until("a temporary copy", Duration::from_secs(60), || {
         !parts().is_empty()
     });

@@ -50,24 +50,35 @@ slots-per-lane = 3
     path
 }
 
-fn serve(policy: &str, workers: &str) -> Received {
+/// A daemon serving the 40-sample dataset under `policy` (with `tweak` applied to the config
+/// text) for two epochs with `args`; the directories live as long as it runs.
+fn start(
+    name: &str,
+    policy: &str,
+    tweak: impl Fn(String) -> String,
+    args: &[&str],
+) -> (tempfile::TempDir, common::RuntimeTmp, Daemon) {
     let data = tempfile::tempdir().unwrap();
     let runtime = common::RuntimeTmp::new();
     let spec = write_dataset(data.path(), 2, 20);
-    let name = "policies";
     let cfg = config(data.path(), &spec, name, policy);
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--epochs",
-            "2",
-            "--exit-when-done",
-            "--workers",
-            workers,
-        ],
-    );
+    let text = tweak(std::fs::read_to_string(&cfg).unwrap());
+    std::fs::write(&cfg, text).unwrap();
+    let mut all = vec![
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--exit-when-done",
+    ];
+    all.extend_from_slice(args);
+    let daemon = Daemon::start(runtime.path(), &all);
+    (data, runtime, daemon)
+}
+
+fn serve(policy: &str, workers: &str) -> Received {
+    let name = "policies";
+    let (_data, runtime, mut daemon) = start(name, policy, |text| text, &["--workers", workers]);
     let mut opts = AttachOptions::new(name, 0);
     opts.dir = Some(RuntimeDir::at(runtime.path()));
     let consumer = Consumer::attach_with(&opts).expect("attach");
@@ -139,37 +150,21 @@ fn policies_and_mixing_are_identical_with_1_2_and_8_workers() {
 /// (epoch, sample id) → the sample's image bytes, over every lane of a daemon with `lanes`
 /// lanes (one rank each).
 fn serve_per_sample(policy: &str, lanes: u32) -> BTreeMap<(u64, i64), Vec<u8>> {
-    let data = tempfile::tempdir().unwrap();
-    let runtime = common::RuntimeTmp::new();
-    let spec = write_dataset(data.path(), 2, 20);
     let name = "worlds";
-    let cfg = config(data.path(), &spec, name, policy);
     // Per-sample augmentation only: mixing pairs rows of one rank's batch and repeated
     // augmentation deals views per rank, so both depend on the world size by design.
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| {
-            !["mixup", "cutmix", "repeated-augment"]
-                .iter()
-                .any(|k| l.starts_with(k))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&cfg, text).unwrap();
+    let per_sample = |text: String| -> String {
+        text.lines()
+            .filter(|l| {
+                !["mixup", "cutmix", "repeated-augment"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
     let lanes_arg = lanes.to_string();
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--epochs",
-            "2",
-            "--exit-when-done",
-            "--lanes",
-            &lanes_arg,
-        ],
-    );
+    let (_data, runtime, mut daemon) = start(name, policy, per_sample, &["--lanes", &lanes_arg]);
     let handles: Vec<_> = (0..lanes)
         .map(|lane| {
             let mut opts = AttachOptions::new(name, lane);
