@@ -21,6 +21,7 @@
 //! half of `cache-limit` of open copies is held by one dataset (the least recently opened is
 //! closed first), so copies this daemon no longer reads can be evicted.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
@@ -39,7 +40,28 @@ use super::index::{
 };
 use super::remote::{self, sidecar, Prefetcher, ReadPlan, RemoteObject, ShardCache, Store};
 use super::spec::expand_shards;
-use super::table::SampleTable;
+use super::table::{NameBuffers, SampleTable};
+
+thread_local! {
+    /// Each reading thread's member-name buffers ([`WorkerNames`]).
+    static NAME_BUFFERS: RefCell<NameBuffers> = RefCell::new(NameBuffers::default());
+}
+
+/// A thread's name buffers, taken for one read and put back when dropped.
+struct WorkerNames(NameBuffers);
+
+impl WorkerNames {
+    fn take() -> WorkerNames {
+        WorkerNames(NAME_BUFFERS.with_borrow_mut(std::mem::take))
+    }
+}
+
+impl Drop for WorkerNames {
+    fn drop(&mut self) {
+        let buffers = std::mem::take(&mut self.0);
+        NAME_BUFFERS.with_borrow_mut(|slot| *slot = buffers);
+    }
+}
 
 /// A dataset opened from a [`SourceConfig`]. Cheap to share between threads (`&Dataset` is
 /// all reads need).
@@ -582,11 +604,14 @@ impl Dataset {
                 let (offset, size) = (self.samples.offset(record.id), self.samples.size(record.id));
                 let location = || self.describe(id);
                 // An encrypted member is read behind room for its associated data.
-                let name = match &shard.cipher {
-                    Some(_) => self.name(&record),
-                    None => String::new(),
-                };
-                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(&name));
+                // The worker's own name buffers (returned on every path by the guard's drop):
+                // an encrypted read allocates nothing for the name.
+                let mut names = WorkerNames::take();
+                if shard.cipher.is_some() {
+                    self.samples.name_into(record.id, &mut names.0);
+                }
+                let name = names.0.name();
+                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(name));
                 // Shard numbers fit a u32 (open_tar refuses more shards).
                 let shard_no = record.shard as u32;
                 let was_open = shard.is_open();
@@ -622,7 +647,7 @@ impl Dataset {
                                         source,
                                     });
                                 }
-                                return open_member(shard, &name, buf, aad_len, &location);
+                                return open_member(shard, name, buf, aad_len, &location);
                             }
                             None => shard.file(&location)?,
                         }
@@ -656,7 +681,7 @@ impl Dataset {
                             }
                         })?;
                 }
-                open_member(shard, &name, buf, aad_len, &location)
+                open_member(shard, name, buf, aad_len, &location)
             }
             Backend::Folder { root } => {
                 let path = root.join(self.name(&record));

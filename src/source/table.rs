@@ -154,6 +154,12 @@ impl SampleTable {
         self.names.get(id as u64)
     }
 
+    /// Sample `id`'s name decoded into `buffers` without allocating once they have grown; the
+    /// name is `buffers.name()`.
+    pub(crate) fn name_into(&self, id: usize, buffers: &mut NameBuffers) {
+        self.names.get_into(id as u64, buffers);
+    }
+
     /// Calls `f(name, size, label)` for every sample in id order (names decoded once each).
     pub(crate) fn for_each(&self, mut f: impl FnMut(&str, u32, i64)) {
         let mut id = 0;
@@ -296,15 +302,23 @@ impl NameTable {
 
     /// Name `i` (`i` < the number pushed).
     pub(crate) fn get(&self, i: u64) -> String {
+        let mut buffers = NameBuffers::default();
+        self.get_into(i, &mut buffers);
+        // Names were pushed as UTF-8 and are rebuilt byte for byte.
+        String::from_utf8(buffers.name)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    /// Decodes name `i` into `buffers.name` (its bytes), reusing their capacity: a worker that
+    /// needs names while serving (encrypted members' associated data) allocates nothing.
+    pub(crate) fn get_into(&self, i: u64, buffers: &mut NameBuffers) {
         let restart = i / RESTART;
         let mut pos = self.restarts[restart as usize] as usize;
-        let (mut name, mut scratch) = (Vec::new(), Vec::new());
+        buffers.name.clear();
+        buffers.scratch.clear();
         for _ in restart * RESTART..=i {
-            self.decode_next(&mut pos, &mut name, &mut scratch);
+            self.decode_next(&mut pos, &mut buffers.name, &mut buffers.scratch);
         }
-        // Names were pushed as UTF-8 and are rebuilt byte for byte.
-        String::from_utf8(name)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// Calls `f` with every name in order.
@@ -314,6 +328,21 @@ impl NameTable {
             self.decode_next(&mut pos, &mut name, &mut scratch);
             f(&String::from_utf8_lossy(&name));
         }
+    }
+}
+
+/// Reusable buffers for decoding one front-coded name ([`SampleTable::name_into`]).
+#[derive(Debug, Default)]
+pub(crate) struct NameBuffers {
+    name: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl NameBuffers {
+    /// The decoded name (names were pushed as UTF-8; anything else reads as empty, which no
+    /// sealed member's associated data matches, so such a sample fails as corrupt).
+    pub(crate) fn name(&self) -> &str {
+        std::str::from_utf8(&self.name).unwrap_or("")
     }
 }
 
