@@ -70,8 +70,9 @@ impl ProfileFiles {
 
     /// Reads the profile: `Ok(None)` when no file has it and nothing required it.
     pub fn read(&self) -> Result<Option<Profile>, RemoteError> {
-        let credentials = read_ini(self.credentials.as_ref())?;
-        let config = read_ini(self.config.as_ref())?;
+        let read = |file| read_ini(file).map_err(|message| self.error(message));
+        let credentials = read(self.credentials.as_ref())?;
+        let config = read(self.config.as_ref())?;
         let config_section = if self.name == "default" {
             "default".to_owned()
         } else {
@@ -137,17 +138,14 @@ impl ProfileFiles {
 /// `;` start comment lines). A missing file that no variable named is empty.
 fn read_ini(
     file: Option<&(PathBuf, bool)>,
-) -> Result<BTreeMap<String, BTreeMap<String, String>>, RemoteError> {
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
     let Some((path, named)) = file else {
         return Ok(BTreeMap::new());
     };
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(parse_ini(&text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => Ok(BTreeMap::new()),
-        Err(source) => Err(RemoteError::Cache {
-            path: path.clone(),
-            source,
-        }),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 
