@@ -5,10 +5,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{Daemon, RuntimeTmp};
+use common::{drain, lane_options, serve_finite, RuntimeTmp};
 use image::codecs::jpeg::JpegEncoder;
 use image::{ImageEncoder, RgbImage};
-use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
+use ringfeed::ring::Consumer;
 
 /// Class `c` holds solid images whose channel `c` is bright and the others dark.
 fn solid_jpeg(class: usize, w: u32, h: u32) -> Vec<u8> {
@@ -94,21 +94,10 @@ slots-per-lane = 3
     )
     .unwrap();
     let runtime = RuntimeTmp::new();
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--exit-when-done",
-        ],
-    );
-    let mut opts = AttachOptions::new("packed", 0);
-    opts.dir = Some(RuntimeDir::at(runtime.path()));
-    let consumer = Consumer::attach_with(&opts).unwrap();
+    let mut daemon = serve_finite(runtime.path(), &config, "1", &[]);
+    let consumer = Consumer::attach_with(&lane_options(runtime.path(), "packed", 0)).unwrap();
     let mut seen = [0u32; 3];
-    while let Some(batch) = consumer.next().unwrap() {
+    drain(&consumer, |batch| {
         let labels: &[i64] = batch.tensor("labels").unwrap();
         let images: &[f32] = batch.tensor("images").unwrap();
         let per = 3 * 16 * 16;
@@ -127,7 +116,7 @@ slots-per-lane = 3
             );
             seen[label as usize] += 1;
         }
-    }
+    });
     assert_eq!(seen, [5, 5, 5]);
     drop(consumer);
     assert!(daemon.wait(std::time::Duration::from_secs(30)).success());

@@ -8,12 +8,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{jpeg, small_config, tar, Daemon};
+use common::{drain, jpeg, lane_options, serve_finite, small_config, tar};
 use ringfeed::augment::{
     AugmentConfig, Augmenter, RandomResizedCropConfig, SampleError, SampleKey, Size,
 };
 use ringfeed::decode::{decode, DecodeError, DecodeRequest, Decoder, RgbImage, DEFAULT_MAX_PIXELS};
-use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
+use ringfeed::ring::Consumer;
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -276,27 +276,13 @@ fn daemon_skips_hostile_images_with_the_reason() {
     std::fs::write(data.path().join("shard-000000.tar"), tar(&members)).unwrap();
     let spec = format!("{}/shard-000000.tar", data.path().display());
     let config = small_config(data.path(), &spec, "hostile");
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--exit-when-done",
-            "--batch-size",
-            "4",
-            "--max-skip-fraction",
-            "0.5",
-        ],
-    );
-    let mut opts = AttachOptions::new("hostile", 0);
-    opts.dir = Some(RuntimeDir::at(runtime.path()));
-    let consumer = Consumer::attach_with(&opts).unwrap();
-    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+    let extra = ["--batch-size", "4", "--max-skip-fraction", "0.5"];
+    let mut daemon = serve_finite(runtime.path(), &config, "1", &extra);
+    let consumer = Consumer::attach_with(&lane_options(runtime.path(), "hostile", 0)).unwrap();
+    drain(&consumer, |batch| {
         let labels = batch.tensor::<i64>("labels").unwrap();
         assert!(labels.iter().all(|&l| l == 5), "a refused image was served");
-    }
+    });
     // Detach, as a trainer does at its end: the daemon exits at once (it would otherwise
     // linger for an attached consumer, ring-format §7).
     drop(consumer);

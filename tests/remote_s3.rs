@@ -235,6 +235,25 @@ fn assert_every_sample_once(
     }
 }
 
+/// Serves `cfg` (ring `name`, one lane) for two epochs with `--exit-when-done` under `dog`,
+/// consumes it to the end, and asserts that the daemon exits cleanly and that each of the
+/// `sample_count` ids came exactly once per epoch.
+fn serve_to_end(s3: &S3Server, dog: &Watchdog, cfg: &Path, name: &str, sample_count: i64) {
+    let runtime = RuntimeTmp::new();
+    let mut daemon = spawn(
+        runtime.path(),
+        cfg,
+        &["--epochs", "2", "--exit-when-done", "--lanes", "1"],
+        &s3.env("test"),
+    );
+    dog.guard(daemon.child.id());
+    daemon.wait_for_line("serving ring", Duration::from_secs(120));
+    let lanes = consume(runtime.path(), name, 1);
+    let status = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{status}\n{}", daemon.log.join("\n"));
+    assert_every_sample_once(&per_epoch(&lanes), 2, sample_count, &daemon.log);
+}
+
 /// Bytes of complete shard copies in the cache.
 fn cached_bytes(cache: &Path) -> (u64, usize) {
     let mut out = (0, 0);
@@ -274,20 +293,7 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     s3.faults(
         r#"{"latency_ms": 2, "slowdown": 3, "refuse": 2, "drop_body": 2, "hang": 1, "hang_s": 3}"#,
     );
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
-        &cfg,
-        &["--epochs", "2", "--exit-when-done", "--lanes", "1"],
-        &s3.env("test"),
-    );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
-    let lanes = consume(runtime.path(), "s3epochs", 1);
-    let status = daemon.wait(Duration::from_secs(120));
-    let log = daemon.log.join("\n");
-    assert!(status.success(), "{log}");
-    assert_every_sample_once(&per_epoch(&lanes), 2, 64, &daemon.log);
+    serve_to_end(&s3, &dog, &cfg, "s3epochs", 64);
     let injected = s3.injected();
     for kind in ["SlowDown", "refuse", "drop_body", "hang"] {
         assert!(
@@ -301,22 +307,7 @@ fn two_epochs_from_s3_through_a_small_cache_serve_every_sample_once_despite_faul
     // A second run reuses the local indexes (no fetch before serving) and survives faults
     // injected while it serves.
     s3.faults(r#"{"slowdown": 2, "refuse": 2, "drop_body": 2}"#);
-    let runtime = RuntimeTmp::new();
-    let mut daemon = spawn(
-        runtime.path(),
-        &cfg,
-        &["--epochs", "2", "--exit-when-done", "--lanes", "1"],
-        &s3.env("test"),
-    );
-    dog.guard(daemon.child.id());
-    daemon.wait_for_line("serving ring", Duration::from_secs(120));
-    let lanes = consume(runtime.path(), "s3epochs", 1);
-    assert!(
-        daemon.wait(Duration::from_secs(120)).success(),
-        "{}",
-        daemon.log.join("\n")
-    );
-    assert_every_sample_once(&per_epoch(&lanes), 2, 64, &daemon.log);
+    serve_to_end(&s3, &dog, &cfg, "s3epochs", 64);
 }
 
 #[test]

@@ -8,24 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{small_config, Daemon, RuntimeTmp};
-use ringfeed::ring::{AttachError, AttachOptions, Consumer, RuntimeDir};
-
-fn opts(runtime: &std::path::Path, name: &str, lane: u32) -> AttachOptions {
-    let mut o = AttachOptions::new(name, lane);
-    o.dir = Some(RuntimeDir::at(runtime));
-    o
-}
-
-/// Takes and releases every batch until the end of the stream; returns how many.
-fn drain(c: &Consumer) -> usize {
-    let mut n = 0;
-    while let Some(b) = c.next_timeout(Duration::from_secs(60)).unwrap() {
-        drop(b);
-        n += 1;
-    }
-    n
-}
+use common::{drain, lane_options, serve_finite, small_config, Daemon, RuntimeTmp};
+use ringfeed::ring::{AttachError, Consumer};
 
 fn finite_daemon(runtime: &std::path::Path, data: &std::path::Path, name: &str) -> Daemon {
     let shards = format!(
@@ -33,20 +17,7 @@ fn finite_daemon(runtime: &std::path::Path, data: &std::path::Path, name: &str) 
         env!("CARGO_MANIFEST_DIR")
     );
     let config = small_config(data, &shards, name);
-    Daemon::start(
-        runtime,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--lanes",
-            "2",
-            "--epochs",
-            "1",
-            "--exit-when-done",
-            "--linger",
-            "60",
-        ],
-    )
+    serve_finite(runtime, &config, "1", &["--lanes", "2", "--linger", "60"])
 }
 
 #[test]
@@ -54,17 +25,17 @@ fn a_finished_daemon_lingers_for_attached_consumers_and_then_says_finished() {
     let data = tempfile::tempdir().unwrap();
     let runtime = RuntimeTmp::new();
     let mut daemon = finite_daemon(runtime.path(), data.path(), "fin");
-    let lane0 = Consumer::attach_with(&opts(runtime.path(), "fin", 0)).unwrap();
-    let lane1 = Consumer::attach_with(&opts(runtime.path(), "fin", 1)).unwrap();
-    let per_lane = drain(&lane0);
+    let lane0 = Consumer::attach_with(&lane_options(runtime.path(), "fin", 0)).unwrap();
+    let lane1 = Consumer::attach_with(&lane_options(runtime.path(), "fin", 1)).unwrap();
+    let per_lane = drain(&lane0, |_| {});
     assert!(per_lane > 0);
-    assert_eq!(drain(&lane1), per_lane);
+    assert_eq!(drain(&lane1, |_| {}), per_lane);
     // Every batch is released, both consumers still attached: the daemon lingers, and the
     // socket still answers. Lane 1 leaves and comes back: it is attached to the finished
     // ring, whose stream has ended (not "cannot connect").
     let generation = lane1.generation();
     drop(lane1);
-    let mut again = opts(runtime.path(), "fin", 1);
+    let mut again = lane_options(runtime.path(), "fin", 1);
     again.wait = Duration::from_secs(5); // our EOF may reach the daemon after the new request
     let lane1 = Consumer::attach_with(&again).unwrap();
     assert_eq!(lane1.generation(), generation);
@@ -89,7 +60,7 @@ fn a_finished_daemon_lingers_for_attached_consumers_and_then_says_finished() {
         "{marker}"
     );
     // A consumer that comes later is told the run finished: a permanent answer.
-    match Consumer::attach_with(&opts(runtime.path(), "fin", 0)) {
+    match Consumer::attach_with(&lane_options(runtime.path(), "fin", 0)) {
         Err(e @ AttachError::Finished { .. }) => {
             assert_eq!(e.code(), "finished");
             assert!(!e.retryable());
@@ -113,19 +84,8 @@ fn a_consumer_still_attached_past_the_linger_sees_the_end_not_a_crash() {
         env!("CARGO_MANIFEST_DIR")
     );
     let config = small_config(data.path(), &shards, "gone");
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--exit-when-done",
-            "--linger",
-            "0",
-        ],
-    );
-    let c = Consumer::attach_with(&opts(runtime.path(), "gone", 0)).unwrap();
+    let mut daemon = serve_finite(runtime.path(), &config, "1", &["--linger", "0"]);
+    let c = Consumer::attach_with(&lane_options(runtime.path(), "gone", 0)).unwrap();
     loop {
         let b = c.next_timeout(Duration::from_secs(60)).unwrap().unwrap();
         let end = b.last_of_epoch();
@@ -150,33 +110,33 @@ fn refusals_carry_codes_that_say_whether_to_retry() {
     );
     let config = small_config(data.path(), &shards, "codes");
     let daemon = Daemon::start(runtime.path(), &["--config", config.to_str().unwrap()]);
-    let _holder = Consumer::attach_with(&opts(runtime.path(), "codes", 0)).unwrap();
-    let held = Consumer::attach_with(&opts(runtime.path(), "codes", 0)).unwrap_err();
+    let _holder = Consumer::attach_with(&lane_options(runtime.path(), "codes", 0)).unwrap();
+    let held = Consumer::attach_with(&lane_options(runtime.path(), "codes", 0)).unwrap_err();
     assert_eq!(
         (held.code(), held.retryable()),
         ("lane_held", true),
         "{held}"
     );
     // Waiting on a held lane retries until the wait is over, then says why.
-    let mut patient = opts(runtime.path(), "codes", 0);
+    let mut patient = lane_options(runtime.path(), "codes", 0);
     patient.wait = Duration::from_millis(500);
     let started = Instant::now();
     let err = Consumer::attach_with(&patient).unwrap_err();
     assert_eq!(err.code(), "lane_held");
     assert!(started.elapsed() >= patient.wait);
-    let range = Consumer::attach_with(&opts(runtime.path(), "codes", 7)).unwrap_err();
+    let range = Consumer::attach_with(&lane_options(runtime.path(), "codes", 7)).unwrap_err();
     assert_eq!(
         (range.code(), range.retryable()),
         ("lane_range", false),
         "{range}"
     );
-    let mut beyond = opts(runtime.path(), "codes", 0);
+    let mut beyond = lane_options(runtime.path(), "codes", 0);
     beyond.resume = Some((u64::MAX, 0));
     let resume = Consumer::attach_with(&beyond).unwrap_err();
     assert_eq!(resume.code(), "resume_range", "{resume}");
     daemon.terminate();
     // No daemon any more, and no finished run: "not running", retryable.
-    let none = Consumer::attach_with(&opts(runtime.path(), "codes", 0)).unwrap_err();
+    let none = Consumer::attach_with(&lane_options(runtime.path(), "codes", 0)).unwrap_err();
     assert_eq!(
         (none.code(), none.retryable()),
         ("not_running", true),

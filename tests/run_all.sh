@@ -15,6 +15,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+msrv="$(sed -n 's/^rust-version = "\([^"]*\)".*/\1/p' Cargo.toml)"
+echo "== cargo +$msrv check --all-targets (the declared rust-version still builds)"
+cargo +"$msrv" check --all-targets
+echo "== Python client: ruff check, ruff format --check, mypy --strict (src, tests, examples)"
+(cd clients/python && python3 -m ruff check src tests examples \
+    && python3 -m ruff format --check src tests examples \
+    && python3 -m mypy --strict src tests examples)
 echo "== cargo test (unit, integration, multi-process and example tests; clippy above compiled the benches)"
 cargo test --lib --bins --tests --examples
 # `cargo test` built target/debug/ringfeed for the integration tests (with the same features:

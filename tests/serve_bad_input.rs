@@ -8,8 +8,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{free_addr, http_get, jpeg, small_config, tar, Daemon};
-use ringfeed::ring::{AttachOptions, Consumer, RuntimeDir};
+use common::{
+    drain, free_addr, http_get, jpeg, lane_options, serve_finite, small_config, tar, Daemon,
+};
+use ringfeed::ring::Consumer;
 
 fn member(name: &str, bytes: Vec<u8>) -> (String, Vec<u8>) {
     (name.to_owned(), bytes)
@@ -59,27 +61,11 @@ fn corrupt_samples_are_skipped_counted_and_named_and_serving_goes_on() {
 
     let spec = format!("{}/shard-{{000000..000001}}.tar", data.path().display());
     let config = small_config(data.path(), &spec, "badinput");
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--epochs",
-            "2",
-            "--exit-when-done",
-            "--batch-size",
-            "2",
-            "--max-skip-fraction",
-            "0.3",
-        ],
-    );
-    let mut opts = AttachOptions::new("badinput", 0);
-    opts.dir = Some(RuntimeDir::at(runtime.path()));
-    let consumer = Consumer::attach_with(&opts).unwrap();
-    let mut batches = 0;
+    let extra = ["--batch-size", "2", "--max-skip-fraction", "0.3"];
+    let mut daemon = serve_finite(runtime.path(), &config, "2", &extra);
+    let consumer = Consumer::attach_with(&lane_options(runtime.path(), "badinput", 0)).unwrap();
     let mut ids = BTreeSet::new();
-    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
-        batches += 1;
+    let batches = drain(&consumer, |batch| {
         ids.extend(batch.tensor::<i64>("sample_ids").unwrap().iter().copied());
         let labels = batch.tensor::<i64>("labels").unwrap();
         // Good samples have label 3, the tail 4, the two broken JPEGs 1. A truncated JPEG
@@ -89,7 +75,7 @@ fn corrupt_samples_are_skipped_counted_and_named_and_serving_goes_on() {
             labels.iter().all(|&l| l == 3 || l == 4 || l == 1),
             "{labels:?}"
         );
-    }
+    });
     // Detach, as a trainer does at its end: the daemon exits at once (it would otherwise
     // linger for an attached consumer, ring-format §7).
     drop(consumer);
@@ -188,23 +174,9 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
     .unwrap();
     // A free loopback port: bind port 0, note it, let it go.
     let metrics = free_addr();
-    let mut daemon = Daemon::start(
-        runtime.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--exit-when-done",
-            "--max-skip-fraction",
-            "0.3",
-            "--metrics",
-            &metrics,
-        ],
-    );
-    let mut opts = AttachOptions::new("labels", 0);
-    opts.dir = Some(RuntimeDir::at(runtime.path()));
-    let consumer = Consumer::attach_with(&opts).unwrap();
+    let extra = ["--max-skip-fraction", "0.3", "--metrics", &metrics];
+    let mut daemon = serve_finite(runtime.path(), &config, "1", &extra);
+    let consumer = Consumer::attach_with(&lane_options(runtime.path(), "labels", 0)).unwrap();
     // The ring counts the four once and names the first, with shard and member.
     let stat = std::process::Command::new(env!("CARGO_BIN_EXE_ringfeed"))
         .args(["stat", "labels", "--once"])
@@ -229,11 +201,11 @@ fn labels_no_class_has_are_skipped_counted_and_named() {
     // Only the 16 valid samples are served: 2 batches of 8, so len() stays right.
     assert_eq!(consumer.layout().batches_per_epoch, 2);
     let mut served = Vec::new();
-    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+    drain(&consumer, |batch| {
         let labels = batch.tensor::<i64>("labels").unwrap();
         assert!(labels.iter().all(|l| (0..5).contains(l)), "{labels:?}");
         served.extend(batch.tensor::<i64>("sample_ids").unwrap().iter().copied());
-    }
+    });
     served.sort_unstable();
     assert_eq!(served, (0..16).collect::<Vec<i64>>());
     // Detach, as a trainer does at its end: the daemon exits at once (it would otherwise

@@ -20,12 +20,19 @@ fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --version >/dev/null
 cargo clippy --version >/dev/null
+# The declared minimum Rust (Cargo.toml `rust-version`), which run_all.sh checks still builds.
+msrv="$(sed -n 's/^rust-version = "\([^"]*\)".*/\1/p' Cargo.toml)"
+rustup run "$msrv" rustc --version >/dev/null 2>&1 \
+    || rustup toolchain install "$msrv" --profile minimal --no-self-update >/dev/null
 
 # cargo-fuzz for the fuzz smoke run (scripts/fuzz.sh).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 # Python test tools. The client itself is installed by tests/packaging.sh, the way users do.
 python3 -m pip install -q --disable-pip-version-check numpy pytest
+# The Python client's lint, format and type checks (run_all.sh), pinned: a new release's rules
+# must not turn CI red without a change here.
+python3 -m pip install -q --disable-pip-version-check 'ruff==0.17.6' 'mypy==2.4.1'
 # torch (CPU use only): the client's torch paths, batch.to(..., normalize=True) against a real
 # f32 ring, and benches/gpu/check.py's dry path run with it.
 python3 -m pip install -q --disable-pip-version-check torch

@@ -239,7 +239,7 @@ def train(torch: Any, name: str, seconds: float, *, normalize: bool) -> dict[str
         torch.cuda.synchronize()
         elapsed = time.monotonic() - started
         stats = loader.stats()
-    return {"images_per_s": images / elapsed, "wait_share": stats["wait_share"]}
+    return {"images_per_s": images / elapsed, "wait_share": stats.wait_share}
 
 
 def summary(r: dict[str, Any]) -> str:

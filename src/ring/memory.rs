@@ -205,7 +205,7 @@ impl Data {
 pub(crate) fn elements<T: Element>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(
-        (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0 && bytes.len() % size == 0,
+        bytes.as_ptr().cast::<T>().is_aligned() && bytes.len().is_multiple_of(size),
         "{} bytes at {:p} are not a whole, aligned number of {size}-byte elements",
         bytes.len(),
         bytes.as_ptr()

@@ -44,6 +44,7 @@
 //! | `loader.py` (waiting, liveness, epochs) | `consumer/mod.rs` |
 //! | `batch.py` | `consumer/batch.rs` |
 //! | `errors.py` | `consumer/error.rs` |
+//! | `stats.py` (one loader's lane counters) | `layout/stats.rs` (every lane's counters, as `ringfeed stat` shows them) |
 //! | `feedback.py` | [`feedback`] |
 //! | `_futex.py` | `futex.rs` |
 //! | `runtime.py` | `runtime_dir.rs` |

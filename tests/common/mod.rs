@@ -1,5 +1,5 @@
-//! Helpers shared by the daemon tests: tiny tar shards of generated images, and a running
-//! `ringfeed serve` child that is always stopped.
+//! Helpers shared by the daemon tests: tiny tar shards of generated images, a running
+//! `ringfeed serve` child that is always stopped, and a consumer that drains a finite run.
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use image::codecs::jpeg::JpegEncoder;
 use image::{ImageEncoder, RgbImage};
+use ringfeed::ring::{AttachOptions, Batch, Consumer, RuntimeDir};
 
 /// A ustar archive of `(name, bytes)` members (regular files, names up to 100 bytes).
 pub fn tar<N: AsRef<str>, D: AsRef<[u8]>>(members: &[(N, D)]) -> Vec<u8> {
@@ -276,6 +277,38 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `ringfeed serve --config CONFIG --epochs EPOCHS --exit-when-done EXTRA…`: a finite run
+/// that exits once its consumers have taken every batch; returned once it serves.
+pub fn serve_finite(runtime: &Path, config: &Path, epochs: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--epochs",
+        epochs,
+        "--exit-when-done",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(runtime, &args)
+}
+
+/// Options to attach to lane `lane` of ring `name` in the runtime directory `runtime`.
+pub fn lane_options(runtime: &Path, name: &str, lane: u32) -> AttachOptions {
+    let mut options = AttachOptions::new(name, lane);
+    options.dir = Some(RuntimeDir::at(runtime));
+    options
+}
+
+/// Takes every batch of `consumer` until the end of the stream (waiting at most 60 s for
+/// each), hands it to `each` and releases it; returns how many batches there were.
+pub fn drain(consumer: &Consumer, mut each: impl FnMut(&Batch<'_>)) -> usize {
+    let mut batches = 0;
+    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+        each(&batch);
+        batches += 1;
+    }
+    batches
 }
 
 /// A private runtime directory for one test: a not-yet-existing folder inside a temp dir, so

@@ -83,7 +83,7 @@ def train(loader: ringfeed.Loader, device: torch.device, args: argparse.Namespac
         stats = loader.stats()
         print(
             f"{step} steps in {time.monotonic() - started:.1f} s; "
-            f"waited for data {100 * stats['wait_share']:.1f} % of the time; "
+            f"waited for data {100 * stats.wait_share:.1f} % of the time; "
             f"resume with {loader.state_dict()}"
         )
 

@@ -64,10 +64,10 @@ def main() -> None:
         with ringfeed.Loader(name, lane, runtime_dir=directory) as loader:
             epoch = 0
             while True:
-                batches = [[b.epoch, b.index, b.sample_ids.tolist()] for b in loader]
-                if not batches:
+                seen = [[b.epoch, b.index, b.sample_ids.tolist()] for b in loader]
+                if not seen:
                     break
-                report(epoch=epoch, batches=batches)
+                report(epoch=epoch, batches=seen)
                 epoch += 1
         report(done=True)
     elif mode == "interrupt":
@@ -82,8 +82,8 @@ def main() -> None:
                 report(error="a batch arrived")
             except KeyboardInterrupt:
                 ring = loader.ring
-                slots = range(ring.layout.slots_per_lane)
-                held = sum(ring.slot_state(lane, slot) == HELD for slot in slots)
+                every_slot = range(ring.layout.slots_per_lane)
+                held = sum(ring.slot_state(lane, slot) == HELD for slot in every_slot)
                 report(interrupted=True, held=held)
     elif mode == "storm":
         signal.signal(signal.SIGINT, interrupt_inside_client)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
@@ -43,18 +44,12 @@ SKIP_REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
-class Daemon:
-    """A running ``ringfeed serve`` with its stderr kept for failure messages."""
+class DaemonProcess:
+    """A running ``ringfeed serve`` (``argv`` says which rings) with its stderr kept for
+    failure messages. :class:`Daemon` serves one named ring; ``test_passes.MultiDaemon``
+    several, from configuration files."""
 
-    def __init__(
-        self, name: str, runtime_dir: Path, log: Path, *args: object, prefix: tuple[str, ...] = ()
-    ) -> None:
-        self.name = name
-        self._spawn(
-            runtime_dir, log, [*prefix, str(BINARY), "serve", "--name", name, *map(str, args)]
-        )
-
-    def _spawn(self, runtime_dir: Path, log: Path, argv: list[str]) -> None:
+    def __init__(self, runtime_dir: Path, log: Path, argv: list[str]) -> None:
         self.runtime_dir, self.log_path = runtime_dir, log
         self.log = log.open("wb")
         env = {**os.environ, "RINGFEED_RUNTIME_DIR": str(runtime_dir)}
@@ -66,16 +61,13 @@ class Daemon:
             self.log.close()
             raise
 
-    def loader(
-        self, lane: int = 0, *, ring: str | None = None, **options: object
-    ) -> ringfeed.Loader:
-        """Attach to ``ring`` (default: this daemon's name) once the daemon serves; fail at
-        once, with its stderr, if it exits first."""
+    def attach(self, ring: str, lane: int, **options: Any) -> ringfeed.Loader:
+        """Attach to lane ``lane`` of ``ring`` once the daemon serves it; fail at once, with
+        its stderr, if it exits first. ``options`` are :class:`ringfeed.Loader`'s."""
         deadline = time.monotonic() + 60
-        name = self.name if ring is None else ring
         while True:
             try:
-                return ringfeed.Loader(name, lane, runtime_dir=self.runtime_dir, **options)  # type: ignore[arg-type]
+                return ringfeed.Loader(ring, lane, runtime_dir=self.runtime_dir, **options)
             except ringfeed.AttachError as err:
                 exited = self.process.poll()
                 if exited is not None or time.monotonic() > deadline:
@@ -96,23 +88,46 @@ class Daemon:
         self.log.close()
 
 
+class Daemon(DaemonProcess):
+    """``ringfeed serve --name NAME ARGS…``, optionally behind a ``prefix`` command
+    (``unshare``, ``setpriv``)."""
+
+    def __init__(
+        self, name: str, runtime_dir: Path, log: Path, *args: object, prefix: tuple[str, ...] = ()
+    ) -> None:
+        self.name = name
+        argv = [*prefix, str(BINARY), "serve", "--name", name, *map(str, args)]
+        super().__init__(runtime_dir, log, argv)
+
+    def loader(self, lane: int = 0, *, ring: str | None = None, **options: Any) -> ringfeed.Loader:
+        """Attach to ``lane`` of ``ring`` (default: this daemon's name)."""
+        return self.attach(self.name if ring is None else ring, lane, **options)
+
+
+class StartDaemon(Protocol):
+    """The ``serve`` fixture: starts ``ringfeed serve --name e2e ARGS…`` in the test's runtime
+    directory, killed at teardown."""
+
+    def __call__(self, *args: object, prefix: tuple[str, ...] = ()) -> Daemon: ...
+
+
 @pytest.fixture
-def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
     yield from started_daemons(runtime_dir, tmp_path)
 
 
-def started_daemons(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
-    """The ``serve`` fixture's body (other modules' fixtures reuse it): a Daemon class whose
-    instances run as ring "e2e" in ``runtime_dir`` and are killed at teardown."""
+def started_daemons(runtime_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
+    """The ``serve`` fixture's body (other modules' fixtures reuse it): starts daemons that
+    run as ring "e2e" in ``runtime_dir`` and are killed at teardown."""
     daemons: list[Daemon] = []
 
-    class Started(Daemon):
-        def __init__(self, *args: object, prefix: tuple[str, ...] = ()) -> None:
-            log = tmp_path / f"daemon{len(daemons)}.log"
-            super().__init__("e2e", runtime_dir, log, *args, prefix=prefix)
-            daemons.append(self)
+    def start(*args: object, prefix: tuple[str, ...] = ()) -> Daemon:
+        log = tmp_path / f"daemon{len(daemons)}.log"
+        daemon = Daemon("e2e", runtime_dir, log, *args, prefix=prefix)
+        daemons.append(daemon)
+        return daemon
 
-    yield Started
+    yield start
     for daemon in daemons:
         daemon.close()
 
@@ -136,7 +151,7 @@ def check_batch(batch: ringfeed.Batch, layout: ringfeed.RingLayout) -> None:
         assert (ids < layout.samples_per_epoch).all()
 
 
-def test_two_epochs_every_sample_once_and_consistent_labels(serve: type[Daemon]) -> None:
+def test_two_epochs_every_sample_once_and_consistent_labels(serve: StartDaemon) -> None:
     daemon = serve("--lanes", 1, *BASE)
     label_of: dict[int, int] = {}
     with daemon.loader() as loader:
@@ -164,7 +179,7 @@ def test_two_epochs_every_sample_once_and_consistent_labels(serve: type[Daemon])
 
 
 def test_two_lanes_in_two_processes_get_disjoint_samples(
-    serve: type[Daemon], spawn: Spawn, runtime_dir: Path
+    serve: StartDaemon, spawn: Spawn, runtime_dir: Path
 ) -> None:
     daemon = serve("--lanes", 2, *BASE)
     daemon.loader().close()  # wait until it serves
@@ -185,7 +200,7 @@ def test_two_lanes_in_two_processes_get_disjoint_samples(
     assert not per_lane[0] & per_lane[1]
 
 
-def test_killed_daemon_raises_producer_gone_within_a_second(serve: type[Daemon]) -> None:
+def test_killed_daemon_raises_producer_gone_within_a_second(serve: StartDaemon) -> None:
     daemon = serve("--lanes", 1, "--batch-size", 8, "--epochs", 1000, "--slots-per-lane", 2)
     daemon.loader().close()  # wait until it serves
     with daemon.loader(wait_for_producer=0) as loader:
@@ -208,11 +223,27 @@ def test_killed_daemon_raises_producer_gone_within_a_second(serve: type[Daemon])
         thread.join(timeout=10)
         error, raised_at = outcome[0]
         assert isinstance(error, ringfeed.ProducerGone), error
+        assert (error.reason, error.pid) == ("died", daemon.process.pid)
         # At most slots_per_lane ready batches remain to drain, then the loss must show.
         assert raised_at - killed_at < 1.0
 
 
-def test_sigterm_stops_the_daemon_cleanly(serve: type[Daemon], runtime_dir: Path) -> None:
+def test_the_package_version_is_the_crates() -> None:
+    # One source: Cargo.toml's [package] version is the binary's (`ringfeed --version`) and,
+    # through maturin's dynamic version, the installed package's (tests/packaging.sh installs
+    # the wheel it built before these tests run).
+    if ringfeed.__version__ == "0+unknown":
+        pytest.skip("ringfeed is imported from a source tree that was never installed")
+    with (REPO / "Cargo.toml").open() as manifest:
+        crate = next(line for line in manifest if line.startswith("version = "))
+    assert ringfeed.__version__ == crate.split('"')[1]
+    shown = subprocess.run(
+        [str(BINARY), "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    assert shown == f"ringfeed {ringfeed.__version__}"
+
+
+def test_sigterm_stops_the_daemon_cleanly(serve: StartDaemon, runtime_dir: Path) -> None:
     daemon = serve("--lanes", 1, *BASE)
     daemon.loader().close()
     daemon.process.send_signal(signal.SIGTERM)
@@ -223,7 +254,7 @@ def test_sigterm_stops_the_daemon_cleanly(serve: type[Daemon], runtime_dir: Path
 
 
 def test_shm_dir_ring_file_is_read_and_removed(
-    serve: type[Daemon], runtime_dir: Path, tmp_path: Path
+    serve: StartDaemon, runtime_dir: Path, tmp_path: Path
 ) -> None:
     shm = tmp_path / "shm"
     shm.mkdir(mode=0o700)
@@ -240,7 +271,7 @@ def test_shm_dir_ring_file_is_read_and_removed(
 
 
 def test_u8_ring_normalised_by_the_client_equals_the_f32_ring(
-    serve: type[Daemon], runtime_dir: Path, tmp_path: Path
+    serve: StartDaemon, runtime_dir: Path, tmp_path: Path
 ) -> None:
     """`output.dtype = "u8"` with `normalize`: raw pixels on the wire, mean/std in the header;
     ``batch.to(device, normalize=True)`` (CPU here: the same torch code as on a GPU) gives the
@@ -280,7 +311,7 @@ def test_u8_ring_normalised_by_the_client_equals_the_f32_ring(
 
 
 def test_a_mixture_of_two_datasets_serves_a_u16_source_tensor_by_weight(
-    serve: type[Daemon], tmp_path: Path
+    serve: StartDaemon, tmp_path: Path
 ) -> None:
     """Two streams (the bundled sample's two shards, 48 photos each) mixed 3 : 1 into epochs of
     64: the ``source`` tensor (u16) says where each sample came from, 48 + 16 per epoch."""

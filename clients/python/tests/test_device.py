@@ -6,7 +6,9 @@ for a ``torch.cuda.Event`` recorded after ``batch.cuda()``'s copies.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -79,7 +81,7 @@ def test_drain_waits_for_every_copy_and_forget_gives_nothing_back() -> None:
     pending = PendingReleases()
     fences = [FakeFence() for _ in range(3)]
     for i, fence in enumerate(fences):
-        pending.defer((fence,), lambda i=i: given.append(i))
+        pending.defer((fence,), functools.partial(given.append, i))
     pending.drain()
     assert given == [0, 1, 2]
     assert [f.waits for f in fences] == [1, 1, 1]
@@ -107,7 +109,7 @@ def test_a_released_batch_keeps_its_slot_until_the_copy_completes(
         with pytest.raises(ringfeed.ReleasedBatchError):
             first.images  # noqa: B018 - released for the trainer at once
         assert writer.slot_state(0, first.slot) == HELD  # ...but the DMA may still read it
-        assert loader.stats()["pending_release"] == 1
+        assert loader.stats().pending_release == 1
         second = loader.next_batch()  # a READY slot exists: no waiting on the fence
         assert fence.waits == 0
         assert writer.slot_state(0, first.slot) == HELD
@@ -115,7 +117,7 @@ def test_a_released_batch_keeps_its_slot_until_the_copy_completes(
         second.release()
         loader.next_batch()  # retires completed fences first
         assert writer.slot_state(0, first.slot) == FREE
-        assert loader.stats()["pending_release"] == 0
+        assert loader.stats().pending_release == 0
 
 
 def test_a_lane_about_to_run_dry_waits_on_the_oldest_copy(
@@ -228,13 +230,12 @@ def test_u8_normalisation_matches_the_daemons_float_formula() -> None:
     np.testing.assert_array_equal(plain, v / np.float32(255))
 
 
-class _FakeLayout:
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], nhwc: bool) -> None:
-        self.mean, self.std, self.nhwc = mean, std, nhwc
+class _FakeLayout(NamedTuple):
+    """The part of a ring's layout that ``normalize_images`` reads (``device.PixelLayout``)."""
 
-    def _replace(self, **changes: object) -> _FakeLayout:
-        fields = {"mean": self.mean, "std": self.std, "nhwc": self.nhwc, **changes}
-        return _FakeLayout(**fields)  # type: ignore[arg-type]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    nhwc: bool
 
 
 class _FakeCudart:

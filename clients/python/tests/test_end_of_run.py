@@ -16,7 +16,7 @@ import pytest
 import ringfeed
 from ring_writer import RingWriter
 from ringfeed import protocol
-from test_daemon import SKIP_REASON, Daemon, started_daemons
+from test_daemon import SKIP_REASON, StartDaemon, started_daemons
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
@@ -24,14 +24,14 @@ FINITE = ("--batch-size", 16, "--epochs", 2, "--seed", 3, "--workers", 2, "--slo
 
 
 @pytest.fixture
-def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
     yield from started_daemons(runtime_dir, tmp_path)
 
 
 @pytest.mark.parametrize("linger", ["0", "10"])
 @pytest.mark.parametrize("pause", [0.0, 0.5, 2.0])
 def test_the_end_of_a_finite_run_is_not_a_crash(
-    serve: type[Daemon], runtime_dir: Path, pause: float, linger: str
+    serve: StartDaemon, runtime_dir: Path, pause: float, linger: str
 ) -> None:
     # The issue's trainer: release, pause, iterate until an epoch yields nothing. With
     # --linger 0 the daemon exits right after the last release, while the loader pauses.
@@ -61,7 +61,7 @@ def test_the_end_of_a_finite_run_is_not_a_crash(
 
 
 def test_a_loader_that_loses_a_finished_producer_ends_its_iteration(
-    serve: type[Daemon], runtime_dir: Path
+    serve: StartDaemon, runtime_dir: Path
 ) -> None:
     # A loader told to wait for its producer re-attaches when it is gone; when the producer
     # it was reading finished its run and exited, that is the end, not a wait for another.
@@ -77,7 +77,7 @@ def test_a_loader_that_loses_a_finished_producer_ends_its_iteration(
     loader.close()
 
 
-def test_refusals_carry_codes(serve: type[Daemon], runtime_dir: Path) -> None:
+def test_refusals_carry_codes(serve: StartDaemon, runtime_dir: Path) -> None:
     daemon = serve(*FINITE)
     holder = daemon.loader(0, timeout=60)
     with pytest.raises(ringfeed.AttachError) as held:
@@ -99,7 +99,7 @@ def test_refusals_carry_codes(serve: type[Daemon], runtime_dir: Path) -> None:
 
 
 def test_the_generation_is_exact_beyond_two_to_the_53(
-    serve: type[Daemon], runtime_dir: Path
+    serve: StartDaemon, runtime_dir: Path
 ) -> None:
     daemon = serve(*FINITE)
     daemon.loader(0, timeout=60).close()

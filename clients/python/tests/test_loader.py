@@ -3,9 +3,12 @@ resume and attach errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import pytest
 import ringfeed
 from conftest import MakeWriter
 from helpers import in_futex_syscall, wait_until
-from ring_writer import FINISHED, FREE, HELD, READY, RingWriter
+from ring_writer import FAILED, FINISHED, FREE, HELD, READY, RingWriter
 from ringfeed import loader as loader_module
 
 
@@ -130,7 +133,7 @@ def test_holding_several_batches_and_releasing_out_of_order(
         assert held[0].sample_ids.tolist() == writer.sample_ids(0, 0, 0).tolist()
         fourth = ld.next_batch()
         assert fourth.index == 3
-        assert ld.stats()["held"] == 3.0
+        assert ld.stats().held == 3
 
 
 def test_holding_every_slot_is_refused_instead_of_deadlocking(
@@ -167,7 +170,7 @@ def test_a_waiting_consumer_is_woken_by_the_futex(
         thread.join(timeout=10)
         assert not thread.is_alive(), "consumer was not woken by the publish"
         assert got[0].index == 0
-        assert loader.stats()["wait_s"] > 0
+        assert loader.stats().wait_ns > 0
 
 
 def test_timeout_raises_ring_timeout(make_writer: MakeWriter, runtime_dir: Path) -> None:
@@ -176,15 +179,36 @@ def test_timeout_raises_ring_timeout(make_writer: MakeWriter, runtime_dir: Path)
         with pytest.raises(ringfeed.RingTimeout):
             loader.next_batch()
         stats = loader.stats()
-        assert 0 < stats["wait_share"] <= 1
+        assert 0 < stats.wait_share <= 1
+    # Counts and nanoseconds are integers as the ring keeps them; seconds are derived.
+    fields = dataclasses.asdict(stats)
+    assert all(type(value) is int for value in fields.values()), fields
+    assert stats.wait_ns >= 200_000_000
+    assert stats.wait_s == stats.wait_ns / 1e9
+    assert (stats.taken, stats.held, stats.pending_release) == (0, 0, 0)
 
 
 def test_stopped_producer_raises_producer_gone(make_writer: MakeWriter, runtime_dir: Path) -> None:
     writer = make_writer()
     with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
         writer.stop()
-        with pytest.raises(ringfeed.ProducerGone, match="stopped"):
+        with pytest.raises(ringfeed.ProducerGone, match="stopped") as err:
             loader.next_batch()
+    assert (err.value.reason, err.value.pid) == ("stopped", os.getpid())
+    # The attributes survive a pickle (a DataLoader worker hands errors to its parent).
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert (str(copy), copy.reason, copy.pid) == (str(err.value), "stopped", os.getpid())
+
+
+def test_failed_producer_raises_producer_gone_with_its_reason(
+    make_writer: MakeWriter, runtime_dir: Path
+) -> None:
+    writer = make_writer()
+    with ringfeed.Loader("t", runtime_dir=runtime_dir) as loader:
+        writer.stop(FAILED)
+        with pytest.raises(ringfeed.ProducerGone, match="failed") as err:
+            loader.next_batch()
+    assert (err.value.reason, err.value.pid) == ("failed", os.getpid())
 
 
 def test_state_dict_and_resume(make_writer: MakeWriter, runtime_dir: Path) -> None:
@@ -223,8 +247,45 @@ def test_attach_errors_carry_the_reason(make_writer: MakeWriter, runtime_dir: Pa
     with pytest.raises(ringfeed.AttachError, match="cannot connect"):
         ringfeed.Loader("absent", runtime_dir=runtime_dir, wait_for_producer=0)
     for bad in ("", ".hidden", "a/b", "x" * 33, "sp ace", "nul\0"):
-        with pytest.raises(ringfeed.AttachError, match="invalid ring name"):
+        with pytest.raises(ringfeed.AttachError, match="invalid ring name") as err:
             ringfeed.Loader(bad, runtime_dir=runtime_dir)
+        assert err.value.code == "client"
+        assert isinstance(err.value, ValueError)
+
+
+def test_argument_mistakes_are_value_or_type_errors(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checked before anything is connected: no producer needed.
+    values: list[tuple[dict[str, Any], str]] = [
+        ({"lane": -1}, "lane must be >= 0"),
+        ({"max_held": 0}, "max_held must be >= 1"),
+        ({"resume": {"epoch": -1, "index": 0}}, r"'epoch' must be in 0..2\*\*64-1"),
+        ({"resume": {"epoch": 0, "index": 0, "fingerprint": {"x": float("nan")}}}, "not JSON"),
+    ]
+    for options, message in values:
+        with pytest.raises(ringfeed.ArgumentError, match=message) as err:
+            ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0, **options)
+        assert isinstance(err.value, ValueError)
+        assert isinstance(err.value, ringfeed.RingfeedError)
+        assert not isinstance(err.value, TypeError), options
+    types: list[tuple[dict[str, Any], str]] = [
+        ({"resume": [0, 0]}, "resume must be a dict"),
+        ({"resume": {"epoch": "0", "index": 0}}, "resume needs integer 'epoch'"),
+        ({"resume": {"epoch": 0, "index": 0, "fingerprint": "abc"}}, "fingerprint' must be"),
+    ]
+    for options, message in types:
+        with pytest.raises(ringfeed.ArgumentTypeError, match=message) as err:
+            ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0, **options)
+        assert isinstance(err.value, TypeError)
+        assert isinstance(err.value, ringfeed.ArgumentError)
+    monkeypatch.setenv("LOCAL_RANK", "one")
+    with pytest.raises(ValueError, match="LOCAL_RANK='one' is not an integer"):
+        ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("WORLD_SIZE", "4x")
+    with pytest.raises(ringfeed.ArgumentError, match="WORLD_SIZE='4x' is not an integer"):
+        ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0)
 
 
 def test_lane_comes_from_local_rank(

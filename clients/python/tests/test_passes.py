@@ -8,10 +8,11 @@ import logging
 import os
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import ringfeed
 from conftest import Spawn
 from helpers import read_line, wait_until
 from ringfeed.runtime import socket_path
-from test_daemon import BINARY, REPO, SKIP_REASON, Daemon, started_daemons
+from test_daemon import BINARY, REPO, SKIP_REASON, DaemonProcess, StartDaemon, started_daemons
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
@@ -56,22 +57,31 @@ def ring_config(
     return path
 
 
-class MultiDaemon(Daemon):
+class MultiDaemon(DaemonProcess):
     """``ringfeed serve --config a.toml --config b.toml …``: one daemon, several rings."""
 
-    def __init__(self, runtime_dir: Path, log: Path, *configs: Path, extra: tuple[str, ...] = ()):
+    def __init__(
+        self, runtime_dir: Path, log: Path, *configs: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         args: list[str] = [str(BINARY), "serve", *extra]
         for config in configs:
             args += ["--config", str(config)]
-        self.name = ""  # several rings: loader() names the one it attaches to
-        self._spawn(runtime_dir, log, args)
+        super().__init__(runtime_dir, log, args)
 
-    def loader(self, name: str, lane: int = 0, **options: Any) -> ringfeed.Loader:  # type: ignore[override]
-        return super().loader(lane, ring=name, **options)
+    def loader(self, ring: str, lane: int = 0, **options: Any) -> ringfeed.Loader:
+        """Attach to ``lane`` of ``ring`` (several rings: the caller names the one)."""
+        return self.attach(ring, lane, **options)
+
+
+class StartMulti(Protocol):
+    """The ``multi`` fixture: starts a :class:`MultiDaemon` on ``configs``, killed at
+    teardown."""
+
+    def __call__(self, *configs: Path, extra: tuple[str, ...] = ()) -> MultiDaemon: ...
 
 
 @pytest.fixture
-def multi(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
+def multi(runtime_dir: Path, tmp_path: Path) -> Iterator[StartMulti]:
     started: list[MultiDaemon] = []
 
     def start(*configs: Path, extra: tuple[str, ...] = ()) -> MultiDaemon:
@@ -85,8 +95,15 @@ def multi(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
     yield from started_daemons(runtime_dir, tmp_path)
+
+
+def member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The contents of a regular file in ``tar``."""
+    file = tar.extractfile(member)
+    assert file is not None, f"{member.name} is not a regular file"
+    return file.read()
 
 
 def one_pass(loader: ringfeed.Loader) -> tuple[list[int], list[int], list[int]]:
@@ -101,7 +118,9 @@ def one_pass(loader: ringfeed.Loader) -> tuple[list[int], list[int], list[int]]:
     return ids, labels, pixels
 
 
-def test_two_passes_yield_every_sample_once_in_the_same_order(multi: Any, tmp_path: Path) -> None:
+def test_two_passes_yield_every_sample_once_in_the_same_order(
+    multi: StartMulti, tmp_path: Path
+) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=10)
     daemon = multi(val)
     with daemon.loader("val") as loader:
@@ -122,7 +141,7 @@ def test_two_passes_yield_every_sample_once_in_the_same_order(multi: Any, tmp_pa
         assert loader.classes == (REPO / "data" / "sample" / "classes.txt").read_text().split()
 
 
-def test_nothing_is_produced_until_a_pass_is_asked_for(multi: Any, tmp_path: Path) -> None:
+def test_nothing_is_produced_until_a_pass_is_asked_for(multi: StartMulti, tmp_path: Path) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=10)
     daemon = multi(val)
     with daemon.loader("val") as loader:
@@ -137,7 +156,7 @@ def test_nothing_is_produced_until_a_pass_is_asked_for(multi: Any, tmp_path: Pat
 
 
 def test_a_second_pass_asked_for_mid_pass_starts_from_the_first_batch(
-    multi: Any, tmp_path: Path
+    multi: StartMulti, tmp_path: Path
 ) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=8, slots=3)
     daemon = multi(val)
@@ -154,7 +173,7 @@ def test_a_second_pass_asked_for_mid_pass_starts_from_the_first_batch(
 
 
 def test_a_consumer_killed_mid_pass_leaves_a_whole_pass_for_the_next(
-    multi: Any, tmp_path: Path, spawn: Spawn, runtime_dir: Path
+    multi: StartMulti, tmp_path: Path, spawn: Spawn, runtime_dir: Path
 ) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=8, slots=3)
     daemon = multi(val)
@@ -169,7 +188,7 @@ def test_a_consumer_killed_mid_pass_leaves_a_whole_pass_for_the_next(
         assert one_pass(loader)[0] == full
 
 
-def test_two_lanes_ask_for_passes_at_once(multi: Any, tmp_path: Path) -> None:
+def test_two_lanes_ask_for_passes_at_once(multi: StartMulti, tmp_path: Path) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=8, lanes=2)
     daemon = multi(val)
     a, b = daemon.loader("val", 0), daemon.loader("val", 1)
@@ -186,7 +205,9 @@ def test_two_lanes_ask_for_passes_at_once(multi: Any, tmp_path: Path) -> None:
         b.close()
 
 
-def test_a_second_consumer_of_a_lane_in_a_pass_is_refused(multi: Any, tmp_path: Path) -> None:
+def test_a_second_consumer_of_a_lane_in_a_pass_is_refused(
+    multi: StartMulti, tmp_path: Path
+) -> None:
     val = ring_config(tmp_path / "val.toml", "val", on_demand=True, batch=8)
     daemon = multi(val)
     with daemon.loader("val") as loader:
@@ -203,7 +224,7 @@ def test_a_second_consumer_of_a_lane_in_a_pass_is_refused(multi: Any, tmp_path: 
         assert len(rest) == 96 - 8
 
 
-def test_one_daemon_serves_train_and_val_from_one_pool(multi: Any, tmp_path: Path) -> None:
+def test_one_daemon_serves_train_and_val_from_one_pool(multi: StartMulti, tmp_path: Path) -> None:
     train = ring_config(
         tmp_path / "train.toml", "train", on_demand=False, batch=8, shuffle="global", threads=2
     )
@@ -253,7 +274,7 @@ def test_several_configs_refuse_per_ring_flags_and_equal_names(
 
 
 def test_a_finished_ring_ends_iteration_with_a_reason_and_len_zero(
-    serve: type[Daemon], caplog: pytest.LogCaptureFixture
+    serve: StartDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = serve("--batch-size", 32, "--epochs", 1, "--workers", 2, "--slots-per-lane", 3)
     with daemon.loader() as loader:
@@ -272,7 +293,7 @@ def test_a_finished_ring_ends_iteration_with_a_reason_and_len_zero(
             next(iter(fresh))
 
 
-def test_from_epoch_start_and_restart_epoch_see_a_whole_epoch(serve: type[Daemon]) -> None:
+def test_from_epoch_start_and_restart_epoch_see_a_whole_epoch(serve: StartDaemon) -> None:
     daemon = serve(
         "--batch-size", 8, "--epochs", 3, "--workers", 2, "--slots-per-lane", 2, "--seed", 9
     )
@@ -327,10 +348,8 @@ def _torchvision_order(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def test_classes_and_describe_name_imagefolder_classes_and_paths(
-    multi: Any, tmp_path: Path
+    multi: StartMulti, tmp_path: Path
 ) -> None:
-    import tarfile
-
     root = tmp_path / "folder"
     with tarfile.open(REPO / "data" / "sample" / "shard-000000.tar") as tar:
         jpegs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:9]
@@ -343,7 +362,7 @@ def test_classes_and_describe_name_imagefolder_classes_and_paths(
             for k in range(count):
                 where = root / name / places[k]
                 where.parent.mkdir(parents=True, exist_ok=True)
-                where.write_bytes(tar.extractfile(jpegs[at]).read())  # type: ignore[union-attr]
+                where.write_bytes(member_bytes(tar, jpegs[at]))
                 at += 1
         (root / "mango" / "notes.txt").write_text("not an image")
     config = tmp_path / "folder.toml"
@@ -370,16 +389,14 @@ def test_classes_and_describe_name_imagefolder_classes_and_paths(
         assert loader.describe([10_000])[0]["error"].startswith("sample id 10000 is outside")
 
 
-def test_describe_names_the_original_files_pack_kept(multi: Any, tmp_path: Path) -> None:
-    import tarfile
-
+def test_describe_names_the_original_files_pack_kept(multi: StartMulti, tmp_path: Path) -> None:
     src = tmp_path / "src"
     with tarfile.open(REPO / "data" / "sample" / "shard-000000.tar") as tar:
         jpegs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:6]
         for k, member in enumerate(jpegs):
             d = src / ("cats" if k % 2 else "dogs")
             d.mkdir(parents=True, exist_ok=True)
-            (d / f"photo_{k}.jpg").write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+            (d / f"photo_{k}.jpg").write_bytes(member_bytes(tar, member))
     out = tmp_path / "packed"
     subprocess.run(
         [str(BINARY), "pack", str(src), str(out), "--samples-per-shard", "4"],
@@ -412,7 +429,7 @@ def test_describe_names_the_original_files_pack_kept(multi: Any, tmp_path: Path)
         assert described[0]["member"] == "000000000.jpg"
 
 
-def test_a_hostile_classes_file_leaves_the_names_unknown(multi: Any, tmp_path: Path) -> None:
+def test_a_hostile_classes_file_leaves_the_names_unknown(multi: StartMulti, tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     for n in (0, 1):
@@ -453,7 +470,7 @@ def test_serve_from_python_hosts_train_and_val_rings(
         monkeypatch.delenv(key, raising=False)
     train = ring_config(tmp_path / "train.toml", "py-train", on_demand=False, batch=8, epochs=2)
     val = ring_config(tmp_path / "val.toml", "py-val", on_demand=True, batch=12)
-    with pytest.raises(ringfeed.RingfeedError, match="takes no epochs"):
+    with pytest.raises(ringfeed.ArgumentError, match="takes no epochs"):
         ringfeed.serve([train, val], epochs=3)
     with ringfeed.serve([train, val]) as daemon:
         assert daemon.names == ["py-train", "py-val"]
@@ -463,5 +480,5 @@ def test_serve_from_python_hosts_train_and_val_rings(
             assert v.layout.on_demand
             assert sorted(set(one_pass(v)[0])) == list(range(SAMPLES))
             assert sum(1 for _ in t) == 12
-        with pytest.raises(ringfeed.RingfeedError, match="serves rings"):
+        with pytest.raises(ringfeed.ArgumentError, match="serves rings"):
             daemon.loader(ring="nope")

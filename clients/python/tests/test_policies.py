@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +56,12 @@ threads = 2
     return path
 
 
+#: The ``serve`` fixture: starts a daemon with a ``[batch]`` mixing section and attaches.
+StartLoader = Callable[[str], ringfeed.Loader]
+
+
 @pytest.fixture
-def serve(tmp_path: Path, runtime_dir: Path) -> Iterator[object]:
+def serve(tmp_path: Path, runtime_dir: Path) -> Iterator[StartLoader]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(mixing: str) -> ringfeed.Loader:
@@ -87,7 +91,7 @@ def serve(tmp_path: Path, runtime_dir: Path) -> Iterator[object]:
         process.wait()
 
 
-def test_mixup_cutmix_targets_mix_two_classes(serve: object) -> None:
+def test_mixup_cutmix_targets_mix_two_classes(serve: StartLoader) -> None:
     """mix-prob 1, no smoothing: every row's target is its own label and its mirror row's,
     weighted λ and 1 − λ, summing to 1; most rows (different labels, λ < 1) mix two classes."""
     mixing = (
@@ -95,7 +99,7 @@ def test_mixup_cutmix_targets_mix_two_classes(serve: object) -> None:
         "switch-prob = 0.5\nlabel-smoothing = 0.0"
     )
     rows = two_class_rows = 0
-    with serve(mixing) as loader:  # type: ignore[operator]
+    with serve(mixing) as loader:
         names = [t.name for t in loader.layout.tensors]
         assert names == ["images", "labels", "sample_ids", "valid", "targets"]
         for batch in loader:
@@ -119,10 +123,10 @@ def test_mixup_cutmix_targets_mix_two_classes(serve: object) -> None:
     assert two_class_rows > rows * 0.6, f"{two_class_rows} of {rows} rows mix two classes"
 
 
-def test_repeated_augmentation_serves_count_distinct_views(serve: object) -> None:
+def test_repeated_augmentation_serves_count_distinct_views(serve: StartLoader) -> None:
     """repeated-augment count 3: len(loader) triples, every sample comes 3 times per epoch, and
     its 3 images are 3 different augmentations."""
-    with serve("repeated-augment = { count = 3 }") as loader:  # type: ignore[operator]
+    with serve("repeated-augment = { count = 3 }") as loader:
         assert len(loader) == SAMPLES * 3 // 8
         for epoch in range(2):
             views: dict[int, list[bytes]] = {}

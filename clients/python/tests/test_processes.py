@@ -52,6 +52,7 @@ def test_killed_producer_raises_producer_gone_within_a_second(
         thread.join(timeout=10)
         error, raised_at = outcome[0]
         assert isinstance(error, ringfeed.ProducerGone)
+        assert (error.reason, error.pid) == ("died", producer.pid)
         assert raised_at - killed_at < 1.0  # the contract (§6): noticed within 1 s
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import ringfeed
-from test_daemon import REPO, Daemon, _skip_reason, started_daemons
+from test_daemon import REPO, Daemon, StartDaemon, _skip_reason, started_daemons
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
@@ -30,7 +30,7 @@ COMMON = ("--epochs", 2, "--seed", 3, "--workers", 2, "--slots-per-lane", 3)
 
 
 @pytest.fixture
-def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
     yield from started_daemons(runtime_dir, tmp_path)
 
 
@@ -49,7 +49,7 @@ def stop(daemon: Daemon) -> None:
     daemon.close()
 
 
-def test_a_batch_size_change_resumes_at_the_same_sample(serve: type[Daemon]) -> None:
+def test_a_batch_size_change_resumes_at_the_same_sample(serve: StartDaemon) -> None:
     first = serve("--batch-size", 8, *COMMON)
     with first.loader() as loader:
         fingerprint = loader.state_dict()["fingerprint"]
@@ -87,7 +87,7 @@ def test_a_batch_size_change_resumes_at_the_same_sample(serve: type[Daemon]) -> 
         assert batch.sample_ids.tolist() == order[16:32]
 
 
-def test_a_seed_or_dataset_change_is_refused_naming_the_field(serve: type[Daemon]) -> None:
+def test_a_seed_or_dataset_change_is_refused_naming_the_field(serve: StartDaemon) -> None:
     first = serve("--batch-size", 8, "--shards", *map(str, SHARDS), *COMMON)
     with first.loader() as loader:
         next(loader)
@@ -113,7 +113,7 @@ def test_a_seed_or_dataset_change_is_refused_naming_the_field(serve: type[Daemon
         assert next(loader).index == 0
 
 
-def test_hostile_states_are_refused_before_anything_is_sent(serve: type[Daemon]) -> None:
+def test_hostile_states_are_refused_before_anything_is_sent(serve: StartDaemon) -> None:
     daemon = serve("--batch-size", 8, *COMMON)
     with daemon.loader() as loader:
         good = loader.state_dict()
@@ -150,21 +150,20 @@ def test_hostile_states_are_refused_before_anything_is_sent(serve: type[Daemon])
 
 
 def test_a_rank_or_world_mismatch_is_refused(
-    serve: type[Daemon], monkeypatch: pytest.MonkeyPatch
+    serve: StartDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     daemon = serve("--lanes", 2, "--world-size", 4, "--first-rank", 2, "--batch-size", 4, *COMMON)
     with daemon.loader(1, rank=3, world_size=4) as loader:
         assert loader.ring.lane_rank(1) == 3
         assert loader.layout.world_size == 4
-    attach = {"runtime_dir": daemon.runtime_dir}
     with pytest.raises(ringfeed.RankMismatch, match=r"world size 2 here, 4 in the daemon") as err:
-        ringfeed.Loader("e2e", 0, rank=2, world_size=2, **attach)
+        ringfeed.Loader("e2e", 0, rank=2, world_size=2, runtime_dir=daemon.runtime_dir)
     assert "--world-size 2" in str(err.value)
     assert "ringfeed.serve()" in str(err.value)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ringfeed.RankMismatch, match="rank 1 here, lane 1 serves rank 3") as err:
-        ringfeed.Loader("e2e", 1, **attach)
+        ringfeed.Loader("e2e", 1, runtime_dir=daemon.runtime_dir)
     assert "--first-rank 0" in str(err.value)
     monkeypatch.setenv("RANK", "2")
     with daemon.loader(0) as loader:  # the environment's rank is the lane's
@@ -173,7 +172,7 @@ def test_a_rank_or_world_mismatch_is_refused(
     assert (info["world_size"], info["first_rank"]) == (4, 2)
 
 
-def test_serve_says_loudly_what_world_size_it_assumed(serve: type[Daemon]) -> None:
+def test_serve_says_loudly_what_world_size_it_assumed(serve: StartDaemon) -> None:
     daemon = serve("--lanes", 2, "--batch-size", 4, *COMMON)
     with daemon.loader() as loader:
         assert loader.layout.world_size == 2
@@ -181,7 +180,7 @@ def test_serve_says_loudly_what_world_size_it_assumed(serve: type[Daemon]) -> No
     assert "ranks 0-1 of world size 2" in daemon.stderr()
 
 
-def test_the_padded_tail_is_marked_by_valid(serve: type[Daemon], tmp_path: Path) -> None:
+def test_the_padded_tail_is_marked_by_valid(serve: StartDaemon, tmp_path: Path) -> None:
     # 96 samples, 2 ranks × 10 per batch: 5 global batches, the last with 16 of 20 new.
     config = tmp_path / "pad.toml"
     config.write_text(
@@ -208,7 +207,7 @@ def test_the_padded_tail_is_marked_by_valid(serve: type[Daemon], tmp_path: Path)
 
 
 def test_the_default_wait_covers_a_daemon_started_at_the_same_moment(
-    serve: type[Daemon], runtime_dir: Path
+    serve: StartDaemon, runtime_dir: Path
 ) -> None:
     holder: list[Daemon] = []
     timer = threading.Timer(0.5, lambda: holder.append(serve("--batch-size", 8, *COMMON)))
@@ -221,7 +220,7 @@ def test_the_default_wait_covers_a_daemon_started_at_the_same_moment(
 
 
 def test_a_daemon_that_never_comes_is_reported_with_the_running_rings(
-    serve: type[Daemon], runtime_dir: Path
+    serve: StartDaemon, runtime_dir: Path
 ) -> None:
     daemon = serve("--batch-size", 8, *COMMON)
     daemon.loader().close()

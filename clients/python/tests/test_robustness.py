@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -29,13 +30,16 @@ import ringfeed
 from conftest import HERE, Spawn
 from helpers import read_line, read_report, wait_until
 from ring_writer import HELD
-from test_daemon import BINARY, SKIP_REASON, Daemon, started_daemons
+from test_daemon import BINARY, SKIP_REASON, StartDaemon, started_daemons
+
+if TYPE_CHECKING:
+    from _typeshed import TraceFunction
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
 @pytest.fixture
-def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[type[Daemon]]:
+def serve(runtime_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
     yield from started_daemons(runtime_dir, tmp_path)
 
 
@@ -55,7 +59,7 @@ def held_slots(loader: ringfeed.Loader) -> list[int]:
 
 
 def test_batches_of_a_connection_declared_dead_are_never_read_or_released(
-    serve: type[Daemon],
+    serve: StartDaemon,
 ) -> None:
     daemon = serve(*ENDLESS, "--slots-per-lane", 4)
     loader = daemon.loader(wait_for_producer=60, release_previous=False)
@@ -100,7 +104,7 @@ def test_batches_of_a_connection_declared_dead_are_never_read_or_released(
     loader.close()
 
 
-def test_a_release_proves_it_still_owns_the_slot(serve: type[Daemon]) -> None:
+def test_a_release_proves_it_still_owns_the_slot(serve: StartDaemon) -> None:
     daemon = serve(*ENDLESS, "--slots-per-lane", 3)
     with daemon.loader(release_previous=False) as loader:
         batch = loader.next_batch()
@@ -119,7 +123,7 @@ def test_a_release_proves_it_still_owns_the_slot(serve: type[Daemon]) -> None:
 
 
 def test_resuming_at_the_end_of_a_finished_run_ends_and_the_daemon_exits(
-    serve: type[Daemon],
+    serve: StartDaemon,
 ) -> None:
     daemon = serve(
         "--lanes", 2, "--batch-size", 8, "--epochs", 1, "--seed", 3, "--workers", 2,
@@ -152,7 +156,7 @@ def test_resuming_at_the_end_of_a_finished_run_ends_and_the_daemon_exits(
 
 
 def test_reconnect_when_the_producer_dies_before_the_first_batch(
-    serve: type[Daemon], spawn: Spawn, runtime_dir: Path
+    serve: StartDaemon, spawn: Spawn, runtime_dir: Path
 ) -> None:
     # A producer process that attaches consumers but dies before publishing anything (the
     # real daemon publishes within milliseconds of starting, too soon to kill it reliably).
@@ -202,7 +206,7 @@ def unshared(*command: object, runtime_dir: Path) -> subprocess.CompletedProcess
 
 @needs_unshare
 def test_a_daemon_in_its_own_pid_namespace_serves_and_keeps_live_consumers(
-    serve: type[Daemon], runtime_dir: Path
+    serve: StartDaemon, runtime_dir: Path
 ) -> None:
     # The daemon cannot see our pid (SO_PEERCRED says 0): attach, hold a batch well past
     # the daemon's 50 ms liveness tick, and keep it; only our socket's EOF frees the lane.
@@ -225,9 +229,7 @@ def test_a_daemon_in_its_own_pid_namespace_serves_and_keeps_live_consumers(
 
 
 @needs_unshare
-def test_consumers_in_their_own_pid_namespace_attach(
-    serve: type[Daemon], runtime_dir: Path
-) -> None:
+def test_consumers_in_their_own_pid_namespace_attach(serve: StartDaemon, runtime_dir: Path) -> None:
     daemon = serve(*ENDLESS, "--slots-per-lane", 3)
     daemon.loader().close()  # serving
     rust = unshared(BINARY, "consume", "e2e", "--batches", 3, "-q", runtime_dir=runtime_dir)
@@ -251,7 +253,7 @@ def _fork() -> int:
         return os.fork()
 
 
-def test_a_forked_child_inherits_an_inert_loader(serve: type[Daemon]) -> None:
+def test_a_forked_child_inherits_an_inert_loader(serve: StartDaemon) -> None:
     daemon = serve(*ENDLESS, "--slots-per-lane", 3)
     loader = daemon.loader(release_previous=False)
     batch = loader.next_batch()
@@ -316,7 +318,7 @@ def no_gc() -> Iterator[None]:
 
 
 def test_a_dropped_loader_detaches_at_once_without_the_cycle_collector(
-    serve: type[Daemon], no_gc: None
+    serve: StartDaemon, no_gc: None
 ) -> None:
     daemon = serve(*ENDLESS, "--slots-per-lane", 3)
     daemon.loader().close()  # serving
@@ -344,7 +346,7 @@ def test_a_dropped_loader_detaches_at_once_without_the_cycle_collector(
 
 
 def test_a_sigint_storm_never_leaks_a_slot(
-    serve: type[Daemon], spawn: Spawn, runtime_dir: Path
+    serve: StartDaemon, spawn: Spawn, runtime_dir: Path
 ) -> None:
     daemon = serve(
         "--lanes", 1, "--batch-size", 1, "--epochs", 100000, "--workers", 2,
@@ -378,14 +380,14 @@ def test_a_sigint_storm_never_leaks_a_slot(
 CLIENT_DIR = os.path.dirname(ringfeed.__file__)
 
 
-def _yield_at_every_client_line(frame: FrameType, event: str, arg: object) -> object:
+def _yield_at_every_client_line(frame: FrameType, event: str, arg: object) -> TraceFunction | None:
     """A thread tracer that gives up the GIL before every line of the client's code, so
     that threads interleave inside take and release at every step (as an unlucky scheduler
     could), instead of once in thousands of takes."""
     if not frame.f_code.co_filename.startswith(CLIENT_DIR):
         return None
 
-    def on_line(frame: FrameType, event: str, arg: object) -> object:
+    def on_line(frame: FrameType, event: str, arg: object) -> TraceFunction:
         if event == "line":
             time.sleep(0)
         return on_line
@@ -395,7 +397,7 @@ def _yield_at_every_client_line(frame: FrameType, event: str, arg: object) -> ob
 
 @pytest.fixture
 def interleaving() -> Iterator[None]:
-    threading.settrace(_yield_at_every_client_line)  # type: ignore[arg-type]
+    threading.settrace(_yield_at_every_client_line)
     try:
         yield
     finally:
@@ -403,7 +405,7 @@ def interleaving() -> Iterator[None]:
 
 
 def test_threads_sharing_a_loader_never_take_the_same_slot(
-    serve: type[Daemon], interleaving: None
+    serve: StartDaemon, interleaving: None
 ) -> None:
     daemon = serve(
         "--lanes", 1, "--batch-size", 1, "--epochs", 100000, "--workers", 2,

@@ -293,10 +293,12 @@ def test_bad_reports_are_refused_or_counted_and_late_ones_accepted(
         assert len(loader) == SAMPLES // 8
         first = next(iter(loader))
         ids = first.sample_ids.copy()
-        with pytest.raises(ValueError, match=r"outside the dataset.*96, -1"):
+        with pytest.raises(ringfeed.ArgumentError, match=r"outside the dataset.*96, -1"):
             loader.report(np.array([1, 96, -1]), np.ones(3))
-        with pytest.raises(ValueError, match="3 sample ids but 2 losses"):
+        with pytest.raises(ringfeed.ArgumentError, match="3 sample ids but 2 losses"):
             loader.report([1, 2, 3], [1.0, 2.0])
+        with pytest.raises(TypeError, match="sample ids must be integers, got dtype float64"):
+            loader.report(np.array([1.0, 2.0]), np.ones(2))
         loader.report(ids[:4], np.array([np.nan, np.inf, -1.0, 0.5]))
         for _ in loader:
             pass

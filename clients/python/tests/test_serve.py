@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,7 @@ def wait_gone(pid: int, seconds: float) -> bool:
 
 
 @pytest.fixture
-def env(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def env(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.setenv("RINGFEED_BIN", str(BINARY))
     monkeypatch.setenv("RINGFEED_RUNTIME_DIR", str(runtime_dir))
     for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE"):

@@ -101,7 +101,7 @@ fn plan_aligns_tensors_slots_and_tables() {
     assert_eq!(l.slot_stride, 4096);
     assert_eq!(l.data_offset % PAGE, 0);
     assert_eq!(l.file_bytes, l.data_offset + 6 * 4096);
-    assert!(l.tensor_table_offset % 64 == 0 && l.slot_table_offset % 64 == 0);
+    assert!(l.tensor_table_offset.is_multiple_of(64) && l.slot_table_offset.is_multiple_of(64));
 }
 
 #[test]

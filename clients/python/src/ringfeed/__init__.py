@@ -4,7 +4,9 @@ Brief overview: :func:`serve` starts the daemon from the training script and ret
 :class:`Daemon` to make loaders from; :class:`Loader` attaches to one lane of a running
 ``ringfeed serve`` and yields :class:`Batch` objects whose tensors are read-only numpy arrays
 (or torch tensors) viewing the ring; :class:`Ring` is the low-level, validated mapping of a ring
-file, written from ``docs/ring-format.md``. Every error derives from :class:`RingfeedError`.
+file, written from ``docs/ring-format.md``. Every error derives from :class:`RingfeedError`;
+argument mistakes raise :class:`ArgumentError` (also a ``ValueError``) or
+:class:`ArgumentTypeError` (also a ``TypeError``).
 """
 
 from importlib.metadata import PackageNotFoundError
@@ -13,6 +15,8 @@ from importlib.metadata import version as _version
 from .batch import Batch
 from .daemon import Daemon, serve
 from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
     AttachError,
     DaemonNotRunning,
     FormatError,
@@ -30,14 +34,18 @@ from .loader import Loader, evaluation
 from .protocol import info
 from .ring import Ring
 from .runtime import runtime_dir
+from .stats import LoaderStats
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "AttachError",
     "Batch",
     "Daemon",
     "DaemonNotRunning",
     "FormatError",
     "Loader",
+    "LoaderStats",
     "ProducerGone",
     "RankMismatch",
     "ReleasedBatchError",

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _frameworks
 from . import device as _device
-from .errors import ReleasedBatchError
+from .errors import ArgumentTypeError, ReleasedBatchError
 from .layout import SLOT_LAST_OF_EPOCH, SLOT_REDELIVERED
 
 if TYPE_CHECKING:
@@ -197,7 +197,9 @@ class Batch:
         if device is not None:
             return self.to(device, *names, non_blocking=non_blocking, normalize=normalize)
         if normalize:
-            raise TypeError("normalize=True makes a copy: pass device= (or use batch.to/cuda)")
+            raise ArgumentTypeError(
+                "normalize=True makes a copy: pass device= (or use batch.to/cuda)"
+            )
         views = self._torch_views(names or ("images", "labels"))
         if copy:
             return tuple(view.clone() for view in views)

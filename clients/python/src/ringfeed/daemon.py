@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Optional, Union
 
-from .errors import AttachError, RingfeedError
+from .errors import ArgumentError, AttachError, RingfeedError
 from .loader import Loader
 from .protocol import info
 from .runtime import check_name, socket_path
@@ -140,7 +140,7 @@ class Daemon:
         ``$LOCAL_RANK`` (else 0) unless ``lane=`` is given. Keyword arguments are the
         Loader's."""
         if ring is not None and ring not in self.names:
-            raise RingfeedError(f"this daemon serves rings {self.names}, not {ring!r}")
+            raise ArgumentError(f"this daemon serves rings {self.names}, not {ring!r}")
         kwargs.setdefault("runtime_dir", self._runtime_dir)
         kwargs.setdefault("wait_for_producer", 60.0)
         return Loader(self.name if ring is None else ring, **kwargs)
@@ -308,7 +308,7 @@ def serve(
     if several:
         given = [k for k, v in (("name", name), ("shards", shards), ("epochs", epochs)) if v]
         if given:
-            raise RingfeedError(
+            raise ArgumentError(
                 f"serve() with several configurations takes no {', '.join(given)}: set them in"
                 " each file (each ring keeps its [ring] name)"
             )

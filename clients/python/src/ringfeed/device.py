@@ -23,6 +23,22 @@ if TYPE_CHECKING:
     from .layout import RingLayout
 
 
+class PixelLayout(Protocol):
+    """What :func:`normalize_images` reads of a ring's layout: a :class:`RingLayout` fits."""
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the daemon's ``normalize`` (header §5.1)."""
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel std of the daemon's ``normalize``; all 0 without it."""
+
+    @property
+    def nhwc(self) -> bool:
+        """True when images are ``[B, H, W, C]`` rather than ``[B, C, H, W]``."""
+
+
 class Fence(Protocol):
     """Something a device completes: a ``torch.cuda.Event`` recorded after a copy."""
 
@@ -90,7 +106,7 @@ class PendingReleases:
         self._entries.clear()
 
 
-def normalize_images(x: Any, layout: RingLayout) -> Any:
+def normalize_images(x: Any, layout: PixelLayout) -> Any:
     """``u8`` pixels → the daemon's f32 values: ``(x / 255 - mean) / std`` per channel.
 
     The same operations in the same order as the daemon's f32 writer, so a CPU tensor gives

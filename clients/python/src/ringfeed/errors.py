@@ -6,9 +6,27 @@ all of them; the subclasses say what went wrong.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+#: Why a :class:`ProducerGone` was raised.
+GoneReason = Literal["stopped", "failed", "died", "frozen"]
+
 
 class RingfeedError(Exception):
     """Base class of every error raised by the ringfeed client."""
+
+
+class ArgumentError(RingfeedError, ValueError):
+    """An argument (or the environment variable standing in for one) is out of range or
+    malformed: a ``max_held`` below 1, a resume counter out of range, a sample id outside the
+    dataset. Also a :class:`ValueError`, so ``except ValueError`` catches it as it would
+    for any Python API."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument has the wrong type or does not fit the other arguments (a resume state that
+    is not a dict, float sample ids, ``normalize=True`` without ``device=``). Also a
+    :class:`TypeError` (and an :class:`ArgumentError`)."""
 
 
 class FormatError(RingfeedError):
@@ -26,7 +44,7 @@ class AttachError(RingfeedError):
     (``lane_held``, ``version``, ``lane_range``, ``permission``, ...), or the client's own
     (``not_running``: no daemon serves the name yet; ``finished``: the run ended and its
     producer exited; ``runtime_dir``, ``connect``, ``foreign_producer``, ``protocol``,
-    ``client`` for a bad argument).
+    ``client`` for a bad argument: an :class:`AttachArgumentError`, also a ``ValueError``).
     ``retryable`` says whether the same attach may succeed later (``not_running``,
     ``lane_held``, ``stopping``, ``request_timeout``).
     """
@@ -35,6 +53,14 @@ class AttachError(RingfeedError):
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+
+
+class AttachArgumentError(AttachError, ArgumentError):
+    """A bad argument to attach (the ring name, the lane): an :class:`AttachError` with code
+    ``client`` that is also an :class:`ArgumentError`, hence a :class:`ValueError`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="client")
 
 
 class DaemonNotRunning(AttachError):
@@ -67,7 +93,24 @@ class RankMismatch(AttachError):
 
 
 class ProducerGone(RingfeedError):
-    """The producer died, stopped, failed or froze while this consumer was attached."""
+    """The producer died, stopped, failed or froze while this consumer was attached.
+
+    ``reason`` says which, machine-readably: ``stopped`` (it shut down: SIGTERM, Ctrl-C),
+    ``failed`` (it stopped on an error; the message carries the ring's ``last_error``),
+    ``died`` (its end of the connection closed: exited or killed) or ``frozen`` (its heartbeat
+    is older than 3 s: SIGSTOP, a hung host). ``pid`` is the producer's pid as the ring's
+    header records it (in the producer's pid namespace; 0 when unknown).
+    """
+
+    def __init__(self, message: str, *, reason: GoneReason, pid: int) -> None:
+        super().__init__(message)
+        self.reason: GoneReason = reason
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its attributes (a DataLoader worker or a multiprocessing pool may
+        # hand the error to another process).
+        return (_producer_gone, (str(self), self.reason, self.pid))
 
 
 class ReleasedBatchError(RingfeedError):
@@ -87,3 +130,8 @@ class StreamFinished(RingfeedError, StopIteration):
 
 class RingfeedWarning(UserWarning):
     """Something degraded but the client carries on (for example ``pin=True`` without CUDA)."""
+
+
+def _producer_gone(message: str, reason: GoneReason, pid: int) -> ProducerGone:
+    """Unpickles a :class:`ProducerGone` (keyword-only arguments need a helper)."""
+    return ProducerGone(message, reason=reason, pid=pid)

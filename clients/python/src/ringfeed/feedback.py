@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .errors import ArgumentError, ArgumentTypeError
+
 MAGIC = b"RFBK"
 KIND_REPORT = 1
 KIND_EPOCH_DONE = 2
@@ -63,14 +65,15 @@ def host_arrays(sample_ids: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(sample_ids).reshape(-1)
     values = np.asarray(losses, dtype=np.float32).reshape(-1)
     if ids.dtype.kind not in "iu":
-        raise TypeError(f"sample ids must be integers, got dtype {ids.dtype}")
+        raise ArgumentTypeError(f"sample ids must be integers, got dtype {ids.dtype}")
     if ids.shape != values.shape:
-        raise ValueError(f"{ids.size} sample ids but {values.size} losses")
+        raise ArgumentError(f"{ids.size} sample ids but {values.size} losses")
     return ids.astype(np.int64, copy=False), values
 
 
 def check_ids(ids: np.ndarray, n: int) -> None:
-    """Raise ``ValueError`` naming the ids outside ``0..n`` (the dataset), if any."""
+    """Raise :class:`ArgumentError` (a ``ValueError``) naming the ids outside ``0..n`` (the
+    dataset), if any."""
     if ids.size == 0:
         return
     if int(ids.min()) >= 0 and int(ids.max()) < n:
@@ -78,7 +81,7 @@ def check_ids(ids: np.ndarray, n: int) -> None:
     bad = ids[(ids < 0) | (ids >= n)]
     shown = ", ".join(str(int(i)) for i in bad[:10])
     more = f" and {bad.size - 10} more" if bad.size > 10 else ""
-    raise ValueError(f"sample ids outside the dataset (0..{n}): {shown}{more}")
+    raise ArgumentError(f"sample ids outside the dataset (0..{n}): {shown}{more}")
 
 
 def report_frame(epoch: int, ids: np.ndarray, losses: np.ndarray) -> bytes:

@@ -25,6 +25,9 @@ from . import _frameworks, _signals, feedback, protocol
 from .batch import Batch
 from .device import PendingReleases, current_stream_fence
 from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    AttachArgumentError,
     AttachError,
     DaemonNotRunning,
     FormatError,
@@ -47,6 +50,7 @@ from .layout import (
 )
 from .ring import Ring
 from .runtime import check_name, running_rings, runtime_dir, socket_path
+from .stats import LoaderStats
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,7 +104,7 @@ def _env_int(key: str, explicit: Optional[int]) -> Optional[int]:
     try:
         return int(raw)
     except ValueError:
-        raise RingfeedError(f"environment variable {key}={raw!r} is not an integer") from None
+        raise ArgumentError(f"environment variable {key}={raw!r} is not an integer") from None
 
 
 def _new_token() -> int:
@@ -191,11 +195,11 @@ class Loader:
         """Attach to ``lane`` of the producer called ``name`` (see the class docs)."""
         self.name = check_name(name)
         if lane is None:
-            lane = int(os.environ.get("LOCAL_RANK", "0"))
+            lane = _env_int("LOCAL_RANK", None) or 0
         if lane < 0:
-            raise AttachError(f"lane must be >= 0, got {lane}")
+            raise AttachArgumentError(f"lane must be >= 0, got {lane}")
         if max_held is not None and max_held < 1:
-            raise RingfeedError(f"max_held must be >= 1, got {max_held}")
+            raise ArgumentError(f"max_held must be >= 1, got {max_held}")
         self.lane = lane
         self._release_previous = release_previous
         self._max_held = max_held
@@ -255,25 +259,25 @@ class Loader:
         if resume is None:
             return None
         if not isinstance(resume, dict):
-            raise RingfeedError(f"resume must be a dict from state_dict(), got {resume!r:.200}")
+            raise ArgumentTypeError(f"resume must be a dict from state_dict(), got {resume!r:.200}")
 
         def whole(key: str) -> Optional[int]:
             value = resume.get(key)
             if value is None and key == "sample":
                 return None
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise RingfeedError(
+                raise ArgumentTypeError(
                     f"resume needs integer {key!r} (a dict from state_dict()), got {resume!r:.200}"
                 )
             if not 0 <= int(value) < 2**64:
-                raise RingfeedError(f"resume {key!r} must be in 0..2**64-1, got {value!r}")
+                raise ArgumentError(f"resume {key!r} must be in 0..2**64-1, got {value!r}")
             return int(value)
 
         checked: dict[str, Any] = {"epoch": whole("epoch"), "index": whole("index")}
         sample = whole("sample")
         fingerprint = resume.get("fingerprint")
         if fingerprint is not None and not isinstance(fingerprint, dict):
-            raise RingfeedError(
+            raise ArgumentTypeError(
                 "resume 'fingerprint' must be the dict state_dict() saved,"
                 f" got {fingerprint!r:.200}"
             )
@@ -281,7 +285,7 @@ class Loader:
             try:
                 json.dumps(fingerprint, allow_nan=False)
             except (TypeError, ValueError) as err:
-                raise RingfeedError(f"resume 'fingerprint' is not JSON data: {err}") from None
+                raise ArgumentError(f"resume 'fingerprint' is not JSON data: {err}") from None
             checked["fingerprint"] = fingerprint
             if sample is not None:
                 checked["sample"] = sample
@@ -908,17 +912,26 @@ class Loader:
         FINISHED seen here means every batch was already published and scanned."""
         if state == FINISHED:
             raise _EndOfStream
+        pid = ring.layout.producer_pid
         if state == STOPPED:
-            raise ProducerGone(f"producer of {self.name!r} stopped")
+            raise ProducerGone(f"producer of {self.name!r} stopped", reason="stopped", pid=pid)
         if state == FAILED:
-            raise ProducerGone(f"producer of {self.name!r} failed: {ring.last_error}")
+            raise ProducerGone(
+                f"producer of {self.name!r} failed: {ring.last_error}", reason="failed", pid=pid
+            )
         if state >= len(PRODUCER_STATES):
             raise FormatError("producer_state", f"{state} not in 0..4")
         if self._sock is None or protocol.peer_hung_up(self._sock):
-            raise ProducerGone(f"producer of {self.name!r} closed its connection (it died)")
+            raise ProducerGone(
+                f"producer of {self.name!r} closed its connection (it died)", reason="died", pid=pid
+            )
         heartbeat = ring.heartbeat_mono_ns
         if heartbeat and time.monotonic_ns() - heartbeat > HEARTBEAT_STALE_NS:
-            raise ProducerGone(f"producer of {self.name!r} is frozen (heartbeat older than 3 s)")
+            raise ProducerGone(
+                f"producer of {self.name!r} is frozen (heartbeat older than 3 s)",
+                reason="frozen",
+                pid=pid,
+            )
 
     def _release(self, batch: Batch) -> None:
         if batch.released:
@@ -1083,7 +1096,7 @@ class Loader:
         for start in range(0, len(ids), protocol.MAX_DESCRIBE_IDS):
             chunk = ids[start : start + protocol.MAX_DESCRIBE_IDS]
             if any(i < 0 for i in chunk):
-                raise ValueError(f"sample ids must be >= 0, got {min(chunk)}")
+                raise ArgumentError(f"sample ids must be >= 0, got {min(chunk)}")
             reply = protocol.long_request(
                 self._socket_path(), {"op": "describe", "ids": chunk}, trust_uid=self._trust_uid
             )
@@ -1095,28 +1108,26 @@ class Loader:
             out += samples
         return out
 
-    def stats(self) -> dict[str, float]:
-        """Starvation figures since attach: ``wait_share`` is the fraction of wall time this
-        consumer spent blocked waiting for a batch (lane ``consumer_wait_ns`` / wall time)."""
+    def stats(self) -> LoaderStats:
+        """Starvation figures since attach (:class:`ringfeed.LoaderStats`): ``wait_share`` is
+        the fraction of wall time this consumer spent blocked waiting for a batch (lane
+        ``consumer_wait_ns`` / wall time); counts and nanoseconds are integers."""
         ring = self._live_ring()
         lane = ring.lane_stats(self.lane)
-        wall_ns = max(1, time.monotonic_ns() - self._stats_start_ns)
-        wait_ns = lane["consumer_wait_ns"] - self._stats_wait_base_ns
         ready = sum(
             ring.slot_state(self.lane, slot) == READY for slot in range(ring.layout.slots_per_lane)
         )
-        return {
-            "wall_s": wall_ns / 1e9,
-            "wait_s": wait_ns / 1e9,
-            "wait_share": wait_ns / wall_ns,
-            "taken": float(self._taken),
-            "held": float(len(self._held)),
-            "pending_release": float(len(self._pending)),
-            "ready": float(ready),
-            "published": float(lane["published"]),
-            "released": float(lane["released"]),
-            "producer_wait_s": lane["producer_wait_ns"] / 1e9,
-        }
+        return LoaderStats(
+            wall_ns=max(1, time.monotonic_ns() - self._stats_start_ns),
+            wait_ns=lane["consumer_wait_ns"] - self._stats_wait_base_ns,
+            producer_wait_ns=lane["producer_wait_ns"],
+            taken=self._taken,
+            held=len(self._held),
+            pending_release=len(self._pending),
+            ready=ready,
+            published=lane["published"],
+            released=lane["released"],
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._ring is None else f"generation={self.generation}"

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import AttachError, DaemonNotRunning, ProducerGone, ResumeMismatch
+from .errors import AttachError, DaemonNotRunning, ResumeMismatch
 
 VERSION = 1
 MAX_LINE = 4096
@@ -242,9 +242,3 @@ def peer_hung_up(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
     return bool(poller.poll(0))
-
-
-def check_alive(sock: socket.socket) -> None:
-    """Raise :class:`ProducerGone` if the producer's end of the connection is closed."""
-    if peer_hung_up(sock):
-        raise ProducerGone("the producer closed its connection (it exited or was killed)")

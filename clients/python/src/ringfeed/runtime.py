@@ -8,15 +8,16 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from .errors import AttachError, DaemonNotRunning
+from .errors import AttachArgumentError, AttachError, DaemonNotRunning
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")  # must fit the header's 32-byte name field
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid ring name (§2), else raise :class:`AttachError`."""
+    """Return ``name`` if it is a valid ring name (§2), else raise :class:`AttachArgumentError`
+    (an :class:`AttachError` that is also a ``ValueError``)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("."):
-        raise AttachError(
+        raise AttachArgumentError(
             f"invalid ring name {name!r}: 1-32 characters from [A-Za-z0-9._-],"
             " not starting with '.'"
         )
