@@ -121,34 +121,59 @@ fn sparse_and_fifo_images_are_skipped_and_serving_goes_on() {
 
 #[test]
 fn planted_oversized_and_forged_indexes_are_rebuilt_not_trusted() {
+    use ringfeed::source::index::{decode_index, encode_index, max_index_bytes};
+    const SHARDS: u32 = 10;
     let data = tempfile::tempdir().unwrap();
     let runtime = RuntimeTmp::new();
     let dir = data.path();
     let shard = |i: u32| dir.join(format!("shard-{i:06}.tar"));
-    let beside = |i: u32| dir.join(format!("shard-{i:06}.tar.idx.json"));
-    for i in 0..5 {
+    let beside = |i: u32| dir.join(format!("shard-{i:06}.tar.idx"));
+    for i in 0..SHARDS {
         std::fs::write(shard(i), tar(&samples(&format!("s{i}"), 6))).unwrap();
     }
+    let valid = |i: u32| encode_index(&build_index(&shard(i)).unwrap()).unwrap();
     // 0: a symlink to /dev/zero (an endless read); 1: a FIFO (a read that never starts).
     std::os::unix::fs::symlink("/dev/zero", beside(0)).unwrap();
     mkfifo(&beside(1));
-    // 2: forged: fresh size and mtime (as `cp -p` keeps them), one member claiming 2 GiB.
+    // 2: forged: fresh size and mtime (as `cp -p` keeps them), a valid checksum, and one
+    // member claiming 2 GiB.
     let mut forged = build_index(&shard(2)).unwrap();
     forged.samples[0].size = 1 << 31;
-    std::fs::write(beside(2), serde_json::to_vec(&forged).unwrap()).unwrap();
+    std::fs::write(beside(2), encode_index(&forged).unwrap()).unwrap();
     // 3: a symlink to a valid index kept elsewhere: a link can only have been planted.
-    let elsewhere = dir.join("elsewhere.json");
-    let valid = serde_json::to_vec(&build_index(&shard(3)).unwrap()).unwrap();
-    std::fs::write(&elsewhere, &valid).unwrap();
+    let elsewhere = dir.join("elsewhere.idx");
+    std::fs::write(&elsewhere, valid(3)).unwrap();
     std::os::unix::fs::symlink(&elsewhere, beside(3)).unwrap();
     // 4: a valid index padded past the size limit for its shard.
-    let mut padded = serde_json::to_vec(&build_index(&shard(4)).unwrap()).unwrap();
-    let limit =
-        ringfeed::source::index::max_index_bytes(std::fs::metadata(shard(4)).unwrap().len());
-    padded.resize(limit as usize + 1, b' ');
+    let mut padded = valid(4);
+    let limit = max_index_bytes(std::fs::metadata(shard(4)).unwrap().len());
+    padded.resize(limit as usize + 1, 0);
     std::fs::write(beside(4), padded).unwrap();
+    // 5: wrong magic; 6: one flipped bit (bad checksum); 7: truncated.
+    let mut magic = valid(5);
+    magic[0] ^= 0x20;
+    std::fs::write(beside(5), magic).unwrap();
+    let mut flipped = valid(6);
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 1;
+    std::fs::write(beside(6), flipped).unwrap();
+    let whole = valid(7);
+    std::fs::write(beside(7), &whole[..whole.len() - 9]).unwrap();
+    // 8: forged, valid checksum, an entry past the shard's end.
+    let mut past = build_index(&shard(8)).unwrap();
+    past.samples[5].offset = past.shard_size;
+    std::fs::write(beside(8), encode_index(&past).unwrap()).unwrap();
+    // 9: the JSON index of an earlier release under the new name, and a forged one under the
+    // old name (never read any more).
+    let old = serde_json::to_vec(&build_index(&shard(9)).unwrap()).unwrap();
+    std::fs::write(beside(9), &old).unwrap();
+    let mut old_forged = build_index(&shard(9)).unwrap();
+    old_forged.samples[0].size = 1 << 31;
+    old_forged.version = 2;
+    let old_name = dir.join("shard-000009.tar.idx.json");
+    std::fs::write(&old_name, serde_json::to_vec(&old_forged).unwrap()).unwrap();
 
-    let spec = format!("{}/shard-{{000000..000004}}.tar", dir.display());
+    let spec = format!("{}/shard-{{000000..{:06}}}.tar", dir.display(), SHARDS - 1);
     let source = format!("kind = \"tar\"\nshards = [\"{spec}\"]");
     let config = config_with_source(dir, &source, "hostidx");
     let daemon = Daemon::start_with_memory_limit(
@@ -166,25 +191,36 @@ fn planted_oversized_and_forged_indexes_are_rebuilt_not_trusted() {
     let (batches, ids) = drain("hostidx", runtime.path());
     let log = daemon.log.join("\n");
     // Every sample of every shard is served: nothing the hostile indexes said was used.
-    assert_eq!(batches, 15, "{log}");
-    assert_eq!(ids, (0..30).collect(), "{log}");
-    for i in 0..5 {
+    assert_eq!(batches, 3 * SHARDS as usize, "{log}");
+    assert_eq!(ids, (0..6 * i64::from(SHARDS)).collect(), "{log}");
+    for (i, why) in [
+        (0, "symlink"),
+        (1, ""),
+        (2, "do not lie inside the shard"),
+        (3, "symlink"),
+        (4, "larger than"),
+        (5, "no RFINDEX magic"),
+        (6, "checksum mismatch"),
+        (7, "truncated"),
+        (8, "do not lie inside the shard"),
+        (9, "JSON index of an earlier release"),
+    ] {
         let path = beside(i);
-        assert!(
-            log.contains(&format!("{} of shard", path.display())),
-            "no warning about {}:\n{log}",
-            path.display()
-        );
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("{} of shard", path.display())))
+            .unwrap_or_else(|| panic!("no warning about {}:\n{log}", path.display()));
+        assert!(line.contains(why), "index {i}: {line}");
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert!(meta.is_file(), "{} was not replaced", path.display());
-        let rebuilt: ringfeed::source::ShardIndex =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let rebuilt = decode_index(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(rebuilt, build_index(&shard(i)).unwrap());
     }
     assert_eq!(
         std::fs::read(&elsewhere).unwrap(),
-        valid,
+        valid(3),
         "link target touched"
     );
+    assert!(old_name.exists(), "the old JSON index is left alone");
     stop_promptly(daemon);
 }

@@ -237,3 +237,169 @@ fn a_rank_or_world_mismatch_is_refused_and_the_padded_tail_is_marked() {
     assert_eq!(padding, 3);
     assert!(daemon.terminate().success());
 }
+
+/// `ringfeed serve` arguments for one node of a job: `lanes` lanes from global rank `first`
+/// of `world` ranks taking batches of `batch`, one epoch.
+fn node_args(config: &str, lanes: u32, world: u32, first: u32, batch: u32) -> Vec<String> {
+    let mut args: Vec<String> = ["--config", config, "--epochs", "1"]
+        .map(str::to_owned)
+        .to_vec();
+    for (flag, value) in [
+        ("--lanes", lanes),
+        ("--world-size", world),
+        ("--first-rank", first),
+        ("--batch-size", batch),
+    ] {
+        args.push(flag.to_owned());
+        args.push(value.to_string());
+    }
+    args
+}
+
+/// Starts one daemon per node (its own runtime directory), each serving `lanes` lanes of a
+/// `world`-rank job.
+fn start_nodes(
+    runtimes: &[RuntimeTmp],
+    config: &str,
+    lanes: u32,
+    world: u32,
+    batch: u32,
+) -> Vec<Daemon> {
+    runtimes
+        .iter()
+        .enumerate()
+        .map(|(node, runtime)| {
+            let args = node_args(config, lanes, world, node as u32 * lanes, batch);
+            Daemon::start(
+                runtime.path(),
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        })
+        .collect()
+}
+
+/// The ids every rank of the new world gets after resuming from `states` (global rank `r`
+/// loads `states[r % states.len()]`, as a job whose ranks all read one checkpoint would),
+/// one list of batches per rank; also the warnings of rank 0's resume. The ranks consume at
+/// once, one thread each, as trainers do (a daemon's lanes share its workers).
+fn resume_everywhere(
+    runtimes: &[RuntimeTmp],
+    lanes: u32,
+    world: u32,
+    states: &[ringfeed::ring::resume::ResumeState],
+) -> (Vec<Vec<Vec<i64>>>, Vec<String>) {
+    let results: Vec<(Vec<Vec<i64>>, Vec<String>)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..world)
+            .map(|rank| {
+                let (runtime, lane) = (&runtimes[(rank / lanes) as usize], rank % lanes);
+                scope.spawn(move || {
+                    let mut opts = options(runtime, "elastic", lane);
+                    opts.expect_rank = Some((rank, world));
+                    opts.resume_state = Some(states[rank as usize % states.len()].clone());
+                    let consumer =
+                        Consumer::attach_with(&opts).expect("resume at another world size");
+                    let warnings = consumer.resume_warnings().to_vec();
+                    let batches = ids_of(&consumer, usize::MAX);
+                    assert!(
+                        batches.iter().all(|(key, _)| key.0 == 0),
+                        "rank {rank} went past the one epoch"
+                    );
+                    (batches.into_iter().map(|(_, ids)| ids).collect(), warnings)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let warnings = results[0].1.clone();
+    (results.into_iter().map(|(ids, _)| ids).collect(), warnings)
+}
+
+#[test]
+fn elastic_resume_at_world_2_and_8_serves_the_rest_of_the_epoch_once() {
+    const SAMPLES: i64 = 96; // 2 shards × 48; global batch 16: 6 global batches
+    let data = tempfile::tempdir().unwrap();
+    let spec = write_dataset(data.path(), 2, 48);
+    let config = small_config(data.path(), &spec, "elastic");
+    let config = config.to_str().unwrap();
+
+    // World 4 as two nodes of two lanes, batch 4: every rank takes 2 batches, then the job
+    // checkpoints (each rank's state) and stops.
+    let runtimes4 = [RuntimeTmp::new(), RuntimeTmp::new()];
+    let daemons = start_nodes(&runtimes4, config, 2, 4, 4);
+    let mut served = Vec::new();
+    let mut states = Vec::new();
+    for (node, runtime) in runtimes4.iter().enumerate() {
+        for lane in 0..2 {
+            let mut opts = options(runtime, "elastic", lane);
+            opts.expect_rank = Some((node as u32 * 2 + lane, 4));
+            let consumer = Consumer::attach_with(&opts).unwrap();
+            let got = ids_of(&consumer, 2);
+            assert_eq!(got.len(), 2);
+            served.extend(got.into_iter().flat_map(|(_, ids)| ids));
+            let state = consumer.resume_state(0, 2);
+            assert_eq!(state.sample, Some(32), "2 global batches of 16");
+            // What a checkpoint holds: JSON, read back.
+            states.push(serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap());
+        }
+    }
+    for daemon in daemons {
+        assert!(daemon.terminate().success());
+    }
+    let mut unserved: Vec<i64> = (0..SAMPLES).filter(|id| !served.contains(id)).collect();
+    assert_eq!(
+        unserved.len(),
+        64,
+        "32 distinct samples served before the checkpoint"
+    );
+    unserved.sort_unstable();
+
+    // The same global batch (16) at world 2 (one node, batch 8) and at world 8 (two nodes of
+    // four lanes, batch 2).
+    for (nodes, lanes, world, batch) in [(1usize, 2u32, 2u32, 8u32), (2, 4, 8, 2)] {
+        let runtimes: Vec<RuntimeTmp> = (0..nodes).map(|_| RuntimeTmp::new()).collect();
+        let daemons = start_nodes(&runtimes, config, lanes, world, batch);
+        let (per_rank, warnings) = resume_everywhere(&runtimes, lanes, world, &states);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(&format!("world_size 4 → {world}"))
+                    && !w.contains("mid-batch")),
+            "world {world}: {warnings:?}"
+        );
+        let counts: Vec<usize> = per_rank.iter().map(Vec::len).collect();
+        let want = 64 / (world * batch) as usize;
+        assert_eq!(
+            counts,
+            vec![want; world as usize],
+            "world {world}: batches per rank"
+        );
+        let mut rest: Vec<i64> = per_rank.into_iter().flatten().flatten().collect();
+        rest.sort_unstable();
+        assert_eq!(
+            rest, unserved,
+            "world {world}: the rest of the epoch, each sample once"
+        );
+        for daemon in daemons {
+            assert!(daemon.terminate().success());
+        }
+    }
+
+    // An order change still refuses, even together with a world change.
+    let runtime = RuntimeTmp::new();
+    let mut args = node_args(config, 2, 2, 0, 8);
+    args.extend(["--seed".to_owned(), "8".to_owned()]);
+    let daemon = Daemon::start(
+        runtime.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut opts = options(&runtime, "elastic", 0);
+    opts.resume_state = Some(states[0].clone());
+    let Err(err) = Consumer::attach_with(&opts) else {
+        panic!("a state of another seed was accepted at another world size")
+    };
+    let text = err.to_string();
+    assert!(text.contains("seed 7 (saved) vs 8 (this daemon)"), "{text}");
+    assert!(!text.contains("world_size"), "{text}");
+    drop(opts);
+    assert!(daemon.terminate().success());
+}

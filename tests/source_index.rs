@@ -57,7 +57,7 @@ fn index_is_written_beside_the_shard_and_reused() {
     let first = load_or_build_index(&shard, Some(&cache)).unwrap();
     assert!(!first.reused);
     assert_eq!(first.path, index_path_beside(&shard));
-    assert!(dir.path().join("shard-000000.tar.idx.json").is_file());
+    assert!(dir.path().join("shard-000000.tar.idx").is_file());
     assert!(
         !cache.exists(),
         "nothing goes to the cache when the shard dir is writable"
@@ -314,4 +314,44 @@ fn spec_matching_nothing_is_an_error_naming_it() {
         matches!(&err, SourceError::NoMatch { spec } if spec == "missing-*.tar"),
         "{err}"
     );
+}
+
+#[test]
+fn index_command_writes_reuses_and_measures_the_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in 0..2 {
+        write_tar(
+            &dir.path().join(format!("shard-{s:06}.tar")),
+            &samples(&format!("s{s}"), 7),
+        );
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringfeed"))
+            .arg("index")
+            .args(args)
+            .arg("shard-{000000..000001}.tar")
+            .current_dir(dir.path())
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run(&[]);
+    assert_eq!(first.matches("(written)").count(), 2, "{first}");
+    assert!(first.contains("2 shards, 14 samples, 0 skipped"), "{first}");
+    assert!(dir.path().join("shard-000001.tar.idx").is_file());
+    let second = run(&["--memory"]);
+    assert_eq!(second.matches("(fresh, reused)").count(), 2, "{second}");
+    let line = second
+        .lines()
+        .find(|l| l.starts_with("dataset of 14 samples opened in "))
+        .unwrap_or_else(|| panic!("no memory line in:\n{second}"));
+    let kib: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "dataset of 14 samples opened in S s; RssAnon B KiB before, A KiB with …": 14, B, A.
+    assert_eq!(kib.len(), 3, "{line}");
+    assert!(kib[1] > 0 && kib[2] >= kib[1], "{line}");
 }

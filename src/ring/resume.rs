@@ -5,10 +5,19 @@
 //! Brief overview: the producer publishes its fingerprint in the `attach` and `info` replies;
 //! a client saves it with its position (`sample`: samples of the epoch's global order
 //! consumed before the next batch) and sends both back in `resume`. [`plan_resume`] then
-//! refuses a state whose order differs (seed, dataset, shuffle, selection, world size: the
-//! same `sample` would be other samples), maps `sample` to this producer's batch index when
-//! only the batching differs (batch size, drop-last), and only warns when the augmentation
+//! refuses a state whose order differs (seed, dataset, shuffle, selection: the same `sample`
+//! would be other samples), maps `sample` to this producer's batch index when only the
+//! batching differs (world size, batch size, drop-last), and only warns when the augmentation
 //! differs (same samples, other pixels).
+//!
+//! Elastic resume: the epoch's order does not depend on the world size (global batch `i` is
+//! positions `i·G .. (i+1)·G` of one order, `G = world_size × batch_size`), so a job saved at
+//! world size 4 resumes at world size 2 or 8 on the same position. With the same global batch
+//! size `G` the saved `sample` is a whole number of global batches, and the rest of the epoch
+//! is served exactly once across the new ranks. When `G` changes too, the rule is the one of a
+//! batch-size change: the resume starts at the new global batch that holds `sample`
+//! (`sample / G`); if `sample` falls inside it, the `sample mod G` samples before it are served
+//! a second time (never skipped), and the warning says how many.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -77,16 +86,10 @@ impl ResumeState {
 }
 
 /// Fields whose difference changes which sample sits at a position of the epoch's order.
-const ORDER_FIELDS: [&str; 6] = [
-    "seed",
-    "dataset",
-    "samples",
-    "shuffle",
-    "selection",
-    "world_size",
-];
-/// Fields whose difference only changes how the order is cut into batches.
-const BATCH_FIELDS: [&str; 2] = ["batch_size", "drop_last"];
+const ORDER_FIELDS: [&str; 5] = ["seed", "dataset", "samples", "shuffle", "selection"];
+/// Fields whose difference only changes how the order is cut into batches (and dealt to
+/// ranks): the world size is one, as the order is the same for every world size.
+const BATCH_FIELDS: [&str; 3] = ["world_size", "batch_size", "drop_last"];
 
 /// Where a resumed lane starts, and what the client should be told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -317,22 +320,78 @@ mod tests {
     fn an_order_change_is_refused_naming_every_field() {
         let old = Fingerprint {
             seed: 2,
+            dataset: "00ab".into(),
             world_size: 4,
             ..ours()
         };
         let e = plan_resume(&ours(), &saved(&old), Some(0), 0).unwrap_err();
         let names: Vec<_> = e.fields.iter().map(|f| f.0.as_str()).collect();
-        assert_eq!(names, ["seed", "world_size"]);
+        assert_eq!(
+            names,
+            ["seed", "dataset"],
+            "the world size is no order field"
+        );
         assert!(
             e.message.contains("seed 2 (saved) vs 1 (this daemon)"),
             "{}",
             e.message
         );
         assert!(
-            e.message.contains("world_size 4 (saved) vs 2"),
+            e.message.contains("dataset 00ab (saved) vs 00aa"),
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn a_world_size_change_with_the_same_global_batch_resumes_at_the_same_sample() {
+        // Saved at world 4 × batch 4 (global 16) after 3 batches per rank: sample 48.
+        let at4 = Fingerprint {
+            world_size: 4,
+            batch_size: 4,
+            ..ours()
+        };
+        for (world, batch) in [(2, 8), (8, 2), (16, 1), (1, 16)] {
+            let now = Fingerprint {
+                world_size: world,
+                batch_size: batch,
+                ..ours()
+            };
+            let p = plan_resume(&now, &saved(&at4), Some(48), 3).unwrap();
+            assert_eq!((p.index, p.sample), (3, 48), "world {world} × {batch}");
+            assert!(
+                p.warnings[0].contains(&format!("world_size 4 → {world}")),
+                "{:?}",
+                p.warnings
+            );
+            assert!(!p.warnings[0].contains("mid-batch"), "{:?}", p.warnings);
+        }
+    }
+
+    #[test]
+    fn a_global_batch_change_resumes_at_the_batch_holding_the_sample() {
+        // World 4 × 4 = 16 at sample 48 → world 2 × 5 = 10: batch 4 starts at 40, so the 8
+        // samples 40..48 are served again (never skipped); the warning says so.
+        let at4 = Fingerprint {
+            world_size: 4,
+            batch_size: 4,
+            ..ours()
+        };
+        let now = Fingerprint {
+            world_size: 2,
+            batch_size: 5,
+            ..ours()
+        };
+        let p = plan_resume(&now, &saved(&at4), Some(48), 3).unwrap();
+        assert_eq!((p.index, p.sample), (4, 40));
+        let text = &p.warnings[0];
+        assert!(
+            text.contains("world_size 4 → 2, batch_size 4 → 5"),
+            "{text}"
+        );
+        assert!(text.contains("so 8 samples are served again"), "{text}");
+        // A world change with no saved position cannot be mapped.
+        assert!(plan_resume(&now, &saved(&at4), None, 3).is_err());
     }
 
     #[test]

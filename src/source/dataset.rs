@@ -1,10 +1,11 @@
 //! [`Dataset`]: the fixed, ordered list of samples of a source, where each sample's id is its
 //! position, with positioned reads of each sample's encoded image bytes.
 //!
-//! A tar dataset keeps, per sample, only offsets, sizes and a label (about 40 bytes plus its
-//! member name), and one open file per shard, opened on first use and reopened after a
-//! failed read. Each (re)open checks that the shard still has the size and modification time
-//! it was indexed with, so a shard rewritten under a running daemon is reported, not misread.
+//! A tar dataset keeps, per sample, only its offset, size, label and member name, in compact
+//! columns (`table.rs`: about 15 bytes a sample), and one open file per shard, opened on
+//! first use and reopened after a failed read. Each (re)open checks that the shard still has
+//! the size and modification time it was indexed with, so a shard rewritten under a running
+//! daemon is reported, not misread.
 //!
 //! An open descriptor keeps reading the file it was opened on, even after the path is deleted
 //! or replaced; [`Dataset::recheck_shards`] (called by the pipeline at each epoch's start)
@@ -35,15 +36,16 @@ use super::index::{
 };
 use super::remote::{self, RemoteObject, ShardCache, Store};
 use super::spec::expand_shards;
+use super::table::SampleTable;
 
 /// A dataset opened from a [`SourceConfig`]. Cheap to share between threads (`&Dataset` is
 /// all reads need).
 #[derive(Debug)]
 pub struct Dataset {
     backend: Backend,
-    samples: Vec<SampleRecord>,
-    /// Member names (tar) or root-relative paths (ImageFolder), concatenated.
-    names: String,
+    /// Offset, size, label and member name (tar) or root-relative path (ImageFolder) of
+    /// every sample, by id.
+    samples: SampleTable,
     issues: Vec<IndexIssue>,
     class_names: Option<Vec<String>>,
     shard_starts: Vec<u64>,
@@ -65,14 +67,11 @@ enum Backend {
     },
 }
 
-#[derive(Debug)]
-struct SampleRecord {
-    offset: u64,
-    name_start: u64,
-    label: i64,
-    shard: u32,
-    size: u32,
-    name_len: u32,
+/// A sample id resolved: its position in the columns and its shard (0 for an ImageFolder).
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    id: usize,
+    shard: usize,
 }
 
 #[derive(Debug)]
@@ -276,7 +275,7 @@ impl Dataset {
             .into_iter()
             .map(|p| (p, None))
             .chain(objects.into_iter().map(Some).map(|o| (PathBuf::new(), o)));
-        for (shard_no, (path, object)) in sources.enumerate() {
+        for (path, object) in sources {
             let (path, mut loaded, remote) = match (object, &cache) {
                 (Some(object), Some(cache)) => {
                     let (copy, loaded) = Self::remote_index(cache, &object, index_dir)?;
@@ -288,13 +287,18 @@ impl Dataset {
                 }
             };
             let cipher = unseal_index(&mut loaded.index, &path, key)?;
-            dataset.shard_starts.push(dataset.samples.len() as u64);
+            dataset.shard_starts.push(dataset.samples.len());
+            // One buffer for every member name: a million samples open in well under a second.
+            let mut name = String::new();
             for sample in &loaded.index.samples {
-                let name = sample.member();
+                name.clear();
+                name.push_str(&sample.key);
+                name.push('.');
+                name.push_str(&sample.ext);
                 if let Err(reason) = check_label(sample.label, num_classes) {
                     dataset.issues.push(IndexIssue {
                         shard: path.clone(),
-                        member: name,
+                        member: name.clone(),
                         reason,
                     });
                     continue;
@@ -306,7 +310,7 @@ impl Dataset {
                 else {
                     dataset.issues.push(IndexIssue {
                         shard: path.clone(),
-                        member: name,
+                        member: name.clone(),
                         reason: IssueReason::OverLimit {
                             size: sample.size,
                             limit,
@@ -314,13 +318,7 @@ impl Dataset {
                     });
                     continue;
                 };
-                dataset.push(
-                    name.as_str(),
-                    sample.offset,
-                    size,
-                    sample.label,
-                    shard_no as u32,
-                );
+                dataset.push(name.as_str(), sample.offset, size, sample.label);
             }
             dataset
                 .issues
@@ -375,7 +373,7 @@ impl Dataset {
                 continue;
             }
             match u32::try_from(*size).ok().filter(|_| *size <= limit) {
-                Some(size) => dataset.push(rel, 0, size, *label, 0),
+                Some(size) => dataset.push(rel, 0, size, *label),
                 None => dataset.issues.push(IndexIssue {
                     shard: root.join(rel).parent().unwrap_or(root).to_path_buf(),
                     member: rel.clone(),
@@ -391,29 +389,19 @@ impl Dataset {
         Dataset {
             backend,
             max_sample_bytes,
-            samples: Vec::new(),
-            names: String::new(),
+            samples: SampleTable::default(),
             issues: Vec::new(),
             class_names: None,
             shard_starts: Vec::new(),
         }
     }
 
-    fn push(&mut self, name: &str, offset: u64, size: u32, label: i64, shard: u32) {
-        self.samples.push(SampleRecord {
-            offset,
-            name_start: self.names.len() as u64,
-            label,
-            shard,
-            size,
-            // Member names come from tar headers (≤ 1 MiB) or file names.
-            name_len: u32::try_from(name.len()).unwrap_or(u32::MAX),
-        });
-        self.names.push_str(name);
+    fn push(&mut self, name: &str, offset: u64, size: u32, label: i64) {
+        self.samples.push(name, offset, size, label);
     }
 
     fn finish(mut self, what: &str) -> Result<Dataset, SourceError> {
-        if self.samples.is_empty() {
+        if self.samples.len() == 0 {
             return Err(SourceError::Empty {
                 what: what.to_owned(),
                 skipped: self.issues.len(),
@@ -423,23 +411,32 @@ impl Dataset {
                     .map_or_else(String::new, |i| format!("; first: {i}")),
             });
         }
-        self.samples.shrink_to_fit();
-        self.names.shrink_to_fit();
+        self.samples.finish();
+        self.shard_starts.shrink_to_fit();
         Ok(self)
     }
 
     /// Number of samples; ids are `0..len()`.
     pub fn len(&self) -> u64 {
-        self.samples.len() as u64
+        self.samples.len()
     }
 
     /// True if the dataset has no sample (never the case for an opened dataset).
     pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
+        self.samples.len() == 0
     }
 
-    fn record(&self, id: u64) -> Option<&SampleRecord> {
-        usize::try_from(id).ok().and_then(|i| self.samples.get(i))
+    /// Sample `id` as an index into the columns, `None` out of range.
+    fn record(&self, id: u64) -> Option<Record> {
+        (id < self.samples.len()).then(|| {
+            // The last shard whose first id is at most `id` (empty shards share their
+            // successor's start and are passed over).
+            let shard = self.shard_starts.partition_point(|&start| start <= id);
+            Record {
+                id: id as usize,
+                shard: shard.saturating_sub(1),
+            }
+        })
     }
 
     /// The label of sample `id`.
@@ -448,7 +445,7 @@ impl Dataset {
     /// If `id >= len()` (ids come from the [`Sampler`](super::Sampler), which never yields one).
     pub fn label(&self, id: u64) -> i64 {
         match self.record(id) {
-            Some(record) => record.label,
+            Some(record) => self.samples.label(record.id),
             None => panic!(
                 "sample id {id} out of range (dataset has {} samples)",
                 self.len()
@@ -456,9 +453,8 @@ impl Dataset {
         }
     }
 
-    fn name(&self, record: &SampleRecord) -> &str {
-        let start = record.name_start as usize;
-        &self.names[start..start + record.name_len as usize]
+    fn name(&self, record: &Record) -> String {
+        self.samples.name(record.id)
     }
 
     /// A human-readable location of sample `id` for log lines: `shard-000001.tar:img_0042.jpg`
@@ -469,13 +465,9 @@ impl Dataset {
         };
         match &self.backend {
             Backend::Tar { shards, .. } => {
-                format!(
-                    "{}:{}",
-                    shards[record.shard as usize].display,
-                    self.name(record)
-                )
+                format!("{}:{}", shards[record.shard].display, self.name(&record))
             }
-            Backend::Folder { .. } => self.name(record).to_owned(),
+            Backend::Folder { .. } => self.name(&record),
         }
     }
 
@@ -486,12 +478,12 @@ impl Dataset {
         let record = self.record(id)?;
         Some(match &self.backend {
             Backend::Tar { shards, .. } => (
-                Some(shards[record.shard as usize].path.as_path()),
-                self.name(record).to_owned(),
+                Some(shards[record.shard].path.as_path()),
+                self.name(&record),
             ),
             Backend::Folder { root } => (
                 None,
-                root.join(self.name(record)).to_string_lossy().into_owned(),
+                root.join(self.name(&record)).to_string_lossy().into_owned(),
             ),
         })
     }
@@ -515,33 +507,34 @@ impl Dataset {
                 remote_open,
                 remote_budget,
             } => {
-                let shard = &shards[record.shard as usize];
+                let shard = &shards[record.shard];
+                let (offset, size) = (self.samples.offset(record.id), self.samples.size(record.id));
                 let location = || self.describe(id);
                 let was_open = shard.is_open();
                 let file = shard.file(&location)?;
                 if shard.remote.is_some() && !was_open {
-                    hold_within_budget(shards, remote_open, *remote_budget, record.shard);
+                    hold_within_budget(shards, remote_open, *remote_budget, record.shard as u32);
                 }
                 // An encrypted member is read behind room for its associated data.
-                let name = self.name(record);
-                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(name));
-                buf.resize(aad_len + record.size as usize, 0);
-                if file
-                    .read_exact_at(&mut buf[aad_len..], record.offset)
-                    .is_err()
-                {
+                let name = match &shard.cipher {
+                    Some(_) => self.name(&record),
+                    None => String::new(),
+                };
+                let aad_len = shard.cipher.as_ref().map_or(0, |c| c.aad_len(&name));
+                buf.resize(aad_len + size as usize, 0);
+                if file.read_exact_at(&mut buf[aad_len..], offset).is_err() {
                     // The descriptor may have gone bad (network filesystem, replaced file):
                     // retry once on a fresh one, which also re-checks the shard's identity.
                     shard.forget(&file);
                     let file = shard.file(&location).inspect_err(|_| buf.clear())?;
-                    file.read_exact_at(&mut buf[aad_len..], record.offset)
+                    file.read_exact_at(&mut buf[aad_len..], offset)
                         .map_err(|source| {
                             buf.clear();
                             SampleReadError::Read {
                                 location: location(),
                                 path: shard.path.clone(),
-                                offset: record.offset,
-                                size: u64::from(record.size),
+                                offset,
+                                size: u64::from(size),
                                 source,
                             }
                         })?;
@@ -549,7 +542,7 @@ impl Dataset {
                 match &shard.cipher {
                     None => Ok(()),
                     Some(cipher) => {
-                        cipher.write_aad(name, &mut buf[..aad_len]);
+                        cipher.write_aad(&name, &mut buf[..aad_len]);
                         if cipher.open_in_place(buf, aad_len) {
                             Ok(())
                         } else {
@@ -562,7 +555,7 @@ impl Dataset {
                 }
             }
             Backend::Folder { root } => {
-                let path = root.join(self.name(record));
+                let path = root.join(self.name(&record));
                 let open_err = |source| SampleReadError::Open {
                     location: self.describe(id),
                     path: path.clone(),
@@ -664,18 +657,10 @@ impl Dataset {
                 digest.str(&name).u64(shard.size);
             }
         }
-        digest.u64(self.samples.len() as u64);
-        for sample in &self.samples {
-            let start = sample.name_start as usize;
-            let name = self
-                .names
-                .get(start..start + sample.name_len as usize)
-                .unwrap_or("");
-            digest
-                .str(name)
-                .u64(u64::from(sample.size))
-                .u64(sample.label as u64);
-        }
+        digest.u64(self.samples.len());
+        self.samples.for_each(|name, size, label| {
+            digest.str(name).u64(u64::from(size)).u64(label as u64);
+        });
     }
 
     /// The shard files of a tar dataset, in shard order (empty for an ImageFolder).

@@ -3,9 +3,38 @@
 //!
 //! Brief overview: [`build_index`] walks the shard's headers ([`super::tar`]), groups members
 //! into samples by key ([`split_member_name`]), reads the small `.cls` labels and records every
-//! member it skips. [`write_index`] stores the result as `<shard>.idx.json` with the shard's
-//! size and modification time; [`load_or_build_index`] reuses a fresh index (beside the shard,
-//! else in the cache directory) and rebuilds a stale or unreadable one.
+//! member it skips. [`write_index`] stores the result as `<shard>.idx` ([`encode_index`]: a
+//! compact binary file with a magic, a version, the shard's size and modification time,
+//! fixed-width entries, the names, and a CRC-32 of it all); [`load_or_build_index`] reuses a
+//! fresh index (beside the shard, else in the cache directory) and rebuilds a stale or
+//! unreadable one.
+//!
+//! # The index file (version 3)
+//!
+//! All integers little-endian.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `RFINDEX\n` |
+//! | 8 | 4 | version, `3` |
+//! | 12 | 4 | entry size, `32` |
+//! | 16 | 8 | shard size in bytes when indexed |
+//! | 24 | 8 | shard modification time, ns since the Unix epoch (signed) |
+//! | 32 | 8 | `n`, samples |
+//! | 40 | 8 | bytes of names |
+//! | 48 | 8 | bytes of the JSON tail |
+//! | 56 | 8 | reserved, 0 |
+//! | 64 | `32 n` | entries: offset u64, size u64, label i64, key length u32, extension length u32 |
+//! | … | | names: each sample's key then extension, UTF-8, in entry order |
+//! | … | | JSON tail: `{"issues": […], "sealed": …}` (members skipped; encrypted shards) |
+//! | end − 4 | 4 | CRC-32 (IEEE) of every byte before it |
+//!
+//! A reader trusts nothing in it: the file must be a regular file (never a link, FIFO or
+//! device) no larger than [`max_index_bytes`], its lengths must add up to the file's length
+//! exactly, its checksum must match, and every entry must lie inside the shard
+//! ([`check_entries`]); a file that fails is rebuilt with a warning. The JSON index of
+//! earlier releases (`<shard>.idx.json`, version 2) is never read: a shard that has only one
+//! is indexed again (once) into `<shard>.idx`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -21,11 +50,20 @@ use super::file::{open_regular, open_regular_nofollow, read_capped};
 use super::tar::{self, ReadAt};
 
 /// Version of the index file format; an index with another version is rebuilt. Version 2
-/// records encrypted shards ([`ShardIndex::sealed`]).
-pub const INDEX_VERSION: u32 = 2;
+/// recorded encrypted shards ([`ShardIndex::sealed`]); version 3 is the binary file.
+pub const INDEX_VERSION: u32 = 3;
 
 /// Suffix appended to the shard's file name to name its sidecar index.
-pub const INDEX_SUFFIX: &str = ".idx.json";
+pub const INDEX_SUFFIX: &str = ".idx";
+
+/// The first bytes of an index file.
+pub const INDEX_MAGIC: [u8; 8] = *b"RFINDEX\n";
+
+/// Bytes before the entries.
+const HEADER_BYTES: usize = 64;
+
+/// Bytes of one entry.
+const ENTRY_BYTES: usize = 32;
 
 /// Image extensions recognised (compared case-insensitively).
 pub const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -306,10 +344,8 @@ pub fn write_index(index: &ShardIndex, path: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile_in(dir, path)?;
     let result = (|| {
-        let mut writer = io::BufWriter::new(&mut tmp.1);
-        serde_json::to_writer(&mut writer, index).map_err(io::Error::other)?;
-        writer.flush()?;
-        drop(writer);
+        let bytes = encode_index(index)?;
+        tmp.1.write_all(&bytes)?;
         tmp.1.sync_data()?;
         fs::rename(&tmp.0, path)
     })();
@@ -342,6 +378,189 @@ fn tempfile_in(dir: &Path, target: &Path) -> io::Result<(PathBuf, File)> {
         io::ErrorKind::AlreadyExists,
         "no free temporary file name",
     ))
+}
+
+/// Why bytes are not an index file ([`decode_index`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexFormatError {
+    /// The file does not start with [`INDEX_MAGIC`].
+    #[error("not a ringfeed index (no RFINDEX magic)")]
+    Magic,
+    /// The file is JSON: an index of an earlier release (or a copy of one) at the new name.
+    #[error("a JSON index of an earlier release, not the binary index")]
+    OldJson,
+    /// Another version of the format.
+    #[error("index version {0}, this release reads {INDEX_VERSION}")]
+    Version(u32),
+    /// The lengths in the header do not add up to the file's length.
+    #[error("truncated or padded: {0}")]
+    Length(String),
+    /// The CRC-32 does not match the contents.
+    #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Checksum {
+        /// The CRC-32 at the end of the file.
+        stored: u32,
+        /// The CRC-32 of the bytes before it.
+        computed: u32,
+    },
+    /// A name or the JSON tail is malformed.
+    #[error("malformed {0}")]
+    Malformed(String),
+}
+
+/// The index file's bytes for `index` (see the module documentation for the layout). Fails
+/// only for a sample larger than 4 GiB's key or extension length (never built).
+pub fn encode_index(index: &ShardIndex) -> io::Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Tail<'a> {
+        issues: &'a [MemberIssue],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sealed: Option<&'a SealedInfo>,
+    }
+    let too_long = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} longer than 4 GiB"),
+        )
+    };
+    let tail = serde_json::to_vec(&Tail {
+        issues: &index.issues,
+        sealed: index.sealed.as_ref(),
+    })
+    .map_err(io::Error::other)?;
+    let names: usize = index
+        .samples
+        .iter()
+        .map(|s| s.key.len() + s.ext.len())
+        .sum();
+    let mut out = Vec::with_capacity(
+        HEADER_BYTES + index.samples.len() * ENTRY_BYTES + names + tail.len() + 4,
+    );
+    out.extend_from_slice(&INDEX_MAGIC);
+    out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+    out.extend_from_slice(&(ENTRY_BYTES as u32).to_le_bytes());
+    out.extend_from_slice(&index.shard_size.to_le_bytes());
+    out.extend_from_slice(&index.shard_mtime_ns.to_le_bytes());
+    out.extend_from_slice(&(index.samples.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(names as u64).to_le_bytes());
+    out.extend_from_slice(&(tail.len() as u64).to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    for sample in &index.samples {
+        out.extend_from_slice(&sample.offset.to_le_bytes());
+        out.extend_from_slice(&sample.size.to_le_bytes());
+        out.extend_from_slice(&sample.label.to_le_bytes());
+        let key = u32::try_from(sample.key.len()).map_err(|_| too_long("a key"))?;
+        let ext = u32::try_from(sample.ext.len()).map_err(|_| too_long("an extension"))?;
+        out.extend_from_slice(&key.to_le_bytes());
+        out.extend_from_slice(&ext.to_le_bytes());
+    }
+    for sample in &index.samples {
+        out.extend_from_slice(sample.key.as_bytes());
+        out.extend_from_slice(sample.ext.as_bytes());
+    }
+    out.extend_from_slice(&tail);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Reads an index file's bytes: the magic, the version, the lengths against `bytes.len()`,
+/// the checksum, the names (UTF-8) and the JSON tail. What the entries say about the shard is
+/// checked by [`check_entries`], not here.
+pub fn decode_index(bytes: &[u8]) -> Result<ShardIndex, IndexFormatError> {
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    if bytes.len() < INDEX_MAGIC.len() || bytes[..INDEX_MAGIC.len()] != INDEX_MAGIC {
+        let json = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        return Err(if json {
+            IndexFormatError::OldJson
+        } else {
+            IndexFormatError::Magic
+        });
+    }
+    if bytes.len() < HEADER_BYTES + 4 {
+        return Err(IndexFormatError::Length(format!(
+            "{} bytes, shorter than the {}-byte header and checksum",
+            bytes.len(),
+            HEADER_BYTES + 4
+        )));
+    }
+    let version = u32_at(8);
+    if version != INDEX_VERSION {
+        return Err(IndexFormatError::Version(version));
+    }
+    let entry_bytes = u32_at(12) as usize;
+    let (count, names_len, tail_len) = (u64_at(32), u64_at(40), u64_at(48));
+    let expected = (count as u128) * (entry_bytes as u128)
+        + u128::from(names_len)
+        + u128::from(tail_len)
+        + (HEADER_BYTES + 4) as u128;
+    if entry_bytes != ENTRY_BYTES || expected != bytes.len() as u128 {
+        return Err(IndexFormatError::Length(format!(
+            "{count} entries of {entry_bytes} bytes, {names_len} bytes of names and {tail_len} \
+             of tail need {expected} bytes; the file has {}",
+            bytes.len()
+        )));
+    }
+    let body = bytes.len() - 4;
+    let stored = u32_at(body);
+    let computed = crc32fast::hash(&bytes[..body]);
+    if stored != computed {
+        return Err(IndexFormatError::Checksum { stored, computed });
+    }
+    // The lengths add up to the file's, so every count below is bounded by its length.
+    let count = count as usize;
+    let names_start = HEADER_BYTES + count * ENTRY_BYTES;
+    let tail_start = names_start + names_len as usize;
+    let mut samples = Vec::with_capacity(count);
+    let mut name_at = names_start;
+    for i in 0..count {
+        let at = HEADER_BYTES + i * ENTRY_BYTES;
+        let (key_len, ext_len) = (u32_at(at + 24) as usize, u32_at(at + 28) as usize);
+        let end = name_at
+            .checked_add(key_len)
+            .and_then(|k| k.checked_add(ext_len))
+            .filter(|&end| end <= tail_start)
+            .ok_or_else(|| {
+                IndexFormatError::Malformed(format!("entry {i}: its name runs past the names"))
+            })?;
+        let text = |range: std::ops::Range<usize>| {
+            std::str::from_utf8(&bytes[range])
+                .map(str::to_owned)
+                .map_err(|_| IndexFormatError::Malformed(format!("entry {i}: name is not UTF-8")))
+        };
+        samples.push(IndexedSample {
+            key: text(name_at..name_at + key_len)?,
+            ext: text(name_at + key_len..end)?,
+            offset: u64_at(at),
+            size: u64_at(at + 8),
+            label: u64_at(at + 16) as i64,
+        });
+        name_at = end;
+    }
+    if name_at != tail_start {
+        return Err(IndexFormatError::Malformed(
+            "names: their lengths do not add up to the names' bytes".to_owned(),
+        ));
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tail {
+        issues: Vec<MemberIssue>,
+        #[serde(default)]
+        sealed: Option<SealedInfo>,
+    }
+    let tail: Tail = serde_json::from_slice(&bytes[tail_start..body])
+        .map_err(|e| IndexFormatError::Malformed(format!("tail: {e}")))?;
+    Ok(ShardIndex {
+        version,
+        shard_size: u64_at(16),
+        shard_mtime_ns: u64_at(24) as i64,
+        samples,
+        issues: tail.issues,
+        sealed: tail.sealed,
+    })
 }
 
 /// Largest index file read for a shard of `shard_size` bytes: 1 MiB plus 8 bytes per shard
@@ -381,8 +600,12 @@ pub(crate) fn read_fresh_index_for(
     let bytes = read_capped(file, limit)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("larger than {limit} bytes, the limit for this shard"))?;
-    let index: ShardIndex =
-        serde_json::from_slice(&bytes).map_err(|e| format!("not an index: {e}"))?;
+    let index = match decode_index(&bytes) {
+        Ok(index) => index,
+        // An index of another version is stale, not hostile: rebuilt without a warning.
+        Err(IndexFormatError::Version(_)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
     if index.version != INDEX_VERSION
         || index.shard_size != size
         || index.shard_mtime_ns != mtime_ns
@@ -420,14 +643,14 @@ pub fn check_entries(index: &ShardIndex) -> Result<(), String> {
     Ok(())
 }
 
-/// The index path beside a shard: `<shard>.idx.json`.
+/// The index path beside a shard: `<shard>.idx`.
 pub fn index_path_beside(shard: &Path) -> PathBuf {
     let mut name = shard.as_os_str().to_owned();
     name.push(INDEX_SUFFIX);
     PathBuf::from(name)
 }
 
-/// The index path of a shard inside a cache directory: `<dir>/<file name>.<hash>.idx.json`,
+/// The index path of a shard inside a cache directory: `<dir>/<file name>.<hash>.idx`,
 /// the hash (FNV-1a of the shard's absolute path) keeping same-named shards apart.
 pub fn index_path_in(dir: &Path, shard: &Path) -> PathBuf {
     let absolute = std::path::absolute(shard).unwrap_or_else(|_| shard.to_path_buf());
@@ -640,6 +863,112 @@ mod tests {
         );
     }
 
+    fn sample_index() -> ShardIndex {
+        let tar = TarBuilder::default()
+            .file("s/a.JPG", b"AAAA")
+            .file("s/a.cls", b"-1\n")
+            .file("s/é.png", b"BB")
+            .file("s/é.cls", b"2")
+            .file("s/c.cls", b"3")
+            .finish();
+        let (samples, issues) = index_archive(&tar[..], tar.len() as u64);
+        ShardIndex {
+            version: INDEX_VERSION,
+            shard_size: tar.len() as u64,
+            shard_mtime_ns: -5,
+            samples,
+            issues,
+            sealed: None,
+        }
+    }
+
+    #[test]
+    fn binary_index_round_trips_and_names_its_layout() {
+        let index = sample_index();
+        assert_eq!(index.samples.len(), 2);
+        assert_eq!(index.issues.len(), 1);
+        let bytes = encode_index(&index).unwrap();
+        assert_eq!(bytes[..8], INDEX_MAGIC);
+        let names = "s/aJPG".len() + "s/épng".len();
+        let tail = bytes.len() - HEADER_BYTES - 2 * ENTRY_BYTES - names - 4;
+        assert!(bytes[bytes.len() - 4 - tail..].starts_with(b"{\"issues\""));
+        assert_eq!(decode_index(&bytes).unwrap(), index);
+        check_entries(&index).unwrap();
+    }
+
+    #[test]
+    fn damaged_index_bytes_are_refused_each_with_its_reason() {
+        let good = encode_index(&sample_index()).unwrap();
+        let refused = |bytes: &[u8]| decode_index(bytes).unwrap_err();
+        let mut magic = good.clone();
+        magic[3] = b'x';
+        assert_eq!(refused(&magic), IndexFormatError::Magic);
+        assert_eq!(refused(b""), IndexFormatError::Magic);
+        let json = serde_json::to_vec(&sample_index()).unwrap();
+        assert_eq!(refused(&json), IndexFormatError::OldJson);
+        let mut version = good.clone();
+        version[8] = 2;
+        assert_eq!(refused(&version), IndexFormatError::Version(2));
+        // Every truncation and any padding: the lengths no longer add up.
+        for cut in 8..good.len() {
+            assert!(
+                matches!(refused(&good[..cut]), IndexFormatError::Length(_)),
+                "cut at {cut}"
+            );
+        }
+        let mut padded = good.clone();
+        padded.push(0);
+        assert!(matches!(refused(&padded), IndexFormatError::Length(_)));
+        // A huge count cannot overflow the length check.
+        let mut count = good.clone();
+        count[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(refused(&count), IndexFormatError::Length(_)));
+        // Any flipped bit past the version is a checksum mismatch (or, in the lengths, a
+        // length error): never a different index.
+        for at in 16..good.len() {
+            let mut flipped = good.clone();
+            flipped[at] ^= 0x10;
+            assert!(
+                matches!(
+                    refused(&flipped),
+                    IndexFormatError::Checksum { .. } | IndexFormatError::Length(_)
+                ),
+                "byte {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn forged_entries_with_a_valid_checksum_are_refused_by_the_entry_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.tar.idx");
+        let fresh = sample_index();
+        let fingerprint = (fresh.shard_size, fresh.shard_mtime_ns);
+        std::fs::write(&path, encode_index(&fresh).unwrap()).unwrap();
+        assert_eq!(
+            read_fresh_index_for(&path, fingerprint),
+            Ok(Some(fresh.clone()))
+        );
+        // Stale (another size): rebuilt without a warning.
+        assert_eq!(
+            read_fresh_index_for(&path, (1, fresh.shard_mtime_ns)),
+            Ok(None)
+        );
+        let forge = |edit: &dyn Fn(&mut IndexedSample)| {
+            let mut index = fresh.clone();
+            edit(&mut index.samples[1]);
+            std::fs::write(&path, encode_index(&index).unwrap()).unwrap();
+            read_fresh_index_for(&path, fingerprint).unwrap_err()
+        };
+        let end = fresh.shard_size;
+        assert!(forge(&|s| s.offset = end).contains("do not lie inside"));
+        assert!(forge(&|s| s.size = end).contains("do not lie inside"));
+        assert!(forge(&|s| s.size = 1 << 33).contains("do not lie inside"));
+        assert!(forge(&|s| s.offset += 1).contains("do not lie inside"));
+        assert!(forge(&|s| s.offset = u64::MAX).contains("do not lie inside"));
+        assert!(forge(&|s| s.ext = "exe".into()).contains("not an image"));
+    }
+
     #[test]
     fn cache_dir_prefers_xdg_then_home() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
@@ -669,7 +998,7 @@ mod tests {
         assert!(a.to_str().unwrap().starts_with("/c/shard-0.tar."));
         assert_eq!(
             index_path_beside(Path::new("d/s.tar")),
-            PathBuf::from("d/s.tar.idx.json")
+            PathBuf::from("d/s.tar.idx")
         );
     }
 }

@@ -5,11 +5,14 @@
 //! - [`config`]: `[source]` and `[sampling]` configuration (serde data).
 //! - [`spec`]: shard specs (paths, globs, brace ranges) → the sorted shard list.
 //! - [`tar`]: a small, pure tar header walker (ustar, GNU long names, pax).
-//! - [`index`]: the per-shard sidecar index (`<shard>.idx.json`): sample offsets and labels.
+//! - [`index`]: the per-shard sidecar index (`<shard>.idx`, binary, checksummed): sample
+//!   offsets, sizes, names and labels.
 //! - [`crypt`]: encrypted ("sealed") shards: key files, sealed members, opening them in place.
 //! - [`imagefolder`]: `<root>/<class>/<file>` trees.
 //! - [`dataset`]: [`Dataset`], the fixed, ordered sample list (id = position) with positioned
 //!   reads of each sample's encoded bytes.
+//! - `table`: the dataset's per-sample columns, compact (about 15 bytes a sample) so that
+//!   100 million samples fit in memory.
 //! - [`mixture`]: [`Mixture`], the datasets of one ring (one, or several `[[source.streams]]`)
 //!   as one id space, with per-stream label rules.
 //! - [`sampler`]: [`Sampler`], the deterministic per-epoch, per-rank batch order (also of a
@@ -37,6 +40,7 @@ pub mod remote;
 pub mod sampler;
 pub mod selection;
 pub mod spec;
+mod table;
 pub mod tar;
 
 pub use bundled::{bundled_sample_dir, BundledSampleError};

@@ -45,7 +45,7 @@ struct MixStream {
     shard_starts: Vec<u64>,
     /// The stream's fixed cyclic visiting order (global shuffle); `None` walks ids in order,
     /// which keeps block and buffer modes' locality.
-    walk: Option<Vec<u64>>,
+    walk: Option<IdOrder>,
 }
 
 /// Orders the samples of each epoch and deals them to ranks in batches.
@@ -65,7 +65,8 @@ pub struct Sampler {
     mix: Option<Vec<MixStream>>,
     /// Views of each sample per epoch (`[augment] repeated-augment`; 1 = none).
     repeats: u64,
-    cache: Mutex<VecDeque<(u64, Arc<Vec<u64>>)>>,
+    /// The last epochs' orders, 4 bytes a sample while the ids fit a `u32`.
+    cache: Mutex<VecDeque<(u64, Arc<IdOrder>)>>,
 }
 
 impl Sampler {
@@ -317,7 +318,7 @@ impl Sampler {
         });
         let order = self.order(epoch);
         for (p, view) in positions {
-            out.push(order.as_ref().map_or(p, |o| o[p as usize]));
+            out.push(order.as_ref().map_or(p, |o| o.at(p as usize)));
             views.push(view);
         }
         Ok(())
@@ -342,7 +343,7 @@ impl Sampler {
     /// selection that removes some of them ([`super::selection`]).
     pub fn full_order(&self, epoch: u64) -> Vec<u64> {
         match self.order(epoch) {
-            Some(order) => order.as_ref().clone(),
+            Some(order) => order.to_vec(),
             None => (0..self.n_samples).collect(),
         }
     }
@@ -353,7 +354,7 @@ impl Sampler {
     }
 
     /// The epoch's order of all ids (`None` when it is the identity).
-    fn order(&self, epoch: u64) -> Option<Arc<Vec<u64>>> {
+    fn order(&self, epoch: u64) -> Option<Arc<IdOrder>> {
         if self.shuffle == ShuffleMode::None && self.mix.is_none() {
             return None;
         }
@@ -361,15 +362,27 @@ impl Sampler {
         if let Some((_, order)) = cache.iter().find(|(e, _)| *e == epoch) {
             return Some(Arc::clone(order));
         }
+        let (n, seed, shuffle) = (self.n_samples, self.seed, self.shuffle);
         let order = Arc::new(match &self.mix {
-            None => epoch_order(
-                self.n_samples,
-                self.seed,
-                epoch,
-                self.shuffle,
-                &self.shard_starts,
+            None => IdOrder::build(
+                n,
+                || order_of(n, seed, epoch, shuffle, &self.shard_starts),
+                || order_of(n, seed, epoch, shuffle, &self.shard_starts),
             ),
-            Some(mix) => mixture_order(mix, self.n_samples, self.seed, epoch, self.shuffle),
+            Some(mix) => {
+                // Ids run up to the last stream's end; positions up to n.
+                let bound = mix
+                    .iter()
+                    .map(|s| s.start + s.len)
+                    .max()
+                    .unwrap_or(0)
+                    .max(n);
+                IdOrder::build(
+                    bound,
+                    || mixture_order(mix, n, seed, epoch, shuffle),
+                    || mixture_order(mix, n, seed, epoch, shuffle),
+                )
+            }
         });
         if cache.len() == CACHED_EPOCHS {
             cache.pop_front();
@@ -398,20 +411,102 @@ pub fn epoch_order(
     shuffle: ShuffleMode,
     shard_starts: &[u64],
 ) -> Vec<u64> {
+    order_of(n, seed, epoch, shuffle, shard_starts)
+}
+
+/// An id as an epoch's order stores it: `u32` while every id fits (4 bytes a sample instead of
+/// 8), `u64` beyond. Both give the same order, value for value.
+trait OrderId: Copy {
+    /// `v` as this width (the caller has checked that it fits).
+    fn from_u64(v: u64) -> Self;
+    /// The id as a `u64`.
+    fn to_u64(self) -> u64;
+}
+
+impl OrderId for u32 {
+    fn from_u64(v: u64) -> Self {
+        debug_assert!(v <= u64::from(u32::MAX));
+        v as u32
+    }
+    fn to_u64(self) -> u64 {
+        u64::from(self)
+    }
+}
+
+impl OrderId for u64 {
+    fn from_u64(v: u64) -> Self {
+        v
+    }
+    fn to_u64(self) -> u64 {
+        self
+    }
+}
+
+/// A cached order of ids (an epoch's, or a stream's visiting order), in the narrowest width
+/// that holds its largest id.
+#[derive(Debug)]
+enum IdOrder {
+    /// Every id is below 2^32.
+    Narrow(Vec<u32>),
+    /// Some id is not.
+    Wide(Vec<u64>),
+}
+
+impl IdOrder {
+    /// Builds the order with `build32` when every id (all below `bound`) fits a `u32`, else
+    /// with `build64`.
+    fn build(
+        bound: u64,
+        build32: impl FnOnce() -> Vec<u32>,
+        build64: impl FnOnce() -> Vec<u64>,
+    ) -> IdOrder {
+        if bound <= u64::from(u32::MAX) + 1 {
+            IdOrder::Narrow(build32())
+        } else {
+            IdOrder::Wide(build64())
+        }
+    }
+
+    /// The id at `position`.
+    fn at(&self, position: usize) -> u64 {
+        match self {
+            IdOrder::Narrow(v) => u64::from(v[position]),
+            IdOrder::Wide(v) => v[position],
+        }
+    }
+
+    /// The whole order as `u64` ids.
+    fn to_vec(&self) -> Vec<u64> {
+        match self {
+            IdOrder::Narrow(v) => v.iter().map(|&id| u64::from(id)).collect(),
+            IdOrder::Wide(v) => v.clone(),
+        }
+    }
+}
+
+/// [`epoch_order`] in the id width `T` (every id of `0..n` must fit `T`).
+fn order_of<T: OrderId>(
+    n: u64,
+    seed: u64,
+    epoch: u64,
+    shuffle: ShuffleMode,
+    shard_starts: &[u64],
+) -> Vec<T> {
+    let ids = |range: Range<u64>| range.map(T::from_u64);
     let mut rng = epoch_rng(seed, epoch);
     match shuffle {
-        ShuffleMode::None => (0..n).collect(),
+        ShuffleMode::None => ids(0..n).collect(),
         ShuffleMode::Global => {
-            let mut order: Vec<u64> = (0..n).collect();
+            let mut order: Vec<T> = ids(0..n).collect();
             shuffle_slice(&mut order, &mut rng);
             order
         }
         ShuffleMode::Block { block_size, window } => {
             let mut blocks: Vec<u64> = (0..n.div_ceil(block_size)).collect();
             shuffle_slice(&mut blocks, &mut rng);
-            let mut order: Vec<u64> = Vec::with_capacity(n as usize);
+            let mut order: Vec<T> = Vec::with_capacity(n as usize);
             for block in blocks {
-                order.extend(block * block_size..((block + 1) * block_size).min(n));
+                order.extend(ids(block * block_size..((block + 1) * block_size).min(n)));
             }
             let window_len =
                 usize::try_from(block_size.saturating_mul(window)).unwrap_or(usize::MAX);
@@ -429,9 +524,9 @@ pub fn epoch_order(
                 .collect();
             shuffle_slice(&mut shards, &mut rng);
             let capacity = usize::try_from(size.min(n)).unwrap_or(usize::MAX);
-            let mut buffer: Vec<u64> = Vec::with_capacity(capacity);
+            let mut buffer: Vec<T> = Vec::with_capacity(capacity);
             let mut order = Vec::with_capacity(n as usize);
-            for id in shards.into_iter().flatten() {
+            for id in shards.into_iter().flatten().map(T::from_u64) {
                 if buffer.len() < capacity {
                     buffer.push(id);
                 } else {
@@ -472,29 +567,33 @@ fn share_by_weight(n: u64, weights: &[f64]) -> Vec<u64> {
 
 /// The fixed cyclic visiting order of stream `stream`'s `len` ids: a permutation seeded by
 /// (seed, stream) only, so the window an epoch takes from it is O(1) to find.
-fn stream_walk(len: u64, seed: u64, stream: u64) -> Vec<u64> {
+fn stream_walk(len: u64, seed: u64, stream: u64) -> IdOrder {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(&stream.to_le_bytes());
     key[16..].copy_from_slice(b"ringfeed-streams");
-    let mut rng = ChaCha8Rng::from_seed(key);
-    let mut walk: Vec<u64> = (0..len).collect();
-    shuffle_slice(&mut walk, &mut rng);
-    walk
+    let rng = ChaCha8Rng::from_seed(key);
+    fn walk<T: OrderId>(len: u64, mut rng: ChaCha8Rng) -> Vec<T> {
+        let mut walk: Vec<T> = (0..len).map(T::from_u64).collect();
+        shuffle_slice(&mut walk, &mut rng);
+        walk
+    }
+    let other = rng.clone();
+    IdOrder::build(len, || walk(len, rng), || walk(len, other))
 }
 
 /// An epoch of a mixture: each stream's window of draws (continuing its cyclic walk from the
 /// previous epoch), concatenated, then ordered by `shuffle` over positions of that list. For
 /// `buffer`, every stream's shard starts inside its window (and the window's start) are the
 /// "shards" shuffled, so reads stay sequential within a shard.
-fn mixture_order(
+fn mixture_order<T: OrderId>(
     mix: &[MixStream],
     n: u64,
     seed: u64,
     epoch: u64,
     shuffle: ShuffleMode,
-) -> Vec<u64> {
-    let mut drawn: Vec<u64> = Vec::with_capacity(n as usize);
+) -> Vec<T> {
+    let mut drawn: Vec<T> = Vec::with_capacity(n as usize);
     let mut starts: Vec<u64> = Vec::new();
     for stream in mix {
         let len = u128::from(stream.len);
@@ -506,18 +605,19 @@ fn mixture_order(
                 starts.push(drawn.len() as u64);
             }
             let id = match &stream.walk {
-                Some(walk) => walk[local as usize],
+                Some(walk) => walk.at(local as usize),
                 None => local,
             };
-            drawn.push(stream.start + id);
+            drawn.push(T::from_u64(stream.start + id));
         }
     }
     if shuffle == ShuffleMode::None {
         return drawn;
     }
-    epoch_order(n, seed, epoch, shuffle, &starts)
+    // Positions are below n, which fits T whenever the ids do (n ≤ the ids' bound here).
+    order_of::<T>(n, seed, epoch, shuffle, &starts)
         .into_iter()
-        .map(|position| drawn[position as usize])
+        .map(|position| drawn[position.to_u64() as usize])
         .collect()
 }
 
@@ -766,6 +866,53 @@ mod tests {
                 assert_eq!(order, (0..n).collect::<Vec<_>>(), "{mode:?} n={n}");
             }
         }
+    }
+
+    #[test]
+    fn narrow_orders_hold_the_same_ids_as_wide_ones() {
+        // The sampler caches u32 orders (4 bytes a sample) whenever the ids fit: they must
+        // be the very order of the u64 one, for every mode, a mixture's and a stream's walk.
+        for mode in MODES {
+            for n in [1u64, 13, 101] {
+                let starts = [0, n / 3, n / 2];
+                let narrow: Vec<u64> = order_of::<u32>(n, 9, 3, mode, &starts)
+                    .into_iter()
+                    .map(u64::from)
+                    .collect();
+                assert_eq!(narrow, order_of::<u64>(n, 9, 3, mode, &starts), "{mode:?}");
+            }
+        }
+        let narrow = stream_walk(50, 4, 1);
+        assert!(matches!(narrow, IdOrder::Narrow(_)));
+        let mut walk = stream_walk(50, 4, 1).to_vec();
+        assert_eq!(narrow.to_vec(), walk);
+        walk.sort_unstable();
+        assert_eq!(walk, (0..50).collect::<Vec<_>>());
+        let mix = Sampler::mixture(
+            &two_streams(30, [1.0, 2.0], 3),
+            Some(45),
+            5,
+            1,
+            &sampling(ShuffleMode::Global, true),
+        )
+        .unwrap();
+        let Some(cached) = mix.order(2) else {
+            panic!("a mixture always has an order")
+        };
+        assert!(matches!(cached.as_ref(), IdOrder::Narrow(_)));
+        let wide: Vec<u64> = mixture_order::<u64>(
+            mix.mix.as_ref().unwrap(),
+            45,
+            mix.seed,
+            2,
+            ShuffleMode::Global,
+        );
+        assert_eq!(cached.to_vec(), wide);
+        // Past 2^32 ids the width grows.
+        assert!(matches!(
+            IdOrder::build(u64::from(u32::MAX) + 2, Vec::new, Vec::new),
+            IdOrder::Wide(_)
+        ));
     }
 
     #[test]

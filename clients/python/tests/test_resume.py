@@ -3,7 +3,9 @@
 
 What is promised (and tested here): a state saved at batch size 8 resumes on a daemon
 restarted at batch size 4 at the same sample position, and one at batch size 16 at the batch
-holding it (a warning says so); a seed or dataset change is refused naming the field with both
+holding it (a warning says so); one saved at world size 2 resumes at world size 1 and 4 with
+the same global batch where it stopped, the rest of the epoch once across the new ranks
+(elastic resume); a seed or dataset change is refused naming the field with both
 values; hostile states are refused before anything is sent; a trainer whose RANK / WORLD_SIZE
 differs from what its lane serves is refused with how to start the daemon; the padded tail of
 an epoch is marked 0 in ``valid`` and every sample is valid exactly once; a daemon that is not
@@ -138,7 +140,8 @@ def test_hostile_states_are_refused_before_anything_is_sent(serve: StartDaemon) 
     forged = {**good, "fingerprint": {**good["fingerprint"], "seed": 99, "world_size": "two"}}
     with pytest.raises(ringfeed.ResumeMismatch, match="seed 99") as refused:
         ringfeed.Loader("e2e", runtime_dir=daemon.runtime_dir, resume=forged)
-    assert [f[0] for f in refused.value.fields] == ["seed", "world_size"]
+    # A world size that differs is remapped, not refused (elastic resume): only the seed is.
+    assert [f[0] for f in refused.value.fields] == ["seed"]
     with pytest.raises(ringfeed.ResumeMismatch):
         ringfeed.Loader("e2e", runtime_dir=daemon.runtime_dir, resume={**good, "fingerprint": {}})
     huge = {**good, "fingerprint": {**good["fingerprint"], "junk": "x" * 5000}}
@@ -147,6 +150,50 @@ def test_hostile_states_are_refused_before_anything_is_sent(serve: StartDaemon) 
     # The daemon still serves after all that.
     with daemon.loader(resume=good) as loader:
         assert next(loader).index == 0
+
+
+def test_a_world_size_change_with_the_same_global_batch_resumes_where_it_stopped(
+    serve: StartDaemon,
+) -> None:
+    # World 2 × batch 4 (global 8): each rank takes 3 batches, then the job stops.
+    first = serve("--lanes", 2, "--world-size", 2, "--batch-size", 4, *COMMON)
+    seen: list[int] = []
+    states = []
+    for lane in (0, 1):
+        with first.loader(lane, rank=lane, world_size=2) as loader:
+            seen += [i for _ in range(3) for i in next(loader).sample_ids.tolist()]
+            states.append(loader.state_dict())
+    stop(first)
+    assert [s["sample"] for s in states] == [24, 24]
+    # World 1 × batch 8 (global 8) from rank 0's state; then world 4 × batch 2 from each.
+    one = serve("--batch-size", 8, *COMMON)
+    with pytest.warns(ringfeed.RingfeedWarning, match=r"world_size 2 → 1, batch_size 4 → 8"):
+        loader = one.loader(resume=states[0], rank=0, world_size=1)
+    with loader:
+        rest = [i for batch in epoch_ids(loader) for i in batch]
+    stop(one)
+    assert sorted(seen + rest) == sorted(set(seen + rest)), "a sample served twice"
+    assert len(seen + rest) == 96, "the epoch, every sample once"
+    four = serve("--lanes", 4, "--world-size", 4, "--batch-size", 2, *COMMON)
+    loaders = []
+    for rank in range(4):
+        with pytest.warns(ringfeed.RingfeedWarning, match="world_size 2 → 4"):
+            loaders.append(four.loader(rank, resume=states[rank % 2], rank=rank, world_size=4))
+    per_rank: list[list[list[int]]] = [[] for _ in loaders]
+
+    def drain(rank: int) -> None:  # the ranks consume at once, as trainers do
+        with loaders[rank] as loader:
+            per_rank[rank] = epoch_ids(loader)
+
+    threads = [threading.Thread(target=drain, args=(rank,)) for rank in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    stop(four)
+    assert [len(batches) for batches in per_rank] == [9] * 4, "equal batches per rank"
+    rest4 = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(rest4) == sorted(rest), "the same rest of the epoch, each sample once"
 
 
 def test_a_rank_or_world_mismatch_is_refused(

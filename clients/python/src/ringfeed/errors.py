@@ -76,7 +76,8 @@ class DaemonNotRunning(AttachError):
 class ResumeMismatch(AttachError):
     """The producer refused a resume state saved for another sample order (1.3): ``fields``
     lists ``(field, saved, serving)`` for every difference (seed, dataset, shuffle, selection,
-    world_size, …). Retrying cannot help; the message says what to change."""
+    …; a changed world size or batch size is remapped, not refused). Retrying cannot help; the
+    message says what to change."""
 
     def __init__(self, message: str, fields: list[tuple[str, str, str]]) -> None:
         super().__init__(message, code="resume_mismatch")

@@ -138,9 +138,12 @@ class Loader:
             always start a pass at its first batch.
         resume: a saved :meth:`state_dict` (or ``{"epoch", "index"}``): the producer seeks
             the lane to it. A state with a ``fingerprint`` is checked by the producer: a
-            daemon whose sample order differs (seed, dataset, shuffle, world size, …) refuses
-            it with :class:`ResumeMismatch` naming the fields; one whose batch size differs
-            starts at the batch holding the saved ``sample`` position (with a warning). A
+            daemon whose sample order differs (seed, dataset, shuffle, …) refuses it with
+            :class:`ResumeMismatch` naming the fields; one whose world size or batch size
+            differs (elastic resume) starts at the batch holding the saved ``sample``
+            position, with a warning: with the same global batch size (world size × batch
+            size) that is exactly where the job stopped, and the rest of the epoch is served
+            once across the new ranks. A
             state without one (saved before 1.3) resumes at its batch index, with a
             :class:`RingfeedWarning`.
         wait_for_producer: seconds to keep retrying connect/attach while the error is
