@@ -214,19 +214,40 @@ impl LineReader {
     }
 }
 
+/// Most descriptors one reply carries (2.0: the ring, the lane page and the doorbell).
+pub(crate) const MAX_FDS: usize = 3;
+
 /// Sends `reply` + `\n` in one `sendmsg`, with `fd` attached when given.
 pub(crate) fn send_line(
     stream: &UnixStream,
     reply: &serde_json::Value,
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    send_line_with_fds(stream, reply, &fds)
+}
+
+/// Sends `reply` + `\n` in one `sendmsg`, with `fds` (at most [`MAX_FDS`], in this order)
+/// attached.
+pub(crate) fn send_line_with_fds(
+    stream: &UnixStream,
+    reply: &serde_json::Value,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::other(format!(
+            "{} descriptors in one reply; at most {MAX_FDS}",
+            fds.len()
+        )));
+    }
     let mut line = reply.to_string().into_bytes();
     line.push(b'\n');
-    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(io::Error::other("control buffer too small for one fd"));
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(
+            "control buffer too small for the descriptors",
+        ));
     }
     let mut sent = rustix::net::sendmsg(
         stream,
@@ -235,7 +256,7 @@ pub(crate) fn send_line(
         SendFlags::NOSIGNAL,
     )?;
     // A short send of a < 4 KiB line does not happen on a Unix stream socket in practice;
-    // finish it without the fd (already delivered with the first bytes) if it does.
+    // finish it without the fds (already delivered with the first bytes) if it does.
     while sent < line.len() {
         let mut none = SendAncillaryBuffer::new(&mut []);
         sent += rustix::net::sendmsg(
@@ -254,10 +275,18 @@ pub(crate) fn refuse(stream: &UnixStream, why: Refusal, error: &str) {
     let _ = send_line(stream, &why.reply(error), None);
 }
 
-/// Receives one reply line and the file descriptor that came with it, if any.
+/// Receives one reply line and the file descriptor that came with it, if any (the first one;
+/// others are closed).
 pub(crate) fn recv_line_with_fd(stream: &UnixStream) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
+    let (line, fds) = recv_line_with_fds(stream)?;
+    Ok((line, fds.into_iter().next()))
+}
+
+/// Receives one reply line and the descriptors that came with it, in the order sent (at most
+/// [`MAX_FDS`]; any beyond are closed).
+pub(crate) fn recv_line_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut line = Vec::new();
-    let mut fd = None;
+    let mut kept = Vec::new();
     let mut buf = [0u8; MAX_LINE];
     loop {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
@@ -271,9 +300,9 @@ pub(crate) fn recv_line_with_fd(stream: &UnixStream) -> io::Result<(Vec<u8>, Opt
         for msg in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = msg {
                 for f in fds {
-                    // Keep the first; extra descriptors are closed by dropping them.
-                    if fd.is_none() {
-                        fd = Some(f);
+                    // Extra descriptors are closed by dropping them.
+                    if kept.len() < MAX_FDS {
+                        kept.push(f);
                     }
                 }
             }
@@ -287,7 +316,7 @@ pub(crate) fn recv_line_with_fd(stream: &UnixStream) -> io::Result<(Vec<u8>, Opt
         line.extend_from_slice(&buf[..got.bytes]);
         if let Some(end) = line.iter().position(|&b| b == b'\n') {
             line.truncate(end);
-            return Ok((line, fd));
+            return Ok((line, kept));
         }
         if line.len() > MAX_LINE {
             return Err(io::Error::new(
@@ -492,6 +521,31 @@ mod tests {
         assert!(!peer_closed(&a));
         drop(b);
         assert!(peer_closed(&a));
+    }
+
+    /// 2.0 replies carry three descriptors (ring, lane page, doorbell): they arrive in the
+    /// order sent; a fourth is refused by the sender.
+    #[test]
+    fn several_descriptors_arrive_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let memfds: Vec<OwnedFd> = (1..=3u64)
+            .map(|i| {
+                let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+                rustix::fs::ftruncate(&fd, i * 4096).unwrap();
+                fd
+            })
+            .collect();
+        let borrowed: Vec<BorrowedFd<'_>> = memfds.iter().map(|f| f.as_fd()).collect();
+        send_line_with_fds(&a, &serde_json::json!({"ok": true}), &borrowed).unwrap();
+        let (line, fds) = recv_line_with_fds(&b).unwrap();
+        assert_eq!(line, br#"{"ok":true}"#);
+        let sizes: Vec<u64> = fds
+            .iter()
+            .map(|f| rustix::fs::fstat(f).unwrap().st_size as u64)
+            .collect();
+        assert_eq!(sizes, [4096, 8192, 12288]);
+        let four = [borrowed[0], borrowed[1], borrowed[2], borrowed[0]];
+        assert!(send_line_with_fds(&a, &serde_json::json!({}), &four).is_err());
     }
 
     #[test]

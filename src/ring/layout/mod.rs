@@ -24,6 +24,7 @@ use std::io;
 
 use thiserror::Error;
 
+mod lane_page;
 mod plan;
 mod stats;
 #[cfg(test)]
