@@ -338,7 +338,7 @@ fn consumer_of_another_uid_is_refused() {
             "the 0700 runtime dir keeps others out"
         );
         let mut s = std::os::unix::net::UnixStream::connect(&link).unwrap();
-        let _ = s.write_all(b"{\"op\":\"attach\",\"version\":1,\"lane\":0,\"pid\":1}\n");
+        let _ = s.write_all(b"{\"op\":\"attach\",\"version\":2,\"lane\":0,\"pid\":1}\n");
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
         reply
