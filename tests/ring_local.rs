@@ -362,7 +362,7 @@ fn an_idle_consumer_does_not_spin() {
 }
 
 /// Producer thread and consumer racing through a 2-slot lane for thousands of batches: every
-/// batch arrives once, in order, and whole (the producer never wrote into a READY/HELD slot,
+/// batch arrives once, in order, and whole (the producer never wrote into a READY slot before its release,
 /// so no payload is torn).
 #[test]
 fn concurrent_producer_and_consumer_never_tear_a_batch() {
