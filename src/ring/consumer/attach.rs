@@ -349,6 +349,7 @@ impl Consumer {
         Ok(Consumer {
             name,
             lane: opts.lane,
+            pid,
             producer_pid: reply.producer_pid,
             layout,
             control,
