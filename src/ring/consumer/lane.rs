@@ -48,6 +48,7 @@ impl Consumer {
         // its metadata stays what the scan saw.
         self.page.taken_seq(s).store(seq, Relaxed);
         self.page.taken().fetch_add(1, Relaxed);
+        self.touch_heartbeat();
         let meta = Slot::new(&self.control, &self.layout, self.lane, s).meta();
         if self.layout.on_demand() {
             let (pass, next) = self.pass.get();
