@@ -202,8 +202,8 @@ fn reclaim_frees_the_released_and_redelivers_the_taken() {
 }
 
 /// A consumer flooding its doorbell while its lane has nothing to free: `claim_any` waits out
-/// its timeout without spinning (a doorbell that rang for nothing is left out of the next
-/// wait), and still claims at once when a slot of another lane is released.
+/// its timeout without spinning (a doorbell that keeps ringing for nothing is left out of the
+/// next wait), and still claims at once when a slot of another lane is released.
 #[test]
 fn a_doorbell_flood_does_not_make_claim_any_spin() {
     use std::sync::atomic::{AtomicBool, Ordering};
