@@ -24,7 +24,6 @@ from types import FrameType
 from typing import Any, Optional
 
 import ringfeed
-from ringfeed.layout import HELD
 
 
 def report(**fields: object) -> None:
@@ -55,7 +54,7 @@ def main() -> None:
         for _ in range(int(sys.argv[5])):
             batch = loader.next_batch()
             batch.release_after(_NeverDone())
-            batch.release()  # deferred: the slot stays HELD by this process
+            batch.release()  # deferred: the slot stays held by this process
             slots.append(batch.slot)
         report(pending=slots)
         while True:
@@ -81,9 +80,7 @@ def main() -> None:
                 loader.next_batch()
                 report(error="a batch arrived")
             except KeyboardInterrupt:
-                ring = loader.ring
-                every_slot = range(ring.layout.slots_per_lane)
-                held = sum(ring.slot_state(lane, slot) == HELD for slot in every_slot)
+                held = len(loader.ring.held_slots(lane))  # what its lane page says it holds
                 report(interrupted=True, held=held)
     elif mode == "storm":
         signal.signal(signal.SIGINT, interrupt_inside_client)
@@ -171,9 +168,7 @@ def storm(loader: ringfeed.Loader) -> None:
         next(iter(loader), None)
     except ringfeed.RingTimeout:
         counts["stuck"] = 1
-    ring = loader.ring
-    slots = range(ring.layout.slots_per_lane)
-    held = sum(ring.slot_state(loader.lane, slot) == HELD for slot in slots)
+    held = len(loader.ring.held_slots(loader.lane))  # what its lane page says it holds
     del counts["announced"]
     report(held_in_ring=held, tracked=len(loader._held), **counts)
     loader.close()

@@ -23,6 +23,7 @@ SIGTERM (clean stop) or SIGKILL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -108,10 +109,8 @@ class LanePage:
         return self.get(72 + 16 * slot)
 
     def drain(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.doorbell)
-        except BlockingIOError:
-            pass
 
     def close(self) -> None:
         self.mem.close()
@@ -178,10 +177,8 @@ class RingWriter:
         # Consumers get a read-only reopen; after our own writable mapping, nobody may make
         # another one (a kernel without FUTURE_WRITE: the read-only descriptor is the defence).
         self.ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with contextlib.suppress(OSError):
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
-        except OSError:
-            pass
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
         self._write_header()
         self.cursor = [(0, 0)] * lanes  # next (epoch, index) per lane
@@ -327,18 +324,15 @@ class RingWriter:
             if time.monotonic() > deadline or self._stop.is_set():
                 raise TimeoutError(f"lane {lane}: no free slot")
             started = time.monotonic_ns()
-            try:
-                select.select(bells, [], [], 0.1)  # a release rings the doorbell
-            except (OSError, ValueError):
-                pass  # the attach ended and its doorbell closed under us: rescan
+            # A release rings the doorbell; an attach that ended closed it: rescan then.
+            with contextlib.suppress(OSError, ValueError):
+                select.select(bells, [], [], 0.1)
             with self.lane_locks[lane]:  # drain only descriptors that are still ours
                 current = self.pages.get(lane)
                 if current is not None:
                     current.drain()
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self.wake[lane])
-            except BlockingIOError:
-                pass
             waited = time.monotonic_ns() - started
             self.put("Q", self.lane_off(lane) + 48, self.lane_field(lane, "Q", 48) + waited)
 
@@ -428,7 +422,9 @@ class RingWriter:
                 return
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _reply(self, conn: socket.socket, obj: dict[str, Any], fds: Optional[list[int]] = None) -> None:
+    def _reply(
+        self, conn: socket.socket, obj: dict[str, Any], fds: Optional[list[int]] = None
+    ) -> None:
         data = json.dumps(obj).encode() + b"\n"
         socket.send_fds(conn, [data], fds or [])
 
@@ -513,7 +509,8 @@ class RingWriter:
             reply = {"ok": True, "generation": self.generation, "lane": lane,
                      "file_bytes": self.file_bytes, "producer_pid": os.getpid(),
                      "fds": ["ring", "lane", "doorbell"],
-                     "lane_page_bytes": lane_page_bytes(self.slots), **self.reply_extra}  # fmt: skip
+                     "lane_page_bytes": lane_page_bytes(self.slots)}  # fmt: skip
+            reply.update(self.reply_extra)
             self._reply(conn, reply, fds)
             os.close(page.fd)  # the consumer has its own; the mapping stays
             page.fd = -1
@@ -594,7 +591,7 @@ def main() -> None:
     parser.add_argument("--batches-per-epoch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--no-produce", action="store_true")
-    parser.add_argument("--version-major", type=int, default=1)
+    parser.add_argument("--version-major", type=int, default=2)
     parser.add_argument(
         "--poke",
         action="append",

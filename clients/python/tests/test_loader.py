@@ -97,7 +97,8 @@ def test_release_frees_the_slot_and_invalidates_the_batch(
         assert writer.get("I", writer.consumer_table) == os.getpid()
         second = next(iterator)  # release_previous: the first batch is released now
         assert first.released
-        assert writer.claimable(0, first.slot) and not writer.held(0, first.slot)
+        assert writer.claimable(0, first.slot)
+        assert not writer.held(0, first.slot)
         assert writer.page_field(0, PAGE_RELEASED) == 1  # the lane page's released
         for access in (
             lambda: first.images,

@@ -16,6 +16,7 @@ the child can release the parent's slots.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -152,10 +153,9 @@ class LanePage:
         header.heartbeat_mono_ns = time.monotonic_ns()
         doorbell = self._doorbell
         if doorbell is not None:
-            try:
+            # EAGAIN: the counter is saturated, so the producer is woken already.
+            with contextlib.suppress(BlockingIOError):
                 os.write(doorbell, _DOORBELL_RING)
-            except BlockingIOError:
-                pass  # the counter is saturated: the producer is woken already
 
     def note(self, waited_ns: int = 0) -> None:
         """Refresh the heartbeat; add ``waited_ns`` to ``consumer_wait_ns``."""

@@ -194,7 +194,9 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         samples_per_epoch, _reserved_152, world_size,
     ) = _HEADER.unpack_from(header, 0)  # fmt: skip
     _require(magic == MAGIC, "magic", f"{magic!r} is not {MAGIC!r}")
-    _require(major == VERSION_MAJOR, "version_major", f"{major} (this client reads {VERSION_MAJOR})")
+    _require(
+        major == VERSION_MAJOR, "version_major", f"{major} (this client reads {VERSION_MAJOR})"
+    )
     _require(header_bytes >= HEADER_BYTES, "header_bytes", f"{header_bytes} < 512")
     _require(file_bytes == st_size, "file_bytes", f"{file_bytes} but the file has {st_size}")
     _require(control_bytes == data_offset, "control_bytes", f"{control_bytes} != data_offset")
@@ -325,7 +327,9 @@ def lane_slot_offset(slot: int) -> int:
     return LANE_HEADER_BYTES + slot * LANE_SLOT_BYTES
 
 
-def validate_lane_page(head: bytes, st_size: int, reply_bytes: object, lane: int, slots: int) -> None:
+def validate_lane_page(
+    head: bytes, st_size: int, reply_bytes: object, lane: int, slots: int
+) -> None:
     """Check a lane page before mapping it read-write: its size (``st_size``) equals the attach
     reply's ``lane_page_bytes`` (``reply_bytes``) and :func:`lane_page_bytes` of the ring's
     ``slots_per_lane``, and its first 16 bytes (``head``) carry ``RFLANE``, the lane attached

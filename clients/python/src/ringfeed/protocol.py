@@ -167,7 +167,8 @@ def attach(
 
     Returns ``(connection, reply, fds)``; the caller owns them all and must keep the
     connection open while attached. A reply without exactly the three descriptors of
-    :data:`ATTACH_FDS`, or with a writable ring descriptor, is refused (code ``protocol``). Raises :class:`AttachError` with the producer's reason on refusal
+    :data:`ATTACH_FDS`, or with a writable ring descriptor, is refused (code ``protocol``).
+    Raises :class:`AttachError` with the producer's reason on refusal
     (:class:`ResumeMismatch` when ``resume`` carries a fingerprint of another sample order).
     ``resume``: ``epoch``, ``index`` and, optionally (1.3), ``sample`` and ``fingerprint``.
     """
@@ -196,7 +197,9 @@ def attach(
                 for m in mismatch
                 if isinstance(m, dict)
             ]
-            raise ResumeMismatch(f"attach to lane {lane} refused: {reply.get('error', reply)}", fields)
+            raise ResumeMismatch(
+                f"attach to lane {lane} refused: {reply.get('error', reply)}", fields
+            )
         raise refusal(f"attach to lane {lane} refused", reply)
     try:
         attached = _check_attach_fds(reply, fds)
