@@ -173,6 +173,11 @@ class Ring:
         equal the header's (the attach reply's value). Raises :class:`FormatError` on any
         violation, before any view of the memory exists.
         """
+        return cls._map(fd, cls._checked_layout(fd, generation=generation, sealed=sealed))
+
+    @staticmethod
+    def _checked_layout(fd: int, *, generation: Optional[int], sealed: bool) -> RingLayout:
+        """Everything :meth:`from_fd` checks before mapping, read with ``pread``."""
         if sealed:
             _check_seals(fd)
         layout = read_layout(fd)
@@ -189,6 +194,11 @@ class Ring:
                     f"{layout.world_size}, but the lanes serve ranks {first_rank}.."
                     f" (lane_count {layout.lane_count}) beyond it",
                 )
+        return layout
+
+    @classmethod
+    def _map(cls, fd: int, layout: RingLayout) -> Ring:
+        """Map a checked ring read-only: the control region and the data region."""
         control = mmap.mmap(
             fd, layout.data_offset, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=0
         )
@@ -216,17 +226,19 @@ class Ring:
         """A consumer's ring: :meth:`from_fd` of the (read-only) ring descriptor, then the lane
         page of ``lane`` validated against the ring and the reply's ``lane_page_bytes`` and
         mapped read-write (:meth:`ringfeed.lane.LanePage.from_fds`). The three descriptors
-        stay the caller's."""
-        ring = cls.from_fd(ring_fd, generation=generation, sealed=sealed)
-        if not 0 <= lane < ring.layout.lane_count:
-            raise FormatError("lane", f"{lane} not below lane_count {ring.layout.lane_count}")
-        ring._page = LanePage.from_fds(
+        stay the caller's. Everything is checked before anything is mapped."""
+        layout = cls._checked_layout(ring_fd, generation=generation, sealed=sealed)
+        if not 0 <= lane < layout.lane_count:
+            raise FormatError("lane", f"{lane} not below lane_count {layout.lane_count}")
+        page = LanePage.from_fds(
             page_fd,
             doorbell_fd,
             lane=lane,
-            slots=ring.layout.slots_per_lane,
+            slots=layout.slots_per_lane,
             reply_bytes=lane_page_bytes,
         )
+        ring = cls._map(ring_fd, layout)
+        ring._page = page
         return ring
 
     @classmethod
