@@ -287,7 +287,7 @@ def fd_count() -> int:
         ("unnamed", ringfeed.AttachError, "names its descriptors"),
         ("reply size", ringfeed.FormatError, "lane_page_bytes"),
         ("swapped", ringfeed.FormatError, "lane_page_bytes"),
-        ("magic", ringfeed.FormatError, "lane_magic"),
+        ("magic", ringfeed.FormatError, "lane_page.magic"),
         ("lane", ringfeed.FormatError, "lane_page.lane"),
         ("slots", ringfeed.FormatError, "lane_page.slots"),
     ],
