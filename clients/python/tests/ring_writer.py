@@ -57,16 +57,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _NR_FUTEX = {"x86_64": 202, "aarch64": 98}[os.uname().machine]
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-
-def futex_wait(address: int, expected: int, timeout_s: float) -> None:
-    ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
-    _libc.syscall(ctypes.c_long(_NR_FUTEX), ctypes.c_void_p(address), ctypes.c_int(0),
-                  ctypes.c_uint32(expected), ctypes.byref(ts), None, ctypes.c_int(0))  # fmt: skip
-
-
 def futex_wake(address: int) -> None:
     _libc.syscall(ctypes.c_long(_NR_FUTEX), ctypes.c_void_p(address), ctypes.c_int(1),
                   ctypes.c_int(2**31 - 1), None, None, ctypes.c_int(0))  # fmt: skip
