@@ -23,6 +23,7 @@ Prints ``READY <pid>`` once it listens; serves until killed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -173,9 +174,9 @@ class FakeProducer:
             state = self.get("I", off)
             if state == FREE:
                 return slot
-            if state == READY and self.attach is not None:
-                if self.attach.released_seq(slot) == self.get("Q", off + 8):
-                    return slot
+            attach = self.attach
+            if state == READY and attach and attach.released_seq(slot) == self.get("Q", off + 8):
+                return slot
         return None
 
     def write_batch(self, slot: int, epoch: int, index: int) -> None:
@@ -205,10 +206,8 @@ class FakeProducer:
             except (OSError, ValueError):  # closed by a reclaim meanwhile
                 continue
             if ready:
-                try:
+                with contextlib.suppress(OSError):  # drained, or closed by a reclaim meanwhile
                     os.eventfd_read(doorbell)
-                except OSError:  # drained, or closed by a reclaim meanwhile
-                    pass
         with self.lock:
             self.put("I", 44, FINISHED)
             self.bump_publish_seq()
