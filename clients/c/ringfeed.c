@@ -771,7 +771,7 @@ static int check_lane_page(int fd, uint64_t reply_bytes, uint32_t lane, uint32_t
     if (pread(fd, head, sizeof head, 0) != (ssize_t)sizeof head)
         return FORMAT("malformed lane page: its first %d bytes are unreadable", P_HEADER_BYTES);
     if (memcmp(head + P_MAGIC, "RFLANE\0\0", 8) != 0)
-        return FORMAT("malformed lane page: lane_magic: not RFLANE");
+        return FORMAT("malformed lane page: lane_page.magic: not RFLANE");
     if (rd32(head + P_LANE) != lane)
         return FORMAT("malformed lane page: lane_page.lane: %u, attached to lane %u",
                       (unsigned)rd32(head + P_LANE), (unsigned)lane);

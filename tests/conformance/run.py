@@ -312,12 +312,12 @@ HOSTILE = (
     # 1.x's HELD, written once the client attached: refused when the client scans the slot.
     (["--poke-after-attach", "I:832:3"], "format", "state"),
     # The lane page: its size against the formula (4 slots: 4096), against the reply, its
-    # magic, lane and slot count.
+    # magic, lane and slot count, each named as ring format §4 step 5 names it.
     (["--lane-page-bytes", "8192"], "format", "lane_page_bytes"),
     (["--reply-lane-page-bytes", "8192"], "format", "lane_page_bytes"),
-    (["--lane-poke", "8s:0:RFLANEXX"], "format", "magic"),
-    (["--lane-poke", "I:8:1"], "format", "lane"),
-    (["--lane-poke", "I:12:5"], "format", "slots"),
+    (["--lane-poke", "8s:0:RFLANEXX"], "format", "lane_page.magic"),
+    (["--lane-poke", "I:8:1"], "format", "lane_page.lane"),
+    (["--lane-poke", "I:12:5"], "format", "lane_page.slots"),
     # The descriptors: exactly ring, lane page, doorbell, and a read-only ring.
     (["--fds", "0"], "protocol", "descriptor"),
     (["--fds", "1"], "protocol", "descriptor"),
