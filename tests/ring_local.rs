@@ -94,7 +94,7 @@ fn batches_arrive_in_order_zero_copy_and_several_can_be_held() {
         assert!(!b.redelivered());
         assert!(
             b.still_held(),
-            "the slot records this consumer's token and the seq"
+            "the lane page records the batch as taken, not released"
         );
         let labels = b.tensor::<i64>("labels").unwrap();
         assert_eq!(
@@ -118,7 +118,7 @@ fn batches_arrive_in_order_zero_copy_and_several_can_be_held() {
     }
     assert!(
         p.try_claim(0).is_none(),
-        "HELD slots are never handed to the producer"
+        "held slots are never handed to the producer"
     );
     assert!(p.try_claim(1).is_some(), "lane 1 is independent of lane 0");
     let stats = p.stats();

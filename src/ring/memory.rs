@@ -1,5 +1,7 @@
-//! The ring's memory: a sealed, fully allocated memfd and its two mappings (control region
-//! read-write, data region read-write for the producer / read-only for consumers).
+//! The ring's memory: a sealed, fully allocated memfd and its two mappings (read-write for
+//! the producer, read-only for consumers and observers), the read-only descriptor consumers
+//! receive (format 2.0), and the per-attach lane page memfd (the only memory a consumer
+//! writes).
 //!
 //! This is the only file that turns addresses into references (and bytes into typed
 //! elements). Every accessor checks bounds
@@ -34,6 +36,46 @@ pub(crate) fn create_memfd(name: &str, bytes: u64) -> Result<File, MemfdError> {
     Ok(File::from(fd))
 }
 
+/// Adds `F_SEAL_FUTURE_WRITE` to the ring's memfd (format 2.0): the producer's existing
+/// writable mappings keep working, but no new writable mapping and no `write` can be made
+/// through any descriptor of it, even an `O_RDWR` reopen through `/proc/<pid>/fd`. Call it
+/// after the producer's own mappings exist. Linux ≥ 5.1; an error means the kernel refused.
+pub(crate) fn seal_future_write(file: &File) -> io::Result<()> {
+    Ok(rustix::fs::fcntl_add_seals(file, SealFlags::FUTURE_WRITE)?)
+}
+
+/// A new, read-only open file description of `file` (`/proc/self/fd/<n>` opened `O_RDONLY |
+/// O_CLOEXEC`): what consumers receive, so `mmap(PROT_WRITE, MAP_SHARED)`, `mprotect` to
+/// writable, `write` and `ftruncate` through it all fail.
+pub(crate) fn reopen_read_only(file: &File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    // std opens with O_CLOEXEC.
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Whether `file` was opened read-only (`fcntl(F_GETFL) & O_ACCMODE == O_RDONLY`).
+pub(crate) fn is_read_only(file: &File) -> io::Result<bool> {
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    Ok(!flags.intersects(rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::RDWR))
+}
+
+/// Creates an attach's lane page (format 2.0): a memfd named `ringfeed-lane:<ring>:<lane>`
+/// (never `ringfeed:<ring>`, which observers look for) holding `content`, sealed against
+/// shrinking, growing and further seals.
+pub(crate) fn create_lane_memfd(ring: &str, lane: u32, content: &[u8]) -> io::Result<File> {
+    let fd = rustix::fs::memfd_create(
+        format!("ringfeed-lane:{ring}:{lane}"),
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    rustix::fs::ftruncate(&fd, content.len() as u64)?;
+    let mut done = 0;
+    while done < content.len() {
+        done += rustix::io::pwrite(&fd, &content[done..], done as u64)?;
+    }
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(File::from(fd))
+}
+
 /// Why the memfd could not be made.
 #[derive(Debug)]
 pub(crate) enum MemfdError {
@@ -62,8 +104,8 @@ impl Control {
         Ok(Control { map })
     }
 
-    /// Maps the first `len` bytes of `file` read-only (an observer: every access is a load;
-    /// atomic loads from read-only memory are allowed, a store would fault).
+    /// Maps the first `len` bytes of `file` read-only (a consumer or an observer: every
+    /// access is a load; atomic loads from read-only memory are allowed, a store would fault).
     pub(crate) fn map_read_only(file: &File, len: u64) -> io::Result<Control> {
         let len = usize::try_from(len).map_err(io::Error::other)?;
         let map = MmapOptions::new().len(len).map_raw_read_only(file)?;

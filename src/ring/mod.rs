@@ -66,6 +66,7 @@ mod futex;
 pub mod layout;
 mod memory;
 mod observer;
+mod page;
 mod producer;
 mod protocol;
 pub mod resume;

@@ -4,8 +4,10 @@
 //! # Brief overview
 //!
 //! [`Observer::open`] reads the producer pid from `<name>.lock`, finds the producer's memfd
-//! among `/proc/<pid>/fd/*` (its link reads `/memfd:ringfeed:<name> (deleted)`, or ends in
-//! `ringfeed-<name>.ring` for a `--shm-dir` ring file), opens it
+//! among `/proc/<pid>/fd/*` (its link reads exactly `/memfd:ringfeed:<name> (deleted)`, or
+//! ends in `ringfeed-<name>.ring` for a `--shm-dir` ring file; never an attach's lane page,
+//! `/memfd:ringfeed-lane:<name>:<lane>`, whose counters the producer copies into the ring's
+//! tables for us), opens it
 //! read-only, validates the control region exactly as a consumer does, and maps the control
 //! region **read-only**. [`Observer::snapshot`] then reads the counters; [`Observer::peek`]
 //! copies one published batch out of a slot without taking it (a seqlock on the slot's
@@ -220,7 +222,7 @@ fn memfd_link(name: &str) -> String {
 /// The seqlock's verdict: a copy made after reading `before` (from a published slot) is
 /// consistent if the slot is still published with exactly the same metadata afterwards.
 fn copy_is_consistent(before: &SlotMeta, state_after: u32, after: &SlotMeta) -> bool {
-    (state_after == slot::READY || state_after == slot::HELD) && before == after
+    state_after == slot::READY && before == after
 }
 
 impl Observer {
@@ -365,12 +367,12 @@ impl Observer {
     /// Copies the newest published batch of `lane` without taking it, waiting up to
     /// `timeout` for one.
     ///
-    /// The copy is a seqlock read: load the slot's `state` (acquire; `READY` or `HELD`) and
+    /// The copy is a seqlock read: load the slot's `state` (acquire; `READY`) and
     /// its metadata (`seq`, `epoch`, `index`, `count`, `flags`, publish time), copy the tensors
     /// with `pread` from the memfd, then, after an acquire fence, load `state` and the whole
     /// metadata again. The producer marks a slot `WRITING` (followed by a release fence) before
     /// it writes into it, and every publish gives it a larger `seq`; so if the second load
-    /// still sees `READY`/`HELD` with the same metadata, no write into the slot overlapped the
+    /// still sees `READY` with the same metadata, no write into the slot overlapped the
     /// copy and the metadata is not torn between two publishes. Otherwise the copy is thrown
     /// away and tried again. The consumer's batch is never touched: the observer maps nothing
     /// writable and writes nothing.
@@ -409,7 +411,7 @@ impl Observer {
 
     fn try_peek(&self, lane: u32) -> Result<Option<PeekedBatch>, PeekError> {
         let l = &self.layout;
-        let published = |state| state == slot::READY || state == slot::HELD;
+        let published = |state| state == slot::READY;
         // Newest first: it stays in the ring longest, so the copy is least likely to race.
         let mut candidates: Vec<(u64, u32)> = (0..l.slots_per_lane)
             .filter_map(|s| {
@@ -536,7 +538,6 @@ mod tests {
     fn torn_metadata_or_a_rewritten_slot_fails_the_recheck() {
         let m = meta(5, 1, 2);
         assert!(copy_is_consistent(&m, slot::READY, &m));
-        assert!(copy_is_consistent(&m, slot::HELD, &m));
         assert!(!copy_is_consistent(&m, slot::WRITING, &m));
         assert!(!copy_is_consistent(&m, slot::FREE, &m));
         assert!(!copy_is_consistent(

@@ -275,13 +275,6 @@ pub(crate) fn refuse(stream: &UnixStream, why: Refusal, error: &str) {
     let _ = send_line(stream, &why.reply(error), None);
 }
 
-/// Receives one reply line and the file descriptor that came with it, if any (the first one;
-/// others are closed).
-pub(crate) fn recv_line_with_fd(stream: &UnixStream) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
-    let (line, fds) = recv_line_with_fds(stream)?;
-    Ok((line, fds.into_iter().next()))
-}
-
 /// Receives one reply line and the descriptors that came with it, in the order sent (at most
 /// [`MAX_FDS`]; any beyond are closed).
 pub(crate) fn recv_line_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
@@ -508,9 +501,9 @@ mod tests {
         );
         let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         send_line(&a, &serde_json::json!({"ok": true}), Some(memfd.as_fd())).unwrap();
-        let (line, fd) = recv_line_with_fd(&b).unwrap();
+        let (line, fds) = recv_line_with_fds(&b).unwrap();
         assert_eq!(line, br#"{"ok":true}"#);
-        assert!(fd.is_some());
+        assert_eq!(fds.len(), 1);
         a.set_nonblocking(true).unwrap();
         let mut reader = LineReader::default();
         assert_eq!(reader.poll_line(&a).unwrap(), None);

@@ -1,21 +1,23 @@
-//! The slot state machine (docs/ring-format.md §6): `FREE → WRITING → READY → HELD → FREE`,
-//! plus the producer's reclaim (`HELD → READY`, consumer died) and discard (`READY → FREE`,
-//! seek). Each transition is one function here, with its ordering and its partner named.
+//! The slot state machine (docs/ring-format.md §6, format 2.0): `FREE → WRITING → READY →
+//! (released in the lane page) → WRITING …`, plus the producer's reclaim (consumer gone:
+//! released slots `READY → FREE`, taken ones flagged redelivered) and discard (`READY → FREE`,
+//! seek). The state word is written by the producer only; a consumer's take and release live
+//! in its lane page (`layout::lane_page`). Each transition is one function here, with its
+//! ordering and its partner named.
 
 use std::sync::atomic::fence;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
+use super::layout::lane_page::state as st;
 use super::layout::{slot as off, Layout};
 use super::memory::Control;
 
 /// Slot is free for the producer.
-pub(crate) const FREE: u32 = 0;
+pub(crate) const FREE: u32 = st::FREE;
 /// The producer is writing the slot.
-pub(crate) const WRITING: u32 = 1;
-/// The slot holds a published batch.
-pub(crate) const READY: u32 = 2;
-/// A consumer holds the slot.
-pub(crate) const HELD: u32 = 3;
+pub(crate) const WRITING: u32 = st::WRITING;
+/// The slot holds a published batch (taken or not: the lane page says).
+pub(crate) const READY: u32 = st::READY;
 
 /// Slot flag bit 0: the last batch of its epoch for this lane.
 pub(crate) const FLAG_LAST_OF_EPOCH: u32 = 1;
@@ -55,17 +57,17 @@ impl<'a> Slot<'a> {
         self.c.u32(self.base + off::STATE).load(Acquire)
     }
 
-    /// Producer: `FREE → WRITING`. A compare-exchange because several producer threads may
-    /// race for the same free slot; consumers never write a `FREE` slot.
-    pub(crate) fn claim(&self) -> bool {
-        // SYNC POINT with the release store of FREE in `release_if_ours` / `abandon` /
-        // `discard` (acquire), and with the producer heartbeat's acquire load in `state`
-        // (release: the producer's mark of the slot as its own, stored before, is seen with
-        // WRITING).
+    /// Producer: `from → WRITING` (`from` is `FREE`, or `READY` for a batch the lane's
+    /// consumer released). A compare-exchange because several producer threads may race for
+    /// the same slot (the producer's per-slot marks serialise them; see `producer::state`).
+    pub(crate) fn claim_from(&self, from: u32) -> bool {
+        // SYNC POINT with the release store of FREE in `abandon` / `discard` / `free`
+        // (acquire). A READY slot's consumer reads are ordered by the lane page's
+        // released_seq (load-acquire by the caller).
         let claimed = self
             .c
             .u32(self.base + off::STATE)
-            .compare_exchange(FREE, WRITING, AcqRel, Relaxed)
+            .compare_exchange(from, WRITING, AcqRel, Relaxed)
             .is_ok();
         if claimed {
             // The seqlock's write side: WRITING is ordered before every write into the slot,
@@ -96,7 +98,7 @@ impl<'a> Slot<'a> {
         self.c.u32(self.base + off::STATE).store(READY, Release);
     }
 
-    /// The metadata; meaningful after `state()` returned `READY` or `HELD` to this thread.
+    /// The metadata; meaningful after `state()` returned `READY` to this thread.
     pub(crate) fn meta(&self) -> SlotMeta {
         SlotMeta {
             seq: self.c.u64(self.base + off::SEQ).load(Relaxed),
@@ -113,62 +115,24 @@ impl<'a> Slot<'a> {
         self.c.u64(self.base + off::SEQ).load(Relaxed)
     }
 
-    /// Consumer: `READY → HELD` (the only writer of a READY slot while a consumer is attached
-    /// to the lane), recording the holder and its `token` (one per attach, never 0), which a
-    /// later [`release_if_ours`](Slot::release_if_ours) compares.
-    pub(crate) fn take(&self, pid: u32, token: u64) {
-        self.c.u32(self.base + off::HOLDER_PID).store(pid, Relaxed);
-        self.c
-            .u64(self.base + off::HOLDER_TOKEN)
-            .store(token, Relaxed);
-        self.c.u32(self.base + off::STATE).store(HELD, Release);
-    }
-
-    /// Whether the slot is `HELD` with `token` and still carries the batch `seq`: the proof
-    /// of ownership a release needs. A slot reclaimed from a connection the producer declared
-    /// dead is `READY`, or `HELD` by a later attach with another token.
-    pub(crate) fn held_by(&self, token: u64, seq: u64) -> bool {
-        self.state() == HELD
-            && self.c.u64(self.base + off::HOLDER_TOKEN).load(Relaxed) == token
-            && self.seq() == seq
-    }
-
-    /// Consumer: `HELD → FREE` after its last read of the payload, if the slot is still
-    /// ours ([`held_by`](Slot::held_by)); returns whether it released.
-    pub(crate) fn release_if_ours(&self, token: u64, seq: u64) -> bool {
-        if !self.held_by(token, seq) {
-            return false;
-        }
-        self.c.u64(self.base + off::HOLDER_TOKEN).store(0, Relaxed);
-        self.c.u32(self.base + off::HOLDER_PID).store(0, Relaxed);
-        // SYNC POINT with the acquire compare-exchange in `claim`: our reads of the payload
-        // happen-before the producer's next writes into it.
-        self.c.u32(self.base + off::STATE).store(FREE, Release);
-        true
-    }
-
-    /// Producer, after the holder died: `HELD → READY` with the redelivered flag. Returns
-    /// whether the slot was held.
-    pub(crate) fn reclaim(&self) -> bool {
-        if self.state() != HELD {
-            return false;
-        }
+    /// Producer, after the lane's consumer died holding the batch: sets the redelivered flag;
+    /// the slot stays `READY` for the next attach.
+    pub(crate) fn mark_redelivered(&self) {
+        // SYNC POINT with the consumer's acquire load in `state` (via the publish_seq bump
+        // that follows a reclaim): the flag is visible with the slot.
         self.c
             .u32(self.base + off::FLAGS)
-            .fetch_or(FLAG_REDELIVERED, Relaxed);
-        self.c.u32(self.base + off::HOLDER_PID).store(0, Relaxed);
-        // SYNC POINT with the consumer's acquire load in `state` (the flag is visible).
-        self.c.u32(self.base + off::STATE).store(READY, Release);
-        true
+            .fetch_or(FLAG_REDELIVERED, Release);
     }
 
-    /// Producer, on a seek while no consumer is attached: `READY → FREE`.
+    /// Producer, on a seek while no consumer is attached, or at reclaim for a batch the dead
+    /// consumer had released: `READY → FREE`.
     pub(crate) fn discard(&self) -> bool {
-        if self.state() != READY {
-            return false;
-        }
-        self.c.u32(self.base + off::STATE).store(FREE, Release);
-        true
+        // SYNC POINT with the acquire compare-exchange in `claim_from`.
+        self.c
+            .u32(self.base + off::STATE)
+            .compare_exchange(READY, FREE, Release, Relaxed)
+            .is_ok()
     }
 }
 
@@ -210,16 +174,19 @@ mod tests {
         (layout, c)
     }
 
-    /// Walks every transition, including the crash paths, and checks that each one refuses
-    /// to fire from the wrong state.
+    /// Walks every transition and checks that each one refuses to fire from the wrong state.
     #[test]
     fn transitions_follow_the_state_machine() {
         let (layout, c) = control();
         let s = Slot::new(&c, &layout, 0, 1);
         assert_eq!(s.state(), FREE);
-        assert!(!s.reclaim() && !s.discard());
-        assert!(s.claim());
-        assert!(!s.claim(), "a WRITING slot cannot be claimed twice");
+        assert!(!s.discard() && !s.claim_from(READY));
+        assert!(s.claim_from(FREE));
+        assert!(
+            !s.claim_from(FREE),
+            "a WRITING slot cannot be claimed twice"
+        );
+        assert!(!s.discard(), "a WRITING slot is not discarded");
         let meta = SlotMeta {
             seq: 1,
             epoch: 2,
@@ -230,32 +197,17 @@ mod tests {
         };
         s.publish(&meta);
         assert_eq!((s.state(), s.meta()), (READY, meta));
-        assert!(!s.claim(), "the producer never claims a READY slot");
-        s.take(77, 7);
-        assert_eq!(s.state(), HELD);
-        assert!(s.held_by(7, 1) && !s.held_by(8, 1) && !s.held_by(7, 2));
         assert!(
-            !s.claim() && !s.discard(),
-            "a HELD slot is neither claimed nor discarded"
+            !s.claim_from(FREE),
+            "claiming a READY slot needs the lane page's release"
         );
-        assert!(s.reclaim());
+        s.mark_redelivered();
         assert_eq!(s.state(), READY);
         assert_eq!(s.meta().flags, FLAG_LAST_OF_EPOCH | FLAG_REDELIVERED);
-        assert!(
-            !s.release_if_ours(7, 1),
-            "a reclaimed (READY) slot is not released"
-        );
-        s.take(78, 8);
-        assert!(
-            !s.release_if_ours(7, 1),
-            "the old holder's release leaves the new holder's slot alone"
-        );
-        assert_eq!(s.state(), HELD);
-        assert!(s.release_if_ours(8, 1));
-        assert_eq!(s.state(), FREE);
-        assert!(s.claim());
+        assert!(s.claim_from(READY), "a released READY slot is claimed");
+        assert_eq!(s.state(), WRITING);
         s.abandon();
-        assert!(s.claim());
+        assert!(s.claim_from(FREE));
         s.publish(&meta);
         assert!(s.discard());
         assert_eq!(s.state(), FREE);
@@ -276,7 +228,7 @@ mod tests {
                     .map(|_| {
                         sc.spawn(|| {
                             (0..2)
-                                .filter(|&i| Slot::new(&c, &layout, 0, i).claim())
+                                .filter(|&i| Slot::new(&c, &layout, 0, i).claim_from(FREE))
                                 .count()
                         })
                     })

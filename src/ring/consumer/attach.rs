@@ -1,5 +1,7 @@
-//! Attaching (§3): the handshake, the checks of the reply and the memfd, validation of the
-//! control region, then the two mappings.
+//! Attaching (§3, format 2.0): the handshake, the checks of the reply and its three
+//! descriptors (the ring read-only and sealed, the lane page, the doorbell), validation of the
+//! control region and of the lane page, then the mappings: the whole ring read-only, the lane
+//! page read-write.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -11,8 +13,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use super::{AttachError, Consumer};
+use crate::ring::layout::lane_page::{lane_page_bytes, validate_lane_page};
 use crate::ring::layout::{io_step, read_layout, FormatError, Layout, VERSION_MAJOR};
 use crate::ring::memory::{self, Control, Data};
+use crate::ring::page::LanePage;
 use crate::ring::protocol::{self, Request, Resume};
 use crate::ring::resume::ResumeState;
 use crate::ring::runtime_dir::{validate_name, RuntimeDir};
@@ -142,6 +146,9 @@ struct Reply {
     /// What the producer wants the consumer to know about its resume (1.3).
     #[serde(default)]
     warnings: Vec<String>,
+    /// (2.0) The size of the lane page descriptor.
+    #[serde(default)]
+    lane_page_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -245,7 +252,7 @@ impl Consumer {
         stream
             .set_read_timeout(Some(opts.reply_timeout.max(Duration::from_millis(1))))
             .map_err(|e| protocol(e.to_string()))?;
-        let (reply, fd) = protocol::recv_line_with_fd(&stream)
+        let (reply, fds) = protocol::recv_line_with_fds(&stream)
             .map_err(|e| protocol(format!("reading the reply: {e}")))?;
         let reply: Reply = serde_json::from_slice(&reply)
             .map_err(|e| protocol(format!("malformed reply: {e}")))?;
@@ -259,9 +266,21 @@ impl Consumer {
                 code: reply.code.unwrap_or_else(|| "unknown".into()),
             });
         }
-        let file =
-            File::from(fd.ok_or_else(|| protocol("the reply carried no file descriptor".into()))?);
+        let [ring, lane_fd, doorbell]: [std::os::fd::OwnedFd; 3] =
+            fds.try_into().map_err(|fds: Vec<_>| {
+                protocol(format!(
+                    "the reply carried {} file descriptors; format 2.0 passes 3 (ring, lane, doorbell)",
+                    fds.len()
+                ))
+            })?;
+        let file = File::from(ring);
+        let lane_file = File::from(lane_fd);
         let io = |what| io_step::<AttachError>(&name, what);
+        // A consumer writes nothing in the ring: a writable descriptor is a producer bug (or
+        // not a 2.0 producer), and we refuse to hold one.
+        if !memory::is_read_only(&file).map_err(io("reading the ring descriptor's flags"))? {
+            return Err(protocol("ring descriptor is writable".into()));
+        }
         // A named `--shm-dir` file cannot be sealed (only memfds can); the producer says so.
         let named_file = reply.segment.as_deref() == Some("file");
         if !named_file && !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
@@ -297,8 +316,26 @@ impl Consumer {
                 return Err(AttachError::RankMismatch { name, detail });
             }
         }
-        let control =
-            Control::map(&file, layout.data_offset).map_err(io("mapping the control region"))?;
+        let page_bytes = lane_page_bytes(layout.slots_per_lane);
+        if reply.lane_page_bytes != Some(page_bytes) {
+            return Err(protocol(format!(
+                "the reply's lane_page_bytes {:?} differs from {page_bytes} for {} slots per lane",
+                reply.lane_page_bytes, layout.slots_per_lane
+            )));
+        }
+        let page_len = lane_file
+            .metadata()
+            .map_err(io("fstat of the lane page"))?
+            .len();
+        let mut head = [0u8; 16];
+        let got = rustix::io::pread(&lane_file, &mut head, 0)
+            .map_err(|e| io("reading the lane page")(e.into()))?;
+        validate_lane_page(&head[..got], page_len, opts.lane, layout.slots_per_lane)
+            .map_err(format)?;
+        let page = LanePage::map(&lane_file, layout.slots_per_lane)
+            .map_err(io("mapping the lane page"))?;
+        let control = Control::map_read_only(&file, layout.data_offset)
+            .map_err(io("mapping the control region"))?;
         let data = Data::map(
             &file,
             layout.data_offset,
@@ -312,12 +349,12 @@ impl Consumer {
         Ok(Consumer {
             name,
             lane: opts.lane,
-            pid,
-            token: rand::random::<u64>().max(1),
             producer_pid: reply.producer_pid,
             layout,
             control,
             data,
+            page,
+            doorbell,
             stream,
             outbox: RefCell::new(Vec::new()),
             last_taken: Cell::new(None),

@@ -1,13 +1,14 @@
 //! A batch held by the consumer: metadata and tensors viewed in place in the shared memory.
 //!
 //! The crate denies `unsafe_code`; this file allows it to view a held slot's bytes
-//! (`memory::Data::bytes`), which only the slot's holder may do.
+//! (`memory::Data::bytes`), which only the slot's holder (taken, not yet released in its lane
+//! page) may do.
 #![allow(unsafe_code)]
 
 use super::{Consumer, TensorError};
 use crate::ring::layout::Element;
 use crate::ring::memory;
-use crate::ring::slot::{self, Slot};
+use crate::ring::slot;
 
 /// A batch held by the consumer: its tensors are views into the shared memory (no copy).
 /// Dropping it releases the slot to the producer.
@@ -47,8 +48,7 @@ impl Batch<'_> {
     /// has taken the slot back (it declared this consumer gone, e.g. after a long pause, and
     /// a new attach followed): the bytes may then belong to another batch.
     pub fn still_held(&self) -> bool {
-        let c = self.consumer;
-        Slot::new(&c.control, &c.layout, c.lane, self.slot).held_by(c.token, self.meta.seq)
+        self.consumer.holds(self.slot, self.meta.seq)
     }
     /// Whether this batch was delivered before to a consumer that died holding it.
     pub fn redelivered(&self) -> bool {
@@ -86,8 +86,9 @@ impl Batch<'_> {
         let c = self.consumer;
         let t = &c.layout.tensors[index];
         let off = c.layout.slot_data(c.lane, self.slot) + t.offset;
-        // SAFETY: this slot is HELD by us; the producer never writes a HELD slot, and the
-        // slice cannot outlive the batch (whose drop releases the slot).
+        // SAFETY: we hold this slot (taken in our lane page, not released); the producer
+        // never writes a READY slot before its lane page says released, and the slice cannot
+        // outlive the batch (whose drop releases the slot).
         unsafe { c.data.bytes(off, t.bytes) }
     }
 

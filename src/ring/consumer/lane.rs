@@ -1,27 +1,34 @@
-//! The consumer's half of the slot protocol on its lane (§4, §6): take the `READY` slot with
-//! the smallest `seq`, release it with the token that proves it is ours.
+//! The consumer's half of the slot protocol on its lane (§4, §6, format 2.0): take the
+//! `READY` slot with the smallest `seq` that this attach has neither taken nor released, and
+//! release it. Both are written into the lane page only; the ring is read-only to us.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 
 use super::{Batch, ConsumeError, Consumer};
-use crate::ring::futex;
-use crate::ring::layout::{consumer as centry, hdr, lane as lentry, FormatError};
+use crate::ring::layout::lane_page;
+use crate::ring::layout::FormatError;
 use crate::ring::slot::{self, Slot};
 
 impl Consumer {
-    /// Takes the lane's `READY` slot with the smallest `seq`, if any.
+    /// Takes the lane's oldest `READY` batch not taken yet, if any.
     pub(super) fn try_take(&self) -> Result<Option<Batch<'_>>, ConsumeError> {
         let mut best: Option<(u32, u64)> = None;
         for s in 0..self.layout.slots_per_lane {
             let slot = Slot::new(&self.control, &self.layout, self.lane, s);
+            // SYNC POINT with the release store of READY in Slot::publish (acquire in
+            // `state`): the batch and its metadata are visible.
             match slot.state() {
                 slot::READY => {
                     let seq = slot.seq();
-                    if best.is_none_or(|(_, b)| seq < b) {
+                    let taken = self.page.taken_seq(s).load(Relaxed);
+                    let released = self.page.released_seq(s).load(Relaxed);
+                    if lane_page::takeable(slot::READY, seq, taken, released)
+                        && best.is_none_or(|(_, b)| seq < b)
+                    {
                         best = Some((s, seq));
                     }
                 }
-                slot::FREE | slot::WRITING | slot::HELD => {}
+                slot::FREE | slot::WRITING => {}
                 state => {
                     return Err(ConsumeError::Format {
                         name: self.name.clone(),
@@ -37,9 +44,11 @@ impl Consumer {
         let Some((s, seq)) = best else {
             return Ok(None);
         };
-        let slot = Slot::new(&self.control, &self.layout, self.lane, s);
-        slot.take(self.pid, self.token);
-        let meta = slot.meta();
+        // The producer changes a READY slot of an attached lane only once we release it, so
+        // its metadata stays what the scan saw.
+        self.page.taken_seq(s).store(seq, Relaxed);
+        self.page.taken().fetch_add(1, Relaxed);
+        let meta = Slot::new(&self.control, &self.layout, self.lane, s).meta();
         if self.layout.on_demand() {
             let (pass, next) = self.pass.get();
             if meta.epoch != pass || Some(meta.index) != next {
@@ -47,14 +56,14 @@ impl Consumer {
                 self.release(s, seq);
                 return self.try_take();
             }
-            let last = meta.flags & 1 != 0;
+            let last = meta.flags & slot::FLAG_LAST_OF_EPOCH != 0;
             self.pass
                 .set((pass, if last { None } else { Some(meta.index + 1) }));
         }
-        self.last_taken.set(Some((meta.epoch, meta.flags & 1 != 0)));
-        self.control
-            .u64(self.layout.consumer_entry(self.lane) + centry::TAKEN)
-            .fetch_add(1, Relaxed);
+        self.last_taken.set(Some((
+            meta.epoch,
+            meta.flags & slot::FLAG_LAST_OF_EPOCH != 0,
+        )));
         Ok(Some(Batch {
             consumer: self,
             slot: s,
@@ -62,16 +71,28 @@ impl Consumer {
         }))
     }
 
-    /// Releases slot `s` if it still holds our batch `seq`. After the producer declared this
-    /// consumer gone (a pause longer than its liveness checks allow, then a re-attach), the
-    /// slot may be `READY` again or held by the new attach: it is left alone.
+    /// Whether slot `s` still carries our batch `seq`, taken and not released by this
+    /// attach. False once the producer reclaimed the lane (it declared this consumer gone,
+    /// e.g. after a long pause) and rewrote the slot.
+    pub(super) fn holds(&self, s: u32, seq: u64) -> bool {
+        let slot = Slot::new(&self.control, &self.layout, self.lane, s);
+        lane_page::held(
+            slot.state(),
+            slot.seq(),
+            self.page.taken_seq(s).load(Relaxed),
+            self.page.released_seq(s).load(Relaxed),
+        ) && slot.seq() == seq
+    }
+
+    /// Releases batch `seq` of slot `s` after our last read of it, then rings the doorbell.
+    /// A consumer the producer declared gone writes into a page nobody reads any more.
     pub(super) fn release(&self, s: u32, seq: u64) {
-        if !Slot::new(&self.control, &self.layout, self.lane, s).release_if_ours(self.token, seq) {
-            return;
-        }
-        self.lane_u64(lentry::RELEASED).fetch_add(1, Relaxed);
-        futex::bump_and_wake(self.lane_u32(lentry::RELEASE_SEQ));
-        // SYNC POINT with the producer's acquire load of release_any in claim_any.
-        futex::bump_and_wake(self.control.u32(hdr::RELEASE_ANY as u64));
+        // SYNC POINT with the producer's load-acquire of released_seq in its claim (and
+        // reclaim): our reads of the batch happen-before its next writes into the slot.
+        self.page.released_seq(s).store(seq, Release);
+        self.page.released().fetch_add(1, Relaxed);
+        // EAGAIN (a saturated counter) already wakes the producer; any other error means the
+        // producer is gone, which `next` reports.
+        let _ = rustix::io::write(&self.doorbell, &1u64.to_le_bytes());
     }
 }

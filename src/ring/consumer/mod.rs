@@ -6,11 +6,13 @@
 //! The rooms mirror the Python client's (`clients/python/src/ringfeed/`):
 //!
 //! - `attach` (Python `protocol.attach` + `Ring.from_fd`): [`AttachOptions`], the handshake,
-//!   the checks of the reply and the memfd, validation, then the two mappings;
+//!   the checks of the reply and its three descriptors (the ring must be read-only),
+//!   validation, then the mappings: the ring read-only, the lane page read-write;
 //! - this file (Python `loader.py`): [`Consumer`], waiting for batches with liveness checks,
 //!   epochs and passes, loss reports;
 //! - `lane` (Python `ring.py`): the consumer's half of the slot protocol on its lane: take the
-//!   oldest `READY` slot, release it;
+//!   oldest `READY` slot not yet taken, release it — both written into the lane page only
+//!   (format 2.0: a consumer writes nothing in the ring);
 //! - `batch` (Python `batch.py`): [`Batch`], a held slot's tensors viewed in place;
 //! - `error` (Python `errors.py`): [`AttachError`], [`ConsumeError`], [`ReportError`],
 //!   [`TensorError`].
@@ -28,10 +30,9 @@ use std::time::{Duration, Instant};
 
 use super::feedback;
 use super::futex::{self, mono_ns};
-use super::layout::{
-    consumer as centry, decode_last_error, hdr, lane as lentry, read_state, Layout, ProducerState,
-};
+use super::layout::{decode_last_error, hdr, lane as lentry, read_state, Layout, ProducerState};
 use super::memory::{Control, Data};
+use super::page::LanePage;
 use super::protocol;
 use super::resume::{Fingerprint, ResumeState};
 
@@ -50,13 +51,16 @@ const HEARTBEAT_STALE_NS: u64 = 3_000_000_000;
 pub struct Consumer {
     name: String,
     lane: u32,
-    pid: u32,
-    /// Written into every slot this consumer takes; a release proves ownership with it.
-    token: u64,
     producer_pid: u32,
     layout: Layout,
+    /// The control region, mapped read-only.
     control: Control,
+    /// The data region, mapped read-only.
     data: Data,
+    /// This attach's lane page, mapped read-write: the only memory this consumer writes.
+    page: LanePage,
+    /// The doorbell: written after every release to wake a producer waiting for a slot.
+    doorbell: std::os::fd::OwnedFd,
     stream: UnixStream,
     /// Feedback frames (§9) not yet accepted by the socket (the producer was busy).
     outbox: RefCell<Vec<u8>>,
@@ -256,10 +260,7 @@ impl Consumer {
         self.control.u64(self.layout.lane_entry(self.lane) + off)
     }
     fn touch_heartbeat(&self) {
-        let e = self.layout.consumer_entry(self.lane);
-        self.control
-            .u64(e + centry::HEARTBEAT_MONO_NS)
-            .store(mono_ns(), Relaxed);
+        self.page.heartbeat_mono_ns().store(mono_ns(), Relaxed);
     }
 
     fn gone(&self, reason: String) -> ConsumeError {
@@ -327,7 +328,8 @@ impl Consumer {
             futex::wait(publish_seq, v, wait);
         };
         if let Some(t) = wait_started {
-            self.lane_u64(lentry::CONSUMER_WAIT_NS)
+            self.page
+                .consumer_wait_ns()
                 .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         }
         self.touch_heartbeat();

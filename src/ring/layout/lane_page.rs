@@ -1,7 +1,7 @@
-//! Format 2.0 (docs/proposals/ring-format-2.0.md), first step: the lane page (the only memory
-//! a consumer writes: its counters and, per slot, the `seq` it took and released last) and the
-//! slot rules that read it. Pure and safe, like the rest of the format; not yet used by the
-//! producer or the clients, which still speak 1.3.
+//! Format 2.0: the lane page (the only memory a consumer writes: its counters and, per slot,
+//! the `seq` it took and released last) and the slot rules that read it. Pure and safe, like
+//! the rest of the format; `ring::page` is the live mapping, the producer's `state` and the
+//! consumer's `lane` apply the rules.
 //!
 //! The rules, each a function of the producer-owned slot `state` and `seq` and the lane page's
 //! `taken_seq` / `released_seq` for that slot:
@@ -14,9 +14,6 @@
 //! Whatever a consumer writes into its lane page, these functions only ever decide about that
 //! lane's slots, and only by comparing with the producer's own `seq`: no value from the page
 //! is used as an index, an offset or a length.
-// Until the producer and the clients speak 2.0, nothing outside the tests uses this module.
-#![allow(dead_code)]
-
 use super::{FormatError, PAGE};
 
 /// `RFLANE\0\0`: the first eight bytes of every lane page.
@@ -28,9 +25,9 @@ pub(crate) const LANE_SLOT_BYTES: u64 = 16;
 
 /// Byte offsets in a lane page.
 pub(crate) mod page {
-    pub(crate) const MAGIC: usize = 0;
-    pub(crate) const LANE: usize = 8;
-    pub(crate) const SLOTS: usize = 12;
+    pub(super) const MAGIC: usize = 0;
+    pub(super) const LANE: usize = 8;
+    pub(super) const SLOTS: usize = 12;
     pub(crate) const RELEASED: u64 = 16;
     pub(crate) const CONSUMER_WAIT_NS: u64 = 24;
     pub(crate) const HEARTBEAT_MONO_NS: u64 = 32;

@@ -24,7 +24,7 @@ use std::io;
 
 use thiserror::Error;
 
-mod lane_page;
+pub(crate) mod lane_page;
 mod plan;
 mod stats;
 #[cfg(test)]
@@ -40,9 +40,9 @@ pub use validate::validate_header;
 /// `RINGFEED` in ASCII: the first eight bytes of every ring.
 pub const MAGIC: [u8; 8] = *b"RINGFEED";
 /// The layout major version this code implements.
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 /// The layout minor version this code writes.
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 0;
 /// Size of the fixed header.
 pub const HEADER_BYTES: u32 = 512;
 /// Page size every region boundary is aligned to.
@@ -104,7 +104,7 @@ pub(crate) mod hdr {
     pub(crate) const EPOCHS: usize = 128;
     pub(crate) const SEED: usize = 136;
     pub(crate) const SAMPLES_PER_EPOCH: usize = 144;
-    pub(crate) const RELEASE_ANY: usize = 152;
+    // 152: reserved in 2.0 (1.x `release_any`; each attach has an eventfd doorbell now).
     pub(crate) const WORLD_SIZE: usize = 156;
     pub(crate) const SAMPLES_OK: usize = 160;
     pub(crate) const SAMPLES_SKIPPED: usize = 168;
@@ -128,7 +128,7 @@ mod tensor_entry {
 /// Byte offsets inside a lane table entry (§5.3).
 pub(crate) mod lane {
     pub(crate) const PUBLISH_SEQ: u64 = 0;
-    pub(crate) const RELEASE_SEQ: u64 = 4;
+    // 4: reserved in 2.0 (1.x `release_seq`).
     pub(crate) const CONSUMER_PID: u64 = 8;
     pub(crate) const STREAM: u64 = 12;
     pub(crate) const NEXT_SEQ: u64 = 16;
@@ -149,14 +149,13 @@ pub(crate) mod lane {
 /// Byte offsets inside a slot table entry (§5.4).
 pub(crate) mod slot {
     pub(crate) const STATE: u64 = 0;
-    pub(crate) const HOLDER_PID: u64 = 4;
+    // 4 (1.x `holder_pid`) and 48 (1.2 `holder_token`): reserved in 2.0.
     pub(crate) const SEQ: u64 = 8;
     pub(crate) const EPOCH: u64 = 16;
     pub(crate) const INDEX: u64 = 24;
     pub(crate) const COUNT: u64 = 32;
     pub(crate) const FLAGS: u64 = 36;
     pub(crate) const PUBLISHED_MONO_NS: u64 = 40;
-    pub(crate) const HOLDER_TOKEN: u64 = 48;
 }
 
 /// Byte offsets inside a consumer table entry (§5.5).
@@ -166,6 +165,9 @@ pub(crate) mod consumer {
     pub(crate) const ATTACH_UNIX_NS: u64 = 8;
     pub(crate) const HEARTBEAT_MONO_NS: u64 = 16;
     pub(crate) const TAKEN: u64 = 24;
+    /// (2.0) Batches released by the current attach: the producer's copy of its lane page's
+    /// `released`, so that `held = taken − released` (statistics only).
+    pub(crate) const RELEASED: u64 = 32;
 }
 
 /// Element type of a tensor, with its on-disk code (§5.2).
@@ -484,7 +486,7 @@ pub enum FormatError {
         /// Why it is refused.
         reason: String,
     },
-    /// A slot whose `state` is not 0–3.
+    /// A slot whose `state` is not 0–2 (`FREE`, `WRITING`, `READY`; 2.0 has no `HELD`).
     #[error("slot {slot} of lane {lane} has invalid state {state}")]
     SlotState {
         /// Lane.

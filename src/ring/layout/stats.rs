@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
-use super::{hdr, lane as lentry, Layout, ProducerState, LAST_ERROR_BYTES};
+use super::{consumer as centry, hdr, lane as lentry, Layout, ProducerState, LAST_ERROR_BYTES};
 use crate::ring::memory::Control;
 use crate::ring::slot::{self, Slot};
 
@@ -13,9 +13,10 @@ use crate::ring::slot::{self, Slot};
 pub struct LaneStats {
     /// Lane number.
     pub lane: u32,
-    /// Slots `READY`.
+    /// Slots `READY` and not held by the consumer.
     pub ready: u32,
-    /// Slots `HELD` by the consumer.
+    /// Slots `READY` and held by the consumer (taken, not yet released): the producer's
+    /// copies of the attach's `taken − released` (format 2.0), at most the `READY` slots.
     pub held: u32,
     /// Slots `FREE`.
     pub free: u32,
@@ -92,12 +93,21 @@ pub(crate) fn read_stats(c: &Control, layout: &Layout) -> RingStats {
                 match Slot::new(c, layout, l, s).state() {
                     slot::FREE => st.free += 1,
                     slot::WRITING => st.writing += 1,
-                    slot::READY => st.ready += 1,
-                    _ => st.held += 1,
+                    _ => st.ready += 1,
                 }
             }
             let e = layout.lane_entry(l);
             st.consumer_pid = c.u32(e + lentry::CONSUMER_PID).load(Relaxed);
+            if st.consumer_pid != 0 {
+                // Held = taken − released by the current attach, as the producer copied them
+                // from its lane page (statistics a heartbeat behind).
+                let ce = layout.consumer_entry(l);
+                let taken = c.u64(ce + centry::TAKEN).load(Relaxed);
+                let released = c.u64(ce + centry::RELEASED).load(Relaxed);
+                let held = taken.saturating_sub(released).min(u64::from(st.ready)) as u32;
+                st.held = held;
+                st.ready -= held;
+            }
             st.consumer_wait_ns = c.u64(e + lentry::CONSUMER_WAIT_NS).load(Relaxed);
             st.producer_wait_ns = c.u64(e + lentry::PRODUCER_WAIT_NS).load(Relaxed);
             st.published = c.u64(e + lentry::PUBLISHED).load(Relaxed);

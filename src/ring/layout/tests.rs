@@ -158,7 +158,8 @@ fn validate_names_the_broken_field() {
     check(&|b| b.truncate(100), n, "truncated");
     check(&|_| {}, 100, "truncated");
     check(&|b| b[0] = b'X', n, "magic");
-    check(&|b| b[8] = 2, n, "version 2");
+    check(&|b| b[8] = 1, n, "version 1");
+    check(&|b| b[8] = 3, n, "version 3");
     check(&|_| {}, n - 4096, "file_bytes");
     check(&|b| set_u64(b, hdr::DATA_OFFSET, 4097), n, "control_bytes");
     check(&|b| set_u32(b, hdr::LANE_COUNT, 0), n, "lane_count");

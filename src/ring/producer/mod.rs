@@ -6,15 +6,23 @@
 //! - this file: [`Producer`], the pipeline's handle: creating the ring (lock, memory, header,
 //!   socket), claiming slots, announcing epochs, counters, and the clean stop.
 //! - `state`: what the handle and its threads share ([`Shared`](state::Shared)): the lane
-//!   table, the producer's own copies of the fields consumers can write, slot claims, and
-//!   [`SeekRequest`], a resume the service hands to the pipeline.
+//!   table with each attach's lane page and doorbell (format 2.0), slot claims (a slot is
+//!   claimable when `FREE`, or `READY` and released in the current attach's lane page), the
+//!   reclaim of a gone consumer's lane, and [`SeekRequest`], a resume the service hands to
+//!   the pipeline.
 //! - `writer`: [`SlotWriter`], one claimed slot being filled, then published.
 //! - `service`: the *attach service* thread: one `poll` over the listening socket, every
 //!   connection still sending its request, and every attached consumer's socket, so a
 //!   consumer's death is seen at once and a slow client delays nobody.
-//! - `heartbeat`: the *heartbeat* thread: refreshes `heartbeat_mono_ns`, undoes what consumers
-//!   wrote over producer-owned memory, and as a backup reclaims lanes whose consumer pid no
-//!   longer exists.
+//! - `heartbeat`: the *heartbeat* thread: refreshes `heartbeat_mono_ns`, copies the lane
+//!   pages' counters into the ring's tables (statistics), and as a backup reclaims lanes whose
+//!   consumer pid no longer exists.
+//!
+//! Every byte of the ring is written by the producer only (format 2.0): consumers receive it
+//! through a read-only descriptor, and a memfd is also sealed `F_SEAL_FUTURE_WRITE`. What a
+//! consumer writes is its own lane page, which the producer reads only to free that lane's
+//! released slots (comparing with its own `seq`), and its doorbell, which only wakes
+//! [`Producer::claim_any`].
 //!
 //! The service, the heartbeat and the writer depend on `state` and on the format
 //! ([`super::layout`]), never on this file or on each other; this file starts the two
@@ -43,12 +51,12 @@ use serde_json::json;
 use thiserror::Error;
 
 use super::feedback::Feedback;
-use super::futex::{self, mono_ns, unix_ns};
+use super::futex::{mono_ns, unix_ns};
 use super::layout::{
     self, hdr, io_step, lane as lentry, IoStep, Layout, ProducerState, RingSpec, RingStats,
     SpecError,
 };
-use super::memory::{Control, Data};
+use super::memory::{self, Control, Data};
 use super::resume::Fingerprint;
 use super::runtime_dir::{validate_name, LockError, ProducerLock, RuntimeDir, RuntimeDirError};
 use super::segment::{self, FileAccess, SegmentError, ShmDirError};
@@ -58,7 +66,8 @@ use state::{lock, LaneConn, Shared};
 pub use state::{Catalog, InfoExtra, SeekRequest};
 pub use writer::{BatchMeta, SlotWriter};
 
-/// Longest single futex wait, so stop requests and timeouts are noticed.
+/// Longest single wait for a doorbell, so stop requests, timeouts and slots freed by a
+/// reclaim or a seek (which ring no doorbell) are noticed.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// Why a ring could not be created.
@@ -310,12 +319,17 @@ impl Producer {
             Vec::new()
         };
         let pid = std::process::id();
-        let mut image = layout::encode_control(&layout, pid, unix_ns());
-        control.store_bytes(0, &image);
-        image.truncate(
-            layout.tensor_table_offset as usize
-                + layout.tensors.len() * layout::TENSOR_ENTRY_BYTES as usize,
-        );
+        control.store_bytes(0, &layout::encode_control(&layout, pid, unix_ns()));
+        if segment.path().is_none() {
+            // Our writable mappings exist; from now on nobody can make another one.
+            if let Err(e) = memory::seal_future_write(segment.file()) {
+                log::warn!(
+                    "ring {name:?}: the kernel refused F_SEAL_FUTURE_WRITE ({e}); consumers still get a read-only descriptor"
+                );
+            }
+        }
+        let ring_read_only = memory::reopen_read_only(segment.file())
+            .map_err(io_err("reopening the ring read-only for consumers"))?;
         control
             .u64(hdr::HEARTBEAT_MONO_NS as u64)
             .store(mono_ns(), Release);
@@ -344,7 +358,9 @@ impl Producer {
         let lanes = vec![LaneConn::Vacant; layout.lane_count as usize];
         // Every lane's first batch has seq 1 (§5.4), as `encode_control` wrote.
         let publish_locks = (0..layout.lane_count).map(|_| Mutex::new(1)).collect();
-        let plans = Mutex::new(vec![[0; 4]; layout.lane_count as usize]);
+        let bases = (0..layout.lane_count)
+            .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+            .collect();
         let writing = (0..layout.lane_count * layout.slots_per_lane)
             .map(|_| AtomicBool::new(false))
             .collect();
@@ -356,12 +372,13 @@ impl Producer {
             allow_group: options.allow_group,
             control,
             data,
+            ring_read_only,
+            bases,
             lanes: Mutex::new(lanes),
             publish_locks,
             state: std::sync::atomic::AtomicU32::new(ProducerState::Starting.code()),
             state_lock: Mutex::new(()),
             writing,
-            image,
             seeks: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -370,7 +387,7 @@ impl Producer {
             evaluation: Mutex::new(json!({})),
             catalog: Mutex::new(None),
             fingerprint: Mutex::new(options.fingerprint.clone()),
-            plans,
+            plan_lock: Mutex::new(()),
         });
         shared.set_state(ProducerState::Serving);
         let mut producer = Producer {
@@ -401,29 +418,59 @@ impl Producer {
         &self.shared.layout
     }
 
-    /// Non-blocking: a `FREE` slot of `lane` claimed as `WRITING`, or `None` (lane full or
-    /// out of range).
+    /// Non-blocking: a slot of `lane` claimed as `WRITING` (a `FREE` one, or a `READY` one
+    /// whose batch the lane's consumer released), or `None` (lane full or out of range).
     pub fn try_claim(&self, lane: u32) -> Option<SlotWriter<'_>> {
         if lane >= self.shared.layout.lane_count {
             return None;
         }
+        let attachment = self.shared.attachment(lane);
+        self.claim_in(lane, attachment.as_deref())
+    }
+
+    fn claim_in(
+        &self,
+        lane: u32,
+        attachment: Option<&state::Attachment>,
+    ) -> Option<SlotWriter<'_>> {
+        let page = attachment.map(|a| &a.page);
         (0..self.shared.layout.slots_per_lane)
-            .find(|&s| self.shared.claim(lane, s))
+            .find(|&s| self.shared.claim(lane, s, page))
             .map(|slot| SlotWriter::new(&self.shared, lane, slot))
     }
 
-    /// Blocks until some lane in `lanes` has a free slot, or `timeout` passes (`None`),
-    /// waiting on `release_any`; the time waited is added to `producer_wait_ns` (header, and
-    /// every lane in `lanes`, since it waited for each of them).
+    /// Blocks until some lane in `lanes` has a claimable slot, or `timeout` passes (`None`),
+    /// waiting in `poll(2)` on the doorbells of those lanes' attached consumers (at most
+    /// 100 ms at a time: slots freed by a reclaim or a seek ring no doorbell). The time waited
+    /// is added to `producer_wait_ns` (header, and every lane in `lanes`, since it waited for
+    /// each of them).
     pub fn claim_any(&self, lanes: &[u32], timeout: Duration) -> Option<SlotWriter<'_>> {
         let start = Instant::now();
-        let release_any = self.shared.hdr_u32(hdr::RELEASE_ANY);
+        let lane_count = self.shared.layout.lane_count;
         let mut waited = false;
         let result = loop {
-            // Read the word before scanning, so a release after the scan changes it and the
-            // wait returns at once (partner: the consumer's bump after its FREE store).
-            let v = release_any.load(Acquire);
-            if let Some(w) = lanes.iter().find_map(|&l| self.try_claim(l)) {
+            // The current attaches, taken under the lock once per round; the Arcs keep their
+            // pages mapped and doorbells open while we scan and poll, even across a reclaim.
+            let attachments: Vec<(u32, Option<Arc<state::Attachment>>)> = {
+                let conns = lock(&self.shared.lanes);
+                lanes
+                    .iter()
+                    .filter(|&&l| l < lane_count)
+                    .map(|&l| {
+                        let a = match &conns[l as usize] {
+                            LaneConn::Attached { attachment, .. } => Some(attachment.clone()),
+                            _ => None,
+                        };
+                        (l, a)
+                    })
+                    .collect()
+            };
+            // A release after this scan rings its doorbell, whose counter stays non-zero
+            // until drained below: the poll then returns at once (no lost wake-up).
+            if let Some(w) = attachments
+                .iter()
+                .find_map(|(l, a)| self.claim_in(*l, a.as_deref()))
+            {
                 break Some(w);
             }
             let elapsed = start.elapsed();
@@ -431,14 +478,34 @@ impl Producer {
                 break None;
             }
             waited = true;
-            futex::wait(release_any, v, (timeout - elapsed).min(MAX_WAIT));
+            let bells: Vec<&state::Attachment> = attachments
+                .iter()
+                .filter_map(|(_, a)| a.as_deref())
+                .collect();
+            let mut fds: Vec<rustix::event::PollFd<'_>> = bells
+                .iter()
+                .map(|a| rustix::event::PollFd::new(&a.doorbell, rustix::event::PollFlags::IN))
+                .collect();
+            let wait = (timeout - elapsed).min(MAX_WAIT);
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: wait.as_nanos() as i64,
+            };
+            let polled = rustix::event::poll(&mut fds, Some(&ts));
+            let rang: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop(fds);
+            if polled.is_ok() {
+                for (a, _) in bells.iter().zip(rang).filter(|(_, r)| *r) {
+                    a.drain_doorbell();
+                }
+            }
         };
         if waited {
             let ns = start.elapsed().as_nanos() as u64;
             self.shared
                 .hdr_u64(hdr::PRODUCER_WAIT_NS)
                 .fetch_add(ns, Relaxed);
-            for &l in lanes.iter().filter(|&&l| l < self.shared.layout.lane_count) {
+            for &l in lanes.iter().filter(|&&l| l < lane_count) {
                 self.shared
                     .lane_u64(l, lentry::PRODUCER_WAIT_NS)
                     .fetch_add(ns, Relaxed);
@@ -485,10 +552,9 @@ impl Producer {
     /// waits for the epoch's length sees it at once.
     pub fn announce_epoch(&self, lane: u32, epoch: u64, batches: u64, kept: u64, pruned: u64) {
         let sh = &self.shared;
-        let mut plans = lock(&sh.plans);
-        if let Some(plan) = plans.get_mut(lane as usize) {
-            *plan = [epoch + 1, batches, kept, pruned];
-            sh.store_plan(lane, plan);
+        if lane < sh.layout.lane_count {
+            let _plan_lock = lock(&sh.plan_lock);
+            sh.store_plan(lane, &[epoch + 1, batches, kept, pruned]);
         }
     }
 
@@ -547,8 +613,17 @@ impl Producer {
         }
     }
 
-    /// Counters for the status line. The state is the producer's own, not the header's copy.
+    /// Counters for the status line. The state is the producer's own, not the header's copy;
+    /// every attached lane is synced with its lane page first (`sync_lane`), so they are current.
     pub fn stats(&self) -> RingStats {
+        {
+            let lanes = lock(&self.shared.lanes);
+            for (l, conn) in lanes.iter().enumerate() {
+                if let LaneConn::Attached { attachment, .. } = conn {
+                    self.shared.sync_lane(l as u32, &attachment.page);
+                }
+            }
+        }
         let mut stats = layout::read_stats(&self.shared.control, &self.shared.layout);
         stats.state = self.shared.state();
         stats

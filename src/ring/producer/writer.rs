@@ -4,7 +4,7 @@
 //! (`memory::Data::bytes_mut`), which only the `WRITING` owner may do.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 
 use super::state::{lock, Shared};
 use crate::ring::futex::{self, mono_ns};
@@ -24,7 +24,8 @@ pub struct BatchMeta {
     pub last_of_epoch: bool,
 }
 
-/// A slot of one lane, claimed as `WRITING`. Publish it, or drop it to return it to `FREE`.
+/// A slot of one lane, claimed as `WRITING` (and marked as this writer's, see
+/// `state::Shared::writing`). Publish it, or drop it to return it to `FREE`.
 pub struct SlotWriter<'a> {
     shared: &'a Shared,
     lane: u32,
@@ -94,7 +95,8 @@ impl<'a> SlotWriter<'a> {
             published_mono_ns: mono_ns(),
         });
         self.done = true;
-        sh.writing_mark(lane, self.slot).store(false, Relaxed);
+        // SYNC POINT with the acquire compare-exchange of the mark by the slot's next owner.
+        sh.writing_mark(lane, self.slot).store(false, Release);
         *next_seq = seq + 1;
         sh.lane_u64(lane, lentry::NEXT_SEQ).store(seq + 1, Relaxed);
         sh.lane_u64(lane, lentry::PUBLISHED).fetch_add(1, Relaxed);
@@ -131,7 +133,7 @@ impl Drop for SlotWriter<'_> {
             self.shared.slot(self.lane, self.slot).abandon();
             self.shared
                 .writing_mark(self.lane, self.slot)
-                .store(false, Relaxed);
+                .store(false, Release);
         }
     }
 }
