@@ -2,7 +2,8 @@
 
 The reference producer (tests/ring_writer.py) runs in-process and publishes between timed
 iterations, so only the consumer's work is measured: scanning the lane's slots, taking the
-slot, building the views, releasing (two futex wakes) and the consumer-table bookkeeping.
+slot, building the views, releasing (format 2.0: a lane-page store and a doorbell write) and
+the lane-page bookkeeping.
 
     python benchmarks/bench_client.py [--iterations 2000]
 """

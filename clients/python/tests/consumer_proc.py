@@ -8,14 +8,18 @@ reports the slots and sleeps until killed; ``torch-write`` writes in place throu
 ``batch.torch()``, which must kill it with SIGSEGV (``torch-copy`` writes into
 ``batch.torch(copy=True)`` instead, which must work); ``storm`` iterates (releasing each batch)
 under a storm of SIGINTs until a line arrives on stdin, then reports the slots the ring says
-are held next to the batches the loader tracks.
+are held next to the batches the loader tracks; ``scribble`` is a hostile consumer (format
+2.0): it attaches with the client's handshake only, then writes random bytes and forged
+``released_seq`` values over its whole lane page and floods its doorbell, until killed.
 Reports are JSON lines on stdout.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import random
 import select
 import signal
 import sys
@@ -24,7 +28,8 @@ from types import FrameType
 from typing import Any, Optional
 
 import ringfeed
-from ringfeed.layout import HELD
+from ringfeed import protocol
+from ringfeed.runtime import socket_path
 
 
 def report(**fields: object) -> None:
@@ -55,7 +60,7 @@ def main() -> None:
         for _ in range(int(sys.argv[5])):
             batch = loader.next_batch()
             batch.release_after(_NeverDone())
-            batch.release()  # deferred: the slot stays HELD by this process
+            batch.release()  # deferred: the slot stays held by this process
             slots.append(batch.slot)
         report(pending=slots)
         while True:
@@ -81,10 +86,10 @@ def main() -> None:
                 loader.next_batch()
                 report(error="a batch arrived")
             except KeyboardInterrupt:
-                ring = loader.ring
-                every_slot = range(ring.layout.slots_per_lane)
-                held = sum(ring.slot_state(lane, slot) == HELD for slot in every_slot)
+                held = len(loader.ring.held_slots(lane))  # what its lane page says it holds
                 report(interrupted=True, held=held)
+    elif mode == "scribble":
+        scribble(name, directory, lane)
     elif mode == "storm":
         signal.signal(signal.SIGINT, interrupt_inside_client)
         sys.settrace(pause_at_every_client_line)
@@ -106,6 +111,51 @@ def main() -> None:
 
 
 CLIENT_DIR = os.path.dirname(ringfeed.__file__)
+
+
+def slot_seqs(ring: ringfeed.Ring) -> list[int]:
+    """The ``seq`` of every slot of every lane, read from the (read-only) slot table."""
+    layout = ring.layout
+    return [
+        int.from_bytes(ring._control[offset + 8 : offset + 16], "little")
+        for offset in (
+            layout.slot_entry_offset(lane, slot)
+            for lane in range(layout.lane_count)
+            for slot in range(layout.slots_per_lane)
+        )
+    ]
+
+
+def scribble(name: str, directory: str, lane: int) -> None:
+    """A hostile consumer of ``lane``: everything it can write is its lane page and doorbell,
+    and it writes them as fast as it can (random bytes; every slot of its lane "released" with
+    the seq it holds, or with seqs of other lanes' slots; huge counters), never releasing
+    properly, until killed."""
+    _sock, reply, fds = protocol.attach(socket_path(name, directory), lane)
+    ring = ringfeed.Ring.from_fd(fds.ring)
+    slots = ring.layout.slots_per_lane
+    page = mmap.mmap(fds.lane, os.fstat(fds.lane).st_size, mmap.MAP_SHARED)
+    rng = random.Random(lane)
+    rounds = 0
+    while True:
+        if rounds % 64 == 0:
+            seqs = slot_seqs(ring)  # fresh ones: the producer moves on
+        if rounds % 2:
+            page[:] = rng.randbytes(len(page))
+        else:
+            for slot in range(slots):
+                own = seqs[lane * slots + slot]
+                forged = own if rounds % 4 == 0 else rng.choice(seqs)
+                page[72 + 16 * slot : 80 + 16 * slot] = forged.to_bytes(8, "little")
+            page[16:48] = rng.randbytes(32)  # huge counters
+        for _ in range(8):
+            try:
+                os.write(fds.doorbell, rng.randrange(1, 1 << 63).to_bytes(8, "little"))
+            except BlockingIOError:
+                break  # the counter is saturated
+        if rounds == 0:
+            report(ready=True, lane_page_bytes=reply.get("lane_page_bytes"))
+        rounds += 1
 
 
 def interrupt_inside_client(signum: int, frame: Optional[FrameType]) -> None:
@@ -171,9 +221,7 @@ def storm(loader: ringfeed.Loader) -> None:
         next(iter(loader), None)
     except ringfeed.RingTimeout:
         counts["stuck"] = 1
-    ring = loader.ring
-    slots = range(ring.layout.slots_per_lane)
-    held = sum(ring.slot_state(loader.lane, slot) == HELD for slot in slots)
+    held = len(loader.ring.held_slots(loader.lane))  # what its lane page says it holds
     del counts["announced"]
     report(held_in_ring=held, tracked=len(loader._held), **counts)
     loader.close()

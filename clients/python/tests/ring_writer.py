@@ -1,8 +1,12 @@
-"""A reference PRODUCER of the ring format, written from docs/ring-format.md alone.
+"""A reference PRODUCER of the ring format 2.0, written from the format's contract alone.
 
 It exists to test the Python client without the Rust daemon: it lays out a sealed memfd,
-serves the attach handshake over a Unix socket (SCM_RIGHTS), publishes deterministic batches,
-reclaims the slots of consumers that die, seeks lanes on ``resume`` and reports its state.
+serves the attach handshake over a Unix socket (three descriptors with SCM_RIGHTS: the ring
+reopened read-only, a fresh lane page and a doorbell eventfd per attach), publishes
+deterministic batches, claims a READY slot again once the lane page says its batch was
+released, reclaims the slots of consumers that die, seeks lanes on ``resume`` and reports its
+state. Tests may make it hostile: :attr:`RingWriter.reply_fds_hook` rewrites the descriptors
+of an attach reply, :attr:`RingWriter.page_hook` the lane page before it is passed.
 
 In-process use (tests, benchmarks)::
 
@@ -19,6 +23,7 @@ SIGTERM (clean stop) or SIGKILL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -32,14 +37,18 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 PAGE = 4096
 HEADER_BYTES = 512
 STARTING, SERVING, FINISHED, STOPPED, FAILED = 0, 1, 2, 3, 4
-FREE, WRITING, READY, HELD = 0, 1, 2, 3
+FREE, WRITING, READY = 0, 1, 2
+LANE_MAGIC = b"RFLANE\0\0"
+# Lane page offsets: counters, then per slot taken_seq (+0) and released_seq (+8).
+PAGE_RELEASED, PAGE_CONSUMER_WAIT_NS, PAGE_HEARTBEAT, PAGE_TAKEN = 16, 24, 32, 40
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 DTYPE_CODES = {"u8": (1, "|u1"), "i32": (2, "<i4"), "i64": (3, "<i8"), "f16": (4, "<f2"),
                "bf16": (5, "<u2"), "f32": (6, "<f4")}  # fmt: skip
 
@@ -72,6 +81,45 @@ def _round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
 
+def lane_page_bytes(slots: int) -> int:
+    return _round_up(64 + 16 * slots, PAGE)
+
+
+class LanePage:
+    """The producer's side of one attach's lane page: created, read, and dropped at reclaim."""
+
+    def __init__(self, name: str, lane: int, slots: int) -> None:
+        size = lane_page_bytes(slots)
+        self.fd = os.memfd_create(f"ringfeed-lane:{name}:{lane}",
+                                  os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)  # fmt: skip
+        os.ftruncate(self.fd, size)
+        os.pwrite(self.fd, struct.pack("<8sII", LANE_MAGIC, lane, slots), 0)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)  # fmt: skip
+        self.mem = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def get(self, offset: int) -> int:
+        return int(struct.unpack_from("<Q", self.mem, offset)[0])
+
+    def taken_seq(self, slot: int) -> int:
+        return self.get(64 + 16 * slot)
+
+    def released_seq(self, slot: int) -> int:
+        return self.get(72 + 16 * slot)
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.doorbell)
+
+    def close(self) -> None:
+        self.mem.close()
+        os.close(self.doorbell)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class RingWriter:
     """A producer: lanes × slots of batches with tensors images / labels / sample_ids."""
 
@@ -89,7 +137,7 @@ class RingWriter:
         epochs: int = 2,
         seed: int = 7,
         fill: bool = True,
-        version_major: int = 1,
+        version_major: int = 2,
         generation: Optional[int] = None,
     ) -> None:
         self.name = name
@@ -97,7 +145,7 @@ class RingWriter:
         self.lanes, self.slots, self.batch_size = lanes, slots, batch_size
         self.batches_per_epoch, self.epochs, self.seed = batches_per_epoch, epochs, seed
         self.fill = fill
-        self.version_major = version_major  # another major: a ring no 1.x client may read
+        self.version_major = version_major  # another major: a ring no 2.x client may read
         self.samples = lanes * batches_per_epoch * batch_size
         self.generation = generation or int.from_bytes(os.urandom(8), "little") | 1
         self.tensors: list[tuple[str, int, str, tuple[int, ...], int]] = []
@@ -122,16 +170,30 @@ class RingWriter:
         self.fd = os.memfd_create(f"ringfeed-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.file_bytes)
         os.posix_fallocate(self.fd, 0, self.file_bytes)
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)  # fmt: skip
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.mem = mmap.mmap(self.fd, self.file_bytes, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        # Consumers get a read-only reopen; after our own writable mapping, nobody may make
+        # another one (a kernel without FUTURE_WRITE: the read-only descriptor is the defence).
+        self.ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
         self._write_header()
         self.cursor = [(0, 0)] * lanes  # next (epoch, index) per lane
         self.done = [False] * lanes
         self.lane_locks = [threading.Lock() for _ in range(lanes)]
         self.connections: dict[int, socket.socket] = {}
+        self.pages: dict[int, LanePage] = {}  # the current attach's lane page, per lane
+        self.base_counts = [[0, 0] for _ in range(lanes)]  # released, wait_ns of past attaches
+        self.wake = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(lanes)]
+        #: Rewrites the descriptors [ring, lane page, doorbell] of an attach reply (hostile
+        #: producer tests); the writer closes the lane page's and doorbell's own later.
+        self.reply_fds_hook: Optional[Callable[[list[int]], list[int]]] = None
+        #: Called with each new lane page's memory before it is passed (hostile pages).
+        self.page_hook: Optional[Callable[[mmap.mmap], None]] = None
+        self.reply_extra: dict[str, Any] = {}  # merged into every successful attach reply
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.listener: Optional[socket.socket] = None
@@ -180,6 +242,39 @@ class RingWriter:
     def slot_state(self, lane: int, slot: int) -> int:
         return int(self.get("I", self.slot_off(lane, slot)))
 
+    def slot_seq(self, lane: int, slot: int) -> int:
+        return int(self.get("Q", self.slot_off(lane, slot) + 8))
+
+    def held(self, lane: int, slot: int) -> bool:
+        """Whether the lane's current consumer holds the slot: READY, taken, not released."""
+        with self.lane_locks[lane]:
+            page = self.pages.get(lane)
+            seq = self.slot_seq(lane, slot)
+            return (
+                page is not None
+                and self.slot_state(lane, slot) == READY
+                and page.taken_seq(slot) == seq
+                and page.released_seq(slot) != seq
+            )
+
+    def claimable(self, lane: int, slot: int) -> bool:
+        """Whether the producer may write the slot again: FREE, or READY and released."""
+        with self.lane_locks[lane]:
+            return self._claimable_locked(lane, slot)
+
+    def _claimable_locked(self, lane: int, slot: int) -> bool:
+        state = self.slot_state(lane, slot)
+        if state == FREE:
+            return True
+        page = self.pages.get(lane)
+        seq = self.slot_seq(lane, slot)
+        return state == READY and page is not None and seq != 0 and page.released_seq(slot) == seq
+
+    def page_field(self, lane: int, offset: int) -> int:
+        """A u64 of the lane's current lane page (PAGE_RELEASED, PAGE_TAKEN...)."""
+        with self.lane_locks[lane]:
+            return self.pages[lane].get(offset)
+
     def lane_field(self, lane: int, fmt: str, offset: int) -> int:
         return int(self.get(fmt, self.lane_off(lane) + offset))
 
@@ -207,28 +302,37 @@ class RingWriter:
 
     # ----- publishing -------------------------------------------------------------------------
 
-    def _claim_free(self, lane: int) -> Optional[int]:
+    def _claim(self, lane: int) -> Optional[int]:
         for slot in range(self.slots):
-            if self.slot_state(lane, slot) == FREE:
+            if self._claimable_locked(lane, slot):
                 self.put("I", self.slot_off(lane, slot), WRITING)
                 return slot
         return None
 
     def publish(self, lane: int, timeout_s: float = 10.0) -> Optional[tuple[int, int]]:
-        """Publish lane's next batch, waiting for a free slot. None once the lane is done."""
+        """Publish lane's next batch, waiting for a claimable slot. None once the lane is done."""
         deadline = time.monotonic() + timeout_s
         while True:
-            seen = self.get("I", 152)
             with self.lane_locks[lane]:
                 if self.done[lane]:
                     return None
-                slot = self._claim_free(lane)
+                page = self.pages.get(lane)
+                bells = [self.wake[lane]] + ([page.doorbell] if page is not None else [])
+                slot = self._claim(lane)
                 if slot is not None:
                     return self._publish_into(lane, slot)
             if time.monotonic() > deadline or self._stop.is_set():
                 raise TimeoutError(f"lane {lane}: no free slot")
             started = time.monotonic_ns()
-            futex_wait(self._base + 152, seen, 0.1)
+            # A release rings the doorbell; an attach that ended closed it: rescan then.
+            with contextlib.suppress(OSError, ValueError):
+                select.select(bells, [], [], 0.1)
+            with self.lane_locks[lane]:  # drain only descriptors that are still ours
+                current = self.pages.get(lane)
+                if current is not None:
+                    current.drain()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.wake[lane])
             waited = time.monotonic_ns() - started
             self.put("Q", self.lane_off(lane) + 48, self.lane_field(lane, "Q", 48) + waited)
 
@@ -292,6 +396,22 @@ class RingWriter:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(0.05):
             self.put("Q", 56, time.monotonic_ns())
+            for lane in range(self.lanes):
+                with self.lane_locks[lane]:
+                    self._copy_counts(lane)
+
+    def _copy_counts(self, lane: int) -> None:
+        """The lane page's counters into the ring's tables (statistics for observers)."""
+        page = self.pages.get(lane)
+        released, waited = self.base_counts[lane]
+        if page is not None:
+            released += page.get(PAGE_RELEASED)
+            waited += page.get(PAGE_CONSUMER_WAIT_NS)
+        mask = (1 << 64) - 1
+        self.put("QQ", self.lane_off(lane) + 32, released & mask, waited & mask)
+        consumer = self.consumer_table + 64 * lane
+        if page is not None:
+            self.put("QQ", consumer + 16, page.get(PAGE_HEARTBEAT), page.get(PAGE_TAKEN))
 
     def _accept_loop(self) -> None:
         assert self.listener is not None
@@ -302,9 +422,11 @@ class RingWriter:
                 return
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _reply(self, conn: socket.socket, obj: dict[str, Any], fd: Optional[int] = None) -> None:
+    def _reply(
+        self, conn: socket.socket, obj: dict[str, Any], fds: Optional[list[int]] = None
+    ) -> None:
         data = json.dumps(obj).encode() + b"\n"
-        socket.send_fds(conn, [data], [fd] if fd is not None else [])
+        socket.send_fds(conn, [data], fds or [])
 
     def _handle(self, conn: socket.socket) -> None:
         _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
@@ -353,8 +475,8 @@ class RingWriter:
     def _attach(self, conn: socket.socket, request: dict[str, Any]) -> Optional[str]:
         if request.get("op") != "attach":
             return f"bad request: unknown op {request.get('op')!r}"
-        if request.get("version") != 1:
-            return f"version mismatch: producer speaks 1, consumer {request.get('version')!r}"
+        if request.get("version") != 2:
+            return f"version mismatch: producer speaks 2, consumer {request.get('version')!r}"
         lane = request.get("lane")
         if not isinstance(lane, int) or not 0 <= lane < self.lanes:
             return f"lane {lane!r} out of range 0..{self.lanes - 1}"
@@ -376,10 +498,23 @@ class RingWriter:
             pid = int(request.get("pid", 0))
             self.put("I", self.lane_off(lane) + 8, pid)
             self.put("IIQQQ", self.consumer_table + 64 * lane, pid, lane, time.time_ns(), 0, 0)
+            page = LanePage(self.name, lane, self.slots)
+            if self.page_hook is not None:
+                self.page_hook(page.mem)
             self.connections[lane] = conn
-            self._reply(conn, {"ok": True, "generation": self.generation, "lane": lane,
-                               "file_bytes": self.file_bytes,
-                               "producer_pid": os.getpid()}, self.fd)  # fmt: skip
+            self.pages[lane] = page
+            fds = [self.ro_fd, page.fd, page.doorbell]
+            if self.reply_fds_hook is not None:
+                fds = self.reply_fds_hook(fds)
+            reply = {"ok": True, "generation": self.generation, "lane": lane,
+                     "file_bytes": self.file_bytes, "producer_pid": os.getpid(),
+                     "fds": ["ring", "lane", "doorbell"],
+                     "lane_page_bytes": lane_page_bytes(self.slots)}  # fmt: skip
+            reply.update(self.reply_extra)
+            self._reply(conn, reply, fds)
+            os.close(page.fd)  # the consumer has its own; the mapping stays
+            page.fd = -1
+            os.eventfd_write(self.wake[lane], 1)
         if self.get("I", 44) == FINISHED and not all(self.done):
             self.put("I", 44, SERVING)
         return None
@@ -392,15 +527,26 @@ class RingWriter:
         if self.connections.get(lane) is not conn:
             return
         del self.connections[lane]
-        for slot in range(self.slots):
-            off = self.slot_off(lane, slot)
-            if self.slot_state(lane, slot) == HELD:
-                self.put("I", off + 36, self.get("I", off + 36) | 2)
-                self.put("I", off + 4, 0)
-                self.put("I", off, READY)
+        page = self.pages.pop(lane, None)
+        if page is not None:
+            # The page's last word: released batches are free, taken ones are redelivered.
+            for slot in range(self.slots):
+                off = self.slot_off(lane, slot)
+                seq = self.slot_seq(lane, slot)
+                if self.slot_state(lane, slot) != READY or seq == 0:
+                    continue
+                if page.released_seq(slot) == seq:
+                    self.put("I", off, FREE)
+                elif page.taken_seq(slot) == seq:
+                    self.put("I", off + 36, self.get("I", off + 36) | 2)
+            self.base_counts[lane][0] += page.get(PAGE_RELEASED)
+            self.base_counts[lane][1] += page.get(PAGE_CONSUMER_WAIT_NS)
+            page.close()
+        self._copy_counts(lane)
         self.put("I", self.lane_off(lane) + 8, 0)
         self.put("IIQQQ", self.consumer_table + 64 * lane, 0, 0, 0, 0, 0)
         self.bump(self.lane_off(lane))
+        os.eventfd_write(self.wake[lane], 1)
 
     def wait_attached(self, lane: int, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -445,7 +591,7 @@ def main() -> None:
     parser.add_argument("--batches-per-epoch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--no-produce", action="store_true")
-    parser.add_argument("--version-major", type=int, default=1)
+    parser.add_argument("--version-major", type=int, default=2)
     parser.add_argument(
         "--poke",
         action="append",

@@ -16,7 +16,7 @@ import pytest
 import ringfeed
 from conftest import MakeWriter, Spawn
 from helpers import read_report, wait_until
-from ring_writer import FREE, HELD, READY
+from ring_writer import READY
 from ringfeed.device import PendingReleases
 
 
@@ -108,15 +108,16 @@ def test_a_released_batch_keeps_its_slot_until_the_copy_completes(
         assert first.released
         with pytest.raises(ringfeed.ReleasedBatchError):
             first.images  # noqa: B018 - released for the trainer at once
-        assert writer.slot_state(0, first.slot) == HELD  # ...but the DMA may still read it
+        assert writer.held(0, first.slot)  # ...but the DMA may still read it
         assert loader.stats().pending_release == 1
         second = loader.next_batch()  # a READY slot exists: no waiting on the fence
         assert fence.waits == 0
-        assert writer.slot_state(0, first.slot) == HELD
+        assert writer.held(0, first.slot)
         fence.complete()
         second.release()
         loader.next_batch()  # retires completed fences first
-        assert writer.slot_state(0, first.slot) == FREE
+        assert writer.claimable(0, first.slot)
+        assert not writer.held(0, first.slot)
         assert loader.stats().pending_release == 0
 
 
@@ -152,10 +153,11 @@ def test_close_with_copies_in_flight_waits_for_them_then_frees_every_slot(
     for batch, fence in zip(batches, fences):
         batch.release_after(fence)
     batches[0].release()
-    assert writer.slot_state(0, batches[0].slot) == HELD
+    assert writer.held(0, batches[0].slot)
+    page = writer.pages[0]  # the attach's page, read before close ends the attach
     loader.close()
     assert [f.waits for f in fences] == [1, 1, 1]
-    assert [writer.slot_state(0, b.slot) for b in batches] == [FREE] * 3
+    assert [page.released_seq(b.slot) for b in batches] == [b.seq for b in batches]
 
 
 def test_a_copy_that_already_completed_releases_at_once(
@@ -169,7 +171,8 @@ def test_a_copy_that_already_completed_releases_at_once(
         fence.complete()
         batch.release_after(fence)
         batch.release()
-        assert writer.slot_state(0, batch.slot) == FREE
+        assert writer.claimable(0, batch.slot)
+        assert not writer.held(0, batch.slot)
 
 
 def test_release_after_on_a_released_batch_raises(
@@ -192,7 +195,7 @@ def test_a_killed_trainer_with_copies_in_flight_gets_its_batches_redelivered(
         writer.publish(0)
     consumer = spawn("consumer_proc.py", "hold-fenced", "t", runtime_dir, 0, 2)
     held = read_report(consumer)["pending"]
-    assert writer.slot_state(0, held[0]) == HELD
+    assert writer.held(0, held[0])
     consumer.kill()
     consumer.wait()
     # The producer's reclaim rules (a dead holder's slots come back READY, redelivered) hold

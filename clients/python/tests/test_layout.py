@@ -14,7 +14,7 @@ import pytest
 
 import ringfeed
 from ring_writer import RingWriter
-from ringfeed.layout import parse_header
+from ringfeed.layout import lane_page_bytes, parse_header, validate_lane_page
 
 
 @pytest.fixture
@@ -22,6 +22,7 @@ def ring_bytes(runtime_dir: Path) -> bytes:
     writer = RingWriter("fuzz", runtime_dir, lanes=2, slots=2, batch_size=4)
     data = bytes(writer.mem[:])
     os.close(writer.fd)
+    os.close(writer.ro_fd)
     return data
 
 
@@ -65,7 +66,8 @@ def test_valid_ring_parses_with_its_schema(ring_bytes: bytes) -> None:
     ("offset", "fmt", "value", "field"),
     [
         (0, "8s", b"RINGFEEX", "magic"),
-        (8, "H", 2, "version_major"),
+        (8, "H", 1, "version_major"),  # a 1.x ring: its consumers wrote the control region
+        (8, "H", 3, "version_major"),
         (12, "I", 256, "header_bytes"),
         (16, "Q", 8192, "control_bytes"),
         (24, "Q", 1 << 40, "file_bytes"),
@@ -136,17 +138,59 @@ def test_from_path_opens_a_ring_file(ring_bytes: bytes, tmp_path: Path) -> None:
         ringfeed.Ring.from_path(path)
 
 
-def test_a_bad_slot_state_is_a_format_error(ring_bytes: bytes) -> None:
-    ring = open_ring(ring_bytes)
-    layout = ring.layout
-    ring._control[layout.slot_entry_offset(0, 1)] = 7
+@pytest.mark.parametrize("state", [3, 7])  # 3 was HELD in 1.x: 2.0 has no such state
+def test_a_bad_slot_state_is_a_format_error(ring_bytes: bytes, state: int) -> None:
+    offset = parse_header(ring_bytes[:512], len(ring_bytes)).slot_entry_offset(0, 1)
+    ring = open_ring(patched(ring_bytes, offset, "I", state))
     with pytest.raises(ringfeed.FormatError) as caught:
-        ring.take(0, os.getpid())
+        ring.next_ready(0)
     assert caught.value.field == "lane 0 slot 1 state"
 
 
-# Header bytes a reader validates: everything up to release_any except the live producer_state
-# and heartbeat, the name, and the tensor table of the fixture's three tensors.
+def test_the_ring_is_mapped_read_only(ring_bytes: bytes) -> None:
+    ring = open_ring(ring_bytes)
+    with pytest.raises(TypeError):
+        ring._control[0] = 0  # the control region: header, tables
+    with pytest.raises(TypeError):
+        memoryview(ring._data)[0] = 0  # the data region
+    with pytest.raises(ringfeed.RingfeedError, match="no lane page"):
+        ring.release(0, 0)  # a ring mapped without an attach has no lane page to write
+
+
+def lane_page(lane: int = 1, slots: int = 2, size: int = 4096) -> bytes:
+    page = bytearray(size)
+    struct.pack_into("<8sII", page, 0, b"RFLANE\0\0", lane, slots)
+    return bytes(page)
+
+
+def test_lane_pages_are_whole_pages() -> None:
+    assert [lane_page_bytes(s) for s in (1, 252, 253, 508, 509)] == [4096] * 2 + [8192] * 2 + [
+        12288
+    ]
+
+
+@pytest.mark.parametrize(
+    ("page", "reply_bytes", "field"),
+    [
+        (lane_page(), 8192, "lane_page_bytes"),  # the reply disagrees with the formula
+        (lane_page(), "4096", "lane_page_bytes"),
+        (lane_page(size=8192), 8192, "lane_page_bytes"),  # both disagree with the formula
+        (lane_page(size=8192), 4096, "lane_page_bytes"),  # the page disagrees with the reply
+        (b"RFLANX\0\0" + lane_page()[8:], 4096, "lane_magic"),
+        (lane_page(lane=0), 4096, "lane_page.lane"),
+        (lane_page(slots=3), 4096, "lane_page.slots"),
+    ],
+)
+def test_each_lane_page_rule_names_its_field(page: bytes, reply_bytes: object, field: str) -> None:
+    with pytest.raises(ringfeed.FormatError) as caught:
+        validate_lane_page(page[:16], len(page), reply_bytes, 1, 2)
+    assert caught.value.field == field
+    validate_lane_page(lane_page()[:16], 4096, 4096, 1, 2)  # the page as the producer makes it
+
+
+# Header bytes a reader validates: everything up to offset 152 (reserved in 2.0) except the
+# live producer_state and heartbeat, the name, and the tensor table of the fixture's three
+# tensors.
 VALIDATED = [(0, 44), (48, 56), (64, 152), (480, 512), (512, 512 + 3 * 64)]
 
 

@@ -16,7 +16,7 @@ import pytest
 import ringfeed
 from conftest import MakeWriter
 from helpers import in_futex_syscall, wait_until
-from ring_writer import FAILED, FINISHED, FREE, HELD, READY, RingWriter
+from ring_writer import FAILED, FINISHED, FREE, PAGE_RELEASED, READY, RingWriter
 from ringfeed import loader as loader_module
 
 
@@ -92,12 +92,14 @@ def test_release_frees_the_slot_and_invalidates_the_batch(
         iterator = iter(loader)
         first = next(iterator)
         kept = first.images  # a view obtained before release still exists afterwards
-        assert writer.slot_state(0, first.slot) == HELD
-        assert writer.get("I", writer.slot_off(0, first.slot) + 4) == os.getpid()
+        assert writer.held(0, first.slot)
+        assert writer.pages[0].taken_seq(first.slot) == first.seq  # recorded in its lane page
+        assert writer.get("I", writer.consumer_table) == os.getpid()
         second = next(iterator)  # release_previous: the first batch is released now
         assert first.released
-        assert writer.slot_state(0, first.slot) == FREE
-        assert writer.lane_field(0, "Q", 32) == 1  # lane.released
+        assert writer.claimable(0, first.slot)
+        assert not writer.held(0, first.slot)
+        assert writer.page_field(0, PAGE_RELEASED) == 1  # the lane page's released
         for access in (
             lambda: first.images,
             lambda: first.labels,
@@ -109,11 +111,11 @@ def test_release_frees_the_slot_and_invalidates_the_batch(
                 access()
         assert kept.shape == (4, 3, 8, 8)
         with second:
-            assert writer.slot_state(0, second.slot) == HELD
+            assert writer.held(0, second.slot)
         assert second.released
-        assert writer.slot_state(0, second.slot) == FREE
+        assert writer.claimable(0, second.slot)
         second.release()  # idempotent
-        assert writer.lane_field(0, "Q", 32) == 2
+        assert writer.page_field(0, PAGE_RELEASED) == 2
 
 
 def test_holding_several_batches_and_releasing_out_of_order(
@@ -125,11 +127,11 @@ def test_holding_several_batches_and_releasing_out_of_order(
     with ringfeed.Loader("t", runtime_dir=runtime_dir, release_previous=False, max_held=3) as ld:
         held = [ld.next_batch() for _ in range(3)]
         assert [b.index for b in held] == [0, 1, 2]
-        assert all(writer.slot_state(0, b.slot) == HELD for b in held)
+        assert all(writer.held(0, b.slot) for b in held)
         with pytest.raises(ringfeed.RingfeedError, match="already holding 3"):
             ld.next_batch()
         held[1].release()
-        assert writer.slot_state(0, held[1].slot) == FREE
+        assert writer.claimable(0, held[1].slot)
         assert held[0].sample_ids.tolist() == writer.sample_ids(0, 0, 0).tolist()
         fourth = ld.next_batch()
         assert fourth.index == 3

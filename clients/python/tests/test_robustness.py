@@ -29,7 +29,6 @@ import pytest
 import ringfeed
 from conftest import HERE, Spawn
 from helpers import read_line, read_report, wait_until
-from ring_writer import HELD
 from test_daemon import BINARY, SKIP_REASON, StartDaemon, started_daemons
 
 if TYPE_CHECKING:
@@ -47,12 +46,8 @@ ENDLESS = ("--lanes", 1, "--batch-size", 4, "--epochs", 1000, "--seed", 5, "--wo
 
 
 def held_slots(loader: ringfeed.Loader) -> list[int]:
-    ring = loader.ring
-    return [
-        slot
-        for slot in range(ring.layout.slots_per_lane)
-        if ring.slot_state(loader.lane, slot) == HELD
-    ]
+    """The slots the loader's lane page says it holds (taken, not released)."""
+    return loader.ring.held_slots(loader.lane)
 
 
 # ----- 1. re-attaching to the same daemon after a pause ------------------------------------
@@ -98,25 +93,54 @@ def test_batches_of_a_connection_declared_dead_are_never_read_or_released(
     for batch in old:
         batch.release()
     assert held_slots(loader) == [new.slot]
-    assert loader.ring.held_by(0, new.slot, new._token, new.seq)
+    assert loader.ring.holds(0, new.slot, new.seq)
     new.release()
     assert held_slots(loader) == []
     loader.close()
 
 
-def test_a_release_proves_it_still_owns_the_slot(serve: StartDaemon) -> None:
+def test_a_release_proves_it_still_holds_the_batch(serve: StartDaemon) -> None:
     daemon = serve(*ENDLESS, "--slots-per-lane", 3)
     with daemon.loader(release_previous=False) as loader:
         batch = loader.next_batch()
         ring = loader.ring
-        # What the producer and a later attach do after declaring this connection dead: the
-        # slot goes back to READY and is taken again, by the same pid, with another token.
+        page = ring.lane_page
+        assert page is not None
+        # An undone take (or a batch this attach never took) is not this attach's to release.
         ring.untake(0, batch.slot)
-        assert not ring.release(0, batch.slot, batch.seq, batch._token), "a READY slot"
-        ring.take_slot(0, batch.slot, os.getpid(), batch._token + 2)
-        assert not ring.release(0, batch.slot, batch.seq, batch._token)
-        assert ring.slot_state(0, batch.slot) == HELD
-        assert ring.release(0, batch.slot, batch.seq, batch._token + 2)
+        assert not ring.release(0, batch.slot, batch.seq), "an untaken batch"
+        assert page.released_seq(batch.slot) != batch.seq
+        ring.take_slot(0, batch.slot, batch.seq)
+        # A release names its batch: another seq in that slot releases nothing.
+        assert not ring.release(0, batch.slot, batch.seq + 1)
+        assert ring.holds(0, batch.slot, batch.seq)
+        released = page.counters()["released"]
+        assert ring.release(0, batch.slot, batch.seq)
+        assert page.released_seq(batch.slot) == batch.seq
+        assert not ring.release(0, batch.slot, batch.seq), "released once, counted once"
+        assert page.counters()["released"] == released + 1
+
+
+def test_a_release_through_an_ended_attach_reaches_nobody(serve: StartDaemon) -> None:
+    # A consumer declared dead (a long SIGSTOP) may release afterwards through its old lane
+    # page: the daemon dropped that page at reclaim, so the batch, redelivered to the new
+    # attach, stays the new attach's and is not refilled under it.
+    daemon = serve(*ENDLESS, "--slots-per-lane", 3)
+    loader = daemon.loader(release_previous=False, wait_for_producer=30)
+    batch = loader.next_batch()
+    old_ring, slot, seq = loader.ring, batch.slot, batch.seq
+    loader._detach(release_held=False)  # the connection ends with the batch held
+    loader._attach(None, 30)  # no resume: the daemon keeps its READY slots for the new attach
+    again = loader.next_batch()
+    assert (again.seq, again.slot, again.redelivered) == (seq, slot, True)
+    ids = again.sample_ids.copy()
+    assert old_ring.release(0, slot, seq)  # the old page still says "held": it writes there
+    assert loader.ring.holds(0, slot, seq)
+    for _ in range(6):  # the daemon refills the other two slots three times over
+        loader.next_batch().release()
+    assert np.array_equal(again.sample_ids, ids)
+    assert loader.ring.holds(0, slot, seq)
+    loader.close()
 
 
 # ----- 2. resuming a finished run ------------------------------------------------------------
@@ -216,7 +240,7 @@ def test_a_daemon_in_its_own_pid_namespace_serves_and_keeps_live_consumers(
     ids = batch.sample_ids.copy()
     deadline = time.monotonic() + 1.0  # 20 liveness ticks of the daemon
     while time.monotonic() < deadline:
-        assert loader.ring.slot_state(0, batch.slot) == HELD, "the daemon took the slot back"
+        assert loader.ring.holds(0, batch.slot, batch.seq), "the daemon took the slot back"
         time.sleep(0.01)
     assert np.array_equal(batch.sample_ids, ids)
     batch.release()
@@ -289,9 +313,10 @@ def test_a_forked_child_inherits_an_inert_loader(serve: StartDaemon) -> None:
     try:
         assert select.select([done_r], [], [], 60)[0], "the child did not report"
         # The child's release and close touched nothing of ours.
-        assert loader.ring.slot_state(0, batch.slot) == HELD
+        assert loader.ring.holds(0, batch.slot, batch.seq)
         assert np.array_equal(batch.sample_ids, ids)
-        assert loader.ring.held_by(0, batch.slot, batch._token, batch.seq)
+        assert loader.ring.lane_page is not None
+        assert loader.ring.lane_page.released_seq(batch.slot) != batch.seq
         # The child (alive) no longer holds our connection: our re-attach is not refused.
         loader.load_state_dict(loader.state_dict())
         assert loader.next_batch().index == batch.index + 1

@@ -35,7 +35,8 @@ class _Owner(Protocol):
 
 
 class Batch:
-    """A batch held by this process: its slot is ``HELD`` until :meth:`release`.
+    """A batch held by this process: its slot stays the consumer's (taken, not released, in its
+    lane page) until :meth:`release`.
 
     The tensors are read-only numpy arrays viewing the shared memory (no copy). After
     :meth:`release` the attributes that return data raise :class:`ReleasedBatchError`, but
@@ -55,7 +56,6 @@ class Batch:
         "_released",
         "_released_why",
         "_ring",
-        "_token",
         "_views",
         "count",
         "epoch",
@@ -71,7 +71,6 @@ class Batch:
         self._owner: weakref.ReferenceType[_Owner] = weakref.ref(owner)
         self._ring = ring
         self._lane = lane
-        self._token = taken.token
         self._released = False
         self._released_why = "was released"
         self._views: Optional[dict[str, np.ndarray]] = None

@@ -66,7 +66,7 @@ class PendingReleases:
         self._entries: deque[tuple[tuple[Fence, ...], Callable[[], None]]] = deque()
 
     def __len__(self) -> int:
-        """Slots whose release is still deferred (they stay ``HELD`` in the ring)."""
+        """Slots whose release is still deferred (they stay held: taken, not released)."""
         return len(self._entries)
 
     def defer(self, fences: tuple[Fence, ...], give_back: Callable[[], None]) -> None:

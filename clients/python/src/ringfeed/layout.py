@@ -1,9 +1,11 @@
-"""The ring format's static layout: constants, the parsed header and its validation (§5).
+"""The ring format's static layout (2.0): constants, the parsed header and its validation (§5),
+and the lane page, the only memory a consumer writes.
 
 Brief overview: :func:`parse_header` turns the first 512 bytes of a ring into a
 :class:`RingLayout` after checking every rule of §5.6 that the header alone decides;
-:func:`parse_tensor_table` then reads and checks the tensor table. Both are pure functions of
-bytes, so a malformed ring is refused before any memory view exists.
+:func:`parse_tensor_table` then reads and checks the tensor table;
+:func:`validate_lane_page` checks the lane page an attach hands over. All are pure functions of
+bytes, so a malformed ring or page is refused before any memory view exists.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from .errors import FormatError
 
 MAGIC = b"RINGFEED"
-VERSION_MAJOR = 1
+VERSION_MAJOR = 2
 HEADER_BYTES = 512
 PAGE = 4096
 TENSOR_ENTRY_BYTES = 64
@@ -30,8 +32,9 @@ MAX_RANK = 4
 STARTING, SERVING, FINISHED, STOPPED, FAILED = 0, 1, 2, 3, 4
 PRODUCER_STATES = ("STARTING", "SERVING", "FINISHED", "STOPPED", "FAILED")
 
-# slot states (§5.4)
-FREE, WRITING, READY, HELD = 0, 1, 2, 3
+# slot states (§5.4). 2.0 has no HELD: whether a READY slot is held is the lane page's record.
+FREE, WRITING, READY = 0, 1, 2
+SLOT_STATES = ("FREE", "WRITING", "READY")
 
 # slot flags (§5.4) and header flags (§5.1)
 SLOT_LAST_OF_EPOCH = 1
@@ -44,9 +47,17 @@ FLAG_ON_DEMAND = 8  # since 1.3
 # Header field byte offsets that are read or written while the ring is live.
 OFF_PRODUCER_STATE = 44
 OFF_HEARTBEAT = 56
-OFF_RELEASE_ANY = 152
 OFF_LAST_ERROR = 192
 LAST_ERROR_BYTES = 256
+
+# The lane page (2.0): one per attach, passed read-write to that lane's consumer only.
+LANE_MAGIC = b"RFLANE\0\0"
+LANE_HEADER_BYTES = 64  # magic, lane, slots, four counters, reserved
+LANE_SLOT_BYTES = 16  # per slot: taken_seq, released_seq
+OFF_LANE_RELEASED = 16
+OFF_LANE_CONSUMER_WAIT_NS = 24
+OFF_LANE_HEARTBEAT = 32
+OFF_LANE_TAKEN = 40
 
 # dtype code → (name, little-endian numpy dtype of the stored bits, bytes per element).
 # bf16 has no numpy dtype; its raw bits are exposed as uint16 (see Batch docs).
@@ -61,7 +72,7 @@ DTYPES: dict[int, tuple[str, str, int]] = {
 }
 
 _HEADER = struct.Struct(
-    "<8sHHIQQQIIQQIIQQIIIIIIIIQQQQII"  # magic .. release_any, reserved (offsets 0..159)
+    "<8sHHIQQQIIQQIIQQIIIIIIIIQQQQII"  # magic .. reserved (152), world_size (offsets 0..159)
 )
 _MEAN_STD = struct.Struct("<4f4f")  # offset 448
 _TENSOR = struct.Struct("<16sII4QQ")
@@ -180,10 +191,12 @@ def parse_header(header: bytes, st_size: int) -> RingLayout:
         producer_pid, _producer_state, start_ns, _heartbeat, lane_count, slots_per_lane,
         slot_stride, data_offset, tensor_count, tensor_off, lane_off, slot_off, consumer_off,
         consumer_capacity, batch_size, flags, batches_per_epoch, epochs, seed,
-        samples_per_epoch, _release_any, world_size,
+        samples_per_epoch, _reserved_152, world_size,
     ) = _HEADER.unpack_from(header, 0)  # fmt: skip
     _require(magic == MAGIC, "magic", f"{magic!r} is not {MAGIC!r}")
-    _require(major == VERSION_MAJOR, "version_major", f"{major} (this client reads 1)")
+    _require(
+        major == VERSION_MAJOR, "version_major", f"{major} (this client reads {VERSION_MAJOR})"
+    )
     _require(header_bytes >= HEADER_BYTES, "header_bytes", f"{header_bytes} < 512")
     _require(file_bytes == st_size, "file_bytes", f"{file_bytes} but the file has {st_size}")
     _require(control_bytes == data_offset, "control_bytes", f"{control_bytes} != data_offset")
@@ -302,3 +315,34 @@ def parse_tensor_table(layout: RingLayout, table: bytes, tensor_count: int) -> R
             a.offset + a.nbytes <= b.offset, f"tensor {b.name!r}.offset", f"overlaps {a.name!r}"
         )
     return layout._replace(tensors=tuple(specs))
+
+
+def lane_page_bytes(slots: int) -> int:
+    """Size of the lane page of a lane with ``slots`` slots: whole 4096-byte pages."""
+    return -(-(LANE_HEADER_BYTES + slots * LANE_SLOT_BYTES) // PAGE) * PAGE
+
+
+def lane_slot_offset(slot: int) -> int:
+    """Offset of slot ``slot``'s ``taken_seq`` in a lane page; its ``released_seq`` follows."""
+    return LANE_HEADER_BYTES + slot * LANE_SLOT_BYTES
+
+
+def validate_lane_page(
+    head: bytes, st_size: int, reply_bytes: object, lane: int, slots: int
+) -> None:
+    """Check a lane page before mapping it read-write: its size (``st_size``) equals the attach
+    reply's ``lane_page_bytes`` (``reply_bytes``) and :func:`lane_page_bytes` of the ring's
+    ``slots_per_lane``, and its first 16 bytes (``head``) carry ``RFLANE``, the lane attached
+    to and that slot count. Raises :class:`FormatError` naming the first field that differs."""
+    want = lane_page_bytes(slots)
+    _require(
+        reply_bytes == want,
+        "lane_page_bytes",
+        f"attach reply said {reply_bytes!r}, {want} for {slots} slots per lane",
+    )
+    _require(st_size == want, "lane_page_bytes", f"the page has {st_size} bytes, not {want}")
+    _require(len(head) >= 16, "lane_page", f"only {len(head)} bytes readable")
+    magic, page_lane, page_slots = struct.unpack_from("<8sII", head, 0)
+    _require(magic == LANE_MAGIC, "lane_magic", f"{magic!r} is not {LANE_MAGIC!r}")
+    _require(page_lane == lane, "lane_page.lane", f"{page_lane}, attached to lane {lane}")
+    _require(page_slots == slots, "lane_page.slots", f"{page_slots} != slots_per_lane {slots}")

@@ -43,7 +43,6 @@ from .layout import (
     FAILED,
     FINISHED,
     PRODUCER_STATES,
-    READY,
     SLOT_LAST_OF_EPOCH,
     STOPPED,
     RingLayout,
@@ -105,11 +104,6 @@ def _env_int(key: str, explicit: Optional[int]) -> Optional[int]:
         return int(raw)
     except ValueError:
         raise ArgumentError(f"environment variable {key}={raw!r} is not an integer") from None
-
-
-def _new_token() -> int:
-    # Non-zero and unpredictable: one per attach, written into every slot the attach takes.
-    return int.from_bytes(os.urandom(8), "little") | 1
 
 
 class Loader:
@@ -219,14 +213,13 @@ class Loader:
         self._pid = os.getpid()
         self._disowned: Optional[str] = None  # why this copy is inert (fork), or None
         self._lock = threading.Lock()  # take, release and their bookkeeping
-        self._token = 0  # this attach's holder_token (§5.4)
         self._taking: Optional[tuple[int, int]] = None  # (slot, seq) of a take under way
         self._sock: Optional[socket.socket] = None
         self._ring: Optional[Ring] = None
         self._pinned_address: Optional[int] = None
         self._held: dict[int, Batch] = {}  # by slot
         self._pending = PendingReleases()  # released by the trainer, device copies in flight
-        self._deferred: set[int] = set()  # their slots (still HELD by us in the ring)
+        self._deferred: set[int] = set()  # their slots (still held by us in the lane page)
         self._previous: Optional[Batch] = None
         self._epoch_ended = False
         self._finished = False
@@ -239,7 +232,6 @@ class Loader:
         self._finish_logged = False
         self._taken = 0
         self._stats_start_ns = 0
-        self._stats_wait_base_ns = 0
         self.generation = 0
         _LOADERS.add(self)
         self._attach(
@@ -312,7 +304,7 @@ class Loader:
         while True:
             try:
                 path = socket_path(self.name, self._runtime_dir, trust_uid=self._trust_uid)
-                sock, reply, fd = protocol.attach(
+                sock, reply, fds = protocol.attach(
                     path, self.lane, resume, trust_uid=self._trust_uid
                 )
                 break
@@ -341,25 +333,29 @@ class Loader:
                 time.sleep(_RETRY_PAUSE_S)
         try:
             try:
+                if reply.get("lane") != self.lane:
+                    raise FormatError("lane", f"attached lane {reply.get('lane')!r} != {self.lane}")
                 # A --shm-dir ring file cannot carry seals (only memfds can); the reply says so.
-                ring = Ring.from_fd(
-                    fd,
+                ring = Ring.attach(
+                    fds.ring,
+                    fds.lane,
+                    fds.doorbell,
+                    lane=self.lane,
+                    lane_page_bytes=reply.get("lane_page_bytes"),
                     generation=protocol.reply_generation(reply),
                     sealed=reply.get("segment", "memfd") != "file",
                 )
             finally:
-                os.close(fd)
+                fds.close()
             layout = ring.layout
-            if reply.get("lane") != self.lane or self.lane >= layout.lane_count:
-                raise FormatError("lane", f"attached lane {reply.get('lane')!r} != {self.lane}")
             if reply.get("file_bytes") != layout.file_bytes:
                 raise FormatError("file_bytes", f"attach reply said {reply.get('file_bytes')!r}")
             self._check_rank(ring)
         except BaseException:
             sock.close()
             raise
-        self._sock, self._ring = sock, ring
-        self._token = _new_token()  # a fresh one: batches of an earlier attach cannot match
+        self._sock, self._ring = sock, ring  # a new lane page: an earlier attach's batches
+        # name slots of the page of their own ring, which nobody reads any more
         self.generation = layout.generation
         fingerprint = reply.get("fingerprint")
         self._fingerprint = fingerprint if isinstance(fingerprint, dict) else None
@@ -372,7 +368,6 @@ class Loader:
         for warning in reply.get("warnings") or ():
             warnings.warn(f"ring {self.name!r}: {warning}", RingfeedWarning, stacklevel=4)
         self._stats_start_ns = time.monotonic_ns()
-        self._stats_wait_base_ns = ring.lane_stats(self.lane)["consumer_wait_ns"]
         ring.note_consumer(self.lane)
         if self._pin and _frameworks.cuda_pin(ring.data_address, ring.data_bytes):
             self._pinned_address = ring.data_address
@@ -455,6 +450,8 @@ class Loader:
                 self._held.clear()
                 self._taking = None
                 self._previous = None
+                if ring is not None:
+                    ring.close_lane()  # its doorbell; releases of old batches reach nobody
         finally:
             _signals.resume(held)
         if self._pinned_address is not None:
@@ -841,11 +838,11 @@ class Loader:
                     return None
                 cursor, last_taken = self._cursor, self._last_taken
                 self._taking = found  # first: a reconcile undoes a take cut short here
-                taken = ring.take_slot(lane, found[0], self._pid, self._token)
+                taken = ring.take_slot(lane, *found)
                 if ring.layout.on_demand and (
                     taken.epoch != self._pass or taken.index != self._pass_next
                 ):
-                    ring.release(lane, taken.slot, taken.seq, self._token)
+                    ring.release(lane, taken.slot, taken.seq)
                     self._taking = None
                     _signals.resume(held)
                     return _STALE
@@ -882,18 +879,17 @@ class Loader:
                 ring.untake(lane, taken.slot)
                 self._taking = None
             raise
-        ring.note_consumer(lane, taken=1)
         return batch
 
     def _reconcile(self, ring: Ring) -> None:
         """Repair what an exception inside a take or release left half done (a signal whose
         handler is not held back, an error): called with the lock held, before each take.
 
-        The ring says which slots this attach holds (``holder_token``). One that is not
-        tracked was either being taken (``_taking``: it goes back to ``READY``, to be
-        delivered next) or being released (it is released); a tracked batch already marked
-        released, or whose slot is no longer ours, is forgotten."""
-        mine = ring.slots_held_by(self.lane, self._token)
+        The lane page says which slots this attach holds (taken, not released). One that is
+        not tracked was either being taken (``_taking``: the take is undone, to be delivered
+        next) or being released (it is released); a tracked batch already marked released,
+        or whose slot is no longer ours, is forgotten."""
+        mine = ring.held_slots(self.lane)
         for slot in mine:
             batch = self._held.get(slot)
             if (batch is not None and not batch.released) or slot in self._deferred:
@@ -903,7 +899,7 @@ class Loader:
             if self._taking is not None and self._taking[0] == slot and batch is None:
                 ring.untake(self.lane, slot)
             else:
-                ring.release(self.lane, slot, None, self._token)
+                ring.release(self.lane, slot)
         self._taking = None
         for slot, batch in list(self._held.items()):
             if batch.released or slot not in mine:
@@ -961,14 +957,13 @@ class Loader:
             fence = current_stream_fence()
             if fence is not None:
                 fences += (fence,)
-        lane, slot, seq, token = batch.lane, batch.slot, batch.seq, batch._token
+        lane, slot, seq = batch.lane, batch.slot, batch.seq
         deferred = self._deferred  # not `self`: a pending entry must not keep the loader alive
 
         def give_back() -> None:
-            # Proves ownership (token and seq): a slot the producer took back is left alone.
-            ring.release(lane, slot, seq, token)
+            # Only if the batch's own lane page still holds it: released once, never twice.
+            ring.release(lane, slot, seq)
             deferred.discard(slot)
-            ring.note_consumer(lane)
 
         if fences and not all(fence.query() for fence in fences):
             deferred.add(slot)
@@ -1117,17 +1112,15 @@ class Loader:
         ``consumer_wait_ns`` / wall time); counts and nanoseconds are integers."""
         ring = self._live_ring()
         lane = ring.lane_stats(self.lane)
-        ready = sum(
-            ring.slot_state(self.lane, slot) == READY for slot in range(ring.layout.slots_per_lane)
-        )
+        own = ring.consumer_counters(self.lane)  # this attach's lane page: exact, current
         return LoaderStats(
             wall_ns=max(1, time.monotonic_ns() - self._stats_start_ns),
-            wait_ns=lane["consumer_wait_ns"] - self._stats_wait_base_ns,
+            wait_ns=own["consumer_wait_ns"],
             producer_wait_ns=lane["producer_wait_ns"],
             taken=self._taken,
             held=len(self._held),
             pending_release=len(self._pending),
-            ready=ready,
+            ready=ring.ready_count(self.lane),
             published=lane["published"],
             released=lane["released"],
         )

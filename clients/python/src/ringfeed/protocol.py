@@ -1,25 +1,49 @@
 """The handshake (§3): connect, check the peer, send one request line, read one reply line.
 
 Brief overview: :func:`attach` returns the open connection (the liveness signal, kept for as
-long as the consumer is attached), the reply object and the ring's memfd; :func:`info` asks a
-producer about itself; :func:`peer_hung_up` polls the connection for EOF without blocking.
+long as the consumer is attached), the reply object and the three descriptors of format 2.0
+(:class:`AttachFds`: the ring, read-only; this attach's lane page; its doorbell);
+:func:`info` asks a producer about itself; :func:`peer_hung_up` polls the connection for EOF
+without blocking.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
 import socket
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from .errors import AttachError, DaemonNotRunning, ResumeMismatch
 
-VERSION = 1
+VERSION = 2
 MAX_LINE = 4096
 _UCRED = struct.Struct("3i")  # pid, uid, gid
+#: The descriptors of a successful attach reply, in order (format 2.0).
+ATTACH_FDS = ("ring", "lane", "doorbell")
+# Room for one more descriptor than an attach carries: a reply with too many is seen and
+# refused (the kernel closes what does not fit; MSG_CTRUNC says so).
+_FD_ROOM = socket.CMSG_SPACE((len(ATTACH_FDS) + 1) * struct.calcsize("i"))
+
+
+class AttachFds(NamedTuple):
+    """The descriptors of a successful attach (format 2.0), owned by the caller."""
+
+    #: The ring (memfd or ``--shm-dir`` file), opened read-only by the producer.
+    ring: int
+    #: This attach's lane page (read-write): the only memory the consumer writes.
+    lane: int
+    #: This attach's doorbell (an eventfd): written after each release.
+    doorbell: int
+
+    def close(self) -> None:
+        """Close the three descriptors."""
+        for fd in self:
+            os.close(fd)
 
 
 def _connect_hint(err: OSError) -> str:
@@ -60,7 +84,21 @@ def _connect(path: Path, trust_uid: Optional[int] = None) -> socket.socket:
     return sock
 
 
+def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One ``recvmsg``: the bytes, the descriptors that came with them (close-on-exec), and
+    whether the kernel had to drop descriptors that did not fit (``MSG_CTRUNC``)."""
+    data, ancillary, flags, _addr = sock.recvmsg(MAX_LINE, _FD_ROOM, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % struct.calcsize("i")
+            fds.extend(struct.unpack(f"{usable // struct.calcsize('i')}i", payload[:usable]))
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
 def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """Send ``request``, read the reply line and the descriptors that came with its first
+    bytes. Descriptors after the first bytes, or more than fit, are a protocol error."""
     line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
     if len(line) > MAX_LINE:
         raise AttachError("request line longer than 4096 bytes")
@@ -71,8 +109,12 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, A
         while not received.endswith(b"\n"):
             if len(received) >= MAX_LINE:
                 raise AttachError("producer reply longer than 4096 bytes")
-            chunk, chunk_fds, _flags, _addr = socket.recv_fds(sock, MAX_LINE, 1)
+            chunk, chunk_fds, truncated = _recv_with_fds(sock)
             fds.extend(chunk_fds)
+            if truncated:
+                raise ValueError(f"more than {len(ATTACH_FDS)} descriptors with the reply")
+            if chunk_fds and received:
+                raise ValueError("descriptors after the reply's first bytes")
             if not chunk:
                 raise AttachError("producer closed the connection without a reply")
             received += chunk
@@ -90,17 +132,43 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> tuple[dict[str, A
     return reply, fds
 
 
+def _check_attach_fds(reply: dict[str, Any], fds: list[int]) -> AttachFds:
+    """The three descriptors of a successful reply, checked: their number and names, and
+    the ring's access mode (read-only: a consumer must not be able to write the ring)."""
+    if len(fds) != len(ATTACH_FDS):
+        raise AttachError(
+            f"attach reply carried {len(fds)} file descriptors, expected {len(ATTACH_FDS)}"
+            f" ({', '.join(ATTACH_FDS)})",
+            code="protocol",
+        )
+    if reply.get("fds") != list(ATTACH_FDS):
+        raise AttachError(
+            f"attach reply names its descriptors {reply.get('fds')!r}, expected"
+            f" {list(ATTACH_FDS)!r}",
+            code="protocol",
+        )
+    attached = AttachFds(*fds)
+    if fcntl.fcntl(attached.ring, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        raise AttachError(
+            "ring descriptor is writable (a producer of format 2.0 passes it read-only)",
+            code="protocol",
+        )
+    return attached
+
+
 def attach(
     path: Path,
     lane: int,
     resume: Optional[dict[str, Any]] = None,
     *,
     trust_uid: Optional[int] = None,
-) -> tuple[socket.socket, dict[str, Any], int]:
+) -> tuple[socket.socket, dict[str, Any], AttachFds]:
     """Attach to ``lane`` of the producer listening at ``path``.
 
-    Returns ``(connection, reply, memfd)``; the caller owns both and must keep the connection
-    open while attached. Raises :class:`AttachError` with the producer's reason on refusal
+    Returns ``(connection, reply, fds)``; the caller owns them all and must keep the
+    connection open while attached. A reply without exactly the three descriptors of
+    :data:`ATTACH_FDS`, or with a writable ring descriptor, is refused (code ``protocol``).
+    Raises :class:`AttachError` with the producer's reason on refusal
     (:class:`ResumeMismatch` when ``resume`` carries a fingerprint of another sample order).
     ``resume``: ``epoch``, ``index`` and, optionally (1.3), ``sample`` and ``fingerprint``.
     """
@@ -118,26 +186,29 @@ def attach(
     except BaseException:
         sock.close()
         raise
-    if reply.get("ok") is not True or len(fds) != 1:
+    if reply.get("ok") is not True:
         for fd in fds:
             os.close(fd)
         sock.close()
-        if reply.get("ok") is not True:
-            mismatch = reply.get("mismatch")
-            if isinstance(mismatch, list):
-                fields = [
-                    (str(m.get("field")), str(m.get("saved")), str(m.get("serving")))
-                    for m in mismatch
-                    if isinstance(m, dict)
-                ]
-                raise ResumeMismatch(
-                    f"attach to lane {lane} refused: {reply.get('error', reply)}", fields
-                )
-            raise refusal(f"attach to lane {lane} refused", reply)
-        raise AttachError(
-            f"attach reply carried {len(fds)} file descriptors, expected 1", code="protocol"
-        )
-    return sock, reply, fds[0]
+        mismatch = reply.get("mismatch")
+        if isinstance(mismatch, list):
+            fields = [
+                (str(m.get("field")), str(m.get("saved")), str(m.get("serving")))
+                for m in mismatch
+                if isinstance(m, dict)
+            ]
+            raise ResumeMismatch(
+                f"attach to lane {lane} refused: {reply.get('error', reply)}", fields
+            )
+        raise refusal(f"attach to lane {lane} refused", reply)
+    try:
+        attached = _check_attach_fds(reply, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise
+    return sock, reply, attached
 
 
 def refusal(what: str, reply: dict[str, Any]) -> AttachError:

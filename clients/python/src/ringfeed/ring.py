@@ -1,11 +1,13 @@
 """A mapped ring: validation before mapping, then the consumer side of the slot protocol (§4, §6).
 
 Brief overview: :meth:`Ring.from_fd` checks seals and size, validates the header and tensor
-table with :mod:`ringfeed.layout`, and only then maps the control region read-write and the
-data region read-only. The live tables are read and written through ctypes structures laid
-over the control mapping: plain aligned 32/64-bit loads and stores, which on x86-64 carry the
-acquire/release ordering §6 asks for. :meth:`Ring.take` and :meth:`Ring.release` are the two
-halves of the consumer protocol; :class:`ringfeed.Loader` adds waiting, liveness and epochs.
+table with :mod:`ringfeed.layout`, and only then maps the whole ring **read-only** (format 2.0:
+every ring byte is the producer's; the control region and the data region are two read-only
+mappings). The live tables are read through ctypes structures laid over the control mapping:
+plain aligned 32/64-bit loads, which on x86-64 carry the acquire ordering §6 asks for.
+:meth:`Ring.attach` adds the consumer's own :class:`ringfeed.lane.LanePage`, the only memory it
+writes: :meth:`Ring.take_slot` and :meth:`Ring.release` record there which batch of each slot
+it took and gave back. :class:`ringfeed.Loader` adds waiting, liveness and epochs.
 """
 
 from __future__ import annotations
@@ -15,26 +17,23 @@ import fcntl
 import mmap
 import os
 import struct
-import time
 from typing import Optional
 
 import numpy as np
 
 from . import _futex
-from .errors import FormatError
+from .errors import FormatError, RingfeedError
+from .lane import LanePage
 from .layout import (
-    CONSUMER_ENTRY_BYTES,
-    FREE,
     HEADER_BYTES,
-    HELD,
     LANE_ENTRY_BYTES,
     LAST_ERROR_BYTES,
     OFF_HEARTBEAT,
     OFF_LAST_ERROR,
     OFF_PRODUCER_STATE,
-    OFF_RELEASE_ANY,
     READY,
     SLOT_ENTRY_BYTES,
+    SLOT_STATES,
     TENSOR_ENTRY_BYTES,
     RingLayout,
     parse_header,
@@ -52,13 +51,13 @@ _u64 = ctypes.c_uint64
 class _LaneEntry(ctypes.LittleEndianStructure):
     _fields_ = (
         ("publish_seq", _u32),
-        ("release_seq", _u32),
+        ("_reserved_4", _u32),  # 2.0 (release_seq in 1.x)
         ("consumer_pid", _u32),
         ("stream", _u32),
         ("next_seq", _u64),
         ("published", _u64),
-        ("released", _u64),
-        ("consumer_wait_ns", _u64),
+        ("released", _u64),  # 2.0: the producer's copy of the consumers' counts (heartbeat)
+        ("consumer_wait_ns", _u64),  # 2.0: likewise
         ("producer_wait_ns", _u64),
         ("epoch", _u64),
         ("index", _u64),
@@ -75,42 +74,28 @@ class _LaneEntry(ctypes.LittleEndianStructure):
 class _SlotEntry(ctypes.LittleEndianStructure):
     _fields_ = (
         ("state", _u32),
-        ("holder_pid", _u32),
+        ("_reserved_4", _u32),  # 2.0 (holder_pid in 1.x)
         ("seq", _u64),
         ("epoch", _u64),
         ("index", _u64),
         ("count", _u32),
         ("flags", _u32),
         ("published_mono_ns", _u64),
-        ("holder_token", _u64),
-    )
-
-
-class _ConsumerEntry(ctypes.LittleEndianStructure):
-    _fields_ = (
-        ("pid", _u32),
-        ("lane", _u32),
-        ("attach_unix_ns", _u64),
-        ("heartbeat_mono_ns", _u64),
-        ("taken", _u64),
     )
 
 
 # The structures cover each entry's fields, not its trailing reserved bytes.
 assert ctypes.sizeof(_LaneEntry) <= LANE_ENTRY_BYTES
 assert ctypes.sizeof(_SlotEntry) <= SLOT_ENTRY_BYTES
-assert ctypes.sizeof(_ConsumerEntry) <= CONSUMER_ENTRY_BYTES
 
 
 class TakenSlot:
-    """What :meth:`Ring.take` read from the slot it took: the batch's identity, and the
-    holder token written with the take (a release proves ownership with ``seq`` and it)."""
+    """What :meth:`Ring.take` read from the slot it took: the batch's identity (a release
+    names the batch by ``slot`` and ``seq``)."""
 
-    __slots__ = ("count", "epoch", "flags", "index", "seq", "slot", "token")
+    __slots__ = ("count", "epoch", "flags", "index", "seq", "slot")
 
-    def __init__(
-        self, slot: int, seq: int, epoch: int, index: int, count: int, flags: int, token: int = 0
-    ):
+    def __init__(self, slot: int, seq: int, epoch: int, index: int, count: int, flags: int):
         """Record the fields of slot ``slot``."""
         self.slot = slot
         self.seq = seq
@@ -118,7 +103,6 @@ class TakenSlot:
         self.index = index
         self.count = count
         self.flags = flags
-        self.token = token
 
 
 def _check_seals(fd: int) -> None:
@@ -140,10 +124,19 @@ def read_layout(fd: int) -> RingLayout:
     return parse_tensor_table(layout, table, count)
 
 
-class Ring:
-    """A validated, mapped ring. Build it with :meth:`from_fd` or :meth:`from_path`.
+def _address(memory: mmap.mmap) -> tuple[np.ndarray, int]:
+    """A numpy view of a (read-only) mapping and its address: ctypes cannot lay structures
+    over a read-only buffer, so they are placed at the address, and the view keeps the
+    mapping from being closed under them."""
+    view = np.frombuffer(memory, dtype=np.uint8)
+    return view, int(view.ctypes.data)
 
-    The file descriptor is not kept: the two mappings hold the memory. Numpy views handed out
+
+class Ring:
+    """A validated, read-only mapped ring. Build it with :meth:`from_fd`, :meth:`from_path` or,
+    for a consumer with its lane page, :meth:`attach`.
+
+    The file descriptors are not kept: the mappings hold the memory. Numpy views handed out
     by :meth:`slot_arrays` keep the data mapping alive for as long as they exist.
     """
 
@@ -152,24 +145,21 @@ class Ring:
         self.layout = layout
         self._control = control
         self._data = data
-        self._producer_state = _u32.from_buffer(control, OFF_PRODUCER_STATE)
-        self._heartbeat = _u64.from_buffer(control, OFF_HEARTBEAT)
-        self._release_any = _u32.from_buffer(control, OFF_RELEASE_ANY)
+        self._control_array, base = _address(control)
+        self._producer_state = _u32.from_address(base + OFF_PRODUCER_STATE)
+        self._heartbeat = _u64.from_address(base + OFF_HEARTBEAT)
         self._lanes = [
-            _LaneEntry.from_buffer(control, layout.lane_entry_offset(lane))
-            for lane in range(layout.lane_count)
-        ]
-        self._consumers = [
-            _ConsumerEntry.from_buffer(control, layout.consumer_entry_offset(lane))
+            _LaneEntry.from_address(base + layout.lane_entry_offset(lane))
             for lane in range(layout.lane_count)
         ]
         self._slots = [
             [
-                _SlotEntry.from_buffer(control, layout.slot_entry_offset(lane, slot))
+                _SlotEntry.from_address(base + layout.slot_entry_offset(lane, slot))
                 for slot in range(layout.slots_per_lane)
             ]
             for lane in range(layout.lane_count)
         ]
+        self._page: Optional[LanePage] = None
         self._arrays: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.framework_cache: dict[tuple[str, int, int], dict[str, object]] = {}
         """Per-slot tensors of other frameworks (torch), built once from :meth:`slot_arrays`."""
@@ -177,12 +167,17 @@ class Ring:
 
     @classmethod
     def from_fd(cls, fd: int, *, generation: Optional[int] = None, sealed: bool = True) -> Ring:
-        """Validate and map the ring behind ``fd`` (which stays owned by the caller).
+        """Validate and map the ring behind ``fd`` (which stays owned by the caller) read-only.
 
         ``sealed`` demands ``F_SEAL_SHRINK`` as §4 recommends; ``generation``, when given, must
         equal the header's (the attach reply's value). Raises :class:`FormatError` on any
         violation, before any view of the memory exists.
         """
+        return cls._map(fd, cls._checked_layout(fd, generation=generation, sealed=sealed))
+
+    @staticmethod
+    def _checked_layout(fd: int, *, generation: Optional[int], sealed: bool) -> RingLayout:
+        """Everything :meth:`from_fd` checks before mapping, read with ``pread``."""
         if sealed:
             _check_seals(fd)
         layout = read_layout(fd)
@@ -199,12 +194,13 @@ class Ring:
                     f"{layout.world_size}, but the lanes serve ranks {first_rank}.."
                     f" (lane_count {layout.lane_count}) beyond it",
                 )
+        return layout
+
+    @classmethod
+    def _map(cls, fd: int, layout: RingLayout) -> Ring:
+        """Map a checked ring read-only: the control region and the data region."""
         control = mmap.mmap(
-            fd,
-            layout.data_offset,
-            flags=mmap.MAP_SHARED,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            offset=0,
+            fd, layout.data_offset, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=0
         )
         data = mmap.mmap(
             fd,
@@ -216,9 +212,40 @@ class Ring:
         return cls(layout, control, data)
 
     @classmethod
+    def attach(
+        cls,
+        ring_fd: int,
+        page_fd: int,
+        doorbell_fd: int,
+        *,
+        lane: int,
+        lane_page_bytes: object,
+        generation: Optional[int] = None,
+        sealed: bool = True,
+    ) -> Ring:
+        """A consumer's ring: :meth:`from_fd` of the (read-only) ring descriptor, then the lane
+        page of ``lane`` validated against the ring and the reply's ``lane_page_bytes`` and
+        mapped read-write (:meth:`ringfeed.lane.LanePage.from_fds`). The three descriptors
+        stay the caller's. Everything is checked before anything is mapped."""
+        layout = cls._checked_layout(ring_fd, generation=generation, sealed=sealed)
+        if not 0 <= lane < layout.lane_count:
+            raise FormatError("lane", f"{lane} not below lane_count {layout.lane_count}")
+        page = LanePage.from_fds(
+            page_fd,
+            doorbell_fd,
+            lane=lane,
+            slots=layout.slots_per_lane,
+            reply_bytes=lane_page_bytes,
+        )
+        ring = cls._map(ring_fd, layout)
+        ring._page = page
+        return ring
+
+    @classmethod
     def from_path(cls, path: str | os.PathLike[str], *, sealed: bool = False) -> Ring:
-        """Open a ring file (a test fixture, or ``/proc/PID/fd/N`` of a producer) and map it."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        """Open a ring file (a test fixture, or ``/proc/PID/fd/N`` of a producer) read-only
+        and map it."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             return cls.from_fd(fd, sealed=sealed)
         finally:
@@ -250,7 +277,9 @@ class Ring:
         return {name: int(value) for name, value in zip(names, values)}
 
     def lane_stats(self, lane: int) -> dict[str, int]:
-        """A snapshot of lane ``lane``'s table entry (§5.3)."""
+        """A snapshot of lane ``lane``'s table entry (§5.3). ``released`` and
+        ``consumer_wait_ns`` are the producer's copies of the consumers' counts (2.0: copied
+        at its heartbeat, ≤ 100 ms behind)."""
         entry = self._lanes[lane]
         return {
             name: int(getattr(entry, name))
@@ -286,7 +315,8 @@ class Ring:
         return int(self._lanes[lane].publish_seq)
 
     def wait(self, lane: int, seen: int, timeout_s: float) -> None:
-        """Futex-wait until ``publish_seq`` of ``lane`` moves from ``seen`` (or the timeout)."""
+        """Futex-wait until ``publish_seq`` of ``lane`` moves from ``seen`` (or the timeout).
+        A wait needs only read access to the word."""
         _futex.futex_wait(ctypes.addressof(self._lanes[lane]), seen, timeout_s)
 
     def slot_state(self, lane: int, slot: int) -> int:
@@ -295,105 +325,130 @@ class Ring:
 
     # ----- consumer side of the protocol ------------------------------------------------------
 
+    @property
+    def lane_page(self) -> Optional[LanePage]:
+        """This consumer's lane page (``None`` for a ring mapped without an attach)."""
+        return self._page
+
+    def _page_of(self, lane: int) -> LanePage:
+        page = self._page
+        if page is None or page.lane != lane:
+            raise RingfeedError(f"this ring holds no lane page of lane {lane} (attach to it)")
+        return page
+
+    def _takeable(self, lane: int, slot: int, entry: _SlotEntry) -> Optional[int]:
+        """The ``seq`` of ``entry`` if it is a batch this consumer may take (``READY``, neither
+        taken nor released by this attach), else None. Raises :class:`FormatError` on a state
+        outside 0–2."""
+        state = entry.state
+        if state != READY:
+            if state >= len(SLOT_STATES):
+                raise FormatError(
+                    f"lane {lane} slot {slot} state", f"{state} not in 0..{len(SLOT_STATES) - 1}"
+                )
+            return None
+        seq = int(entry.seq)  # read after state == READY: published before it (§6 step 3)
+        page = self._page
+        if page is not None and seq in (page.taken_seq(slot), page.released_seq(slot)):
+            return None
+        # A slot released by this attach may have been claimed and rewritten between the two
+        # loads: a seq read then is trusted only if the slot is (still, or again) READY.
+        return seq if entry.state == READY and seq != 0 else None
+
     def next_ready(self, lane: int) -> Optional[tuple[int, int]]:
-        """``(slot, seq)`` of the ``READY`` slot of ``lane`` with the smallest ``seq`` (§6), the
-        one :meth:`take` takes next, or None. Raises :class:`FormatError` on a slot state
-        outside 0–3."""
+        """``(slot, seq)`` of the batch :meth:`take` takes next: the ``READY`` slot of ``lane``
+        with the smallest ``seq`` that this attach has neither taken nor released (§6), or
+        None. Raises :class:`FormatError` on a slot state outside 0–2."""
         best: Optional[tuple[int, int]] = None
         for index, entry in enumerate(self._slots[lane]):
-            state = entry.state
-            if state == READY:
-                seq = entry.seq  # read after state == READY: published before it (§6 step 3)
-                if best is None or seq < best[1]:
-                    best = (index, seq)
-            elif state > HELD:
-                raise FormatError(f"lane {lane} slot {index} state", f"{state} not in 0..3")
+            seq = self._takeable(lane, index, entry)
+            if seq is not None and (best is None or seq < best[1]):
+                best = (index, seq)
         return best
 
-    def take_slot(self, lane: int, slot: int, pid: int, token: int) -> TakenSlot:
-        """Take ``slot`` (found ``READY`` by :meth:`next_ready`): store ``holder_pid`` and
-        ``holder_token``, then ``state = HELD``, then read the batch's fields."""
+    def ready_count(self, lane: int) -> int:
+        """How many batches of ``lane`` wait to be taken (as :meth:`next_ready` counts)."""
+        return sum(
+            self._takeable(lane, index, entry) is not None
+            for index, entry in enumerate(self._slots[lane])
+        )
+
+    def take_slot(self, lane: int, slot: int, seq: int) -> TakenSlot:
+        """Take batch ``seq`` of ``slot`` (found by :meth:`next_ready`): store ``taken_seq``
+        in the lane page, then read the batch's fields (the producer does not rewrite a
+        ``READY`` slot whose batch is not released)."""
+        self._page_of(lane).take(slot, seq)
         entry = self._slots[lane][slot]
-        entry.holder_pid = pid
-        entry.holder_token = token
-        entry.state = HELD
-        return TakenSlot(slot, entry.seq, entry.epoch, entry.index, entry.count, entry.flags, token)
+        return TakenSlot(slot, seq, entry.epoch, entry.index, entry.count, entry.flags)
 
-    def take(self, lane: int, pid: int, token: int = 0) -> Optional[TakenSlot]:
-        """Take the ``READY`` slot of ``lane`` with the smallest ``seq`` (§6), or return None.
+    def take(self, lane: int) -> Optional[TakenSlot]:
+        """Take the next batch of ``lane`` (:meth:`next_ready`), or return None.
 
-        Raises :class:`FormatError` on a slot state outside 0–3.
+        Raises :class:`FormatError` on a slot state outside 0–2.
         """
         found = self.next_ready(lane)
         if found is None:
             return None
         try:
-            return self.take_slot(lane, found[0], pid, token)
+            return self.take_slot(lane, *found)
         except BaseException:  # Ctrl-C right after the store: leave no half-taken slot
             self.untake(lane, found[0])
             raise
 
     def peek(self, lane: int) -> Optional[TakenSlot]:
-        """The ``READY`` slot of ``lane`` that :meth:`take` would take now, without taking it."""
-        best: Optional[TakenSlot] = None
-        for index, entry in enumerate(self._slots[lane]):
-            if entry.state == READY and (best is None or entry.seq < best.seq):
-                best = TakenSlot(
-                    index, entry.seq, entry.epoch, entry.index, entry.count, entry.flags
-                )
-        return best
+        """The batch that :meth:`take` would take now, without taking it."""
+        found = self.next_ready(lane)
+        if found is None:
+            return None
+        entry = self._slots[lane][found[0]]
+        return TakenSlot(found[0], found[1], entry.epoch, entry.index, entry.count, entry.flags)
 
     def untake(self, lane: int, slot: int) -> None:
-        """Put a slot taken by this process back to ``READY`` (an interrupted take)."""
-        entry = self._slots[lane][slot]
-        entry.holder_token = 0
-        entry.holder_pid = 0
-        entry.state = READY
+        """Undo a take of ``slot`` by this attach (an interrupted take): ``taken_seq = 0``, so
+        the batch is delivered next."""
+        self._page_of(lane).untake(slot)
 
-    def held_by(self, lane: int, slot: int, token: int, seq: Optional[int] = None) -> bool:
-        """Whether ``slot`` is ``HELD`` with ``holder_token == token`` (and, if given, still
-        carries batch ``seq``): the proof of ownership a release needs (§6)."""
+    def holds(self, lane: int, slot: int, seq: Optional[int] = None) -> bool:
+        """Whether this attach holds ``slot`` (and, if given, batch ``seq`` in it): ``READY``,
+        taken and not released according to the lane page."""
+        page = self._page_of(lane)
         entry = self._slots[lane][slot]
+        current = int(entry.seq)
         return (
-            entry.state == HELD
-            and entry.holder_token == token
-            and (seq is None or entry.seq == seq)
+            entry.state == READY
+            and current != 0
+            and page.taken_seq(slot) == current
+            and page.released_seq(slot) != current
+            and (seq is None or seq == current)
         )
 
-    def release(self, lane: int, slot: int, seq: Optional[int], token: int) -> bool:
-        """Give a held slot back to the producer and wake it (§6 "Consumer releases"), if it
-        is still ours (:meth:`held_by`); returns whether it was released. A slot the producer
-        took back (it declared this connection dead) is left alone."""
-        if not self.held_by(lane, slot, token, seq):
+    def release(self, lane: int, slot: int, seq: Optional[int] = None) -> bool:
+        """Give a held slot back to the producer and ring its doorbell (§6 "Consumer
+        releases"), if this attach holds it (:meth:`holds`); returns whether it was released."""
+        if not self.holds(lane, slot, seq):
             return False
-        entry = self._slots[lane][slot]
-        entry.holder_token = 0
-        entry.holder_pid = 0
-        entry.state = FREE  # last store to the slot: the producer may rewrite it from now on
-        lane_entry = self._lanes[lane]
-        lane_entry.released += 1
-        lane_entry.release_seq = (lane_entry.release_seq + 1) & 0xFFFFFFFF
-        self._release_any.value = (self._release_any.value + 1) & 0xFFFFFFFF
-        _futex.futex_wake(ctypes.addressof(lane_entry) + 4)  # release_seq
-        _futex.futex_wake(ctypes.addressof(self._release_any))
+        current = int(self._slots[lane][slot].seq)
+        self._page_of(lane).release(slot, current)  # last write: the producer may reuse it now
         return True
 
-    def slots_held_by(self, lane: int, token: int) -> list[int]:
-        """The slots of ``lane`` that are ``HELD`` with ``holder_token == token``."""
-        return [
-            index
-            for index, entry in enumerate(self._slots[lane])
-            if entry.state == HELD and entry.holder_token == token
-        ]
+    def held_slots(self, lane: int) -> list[int]:
+        """The slots of ``lane`` this attach holds (:meth:`holds`)."""
+        return [slot for slot in range(self.layout.slots_per_lane) if self.holds(lane, slot)]
 
-    def note_consumer(self, lane: int, taken: int = 0, waited_ns: int = 0) -> None:
-        """Refresh the consumer heartbeat of ``lane``; add ``taken`` batches and wait time."""
-        entry = self._consumers[lane]
-        entry.heartbeat_mono_ns = time.monotonic_ns()
-        if taken:
-            entry.taken += taken
-        if waited_ns:
-            self._lanes[lane].consumer_wait_ns += waited_ns
+    def note_consumer(self, lane: int, waited_ns: int = 0) -> None:
+        """Refresh this consumer's heartbeat in its lane page; add ``waited_ns`` of waiting."""
+        self._page_of(lane).note(waited_ns)
+
+    def consumer_counters(self, lane: int) -> dict[str, int]:
+        """This attach's own counters from its lane page (``released``, ``consumer_wait_ns``,
+        ``heartbeat_mono_ns``, ``taken``), exact and current."""
+        return self._page_of(lane).counters()
+
+    def close_lane(self) -> None:
+        """The attach is over: close the lane page's doorbell. Later releases write into a
+        page nobody reads."""
+        if self._page is not None:
+            self._page.close()
 
     # ----- data -------------------------------------------------------------------------------
 
@@ -428,8 +483,8 @@ class Ring:
 
     def close(self) -> None:
         """Drop this ring's references; the memory goes once no batch view refers to it."""
+        self.close_lane()
         self._arrays.clear()
         self.framework_cache.clear()
         self._lanes = []
-        self._consumers = []
         self._slots = []

@@ -19,7 +19,7 @@ class LoaderStats:
 
     #: Wall time since attach, in nanoseconds (at least 1).
     wall_ns: int
-    #: Time this consumer spent blocked waiting for a batch since attach (the lane's
+    #: Time this consumer spent blocked waiting for a batch since attach (its lane page's
     #: ``consumer_wait_ns``), in nanoseconds.
     wait_ns: int
     #: Time the daemon waited for a free slot in this lane (the lane's ``producer_wait_ns``,
@@ -35,7 +35,8 @@ class LoaderStats:
     ready: int
     #: Batches the daemon has published to this lane (the lane's counter).
     published: int
-    #: Batches released in this lane (the lane's counter).
+    #: Batches released in this lane by all its consumers (the lane's counter, which the
+    #: daemon copies from the consumers' lane pages at its heartbeat: up to 100 ms behind).
     released: int
 
     @property
