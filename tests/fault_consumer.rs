@@ -88,8 +88,16 @@ fn consumer_killed_while_holding_batches_20_times_leaves_slots_and_memory_unchan
         let mut child = Peer::spawn(ENTRY, "hold", runtime.path(), &hold_env("ckill", 3));
         let held = child.expect("HOLDING");
         assert_eq!(held.split(',').count(), 3, "round {round}: {held}");
-        let (_, held, _, _, pid) = lane_state(&observer.snapshot(), 0);
-        assert_eq!((held, pid), (3, child.pid()), "round {round}");
+        // The held count is the producer's copy of the child's lane page (format 2.0): it
+        // follows within a heartbeat.
+        wait_until(
+            &format!("round {round}: the ring shows the child holding 3"),
+            Duration::from_secs(10),
+            || {
+                let (_, held, _, _, pid) = lane_state(&observer.snapshot(), 0);
+                (held, pid) == (3, child.pid())
+            },
+        );
         child.sigkill();
         wait_lane_full_and_vacant(&runtime, "ckill", slots);
     };

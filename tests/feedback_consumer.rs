@@ -1,8 +1,8 @@
 //! The Rust consumer's feedback path against an in-process producer: reports arrive in order
 //! and intact, ids outside the dataset are refused naming them, `EPOCH_DONE` goes out by
 //! itself when a take follows a last-of-epoch batch, a flood of reports never blocks and loses
-//! nothing, a malformed frame costs the sender its lane (not the producer), and a forged epoch
-//! plan in the lane table is restored.
+//! nothing, a malformed frame costs the sender its lane (not the producer), and a consumer
+//! cannot write its lane's epoch plan (format 2.0: the ring is passed read-only).
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -145,7 +145,7 @@ fn a_malformed_frame_drops_only_that_connection() {
     let (_t, dir, p) = setup("fb-bad");
     // A raw client attaches like a consumer, then sends bytes that are no frame.
     let mut raw = UnixStream::connect(dir.socket_path("fb-bad")).unwrap();
-    raw.write_all(b"{\"op\":\"attach\",\"version\":1,\"lane\":0,\"pid\":1}\n")
+    raw.write_all(b"{\"op\":\"attach\",\"version\":2,\"lane\":0,\"pid\":1}\n")
         .unwrap();
     let mut reply = [0u8; 512];
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -171,30 +171,43 @@ fn a_malformed_frame_drops_only_that_connection() {
     ));
 }
 
+/// 1.3 let a consumer forge its lane's epoch plan (the producer restored it a heartbeat
+/// later); in 2.0 the consumer cannot write it at all: the ring descriptor an attach passes is
+/// read-only, so `pwrite` fails and so does a writable shared mapping, and the plan stays the
+/// producer's. (That a store into the read-only mapping faults is tested against the daemon
+/// in tests/security_consumer.rs.)
 #[test]
-fn a_forged_epoch_plan_is_restored_by_the_producer() {
-    // A named-file ring, so the test can write the lane table as a consumer's mapping could.
-    let shm_parent = tempfile::tempdir().unwrap();
-    let shm = shm_parent.path().join("shm");
-    std::fs::create_dir(&shm).unwrap();
-    let options = ProducerOptions {
-        shm_dir: Some(shm.clone()),
-        allow_group: None,
-        fingerprint: None,
-    };
-    let (_t, _dir, p) = setup_with("fb-plan", &options);
+fn a_consumer_cannot_write_the_epoch_plan() {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let (_t, dir, p) = setup("fb-plan");
     p.announce_epoch(0, 3, 7, 56, 40);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(shm.join("ringfeed-fb-plan.ring"))
+    let mut raw = UnixStream::connect(dir.socket_path("fb-plan")).unwrap();
+    raw.write_all(b"{\"op\":\"attach\",\"version\":2,\"lane\":0,\"pid\":1}\n")
         .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::net::recvmsg(
+        &raw,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .unwrap();
+    let ring = control
+        .drain()
+        .find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .map(std::fs::File::from)
+        .expect("the ring's descriptor");
     let mut word = [0u8; 4];
-    file.read_exact_at(&mut word, 96).unwrap(); // lane_table_offset
+    ring.read_exact_at(&mut word, 96).unwrap(); // lane_table_offset
     let plan_at = u64::from(u32::from_le_bytes(word)) + 72;
     let read_plan = || {
         let mut b = [0u8; 32];
-        file.read_exact_at(&mut b, plan_at).unwrap();
+        ring.read_exact_at(&mut b, plan_at).unwrap();
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
         [w(0), w(1), w(2), w(3)]
     };
@@ -203,10 +216,20 @@ fn a_forged_epoch_plan_is_restored_by_the_producer() {
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();
-    file.write_all_at(&forged, plan_at).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while read_plan() != [4, 7, 56, 40] {
-        assert!(Instant::now() < deadline, "forged plan not restored");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(ring.write_all_at(&forged, plan_at).is_err(), "pwrite");
+    let file_len = ring.metadata().unwrap().len() as usize;
+    // SAFETY: asks the kernel for a new shared writable mapping, which it refuses; nothing
+    // is dereferenced.
+    let writable = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            file_len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            &ring,
+            0,
+        )
+    };
+    assert_eq!(writable.err(), Some(rustix::io::Errno::ACCESS));
+    assert_eq!(read_plan(), [4, 7, 56, 40]);
 }

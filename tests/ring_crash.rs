@@ -338,7 +338,7 @@ fn consumer_of_another_uid_is_refused() {
             "the 0700 runtime dir keeps others out"
         );
         let mut s = std::os::unix::net::UnixStream::connect(&link).unwrap();
-        let _ = s.write_all(b"{\"op\":\"attach\",\"version\":1,\"lane\":0,\"pid\":1}\n");
+        let _ = s.write_all(b"{\"op\":\"attach\",\"version\":2,\"lane\":0,\"pid\":1}\n");
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
         reply
@@ -358,11 +358,43 @@ fn consumer_of_another_uid_is_refused() {
     );
 }
 
-/// A fake producer hands out deliberately broken memfds: the consumer must refuse each with a
-/// clear error before making any view.
+/// The lane page a 2.0 producer passes for `lane` of a ring with `slots` slots per lane
+/// (docs/ring-format.md: magic, lane, slots, zeros; whole 4 KiB pages of 64 + 16·slots bytes).
+fn lane_page(lane: u32, slots: u32) -> Vec<u8> {
+    let len = (64 + 16 * slots as usize).div_ceil(4096) * 4096;
+    let mut b = vec![0u8; len];
+    b[..8].copy_from_slice(b"RFLANE\0\0");
+    b[8..12].copy_from_slice(&lane.to_le_bytes());
+    b[12..16].copy_from_slice(&slots.to_le_bytes());
+    b
+}
+
+/// A memfd holding `bytes` (`len` long), sealed against resizing when `seal`.
+fn memfd_with(bytes: &[u8], len: u64, seal: bool) -> std::os::fd::OwnedFd {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd =
+        rustix::fs::memfd_create("fake", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+    rustix::fs::ftruncate(&fd, len).unwrap();
+    let n = bytes.len().min(len as usize);
+    rustix::io::pwrite(&fd, &bytes[..n], 0).unwrap();
+    if seal {
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+    }
+    fd
+}
+
+/// `fd` reopened read-only, as a 2.0 producer passes the ring.
+fn read_only(fd: &std::os::fd::OwnedFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsRawFd;
+    std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap()
+        .into()
+}
+
+/// A fake producer hands out deliberately broken rings, lane pages and replies: the consumer
+/// must refuse each with a clear error before making any view.
 #[test]
 fn attach_refuses_corrupt_or_unsealed_rings() {
-    use rustix::fs::{MemfdFlags, SealFlags};
     let (_t, dir) = temp_dir();
     dir.ensure().unwrap();
     let listener = std::os::unix::net::UnixListener::bind(dir.socket_path("fake")).unwrap();
@@ -375,76 +407,183 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
     let file_len = ringfeed::ring::plan(&spec("fake", 2), 5)
         .unwrap()
         .file_bytes;
-    type Case = (
-        &'static str,
-        Box<dyn Fn(&mut Vec<u8>) -> u64>,
-        bool,
-        &'static str,
-    );
+    let page_bytes = lane_page(0, 2).len() as u64;
+    /// What the fake producer sends: the ring (bytes, length, sealed), the lane page, which
+    /// descriptors, and the reply's lane_page_bytes.
+    #[derive(Clone)]
+    struct Sent {
+        ring: Vec<u8>,
+        len: u64,
+        seal: bool,
+        page: Vec<u8>,
+        /// 0: ring read-only, lane page, doorbell; 1: the ring alone (a 1.x reply);
+        /// 2: the ring writable.
+        fds: u8,
+        page_bytes: u64,
+    }
+    let base = Sent {
+        ring: good.clone(),
+        len: file_len,
+        seal: true,
+        page: lane_page(0, 2),
+        fds: 0,
+        page_bytes,
+    };
+    type Case = (&'static str, Sent, &'static str);
     let cases: Vec<Case> = vec![
-        ("truncated", Box::new(|_| 300), true, "truncated"),
+        (
+            "truncated",
+            Sent {
+                len: 300,
+                ..base.clone()
+            },
+            "truncated",
+        ),
         (
             "magic",
-            Box::new(move |b| {
-                b[0] = b'X';
-                file_len
-            }),
-            true,
+            Sent {
+                ring: {
+                    let mut b = good.clone();
+                    b[0] = b'X';
+                    b
+                },
+                ..base.clone()
+            },
             "magic",
         ),
         (
             "major",
-            Box::new(move |b| {
-                b[8] = 9;
-                file_len
-            }),
-            true,
+            Sent {
+                ring: {
+                    let mut b = good.clone();
+                    b[8] = 9;
+                    b
+                },
+                ..base.clone()
+            },
             "version 9",
         ),
         (
+            "a 1.x ring",
+            Sent {
+                ring: {
+                    let mut b = good.clone();
+                    b[8] = 1;
+                    b
+                },
+                ..base.clone()
+            },
+            "version 1",
+        ),
+        (
             "tensor offset",
-            Box::new(move |b| {
-                let t = 512 + 56;
-                b[t..t + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-                file_len
-            }),
-            true,
+            Sent {
+                ring: {
+                    let mut b = good.clone();
+                    let t = 512 + 56;
+                    b[t..t + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+                    b
+                },
+                ..base.clone()
+            },
             "tensor",
         ),
         (
             "short file",
-            Box::new(move |_| file_len - 4096),
-            true,
+            Sent {
+                len: file_len - 4096,
+                ..base.clone()
+            },
             "file_bytes",
         ),
-        ("unsealed", Box::new(move |_| file_len), false, "sealed"),
+        (
+            "unsealed",
+            Sent {
+                seal: false,
+                ..base.clone()
+            },
+            "sealed",
+        ),
+        (
+            "one descriptor",
+            Sent {
+                fds: 1,
+                ..base.clone()
+            },
+            "carried 1 file descriptors",
+        ),
+        (
+            "writable ring",
+            Sent {
+                fds: 2,
+                ..base.clone()
+            },
+            "ring descriptor is writable",
+        ),
+        (
+            "lane page magic",
+            Sent {
+                page: {
+                    let mut p = lane_page(0, 2);
+                    p[0] = b'X';
+                    p
+                },
+                ..base.clone()
+            },
+            "lane_magic",
+        ),
+        (
+            "lane page of another lane",
+            Sent {
+                page: lane_page(1, 2),
+                ..base.clone()
+            },
+            "lane_page.lane",
+        ),
+        (
+            "lane page too small",
+            Sent {
+                page: vec![0u8; 64],
+                ..base.clone()
+            },
+            "lane_page_bytes",
+        ),
+        (
+            "reply's lane_page_bytes",
+            Sent {
+                page_bytes: 2 * page_bytes,
+                ..base.clone()
+            },
+            "lane_page_bytes",
+        ),
     ];
-    for (what, corrupt, seal, expect) in cases {
-        let mut bytes = good.clone();
-        let len = corrupt(&mut bytes);
-        let fd = rustix::fs::memfd_create("fake", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .unwrap();
-        rustix::fs::ftruncate(&fd, len).unwrap();
-        let n = bytes.len().min(len as usize);
-        rustix::io::pwrite(&fd, &bytes[..n], 0).unwrap();
-        if seal {
-            rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
-        }
+    for (what, sent, expect) in cases {
+        let ring = memfd_with(&sent.ring, sent.len, sent.seal);
+        let page = memfd_with(&sent.page, sent.page.len() as u64, true);
+        let doorbell = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        let ring_ro = read_only(&ring);
         let server = {
             let listener = listener.try_clone().unwrap();
             std::thread::spawn(move || {
                 let (mut s, _) = listener.accept().unwrap();
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).unwrap();
-                let line = b"{\"ok\":true,\"generation\":5,\"lane\":0,\"file_bytes\":0,\"producer_pid\":1}\n";
-                let fds = [fd.as_fd()];
+                let line = format!(
+                    "{{\"ok\":true,\"generation\":5,\"lane\":0,\"file_bytes\":0,\"producer_pid\":1,\"fds\":[\"ring\",\"lane\",\"doorbell\"],\"lane_page_bytes\":{}}}\n",
+                    sent.page_bytes
+                );
+                let fds = match sent.fds {
+                    0 => vec![ring_ro.as_fd(), page.as_fd(), doorbell.as_fd()],
+                    1 => vec![ring_ro.as_fd()],
+                    _ => vec![ring.as_fd(), page.as_fd(), doorbell.as_fd()],
+                };
                 let mut space =
-                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
                 let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
                 control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
                 rustix::net::sendmsg(
                     &s,
-                    &[std::io::IoSlice::new(line)],
+                    &[std::io::IoSlice::new(line.as_bytes())],
                     &mut control,
                     rustix::net::SendFlags::empty(),
                 )
@@ -458,7 +597,9 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
         assert!(
             matches!(
                 err,
-                AttachError::Format { .. } | AttachError::NotSealed { .. }
+                AttachError::Format { .. }
+                    | AttachError::NotSealed { .. }
+                    | AttachError::Protocol { .. }
             ),
             "{what}: {err}"
         );
@@ -468,4 +609,36 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
         );
         server.join().unwrap();
     }
+    // The same fake producer with nothing broken is accepted: the cases above fail for the
+    // reason they name, not for a mistake of the fake.
+    let ring = memfd_with(&good, file_len, true);
+    let page = memfd_with(&lane_page(0, 2), page_bytes, true);
+    let doorbell = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    let ring_ro = read_only(&ring);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).unwrap();
+        let line = format!(
+            "{{\"ok\":true,\"generation\":5,\"lane\":0,\"file_bytes\":0,\"producer_pid\":1,\"lane_page_bytes\":{page_bytes}}}\n"
+        );
+        let fds = [ring_ro.as_fd(), page.as_fd(), doorbell.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(
+            &s,
+            &[std::io::IoSlice::new(line.as_bytes())],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        let _ = s.read(&mut buf);
+    });
+    let mut o = AttachOptions::new("fake", 0);
+    o.dir = Some(dir.clone());
+    let c = Consumer::attach_with(&o).expect("the unbroken fake ring is accepted");
+    assert_eq!(c.generation(), 5);
+    drop(c);
+    server.join().unwrap();
 }

@@ -21,7 +21,9 @@ use super::layout::Element;
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 
 /// Creates the ring's memfd: `bytes` long, fully allocated (so lack of memory fails now, not
-/// as a SIGBUS later) and sealed against shrinking and growing.
+/// as a SIGBUS later) and sealed against shrinking and growing. The seals are not closed
+/// yet: [`seal_future_write`] adds `F_SEAL_FUTURE_WRITE` and then `F_SEAL_SEAL` once the
+/// producer's own mappings exist.
 pub(crate) fn create_memfd(name: &str, bytes: u64) -> Result<File, MemfdError> {
     let fd = rustix::fs::memfd_create(
         format!("ringfeed:{name}"),
@@ -31,17 +33,21 @@ pub(crate) fn create_memfd(name: &str, bytes: u64) -> Result<File, MemfdError> {
     rustix::fs::ftruncate(&fd, bytes).map_err(|e| MemfdError::Create(e.into()))?;
     rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, bytes)
         .map_err(|e| MemfdError::Allocate(e.into()))?;
-    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)
         .map_err(|e| MemfdError::Create(e.into()))?;
     Ok(File::from(fd))
 }
 
-/// Adds `F_SEAL_FUTURE_WRITE` to the ring's memfd (format 2.0): the producer's existing
-/// writable mappings keep working, but no new writable mapping and no `write` can be made
-/// through any descriptor of it, even an `O_RDWR` reopen through `/proc/<pid>/fd`. Call it
-/// after the producer's own mappings exist. Linux ≥ 5.1; an error means the kernel refused.
+/// Adds `F_SEAL_FUTURE_WRITE` to the ring's memfd (format 2.0), then `F_SEAL_SEAL`: the
+/// producer's existing writable mappings keep working, but no new writable mapping and no
+/// `write` can be made through any descriptor of it, even an `O_RDWR` reopen through
+/// `/proc/<pid>/fd`. Call it after the producer's own mappings exist. Linux ≥ 5.1: an error
+/// means the kernel refused `F_SEAL_FUTURE_WRITE`; the seals are closed (`F_SEAL_SEAL`)
+/// either way.
 pub(crate) fn seal_future_write(file: &File) -> io::Result<()> {
-    Ok(rustix::fs::fcntl_add_seals(file, SealFlags::FUTURE_WRITE)?)
+    let future = rustix::fs::fcntl_add_seals(file, SealFlags::FUTURE_WRITE);
+    rustix::fs::fcntl_add_seals(file, SealFlags::SEAL)?;
+    Ok(future?)
 }
 
 /// A new, read-only open file description of `file` (`/proc/self/fd/<n>` opened `O_RDONLY |

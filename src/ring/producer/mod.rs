@@ -38,6 +38,9 @@ mod service;
 mod state;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;

@@ -66,7 +66,7 @@ impl std::fmt::Debug for Attachment {
 impl Attachment {
     /// A new lane page for `lane` (zero but for magic, lane and slot count; sealed against
     /// resizing) and a new doorbell.
-    fn create(layout: &Layout, lane: u32) -> std::io::Result<Attachment> {
+    pub(super) fn create(layout: &Layout, lane: u32) -> std::io::Result<Attachment> {
         let slots = layout.slots_per_lane;
         let file = memory::create_lane_memfd(&layout.name, lane, &encode_lane_page(lane, slots))?;
         let page = LanePage::map(&file, slots)?;

@@ -29,7 +29,7 @@ pub struct BatchMeta {
 pub struct SlotWriter<'a> {
     shared: &'a Shared,
     lane: u32,
-    slot: u32,
+    pub(super) slot: u32,
     done: bool,
 }
 
