@@ -28,9 +28,10 @@ Scenarios (each client in its own runtime directory, in parallel):
    bytes as the uninterrupted run.
 8. selection (`[selection] mode = "infobatch"`): epoch 1 is decided only once every lane sent
    `EPOCH_DONE 0` (ring format §9), so every client must send it; the batches agree.
-9. fork (the C client; Python's and Rust's have their own tests): a forked child can neither
-   take nor release the parent's batches through the lane page they share
-   (clients/c/tests/fork_check, against the fake producer).
+9. the C client's memory (clients/c/tests/isolation_check, against the fake producer; the
+   Python and Rust clients have their own tests): the ring mapped r--s and only the lane page
+   writable, mprotect(PROT_WRITE) of the ring refused, a store into a batch faults, and a
+   forked child can neither take nor release the parent's batches through the lane page.
 10. the daemon's side of the 2.0 handshake: exactly three descriptors; the ring's is
    read-only (`mmap(PROT_WRITE)` fails with EACCES), the lane page sealed and as the reply
    says, the doorbell an eventfd.
@@ -332,12 +333,12 @@ def hostile_producer(bin_path: Path, client: Command) -> list[str]:
     return [refused(bin_path, client, flags, code, field) for flags, code, field in HOSTILE]
 
 
-def c_fork_check(bin_path: Path, fork_check: Path) -> None:
+def c_isolation_check(bin_path: Path, isolation_check: Path) -> None:
     env = Env(bin_path)
     try:
         fake_producer(env)
-        rc, lines, err = finish(env.start([str(fork_check), NAME]), "fork_check")
-        check(rc == 0 and lines == ["ok"], f"fork_check: exit {rc}, {lines} {err}")
+        rc, lines, err = finish(env.start([str(isolation_check), NAME]), "isolation_check")
+        check(rc == 0 and lines == ["ok"], f"isolation_check: exit {rc}, {lines} {err}")
     finally:
         env.close()
 
@@ -474,7 +475,7 @@ def main() -> int:
     parser.add_argument("--c", type=Path, default=ROOT / "clients/c/read_batches")
     parser.add_argument("--only", help="comma-separated client names")
     args = parser.parse_args()
-    for tool in (args.bin, args.c, args.c.parent / "tests" / "fork_check"):
+    for tool in (args.bin, args.c, args.c.parent / "tests" / "isolation_check"):
         if not os.access(tool, os.X_OK):
             print(f"FAIL {tool} is missing: build it first (cargo build; make -C clients/c)")
             return 1
@@ -528,8 +529,8 @@ def main() -> int:
         print(f"ok   {len(HOSTILE)} hostile producers: every client refuses each, naming the field")
 
         if "c" in cmds:
-            c_fork_check(args.bin, args.c.resolve().parent / "tests" / "fork_check")
-            print("ok   c: a forked child neither takes nor releases the parent's batches")
+            c_isolation_check(args.bin, args.c.resolve().parent / "tests" / "isolation_check")
+            print("ok   c: the ring is read-only to the client; a forked child cannot release")
 
         daemon_passes_read_only_ring(args.bin)
         print("ok   the daemon passes ring (read-only), lane page, doorbell")
