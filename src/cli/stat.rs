@@ -213,9 +213,9 @@ pub(crate) struct LaneReport {
     pub(crate) index: Option<u64>,
     /// Share of the epoch published, 0–1 (`null` when batches_per_epoch is unknown).
     pub(crate) epoch_progress: Option<f64>,
-    /// Slots `READY`.
+    /// Slots `READY` and not held.
     pub(crate) ready: u32,
-    /// Slots `HELD`.
+    /// Slots held by the consumer (`READY`, taken, not released).
     pub(crate) held: u32,
     /// Slots `FREE`.
     pub(crate) free: u32,

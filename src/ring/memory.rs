@@ -216,7 +216,7 @@ impl Data {
     ///
     /// # Safety
     /// No one may write these bytes while the returned slice lives: the caller holds the
-    /// slot (consumer: `HELD` by it; producer: `WRITING` by it).
+    /// slot (consumer: taken by it and not released; producer: `WRITING` by it).
     pub(crate) unsafe fn bytes(&self, off: u64, len: u64) -> &[u8] {
         let (ptr, len) = self.range(off, len);
         // SAFETY: in bounds (checked), the mapping outlives `&self`, and the caller

@@ -554,4 +554,77 @@ mod tests {
         assert!(!copy_is_consistent(&m, slot::READY, &recounted));
         assert!(!copy_is_consistent(&m, slot::READY, &meta(9, 1, 2)));
     }
+
+    /// The producer, a consumer and the observer all in this process: `/proc/self/fd` holds
+    /// the ring memfd, its read-only reopen, the attach's lane page
+    /// (`ringfeed-lane:<name>:0`) and the doorbells. The observer opens the ring, never a lane
+    /// page, and shows the consumer's held batch from the producer's copies.
+    #[test]
+    fn the_observer_opens_the_ring_never_a_lane_page() {
+        use crate::ring::layout::{DType, RingSpec, TensorSpec};
+        use crate::ring::{AttachOptions, BatchMeta, Consumer, Producer};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = RuntimeDir::at(tmp.path().join("rt"));
+        let spec = RingSpec {
+            name: "obs".into(),
+            lanes: 1,
+            slots_per_lane: 2,
+            batch_size: 1,
+            tensors: vec![TensorSpec {
+                name: "x".into(),
+                dtype: DType::U8,
+                shape: vec![1],
+            }],
+            drop_last: false,
+            nhwc: false,
+            selection: false,
+            on_demand: false,
+            batches_per_epoch: 0,
+            epochs: 0,
+            seed: 0,
+            samples_per_epoch: 0,
+            world_size: 0,
+            first_rank: 0,
+            epoch_samples: 0,
+            mean: [0.0; 4],
+            std: [0.0; 4],
+        };
+        let p = Producer::create(&spec, &dir).unwrap();
+        let mut o = AttachOptions::new("obs", 0);
+        o.dir = Some(dir.clone());
+        let c = Consumer::attach_with(&o).unwrap();
+        p.try_claim(0).unwrap().publish(BatchMeta {
+            epoch: 0,
+            index: 0,
+            count: 1,
+            last_of_epoch: false,
+        });
+        let b = c.next().unwrap().unwrap();
+        let lane_links = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|l| {
+                l.to_string_lossy()
+                    .starts_with("/memfd:ringfeed-lane:obs:0")
+            })
+            .count();
+        assert!(lane_links >= 1, "the attach's lane page memfd is open");
+        let observer = Observer::open(&dir, "obs").unwrap();
+        assert_eq!(observer.layout().name, "obs");
+        let held = || observer.snapshot().stats.lanes[0].held;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while held() != 1 {
+            assert!(Instant::now() < deadline, "the held batch never showed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(b);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while held() != 0 {
+            assert!(Instant::now() < deadline, "the release never showed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(observer.snapshot().stats.lanes[0].released, 1);
+        assert_ne!(memfd_link("obs"), "/memfd:ringfeed-lane:obs:0 (deleted)");
+    }
 }

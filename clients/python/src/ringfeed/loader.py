@@ -354,8 +354,9 @@ class Loader:
         except BaseException:
             sock.close()
             raise
-        self._sock, self._ring = sock, ring  # a new lane page: an earlier attach's batches
-        # name slots of the page of their own ring, which nobody reads any more
+        # Each attach has its own Ring and lane page: a batch of an earlier attach releases
+        # into that attach's page, which the producer no longer reads.
+        self._sock, self._ring = sock, ring
         self.generation = layout.generation
         fingerprint = reply.get("fingerprint")
         self._fingerprint = fingerprint if isinstance(fingerprint, dict) else None
