@@ -8,6 +8,11 @@
 //!   time per batch (next + release, excluding time asleep), which must not grow with batch
 //!   size since nothing is copied.
 //!
+//! Since ring format 2.0 a release is a store into the consumer's lane page and a `write(2)`
+//! of 1 to its eventfd doorbell, and a producer waiting for a slot `poll(2)`s the doorbells
+//! (1.x: two futex bumps and wakes, and a `FUTEX_WAIT` on `release_any`); a publish and the
+//! consumer's wait are unchanged (the lane's `publish_seq` futex).
+//!
 //! Run: `cargo bench --bench ring_handoff` (about 10 s; `RINGFEED_BENCH_QUICK=1` for fewer
 //! iterations).
 

@@ -173,7 +173,7 @@ fn stopped_consumer_stalls_its_lane_is_reported_and_keeps_its_slots() {
     assert!(line.contains("holds 2"), "{line}");
     // The status line marks the lane as well.
     daemon.wait_for_line("STALLED", Duration::from_secs(10));
-    // Nothing is taken from a live process: its two slots stay HELD, the third is READY and
+    // Nothing is taken from a live process: its two slots stay held (taken, not released), the third is READY and
     // the producer waits.
     let snap = observer.snapshot();
     assert_eq!(lane_state(&snap, 0), (1, 2, 0, 0, child.pid()));

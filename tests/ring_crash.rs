@@ -530,7 +530,7 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
                 },
                 ..base.clone()
             },
-            "lane_magic",
+            "lane_page.magic",
         ),
         (
             "lane page of another lane",

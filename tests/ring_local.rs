@@ -362,7 +362,7 @@ fn an_idle_consumer_does_not_spin() {
 }
 
 /// Producer thread and consumer racing through a 2-slot lane for thousands of batches: every
-/// batch arrives once, in order, and whole (the producer never wrote into a READY/HELD slot,
+/// batch arrives once, in order, and whole (the producer never wrote into a READY slot before its release,
 /// so no payload is torn).
 #[test]
 fn concurrent_producer_and_consumer_never_tear_a_batch() {
@@ -424,4 +424,40 @@ fn a_ring_without_world_size_is_read_as_an_old_producers_and_not_refused() {
     // A resume state saved here has nothing to be checked against.
     let state = c.resume_state(0, 1);
     assert_eq!((state.sample, state.fingerprint), (None, None));
+}
+
+/// A process that forked while holding a batch: the child's copy of the batch, dropped in the
+/// child, releases nothing (the parent is still reading); the parent's release does.
+#[test]
+fn a_forked_childs_drop_releases_nothing() {
+    let (_t, dir, p) = setup("forked", 1, 1);
+    publish(&p, 0, 0);
+    let c = attach(&dir, "forked", 0).unwrap();
+    let b = c.next().unwrap().unwrap();
+    // SAFETY: the child only drops its copy of the batch (a getpid and a comparison: no
+    // allocation, no lock) and exits at once with `_exit`, touching nothing else the other
+    // threads of this test process may have held at the fork.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        drop(b);
+        // SAFETY: ends the child without running destructors or atexit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(child > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    assert!(
+        b.still_held(),
+        "the child's drop released the parent's batch"
+    );
+    assert!(p.try_claim(0).is_none(), "the slot is still held");
+    assert_eq!(p.stats().lanes[0].released, 0);
+    drop(b);
+    assert_eq!(p.stats().lanes[0].released, 1);
+    assert!(
+        p.try_claim(0).is_some(),
+        "the parent's release frees the slot"
+    );
 }

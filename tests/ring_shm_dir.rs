@@ -431,6 +431,119 @@ fn allow_group_admits_members_only() {
     assert!(!shm.join("ringfeed-grp.ring").exists());
 }
 
+/// A group member's descriptors of a `--allow-group --shm-dir` ring (ring format 2.0): the
+/// ring is passed read-only, so the member can neither truncate it (issue 24 item 5: it used to
+/// crash the daemon with SIGBUS) nor map it writable, and neither reopening the descriptor
+/// through `/proc/self/fd` nor opening the file by name gives it write access (mode 0640).
+#[test]
+fn a_group_member_cannot_truncate_or_write_the_ring_file() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!(
+            "skipped: needs root to give files to a group and to switch a thread to another uid"
+        );
+        return;
+    }
+    const GROUP: u32 = 4244;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shm = shm_dir(tmp.path());
+    let dir = RuntimeDir::at(tmp.path().join("rt"));
+    let options = ProducerOptions {
+        shm_dir: Some(shm.clone()),
+        allow_group: Some(GROUP),
+        fingerprint: None,
+    };
+    let p = Producer::create_with(&spec("grw"), &dir, &options).unwrap();
+    publish_first_batch(&p, 9);
+    let ring_path = shm.join("ringfeed-grw.ring");
+    let size = std::fs::metadata(&ring_path).unwrap().len();
+    let socket = dir.socket_path("grw");
+    let outcome = std::thread::spawn(move || {
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd as _;
+        let nobody = rustix::process::Uid::from_raw(65534);
+        let gid = rustix::process::Gid::from_raw(GROUP);
+        rustix::thread::set_thread_groups(&[]).unwrap();
+        rustix::thread::set_thread_res_gid(gid, gid, gid).unwrap();
+        rustix::thread::set_thread_res_uid(nobody, nobody, nobody).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        writeln!(s, r#"{{"op":"attach","version":2,"lane":0,"pid":1}}"#).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        rustix::net::recvmsg(
+            &s,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            rustix::net::RecvFlags::CMSG_CLOEXEC,
+        )
+        .unwrap();
+        let ring = control
+            .drain()
+            .find_map(|m| match m {
+                rustix::net::RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+                _ => None,
+            })
+            .map(std::fs::File::from)
+            .expect("the ring's descriptor");
+        let truncate = rustix::fs::ftruncate(&ring, 0);
+        // SAFETY: asks the kernel for a new shared writable mapping, which it refuses;
+        // nothing is dereferenced.
+        let map = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &ring,
+                0,
+            )
+        };
+        let rw = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map(drop)
+        };
+        let reopen = rw(Path::new(&format!("/proc/self/fd/{}", ring.as_raw_fd())));
+        let by_name = rw(&ring_path);
+        (
+            truncate.err(),
+            map.err(),
+            reopen.err().map(|e| e.kind()),
+            by_name.err().map(|e| e.kind()),
+        )
+    })
+    .join()
+    .unwrap();
+    let denied = Some(std::io::ErrorKind::PermissionDenied);
+    assert!(
+        outcome.0.is_some(),
+        "ftruncate through the passed descriptor"
+    );
+    assert_eq!(
+        outcome.1,
+        Some(rustix::io::Errno::ACCESS),
+        "mmap(PROT_WRITE)"
+    );
+    assert_eq!(
+        (outcome.2, outcome.3),
+        (denied, denied),
+        "reopen / open for writing"
+    );
+    assert_eq!(
+        std::fs::metadata(shm.join("ringfeed-grw.ring"))
+            .unwrap()
+            .len(),
+        size
+    );
+    assert!(
+        p.truncated_file().is_none(),
+        "the producer's mappings are intact"
+    );
+}
+
 /// `--allow-group` admits a member through a supplementary group, checked with real processes:
 /// `ringfeed consume --trust-uid 0` run by `setpriv` as `nobody` (primary group `nogroup`) with
 /// the group as a supplementary one reads a batch; the same command without the group is kept

@@ -407,6 +407,17 @@ fn a_consumer_cannot_write_the_ring_through_its_descriptors() {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::start(runtime.path(), &args);
+        // A 1.x client (which would map the ring read-write) is refused by version.
+        let mut old = UnixStream::connect(runtime.path().join(format!("{name}.sock"))).unwrap();
+        writeln!(old, r#"{{"op":"attach","version":1,"lane":0,"pid":1}}"#).unwrap();
+        let mut reply = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&old), &mut reply).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(reply.trim()).unwrap();
+        assert_eq!(
+            (&reply["ok"], &reply["code"]),
+            (&false.into(), &"version".into())
+        );
+        drop(old);
         let a = raw_attach(runtime.path(), name, 0);
         assert_eq!(a.reply["segment"], if shm { "file" } else { "memfd" });
         assert_ring_descriptor_is_read_only(&a, !shm);

@@ -275,8 +275,9 @@ pub(crate) fn refuse(stream: &UnixStream, why: Refusal, error: &str) {
     let _ = send_line(stream, &why.reply(error), None);
 }
 
-/// Receives one reply line and the descriptors that came with it, in the order sent (at most
-/// [`MAX_FDS`]; any beyond are closed).
+/// Receives one reply line and every descriptor that came with it, in the order sent (up to
+/// one more than [`MAX_FDS`], so a caller sees that there were too many; a reply with even
+/// more is an error).
 pub(crate) fn recv_line_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut line = Vec::new();
     let mut kept = Vec::new();
@@ -292,13 +293,17 @@ pub(crate) fn recv_line_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Ve
         )?;
         for msg in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = msg {
-                for f in fds {
-                    // Extra descriptors are closed by dropping them.
-                    if kept.len() < MAX_FDS {
-                        kept.push(f);
-                    }
-                }
+                kept.extend(fds);
             }
+        }
+        if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the reply carried more than {} file descriptors",
+                    MAX_FDS + 1
+                ),
+            ));
         }
         if got.bytes == 0 {
             return Err(io::Error::new(
@@ -539,6 +544,28 @@ mod tests {
         assert_eq!(sizes, [4096, 8192, 12288]);
         let four = [borrowed[0], borrowed[1], borrowed[2], borrowed[0]];
         assert!(send_line_with_fds(&a, &serde_json::json!({}), &four).is_err());
+        // A (hostile or broken) producer sending more: the receiver sees all of them, or an
+        // error once they do not fit its buffer, never a silently shortened set.
+        let raw_send = |n: usize| {
+            let fds: Vec<BorrowedFd<'_>> = (0..n).map(|i| borrowed[i % 3]).collect();
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(64))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+            rustix::net::sendmsg(
+                &a,
+                &[IoSlice::new(b"{}\n")],
+                &mut control,
+                rustix::net::SendFlags::empty(),
+            )
+            .unwrap();
+        };
+        raw_send(4);
+        assert_eq!(recv_line_with_fds(&b).unwrap().1.len(), 4);
+        raw_send(64);
+        match recv_line_with_fds(&b) {
+            Ok((_, fds)) => assert_eq!(fds.len(), 64, "all received, or an error"),
+            Err(e) => assert!(e.to_string().contains("descriptors"), "{e}"),
+        }
     }
 
     #[test]

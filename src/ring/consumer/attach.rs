@@ -318,10 +318,14 @@ impl Consumer {
         }
         let page_bytes = lane_page_bytes(layout.slots_per_lane);
         if reply.lane_page_bytes != Some(page_bytes) {
-            return Err(protocol(format!(
-                "the reply's lane_page_bytes {:?} differs from {page_bytes} for {} slots per lane",
-                reply.lane_page_bytes, layout.slots_per_lane
-            )));
+            return Err(format(FormatError::Field {
+                field: "lane_page_bytes",
+                value: reply.lane_page_bytes.unwrap_or(0),
+                reason: format!(
+                    "the reply's lane_page_bytes must be {page_bytes} for {} slots per lane",
+                    layout.slots_per_lane
+                ),
+            }));
         }
         let page_len = lane_file
             .metadata()
@@ -349,6 +353,7 @@ impl Consumer {
         Ok(Consumer {
             name,
             lane: opts.lane,
+            pid,
             producer_pid: reply.producer_pid,
             layout,
             control,

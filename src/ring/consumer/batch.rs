@@ -116,6 +116,5 @@ impl Batch<'_> {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         self.consumer.release(self.slot, self.meta.seq);
-        self.consumer.touch_heartbeat();
     }
 }

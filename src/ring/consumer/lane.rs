@@ -48,6 +48,7 @@ impl Consumer {
         // its metadata stays what the scan saw.
         self.page.taken_seq(s).store(seq, Relaxed);
         self.page.taken().fetch_add(1, Relaxed);
+        self.touch_heartbeat();
         let meta = Slot::new(&self.control, &self.layout, self.lane, s).meta();
         if self.layout.on_demand() {
             let (pass, next) = self.pass.get();
@@ -85,12 +86,18 @@ impl Consumer {
     }
 
     /// Releases batch `seq` of slot `s` after our last read of it, then rings the doorbell.
-    /// A consumer the producer declared gone writes into a page nobody reads any more.
+    /// A consumer the producer declared gone writes into a page nobody reads any more. In a
+    /// forked child it does nothing: the child's release would tell the producer that the
+    /// attached process has finished reading.
     pub(super) fn release(&self, s: u32, seq: u64) {
+        if std::process::id() != self.pid {
+            return;
+        }
         // SYNC POINT with the producer's load-acquire of released_seq in its claim (and
         // reclaim): our reads of the batch happen-before its next writes into the slot.
         self.page.released_seq(s).store(seq, Release);
         self.page.released().fetch_add(1, Relaxed);
+        self.touch_heartbeat();
         // EAGAIN (a saturated counter) already wakes the producer; any other error means the
         // producer is gone, which `next` reports.
         let _ = rustix::io::write(&self.doorbell, &1u64.to_le_bytes());

@@ -51,6 +51,9 @@ const HEARTBEAT_STALE_NS: u64 = 3_000_000_000;
 pub struct Consumer {
     name: String,
     lane: u32,
+    /// The process that attached: only it releases (a forked child's drop of a batch is a
+    /// no-op).
+    pid: u32,
     producer_pid: u32,
     layout: Layout,
     /// The control region, mapped read-only.

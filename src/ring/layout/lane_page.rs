@@ -86,7 +86,7 @@ pub(crate) fn validate_lane_page(
     let u32_at =
         |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
     if head[page::MAGIC..page::MAGIC + 8] != LANE_MAGIC {
-        return Err(field("lane_magic", 0, "is not RFLANE".into()));
+        return Err(field("lane_page.magic", 0, "is not RFLANE".into()));
     }
     if u32_at(page::LANE) != lane {
         return Err(field(

@@ -72,6 +72,10 @@ pub use writer::{BatchMeta, SlotWriter};
 /// Longest single wait for a doorbell, so stop requests, timeouts and slots freed by a
 /// reclaim or a seek (which ring no doorbell) are noticed.
 const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How long a doorbell that rang for nothing (no slot of its lane claimable after it) is left
+/// out of the wait: a consumer flooding its doorbell costs the producer at most one rescan
+/// per this interval, not a busy loop.
+const MUTE: Duration = Duration::from_millis(1);
 
 /// Why a ring could not be created.
 #[derive(Debug, Error)]
@@ -451,6 +455,10 @@ impl Producer {
         let start = Instant::now();
         let lane_count = self.shared.layout.lane_count;
         let mut waited = false;
+        // Lanes whose doorbell rang in the last wait: reaching the next wait means the rescan
+        // after it found nothing, so the ring was for nothing (a flood, or a release whose
+        // slot an earlier scan had already claimed).
+        let mut rang_for_nothing: Vec<u32> = Vec::new();
         let result = loop {
             // The current attaches, taken under the lock once per round; the Arcs keep their
             // pages mapped and doorbells open while we scan and poll, even across a reclaim.
@@ -481,15 +489,19 @@ impl Producer {
                 break None;
             }
             waited = true;
-            let bells: Vec<&state::Attachment> = attachments
+            let bells: Vec<(u32, &state::Attachment)> = attachments
                 .iter()
-                .filter_map(|(_, a)| a.as_deref())
+                .filter(|(l, _)| !rang_for_nothing.contains(l))
+                .filter_map(|(l, a)| a.as_deref().map(|a| (*l, a)))
                 .collect();
             let mut fds: Vec<rustix::event::PollFd<'_>> = bells
                 .iter()
-                .map(|a| rustix::event::PollFd::new(&a.doorbell, rustix::event::PollFlags::IN))
+                .map(|(_, a)| rustix::event::PollFd::new(&a.doorbell, rustix::event::PollFlags::IN))
                 .collect();
-            let wait = (timeout - elapsed).min(MAX_WAIT);
+            let mut wait = (timeout - elapsed).min(MAX_WAIT);
+            if !rang_for_nothing.is_empty() {
+                wait = wait.min(MUTE);
+            }
             let ts = rustix::time::Timespec {
                 tv_sec: 0,
                 tv_nsec: wait.as_nanos() as i64,
@@ -497,9 +509,11 @@ impl Producer {
             let polled = rustix::event::poll(&mut fds, Some(&ts));
             let rang: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
             drop(fds);
+            rang_for_nothing.clear();
             if polled.is_ok() {
-                for (a, _) in bells.iter().zip(rang).filter(|(_, r)| *r) {
+                for ((l, a), _) in bells.iter().zip(rang).filter(|(_, r)| *r) {
                     a.drain_doorbell();
+                    rang_for_nothing.push(*l);
                 }
             }
         };

@@ -190,3 +190,56 @@ fn reclaim_frees_the_released_and_redelivers_the_taken() {
         "totals continue from the base"
     );
 }
+
+/// A consumer flooding its doorbell while its lane has nothing to free: `claim_any` waits out
+/// its timeout without spinning (a doorbell that rang for nothing is left out of the next
+/// wait), and still claims at once when a slot of another lane is released.
+#[test]
+fn a_doorbell_flood_does_not_make_claim_any_spin() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (_t, p) = ring("flood");
+    fill(&p, 0);
+    let seqs1 = fill(&p, 1);
+    let (hostile, _peer0) = attach(&p, 0);
+    let (honest, _peer1) = attach(&p, 1);
+    let stop = AtomicBool::new(false);
+    /// Stops the flood however the test ends (a failed assertion must not hang the scope).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|sc| {
+        let _stop = StopOnDrop(&stop);
+        sc.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = rustix::io::write(&hostile.doorbell, &1u64.to_le_bytes());
+            }
+        });
+        let cpu = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let (wall0, cpu0) = (Instant::now(), cpu());
+        assert!(p.claim_any(&[0, 1], Duration::from_millis(300)).is_none());
+        let (wall, spent) = (wall0.elapsed(), cpu() - cpu0);
+        assert!(wall >= Duration::from_millis(300));
+        assert!(
+            spent * 4 < wall,
+            "claim_any used {spent:?} of CPU in {wall:?} under a doorbell flood"
+        );
+        // An honest release on lane 1 is claimed although lane 0 keeps ringing.
+        honest
+            .page
+            .released_seq(2)
+            .store(seqs1[2], std::sync::atomic::Ordering::Release);
+        let _ = rustix::io::write(&honest.doorbell, &1u64.to_le_bytes());
+        let w = p
+            .claim_any(&[0, 1], Duration::from_secs(5))
+            .expect("lane 1's released slot");
+        assert_eq!((w.lane(), w.slot), (1, 2));
+        drop(w);
+    });
+}
