@@ -607,6 +607,9 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
             err.to_string().contains(expect),
             "{what}: {err} should mention {expect:?}"
         );
+        if expect.contains("descriptor") {
+            assert_eq!(err.code(), "protocol", "{what}: {err}");
+        }
         server.join().unwrap();
     }
     // The same fake producer with nothing broken is accepted: the cases above fail for the

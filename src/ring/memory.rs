@@ -110,11 +110,15 @@ impl Control {
         Ok(Control { map })
     }
 
-    /// Maps the first `len` bytes of `file` read-only (a consumer or an observer: every
-    /// access is a load; atomic loads from read-only memory are allowed, a store would fault).
+    /// Maps the first `len` bytes of `file` read-only, pre-faulted (a consumer or an observer:
+    /// every access is a load; atomic loads from read-only memory are allowed, a store would
+    /// fault).
     pub(crate) fn map_read_only(file: &File, len: u64) -> io::Result<Control> {
         let len = usize::try_from(len).map_err(io::Error::other)?;
-        let map = MmapOptions::new().len(len).map_raw_read_only(file)?;
+        let map = MmapOptions::new()
+            .len(len)
+            .populate()
+            .map_raw_read_only(file)?;
         Ok(Control { map })
     }
 

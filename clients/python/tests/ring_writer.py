@@ -34,6 +34,7 @@ import select
 import signal
 import socket
 import struct
+import termios
 import threading
 import time
 from pathlib import Path
@@ -56,16 +57,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _NR_FUTEX = {"x86_64": 202, "aarch64": 98}[os.uname().machine]
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-
-def futex_wait(address: int, expected: int, timeout_s: float) -> None:
-    ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
-    _libc.syscall(ctypes.c_long(_NR_FUTEX), ctypes.c_void_p(address), ctypes.c_int(0),
-                  ctypes.c_uint32(expected), ctypes.byref(ts), None, ctypes.c_int(0))  # fmt: skip
-
-
 def futex_wake(address: int) -> None:
     _libc.syscall(ctypes.c_long(_NR_FUTEX), ctypes.c_void_p(address), ctypes.c_int(1),
                   ctypes.c_int(2**31 - 1), None, None, ctypes.c_int(0))  # fmt: skip
@@ -75,6 +66,12 @@ def hung_up(conn: socket.socket) -> bool:
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
     return bool(poller.poll(0))
+
+
+def _unread(conn: socket.socket) -> int:
+    """Bytes sent on ``conn`` that the peer has not read yet (SIOCOUTQ)."""
+    queued: int = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return queued
 
 
 def _round_up(value: int, to: int) -> int:
@@ -194,6 +191,7 @@ class RingWriter:
         #: Called with each new lane page's memory before it is passed (hostile pages).
         self.page_hook: Optional[Callable[[mmap.mmap], None]] = None
         self.reply_extra: dict[str, Any] = {}  # merged into every successful attach reply
+        self.fds_late = False  # send the descriptors with the reply's second part (hostile)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.listener: Optional[socket.socket] = None
@@ -426,6 +424,13 @@ class RingWriter:
         self, conn: socket.socket, obj: dict[str, Any], fds: Optional[list[int]] = None
     ) -> None:
         data = json.dumps(obj).encode() + b"\n"
+        if fds and self.fds_late:  # hostile: the descriptors come after the first bytes
+            conn.sendall(data[:1])
+            deadline = time.monotonic() + 10  # until the consumer has read the first byte
+            while _unread(conn) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            socket.send_fds(conn, [data[1:]], fds)
+            return
         socket.send_fds(conn, [data], fds or [])
 
     def _handle(self, conn: socket.socket) -> None:

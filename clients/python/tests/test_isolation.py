@@ -17,6 +17,7 @@ import hashlib
 import mmap
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -256,10 +257,12 @@ def test_a_forked_child_cannot_write_its_parents_lane_page(start: StartProducer)
 def test_the_producer_copies_the_consumers_counters(start: StartProducer) -> None:
     producer = start()
     with producer.loader(1) as loader:
+        before = time.monotonic_ns()
         read(loader, 5)
         ring = loader.ring
         own = ring.consumer_counters(1)
         assert (own["taken"], own["released"]) == (5, 5)
+        assert before <= own["heartbeat_mono_ns"] <= time.monotonic_ns()
         assert loader.stats().taken == 5
         # Copied at the producer's heartbeat (statistics only, never used for a decision).
         wait_until(lambda: ring.lane_stats(1)["released"] == 5, "the lane's released copy", 5)
@@ -279,11 +282,12 @@ def fd_count() -> int:
         ("two", ringfeed.AttachError, "carried 2 file descriptors, expected 3"),
         ("four", ringfeed.AttachError, "carried 4 file descriptors, expected 3"),
         ("five", ringfeed.AttachError, "more than 3 descriptors"),
+        ("late", ringfeed.AttachError, "descriptors after the reply's first bytes"),
         ("writable ring", ringfeed.AttachError, "ring descriptor is writable"),
         ("unnamed", ringfeed.AttachError, "names its descriptors"),
         ("reply size", ringfeed.FormatError, "lane_page_bytes"),
         ("swapped", ringfeed.FormatError, "lane_page_bytes"),
-        ("magic", ringfeed.FormatError, "lane_magic"),
+        ("magic", ringfeed.FormatError, "lane_page.magic"),
         ("lane", ringfeed.FormatError, "lane_page.lane"),
         ("slots", ringfeed.FormatError, "lane_page.slots"),
     ],
@@ -312,6 +316,7 @@ def test_an_attach_reply_that_breaks_the_handshake_is_refused_leaking_nothing(
         writer.reply_extra = {"fds": ["lane", "ring", "doorbell"]}
     if hostile == "reply size":
         writer.reply_extra = {"lane_page_bytes": 8192}
+    writer.fds_late = hostile == "late"
     before = fd_count()
     with pytest.raises(error, match=match) as caught:
         ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0)
@@ -321,6 +326,7 @@ def test_an_attach_reply_that_breaks_the_handshake_is_refused_leaking_nothing(
     wait_until(lambda: fd_count() == before, f"no descriptor leaked ({fd_count()} != {before})")
     # The same producer, honest again, is attached to.
     writer.reply_fds_hook, writer.page_hook, writer.reply_extra = None, None, {}
+    writer.fds_late = False
     with ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0) as loader:
         assert loader.next_batch().index == 0
 

@@ -176,7 +176,7 @@ def test_lane_pages_are_whole_pages() -> None:
         (lane_page(), "4096", "lane_page_bytes"),
         (lane_page(size=8192), 8192, "lane_page_bytes"),  # both disagree with the formula
         (lane_page(size=8192), 4096, "lane_page_bytes"),  # the page disagrees with the reply
-        (b"RFLANX\0\0" + lane_page()[8:], 4096, "lane_magic"),
+        (b"RFLANX\0\0" + lane_page()[8:], 4096, "lane_page.magic"),
         (lane_page(lane=0), 4096, "lane_page.lane"),
         (lane_page(slots=3), 4096, "lane_page.slots"),
     ],

@@ -72,10 +72,15 @@ pub use writer::{BatchMeta, SlotWriter};
 /// Longest single wait for a doorbell, so stop requests, timeouts and slots freed by a
 /// reclaim or a seek (which ring no doorbell) are noticed.
 const MAX_WAIT: Duration = Duration::from_millis(100);
-/// How long a doorbell that rang for nothing (no slot of its lane claimable after it) is left
-/// out of the wait: a consumer flooding its doorbell costs the producer at most one rescan
-/// per this interval, not a busy loop.
+/// How long a doorbell that keeps ringing for nothing (no slot of its lane claimable after
+/// it, [`MUTE_AFTER`] times in a row) is left out of the wait: a consumer flooding its
+/// doorbell costs the producer a few rescans per interval, not a busy loop.
 const MUTE: Duration = Duration::from_millis(1);
+/// Rings for nothing in a row after which a doorbell is muted. An honest consumer rings for
+/// nothing at most once in a row (a ring still pending for a release whose slot an earlier
+/// scan already claimed: the wait after draining it sees only new releases), so it is never
+/// muted.
+const MUTE_AFTER: u32 = 2;
 
 /// Why a ring could not be created.
 #[derive(Debug, Error)]
@@ -455,10 +460,9 @@ impl Producer {
         let start = Instant::now();
         let lane_count = self.shared.layout.lane_count;
         let mut waited = false;
-        // Lanes whose doorbell rang in the last wait: reaching the next wait means the rescan
-        // after it found nothing, so the ring was for nothing (a flood, or a release whose
-        // slot an earlier scan had already claimed).
-        let mut rang_for_nothing: Vec<u32> = Vec::new();
+        // Per lane whose doorbell rang, how many times in a row it rang for nothing: reaching
+        // the next wait means the rescan after a ring found nothing.
+        let mut for_nothing: Vec<(u32, u32)> = Vec::new();
         let result = loop {
             // The current attaches, taken under the lock once per round; the Arcs keep their
             // pages mapped and doorbells open while we scan and poll, even across a reclaim.
@@ -489,9 +493,14 @@ impl Producer {
                 break None;
             }
             waited = true;
+            let muted: Vec<u32> = for_nothing
+                .iter()
+                .filter(|(_, n)| *n >= MUTE_AFTER)
+                .map(|(l, _)| *l)
+                .collect();
             let bells: Vec<(u32, &state::Attachment)> = attachments
                 .iter()
-                .filter(|(l, _)| !rang_for_nothing.contains(l))
+                .filter(|(l, _)| !muted.contains(l))
                 .filter_map(|(l, a)| a.as_deref().map(|a| (*l, a)))
                 .collect();
             let mut fds: Vec<rustix::event::PollFd<'_>> = bells
@@ -499,7 +508,7 @@ impl Producer {
                 .map(|(_, a)| rustix::event::PollFd::new(&a.doorbell, rustix::event::PollFlags::IN))
                 .collect();
             let mut wait = (timeout - elapsed).min(MAX_WAIT);
-            if !rang_for_nothing.is_empty() {
+            if !muted.is_empty() {
                 wait = wait.min(MUTE);
             }
             let ts = rustix::time::Timespec {
@@ -509,13 +518,21 @@ impl Producer {
             let polled = rustix::event::poll(&mut fds, Some(&ts));
             let rang: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
             drop(fds);
-            rang_for_nothing.clear();
+            // A muted lane keeps its count (it rings again for nothing: muted again); a lane
+            // that was listened to and stayed quiet starts over.
+            let mut next: Vec<(u32, u32)> = for_nothing
+                .iter()
+                .filter(|(l, _)| muted.contains(l))
+                .copied()
+                .collect();
             if polled.is_ok() {
                 for ((l, a), _) in bells.iter().zip(rang).filter(|(_, r)| *r) {
                     a.drain_doorbell();
-                    rang_for_nothing.push(*l);
+                    let before = for_nothing.iter().find(|(x, _)| x == l).map_or(0, |e| e.1);
+                    next.push((*l, before + 1));
                 }
             }
+            for_nothing = next;
         };
         if waited {
             let ns = start.elapsed().as_nanos() as u64;

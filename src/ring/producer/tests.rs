@@ -74,6 +74,16 @@ fn attach(p: &Producer, lane: u32) -> (Arc<Attachment>, UnixStream) {
     (a, theirs)
 }
 
+/// Sets its flag however a test ends, so a failed assertion never leaves a helper thread of
+/// a scope running (and the scope waiting for it).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn claimed_slot(p: &Producer, lane: u32) -> Option<u32> {
     let w = p.try_claim(lane)?;
     let s = w.slot;
@@ -192,8 +202,8 @@ fn reclaim_frees_the_released_and_redelivers_the_taken() {
 }
 
 /// A consumer flooding its doorbell while its lane has nothing to free: `claim_any` waits out
-/// its timeout without spinning (a doorbell that rang for nothing is left out of the next
-/// wait), and still claims at once when a slot of another lane is released.
+/// its timeout without spinning (a doorbell that keeps ringing for nothing is left out of the
+/// next wait), and still claims at once when a slot of another lane is released.
 #[test]
 fn a_doorbell_flood_does_not_make_claim_any_spin() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -204,13 +214,6 @@ fn a_doorbell_flood_does_not_make_claim_any_spin() {
     let (hostile, _peer0) = attach(&p, 0);
     let (honest, _peer1) = attach(&p, 1);
     let stop = AtomicBool::new(false);
-    /// Stops the flood however the test ends (a failed assertion must not hang the scope).
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     std::thread::scope(|sc| {
         let _stop = StopOnDrop(&stop);
         sc.spawn(|| {
@@ -241,5 +244,59 @@ fn a_doorbell_flood_does_not_make_claim_any_spin() {
             .expect("lane 1's released slot");
         assert_eq!((w.lane(), w.slot), (1, 2));
         drop(w);
+    });
+}
+
+/// Two producer threads race for the released slots of a lane while a third keeps syncing the
+/// lane (`stats`, which frees released slots, as the heartbeat does): every released slot is
+/// claimed exactly once per round, and a slot republished meanwhile is never claimed on the
+/// strength of its previous batch's release.
+#[test]
+fn racing_claims_of_released_slots_are_exclusive() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_t, p) = ring("race");
+    fill(&p, 0);
+    let (a, _peer) = attach(&p, 0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let _done = StopOnDrop(&done);
+        sc.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let _ = p.stats();
+            }
+        });
+        for round in 0..300u64 {
+            let seqs: Vec<u64> = (0..SLOTS).map(|s| p.shared.slot(0, s).seq()).collect();
+            for (s, seq) in seqs.iter().enumerate() {
+                a.page.released_seq(s as u32).store(*seq, Ordering::Release);
+            }
+            let won: Vec<Vec<_>> = std::thread::scope(|inner| {
+                let racers: Vec<_> = (0..2)
+                    .map(|_| {
+                        inner.spawn(|| {
+                            let mut mine = Vec::new();
+                            while let Some(w) = p.try_claim(0) {
+                                mine.push(w);
+                            }
+                            mine
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            let mut slots: Vec<u32> = won.iter().flatten().map(|w| w.slot).collect();
+            slots.sort_unstable();
+            assert_eq!(slots, (0..SLOTS).collect::<Vec<_>>(), "round {round}");
+            for w in won.into_iter().flatten() {
+                w.publish(BatchMeta {
+                    epoch: 0,
+                    index: round,
+                    count: 1,
+                    last_of_epoch: false,
+                });
+            }
+            // Republished: the page still names the previous batches, which frees nothing.
+            assert!(p.try_claim(0).is_none(), "round {round}");
+        }
     });
 }

@@ -343,6 +343,6 @@ def validate_lane_page(
     _require(st_size == want, "lane_page_bytes", f"the page has {st_size} bytes, not {want}")
     _require(len(head) >= 16, "lane_page", f"only {len(head)} bytes readable")
     magic, page_lane, page_slots = struct.unpack_from("<8sII", head, 0)
-    _require(magic == LANE_MAGIC, "lane_magic", f"{magic!r} is not {LANE_MAGIC!r}")
+    _require(magic == LANE_MAGIC, "lane_page.magic", f"{magic!r} is not {LANE_MAGIC!r}")
     _require(page_lane == lane, "lane_page.lane", f"{page_lane}, attached to lane {lane}")
     _require(page_slots == slots, "lane_page.slots", f"{page_slots} != slots_per_lane {slots}")
