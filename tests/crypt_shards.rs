@@ -156,7 +156,7 @@ fn consume_all(runtime: &Path, name: &str, lanes: u32) -> BTreeMap<i64, u32> {
             std::thread::spawn(move || {
                 let consumer = Consumer::attach_with(&opts).unwrap();
                 let mut seen = Vec::new();
-                while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+                common::drain(&consumer, |batch| {
                     let labels: &[i64] = batch.tensor("labels").unwrap();
                     let images: &[f32] = batch.tensor("images").unwrap();
                     let ids: &[i64] = batch.tensor("sample_ids").unwrap();
@@ -164,7 +164,7 @@ fn consume_all(runtime: &Path, name: &str, lanes: u32) -> BTreeMap<i64, u32> {
                         assert_eq!(class_of(images, n), label, "sample {id}, lane {lane}");
                         seen.push(id);
                     }
-                }
+                });
                 seen
             })
         })

@@ -75,9 +75,9 @@ fn start_and_fill(runtime: &RuntimeTmp, config: &Path, name: &str) -> (Daemon, C
 /// Takes every batch to the end of the stream: per epoch, the sample ids served.
 fn drain(consumer: &Consumer, epochs: u64) -> Vec<Vec<i64>> {
     let mut per_epoch = vec![Vec::new(); epochs as usize];
-    while let Some(b) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+    common::drain(consumer, |b| {
         per_epoch[b.epoch() as usize].extend(b.tensor::<i64>("sample_ids").unwrap());
-    }
+    });
     per_epoch
 }
 

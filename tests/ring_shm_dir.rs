@@ -184,11 +184,11 @@ fn named_file_serves_a_consumer_end_to_end_and_is_removed_on_sigterm() {
     assert_eq!(meta.len(), c.layout().file_bytes);
     assert!(meta.blocks() * 512 >= meta.len(), "reserved up front");
     let mut batches = 0;
-    while let Some(b) = c.next_timeout(Duration::from_secs(60)).unwrap() {
+    common::drain(&c, |b| {
         assert_eq!(b.epoch(), 0);
         assert_eq!(b.index(), batches);
         batches += 1;
-    }
+    });
     assert_eq!(batches, c.layout().batches_per_epoch);
 
     let stat = Command::new(env!("CARGO_BIN_EXE_ringfeed"))

@@ -51,11 +51,10 @@ fn drain(name: &str, runtime: &Path) -> (usize, BTreeSet<i64>) {
     let mut opts = AttachOptions::new(name, 0);
     opts.dir = Some(RuntimeDir::at(runtime));
     let consumer = Consumer::attach_with(&opts).unwrap();
-    let (mut batches, mut ids) = (0, BTreeSet::new());
-    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
-        batches += 1;
+    let mut ids = BTreeSet::new();
+    let batches = common::drain(&consumer, |batch| {
         ids.extend(batch.tensor::<i64>("sample_ids").unwrap().iter().copied());
-    }
+    });
     (batches, ids)
 }
 

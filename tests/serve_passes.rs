@@ -56,11 +56,11 @@ fn attach(runtime: &Path, name: &str) -> Consumer {
 fn pass(consumer: &Consumer) -> (u64, Vec<i64>, Vec<u8>) {
     let number = consumer.start_pass();
     let (mut ids, mut bytes) = (Vec::new(), Vec::new());
-    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+    common::drain(consumer, |batch| {
         assert_eq!(batch.epoch(), number, "a batch of another pass");
         ids.extend(batch.tensor::<i64>("sample_ids").unwrap());
         bytes.extend_from_slice(batch.tensor_bytes(0));
-    }
+    });
     (number, ids, bytes)
 }
 

@@ -17,11 +17,11 @@ fn take_all(runtime: &RuntimeTmp, resume: Option<(u64, u64)>) -> Batches {
     opts.resume = resume;
     let consumer = Consumer::attach_with(&opts).expect("attach");
     let mut got = Batches::new();
-    while let Some(batch) = consumer.next_timeout(Duration::from_secs(60)).unwrap() {
+    common::drain(&consumer, |batch| {
         let mut bytes = batch.tensor_bytes(0).to_vec();
         bytes.extend_from_slice(batch.tensor_bytes(2));
         got.insert((batch.epoch(), batch.index()), bytes);
-    }
+    });
     got
 }
 
