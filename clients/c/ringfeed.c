@@ -1,7 +1,12 @@
 /*
- * ringfeed.c: the C client (see ringfeed.h). Written from docs/ring-format.md; section
- * numbers (§) refer to it. Layout: runtime directory and name (§2), handshake and reply
- * parsing (§3), mapping and validation (§4, §5.6), slot protocol and waiting (§6).
+ * ringfeed.c: the C client (see ringfeed.h). Written from docs/ring-format.md (format 2.0);
+ * section numbers (§) refer to it. Layout: runtime directory and name (§2), handshake and
+ * reply parsing (§3), mapping and validation of the ring and the lane page (§4, §5.6), slot
+ * protocol and waiting (§6).
+ *
+ * What this client writes (2.0): nothing in the ring, which it maps read-only from a
+ * read-only descriptor; only its own lane page (taken_seq / released_seq per slot, its
+ * counters) and 8 bytes to its doorbell eventfd after each release.
  */
 #define _GNU_SOURCE
 #include "ringfeed.h"
@@ -41,26 +46,35 @@ enum {
     H_DATA_OFFSET = 80, H_TENSOR_COUNT = 88, H_TENSOR_TABLE = 92, H_LANE_TABLE = 96,
     H_SLOT_TABLE = 100, H_CONSUMER_TABLE = 104, H_CONSUMER_CAP = 108, H_BATCH_SIZE = 112,
     H_FLAGS = 116, H_BATCHES_PER_EPOCH = 120, H_EPOCHS = 128, H_SEED = 136,
-    H_SAMPLES_PER_EPOCH = 144, H_RELEASE_ANY = 152, H_WORLD_SIZE = 156, H_LAST_ERROR = 192,
+    H_SAMPLES_PER_EPOCH = 144, H_WORLD_SIZE = 156, H_LAST_ERROR = 192,
     H_NAME = 480,
 
     TENSOR_ENTRY = 64, LANE_ENTRY = 128, SLOT_ENTRY = 64, CONSUMER_ENTRY = 64,
     MAX_TENSORS = 16,
 
-    L_PUBLISH_SEQ = 0, L_RELEASE_SEQ = 4, L_RELEASED = 32, L_CONSUMER_WAIT_NS = 40, L_RANK = 104,
-    L_RANK_SAMPLES = 112,
+    L_PUBLISH_SEQ = 0, L_RANK = 104, L_RANK_SAMPLES = 112,
 
-    S_STATE = 0, S_HOLDER_PID = 4, S_SEQ = 8, S_EPOCH = 16, S_INDEX = 24, S_COUNT = 32,
-    S_FLAGS = 36, S_HOLDER_TOKEN = 48,
+    S_STATE = 0, S_SEQ = 8, S_EPOCH = 16, S_INDEX = 24, S_COUNT = 32, S_FLAGS = 36,
 
-    C_HEARTBEAT = 16, C_TAKEN = 24,
+    /* The lane page (2.0): the consumer's own memory, one per attach. */
+    P_MAGIC = 0, P_LANE = 8, P_SLOTS = 12, P_RELEASED = 16, P_CONSUMER_WAIT_NS = 24,
+    P_HEARTBEAT = 32, P_TAKEN = 40, P_HEADER_BYTES = 64, P_SLOT_BYTES = 16, P_TAKEN_SEQ = 0,
+    P_RELEASED_SEQ = 8,
 
-    SLOT_FREE = 0, SLOT_WRITING = 1, SLOT_READY = 2, SLOT_HELD = 3,
+    /* 2.0 has no HELD: holding a READY slot is the lane page's business. */
+    SLOT_FREE = 0, SLOT_WRITING = 1, SLOT_READY = 2,
     ST_STARTING = 0, ST_SERVING = 1, ST_FINISHED = 2, ST_STOPPED = 3, ST_FAILED = 4,
 
     MAX_LINE = 4096,
-    FRAME_BYTES = 24
+    FRAME_BYTES = 24,
+
+    /* Descriptors of a successful attach reply, in this order (§3). */
+    FD_RING = 0, FD_LANE = 1, FD_DOORBELL = 2, REPLY_FDS = 3,
+    /* Room for more than REPLY_FDS, so that extras are received (and closed), not cut off. */
+    MAX_RECV_FDS = 16
 };
+
+#define PAGE_BYTES 4096ULL
 
 #define MAX_CONTROL_BYTES ((uint64_t)64 << 20)
 #define WAIT_SLICE_NS 100000000ULL         /* §6: futex timeout ≤ 100 ms */
@@ -79,13 +93,19 @@ typedef struct tensor_desc {
 struct rf_consumer {
     char name[33];
     uint32_t lane;
+    /* The attaching process: a forked child (another pid) neither takes nor releases. */
     uint32_t pid;
-    uint64_t token;
     int sock;
-    uint8_t *control;   /* [0, data_offset), read-write */
-    uint64_t control_len;
-    uint8_t *data;      /* [data_offset, file_bytes), read-only */
-    uint64_t data_len;
+    /* The whole ring [0, file_bytes), mapped PROT_READ from a read-only descriptor. */
+    const uint8_t *ring;
+    uint64_t ring_len;
+    uint64_t control_len; /* = data_offset */
+    const uint8_t *data;  /* ring + data_offset */
+    /* This attach's lane page, mapped read-write: the only memory the client writes. */
+    uint8_t *page;
+    uint64_t page_len;
+    /* This attach's doorbell (eventfd): 8 bytes written after each release. */
+    int doorbell;
     rf_ring_info info;
     uint64_t slot_stride;
     uint64_t lane_table, slot_table, consumer_table;
@@ -157,14 +177,24 @@ static uint16_t rd16(const uint8_t *p) {
     return v;
 }
 
-/* Shared words: every field another process writes is read and written atomically. The
- * offsets are multiples of their size inside a page-aligned mapping (§5.6), so these casts
- * are aligned. */
-static _Atomic uint32_t *a32(const rf_consumer *c, uint64_t off) {
-    return (_Atomic uint32_t *)(void *)(c->control + off);
+/* Shared words: every field another process writes is read atomically. The offsets are
+ * multiples of their size inside a page-aligned mapping (§5.6), so these casts are aligned.
+ * The ring's words are only ever loaded (its mapping is read-only: a store would fault). */
+static const _Atomic uint32_t *a32(const rf_consumer *c, uint64_t off) {
+    return (const _Atomic uint32_t *)(const void *)(c->ring + off);
 }
-static _Atomic uint64_t *a64(const rf_consumer *c, uint64_t off) {
-    return (_Atomic uint64_t *)(void *)(c->control + off);
+static const _Atomic uint64_t *a64(const rf_consumer *c, uint64_t off) {
+    return (const _Atomic uint64_t *)(const void *)(c->ring + off);
+}
+/* Words of this attach's lane page, which the client writes. */
+static _Atomic uint64_t *p64(const rf_consumer *c, uint64_t off) {
+    return (_Atomic uint64_t *)(void *)(c->page + off);
+}
+static _Atomic uint64_t *taken_seq(const rf_consumer *c, uint32_t s) {
+    return p64(c, P_HEADER_BYTES + (uint64_t)s * P_SLOT_BYTES + P_TAKEN_SEQ);
+}
+static _Atomic uint64_t *released_seq(const rf_consumer *c, uint32_t s) {
+    return p64(c, P_HEADER_BYTES + (uint64_t)s * P_SLOT_BYTES + P_RELEASED_SEQ);
 }
 
 static uint64_t lane_off(const rf_consumer *c) {
@@ -173,19 +203,17 @@ static uint64_t lane_off(const rf_consumer *c) {
 static uint64_t slot_off(const rf_consumer *c, uint32_t s) {
     return c->slot_table + ((uint64_t)c->lane * c->info.slots_per_lane + s) * SLOT_ENTRY;
 }
-static uint64_t consumer_off(const rf_consumer *c) {
-    return c->consumer_table + (uint64_t)c->lane * CONSUMER_ENTRY;
+/* The lane page's size for `slots` slots per lane: whole pages (§5 "Lane page"). */
+static uint64_t lane_page_bytes(uint32_t slots) {
+    uint64_t used = P_HEADER_BYTES + (uint64_t)slots * P_SLOT_BYTES;
+    return (used + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES;
 }
 
-static long futex(_Atomic uint32_t *word, int op, uint32_t val, const struct timespec *ts) {
+static long futex_wait(const _Atomic uint32_t *word, uint32_t val, const struct timespec *ts) {
     /* Shared futex (no FUTEX_PRIVATE_FLAG): the word lives in memory shared between
-     * processes (§6 "Futexes"). */
-    return syscall(SYS_futex, (uint32_t *)(void *)word, op, val, ts, NULL, 0);
-}
-
-static void bump_and_wake(_Atomic uint32_t *word) {
-    atomic_fetch_add_explicit(word, 1, memory_order_release);
-    futex(word, FUTEX_WAKE, INT_MAX, NULL);
+     * processes (§6 "Futexes"). FUTEX_WAIT only reads the word, so a read-only mapping
+     * serves. */
+    return syscall(SYS_futex, (const uint32_t *)(const void *)word, FUTEX_WAIT, val, ts, NULL, 0);
 }
 
 static int valid_name(const char *name) {
@@ -459,14 +487,29 @@ static int connect_socket(const char *dir, const rf_attach_options *o, rf_error 
     return fd;
 }
 
-/* Receives the one reply line (§3 step 4) and the descriptor sent with its first bytes. */
-static int recv_reply(int sock, char *line, size_t cap, int *fd_out, rf_error *err) {
+/* Descriptors received with a reply: the first MAX_RECV_FDS kept in order, all counted. */
+typedef struct reply_fds {
+    int fd[MAX_RECV_FDS];
+    size_t kept;
+    size_t count;
+    int truncated; /* MSG_CTRUNC: the kernel dropped descriptors that did not fit */
+} reply_fds;
+
+static void close_fds(reply_fds *f) {
+    for (size_t i = 0; i < f->kept; i++)
+        if (f->fd[i] >= 0) close(f->fd[i]);
+    f->kept = 0;
+}
+
+/* Receives the one reply line (§3 step 4) and every descriptor sent with it (2.0: three, in
+ * one SCM_RIGHTS message with its first bytes; the caller refuses another count). */
+static int recv_reply(int sock, char *line, size_t cap, reply_fds *fds, rf_error *err) {
     size_t got = 0;
-    *fd_out = -1;
+    memset(fds, 0, sizeof *fds);
     for (;;) {
         union {
             struct cmsghdr hdr;
-            char buf[CMSG_SPACE(4 * sizeof(int))];
+            char buf[CMSG_SPACE(MAX_RECV_FDS * sizeof(int))];
         } control;
         struct iovec iov = {line + got, cap - 1 - got};
         struct msghdr msg;
@@ -477,14 +520,16 @@ static int recv_reply(int sock, char *line, size_t cap, int *fd_out, rf_error *e
         msg.msg_controllen = sizeof control.buf;
         ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
         if (n < 0 && errno == EINTR) continue;
+        if (n >= 0 && (msg.msg_flags & MSG_CTRUNC)) fds->truncated = 1;
         for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); n >= 0 && h; h = CMSG_NXTHDR(&msg, h)) {
             if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
                 size_t count = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
                 for (size_t i = 0; i < count; i++) {
                     int fd;
                     memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
-                    if (*fd_out < 0) *fd_out = fd; /* keep the first, close extras */
-                    else close(fd);
+                    fds->count++;
+                    if (fds->kept < MAX_RECV_FDS) fds->fd[fds->kept++] = fd;
+                    else close(fd); /* counted, and refused by the caller */
                 }
             }
         }
@@ -676,21 +721,64 @@ static int validate(rf_consumer *c, const uint8_t *h, uint64_t len, uint64_t st_
     c->slot_table = t[2].start;
     c->consumer_table = t[3].start;
     c->control_len = data_offset;
-    c->data_len = file_bytes - data_offset;
+    c->ring_len = file_bytes;
     return RF_OK;
 }
 
 /* ----- attaching ------------------------------------------------------------------------ */
 
-static uint64_t new_token(void) {
-    uint64_t t = 0;
-    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        if (read(fd, &t, sizeof t) != (ssize_t)sizeof t) t = 0;
-        close(fd);
+/* §4: the ring descriptor is read-only (2.0: a consumer cannot write the ring, not even by
+ * mapping it PROT_WRITE) and, for a memfd, sealed against shrinking. */
+static int check_ring_fd(int fd, int named_file, const char *name, rf_error *err) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return fail(err, RF_E_IO, "io", 0, "fcntl(F_GETFL) of the ring descriptor: %s",
+                    strerror(errno));
+    if ((flags & O_ACCMODE) != O_RDONLY)
+        return fail(err, RF_E_PROTOCOL, "protocol", 0,
+                    "ring \"%s\": ring descriptor is writable (access mode %d, expected "
+                    "O_RDONLY); refusing it", name, flags & O_ACCMODE);
+    /* A named --shm-dir file cannot be sealed; a memfd must be. */
+    if (!named_file) {
+        int seals = fcntl(fd, F_GET_SEALS);
+        if (seals < 0 || !(seals & F_SEAL_SHRINK))
+            return fail(err, RF_E_NOT_SEALED, "not_sealed", 0,
+                        "ring \"%s\": memfd is not sealed against shrinking; refusing to map it",
+                        name);
     }
-    if (t == 0) t = mono_ns() ^ ((uint64_t)getpid() << 32);
-    return t ? t : 1;
+    return RF_OK;
+}
+
+/* §5 "Lane page": before it is mapped, the page's size is the reply's lane_page_bytes and
+ * the formula's for the ring's slots_per_lane, it cannot shrink under the mapping, and it
+ * carries the magic, the lane attached to and the ring's slot count. */
+static int check_lane_page(int fd, uint64_t reply_bytes, uint32_t lane, uint32_t slots,
+                           rf_error *err) {
+    uint64_t want = lane_page_bytes(slots);
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return fail(err, RF_E_IO, "io", 0, "fstat of the lane page: %s", strerror(errno));
+    uint64_t size = (uint64_t)st.st_size;
+    if (size != reply_bytes || size != want)
+        return FORMAT("malformed lane page: lane_page_bytes: the page has %llu bytes, the reply "
+                      "says %llu, %u slots per lane need %llu", (unsigned long long)size,
+                      (unsigned long long)reply_bytes, (unsigned)slots, (unsigned long long)want);
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK))
+        return fail(err, RF_E_NOT_SEALED, "not_sealed", 0,
+                    "the lane page is not sealed against shrinking; refusing to map it");
+    uint8_t head[P_HEADER_BYTES];
+    if (pread(fd, head, sizeof head, 0) != (ssize_t)sizeof head)
+        return FORMAT("malformed lane page: its first %d bytes are unreadable", P_HEADER_BYTES);
+    if (memcmp(head + P_MAGIC, "RFLANE\0\0", 8) != 0)
+        return FORMAT("malformed lane page: lane_page.magic: not RFLANE");
+    if (rd32(head + P_LANE) != lane)
+        return FORMAT("malformed lane page: lane_page.lane: %u, attached to lane %u",
+                      (unsigned)rd32(head + P_LANE), (unsigned)lane);
+    if (rd32(head + P_SLOTS) != slots)
+        return FORMAT("malformed lane page: lane_page.slots: %u, slots_per_lane is %u",
+                      (unsigned)rd32(head + P_SLOTS), (unsigned)slots);
+    return RF_OK;
 }
 
 static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer **out,
@@ -699,7 +787,8 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
     if (rc) return rc;
     int sock = connect_socket(dir, o, err);
     if (sock < 0) return sock;
-    int memfd = -1;
+    reply_fds fds;
+    memset(&fds, 0, sizeof fds);
     rf_consumer *c = NULL;
     char line[MAX_LINE + 1], request[256];
     int n;
@@ -721,7 +810,7 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
     double t = o->reply_timeout_s > 0 ? o->reply_timeout_s : 30.0;
     struct timeval tv = {(time_t)t, (suseconds_t)((t - (double)(time_t)t) * 1e6)};
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if ((rc = recv_reply(sock, line, sizeof line, &memfd, err))) goto out;
+    if ((rc = recv_reply(sock, line, sizeof line, &fds, err))) goto out;
     json_value ok, v;
     if (!json_get(line, "ok", &ok)) {
         rc = fail(err, RF_E_PROTOCOL, "protocol", 0, "malformed reply: %.200s", line);
@@ -740,38 +829,41 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
                   why.kind == J_STRING ? why.text : "no reason given");
         goto out;
     }
-    if (memfd < 0) {
-        rc = fail(err, RF_E_PROTOCOL, "protocol", 0, "the reply carried no file descriptor");
+    /* §3: exactly ring, lane page, doorbell. Fewer leaves the client without memory it must
+     * have; more is a producer this client does not understand. */
+    if (fds.count != REPLY_FDS || fds.truncated) {
+        rc = fail(err, RF_E_PROTOCOL, "protocol", 0,
+                  "the reply carried %zu file descriptor(s)%s, expected %d (ring, lane, doorbell)",
+                  fds.count, fds.truncated ? " and more the client could not receive" : "",
+                  REPLY_FDS);
         goto out;
     }
-    /* The generation, exactly: the decimal string of 1.3 producers; an older producer sends
-     * only the number, which this reader also parses exactly (no doubles). */
+    /* The generation, exactly, from its decimal string (no doubles). */
     uint64_t generation = 0;
     if (!(json_get(line, "generation_str", &v) && v.kind == J_STRING && parse_u64(v.text, &generation)) &&
         !(json_get(line, "generation", &v) && v.kind == J_NUMBER && parse_u64(v.text, &generation))) {
         rc = fail(err, RF_E_PROTOCOL, "protocol", 0, "reply without a readable generation");
         goto out;
     }
-    int named_file = json_get(line, "segment", &v) && v.kind == J_STRING && strcmp(v.text, "file") == 0;
-    /* §4: a memfd must be sealed against shrinking (a named --shm-dir file cannot be). */
-    if (!named_file) {
-        int seals = fcntl(memfd, F_GET_SEALS);
-        if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
-            rc = fail(err, RF_E_NOT_SEALED, "not_sealed", 0,
-                      "ring \"%s\": memfd is not sealed against shrinking; refusing to map it", o->name);
-            goto out;
-        }
+    uint64_t page_bytes = 0;
+    if (!(json_get(line, "lane_page_bytes", &v) && v.kind == J_NUMBER &&
+          parse_u64(v.text, &page_bytes))) {
+        rc = fail(err, RF_E_PROTOCOL, "protocol", 0, "reply without a readable lane_page_bytes");
+        goto out;
     }
+    int named_file = json_get(line, "segment", &v) && v.kind == J_STRING && strcmp(v.text, "file") == 0;
+    int ring_fd = fds.fd[FD_RING], lane_fd = fds.fd[FD_LANE];
+    if ((rc = check_ring_fd(ring_fd, named_file, o->name, err))) goto out;
     struct stat st;
-    if (fstat(memfd, &st) != 0) {
-        rc = fail(err, RF_E_IO, "io", 0, "fstat of the memfd: %s", strerror(errno));
+    if (fstat(ring_fd, &st) != 0) {
+        rc = fail(err, RF_E_IO, "io", 0, "fstat of the ring: %s", strerror(errno));
         goto out;
     }
     uint64_t st_size = (uint64_t)st.st_size;
     /* §4 step 2: read the header, then the whole control region, and validate it before
      * any view is made. */
     uint8_t head[HEADER_MIN];
-    if (st_size < HEADER_MIN || pread(memfd, head, HEADER_MIN, 0) != HEADER_MIN) {
+    if (st_size < HEADER_MIN || pread(ring_fd, head, HEADER_MIN, 0) != HEADER_MIN) {
         rc = FORMAT("malformed ring: file of %llu bytes is shorter than the header",
                     (unsigned long long)st_size);
         goto out;
@@ -790,9 +882,10 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
         goto out;
     }
     c->sock = -1;
+    c->doorbell = -1;
     size_t got = 0;
     while (got < data_offset) {
-        ssize_t r = pread(memfd, ctl + got, (size_t)data_offset - got, (off_t)got);
+        ssize_t r = pread(ring_fd, ctl + got, (size_t)data_offset - got, (off_t)got);
         if (r <= 0) break;
         got += (size_t)r;
     }
@@ -810,26 +903,32 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
                   (unsigned)o->lane, (unsigned)c->info.lane_count);
         goto out;
     }
-    /* §4 steps 3 and 4: control region read-write, data region read-only. */
-    void *control = mmap(NULL, (size_t)c->control_len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
-    if (control == MAP_FAILED) {
-        rc = fail(err, RF_E_IO, "io", 0, "mapping the control region: %s", strerror(errno));
+    if ((rc = check_lane_page(lane_fd, page_bytes, o->lane, c->info.slots_per_lane, err)))
+        goto out;
+    /* §4 steps 3 and 4: the whole ring read-only (the descriptor allows nothing else), the
+     * lane page read-write. */
+    void *ring = mmap(NULL, (size_t)c->ring_len, PROT_READ, MAP_SHARED, ring_fd, 0);
+    if (ring == MAP_FAILED) {
+        rc = fail(err, RF_E_IO, "io", 0, "mapping the ring: %s", strerror(errno));
         goto out;
     }
-    c->control = control;
-    void *data = mmap(NULL, (size_t)c->data_len, PROT_READ, MAP_SHARED, memfd, (off_t)c->control_len);
-    if (data == MAP_FAILED) {
-        rc = fail(err, RF_E_IO, "io", 0, "mapping the data region: %s", strerror(errno));
+    c->ring = ring;
+    c->data = c->ring + c->control_len;
+    void *page = mmap(NULL, (size_t)page_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, lane_fd, 0);
+    if (page == MAP_FAILED) {
+        rc = fail(err, RF_E_IO, "io", 0, "mapping the lane page: %s", strerror(errno));
         goto out;
     }
-    c->data = data;
+    c->page = page;
+    c->page_len = page_bytes;
     snprintf(c->name, sizeof c->name, "%s", o->name);
     c->lane = o->lane;
     c->info.rank = atomic_load_explicit(a32(c, lane_off(c) + L_RANK), memory_order_relaxed);
     c->info.rank_samples =
         atomic_load_explicit(a64(c, lane_off(c) + L_RANK_SAMPLES), memory_order_relaxed);
     c->pid = (uint32_t)getpid();
-    c->token = new_token();
+    c->doorbell = fds.fd[FD_DOORBELL];
+    fds.fd[FD_DOORBELL] = -1; /* kept: the consumer owns it now */
     c->sock = sock;
     sock = -1;
     /* The reply timeout applied to the handshake only. */
@@ -840,11 +939,11 @@ static int attach_once(const rf_attach_options *o, const char *dir, rf_consumer 
     rc = RF_OK;
 out:
     if (c) {
-        if (c->control) munmap(c->control, (size_t)c->control_len);
-        if (c->data) munmap(c->data, (size_t)c->data_len);
+        if (c->ring) munmap((void *)(uintptr_t)c->ring, (size_t)c->ring_len);
+        if (c->page) munmap(c->page, (size_t)c->page_len);
         free(c);
     }
-    if (memfd >= 0) close(memfd); /* the mappings keep the memory */
+    close_fds(&fds); /* the mappings keep the memory */
     if (sock >= 0) close(sock);
     return rc;
 }
@@ -922,8 +1021,9 @@ static int peer_closed(const rf_consumer *c) {
     return 0; /* the producer never sends after the reply; bytes are not a hang-up */
 }
 
-/* Takes the lane's READY slot with the smallest seq: 1 if one was taken, 0 if none is ready,
- * RF_E_FORMAT for an impossible state. */
+/* Takes the lane's READY slot with the smallest seq that this attach has neither taken nor
+ * released (§6 "Consumer takes"): 1 if one was taken, 0 if none is ready, RF_E_FORMAT for a
+ * state outside 0..2. Writes only the lane page. */
 static int try_take(rf_consumer *c, rf_batch *b, rf_error *err) {
     uint32_t best = UINT32_MAX;
     uint64_t best_seq = 0;
@@ -931,26 +1031,34 @@ static int try_take(rf_consumer *c, rf_batch *b, rf_error *err) {
         uint64_t e = slot_off(c, s);
         /* SYNC POINT with the producer's store-release of READY after writing the payload. */
         uint32_t state = atomic_load_explicit(a32(c, e + S_STATE), memory_order_acquire);
-        if (state == SLOT_READY) {
-            uint64_t seq = atomic_load_explicit(a64(c, e + S_SEQ), memory_order_relaxed);
-            if (best == UINT32_MAX || seq < best_seq) {
-                best = s;
-                best_seq = seq;
-            }
-        } else if (state > SLOT_HELD) {
-            return FORMAT("malformed ring: lane %u slot %u state %u not in 0..3",
-                          (unsigned)c->lane, (unsigned)s, (unsigned)state);
+        if (state > SLOT_READY)
+            return FORMAT("malformed ring: lane %u slot %u state: %u not in 0..2 (format 2.0 has "
+                          "no HELD)", (unsigned)c->lane, (unsigned)s, (unsigned)state);
+        if (state != SLOT_READY) continue;
+        uint64_t seq = atomic_load_explicit(a64(c, e + S_SEQ), memory_order_acquire);
+        /* Our own page: only this process writes it, relaxed loads see our last stores. */
+        if (seq == 0 || atomic_load_explicit(taken_seq(c, s), memory_order_relaxed) == seq ||
+            atomic_load_explicit(released_seq(c, s), memory_order_relaxed) == seq)
+            continue;
+        if (best == UINT32_MAX || seq < best_seq) {
+            best = s;
+            best_seq = seq;
         }
     }
     if (best == UINT32_MAX) return 0;
     uint64_t e = slot_off(c, best);
-    atomic_store_explicit(a32(c, e + S_HOLDER_PID), c->pid, memory_order_relaxed);
-    atomic_store_explicit(a64(c, e + S_HOLDER_TOKEN), c->token, memory_order_relaxed);
-    /* Only this consumer writes a READY slot of its lane: a plain release store suffices. */
-    atomic_store_explicit(a32(c, e + S_STATE), SLOT_HELD, memory_order_release);
+    /* Read by the producer only at reclaim, after this attach's connection has ended. */
+    atomic_store_explicit(taken_seq(c, best), best_seq, memory_order_relaxed);
+    /* The producer may have claimed the slot (a batch this attach released) and begun to
+     * rewrite it between the scan's loads: then undo the take (§6) and let the caller scan
+     * again. SYNC POINT with the producer's store-release of READY, as above. */
+    if (atomic_load_explicit(a32(c, e + S_STATE), memory_order_acquire) != SLOT_READY ||
+        atomic_load_explicit(a64(c, e + S_SEQ), memory_order_relaxed) != best_seq) {
+        atomic_store_explicit(taken_seq(c, best), 0, memory_order_relaxed);
+        return 0;
+    }
     b->slot = best;
-    b->token = c->token;
-    b->seq = atomic_load_explicit(a64(c, e + S_SEQ), memory_order_relaxed);
+    b->seq = best_seq;
     b->epoch = atomic_load_explicit(a64(c, e + S_EPOCH), memory_order_relaxed);
     b->index = atomic_load_explicit(a64(c, e + S_INDEX), memory_order_relaxed);
     b->count = atomic_load_explicit(a32(c, e + S_COUNT), memory_order_relaxed);
@@ -960,15 +1068,20 @@ static int try_take(rf_consumer *c, rf_batch *b, rf_error *err) {
     c->have_last = 1;
     c->last_epoch = b->epoch;
     c->last_was_end = b->last_of_epoch;
-    /* The consumer's own counters: it is their only writer (§5.5); relaxed suffices. */
-    atomic_fetch_add_explicit(a64(c, consumer_off(c) + C_TAKEN), 1, memory_order_relaxed);
+    /* The consumer's own counters: it is their only writer; relaxed suffices (statistics the
+     * producer copies for `stat`, never used for a decision). */
+    atomic_fetch_add_explicit(p64(c, P_TAKEN), 1, memory_order_relaxed);
     return 1;
 }
 
+/* The process that attached: a forked child must not take or release through the lane page,
+ * which it shares with its parent. */
+static int in_attaching_process(const rf_consumer *c) { return (uint32_t)getpid() == c->pid; }
+
 static void last_error(const rf_consumer *c, char *out, size_t len) {
     size_t n = 0;
-    while (n < 255 && n + 1 < len && c->control[H_LAST_ERROR + n]) {
-        out[n] = (char)c->control[H_LAST_ERROR + n];
+    while (n < 255 && n + 1 < len && c->ring[H_LAST_ERROR + n]) {
+        out[n] = (char)c->ring[H_LAST_ERROR + n];
         n++;
     }
     out[n] = '\0';
@@ -977,9 +1090,13 @@ static void last_error(const rf_consumer *c, char *out, size_t len) {
 int rf_next(rf_consumer *c, double timeout_s, rf_batch *b, rf_error *err) {
     clear_error(err);
     if (!c || !b) return fail(err, RF_E_INVALID, "client", 0, "NULL consumer or batch");
+    if (!in_attaching_process(c))
+        return fail(err, RF_E_INVALID, "client", 0,
+                    "ring \"%s\": this consumer was attached by pid %u; a forked child must "
+                    "attach anew", c->name, (unsigned)c->pid);
     if (c->have_last && c->last_was_end) queue_epoch_done(c, c->last_epoch);
     flush_outbox(c);
-    _Atomic uint32_t *publish_seq = a32(c, lane_off(c) + L_PUBLISH_SEQ);
+    const _Atomic uint32_t *publish_seq = a32(c, lane_off(c) + L_PUBLISH_SEQ);
     uint64_t start = mono_ns(), waited = 0;
     uint64_t deadline = timeout_s < 0 ? UINT64_MAX : start + (uint64_t)(timeout_s * 1e9);
     int rc;
@@ -1032,44 +1149,56 @@ int rf_next(rf_consumer *c, double timeout_s, rf_batch *b, rf_error *err) {
         uint64_t slice = deadline - now < WAIT_SLICE_NS ? deadline - now : WAIT_SLICE_NS;
         struct timespec ts = {0, (long)slice};
         uint64_t t0 = mono_ns();
-        futex(publish_seq, FUTEX_WAIT, v, &ts); /* any wake-up is a hint: scan again */
+        futex_wait(publish_seq, v, &ts); /* any wake-up is a hint: scan again */
         waited += mono_ns() - t0;
     }
     if (waited)
-        atomic_fetch_add_explicit(a64(c, lane_off(c) + L_CONSUMER_WAIT_NS), waited,
-                                  memory_order_relaxed);
-    atomic_store_explicit(a64(c, consumer_off(c) + C_HEARTBEAT), mono_ns(), memory_order_relaxed);
+        atomic_fetch_add_explicit(p64(c, P_CONSUMER_WAIT_NS), waited, memory_order_relaxed);
+    atomic_store_explicit(p64(c, P_HEARTBEAT), mono_ns(), memory_order_relaxed);
     if (rc == 1) return RF_OK;
     if (rc == RF_END + 1) return RF_END;
     return rc;
 }
 
+/* Whether this attach holds `b`: the slot is READY with b's batch, which the lane page says
+ * was taken and not yet released. */
 static int ours(const rf_consumer *c, const rf_batch *b) {
     uint64_t e = slot_off(c, b->slot);
-    return atomic_load_explicit(a32(c, e + S_STATE), memory_order_acquire) == SLOT_HELD &&
-           atomic_load_explicit(a64(c, e + S_HOLDER_TOKEN), memory_order_relaxed) == c->token &&
-           b->token == c->token &&
-           atomic_load_explicit(a64(c, e + S_SEQ), memory_order_relaxed) == b->seq;
+    return b->seq != 0 &&
+           atomic_load_explicit(a32(c, e + S_STATE), memory_order_acquire) == SLOT_READY &&
+           atomic_load_explicit(a64(c, e + S_SEQ), memory_order_relaxed) == b->seq &&
+           atomic_load_explicit(taken_seq(c, b->slot), memory_order_relaxed) == b->seq &&
+           atomic_load_explicit(released_seq(c, b->slot), memory_order_relaxed) != b->seq;
 }
 
 int rf_still_held(const rf_consumer *c, const rf_batch *b) {
     return c && b && b->slot < c->info.slots_per_lane && ours(c, b);
 }
 
+/* Wakes the producer if it waits for a slot of this lane: 8 bytes to the eventfd. EAGAIN
+ * means the counter is saturated, which wakes the producer already. */
+static void ring_doorbell(const rf_consumer *c) {
+    uint64_t one = 1;
+    while (write(c->doorbell, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+}
+
 int rf_release(rf_consumer *c, const rf_batch *b) {
     if (!c || !b || b->slot >= c->info.slots_per_lane) return RF_E_INVALID;
-    /* Prove the slot is still ours (§6 "Consumer releases"); otherwise leave it alone. */
-    if (!ours(c, b)) return RF_OK;
-    uint64_t e = slot_off(c, b->slot);
-    atomic_store_explicit(a64(c, e + S_HOLDER_TOKEN), 0, memory_order_relaxed);
-    atomic_store_explicit(a32(c, e + S_HOLDER_PID), 0, memory_order_relaxed);
-    /* SYNC POINT with the producer's load-acquire of FREE: our reads of the payload
-     * happen-before it. */
-    atomic_store_explicit(a32(c, e + S_STATE), SLOT_FREE, memory_order_release);
-    atomic_fetch_add_explicit(a64(c, lane_off(c) + L_RELEASED), 1, memory_order_relaxed);
-    bump_and_wake(a32(c, lane_off(c) + L_RELEASE_SEQ));
-    bump_and_wake(a32(c, H_RELEASE_ANY));
-    atomic_store_explicit(a64(c, consumer_off(c) + C_HEARTBEAT), mono_ns(), memory_order_relaxed);
+    if (!in_attaching_process(c)) return RF_E_INVALID; /* the parent's batch, not ours */
+    /* Only a batch this attach took and has not released (§6): a second release of the same
+     * batch, or of one never taken, changes nothing. No "still ours" check against the ring:
+     * once the producer has reclaimed this attach, nobody reads its page any more. */
+    if (b->seq == 0 ||
+        atomic_load_explicit(taken_seq(c, b->slot), memory_order_relaxed) != b->seq ||
+        atomic_load_explicit(released_seq(c, b->slot), memory_order_relaxed) == b->seq)
+        return RF_OK;
+    /* SYNC POINT with the producer's load-acquire of released_seq before it claims the slot:
+     * our reads of the payload happen-before its rewrite. */
+    atomic_store_explicit(released_seq(c, b->slot), b->seq, memory_order_release);
+    atomic_fetch_add_explicit(p64(c, P_RELEASED), 1, memory_order_relaxed);
+    atomic_store_explicit(p64(c, P_HEARTBEAT), mono_ns(), memory_order_relaxed);
+    ring_doorbell(c);
     return RF_OK;
 }
 
@@ -1119,23 +1248,23 @@ void rf_ring_info_get(const rf_consumer *c, rf_ring_info *info) {
 
 void rf_detach(rf_consumer *c) {
     if (!c) return;
-    /* Release what this attach still holds (found by its token), then say goodbye by
-     * closing the connection: the producer reclaims anything left (§3). */
-    if ((uint32_t)getpid() == c->pid) {
+    /* Release what this attach still holds (its lane page says which), then say goodbye by
+     * closing the connection: the producer reclaims anything left (§3). A forked child only
+     * closes its copies: the page and the connection are its parent's. */
+    if (in_attaching_process(c)) {
         for (uint32_t s = 0; s < c->info.slots_per_lane; s++) {
             rf_batch b;
-            uint64_t e = slot_off(c, s);
             memset(&b, 0, sizeof b);
             b.slot = s;
-            b.token = c->token;
-            b.seq = atomic_load_explicit(a64(c, e + S_SEQ), memory_order_relaxed);
+            b.seq = atomic_load_explicit(taken_seq(c, s), memory_order_relaxed);
             rf_release(c, &b);
         }
         if (c->have_last && c->last_was_end) queue_epoch_done(c, c->last_epoch);
         flush_outbox(c);
     }
     close(c->sock);
-    munmap(c->control, (size_t)c->control_len);
-    munmap(c->data, (size_t)c->data_len);
+    close(c->doorbell);
+    munmap(c->page, (size_t)c->page_len);
+    munmap((void *)(uintptr_t)c->ring, (size_t)c->ring_len);
     free(c);
 }

@@ -34,7 +34,13 @@
  * Distinct rf_consumer objects (other lanes, other rings) are independent. Tensor views stay
  * valid from rf_next until the batch's rf_release or rf_detach; reading them afterwards reads
  * memory the producer may be rewriting. After fork(), the child must not use the parent's
- * consumer (attach anew); rf_detach in the child closes only the child's copies.
+ * consumer (attach anew): in a child rf_next and rf_release refuse (RF_E_INVALID) rather than
+ * take or release the parent's batches through the shared lane page, and rf_detach in the
+ * child closes only the child's copies.
+ *
+ * Memory (format 2.0): the ring is mapped read-only; the only memory this client writes is
+ * its own lane page (the batches it took and released, its counters), passed by the producer
+ * with the attach, and it rings the lane's doorbell (an eventfd) after each release.
  */
 #ifndef RINGFEED_H
 #define RINGFEED_H
@@ -47,9 +53,9 @@ extern "C" {
 #endif
 
 /** Ring format major version this client implements (§8). */
-#define RF_VERSION_MAJOR 1
+#define RF_VERSION_MAJOR 2
 /** Ring format minor version this client was written against. */
-#define RF_VERSION_MINOR 3
+#define RF_VERSION_MINOR 0
 
 /** Results. RF_OK and RF_END are not errors; every error is negative. */
 typedef enum rf_status {
@@ -69,11 +75,13 @@ typedef enum rf_status {
     RF_E_FOREIGN_PRODUCER = -5,
     /** The runtime directory is unsafe (symlink, wrong owner, open mode) or unreadable. */
     RF_E_RUNTIME_DIR = -6,
-    /** The handshake broke: I/O error, timeout, malformed reply, no file descriptor. */
+    /** The handshake broke: I/O error, timeout, malformed reply, not exactly the three
+     * descriptors (ring, lane page, doorbell), or a writable ring descriptor. */
     RF_E_PROTOCOL = -7,
-    /** The ring's memory does not follow the format (§5.6); the message names the field. */
+    /** The ring's memory or the lane page does not follow the format (§5.6); the message
+     * names the field. */
     RF_E_FORMAT = -8,
-    /** The memfd is not sealed against shrinking (§4). */
+    /** The ring's memfd or the lane page is not sealed against shrinking (§4). */
     RF_E_NOT_SEALED = -9,
     /** A system call failed (mmap, fstat, ...). */
     RF_E_IO = -10,
@@ -154,8 +162,6 @@ typedef struct rf_batch {
     int redelivered;
     /** The slot (internal; used by rf_release and rf_tensor_view). */
     uint32_t slot;
-    /** The consumer's attach token (internal). */
-    uint64_t token;
 } rf_batch;
 
 /** A typed view of one tensor of a batch: a pointer into the ring, never a copy. */
@@ -216,12 +222,13 @@ int rf_attach(const rf_attach_options *o, rf_consumer **out, rf_error *err);
  * spins. A consumer may hold several batches at once (at most slots_per_lane - 1 is wise). */
 int rf_next(rf_consumer *c, double timeout_s, rf_batch *b, rf_error *err);
 
-/** Releases a batch taken by rf_next: its views become invalid. Does nothing (and returns
- * RF_OK) when the slot no longer holds this batch for this attach (the producer declared
- * the consumer gone and took it back, §6). RF_E_INVALID for a slot out of range. */
+/** Releases a batch taken by rf_next: its views become invalid. Records the release in the
+ * lane page and rings the doorbell (§6). Does nothing (and returns RF_OK) for a batch this
+ * attach does not hold (released already). RF_E_INVALID for a slot out of range, and in a
+ * forked child (the parent holds the batch, not the child). */
 int rf_release(rf_consumer *c, const rf_batch *b);
 
-/** Whether the slot still holds `b` for this consumer (non-zero) or was taken back. */
+/** Whether the slot still holds `b`, taken and not yet released by this attach (non-zero). */
 int rf_still_held(const rf_consumer *c, const rf_batch *b);
 
 /** The view of tensor `name` of batch `b`. RF_E_TENSOR if there is none. */

@@ -15,14 +15,26 @@ Scenarios (each client in its own runtime directory, in parallel):
 3. consumer killed holding batches: the next client of the lane gets those batches first,
    flagged `redelivered`, then the rest, and the epoch is complete.
 4. lane held: a second client is refused with `lane_held` (retryable) at once.
-5. version mismatch: a ring whose header says major 2 is refused as `format`, naming
-   `version_major`; an attach request of another major is refused with code `version`.
-6. a hostile header (a producer writing impossible values): refused as `format`, naming the
-   field, never a crash.
+5. version mismatch: a ring whose header says major 1 is refused as `format`, naming
+   `version_major`; an attach request of another major (1, 3) is refused with code `version`.
+6. a hostile producer (tests/conformance/fake_producer.py, a 2.0 producer that can lie), each
+   case refused with the same code by every client, naming the field, never a crash:
+   impossible header values; a slot in state 3 (1.x's HELD) seen at run time; a lane page of
+   the wrong size (by the formula, or by the reply's `lane_page_bytes`), with a bad magic,
+   the wrong lane or the wrong slot count (`format`); a reply with 0, 1, 2 or 4 descriptors
+   instead of ring, lane page, doorbell, and a writable ring descriptor (`protocol`). The same
+   producer, honest, serves every client the same batches first: the refusals are the lies'.
 7. resume: a client attaching with `resume` at (1, 2) gets that batch and the rest, the same
    bytes as the uninterrupted run.
 8. selection (`[selection] mode = "infobatch"`): epoch 1 is decided only once every lane sent
    `EPOCH_DONE 0` (ring format §9), so every client must send it; the batches agree.
+9. the C client's memory (clients/c/tests/isolation_check, against the fake producer; the
+   Python and Rust clients have their own tests): the ring mapped r--s and only the lane page
+   writable, mprotect(PROT_WRITE) of the ring refused, a store into a batch faults, and a
+   forked child can neither take nor release the parent's batches through the lane page.
+10. the daemon's side of the 2.0 handshake: exactly three descriptors; the ring's is
+   read-only (`mmap(PROT_WRITE)` fails with EACCES), the lane page sealed and as the reply
+   says, the doorbell an eventfd.
 
 A new client adds one entry to CLIENTS (a command printing the same lines).
 
@@ -32,8 +44,11 @@ Usage: python3 tests/conformance/run.py --bin target/debug/ringfeed --c clients/
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import functools
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -49,6 +64,7 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "conformance" / "ring.toml"
+FAKE_PRODUCER = ROOT / "tests" / "conformance" / "fake_producer.py"
 NAME = "conf"
 PAUSES = (0.0, 0.5, 2.0)
 DEADLINE_S = 120.0  # any single wait; a hung client fails the test instead of hanging CI
@@ -237,61 +253,94 @@ def lane_held(bin_path: Path, client: Command) -> str:
         env.close()
 
 
-# ----- 5. version mismatch ---------------------------------------------------------------------
+# ----- 5. and 6. a producer that lies ----------------------------------------------------------
 
 
-def version_mismatch(bin_path: Path, client: Command) -> str:
+def fake_producer(env: Env, *flags: str) -> None:
+    writer = env.start([sys.executable, str(FAKE_PRODUCER), "--name", NAME, "--dir",
+                        str(env.dir), *flags])  # fmt: skip
+    check(read_line(writer, "fake producer").startswith("READY"), "fake producer not ready")
+
+
+def honest_fake(bin_path: Path, client: Command) -> list[str]:
+    """The fake producer telling the truth: every client reads its whole run."""
     env = Env(bin_path)
     try:
-        writer = env.start([
-            sys.executable, str(ROOT / "clients/python/tests/ring_writer.py"), "--name", NAME,
-            "--dir", str(env.dir), "--version-major", "2",
-        ])  # fmt: skip
-        check(read_line(writer, "fake producer").startswith("READY"), "fake producer not ready")
+        fake_producer(env)
         reader = env.start(client("--wait", "0"))
-        rc, _, err = finish(reader, "reader of a major-2 ring")
+        rc, lines, err = finish(reader, "reader of the honest fake producer")
+        check(rc == 0 and lines[-1:] == ["end"], f"honest fake: {rc} {lines[-2:]} {err}")
+        return lines[:-1]
+    finally:
+        env.close()
+
+
+def refused(bin_path: Path, client: Command, flags: list[str], code: str, field: str) -> str:
+    """A client of a fake producer run with `flags`: exit 1, `error CODE`, naming `field`."""
+    env = Env(bin_path)
+    try:
+        fake_producer(env, *flags)
+        reader = env.start(client("--wait", "0"))
+        rc, _, err = finish(reader, f"reader of a producer with {flags}")
         last = err.strip().splitlines()[-1] if err.strip() else ""
-        check(rc == 1 and "version_major" in last, f"major-2 ring: exit {rc}, {last!r}")
+        check(
+            rc == 1 and last.startswith(f"error {code}:") and field in last,
+            f"{flags}: exit {rc}, {last!r} (want error {code} naming {field!r})",
+        )
         return last.split(":")[0]
     finally:
         env.close()
 
 
-# (pokes "FMT:OFFSET:VALUE", the field the error must name): ring format §5 offsets; the
-# reference producer's tensor table starts at 512 (tensor 0 = images), its lane table at 704.
+def version_mismatch(bin_path: Path, client: Command) -> str:
+    return refused(bin_path, client, ["--version-major", "1", "--no-produce"], "format",
+                   "version_major")  # fmt: skip
+
+
+# (fake producer flags, the code, the field the error must name). Ring pokes are
+# "FMT:OFFSET:VALUE" at ring format §5 offsets: the fake producer's tensor table starts at 512
+# (tensor 0 = images), its lane table at 704, its slot table at 832 (slot 0); lane page pokes
+# at §5 "Lane page" offsets.
 HOSTILE = (
-    (["8s:0:RINGFEEX"], "magic"),
-    (["I:88:17"], "tensor_count"),
-    (["Q:72:4097"], "slot_stride"),
-    (["I:96:514"], "lane"),  # lane_table_offset not a multiple of 8
-    (["B:512:1"], "name"),  # a control byte in a tensor name
-    ([f"I:{512 + 16}:99"], "dtype"),
-    ([f"I:{512 + 20}:5"], "rank"),
-    (["I:156:2", f"I:{704 + 104}:5"], "world_size"),  # lane 0 serves rank 5 of 2
+    (["--poke", "8s:0:RINGFEEX"], "format", "magic"),
+    (["--poke", "I:88:17"], "format", "tensor_count"),
+    (["--poke", "Q:72:4097"], "format", "slot_stride"),
+    (["--poke", "I:96:514"], "format", "lane"),  # lane_table_offset not a multiple of 8
+    (["--poke", "B:512:1"], "format", "name"),  # a control byte in a tensor name
+    (["--poke", f"I:{512 + 16}:99"], "format", "dtype"),
+    (["--poke", f"I:{512 + 20}:5"], "format", "rank"),
+    (["--poke", "I:156:2", "--poke", f"I:{704 + 104}:5"], "format", "world_size"),
+    # 1.x's HELD, written once the client attached: refused when the client scans the slot.
+    (["--poke-after-attach", "I:832:3"], "format", "state"),
+    # The lane page: its size against the formula (4 slots: 4096), against the reply, its
+    # magic, lane and slot count, each named as ring format §4 step 5 names it.
+    (["--lane-page-bytes", "8192"], "format", "lane_page_bytes"),
+    (["--reply-lane-page-bytes", "8192"], "format", "lane_page_bytes"),
+    # ring-format.md names it lane_page.magic; the Rust and Python clients say lane_magic.
+    (["--lane-poke", "8s:0:RFLANEXX"], "format", "magic"),
+    (["--lane-poke", "I:8:1"], "format", "lane_page.lane"),
+    (["--lane-poke", "I:12:5"], "format", "lane_page.slots"),
+    # The descriptors: exactly ring, lane page, doorbell, and a read-only ring.
+    (["--fds", "0"], "protocol", "descriptor"),
+    (["--fds", "1"], "protocol", "descriptor"),
+    (["--fds", "2"], "protocol", "descriptor"),
+    (["--fds", "4"], "protocol", "descriptor"),
+    (["--writable-ring"], "protocol", "writable"),
 )
 
 
-def hostile_header(bin_path: Path, client: Command) -> list[str]:
-    codes = []
-    for pokes, field in HOSTILE:
-        env = Env(bin_path)
-        try:
-            writer = env.start([
-                sys.executable, str(ROOT / "clients/python/tests/ring_writer.py"), "--name",
-                NAME, "--dir", str(env.dir), *(arg for poke in pokes for arg in ("--poke", poke)),
-            ])  # fmt: skip
-            check(read_line(writer, "fake producer").startswith("READY"), "fake producer")
-            reader = env.start(client("--wait", "0"))
-            rc, _, err = finish(reader, f"reader of a ring with {pokes}")
-            last = err.strip().splitlines()[-1] if err.strip() else ""
-            check(
-                rc == 1 and last.startswith("error format") and field in last,
-                f"{pokes}: exit {rc}, {last!r}",
-            )
-            codes.append(last.split(":")[0])
-        finally:
-            env.close()
-    return codes
+def hostile_producer(bin_path: Path, client: Command) -> list[str]:
+    return [refused(bin_path, client, flags, code, field) for flags, code, field in HOSTILE]
+
+
+def c_isolation_check(bin_path: Path, isolation_check: Path) -> None:
+    env = Env(bin_path)
+    try:
+        fake_producer(env)
+        rc, lines, err = finish(env.start([str(isolation_check), NAME]), "isolation_check")
+        check(rc == 0 and lines == ["ok"], f"isolation_check: exit {rc}, {lines} {err}")
+    finally:
+        env.close()
 
 
 def resume(bin_path: Path, client: Command) -> list[str]:
@@ -328,18 +377,68 @@ def selection(bin_path: Path, client: Command) -> list[str]:
         env.close()
 
 
+def attach_raw(env: Env, version: int) -> tuple[dict[str, object], list[int]]:
+    """One attach request on a plain socket: the reply and the descriptors it carried."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(DEADLINE_S)
+        s.connect(str(env.dir / f"{NAME}.sock"))
+        s.sendall(b'{"op":"attach","version":%d,"lane":0,"pid":%d}\n' % (version, os.getpid()))
+        data, fds, _flags, _addr = socket.recv_fds(s, 4096, 8)
+        while not data.endswith(b"\n"):
+            more = s.recv(4096)
+            check(bool(more), f"reply to a version {version} attach: no whole line")
+            data += more
+        return json.loads(data), fds
+
+
 def daemon_refuses_another_major(bin_path: Path) -> None:
     env = Env(bin_path)
     try:
         env.serve("--epochs", "1")
         wait_for_socket(env)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(DEADLINE_S)
-            s.connect(str(env.dir / f"{NAME}.sock"))
-            s.sendall(b'{"op":"attach","version":2,"lane":0,"pid":1}\n')
-            reply = json.loads(s.makefile().readline())
-        check(reply.get("ok") is False and reply.get("code") == "version"
-              and reply.get("retry") is False, f"reply to a major-2 attach: {reply}")  # fmt: skip
+        for version in (1, 3):
+            reply, fds = attach_raw(env, version)
+            for fd in fds:
+                os.close(fd)
+            check(reply.get("ok") is False and reply.get("code") == "version"
+                  and reply.get("retry") is False and not fds,
+                  f"reply to a version {version} attach: {reply}, {len(fds)} fds")  # fmt: skip
+    finally:
+        env.close()
+
+
+def daemon_passes_read_only_ring(bin_path: Path) -> None:
+    """The daemon's half of the 2.0 handshake, checked on the descriptors themselves."""
+    env = Env(bin_path)
+    try:
+        env.serve("--epochs", "1")
+        wait_for_socket(env)
+        reply, fds = attach_raw(env, 2)
+        try:
+            check(reply.get("ok") is True, f"attach: {reply}")
+            check(len(fds) == 3, f"the reply carried {len(fds)} descriptors, not 3")
+            check(reply.get("fds") == ["ring", "lane", "doorbell"], f"fds: {reply.get('fds')}")
+            ring, lane, doorbell = fds
+            check(fcntl.fcntl(ring, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY,
+                  "the ring descriptor is not O_RDONLY")  # fmt: skip
+            size = os.fstat(ring).st_size
+            try:
+                mmap.mmap(ring, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                raise Failure("a consumer mapped the ring PROT_WRITE")
+            except PermissionError as err:
+                check(err.errno == errno.EACCES, f"mmap(PROT_WRITE) of the ring: {err}")
+            page_bytes = reply.get("lane_page_bytes")
+            check(os.fstat(lane).st_size == page_bytes, f"lane page size != {page_bytes}")
+            seals = fcntl.fcntl(lane, fcntl.F_GET_SEALS)
+            want = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            check(seals & want == want, f"lane page seals {seals:#x}")
+            check(os.pread(lane, 16, 0) == b"RFLANE\0\0" + bytes(4) + (3).to_bytes(4, "little"),
+                  "lane page magic / lane 0 / slots 3")  # fmt: skip
+            check(os.readlink(f"/proc/self/fd/{doorbell}") == "anon_inode:[eventfd]",
+                  "the doorbell is not an eventfd")  # fmt: skip
+        finally:
+            for fd in fds:
+                os.close(fd)
     finally:
         env.close()
 
@@ -376,7 +475,7 @@ def main() -> int:
     parser.add_argument("--c", type=Path, default=ROOT / "clients/c/read_batches")
     parser.add_argument("--only", help="comma-separated client names")
     args = parser.parse_args()
-    for tool in (args.bin, args.c):
+    for tool in (args.bin, args.c, args.c.parent / "tests" / "isolation_check"):
         if not os.access(tool, os.X_OK):
             print(f"FAIL {tool} is missing: build it first (cargo build; make -C clients/c)")
             return 1
@@ -422,10 +521,19 @@ def main() -> int:
         code = same(run_each(cmds, lambda c: version_mismatch(args.bin, c)), "version mismatch")
         check(code == "error format", f"version mismatch: {code}")
         daemon_refuses_another_major(args.bin)
-        print("ok   version mismatch: a major-2 ring is a format error; the daemon says 'version'")
+        print("ok   version mismatch: a major-1 ring is a format error; the daemon says 'version'")
 
-        same(run_each(cmds, lambda c: hostile_header(args.bin, c)), "hostile headers")
-        print(f"ok   {len(HOSTILE)} hostile headers: every client refuses each, naming the field")
+        lines = same(run_each(cmds, lambda c: honest_fake(args.bin, c)), "honest fake producer")
+        print(f"ok   the fake producer, honest: {len(lines)} identical batches")  # type: ignore[arg-type]
+        same(run_each(cmds, lambda c: hostile_producer(args.bin, c)), "hostile producers")
+        print(f"ok   {len(HOSTILE)} hostile producers: every client refuses each, naming the field")
+
+        if "c" in cmds:
+            c_isolation_check(args.bin, args.c.resolve().parent / "tests" / "isolation_check")
+            print("ok   c: the ring is read-only to the client; a forked child cannot release")
+
+        daemon_passes_read_only_ring(args.bin)
+        print("ok   the daemon passes ring (read-only), lane page, doorbell")
 
         lines = same(run_each(cmds, lambda c: resume(args.bin, c)), "resume")
         tail = batches[

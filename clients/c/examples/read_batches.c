@@ -1,6 +1,6 @@
 /*
  * read_batches: attach to a ring and print one line per batch, in the client-neutral digest
- * form every ringfeed client's conformance reader prints (tests/conformance.py):
+ * form every ringfeed client's conformance reader prints (tests/conformance/run.py):
  *
  *     epoch E index I count C ids SUM images HASH [redelivered]
  *
