@@ -416,6 +416,8 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
         len: u64,
         seal: bool,
         page: Vec<u8>,
+        /// The lane page sealed against resizing.
+        page_seal: bool,
         /// 0: ring read-only, lane page, doorbell; 1: the ring alone (a 1.x reply);
         /// 2: the ring writable.
         fds: u8,
@@ -426,6 +428,7 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
         len: file_len,
         seal: true,
         page: lane_page(0, 2),
+        page_seal: true,
         fds: 0,
         page_bytes,
     };
@@ -556,10 +559,18 @@ fn attach_refuses_corrupt_or_unsealed_rings() {
             },
             "lane_page_bytes",
         ),
+        (
+            "lane page that could shrink",
+            Sent {
+                page_seal: false,
+                ..base.clone()
+            },
+            "lane page is not sealed",
+        ),
     ];
     for (what, sent, expect) in cases {
         let ring = memfd_with(&sent.ring, sent.len, sent.seal);
-        let page = memfd_with(&sent.page, sent.page.len() as u64, true);
+        let page = memfd_with(&sent.page, sent.page.len() as u64, sent.page_seal);
         let doorbell = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
         let ring_ro = read_only(&ring);
         let server = {

@@ -72,7 +72,8 @@ impl<'a> Slot<'a> {
         if claimed {
             // The seqlock's write side: WRITING is ordered before every write into the slot,
             // so an observer whose copy saw one of them sees the state change on its re-check
-            // (partner: the acquire fence in `Observer::try_peek`).
+            // (partners: the acquire fences in `Observer::try_peek` and in the consumer's
+            // re-check of a slot it took, `Consumer::try_take`).
             fence(Release);
         }
         claimed

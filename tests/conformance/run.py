@@ -316,8 +316,7 @@ HOSTILE = (
     # magic, lane and slot count, each named as ring format §4 step 5 names it.
     (["--lane-page-bytes", "8192"], "format", "lane_page_bytes"),
     (["--reply-lane-page-bytes", "8192"], "format", "lane_page_bytes"),
-    # ring-format.md names it lane_page.magic; the Rust and Python clients say lane_magic.
-    (["--lane-poke", "8s:0:RFLANEXX"], "format", "magic"),
+    (["--lane-poke", "8s:0:RFLANEXX"], "format", "lane_page.magic"),
     (["--lane-poke", "I:8:1"], "format", "lane_page.lane"),
     (["--lane-poke", "I:12:5"], "format", "lane_page.slots"),
     # The descriptors: exactly ring, lane page, doorbell, and a read-only ring.

@@ -290,6 +290,7 @@ def fd_count() -> int:
         ("magic", ringfeed.FormatError, "lane_page.magic"),
         ("lane", ringfeed.FormatError, "lane_page.lane"),
         ("slots", ringfeed.FormatError, "lane_page.slots"),
+        ("unsealed page", ringfeed.FormatError, "F_SEAL_SHRINK"),
     ],
 )
 def test_an_attach_reply_that_breaks_the_handshake_is_refused_leaking_nothing(
@@ -297,7 +298,19 @@ def test_an_attach_reply_that_breaks_the_handshake_is_refused_leaking_nothing(
 ) -> None:
     writer = make_writer(slots=3)
     writer.publish(0)
+    made: list[int] = []
+
+    def unsealed_page(fds: list[int]) -> list[int]:
+        """The lane page's bytes in a memfd that could shrink under the client's stores."""
+        size = os.fstat(fds[1]).st_size
+        fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+        made.append(fd)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, os.pread(fds[1], size, 0), 0)
+        return [fds[0], fd, fds[2]]
+
     hooks: dict[str, Callable[[list[int]], list[int]]] = {
+        "unsealed page": unsealed_page,
         "no lane page": lambda fds: fds[:1],
         "two": lambda fds: fds[:2],
         "four": lambda fds: [*fds, fds[2]],
@@ -322,6 +335,8 @@ def test_an_attach_reply_that_breaks_the_handshake_is_refused_leaking_nothing(
         ringfeed.Loader("t", runtime_dir=runtime_dir, wait_for_producer=0)
     if isinstance(caught.value, ringfeed.AttachError):
         assert caught.value.code == "protocol"
+    for fd in made:
+        os.close(fd)
     writer.wait_detached(0)  # the writer lives in this process: its page is gone now too
     wait_until(lambda: fd_count() == before, f"no descriptor leaked ({fd_count()} != {before})")
     # The same producer, honest again, is attached to.

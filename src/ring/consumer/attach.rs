@@ -284,7 +284,10 @@ impl Consumer {
         // A named `--shm-dir` file cannot be sealed (only memfds can); the producer says so.
         let named_file = reply.segment.as_deref() == Some("file");
         if !named_file && !memory::is_shrink_sealed(&file).map_err(io("reading the memfd seals"))? {
-            return Err(AttachError::NotSealed { name });
+            return Err(AttachError::NotSealed {
+                name,
+                what: "memfd",
+            });
         }
         let file_len = file.metadata().map_err(io("fstat of the memfd"))?.len();
         let format = |source| AttachError::Format {
@@ -336,6 +339,13 @@ impl Consumer {
             .map_err(|e| io("reading the lane page")(e.into()))?;
         validate_lane_page(&head[..got], page_len, opts.lane, layout.slots_per_lane)
             .map_err(format)?;
+        // The lane page is always a memfd: one that could shrink could SIGBUS our stores.
+        if !memory::is_shrink_sealed(&lane_file).map_err(io("reading the lane page seals"))? {
+            return Err(AttachError::NotSealed {
+                name,
+                what: "lane page",
+            });
+        }
         let page = LanePage::map(&lane_file, layout.slots_per_lane)
             .map_err(io("mapping the lane page"))?;
         let control = Control::map_read_only(&file, layout.data_offset)

@@ -101,11 +101,13 @@ pub enum AttachError {
         /// What is wrong.
         source: FormatError,
     },
-    /// The memfd is not sealed against shrinking.
-    #[error("ring {name:?}: memfd is not sealed against shrinking; refusing to map it")]
+    /// The ring's memfd, or the lane page, is not sealed against shrinking.
+    #[error("ring {name:?}: {what} is not sealed against shrinking; refusing to map it")]
     NotSealed {
         /// Ring name.
         name: String,
+        /// Which descriptor: `"memfd"` (the ring) or `"lane page"`.
+        what: &'static str,
     },
     /// Reading or mapping the memfd failed.
     #[error("ring {name:?}: {what}: {source}")]

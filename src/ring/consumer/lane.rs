@@ -2,7 +2,8 @@
 //! `READY` slot with the smallest `seq` that this attach has neither taken nor released, and
 //! release it. Both are written into the lane page only; the ring is read-only to us.
 
-use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::fence;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use super::{Batch, ConsumeError, Consumer};
 use crate::ring::layout::lane_page;
@@ -44,9 +45,20 @@ impl Consumer {
         let Some((s, seq)) = best else {
             return Ok(None);
         };
-        // The producer changes a READY slot of an attached lane only once we release it, so
-        // its metadata stays what the scan saw.
         self.page.taken_seq(s).store(seq, Relaxed);
+        // A slot we released earlier may have been claimed and republished while we scanned
+        // it: its state then read as the old READY and its seq as the new one, with the new
+        // batch's metadata perhaps still being written. So look again: still READY with the
+        // seq we took, or give it back and scan anew. SYNC POINT with the release fence after
+        // the producer's claim (`Slot::claim_from`): having read the new seq, we see WRITING or
+        // a later state; the acquire load in `state` then pairs with that publish.
+        fence(Acquire);
+        let slot = Slot::new(&self.control, &self.layout, self.lane, s);
+        if slot.state() != slot::READY || slot.seq() != seq {
+            self.page.taken_seq(s).store(0, Relaxed);
+            return self.try_take();
+        }
+        // From here the producer leaves the slot alone until we release it.
         self.page.taken().fetch_add(1, Relaxed);
         self.touch_heartbeat();
         let meta = Slot::new(&self.control, &self.layout, self.lane, s).meta();

@@ -230,6 +230,7 @@ class Ring:
         layout = cls._checked_layout(ring_fd, generation=generation, sealed=sealed)
         if not 0 <= lane < layout.lane_count:
             raise FormatError("lane", f"{lane} not below lane_count {layout.lane_count}")
+        _check_seals(page_fd)  # always a memfd: one that could shrink could SIGBUS our stores
         page = LanePage.from_fds(
             page_fd,
             doorbell_fd,
