@@ -29,35 +29,25 @@ const ROLE: &str = "RINGFEED_BENCH_ROLE";
 
 fn spec(name: &str, batch: u32, side: u64, slots: u32) -> RingSpec {
     RingSpec {
-        name: name.into(),
-        lanes: 1,
-        slots_per_lane: slots,
-        batch_size: batch,
-        tensors: vec![
-            TensorSpec {
-                name: "images".into(),
-                dtype: DType::F32,
-                shape: vec![batch.into(), 3, side, side],
-            },
-            TensorSpec {
-                name: "labels".into(),
-                dtype: DType::I64,
-                shape: vec![batch.into()],
-            },
-        ],
         drop_last: true,
-        nhwc: false,
-        selection: false,
-        on_demand: false,
-        batches_per_epoch: 0,
-        epochs: 0,
-        seed: 0,
-        samples_per_epoch: 0,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
-        mean: [0.0; 4],
-        std: [0.0; 4],
+        ..RingSpec::new(
+            name,
+            1,
+            slots,
+            batch,
+            vec![
+                TensorSpec {
+                    name: "images".into(),
+                    dtype: DType::F32,
+                    shape: vec![batch.into(), 3, side, side],
+                },
+                TensorSpec {
+                    name: "labels".into(),
+                    dtype: DType::I64,
+                    shape: vec![batch.into()],
+                },
+            ],
+        )
     }
 }
 

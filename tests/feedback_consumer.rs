@@ -23,28 +23,21 @@ fn setup_with(name: &str, options: &ProducerOptions) -> (tempfile::TempDir, Runt
     let tmp = tempfile::tempdir().unwrap();
     let dir = RuntimeDir::at(tmp.path().join("rt"));
     let spec = RingSpec {
-        name: name.into(),
-        lanes: 1,
-        slots_per_lane: 2,
-        batch_size: 2,
-        tensors: vec![TensorSpec {
-            name: "sample_ids".into(),
-            dtype: DType::I64,
-            shape: vec![2],
-        }],
-        drop_last: false,
-        nhwc: false,
         selection: true,
-        on_demand: false,
         batches_per_epoch: 2,
-        epochs: 0,
         seed: 1,
         samples_per_epoch: 100,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
-        mean: [0.0; 4],
-        std: [0.0; 4],
+        ..RingSpec::new(
+            name,
+            1,
+            2,
+            2,
+            vec![TensorSpec {
+                name: "sample_ids".into(),
+                dtype: DType::I64,
+                shape: vec![2],
+            }],
+        )
     };
     let p = Producer::create_with(&spec, &dir, options).unwrap();
     (tmp, dir, p)

@@ -63,35 +63,32 @@ fn write_seeds() {
     };
 
     let spec = RingSpec {
-        name: "seed".into(),
-        lanes: 2,
-        slots_per_lane: 2,
-        batch_size: 2,
-        tensors: vec![
-            TensorSpec {
-                name: "images".into(),
-                dtype: DType::U8,
-                shape: vec![2, 4, 4, 3],
-            },
-            TensorSpec {
-                name: "labels".into(),
-                dtype: DType::I64,
-                shape: vec![2],
-            },
-        ],
         drop_last: true,
         nhwc: true,
-        selection: false,
-        on_demand: false,
         batches_per_epoch: 3,
         epochs: 1,
         seed: 1,
         samples_per_epoch: 12,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
         mean: [0.5; 4],
         std: [0.25; 4],
+        ..RingSpec::new(
+            "seed",
+            2,
+            2,
+            2,
+            vec![
+                TensorSpec {
+                    name: "images".into(),
+                    dtype: DType::U8,
+                    shape: vec![2, 4, 4, 3],
+                },
+                TensorSpec {
+                    name: "labels".into(),
+                    dtype: DType::I64,
+                    shape: vec![2],
+                },
+            ],
+        )
     };
     let layout = plan(&spec, 1).unwrap();
     write(

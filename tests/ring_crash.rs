@@ -17,30 +17,17 @@ const ROLE: &str = "RINGFEED_CRASH_ROLE";
 const NAME: &str = "RINGFEED_CRASH_NAME";
 
 fn spec(name: &str, slots: u32) -> RingSpec {
-    RingSpec {
-        name: name.into(),
-        lanes: 2,
-        slots_per_lane: slots,
-        batch_size: 2,
-        tensors: vec![TensorSpec {
+    RingSpec::new(
+        name,
+        2,
+        slots,
+        2,
+        vec![TensorSpec {
             name: "ids".into(),
             dtype: DType::I64,
             shape: vec![2],
         }],
-        drop_last: false,
-        nhwc: false,
-        selection: false,
-        on_demand: false,
-        batches_per_epoch: 0,
-        epochs: 0,
-        seed: 0,
-        samples_per_epoch: 0,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
-        mean: [0.0; 4],
-        std: [0.0; 4],
-    }
+    )
 }
 
 fn publish(p: &Producer, index: u64) {

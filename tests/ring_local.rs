@@ -12,35 +12,28 @@ use ringfeed::ring::{
 fn spec(name: &str, lanes: u32, slots: u32) -> RingSpec {
     let b = 4u32;
     RingSpec {
-        name: name.into(),
-        lanes,
-        slots_per_lane: slots,
-        batch_size: b,
-        tensors: vec![
-            TensorSpec {
-                name: "images".into(),
-                dtype: DType::F32,
-                shape: vec![b.into(), 3, 4, 4],
-            },
-            TensorSpec {
-                name: "labels".into(),
-                dtype: DType::I64,
-                shape: vec![b.into()],
-            },
-        ],
-        drop_last: false,
-        nhwc: false,
-        selection: false,
-        on_demand: false,
         batches_per_epoch: 100,
         epochs: 1,
         seed: 1,
         samples_per_epoch: 400,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
-        mean: [0.0; 4],
-        std: [0.0; 4],
+        ..RingSpec::new(
+            name,
+            lanes,
+            slots,
+            b,
+            vec![
+                TensorSpec {
+                    name: "images".into(),
+                    dtype: DType::F32,
+                    shape: vec![b.into(), 3, 4, 4],
+                },
+                TensorSpec {
+                    name: "labels".into(),
+                    dtype: DType::I64,
+                    shape: vec![b.into()],
+                },
+            ],
+        )
     }
 }
 

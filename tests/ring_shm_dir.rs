@@ -326,28 +326,21 @@ fn unsafe_shm_dirs_are_refused() {
 
 fn spec(name: &str) -> RingSpec {
     RingSpec {
-        name: name.into(),
-        lanes: 1,
-        slots_per_lane: 2,
-        batch_size: 2,
-        tensors: vec![TensorSpec {
-            name: "labels".into(),
-            dtype: DType::I64,
-            shape: vec![2],
-        }],
-        drop_last: false,
-        nhwc: false,
-        selection: false,
-        on_demand: false,
         batches_per_epoch: 10,
         epochs: 1,
         seed: 1,
         samples_per_epoch: 20,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
-        mean: [0.0; 4],
-        std: [0.0; 4],
+        ..RingSpec::new(
+            name,
+            1,
+            2,
+            2,
+            vec![TensorSpec {
+                name: "labels".into(),
+                dtype: DType::I64,
+                shape: vec![2],
+            }],
+        )
     }
 }
 

@@ -727,28 +727,21 @@ mod tests {
 
     fn layout() -> Layout {
         let spec = RingSpec {
-            name: "t".into(),
-            lanes: 2,
-            slots_per_lane: 4,
-            batch_size: 2,
-            tensors: vec![TensorSpec {
-                name: "labels".into(),
-                dtype: DType::I64,
-                shape: vec![2],
-            }],
             drop_last: true,
-            nhwc: false,
-            selection: false,
-            on_demand: false,
             batches_per_epoch: 10,
-            epochs: 0,
             seed: 1,
             samples_per_epoch: 40,
-            world_size: 0,
-            first_rank: 0,
-            epoch_samples: 0,
-            mean: [0.0; 4],
-            std: [0.0; 4],
+            ..RingSpec::new(
+                "t",
+                2,
+                4,
+                2,
+                vec![TensorSpec {
+                    name: "labels".into(),
+                    dtype: DType::I64,
+                    shape: vec![2],
+                }],
+            )
         };
         plan(&spec, 42).unwrap()
     }

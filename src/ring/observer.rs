@@ -565,30 +565,17 @@ mod tests {
         use crate::ring::{AttachOptions, BatchMeta, Consumer, Producer};
         let tmp = tempfile::tempdir().unwrap();
         let dir = RuntimeDir::at(tmp.path().join("rt"));
-        let spec = RingSpec {
-            name: "obs".into(),
-            lanes: 1,
-            slots_per_lane: 2,
-            batch_size: 1,
-            tensors: vec![TensorSpec {
+        let spec = RingSpec::new(
+            "obs",
+            1,
+            2,
+            1,
+            vec![TensorSpec {
                 name: "x".into(),
                 dtype: DType::U8,
                 shape: vec![1],
             }],
-            drop_last: false,
-            nhwc: false,
-            selection: false,
-            on_demand: false,
-            batches_per_epoch: 0,
-            epochs: 0,
-            seed: 0,
-            samples_per_epoch: 0,
-            world_size: 0,
-            first_rank: 0,
-            epoch_samples: 0,
-            mean: [0.0; 4],
-            std: [0.0; 4],
-        };
+        );
         let p = Producer::create(&spec, &dir).unwrap();
         let mut o = AttachOptions::new("obs", 0);
         o.dir = Some(dir.clone());

@@ -144,30 +144,17 @@ mod tests {
     use crate::ring::memory::create_memfd;
 
     fn control() -> (Layout, Control) {
-        let spec = RingSpec {
-            name: "t".into(),
-            lanes: 1,
-            slots_per_lane: 2,
-            batch_size: 1,
-            tensors: vec![TensorSpec {
+        let spec = RingSpec::new(
+            "t",
+            1,
+            2,
+            1,
+            vec![TensorSpec {
                 name: "x".into(),
                 dtype: DType::U8,
                 shape: vec![1],
             }],
-            drop_last: false,
-            nhwc: false,
-            selection: false,
-            on_demand: false,
-            batches_per_epoch: 0,
-            epochs: 0,
-            seed: 0,
-            samples_per_epoch: 0,
-            world_size: 0,
-            first_rank: 0,
-            epoch_samples: 0,
-            mean: [0.0; 4],
-            std: [0.0; 4],
-        };
+        );
         let layout = plan(&spec, 1).unwrap();
         let file = create_memfd("slot-test", layout.file_bytes).unwrap();
         let c = Control::map(&file, layout.data_offset).unwrap();

@@ -283,6 +283,41 @@ pub struct RingSpec {
     pub std: [f32; 4],
 }
 
+impl RingSpec {
+    /// A ring of `lanes` lanes of `slots_per_lane` slots, each holding one batch of
+    /// `batch_size` samples in `tensors`; everything else unknown, off or zero (pad, NCHW, no
+    /// selection, unbounded epochs, not normalised). Set other fields with struct update
+    /// syntax: `RingSpec { drop_last: true, ..RingSpec::new(…) }`.
+    pub fn new(
+        name: impl Into<String>,
+        lanes: u32,
+        slots_per_lane: u32,
+        batch_size: u32,
+        tensors: Vec<TensorSpec>,
+    ) -> RingSpec {
+        RingSpec {
+            name: name.into(),
+            lanes,
+            slots_per_lane,
+            batch_size,
+            tensors,
+            drop_last: false,
+            nhwc: false,
+            selection: false,
+            on_demand: false,
+            batches_per_epoch: 0,
+            epochs: 0,
+            seed: 0,
+            samples_per_epoch: 0,
+            world_size: 0,
+            first_rank: 0,
+            epoch_samples: 0,
+            mean: [0.0; 4],
+            std: [0.0; 4],
+        }
+    }
+}
+
 /// Where one tensor lies inside every slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorLayout {

@@ -3,40 +3,36 @@ use rand::{Rng, SeedableRng};
 
 pub(crate) fn image_spec(batch: u32) -> RingSpec {
     RingSpec {
-        name: "train".into(),
-        lanes: 2,
-        slots_per_lane: 3,
-        batch_size: batch,
-        tensors: vec![
-            TensorSpec {
-                name: "images".into(),
-                dtype: DType::F32,
-                shape: vec![batch.into(), 3, 8, 8],
-            },
-            TensorSpec {
-                name: "labels".into(),
-                dtype: DType::I64,
-                shape: vec![batch.into()],
-            },
-            TensorSpec {
-                name: "sample_ids".into(),
-                dtype: DType::I64,
-                shape: vec![batch.into()],
-            },
-        ],
         drop_last: true,
-        nhwc: false,
-        selection: false,
-        on_demand: false,
         batches_per_epoch: 10,
         epochs: 2,
         seed: 7,
         samples_per_epoch: 40,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
         mean: [0.5, 0.4, 0.3, 0.0],
         std: [0.2, 0.2, 0.2, 0.0],
+        ..RingSpec::new(
+            "train",
+            2,
+            3,
+            batch,
+            vec![
+                TensorSpec {
+                    name: "images".into(),
+                    dtype: DType::F32,
+                    shape: vec![batch.into(), 3, 8, 8],
+                },
+                TensorSpec {
+                    name: "labels".into(),
+                    dtype: DType::I64,
+                    shape: vec![batch.into()],
+                },
+                TensorSpec {
+                    name: "sample_ids".into(),
+                    dtype: DType::I64,
+                    shape: vec![batch.into()],
+                },
+            ],
+        )
     }
 }
 

@@ -18,30 +18,17 @@ const SLOTS: u32 = 3;
 fn ring(name: &str) -> (tempfile::TempDir, Producer) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = RuntimeDir::at(tmp.path().join("rt"));
-    let spec = RingSpec {
-        name: name.into(),
-        lanes: 2,
-        slots_per_lane: SLOTS,
-        batch_size: 1,
-        tensors: vec![TensorSpec {
+    let spec = RingSpec::new(
+        name,
+        2,
+        SLOTS,
+        1,
+        vec![TensorSpec {
             name: "x".into(),
             dtype: DType::U8,
             shape: vec![1],
         }],
-        drop_last: false,
-        nhwc: false,
-        selection: false,
-        on_demand: false,
-        batches_per_epoch: 0,
-        epochs: 0,
-        seed: 0,
-        samples_per_epoch: 0,
-        world_size: 0,
-        first_rank: 0,
-        epoch_samples: 0,
-        mean: [0.0; 4],
-        std: [0.0; 4],
-    };
+    );
     let p = Producer::create(&spec, &dir).unwrap();
     (tmp, p)
 }
