@@ -369,16 +369,7 @@ fn allow_group_admits_members_only() {
         return;
     }
     const GROUP: u32 = 4242;
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let shm = shm_dir(tmp.path());
-    let dir = RuntimeDir::at(tmp.path().join("rt"));
-    let options = ProducerOptions {
-        shm_dir: Some(shm.clone()),
-        allow_group: Some(GROUP),
-        fingerprint: None,
-    };
-    let p = Producer::create_with(&spec("grp"), &dir, &options).unwrap();
+    let (_tmp, shm, dir, p) = group_ring("grp", GROUP);
     let mode_gid = |path: &Path| {
         let m = std::fs::symlink_metadata(path).unwrap();
         (m.mode() & 0o777, m.gid())
@@ -424,6 +415,25 @@ fn allow_group_admits_members_only() {
     assert!(!shm.join("ringfeed-grp.ring").exists());
 }
 
+/// A `--shm-dir` ring `name` open to `group` (`--allow-group`), in a fresh temp dir others
+/// may enter: (the temp dir, the shm dir, the runtime dir, the producer).
+fn group_ring(
+    name: &str,
+    group: u32,
+) -> (tempfile::TempDir, std::path::PathBuf, RuntimeDir, Producer) {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shm = shm_dir(tmp.path());
+    let dir = RuntimeDir::at(tmp.path().join("rt"));
+    let options = ProducerOptions {
+        shm_dir: Some(shm.clone()),
+        allow_group: Some(group),
+        fingerprint: None,
+    };
+    let p = Producer::create_with(&spec(name), &dir, &options).unwrap();
+    (tmp, shm, dir, p)
+}
+
 /// A group member's descriptors of a `--allow-group --shm-dir` ring (ring format 2.0): the
 /// ring is passed read-only, so the member can neither truncate it (issue 24 item 5: it used to
 /// crash the daemon with SIGBUS) nor map it writable, and neither reopening the descriptor
@@ -437,16 +447,7 @@ fn a_group_member_cannot_truncate_or_write_the_ring_file() {
         return;
     }
     const GROUP: u32 = 4244;
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let shm = shm_dir(tmp.path());
-    let dir = RuntimeDir::at(tmp.path().join("rt"));
-    let options = ProducerOptions {
-        shm_dir: Some(shm.clone()),
-        allow_group: Some(GROUP),
-        fingerprint: None,
-    };
-    let p = Producer::create_with(&spec("grw"), &dir, &options).unwrap();
+    let (_tmp, shm, dir, p) = group_ring("grw", GROUP);
     publish_first_batch(&p, 9);
     let ring_path = shm.join("ringfeed-grw.ring");
     let size = std::fs::metadata(&ring_path).unwrap().len();
