@@ -471,13 +471,7 @@ impl Producer {
                 lanes
                     .iter()
                     .filter(|&&l| l < lane_count)
-                    .map(|&l| {
-                        let a = match &conns[l as usize] {
-                            LaneConn::Attached { attachment, .. } => Some(attachment.clone()),
-                            _ => None,
-                        };
-                        (l, a)
-                    })
+                    .map(|&l| (l, conns[l as usize].attachment().cloned()))
                     .collect()
             };
             // A release after this scan rings its doorbell, whose counter stays non-zero
@@ -653,7 +647,7 @@ impl Producer {
         {
             let lanes = lock(&self.shared.lanes);
             for (l, conn) in lanes.iter().enumerate() {
-                if let LaneConn::Attached { attachment, .. } = conn {
+                if let Some(attachment) = conn.attachment() {
                     self.shared.sync_lane(l as u32, &attachment.page);
                 }
             }

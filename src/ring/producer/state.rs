@@ -92,6 +92,14 @@ impl LaneConn {
     pub(super) fn is_pending_for(&self, pid: u32) -> bool {
         matches!(self, LaneConn::Pending { pid: p } if *p == pid)
     }
+
+    /// The lane page and doorbell of an attached consumer.
+    pub(super) fn attachment(&self) -> Option<&Arc<Attachment>> {
+        match self {
+            LaneConn::Attached { attachment, .. } => Some(attachment),
+            _ => None,
+        }
+    }
 }
 
 /// State shared by the producer handle, its threads and pending seek requests.
@@ -310,7 +318,7 @@ impl Shared {
     /// the lane's base, the page and doorbell are let go, the lane and consumer entries are
     /// cleared, and waiters are woken.
     pub(super) fn reclaim_locked(&self, lanes: &mut [LaneConn], lane: u32) {
-        if let LaneConn::Attached { attachment, .. } = &lanes[lane as usize] {
+        if let Some(attachment) = lanes[lane as usize].attachment() {
             let page = &attachment.page;
             for s in 0..self.layout.slots_per_lane {
                 self.with_slot_owned(lane, s, |slot| {
@@ -356,10 +364,10 @@ impl Shared {
 
     /// The current attach of `lane`, if a consumer is attached.
     pub(super) fn attachment(&self, lane: u32) -> Option<Arc<Attachment>> {
-        match lock(&self.lanes).get(lane as usize) {
-            Some(LaneConn::Attached { attachment, .. }) => Some(attachment.clone()),
-            _ => None,
-        }
+        lock(&self.lanes)
+            .get(lane as usize)
+            .and_then(LaneConn::attachment)
+            .cloned()
     }
 
     /// Claims slot `(lane, slot)` as `WRITING` for this producer: a `FREE` slot, or a `READY`
