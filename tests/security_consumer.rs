@@ -84,6 +84,22 @@ impl RawAttach {
             .map(|s| self.u64(table + (lane as usize * slots + s) * SLOT_ENTRY + SLOT_SEQ))
             .collect()
     }
+    /// A new shared read-only mapping of the ring's first `len` bytes.
+    fn map_read_only(&self, len: usize) -> *mut std::ffi::c_void {
+        // SAFETY: a fresh mapping at an address the kernel picks, which nothing in this
+        // process aliases; callers only read it or change its protection.
+        unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                &self.ring,
+                0,
+            )
+        }
+        .unwrap()
+    }
 }
 
 /// Attaches to `lane` of `name` with a bare socket (version 2), retrying while the lane is
@@ -181,19 +197,7 @@ fn role_entry() {
             let offset: usize = std::env::var("FAULT_OFFSET").unwrap().parse().unwrap();
             let a = raw_attach(&runtime, &name, lane);
             let len = a.u64(DATA_OFFSET) as usize;
-            // SAFETY: a fresh shared read-only mapping of the ring's control region, which
-            // nothing in this process aliases.
-            let map = unsafe {
-                rustix::mm::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    ProtFlags::READ,
-                    MapFlags::SHARED,
-                    &a.ring,
-                    0,
-                )
-            }
-            .unwrap();
+            let map = a.map_read_only(len); // the control region
             say("MAPPED");
             assert!(offset + 4 <= len);
             // SAFETY: in bounds and aligned (a u32 field of the header or lane table). The
@@ -304,19 +308,8 @@ fn assert_ring_descriptor_is_read_only(a: &RawAttach, memfd: bool) {
         )
     };
     assert_eq!(writable.err(), Some(Errno::ACCESS), "mmap(PROT_WRITE)");
-    // SAFETY: a new read-only mapping; only its protection is changed, nothing is accessed.
-    let map = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            len,
-            ProtFlags::READ,
-            MapFlags::SHARED,
-            &a.ring,
-            0,
-        )
-    }
-    .unwrap();
-    // SAFETY: `map` is the mapping made just above, `len` long.
+    let map = a.map_read_only(len); // only its protection is changed, nothing is accessed
+                                    // SAFETY: `map` is the mapping made just above, `len` long.
     let upgraded =
         unsafe { rustix::mm::mprotect(map, len, MprotectFlags::READ | MprotectFlags::WRITE) };
     assert_eq!(upgraded.err(), Some(Errno::ACCESS), "mprotect to writable");
